@@ -1,0 +1,217 @@
+//! `broker serve`: run a node until SIGINT or SIGTERM.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+use parley_broker::config::Config;
+use parley_broker::node::Node;
+
+use super::{CliError, ConfigArgs, DurabilityArg, SettingFlags, load_config, load_secret};
+
+/// Flags of `broker serve`.
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    /// Where the configuration comes from.
+    #[command(flatten)]
+    pub(super) config: ConfigArgs,
+    /// TCP listening address, e.g. 127.0.0.1:7400 (port 0: any free port), or `none` to disable
+    /// (shorthand for --set listen.tcp=ADDR).
+    #[arg(long, value_name = "ADDR|none", value_parser = parse_listener)]
+    tcp: Option<Listener>,
+    /// WebSocket listening address, e.g. 127.0.0.1:7401, or `none` to disable
+    /// (shorthand for --set listen.ws=ADDR).
+    #[arg(long, value_name = "ADDR|none", value_parser = parse_listener)]
+    ws: Option<Listener>,
+    /// Disable the TCP listener (same as --tcp none).
+    #[arg(long, conflicts_with = "tcp")]
+    no_tcp: bool,
+    /// Disable the WebSocket listener (same as --ws none).
+    #[arg(long, conflicts_with = "ws")]
+    no_ws: bool,
+    /// Number of shard threads, 0 for one per core (shorthand for --set shards=N).
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// When a message counts as stored (shorthand for --set storage.durability=...).
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+}
+
+/// `--tcp` / `--ws`: an address to listen on, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// Listen here.
+    At(SocketAddr),
+    /// Do not listen.
+    Disabled,
+}
+
+/// Reads `--tcp` / `--ws`: `none` (or `off`) disables the listener, anything else must be a
+/// socket address.
+fn parse_listener(s: &str) -> Result<Listener, String> {
+    match s.trim() {
+        "none" | "off" => Ok(Listener::Disabled),
+        t => t.parse().map(Listener::At).map_err(|_| {
+            "expected IP:PORT (e.g. 127.0.0.1:7400, [::1]:7400, port 0 for any) or `none`"
+                .to_owned()
+        }),
+    }
+}
+
+impl ServeArgs {
+    /// Loads the configuration these flags ask for, listeners disabled as asked.
+    fn load(&self) -> Result<Config, CliError> {
+        let at = |l: Option<Listener>| match l {
+            Some(Listener::At(a)) => Some(a),
+            _ => None,
+        };
+        let settings = super::settings_from_flags(&SettingFlags {
+            data_dir: self.config.data_dir.as_deref(),
+            tcp: at(self.tcp),
+            ws: at(self.ws),
+            shards: self.shards,
+            durability: self.durability,
+            set: &self.config.set,
+        });
+        let mut config = load_config(self.config.config.as_deref(), &settings)?;
+        if self.no_tcp || self.tcp == Some(Listener::Disabled) {
+            config.listen.tcp = None;
+        }
+        if self.no_ws || self.ws == Some(Listener::Disabled) {
+            config.listen.ws = None;
+        }
+        config
+            .validate()
+            .map_err(|e| CliError::new(format!("configuration: {e}")))?;
+        Ok(config)
+    }
+}
+
+/// The line `broker serve` prints on stdout once it listens: integration tests and scripts read
+/// the actual (ephemeral) ports from it.
+fn listening_line(tcp: Option<SocketAddr>, ws: Option<SocketAddr>) -> String {
+    let mut line = String::from("parley listening");
+    if let Some(a) = tcp {
+        line.push_str(&format!(" tcp={a}"));
+    }
+    if let Some(a) = ws {
+        line.push_str(&format!(" ws={a}"));
+    }
+    line
+}
+
+/// Runs `broker serve`.
+pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
+    let config = args.load()?;
+    eprintln!("parley: effective configuration (secrets redacted):");
+    eprintln!("{}", config.display_redacted().trim_end());
+    let secret = load_secret(&config)?;
+    let node_name = config.node.clone();
+    let shards = config.shard_count();
+    let node = Node::start(config, secret)
+        .map_err(|e| CliError::new(format!("cannot start the node: {e}")))?;
+
+    // The handler must be in place before the `listening` line: whoever reads it may send
+    // SIGTERM at once.
+    let handle = node.shutdown_handle();
+    let asked = AtomicBool::new(false);
+    let installed = ctrlc::set_handler(move || {
+        if asked.swap(true, Ordering::SeqCst) {
+            eprintln!("parley: second signal, exiting without waiting for the shutdown");
+            std::process::exit(130);
+        }
+        eprintln!("parley: shutting down (signal again to force)");
+        handle.shutdown();
+    });
+    if let Err(e) = installed {
+        node.shutdown_handle().shutdown();
+        let joined = node.join();
+        let mut message = format!("cannot install the SIGINT/SIGTERM handler: {e}");
+        if let Err(e) = joined {
+            message.push_str(&format!("; the node then failed to stop cleanly: {e}"));
+        }
+        return Err(CliError::new(message));
+    }
+
+    let line = listening_line(node.tcp_addr(), node.ws_addr());
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        // Whoever started us stopped reading; the node serves on regardless.
+        eprintln!("parley: cannot write to stdout ({e}); {line}");
+    }
+    drop(stdout);
+    eprintln!(
+        "parley: node {node_name} running with {shards} shard(s); Ctrl-C or SIGTERM stops it"
+    );
+
+    node.join()
+        .map_err(|e| CliError::new(format!("the node stopped with an error: {e}")))?;
+    eprintln!("parley: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_names_only_enabled_listeners() {
+        let tcp = SocketAddr::from(([127, 0, 0, 1], 40001));
+        let ws = SocketAddr::from(([127, 0, 0, 1], 40002));
+        assert_eq!(
+            listening_line(Some(tcp), Some(ws)),
+            "parley listening tcp=127.0.0.1:40001 ws=127.0.0.1:40002"
+        );
+        assert_eq!(
+            listening_line(None, Some(ws)),
+            "parley listening ws=127.0.0.1:40002"
+        );
+        assert_eq!(
+            listening_line(Some(tcp), None),
+            "parley listening tcp=127.0.0.1:40001"
+        );
+    }
+
+    #[test]
+    fn listener_flag_accepts_addresses_and_none() {
+        assert_eq!(parse_listener("none"), Ok(Listener::Disabled));
+        assert_eq!(
+            parse_listener("127.0.0.1:0"),
+            Ok(Listener::At(SocketAddr::from(([127, 0, 0, 1], 0))))
+        );
+        assert!(parse_listener("localhost").is_err());
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        use clap::Parser as _;
+        let cli =
+            super::super::Cli::try_parse_from(["broker", "serve"].iter().chain(args).copied())
+                .expect("parses");
+        match cli.command {
+            super::super::Command::Serve(a) => a,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disabling_a_listener_unsets_it_after_the_other_layers() {
+        let c = parse(&["--ws", "none", "--set", "listen.ws=127.0.0.1:9"])
+            .load()
+            .expect("valid");
+        assert_eq!(c.listen.ws, None);
+        assert!(c.listen.tcp.is_some());
+        let c = parse(&["--no-tcp", "--ws", "127.0.0.1:0"])
+            .load()
+            .expect("valid");
+        assert_eq!(c.listen.tcp, None);
+        assert_eq!(c.listen.ws, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+    }
+
+    #[test]
+    fn disabling_both_listeners_is_an_error() {
+        let e = parse(&["--no-tcp", "--no-ws"]).load().expect_err("invalid");
+        assert!(e.to_string().contains("at least one of tcp and ws"), "{e}");
+    }
+}

@@ -1,0 +1,517 @@
+//! The node's configuration: one struct with documented defaults, loaded in layers.
+//!
+//! Layers, each overriding the one before:
+//! 1. the defaults below (a node runs with no file, no environment and no flags);
+//! 2. a TOML file (`broker serve --config parley.toml`), same shape as [`Config`];
+//! 3. environment variables `PARLEY_<KEY>`, where `__` separates nesting levels:
+//!    `PARLEY_STORAGE__DURABILITY=never`, `PARLEY_LISTEN__TCP=0.0.0.0:7400`, `PARLEY_DATA_DIR=/srv`;
+//! 4. command-line settings `--set storage.durability=never` (and the named flags of `broker
+//!    serve`, which are shorthands for the same keys).
+//!
+//! Values from the environment and flags are read as TOML values (`64`, `true`, `"text"`); a bare
+//! word that is not valid TOML is taken as a string. Unknown keys are an error, so a typo never
+//! silently leaves a default in force. [`Config::display_redacted`] prints the effective
+//! configuration without secrets, as the node does at start-up.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that configure a node.
+pub const ENV_PREFIX: &str = "PARLEY_";
+
+/// The whole configuration of one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's name, used in logs and (in a cluster) in the presence index. Default `node-1`.
+    pub node: String,
+    /// Where the logs and the generated secret live. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Number of shard threads; 0 means one per available core. Default 0.
+    pub shards: usize,
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Authentication.
+    pub auth: Auth,
+    /// The message logs.
+    pub storage: Storage,
+    /// Limits that protect the node from clients.
+    pub limits: Limits,
+    /// Timeouts and retransmission.
+    pub timeouts: Timeouts,
+}
+
+/// Listening addresses. A node listens on loopback unless configured otherwise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// Raw TCP (length-delimited protobuf frames). Default `127.0.0.1:7400`; unset to disable.
+    pub tcp: Option<SocketAddr>,
+    /// WebSocket. Default `127.0.0.1:7401`; unset to disable.
+    pub ws: Option<SocketAddr>,
+}
+
+/// A secret value: never printed, never logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the code that uses it (never for printing).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Authentication of connections.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// The HS256 token secret. Default: unset, in which case it is read from `secret_file`.
+    pub secret: Option<Secret>,
+    /// File holding the secret; default `<data_dir>/secret`. If neither `secret` is set nor the
+    /// file exists, the node generates 32 random bytes into it (mode 0600) and says so.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// When an appended message counts as stored, and so when the send-ack goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityPolicy {
+    /// Group commit: acks go out after the flush that covers the message. Survives power loss.
+    Always,
+    /// Flush every `storage.flush_interval_ms`; acks go out at once (a crash of the machine may
+    /// lose the last interval).
+    Interval,
+    /// Never flush explicitly (the OS writes back); acks go out at once. Survives a process
+    /// crash, not a machine crash.
+    Never,
+}
+
+/// The per-shard message logs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// Durability policy. Default `always`: out of the box, no acknowledged message is lost.
+    pub durability: DurabilityPolicy,
+    /// Flush period for `interval`, in milliseconds. Default 10.
+    pub flush_interval_ms: u64,
+    /// Size of one preallocated log segment, in bytes. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Drop the oldest segments while a shard's log is larger than this. Default: unset (keep).
+    pub retention_max_bytes: Option<u64>,
+    /// Drop segments whose newest message is older than this many seconds. Default: unset.
+    pub retention_max_age_secs: Option<u64>,
+}
+
+/// Limits that protect the node. Exceeding one gets the client a clear error frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted, in bytes of its protobuf encoding. Default 65536.
+    pub max_frame_bytes: u32,
+    /// Largest message body accepted, in bytes. Default 32768.
+    pub max_body_bytes: u32,
+    /// Most connections the node holds at once; further ones get TOO_MANY_CONNECTIONS.
+    /// Default 100000.
+    pub max_connections: usize,
+    /// Bytes queued for one connection beyond which live push pauses (the client is told it is
+    /// Behind and catches up by sync). Default 1 MiB.
+    pub max_outbound_bytes: usize,
+    /// Sustained sends per second per connection (token bucket). Default 2000.
+    pub send_rate_per_sec: u32,
+    /// Burst of sends allowed above the rate. Default 4000.
+    pub send_burst: u32,
+    /// Client message ids remembered per device for de-duplication of retried sends.
+    /// Default 4096.
+    pub dedup_window: usize,
+    /// Most messages in one sync or history page. Default 500.
+    pub max_page: u32,
+    /// Most bytes read from one connection per event-loop turn before serving others.
+    /// Default 65536.
+    pub read_budget_bytes: usize,
+}
+
+/// Timeouts and retransmission, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// A connection must log in within this. Default 10000.
+    pub login_ms: u64,
+    /// Interval at which clients are asked to send something (a Ping at least). Default 30000.
+    pub heartbeat_ms: u64,
+    /// A connection silent for this long is closed as dead (IDLE_TIMEOUT). Default 75000.
+    pub idle_ms: u64,
+    /// A connection whose queued output makes no progress for this long is closed
+    /// (SLOW_CONSUMER). Default 30000.
+    pub write_stall_ms: u64,
+    /// First retransmit of an unacknowledged delivery. Default 2000.
+    pub retransmit_initial_ms: u64,
+    /// Cap of the exponential retransmit back-off. Default 16000.
+    pub retransmit_max_ms: u64,
+    /// Retransmits before the connection is closed as broken (RETRANSMIT_EXHAUSTED); the client
+    /// re-syncs on reconnect. Default 5.
+    pub retransmit_tries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node: "node-1".into(),
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            listen: Listen::default(),
+            auth: Auth::default(),
+            storage: Storage::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
+            ws: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            durability: DurabilityPolicy::Always,
+            flush_interval_ms: 10,
+            segment_bytes: 64 << 20,
+            retention_max_bytes: None,
+            retention_max_age_secs: None,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 << 10,
+            max_body_bytes: 32 << 10,
+            max_connections: 100_000,
+            max_outbound_bytes: 1 << 20,
+            send_rate_per_sec: 2000,
+            send_burst: 4000,
+            dedup_window: 4096,
+            max_page: 500,
+            read_budget_bytes: 64 << 10,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            login_ms: 10_000,
+            heartbeat_ms: 30_000,
+            idle_ms: 75_000,
+            write_stall_ms: 30_000,
+            retransmit_initial_ms: 2_000,
+            retransmit_max_ms: 16_000,
+            retransmit_tries: 5,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// A `--set` or environment setting is not `key.path=value`.
+    #[error("setting {0:?} is not of the form key.path=value")]
+    BadSetting(String),
+    /// A key path does not lead through tables (e.g. `node.x` where `node` is a string).
+    #[error("setting {0:?}: its parent is not a table")]
+    NotATable(String),
+    /// The merged settings do not fit the configuration (unknown key, wrong type, bad value).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (if any), then environment variables from
+    /// `env` (pairs of name and value; pass `std::env::vars()`), then `settings`
+    /// (`key.path=value` strings, e.g. from `--set` flags).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        settings: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let key = k.strip_prefix(ENV_PREFIX)?;
+                Some((key.to_ascii_lowercase().replace("__", "."), v))
+            })
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            set_path(&mut table, &key, &value, &format!("{ENV_PREFIX}{key}"))?;
+        }
+        for setting in settings {
+            let (key, value) = setting
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadSetting(setting.clone()))?;
+            set_path(&mut table, key.trim(), value.trim(), setting)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.listen.tcp.is_none() && self.listen.ws.is_none() {
+            return fail("listen: at least one of tcp and ws must be set");
+        }
+        if self.limits.max_frame_bytes < 256 {
+            return fail("limits.max_frame_bytes must be at least 256");
+        }
+        if self.limits.max_body_bytes >= self.limits.max_frame_bytes {
+            return fail("limits.max_body_bytes must be below limits.max_frame_bytes");
+        }
+        if self.storage.segment_bytes < (1 << 20) || self.storage.segment_bytes > (1 << 32) - 1 {
+            return fail("storage.segment_bytes must be between 1 MiB and 4 GiB");
+        }
+        if u64::from(self.limits.max_frame_bytes) * 2 > self.storage.segment_bytes {
+            return fail("storage.segment_bytes must hold at least two maximal frames");
+        }
+        if self.storage.durability == DurabilityPolicy::Interval
+            && self.storage.flush_interval_ms == 0
+        {
+            return fail("storage.flush_interval_ms must be positive for durability = interval");
+        }
+        if self.timeouts.retransmit_initial_ms == 0
+            || self.timeouts.retransmit_max_ms < self.timeouts.retransmit_initial_ms
+        {
+            return fail("timeouts: need 0 < retransmit_initial_ms <= retransmit_max_ms");
+        }
+        if self.timeouts.idle_ms <= self.timeouts.heartbeat_ms {
+            return fail("timeouts.idle_ms must exceed timeouts.heartbeat_ms");
+        }
+        if self.limits.send_rate_per_sec == 0 || self.limits.send_burst == 0 {
+            return fail("limits.send_rate_per_sec and limits.send_burst must be positive");
+        }
+        Ok(())
+    }
+
+    /// The number of shard threads to run: `shards`, or one per available core if 0.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// Where the token secret lives.
+    pub fn secret_path(&self) -> PathBuf {
+        self.auth
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("secret"))
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `<redacted>`.
+    pub fn display_redacted(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("<config not printable: {e}>"))
+    }
+}
+
+/// Sets `key` (dotted path) in `table` to `raw`, read as a TOML value (or a string).
+fn set_path(
+    table: &mut toml::Table,
+    key: &str,
+    raw: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ConfigError::BadSetting(origin.to_owned()))?;
+    let mut t = table;
+    for part in parts {
+        if part.is_empty() {
+            return Err(ConfigError::BadSetting(origin.to_owned()));
+        }
+        let entry = t
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::NotATable(origin.to_owned()))?;
+    }
+    t.insert(last.to_owned(), parse_value(raw));
+    Ok(())
+}
+
+/// Reads a setting's value as TOML (`64`, `true`, `"x"`, `[1, 2]`), else as a plain string.
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], settings: &[&str]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+        Config::load(None, env, &settings)
+    }
+
+    #[test]
+    fn defaults_listen_on_loopback_with_always_durability() {
+        let c = load(&[], &[]).expect("defaults are valid");
+        assert_eq!(c, Config::default());
+        assert!(c.listen.tcp.is_some_and(|a| a.ip().is_loopback()));
+        assert!(c.listen.ws.is_some_and(|a| a.ip().is_loopback()));
+        assert_eq!(c.storage.durability, DurabilityPolicy::Always);
+    }
+
+    #[test]
+    fn file_then_env_then_flags_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("parley-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("parley.toml");
+        std::fs::write(
+            &file,
+            "shards = 3\n[storage]\ndurability = \"interval\"\nflush_interval_ms = 5\n",
+        )
+        .expect("write config");
+        let env = vec![
+            ("PARLEY_SHARDS".to_string(), "4".to_string()),
+            ("PARLEY_LIMITS__MAX_PAGE".to_string(), "100".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = Config::load(Some(&file), env, &["limits.max_page=50".to_string()])
+            .expect("valid config");
+        assert_eq!(c.shards, 4, "env overrides the file");
+        assert_eq!(
+            c.storage.durability,
+            DurabilityPolicy::Interval,
+            "file overrides defaults"
+        );
+        assert_eq!(c.storage.flush_interval_ms, 5);
+        assert_eq!(c.limits.max_page, 50, "flags override env");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bare_words_are_strings_and_addresses_parse() {
+        let c = load(
+            &[],
+            &[
+                "node=edge-7",
+                "listen.tcp=0.0.0.0:9000",
+                "data_dir=/srv/parley",
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.node, "edge-7");
+        assert_eq!(c.listen.tcp, Some(SocketAddr::from(([0, 0, 0, 0], 9000))));
+        assert_eq!(c.data_dir, PathBuf::from("/srv/parley"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_not_a_silent_default() {
+        let e = load(&[], &["limits.max_frame_byte=10"]).expect_err("typo must fail");
+        assert!(e.to_string().contains("max_frame_byte"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        assert!(load(&[], &["shards=many"]).is_err());
+        assert!(load(&[], &["storage.durability=sometimes"]).is_err());
+    }
+
+    #[test]
+    fn setting_without_equals_is_rejected() {
+        assert!(matches!(
+            load(&[], &["shards"]),
+            Err(ConfigError::BadSetting(_))
+        ));
+    }
+
+    #[test]
+    fn inconsistent_limits_are_rejected() {
+        assert!(load(&[], &["limits.max_body_bytes=70000"]).is_err());
+        assert!(load(&[], &["timeouts.idle_ms=1000"]).is_err());
+    }
+
+    #[test]
+    fn printed_config_never_shows_the_secret() {
+        let c = load(&[("PARLEY_AUTH__SECRET", "hunter2-very-secret")], &[]).expect("valid");
+        assert_eq!(
+            c.auth.secret.as_ref().map(Secret::expose),
+            Some("hunter2-very-secret")
+        );
+        let shown = c.display_redacted();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
