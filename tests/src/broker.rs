@@ -1,0 +1,441 @@
+//! The broker under test: the real `broker` binary as a child process, on ephemeral loopback
+//! ports, with a temporary data directory.
+
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::client::{Client, WsClient};
+use crate::token;
+use crate::transport::{Tcp, Transport, Ws};
+
+/// How long the broker may take to print its listening line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the broker may take to exit after SIGTERM.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings every test broker starts with, before the test's own (which override them):
+/// two shards, so that connections and conversations land on different shards and cross-shard
+/// routing is exercised; small log segments, so that start-up is quick and segment roll-over
+/// happens; send rate limits out of the way of pipelined test senders.
+pub const BASE_SETTINGS: &[&str] = &[
+    "shards=2",
+    "storage.segment_bytes=4194304",
+    "limits.send_rate_per_sec=1000000",
+    "limits.send_burst=1000000",
+];
+
+/// Environment variable naming the broker binary to test, instead of `target/<profile>/broker`.
+pub const BROKER_BIN_ENV: &str = "PARLEY_BROKER_BIN";
+
+/// A running (or stopped) broker process with its own data directory.
+///
+/// Dropping it kills the process. If the test is failing, the drop prints the broker's stderr;
+/// if the test passed but the broker panicked or died on its own, the drop fails the test.
+#[derive(Debug)]
+pub struct Broker {
+    bin: PathBuf,
+    /// Holds `data/` and the broker's captured output.
+    dir: TempDir,
+    settings: Vec<String>,
+    secret: String,
+    child: Option<Child>,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    starts: u32,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Broker {
+    /// Starts a broker with [`BASE_SETTINGS`] and then `settings` (`key=value`, as for `--set`).
+    pub fn start(settings: &[&str]) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("parley-test-")
+            .tempdir()
+            .expect("create a temp dir for the broker");
+        fs::create_dir_all(dir.path().join("data")).expect("create the data dir");
+        let secret = format!(
+            "parley-test-secret-{}-{}",
+            std::process::id(),
+            crate::client::fresh_client_msg_id()
+        );
+        let mut broker = Broker {
+            bin: broker_bin().to_owned(),
+            dir,
+            settings: BASE_SETTINGS
+                .iter()
+                .chain(settings)
+                .map(|s| (*s).to_owned())
+                .collect(),
+            secret,
+            child: None,
+            tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ws: SocketAddr::from(([127, 0, 0, 1], 0)),
+            starts: 0,
+            stdout: Arc::default(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The data directory (kept across restarts).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.path().join("broker.stderr")
+    }
+
+    /// The TCP listening address of the current run.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp
+    }
+
+    /// The WebSocket listening address of the current run.
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws
+    }
+
+    /// The token secret the broker was started with.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// A valid token for `user` on `device`.
+    pub fn token(&self, user: &str, device: &str) -> String {
+        token::mint_valid(self.secret.as_bytes(), user, device)
+    }
+
+    /// Everything the broker wrote to stderr and stdout so far, across restarts.
+    pub fn output(&self) -> String {
+        let stderr = fs::read_to_string(self.stderr_path()).unwrap_or_default();
+        let stdout = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
+        format!("---- stdout ----\n{stdout}---- stderr ----\n{stderr}")
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Clients
+    // ---------------------------------------------------------------------------------------
+
+    /// A TCP connection, not logged in.
+    pub fn tcp(&self) -> Client {
+        Client::connect(self.tcp, &self.secret)
+    }
+
+    /// A TCP connection with a receive buffer of `bytes`, not logged in: a reader that stops
+    /// reading then stalls the broker's writes after little data.
+    pub fn tcp_with_recv_buffer(&self, bytes: usize) -> Client {
+        let conn = Tcp::open_with_recv_buffer(self.tcp, bytes)
+            .unwrap_or_else(|e| panic!("cannot connect to the broker at {}: {e}", self.tcp));
+        Client::with_conn(conn, self.tcp, &self.secret)
+    }
+
+    /// A ready TCP client: connected, logged in as `user` on `device`, and synced (so it is
+    /// caught up and live push is on).
+    pub fn connect(&self, user: &str, device: &str) -> Client {
+        let mut client = self.tcp();
+        client.login(user, device);
+        client.sync();
+        client
+    }
+
+    /// A WebSocket connection (upgrade without a token), not logged in.
+    pub fn ws(&self) -> WsClient {
+        Client::connect(self.ws, &self.secret)
+    }
+
+    /// A ready WebSocket client that logged in with a `Login` frame, and synced.
+    pub fn connect_ws(&self, user: &str, device: &str) -> WsClient {
+        let mut client = self.ws();
+        client.login(user, device);
+        client.sync();
+        client
+    }
+
+    /// A ready WebSocket client whose token came in the upgrade URL (`?token=`), and synced. The
+    /// sync doubles as the proof that the upgrade logged it in.
+    pub fn connect_ws_url_token(&self, user: &str, device: &str) -> WsClient {
+        let token = self.token(user, device);
+        let conn = Ws::open(self.ws, Some(&token))
+            .unwrap_or_else(|e| panic!("cannot open a WebSocket with a token: {e}"));
+        let mut client = Client::with_conn(conn, self.ws, &self.secret);
+        client.assume_logged_in(user, device);
+        client.sync();
+        client
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Process control
+    // ---------------------------------------------------------------------------------------
+
+    /// Kills the broker with SIGKILL (a crash) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the broker to shut down with SIGTERM and waits for it to exit; returns its status.
+    /// Panics if it is still running after a while.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .expect("terminate: the broker is not running");
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the broker did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM");
+                }
+                Err(e) => panic!("cannot wait for the broker: {e}"),
+            }
+        }
+    }
+
+    /// Starts the broker again on the same data directory and settings (after
+    /// [`Broker::kill9`] or [`Broker::terminate`]; a running broker is terminated first). The
+    /// listening ports change.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let mut stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.stderr_path())
+            .expect("open the broker's stderr file");
+        writeln!(stderr, "==== broker start #{} ====", self.starts).expect("write stderr file");
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .arg("--set")
+            // Quoted, so the secret is a string whatever its characters look like.
+            .arg(format!("auth.secret=\"{}\"", self.secret))
+            // The harness's own variable must not reach the broker, which reads PARLEY_* as config.
+            .env_remove(BROKER_BIN_ENV);
+        for setting in &self.settings {
+            command.arg("--set").arg(setting);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.child = Some(child);
+
+        // A thread reads stdout for the whole run, so the broker never blocks on a full pipe;
+        // it hands the listening line over.
+        let (line_tx, line_rx) = mpsc::channel();
+        let log = Arc::clone(&self.stdout);
+        let start = self.starts;
+        thread::spawn(move || {
+            let mut line_tx = Some(line_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut log) = log.lock() {
+                    log.push_str(&format!("[start #{start}] {line}\n"));
+                }
+                if line.starts_with("parley listening")
+                    && let Some(tx) = line_tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match line_rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.kill9();
+                panic!(
+                    "the broker printed no listening line within {STARTUP_TIMEOUT:?}\n{}",
+                    self.output()
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.take().map(|mut c| c.wait());
+                panic!(
+                    "the broker closed stdout without a listening line (exit: {status:?})\n{}",
+                    self.output()
+                );
+            }
+        };
+        let (tcp, ws) = parse_listening_line(&line).unwrap_or_else(|| {
+            panic!("cannot parse the listening line {line:?}: expected `parley listening tcp=ADDR ws=ADDR`")
+        });
+        self.tcp = tcp;
+        self.ws = ws;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        self.kill9();
+        if thread::panicking() {
+            eprintln!(
+                "==== broker output (data dir {}) ====\n{}",
+                self.data_dir().display(),
+                self.output()
+            );
+            return;
+        }
+        let output = self.output();
+        if let Some(status) = exited {
+            panic!("the broker exited on its own during the test ({status})\n{output}");
+        }
+        if output.contains("panicked at") {
+            panic!("the broker panicked during the test (it must never panic)\n{output}");
+        }
+    }
+}
+
+/// Sends `sig` to the child.
+fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits in pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own child, not yet
+    // reaped (we hold its `Child` and have not waited on it), so the pid cannot have been reused.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Parses `parley listening tcp=127.0.0.1:PORT ws=127.0.0.1:PORT`.
+fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut tcp = None;
+    let mut ws = None;
+    for word in line.split_whitespace() {
+        if let Some(addr) = word.strip_prefix("tcp=") {
+            tcp = addr.parse().ok();
+        } else if let Some(addr) = word.strip_prefix("ws=") {
+            ws = addr.parse().ok();
+        }
+    }
+    Some((tcp?, ws?))
+}
+
+/// The broker binary: `$PARLEY_BROKER_BIN`, else `broker` in the target directory of this test
+/// executable (`target/<profile>/`), built with cargo once if it is not there.
+///
+/// An existing binary is used as it is: run `cargo build -p parley-broker` first when testing
+/// changed broker code with `cargo test -p parley-tests` (`cargo test --workspace` builds it).
+pub fn broker_bin() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BIN.get_or_init(find_or_build_broker) {
+        Ok(path) => path,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn find_or_build_broker() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(BROKER_BIN_ENV) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("{BROKER_BIN_ENV}={} is not a file", path.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
+    let bin = profile_dir.join(format!("broker{}", std::env::consts::EXE_SUFFIX));
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| format!("no target directory above {}", profile_dir.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("the tests package has no parent directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace)
+        .args(["build", "-p", "parley-broker", "--bin", "broker"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(profile) => {
+            command.args(["--profile", profile]);
+        }
+    }
+    eprintln!("{} is missing; building it: {command:?}", bin.display());
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{command:?} failed ({status})"));
+    }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{command:?} succeeded but {} is still missing",
+            bin.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_parses_both_addresses() {
+        let (tcp, ws) =
+            parse_listening_line("parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001")
+                .expect("parses");
+        assert_eq!(tcp, SocketAddr::from(([127, 0, 0, 1], 4000)));
+        assert_eq!(ws, SocketAddr::from(([127, 0, 0, 1], 4001)));
+    }
+
+    #[test]
+    fn listening_line_without_ws_is_refused() {
+        assert_eq!(
+            parse_listening_line("parley listening tcp=127.0.0.1:4000"),
+            None
+        );
+    }
+}

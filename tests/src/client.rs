@@ -1,0 +1,1033 @@
+//! A test client that behaves like a real parley client (it logs in, syncs, acks cumulatively,
+//! de-duplicates by `(conversation, seq)`, answers server pings) and keeps a record of everything
+//! it was sent, so that tests can assert on order, gaps and duplicates.
+//!
+//! Every frame read from the broker, whatever call reads it, is first *observed*: messages of
+//! `Deliver` and `SyncPage` go into the per-conversation store, `SendAck`s and `Error`s are filed
+//! by `client_msg_id`, `Behind` is counted. So a wait for one kind of frame never loses another.
+
+use std::collections::{BTreeMap, HashMap, VecDeque, btree_map};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parley_proto::pb;
+use parley_proto::pb::frame::Body;
+
+use crate::transport::{Incoming, Tcp, Transport, Ws};
+use crate::{PROTOCOL_VERSION, TIMEOUT, conv_name, token};
+
+/// A test client over WebSocket.
+pub type WsClient = Client<Ws>;
+
+/// Client message ids are unique across the whole test process, so that no two sends of one
+/// device ever share one by accident (the broker would take the second for a retry).
+static NEXT_CLIENT_MSG_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh client message id, never handed out before in this process.
+pub fn fresh_client_msg_id() -> u64 {
+    NEXT_CLIENT_MSG_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How a message reached the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Pushed in a `Deliver` frame.
+    Deliver,
+    /// Returned in a `SyncPage`.
+    Sync,
+}
+
+/// One message arrival, in the order the client saw them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// The conversation, from this client's point of view.
+    pub conversation: pb::Conversation,
+    /// The message's seq.
+    pub seq: u64,
+    /// How it came.
+    pub via: Via,
+}
+
+/// What this client holds of one conversation.
+#[derive(Debug, Default)]
+struct Held {
+    messages: BTreeMap<u64, pb::Message>,
+    /// The highest seq with every seq from 1 up to it held.
+    contiguous: u64,
+    /// The highest seq acked on the current connection.
+    acked: u64,
+}
+
+/// What a sync returned.
+#[derive(Debug, Clone, Default)]
+pub struct SyncResult {
+    /// The summary (answered first).
+    pub summary: pb::SyncSummary,
+    /// The pages, in the order they came; the last one has `done`.
+    pub pages: Vec<pb::SyncPage>,
+}
+
+impl SyncResult {
+    /// Every message of every page, in the order they came.
+    pub fn messages(&self) -> impl Iterator<Item = &pb::Message> {
+        self.pages.iter().flat_map(|p| p.messages.iter())
+    }
+
+    /// The seqs the pages carried for `conversation`, in the order they came.
+    pub fn seqs(&self, conversation: &pb::Conversation) -> Vec<u64> {
+        self.messages()
+            .filter(|m| m.conversation.as_ref() == Some(conversation))
+            .map(|m| m.seq)
+            .collect()
+    }
+}
+
+/// What a pipelined run of sends achieved (see [`Client::pipeline_sends`]).
+#[derive(Debug, Default)]
+pub struct Pipeline {
+    /// The acks, in the order the sends were written.
+    pub acks: Vec<pb::SendAck>,
+    /// The bodies of the acked sends, matching `acks`.
+    pub bodies: Vec<Bytes>,
+    /// Sends written but not acked when the run ended (client_msg_ids).
+    pub unacked: Vec<u64>,
+    /// Why the connection closed, if it did.
+    pub closed: Option<String>,
+}
+
+/// A client connection to the broker: TCP by default, [`WsClient`] for WebSocket.
+pub struct Client<T: Transport = Tcp> {
+    conn: T,
+    addr: SocketAddr,
+    secret: String,
+    /// `user/device` once logged in, for messages.
+    label: String,
+    identity: Option<(String, String)>,
+    next_request_id: u64,
+    /// Ack every delivered or synced message at once (cumulatively), as a real client does.
+    auto_ack: bool,
+    held: HashMap<pb::Conversation, Held>,
+    arrivals: Vec<Arrival>,
+    duplicates: Vec<Arrival>,
+    send_acks: HashMap<u64, pb::SendAck>,
+    send_errors: HashMap<u64, pb::Error>,
+    /// Send requests in flight: request_id -> client_msg_id.
+    pending_sends: HashMap<u64, u64>,
+    /// Errors that matched no pending send (shown in failure messages).
+    errors: Vec<pb::Error>,
+    behind: usize,
+    closed: Option<String>,
+}
+
+impl<T: Transport> fmt::Debug for Client<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("label", &self.label)
+            .field("transport", &self.conn.name())
+            .field("conversations", &self.held.len())
+            .field("arrivals", &self.arrivals.len())
+            .field("duplicates", &self.duplicates.len())
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Transport> Client<T> {
+    /// Connects to `addr` without logging in. `secret` signs the tokens of [`Client::login`].
+    pub fn connect(addr: SocketAddr, secret: &str) -> Self {
+        let conn = T::open(addr, None)
+            .unwrap_or_else(|e| panic!("cannot connect to the broker at {addr}: {e}"));
+        Self::with_conn(conn, addr, secret)
+    }
+
+    /// Wraps an open connection.
+    pub fn with_conn(conn: T, addr: SocketAddr, secret: &str) -> Self {
+        Self {
+            conn,
+            addr,
+            secret: secret.to_owned(),
+            label: "(not logged in)".into(),
+            identity: None,
+            next_request_id: 1,
+            auto_ack: true,
+            held: HashMap::new(),
+            arrivals: Vec::new(),
+            duplicates: Vec::new(),
+            send_acks: HashMap::new(),
+            send_errors: HashMap::new(),
+            pending_sends: HashMap::new(),
+            errors: Vec::new(),
+            behind: 0,
+            closed: None,
+        }
+    }
+
+    /// The user this client is logged in as; panics if it is not.
+    pub fn user(&self) -> &str {
+        match &self.identity {
+            Some((user, _)) => user,
+            None => panic!("{}: not logged in", self.label),
+        }
+    }
+
+    /// Whether every delivered or synced message is acked at once (default: yes).
+    pub fn set_auto_ack(&mut self, on: bool) {
+        self.auto_ack = on;
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Writing
+    // ---------------------------------------------------------------------------------------
+
+    /// Writes `body` as a frame with a fresh request id, which it returns.
+    pub fn request(&mut self, body: Body) -> u64 {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.write(pb::Frame {
+            request_id,
+            body: Some(body),
+        });
+        request_id
+    }
+
+    /// Writes a frame; panics if the connection cannot take it.
+    pub fn write(&mut self, frame: pb::Frame) {
+        if let Err(e) = self.conn.write_frame(&frame) {
+            panic!(
+                "{}: cannot write a {} frame: {e} (connection closed: {:?})",
+                self.label,
+                parley_proto::frame::body_name(&frame),
+                self.closed
+            );
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reading
+    // ---------------------------------------------------------------------------------------
+
+    /// Reads the next frame (observing it, see the module docs), waiting until `deadline`.
+    /// Panics if the broker sends bytes that are not a frame.
+    pub fn next(&mut self, deadline: Instant) -> Incoming {
+        if let Some(why) = &self.closed {
+            return Incoming::Closed(why.clone());
+        }
+        match self.conn.read_frame(deadline) {
+            Incoming::Frame(frame) => {
+                self.observe(&frame);
+                Incoming::Frame(frame)
+            }
+            Incoming::Closed(why) => {
+                self.closed = Some(why.clone());
+                Incoming::Closed(why)
+            }
+            Incoming::Garbage(e) => panic!(
+                "{}: the broker sent bytes that are not a valid frame: {e}",
+                self.label
+            ),
+            Incoming::TimedOut => Incoming::TimedOut,
+        }
+    }
+
+    /// Reads frames until one satisfies `predicate` and returns it. Panics after `timeout`, or
+    /// if the connection closes first, naming the frames that did arrive.
+    pub fn recv_until(
+        &mut self,
+        timeout: Duration,
+        mut predicate: impl FnMut(&pb::Frame) -> bool,
+    ) -> pb::Frame {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            match self.next(deadline) {
+                Incoming::Frame(frame) if predicate(&frame) => return frame,
+                Incoming::Frame(frame) => seen.push(describe(&frame)),
+                Incoming::Closed(why) => panic!(
+                    "{}: the connection closed ({why}) before the awaited frame; frames seen \
+                     meanwhile: {}",
+                    self.label,
+                    summarize(&seen)
+                ),
+                Incoming::TimedOut => panic!(
+                    "{}: the awaited frame did not come within {timeout:?}; frames seen \
+                     meanwhile: {}",
+                    self.label,
+                    summarize(&seen)
+                ),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
+    /// Reads frames until `condition` holds for the client's state. Panics after `timeout` or if
+    /// the connection closes first, saying `what` was awaited.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut condition: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !condition(self) {
+            match self.next(deadline) {
+                Incoming::Frame(_) => {}
+                Incoming::Closed(why) => panic!(
+                    "{}: the connection closed ({why}) while waiting until {what}; {}",
+                    self.label,
+                    self.state()
+                ),
+                Incoming::TimedOut => panic!(
+                    "{}: not {what} within {timeout:?}; {}",
+                    self.label,
+                    self.state()
+                ),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
+    /// Reads (and observes) every frame that arrives during `duration`, returning them. Panics if
+    /// the connection closes meanwhile.
+    pub fn receive_for(&mut self, duration: Duration) -> Vec<pb::Frame> {
+        let deadline = Instant::now() + duration;
+        let mut frames = Vec::new();
+        loop {
+            match self.next(deadline) {
+                Incoming::Frame(frame) => frames.push(frame),
+                Incoming::TimedOut => return frames,
+                Incoming::Closed(why) => panic!(
+                    "{}: the connection closed ({why}) unexpectedly; {}",
+                    self.label,
+                    self.state()
+                ),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
+    /// Waits for the next `Error` frame and returns it (panics on timeout or close).
+    pub fn expect_error(&mut self, timeout: Duration) -> pb::Error {
+        match self
+            .recv_until(timeout, |f| matches!(f.body, Some(Body::Error(_))))
+            .body
+        {
+            Some(Body::Error(e)) => e,
+            _ => unreachable!("the predicate matched an error"),
+        }
+    }
+
+    /// Waits for a fatal `Error` whose code is one of `codes`, then for the close that must follow
+    /// it. Returns the error.
+    pub fn expect_fatal_error(&mut self, codes: &[pb::ErrorCode], timeout: Duration) -> pb::Error {
+        let error = self.expect_error(timeout);
+        assert!(
+            codes.iter().any(|c| *c as i32 == error.code),
+            "{}: expected an error with a code in {:?}, got {} ({:?})",
+            self.label,
+            codes.iter().map(|c| c.as_str_name()).collect::<Vec<_>>(),
+            code_name(error.code),
+            error.message
+        );
+        assert!(
+            error.fatal,
+            "{}: error {} must be fatal (the server closes after it)",
+            self.label,
+            code_name(error.code)
+        );
+        self.expect_closed(timeout);
+        error
+    }
+
+    /// Reads until the connection closes and returns the `Error` frames that came before the close.
+    /// Panics if it stays open for `timeout`.
+    pub fn expect_closed(&mut self, timeout: Duration) -> Vec<pb::Error> {
+        let deadline = Instant::now() + timeout;
+        let mut errors = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            match self.next(deadline) {
+                Incoming::Frame(frame) => {
+                    seen.push(describe(&frame));
+                    if let Some(Body::Error(e)) = frame.body {
+                        errors.push(e);
+                    }
+                }
+                Incoming::Closed(_) => return errors,
+                Incoming::TimedOut => panic!(
+                    "{}: the broker did not close the connection within {timeout:?}; frames \
+                     seen meanwhile: {}",
+                    self.label,
+                    summarize(&seen)
+                ),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Login and heartbeat
+    // ---------------------------------------------------------------------------------------
+
+    /// Logs in as `user` on `device` with a valid token; panics unless it succeeds.
+    pub fn login(&mut self, user: &str, device: &str) -> pb::LoginResult {
+        let token = token::mint_valid(self.secret.as_bytes(), user, device);
+        match self.try_login(&token) {
+            Ok(result) => result,
+            Err(e) => panic!(
+                "login of {user}/{device} failed: {} ({:?})",
+                code_name(e.code),
+                e.message
+            ),
+        }
+    }
+
+    /// Sends `Login{token}` and returns the `LoginResult`, or the `Error` that answered it.
+    pub fn try_login(&mut self, token: &str) -> Result<pb::LoginResult, pb::Error> {
+        let request_id = self.request(Body::Login(pb::Login {
+            protocol_version: PROTOCOL_VERSION,
+            token: token.to_owned(),
+            client_name: "parley-tests".into(),
+        }));
+        let frame = self.recv_until(TIMEOUT, |f| {
+            matches!(f.body, Some(Body::LoginResult(_)) | Some(Body::Error(_)))
+        });
+        match frame.body {
+            Some(Body::LoginResult(result)) => {
+                assert_eq!(
+                    frame.request_id, request_id,
+                    "LoginResult must echo the Login's request_id"
+                );
+                self.logged_in(&result);
+                Ok(result)
+            }
+            Some(Body::Error(error)) => Err(error),
+            _ => unreachable!("the predicate matched a login result or an error"),
+        }
+    }
+
+    fn logged_in(&mut self, result: &pb::LoginResult) {
+        self.label = format!("{}/{}", result.user, result.device);
+        self.identity = Some((result.user.clone(), result.device.clone()));
+    }
+
+    /// Marks the connection logged in as `user/device` without a `Login` frame (a WebSocket
+    /// upgrade that carried the token; a `LoginResult` the server may send for it is ignored).
+    pub fn assume_logged_in(&mut self, user: &str, device: &str) {
+        self.label = format!("{user}/{device}");
+        self.identity = Some((user.to_owned(), device.to_owned()));
+    }
+
+    /// Sends a `Ping` and waits for its `Pong`; returns the round-trip time.
+    pub fn ping(&mut self) -> Duration {
+        let start = Instant::now();
+        let nonce = fresh_client_msg_id();
+        self.request(Body::Ping(pb::Ping { nonce }));
+        self.recv_until(
+            TIMEOUT,
+            |f| matches!(&f.body, Some(Body::Pong(p)) if p.nonce == nonce),
+        );
+        start.elapsed()
+    }
+
+    /// Opens a new connection to `addr` in place of this one (dropping the old one abruptly),
+    /// logs in again as the same user and device and syncs from what the client holds. Keeps
+    /// everything the client has recorded.
+    pub fn reconnect_to(&mut self, addr: SocketAddr) -> SyncResult {
+        let (user, device) = self
+            .identity
+            .clone()
+            .unwrap_or_else(|| panic!("{}: reconnect needs a logged-in client", self.label));
+        self.conn = T::open(addr, None)
+            .unwrap_or_else(|e| panic!("{}: cannot reconnect to {addr}: {e}", self.label));
+        self.addr = addr;
+        self.closed = None;
+        self.pending_sends.clear();
+        for held in self.held.values_mut() {
+            held.acked = 0;
+        }
+        self.login(&user, &device);
+        self.sync()
+    }
+
+    /// [`Client::reconnect_to`] the same address.
+    pub fn reconnect(&mut self) -> SyncResult {
+        self.reconnect_to(self.addr)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Sending
+    // ---------------------------------------------------------------------------------------
+
+    /// Writes a `Send` to user `to` (a direct conversation) with a fresh client message id and
+    /// returns that id, without waiting for the ack.
+    pub fn start_send(&mut self, to: &str, body: impl Into<Bytes>) -> u64 {
+        let client_msg_id = fresh_client_msg_id();
+        self.start_send_with_id(crate::direct(to), client_msg_id, body.into());
+        client_msg_id
+    }
+
+    /// Writes a `Send` with the given client message id, without waiting for the ack.
+    pub fn start_send_with_id(
+        &mut self,
+        to: pb::Conversation,
+        client_msg_id: u64,
+        body: Bytes,
+    ) -> u64 {
+        self.send_acks.remove(&client_msg_id);
+        self.send_errors.remove(&client_msg_id);
+        let request_id = self.request(Body::Send(pb::Send {
+            to: Some(to),
+            client_msg_id,
+            content_type: 1,
+            body,
+            kind: pb::MessageKind::Normal as i32,
+            ref_seq: 0,
+        }));
+        self.pending_sends.insert(request_id, client_msg_id);
+        request_id
+    }
+
+    /// Waits for the ack of the send with `client_msg_id`; panics on an error, a close or after
+    /// `timeout`.
+    pub fn wait_send_ack(&mut self, client_msg_id: u64, timeout: Duration) -> pb::SendAck {
+        let what = format!("send {client_msg_id} is acked");
+        self.wait_until(timeout, &what, |c| {
+            c.send_acks.contains_key(&client_msg_id) || c.send_errors.contains_key(&client_msg_id)
+        });
+        if let Some(e) = self.send_errors.get(&client_msg_id) {
+            panic!(
+                "{}: send {client_msg_id} was refused: {} ({:?})",
+                self.label,
+                code_name(e.code),
+                e.message
+            );
+        }
+        self.send_acks[&client_msg_id].clone()
+    }
+
+    /// Sends `body` to user `to` and waits for the `SendAck`.
+    pub fn send(&mut self, to: &str, body: impl Into<Bytes>) -> pb::SendAck {
+        let client_msg_id = self.start_send(to, body);
+        self.wait_send_ack(client_msg_id, TIMEOUT)
+    }
+
+    /// Sends `body` to user `to` with a chosen client message id (e.g. a retry) and waits for the
+    /// `SendAck`.
+    pub fn send_with_id(
+        &mut self,
+        to: &str,
+        client_msg_id: u64,
+        body: impl Into<Bytes>,
+    ) -> pb::SendAck {
+        self.start_send_with_id(crate::direct(to), client_msg_id, body.into());
+        self.wait_send_ack(client_msg_id, TIMEOUT)
+    }
+
+    /// Sends every body to user `to`, keeping up to `window` sends unacked at a time, and
+    /// returns the acks in sending order. Panics on any failure.
+    pub fn send_many(
+        &mut self,
+        to: &str,
+        bodies: impl IntoIterator<Item = Bytes>,
+        window: usize,
+    ) -> Vec<pb::SendAck> {
+        let run = self.pipeline_sends(to, bodies, window, |_| {});
+        if let Some(why) = &run.closed {
+            panic!(
+                "{}: the connection closed ({why}) after {} acked sends, {} unacked",
+                self.label,
+                run.acks.len(),
+                run.unacked.len()
+            );
+        }
+        run.acks
+    }
+
+    /// Pipelined sends like [`Client::send_many`], but a close of the connection ends the run
+    /// instead of failing it: the result says what was acked before. `on_ack` sees each ack as
+    /// it is matched. Still panics on a refused send or a silent broker.
+    pub fn pipeline_sends(
+        &mut self,
+        to: &str,
+        bodies: impl IntoIterator<Item = Bytes>,
+        window: usize,
+        mut on_ack: impl FnMut(&pb::SendAck),
+    ) -> Pipeline {
+        assert!(window > 0, "a pipeline needs a window of at least one send");
+        let conversation = crate::direct(to);
+        let mut run = Pipeline::default();
+        let mut in_flight: VecDeque<(u64, Bytes)> = VecDeque::new();
+        let mut bodies = bodies.into_iter().peekable();
+        while bodies.peek().is_some() || !in_flight.is_empty() {
+            while in_flight.len() < window {
+                let Some(body) = bodies.next() else { break };
+                let client_msg_id = fresh_client_msg_id();
+                let request_id = self.next_request_id;
+                self.next_request_id += 1;
+                let frame = pb::Frame {
+                    request_id,
+                    body: Some(Body::Send(pb::Send {
+                        to: Some(conversation.clone()),
+                        client_msg_id,
+                        content_type: 1,
+                        body: body.clone(),
+                        kind: pb::MessageKind::Normal as i32,
+                        ref_seq: 0,
+                    })),
+                };
+                if let Err(e) = self.conn.write_frame(&frame) {
+                    run.closed = Some(format!("write failed: {e}"));
+                    break;
+                }
+                self.pending_sends.insert(request_id, client_msg_id);
+                in_flight.push_back((client_msg_id, body));
+            }
+            if run.closed.is_some() {
+                break;
+            }
+            let Some((front, _)) = in_flight.front() else {
+                continue;
+            };
+            let front = *front;
+            let deadline = Instant::now() + TIMEOUT;
+            while !self.send_acks.contains_key(&front) {
+                if let Some(e) = self.send_errors.get(&front) {
+                    panic!(
+                        "{}: pipelined send {front} was refused: {} ({:?})",
+                        self.label,
+                        code_name(e.code),
+                        e.message
+                    );
+                }
+                match self.next(deadline) {
+                    Incoming::Frame(_) => {}
+                    Incoming::Closed(why) => {
+                        run.closed = Some(why);
+                        break;
+                    }
+                    Incoming::TimedOut => panic!(
+                        "{}: pipelined send {front} was not acked within {TIMEOUT:?}",
+                        self.label
+                    ),
+                    Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+                }
+            }
+            if run.closed.is_some() {
+                break;
+            }
+            let (client_msg_id, body) = in_flight.pop_front().expect("the front is in flight");
+            let ack = self.send_acks[&client_msg_id].clone();
+            on_ack(&ack);
+            run.acks.push(ack);
+            run.bodies.push(body);
+        }
+        run.unacked = in_flight.into_iter().map(|(id, _)| id).collect();
+        run
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Receiving messages, acking, syncing
+    // ---------------------------------------------------------------------------------------
+
+    /// Waits for a `Deliver` frame carrying `(conversation, seq)` (a new one: frames read
+    /// earlier do not count) and returns that message.
+    pub fn expect_delivery(
+        &mut self,
+        conversation: &pb::Conversation,
+        seq: u64,
+        timeout: Duration,
+    ) -> pb::Message {
+        let frame = self.recv_until(timeout, |f| {
+            delivered(f).any(|m| m.seq == seq && m.conversation.as_ref() == Some(conversation))
+        });
+        delivered(&frame)
+            .find(|m| m.seq == seq && m.conversation.as_ref() == Some(conversation))
+            .cloned()
+            .expect("the predicate matched this message")
+    }
+
+    /// Reads for `duration` and panics if a `Deliver` of `(conversation, seq)` arrives, saying
+    /// `why` it must not.
+    pub fn assert_no_delivery(
+        &mut self,
+        conversation: &pb::Conversation,
+        seq: u64,
+        duration: Duration,
+        why: &str,
+    ) {
+        for frame in self.receive_for(duration) {
+            assert!(
+                !delivered(&frame)
+                    .any(|m| m.seq == seq && m.conversation.as_ref() == Some(conversation)),
+                "{}: seq {seq} of {} was delivered again: {why}",
+                self.label,
+                conv_name(conversation)
+            );
+        }
+    }
+
+    /// Reads until the client holds every seq `1..=seq` of `conversation`.
+    pub fn wait_for_cursor(
+        &mut self,
+        conversation: &pb::Conversation,
+        seq: u64,
+        timeout: Duration,
+    ) {
+        let what = format!("holding seqs 1..={seq} of {}", conv_name(conversation));
+        self.wait_until(timeout, &what, |c| c.cursor(conversation) >= seq);
+    }
+
+    /// Acks `(conversation, seq)` (cumulatively).
+    pub fn ack(&mut self, conversation: &pb::Conversation, seq: u64) {
+        self.request(Body::DeliverAck(pb::DeliverAck {
+            acks: vec![pb::AckCursor {
+                conversation: Some(conversation.clone()),
+                seq,
+            }],
+        }));
+        let held = self.held.entry(conversation.clone()).or_default();
+        held.acked = held.acked.max(seq);
+    }
+
+    /// Syncs from what the client holds: one cursor per conversation it knows, at the highest
+    /// seq it holds with no gap below. Returns what the sync carried once its last page came.
+    pub fn sync(&mut self) -> SyncResult {
+        let cursors = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.contiguous > 0)
+            .map(|(conversation, h)| pb::AckCursor {
+                conversation: Some(conversation.clone()),
+                seq: h.contiguous,
+            })
+            .collect();
+        self.sync_with(cursors, 0)
+    }
+
+    /// Sends `SyncRequest{cursors, page_size}` and reads its `SyncSummary` and `SyncPage`s up to
+    /// the one with `done`. Checks that the summary comes first.
+    pub fn sync_with(&mut self, cursors: Vec<pb::AckCursor>, page_size: u32) -> SyncResult {
+        let request_id = self.request(Body::SyncRequest(pb::SyncRequest {
+            cursors,
+            page_size,
+            max_per_conversation: 0,
+        }));
+        let mut summary = None;
+        let mut pages = Vec::new();
+        loop {
+            let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+            match frame.body {
+                Some(Body::SyncSummary(s)) => {
+                    assert!(
+                        summary.is_none() && pages.is_empty(),
+                        "{}: one SyncSummary, before the pages",
+                        self.label
+                    );
+                    summary = Some(s);
+                }
+                Some(Body::SyncPage(page)) => {
+                    assert!(
+                        summary.is_some(),
+                        "{}: the SyncSummary is answered before the first SyncPage",
+                        self.label
+                    );
+                    let done = page.done;
+                    pages.push(page);
+                    if done {
+                        break;
+                    }
+                }
+                Some(Body::Error(e)) => panic!(
+                    "{}: sync refused: {} ({:?})",
+                    self.label,
+                    code_name(e.code),
+                    e.message
+                ),
+                other => panic!(
+                    "{}: unexpected answer to a SyncRequest: {other:?}",
+                    self.label
+                ),
+            }
+        }
+        SyncResult {
+            summary: summary.expect("the summary came before the last page"),
+            pages,
+        }
+    }
+
+    /// Sends a `HistoryRequest` and returns its `HistoryPage`.
+    pub fn history(
+        &mut self,
+        conversation: &pb::Conversation,
+        before_seq: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> pb::HistoryPage {
+        let request_id = self.request(Body::HistoryRequest(pb::HistoryRequest {
+            conversation: Some(conversation.clone()),
+            before_seq,
+            after_seq,
+            limit,
+        }));
+        let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+        match frame.body {
+            Some(Body::HistoryPage(page)) => page,
+            Some(Body::Error(e)) => panic!(
+                "{}: history refused: {} ({:?})",
+                self.label,
+                code_name(e.code),
+                e.message
+            ),
+            other => panic!(
+                "{}: unexpected answer to a HistoryRequest: {other:?}",
+                self.label
+            ),
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // What the client holds
+    // ---------------------------------------------------------------------------------------
+
+    /// The highest seq of `conversation` held with every seq below it held (0: none).
+    pub fn cursor(&self, conversation: &pb::Conversation) -> u64 {
+        self.held.get(conversation).map_or(0, |h| h.contiguous)
+    }
+
+    /// The seqs of `conversation` held, ascending.
+    pub fn held_seqs(&self, conversation: &pb::Conversation) -> Vec<u64> {
+        self.held
+            .get(conversation)
+            .map(|h| h.messages.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The held message `(conversation, seq)`.
+    pub fn message(&self, conversation: &pb::Conversation, seq: u64) -> Option<&pb::Message> {
+        self.held.get(conversation)?.messages.get(&seq)
+    }
+
+    /// Every message arrival, in order, including duplicates.
+    pub fn arrivals(&self) -> &[Arrival] {
+        &self.arrivals
+    }
+
+    /// The seqs of `conversation` that came in `Deliver` frames, in arrival order.
+    pub fn delivered_seqs(&self, conversation: &pb::Conversation) -> Vec<u64> {
+        self.arrivals
+            .iter()
+            .filter(|a| a.via == Via::Deliver && &a.conversation == conversation)
+            .map(|a| a.seq)
+            .collect()
+    }
+
+    /// Arrivals of a `(conversation, seq)` the client already held.
+    pub fn duplicates(&self) -> &[Arrival] {
+        &self.duplicates
+    }
+
+    /// Panics if any `(conversation, seq)` arrived twice, explaining the promise.
+    pub fn assert_no_duplicates(&self) {
+        assert!(
+            self.duplicates.is_empty(),
+            "{}: a client that acks promptly is never sent the same (conversation, seq) twice, \
+             but {} arrived again (first few: {:?})",
+            self.label,
+            self.duplicates.len(),
+            self.duplicates
+                .iter()
+                .take(10)
+                .map(|a| format!(
+                    "{} seq {} via {:?}",
+                    conv_name(&a.conversation),
+                    a.seq,
+                    a.via
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// How many `Behind` frames came.
+    pub fn behind_count(&self) -> usize {
+        self.behind
+    }
+
+    /// A one-line account of what the client holds, for failure messages.
+    pub fn state(&self) -> String {
+        let mut parts: Vec<String> = self
+            .held
+            .iter()
+            .map(|(c, h)| {
+                format!(
+                    "{}: {} held, contiguous to {}, highest {}",
+                    conv_name(c),
+                    h.messages.len(),
+                    h.contiguous,
+                    h.messages.keys().next_back().copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        parts.sort();
+        format!(
+            "holds [{}]; {} duplicates, {} Behind, errors {:?}, closed: {:?}",
+            parts.join("; "),
+            self.duplicates.len(),
+            self.behind,
+            self.errors
+                .iter()
+                .map(|e| code_name(e.code))
+                .collect::<Vec<_>>(),
+            self.closed
+        )
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Observation
+    // ---------------------------------------------------------------------------------------
+
+    fn observe(&mut self, frame: &pb::Frame) {
+        match &frame.body {
+            Some(Body::Deliver(d)) => self.hold(&d.messages, Via::Deliver),
+            Some(Body::SyncPage(p)) => self.hold(&p.messages, Via::Sync),
+            Some(Body::SendAck(ack)) => {
+                self.pending_sends.remove(&frame.request_id);
+                self.send_acks.insert(ack.client_msg_id, ack.clone());
+            }
+            Some(Body::Error(e)) => {
+                let send = if e.client_msg_id != 0 {
+                    Some(e.client_msg_id)
+                } else {
+                    self.pending_sends.get(&frame.request_id).copied()
+                };
+                match send {
+                    Some(client_msg_id) => {
+                        self.pending_sends.remove(&frame.request_id);
+                        self.send_errors.insert(client_msg_id, e.clone());
+                    }
+                    None => self.errors.push(e.clone()),
+                }
+            }
+            Some(Body::Behind(_)) => self.behind += 1,
+            Some(Body::Ping(ping)) => {
+                // A server ping is answered at once, as any client must; a failed write shows
+                // up as a close on the next read.
+                let pong = pb::Frame {
+                    request_id: frame.request_id,
+                    body: Some(Body::Pong(pb::Pong {
+                        nonce: ping.nonce,
+                        time: 0,
+                    })),
+                };
+                let _ = self.conn.write_frame(&pong);
+            }
+            _ => {}
+        }
+    }
+
+    fn hold(&mut self, messages: &[pb::Message], via: Via) {
+        let mut touched = Vec::new();
+        for m in messages {
+            let conversation = m.conversation.clone().unwrap_or_else(|| {
+                panic!(
+                    "{}: a {via:?} message (seq {}) without a conversation",
+                    self.label, m.seq
+                )
+            });
+            let arrival = Arrival {
+                conversation: conversation.clone(),
+                seq: m.seq,
+                via,
+            };
+            let held = self.held.entry(conversation.clone()).or_default();
+            match held.messages.entry(m.seq) {
+                btree_map::Entry::Occupied(_) => self.duplicates.push(arrival.clone()),
+                btree_map::Entry::Vacant(slot) => {
+                    slot.insert(m.clone());
+                    while held.messages.contains_key(&(held.contiguous + 1)) {
+                        held.contiguous += 1;
+                    }
+                }
+            }
+            self.arrivals.push(arrival);
+            if !touched.contains(&conversation) {
+                touched.push(conversation);
+            }
+        }
+        if !self.auto_ack {
+            return;
+        }
+        let acks: Vec<pb::AckCursor> = touched
+            .into_iter()
+            .filter_map(|conversation| {
+                let held = self.held.get_mut(&conversation)?;
+                (held.contiguous > held.acked).then(|| {
+                    held.acked = held.contiguous;
+                    pb::AckCursor {
+                        conversation: Some(conversation),
+                        seq: held.contiguous,
+                    }
+                })
+            })
+            .collect();
+        if !acks.is_empty() {
+            // As with pongs, a failed write shows up as a close on the next read.
+            let frame = pb::Frame {
+                request_id: 0,
+                body: Some(Body::DeliverAck(pb::DeliverAck { acks })),
+            };
+            let _ = self.conn.write_frame(&frame);
+        }
+    }
+}
+
+impl Client<Tcp> {
+    /// Writes `bytes` to the socket as they are (malformed input on purpose).
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.conn.write_raw(bytes) {
+            panic!("{}: cannot write raw bytes: {e}", self.label);
+        }
+    }
+}
+
+/// The messages of a `Deliver` frame (none for other frames).
+pub fn delivered(frame: &pb::Frame) -> impl Iterator<Item = &pb::Message> {
+    let messages: &[pb::Message] = match &frame.body {
+        Some(Body::Deliver(d)) => &d.messages,
+        _ => &[],
+    };
+    messages.iter()
+}
+
+/// The name of an error code, or its number if this schema does not know it.
+pub fn code_name(code: i32) -> String {
+    pb::ErrorCode::try_from(code)
+        .map_or_else(|_| format!("code {code}"), |c| c.as_str_name().into())
+}
+
+/// A short description of a frame for failure messages.
+pub fn describe(frame: &pb::Frame) -> String {
+    match &frame.body {
+        Some(Body::Error(e)) => format!("error {}", code_name(e.code)),
+        Some(Body::Deliver(d)) => format!(
+            "deliver [{}]",
+            d.messages
+                .iter()
+                .map(|m| m.seq.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        _ => parley_proto::frame::body_name(frame).to_owned(),
+    }
+}
+
+/// The first few frame descriptions and how many there were.
+fn summarize(seen: &[String]) -> String {
+    if seen.is_empty() {
+        return "none".into();
+    }
+    let shown: Vec<&str> = seen.iter().take(20).map(String::as_str).collect();
+    format!("{} frames: {}", seen.len(), shown.join(", "))
+}

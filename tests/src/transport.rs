@@ -1,0 +1,239 @@
+//! The two ways a test client reaches the broker: raw TCP with varint-delimited frames
+//! ([`Tcp`], through `parley_proto::tcp::FrameCodec`) and WebSocket binary messages ([`Ws`],
+//! through tungstenite, an implementation independent of the broker's).
+//!
+//! Both are blocking `std::net` sockets whose every read and write is bounded by a timeout.
+
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parley_proto::frame;
+use parley_proto::pb;
+use parley_proto::tcp::FrameCodec;
+use socket2::{Domain, Socket, Type};
+use tungstenite::{Message, WebSocket};
+
+use crate::TIMEOUT;
+
+/// The largest frame the test client accepts from the broker. Deliberately generous: the client
+/// is not what is under test, and a large frame should show up as an assertion, not a cut.
+const CLIENT_MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// What one read from the broker produced.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A whole frame.
+    Frame(pb::Frame),
+    /// The connection ended (EOF, reset, WebSocket close); why, for messages.
+    Closed(String),
+    /// Nothing arrived before the deadline.
+    TimedOut,
+    /// The broker sent bytes that are not a frame: always a broker bug.
+    Garbage(String),
+}
+
+/// A connection to the broker that carries frames.
+pub trait Transport: Send + fmt::Debug + Sized {
+    /// Opens a connection to `addr` (for WebSocket: performs the upgrade, with `token` in the URL
+    /// if given; TCP ignores `token`).
+    fn open(addr: SocketAddr, token: Option<&str>) -> io::Result<Self>;
+    /// Writes one frame.
+    fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()>;
+    /// Reads the next frame, waiting no later than `deadline`.
+    fn read_frame(&mut self, deadline: Instant) -> Incoming;
+    /// Which transport this is, for messages.
+    fn name(&self) -> &'static str;
+}
+
+/// Time left until `deadline`, at least 1 ms (a zero socket timeout means "block forever").
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// Connects a TCP stream with the harness's timeouts, optionally with a small receive buffer
+/// (set before connecting, so the kernel does not grow the window past it).
+pub fn connect_tcp(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    socket.connect_timeout(&addr.into(), TIMEOUT)?;
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Raw TCP: each frame preceded by its length as a protobuf varint.
+#[derive(Debug)]
+pub struct Tcp {
+    stream: TcpStream,
+    codec: FrameCodec,
+    input: BytesMut,
+    output: BytesMut,
+}
+
+impl Tcp {
+    /// Wraps a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            codec: FrameCodec::new(CLIENT_MAX_FRAME_BYTES),
+            input: BytesMut::with_capacity(64 << 10),
+            output: BytesMut::new(),
+        }
+    }
+
+    /// Connects with a receive buffer of `recv_buffer` bytes (see [`connect_tcp`]).
+    pub fn open_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> io::Result<Self> {
+        connect_tcp(addr, Some(recv_buffer)).map(Self::from_stream)
+    }
+
+    /// Writes `bytes` as they are: for malformed input.
+    pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+}
+
+impl Transport for Tcp {
+    fn open(addr: SocketAddr, _token: Option<&str>) -> io::Result<Self> {
+        connect_tcp(addr, None).map(Self::from_stream)
+    }
+
+    fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
+        self.output.clear();
+        self.codec
+            .encode(frame, &mut self.output)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        self.stream.write_all(&self.output)
+    }
+
+    fn read_frame(&mut self, deadline: Instant) -> Incoming {
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            match self.codec.decode_frame(&mut self.input) {
+                Ok(Some(frame)) => return Incoming::Frame(frame),
+                Ok(None) => {}
+                Err(e) => return Incoming::Garbage(e.to_string()),
+            }
+            if Instant::now() >= deadline {
+                return Incoming::TimedOut;
+            }
+            if let Err(e) = self.stream.set_read_timeout(Some(remaining(deadline))) {
+                return Incoming::Closed(format!("cannot set a read timeout: {e}"));
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) if self.input.is_empty() => return Incoming::Closed("EOF".into()),
+                Ok(0) => {
+                    return Incoming::Closed(format!(
+                        "EOF inside a frame ({} bytes of it buffered)",
+                        self.input.len()
+                    ));
+                }
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Incoming::Closed(format!("read error: {e}")),
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+/// WebSocket: one binary message per frame, through tungstenite.
+pub struct Ws {
+    ws: WebSocket<TcpStream>,
+    buf: BytesMut,
+}
+
+impl fmt::Debug for Ws {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ws")
+            .field("peer", &self.ws.get_ref().peer_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport for Ws {
+    fn open(addr: SocketAddr, token: Option<&str>) -> io::Result<Self> {
+        let stream = connect_tcp(addr, None)?;
+        let url = match token {
+            Some(token) => format!("ws://{addr}/?token={token}"),
+            None => format!("ws://{addr}/"),
+        };
+        let (ws, _response) = tungstenite::client(url.as_str(), stream).map_err(|e| {
+            io::Error::new(
+                ErrorKind::ConnectionRefused,
+                format!("WebSocket upgrade failed: {e}"),
+            )
+        })?;
+        Ok(Self {
+            ws,
+            buf: BytesMut::new(),
+        })
+    }
+
+    fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
+        self.buf.clear();
+        frame::encode(frame, &mut self.buf);
+        let message = Message::Binary(self.buf.split().freeze());
+        self.ws.send(message).map_err(io::Error::other)
+    }
+
+    fn read_frame(&mut self, deadline: Instant) -> Incoming {
+        loop {
+            if Instant::now() >= deadline {
+                return Incoming::TimedOut;
+            }
+            if let Err(e) = self
+                .ws
+                .get_mut()
+                .set_read_timeout(Some(remaining(deadline)))
+            {
+                return Incoming::Closed(format!("cannot set a read timeout: {e}"));
+            }
+            match self.ws.read() {
+                Ok(Message::Binary(bytes)) => {
+                    return match frame::decode(bytes) {
+                        Ok(frame) => Incoming::Frame(frame),
+                        Err(e) => Incoming::Garbage(format!("binary message: {e}")),
+                    };
+                }
+                Ok(Message::Text(text)) => {
+                    return match frame::from_json(Bytes::from(text).as_ref()) {
+                        Ok(frame) => Incoming::Frame(frame),
+                        Err(e) => Incoming::Garbage(format!("text message: {e}")),
+                    };
+                }
+                Ok(Message::Close(close)) => {
+                    return Incoming::Closed(match close {
+                        Some(c) => format!("WebSocket close {} {:?}", u16::from(c.code), c.reason),
+                        None => "WebSocket close without a code".into(),
+                    });
+                }
+                // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Err(tungstenite::Error::Io(e))
+                    if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Incoming::Closed(format!("WebSocket: {e}")),
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "ws"
+    }
+}
