@@ -1,0 +1,156 @@
+//! Drivers: the client side of every system loadgen can load, sans-IO.
+//!
+//! A driver turns "log in", "send this body to client j" and "here are the bytes that arrived"
+//! into bytes to write and [`Event`]s, for one connection. It never touches a socket or a clock:
+//! the engine owns the sockets and the time, so the same scenario code runs against parley (TCP
+//! or WebSocket), MQTT 3.1.1, Redis pub/sub and loadgen's own relay, and drivers are unit-tested
+//! on byte strings.
+//!
+//! Clients are numbered `0..n` across the whole run (all processes). Each driver maps a client
+//! number to the system's address for it (a parley user, an MQTT topic, a Redis channel, a relay
+//! channel), always prefixed with the run's [`Names::prefix`] so runs do not see each other.
+
+pub mod mqtt;
+pub mod parley;
+pub mod redis;
+pub mod relay;
+
+use bytes::{Bytes, BytesMut};
+
+/// What one connection of a client does. Most systems carry both directions on one connection;
+/// Redis pub/sub needs two (a subscribed connection cannot publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends and receives.
+    Both,
+    /// Only sends (publishes).
+    Publish,
+    /// Only receives (subscribes).
+    Subscribe,
+}
+
+/// How client numbers become names on the system under test.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// Prepended to every user id, topic and channel of this run, e.g. `lg7f3a-`.
+    pub prefix: String,
+}
+
+impl Names {
+    /// The user id / topic suffix / channel name of client `client`: `<prefix>c<client>`.
+    pub fn of(&self, client: u32) -> String {
+        format!("{}c{client}", self.prefix)
+    }
+}
+
+/// Who one connection is, for its driver.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Run-wide naming.
+    pub names: Names,
+    /// This client's number: its identity on the system (parley user, MQTT client id).
+    pub client: u32,
+    /// The channel this connection listens on, as a client number: in `pairs` each client
+    /// listens on its own number; in `fanout` every subscriber listens on the publisher's
+    /// number. `None` for a connection that only publishes. Parley ignores it (a parley client
+    /// always receives what is sent to its own user).
+    pub listen: Option<u32>,
+    /// What the connection does.
+    pub role: Role,
+}
+
+/// A conversation and a seq in it, as the system numbered a message (parley only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvSeq {
+    /// A 64-bit FNV-1a hash of the conversation's id as the system names it.
+    pub conversation: u64,
+    /// The message's seq in that conversation.
+    pub seq: u64,
+}
+
+/// Something a driver saw on its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Log-in / connect / subscribe is complete: the connection may now carry messages.
+    Ready,
+    /// The system acknowledged the send tagged `tag` (parley SendAck, MQTT PUBACK, the reply to
+    /// a Redis PUBLISH). `seq` is the seq the system gave it, where it numbers messages.
+    Acked {
+        /// The tag given to [`Driver::send`].
+        tag: u64,
+        /// Where the system stored it, if it says.
+        seq: Option<ConvSeq>,
+    },
+    /// A message arrived for this client. `body` is exactly the body that was sent.
+    Delivered {
+        /// The body.
+        body: Bytes,
+        /// Where the system stored it, if it says.
+        seq: Option<ConvSeq>,
+    },
+    /// An offline catch-up (parley sync) finished: everything missed has been delivered.
+    Synced,
+    /// The system said the client reads too slowly and stopped pushing (parley `Behind`).
+    Behind,
+    /// The system reported an error. If `fatal`, it is closing the connection.
+    Error {
+        /// Whether the connection is over.
+        fatal: bool,
+        /// The system's words.
+        text: String,
+    },
+}
+
+/// A protocol violation by the system under test (or garbage on the wire): the connection is
+/// closed and the error counted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DriverError(pub String);
+
+/// The client side of one connection to a system under test.
+pub trait Driver: Send {
+    /// Writes what opens the session (handshake, login, connect, subscribe) into `out`.
+    fn start(&mut self, out: &mut BytesMut);
+
+    /// Consumes whatever complete units `input` holds (leaving a partial one in place), pushes
+    /// the events they carry, and writes any answers the protocol requires (pongs, PUBACKs)
+    /// into `out`.
+    fn receive(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DriverError>;
+
+    /// Writes a message carrying `body` to client `to` into `out`. `tag` is unique per sending
+    /// client and non-zero; it comes back in [`Event::Acked`] if [`Driver::acks_sends`].
+    fn send(&mut self, to: u32, tag: u64, body: &[u8], out: &mut BytesMut);
+
+    /// Writes a keep-alive into `out` (called about once per heartbeat interval while idle).
+    fn heartbeat(&mut self, out: &mut BytesMut);
+
+    /// Called once per engine turn after `receive`: writes anything batched, such as cumulative
+    /// delivery acks.
+    fn flush(&mut self, _out: &mut BytesMut) {}
+
+    /// Whether sends are acknowledged by the system ([`Event::Acked`]).
+    fn acks_sends(&self) -> bool;
+
+    /// Asks for everything missed while offline (parley sync); [`Event::Synced`] follows.
+    /// Systems without offline storage return an error.
+    fn sync(&mut self, _out: &mut BytesMut) -> Result<(), DriverError> {
+        Err(DriverError(
+            "this system keeps nothing for offline clients".into(),
+        ))
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash of a conversation id for [`ConvSeq`].
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,548 @@
+//! The parley client: log in with a token, send 1:1 messages, ack deliveries cumulatively,
+//! answer `Behind` with a sync, and sync on request; over TCP (varint-delimited frames) or
+//! WebSocket (one binary message per frame).
+//!
+//! Client `j` is the user [`Names::of`]`(j)` with device `d0`. A message to client `k` is a
+//! `Send` to `{DIRECT, names.of(k)}` with `client_msg_id` = the tag. Both sides of a direct
+//! conversation name it differently (each by the other user), so [`ConvSeq::conversation`] is
+//! the FNV-1a hash of the two user ids in sorted order, joined by a newline: the same number for
+//! the sender's acks and the receiver's deliveries.
+
+use bytes::{BufMut, BytesMut};
+use parley_proto::pb::{self, frame::Body};
+use parley_proto::tcp::FrameCodec;
+use parley_proto::{PROTOCOL_VERSION, frame};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+
+use super::{ConvSeq, Driver, DriverError, Endpoint, Event, Names, fnv1a};
+use crate::ws::{WsClient, WsMessage};
+
+/// How frames travel.
+#[derive(Debug)]
+pub enum Framing {
+    /// Varint-length-delimited frames on a TCP stream.
+    Tcp,
+    /// One binary WebSocket message per frame.
+    Ws(Box<WsClient>),
+}
+
+/// The parley client side of one connection.
+#[derive(Debug)]
+pub struct ParleyDriver {
+    me: String,
+    names: Names,
+    token: String,
+    framing: Framing,
+    codec: FrameCodec,
+    /// Per peer user: (peer id, conversation key, highest seq delivered, ack pending).
+    cursors: Vec<Cursor>,
+    syncing: bool,
+    nonce: u64,
+    /// Scratch for hand-encoded frames before WebSocket framing.
+    scratch: BytesMut,
+    /// The last recipient's user id, kept to avoid formatting it per message.
+    last_to: Option<(u32, String)>,
+}
+
+#[derive(Debug)]
+struct Cursor {
+    peer: String,
+    key: u64,
+    seq: u64,
+    dirty: bool,
+}
+
+/// The conversation key of the direct conversation between users `a` and `b`.
+pub fn direct_key(a: &str, b: &str) -> u64 {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut s = Vec::with_capacity(lo.len() + hi.len() + 1);
+    s.extend_from_slice(lo.as_bytes());
+    s.push(b'\n');
+    s.extend_from_slice(hi.as_bytes());
+    fnv1a(&s)
+}
+
+/// Frame field numbers used by the hand-written `Send` encoder (checked against prost in tests).
+const FRAME_SEND: u32 = 20;
+const SEND_TO: u32 = 1;
+const SEND_CLIENT_MSG_ID: u32 = 2;
+const SEND_CONTENT_TYPE: u32 = 3;
+const SEND_BODY: u32 = 4;
+const CONV_TYPE: u32 = 1;
+const CONV_ID: u32 = 2;
+/// The content type loadgen sends: "application-defined", here 1 (text-like opaque bytes).
+const CONTENT_TYPE: u64 = 1;
+
+fn key_len(tag: u32) -> usize {
+    encoded_len_varint(u64::from(tag << 3))
+}
+
+/// Appends the protobuf encoding of `Frame{send: Send{to: {DIRECT, to}, client_msg_id, content_type, body}}`.
+fn encode_send(to: &str, client_msg_id: u64, body: &[u8], out: &mut BytesMut) {
+    let conv_len =
+        key_len(CONV_TYPE) + 1 + key_len(CONV_ID) + encoded_len_varint(to.len() as u64) + to.len();
+    let send_len = key_len(SEND_TO)
+        + encoded_len_varint(conv_len as u64)
+        + conv_len
+        + key_len(SEND_CLIENT_MSG_ID)
+        + encoded_len_varint(client_msg_id)
+        + key_len(SEND_CONTENT_TYPE)
+        + encoded_len_varint(CONTENT_TYPE)
+        + key_len(SEND_BODY)
+        + encoded_len_varint(body.len() as u64)
+        + body.len();
+    out.reserve(send_len + 8);
+    encode_key(FRAME_SEND, WireType::LengthDelimited, out);
+    encode_varint(send_len as u64, out);
+    encode_key(SEND_TO, WireType::LengthDelimited, out);
+    encode_varint(conv_len as u64, out);
+    encode_key(CONV_TYPE, WireType::Varint, out);
+    encode_varint(pb::ConversationType::Direct as u64, out);
+    encode_key(CONV_ID, WireType::LengthDelimited, out);
+    encode_varint(to.len() as u64, out);
+    out.put_slice(to.as_bytes());
+    encode_key(SEND_CLIENT_MSG_ID, WireType::Varint, out);
+    encode_varint(client_msg_id, out);
+    encode_key(SEND_CONTENT_TYPE, WireType::Varint, out);
+    encode_varint(CONTENT_TYPE, out);
+    encode_key(SEND_BODY, WireType::LengthDelimited, out);
+    encode_varint(body.len() as u64, out);
+    out.put_slice(body);
+}
+
+impl ParleyDriver {
+    /// A driver for `endpoint`, logging in with `token` (minted for `names.of(client)`, device
+    /// `d0`), framing as `framing`.
+    pub fn new(endpoint: &Endpoint, token: String, framing: Framing) -> Self {
+        Self {
+            me: endpoint.names.of(endpoint.client),
+            names: endpoint.names.clone(),
+            token,
+            framing,
+            codec: FrameCodec::new(parley_proto::DEFAULT_MAX_FRAME_BYTES),
+            cursors: Vec::new(),
+            syncing: false,
+            nonce: 0,
+            scratch: BytesMut::new(),
+            last_to: None,
+        }
+    }
+
+    /// Writes `frame` with the connection's framing.
+    fn write_frame(&mut self, frame: &pb::Frame, out: &mut BytesMut) {
+        match &mut self.framing {
+            Framing::Tcp => {
+                // Frames loadgen builds are small; the limit cannot be hit.
+                let _ = self.codec.encode(frame, out);
+            }
+            Framing::Ws(ws) => {
+                self.scratch.clear();
+                frame::encode(frame, &mut self.scratch);
+                ws.write_binary(&self.scratch, out);
+            }
+        }
+    }
+
+    fn cursor(&mut self, peer: &str) -> &mut Cursor {
+        let i = match self.cursors.iter().position(|c| c.peer == peer) {
+            Some(i) => i,
+            None => {
+                self.cursors.push(Cursor {
+                    peer: peer.to_owned(),
+                    key: direct_key(&self.me, peer),
+                    seq: 0,
+                    dirty: false,
+                });
+                self.cursors.len() - 1
+            }
+        };
+        &mut self.cursors[i]
+    }
+
+    fn sync_request(&mut self, out: &mut BytesMut) {
+        let cursors = self
+            .cursors
+            .iter()
+            .map(|c| pb::AckCursor {
+                conversation: Some(direct(&c.peer)),
+                seq: c.seq,
+            })
+            .collect();
+        self.syncing = true;
+        let frame = pb::Frame {
+            request_id: 0,
+            body: Some(Body::SyncRequest(pb::SyncRequest {
+                cursors,
+                page_size: 0,
+                max_per_conversation: 0,
+            })),
+        };
+        self.write_frame(&frame, out);
+    }
+
+    fn messages(&mut self, messages: Vec<pb::Message>, events: &mut Vec<Event>) {
+        for m in messages {
+            if m.from_user == self.me {
+                continue; // our own message, echoed by a sync: we hold it already
+            }
+            let peer = m.conversation.as_ref().map(|c| c.id.as_str()).unwrap_or("");
+            let cursor = self.cursor(peer);
+            let key = cursor.key;
+            if m.seq > cursor.seq {
+                cursor.seq = m.seq;
+                cursor.dirty = true;
+            }
+            events.push(Event::Delivered {
+                body: m.body,
+                seq: Some(ConvSeq {
+                    conversation: key,
+                    seq: m.seq,
+                }),
+            });
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: pb::Frame,
+        out: &mut BytesMut,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DriverError> {
+        match frame.body {
+            Some(Body::LoginResult(_)) => events.push(Event::Ready),
+            Some(Body::SendAck(ack)) => {
+                let peer = ack.conversation.map(|c| c.id).unwrap_or_default();
+                let key = direct_key(&self.me, &peer);
+                events.push(Event::Acked {
+                    tag: ack.client_msg_id,
+                    seq: Some(ConvSeq {
+                        conversation: key,
+                        seq: ack.seq,
+                    }),
+                });
+            }
+            Some(Body::Deliver(d)) => self.messages(d.messages, events),
+            Some(Body::SyncPage(p)) => {
+                self.messages(p.messages, events);
+                if p.done {
+                    self.syncing = false;
+                    events.push(Event::Synced);
+                }
+            }
+            Some(Body::SyncSummary(_)) | Some(Body::Pong(_)) => {}
+            Some(Body::Ping(p)) => {
+                let pong = pb::Frame {
+                    request_id: frame.request_id,
+                    body: Some(Body::Pong(pb::Pong {
+                        nonce: p.nonce,
+                        time: 0,
+                    })),
+                };
+                self.write_frame(&pong, out);
+            }
+            Some(Body::Behind(_)) => {
+                events.push(Event::Behind);
+                if !self.syncing {
+                    self.sync_request(out);
+                }
+            }
+            Some(Body::Error(e)) => {
+                let code = pb::ErrorCode::try_from(e.code)
+                    .map(|c| c.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                events.push(Event::Error {
+                    fatal: e.fatal,
+                    text: format!("{code}: {}", e.message),
+                });
+            }
+            _ => {
+                return Err(DriverError(format!(
+                    "unexpected {} frame from the broker",
+                    frame::body_name(&frame)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn direct(id: &str) -> pb::Conversation {
+    pb::Conversation {
+        r#type: pb::ConversationType::Direct as i32,
+        id: id.to_owned(),
+    }
+}
+
+impl Driver for ParleyDriver {
+    fn start(&mut self, out: &mut BytesMut) {
+        if let Framing::Ws(ws) = &self.framing {
+            ws.write_handshake(out);
+        }
+        let login = pb::Frame {
+            request_id: 1,
+            body: Some(Body::Login(pb::Login {
+                protocol_version: PROTOCOL_VERSION,
+                token: std::mem::take(&mut self.token),
+                client_name: "parley-loadgen".into(),
+            })),
+        };
+        self.write_frame(&login, out);
+    }
+
+    fn receive(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DriverError> {
+        loop {
+            let raw = match &mut self.framing {
+                Framing::Tcp => self
+                    .codec
+                    .decode(input)
+                    .map_err(|e| DriverError(format!("framing: {e}")))?,
+                Framing::Ws(ws) => match ws
+                    .read(input, out)
+                    .map_err(|e| DriverError(format!("websocket: {e}")))?
+                {
+                    Some(WsMessage::Binary(b)) => Some(b),
+                    Some(WsMessage::Text(_)) => {
+                        return Err(DriverError("unexpected text message".into()));
+                    }
+                    None => None,
+                },
+            };
+            let Some(raw) = raw else { return Ok(()) };
+            let frame = frame::decode(raw).map_err(|e| DriverError(format!("frame: {e}")))?;
+            self.on_frame(frame, out, events)?;
+        }
+    }
+
+    fn send(&mut self, to: u32, tag: u64, body: &[u8], out: &mut BytesMut) {
+        debug_assert!(tag != 0, "client_msg_id 0 is refused by the broker");
+        if self.last_to.as_ref().is_none_or(|(n, _)| *n != to) {
+            self.last_to = Some((to, self.names.of(to)));
+        }
+        let to_id = self.last_to.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
+        match &mut self.framing {
+            Framing::Tcp => {
+                let mut frame = std::mem::take(&mut self.scratch);
+                frame.clear();
+                encode_send(to_id, tag, body, &mut frame);
+                let _ = self.codec.encode_raw(&frame, out);
+                self.scratch = frame;
+            }
+            Framing::Ws(ws) => {
+                self.scratch.clear();
+                encode_send(to_id, tag, body, &mut self.scratch);
+                ws.write_binary(&self.scratch, out);
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, out: &mut BytesMut) {
+        self.nonce += 1;
+        let ping = pb::Frame {
+            request_id: 0,
+            body: Some(Body::Ping(pb::Ping { nonce: self.nonce })),
+        };
+        self.write_frame(&ping, out);
+    }
+
+    fn flush(&mut self, out: &mut BytesMut) {
+        if !self.cursors.iter().any(|c| c.dirty) {
+            return;
+        }
+        let mut acks = Vec::new();
+        for c in self.cursors.iter_mut().filter(|c| c.dirty) {
+            c.dirty = false;
+            acks.push(pb::AckCursor {
+                conversation: Some(direct(&c.peer)),
+                seq: c.seq,
+            });
+        }
+        let frame = pb::Frame {
+            request_id: 0,
+            body: Some(Body::DeliverAck(pb::DeliverAck { acks })),
+        };
+        self.write_frame(&frame, out);
+    }
+
+    fn acks_sends(&self) -> bool {
+        true
+    }
+
+    fn sync(&mut self, out: &mut BytesMut) -> Result<(), DriverError> {
+        self.sync_request(out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::Role;
+    use bytes::Bytes;
+
+    fn endpoint(client: u32) -> Endpoint {
+        Endpoint {
+            names: Names {
+                prefix: "t-".into(),
+            },
+            client,
+            listen: Some(client),
+            role: Role::Both,
+        }
+    }
+
+    #[test]
+    fn the_hand_written_send_encodes_exactly_as_prost_does() {
+        let mut ours = BytesMut::new();
+        encode_send("t-c7", 300, b"hello body", &mut ours);
+        let frame = pb::Frame {
+            request_id: 0,
+            body: Some(Body::Send(pb::Send {
+                to: Some(direct("t-c7")),
+                client_msg_id: 300,
+                content_type: CONTENT_TYPE as u32,
+                body: Bytes::from_static(b"hello body"),
+                kind: 0,
+                ref_seq: 0,
+            })),
+        };
+        let mut theirs = BytesMut::new();
+        frame::encode(&frame, &mut theirs);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn both_sides_of_a_direct_conversation_get_the_same_key() {
+        assert_eq!(direct_key("a", "b"), direct_key("b", "a"));
+        assert_ne!(direct_key("a", "b"), direct_key("a", "c"));
+    }
+
+    fn server_frames(frames: &[pb::Frame]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for f in frames {
+            FrameCodec::default().encode(f, &mut buf).expect("fits");
+        }
+        buf
+    }
+
+    fn message(from: &str, seq: u64) -> pb::Message {
+        pb::Message {
+            conversation: Some(direct(from)),
+            seq,
+            from_user: from.into(),
+            body: Bytes::from_static(b"x"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deliveries_become_events_and_one_cumulative_ack_per_turn() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let deliver = |seqs: &[u64]| pb::Frame {
+            request_id: 0,
+            body: Some(Body::Deliver(pb::Deliver {
+                messages: seqs.iter().map(|&s| message("t-c0", s)).collect(),
+            })),
+        };
+        let mut input = server_frames(&[deliver(&[1, 2]), deliver(&[4])]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(events.len(), 3);
+        assert!(out.is_empty());
+        d.flush(&mut out);
+        let ack = FrameCodec::default()
+            .decode_frame(&mut out)
+            .expect("valid")
+            .expect("one frame");
+        let Some(Body::DeliverAck(ack)) = ack.body else {
+            panic!("not an ack")
+        };
+        assert_eq!(ack.acks.len(), 1);
+        assert_eq!(ack.acks[0].seq, 4);
+        assert!(out.is_empty());
+        d.flush(&mut out);
+        assert!(out.is_empty(), "nothing new, no ack");
+    }
+
+    #[test]
+    fn a_send_ack_names_the_tag_and_the_shared_conversation_key() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let ack = pb::Frame {
+            request_id: 0,
+            body: Some(Body::SendAck(pb::SendAck {
+                client_msg_id: 77,
+                seq: 5,
+                conversation: Some(direct("t-c0")),
+                ..Default::default()
+            })),
+        };
+        let mut input = server_frames(&[ack]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(
+            events,
+            vec![Event::Acked {
+                tag: 77,
+                seq: Some(ConvSeq {
+                    conversation: direct_key("t-c0", "t-c1"),
+                    seq: 5
+                })
+            }]
+        );
+    }
+
+    #[test]
+    fn behind_starts_a_sync_from_the_cursors_held() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let mut input = server_frames(&[
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(pb::Deliver {
+                    messages: vec![message("t-c0", 3)],
+                })),
+            },
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::Behind(pb::Behind::default())),
+            },
+        ]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        let f = FrameCodec::default()
+            .decode_frame(&mut out)
+            .expect("valid")
+            .expect("frame");
+        let Some(Body::SyncRequest(req)) = f.body else {
+            panic!("not a sync")
+        };
+        assert_eq!(req.cursors[0].seq, 3);
+    }
+
+    #[test]
+    fn own_messages_echoed_by_a_sync_are_not_deliveries() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let mut input = server_frames(&[pb::Frame {
+            request_id: 0,
+            body: Some(Body::SyncPage(pb::SyncPage {
+                messages: vec![message("t-c1", 1), message("t-c0", 2)],
+                done: true,
+            })),
+        }]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(events.len(), 2);
+        assert!(matches!(events[1], Event::Synced));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let mut input = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        assert!(d.receive(&mut input, &mut out, &mut events).is_err());
+    }
+}

@@ -1,0 +1,951 @@
+//! A worker process: holds its share of the clients in one [`Engine`] and runs the scenario.
+//!
+//! The orchestrator (see `run.rs`) starts K workers and talks to each through JSON lines: the
+//! worker prints `{"ready":…}` once its connections are set up, waits for `go` on stdin, prints
+//! `{"progress":…}` every second and `{"done":…}` (its [`Tally`]) at the end.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::body::Stamp;
+use crate::check::{Arrival, Numberings, Stream};
+use crate::cli::{Common, System, Transport};
+use crate::driver::mqtt::MqttDriver;
+use crate::driver::parley::{Framing, ParleyDriver};
+use crate::driver::redis::RedisDriver;
+use crate::driver::relay::RelayDriver;
+use crate::driver::{Driver, Endpoint, Event, Names, Role};
+use crate::engine::{Engine, Happening, State};
+use crate::stats::{Hist, Progress, Tally};
+use crate::token::Minter;
+use crate::ws::WsClient;
+
+/// A line a worker prints.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Report {
+    /// Set-up is done; waiting for `go`.
+    Ready {
+        /// Connections up.
+        conns: u64,
+    },
+    /// Once a second.
+    Progress(Progress),
+    /// The end.
+    Done(Box<Tally>),
+    /// Set-up failed; the worker exits.
+    Fatal(String),
+}
+
+/// What a worker does, as the orchestrator planned it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The clients of this worker (global numbers).
+    pub clients: Range<u32>,
+    /// Where the first connection of this worker sits in the run's connection numbering (for
+    /// choosing source addresses).
+    pub first_conn: usize,
+    /// Source addresses to connect from, round robin; empty: let the kernel choose.
+    pub sources: Vec<IpAddr>,
+    /// The run's naming.
+    pub names: Names,
+    /// The target address.
+    pub addr: SocketAddr,
+}
+
+/// The scenario with its parameters.
+#[derive(Debug, Clone)]
+pub enum Scenario {
+    /// Pairs (2k, 2k+1) or fan-out groups (publisher p, subscribers p+1..=p+S).
+    Traffic {
+        /// Clients per group: 2 for pairs, S+1 for fan-out.
+        group: u32,
+        /// Whether groups are 1→S fan-out (else pairs).
+        fanout: bool,
+        /// In flight per sender (closed loop).
+        window: u32,
+        /// This worker's share of the open-loop rate.
+        rate: Option<f64>,
+        /// Body size.
+        body_bytes: usize,
+        /// Warm-up.
+        warmup: Duration,
+        /// Measured time.
+        duration: Duration,
+        /// Longest drain.
+        drain: Duration,
+    },
+    /// Connect and log in, timed.
+    Storm,
+    /// Hold connections for a while.
+    Idle {
+        /// How long.
+        duration: Duration,
+    },
+    /// Offline senders then sync.
+    Offline {
+        /// Messages per sender.
+        messages: u64,
+        /// In flight per sender.
+        window: u32,
+        /// Body size.
+        body_bytes: usize,
+        /// Longest phase.
+        timeout: Duration,
+    },
+}
+
+/// The first source address of `--sources`.
+pub const SOURCE_BASE: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 1);
+
+/// `n` source addresses from [`SOURCE_BASE`] on.
+pub fn source_addresses(n: usize) -> Vec<IpAddr> {
+    let base = u32::from(SOURCE_BASE);
+    (0..n as u32)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(base + i)))
+        .collect()
+}
+
+/// How many connections a client of `system` opens when it `sends` and/or `receives`.
+pub fn conns_per_client(system: System, sends: bool, receives: bool) -> usize {
+    match system {
+        System::Redis => usize::from(sends) + usize::from(receives),
+        _ => 1,
+    }
+}
+
+/// A message in flight from one sender.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sent_ns: u64,
+    waiting: u32,
+    acked: bool,
+}
+
+/// One client of this worker.
+#[derive(Debug)]
+struct Client {
+    send_conn: Option<usize>,
+    recv_conn: Option<usize>,
+    /// Where its messages go (a client number / channel), if it sends.
+    dest: Option<u32>,
+    /// How many receivers each of its messages has.
+    fan: u32,
+    last_seq: u64,
+    /// Messages `base..` still waiting for delivery or ack.
+    pending: VecDeque<Pending>,
+    base: u64,
+    in_flight: u32,
+    /// What it receives, if it does.
+    stream: Option<Stream>,
+    ready_conns: u32,
+    conns: u32,
+    synced: bool,
+    started_ns: u64,
+}
+
+impl Client {
+    fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// Runs worker `plan` with options `common`, talking JSON lines on stdin/stdout.
+pub fn run(common: &Common, plan: Plan) -> i32 {
+    let stdout = std::io::stdout();
+    let mut w = match Worker::new(common, plan) {
+        Ok(w) => w,
+        Err(e) => {
+            emit(&stdout, &Report::Fatal(e));
+            return 2;
+        }
+    };
+    match w.run(&stdout) {
+        Ok(()) => {
+            let tally = std::mem::take(&mut w.tally);
+            emit(&stdout, &Report::Done(Box::new(tally)));
+            0
+        }
+        Err(e) => {
+            emit(&stdout, &Report::Fatal(e));
+            2
+        }
+    }
+}
+
+fn emit(stdout: &std::io::Stdout, report: &Report) {
+    let mut out = stdout.lock();
+    if let Ok(line) = serde_json::to_string(report) {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn wait_for_go() -> Result<(), String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading go: {e}"))?;
+    if line.trim() == "go" {
+        Ok(())
+    } else {
+        Err("the orchestrator went away".into())
+    }
+}
+
+struct Worker<'a> {
+    common: &'a Common,
+    plan: Plan,
+    engine: Engine,
+    minter: Option<Minter>,
+    tally: Tally,
+    clients: Vec<Client>,
+    numberings: Numberings,
+    /// Connection → local client index.
+    owner: Vec<u32>,
+    conns_opened: usize,
+    interval: Hist,
+    measure: Range<u64>,
+    seed: u64,
+}
+
+impl<'a> Worker<'a> {
+    fn new(common: &'a Common, plan: Plan) -> Result<Self, String> {
+        let minter = match common.system {
+            System::Parley => Some(match &common.secret {
+                Some(s) => Minter::new(s.as_bytes()),
+                None => Minter::from_data_dir(&common.data_dir)?,
+            }),
+            _ => None,
+        };
+        let engine = Engine::new(Instant::now()).map_err(|e| format!("poll: {e}"))?;
+        let seed = u64::from(plan.clients.start).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed;
+        Ok(Self {
+            common,
+            plan,
+            engine,
+            minter,
+            tally: Tally::default(),
+            clients: Vec::new(),
+            numberings: Numberings::default(),
+            owner: Vec::new(),
+            conns_opened: 0,
+            interval: Hist::default(),
+            measure: 0..0,
+            seed,
+        })
+    }
+
+    fn run(&mut self, stdout: &std::io::Stdout) -> Result<(), String> {
+        match self.plan.scenario.clone() {
+            Scenario::Traffic {
+                group,
+                fanout,
+                window,
+                rate,
+                body_bytes,
+                warmup,
+                duration,
+                drain,
+            } => {
+                self.lay_out_traffic(group, fanout);
+                let all: Vec<u32> = (0..self.clients.len() as u32).collect();
+                self.connect(&all, stdout, false)?;
+                emit(stdout, &self.ready_report());
+                wait_for_go()?;
+                self.traffic(stdout, window, rate, body_bytes, warmup, duration, drain)
+            }
+            Scenario::Storm => {
+                self.lay_out_idle();
+                emit(stdout, &Report::Ready { conns: 0 });
+                wait_for_go()?;
+                let t0 = self.engine.now_ns();
+                let all: Vec<u32> = (0..self.clients.len() as u32).collect();
+                self.connect(&all, stdout, true)?;
+                self.tally.phase_ns = self.engine.now_ns() - t0;
+                Ok(())
+            }
+            Scenario::Idle { duration } => {
+                self.lay_out_idle();
+                let all: Vec<u32> = (0..self.clients.len() as u32).collect();
+                self.connect(&all, stdout, false)?;
+                emit(stdout, &self.ready_report());
+                wait_for_go()?;
+                self.hold(stdout, duration)
+            }
+            Scenario::Offline {
+                messages,
+                window,
+                body_bytes,
+                timeout,
+            } => {
+                self.lay_out_offline();
+                emit(stdout, &Report::Ready { conns: 0 });
+                wait_for_go()?;
+                self.offline(stdout, messages, window, body_bytes, timeout)
+            }
+        }
+    }
+
+    fn ready_report(&self) -> Report {
+        Report::Ready {
+            conns: self.tally.conns,
+        }
+    }
+
+    fn new_client(&self, dest: Option<u32>, fan: u32, from: Option<u32>) -> Client {
+        Client {
+            send_conn: None,
+            recv_conn: None,
+            dest,
+            fan,
+            last_seq: 0,
+            pending: VecDeque::new(),
+            base: 1,
+            in_flight: 0,
+            stream: from.map(Stream::new),
+            ready_conns: 0,
+            conns: 0,
+            synced: false,
+            started_ns: 0,
+        }
+    }
+
+    fn lay_out_traffic(&mut self, group: u32, fanout: bool) {
+        for c in self.plan.clients.clone() {
+            let first = c - (c - self.plan.clients.start) % group;
+            let client = if fanout {
+                if c == first {
+                    self.new_client(Some(first), group - 1, None)
+                } else {
+                    self.new_client(None, 0, Some(first))
+                }
+            } else {
+                let partner = c ^ 1;
+                self.new_client(Some(partner), 1, Some(partner))
+            };
+            self.clients.push(client);
+        }
+    }
+
+    fn lay_out_idle(&mut self) {
+        for _ in self.plan.clients.clone() {
+            let c = self.new_client(None, 0, None);
+            self.clients.push(c);
+        }
+    }
+
+    fn lay_out_offline(&mut self) {
+        for c in self.plan.clients.clone() {
+            let partner = c ^ 1;
+            let client = if c % 2 == 0 {
+                self.new_client(Some(partner), 1, None)
+            } else {
+                self.new_client(None, 0, Some(partner))
+            };
+            self.clients.push(client);
+        }
+    }
+
+    fn global(&self, local: u32) -> u32 {
+        self.plan.clients.start + local
+    }
+
+    fn local(&self, global: u32) -> Option<usize> {
+        self.plan
+            .clients
+            .contains(&global)
+            .then(|| (global - self.plan.clients.start) as usize)
+    }
+
+    /// The connections client `local` needs: (role, listen).
+    fn roles(&self, local: u32) -> Vec<(Role, Option<u32>)> {
+        let c = &self.clients[local as usize];
+        let me = self.global(local);
+        let listen = c.stream.as_ref().map(|s| {
+            if c.dest == Some(s.sender) && c.fan == 1 && self.common.system != System::Parley {
+                me // pairs: listen on my own channel
+            } else if c.dest.is_none() {
+                s.sender // fan-out subscriber / offline receiver: the publisher's channel
+            } else {
+                me
+            }
+        });
+        let sends = c.dest.is_some();
+        let receives = c.stream.is_some();
+        match self.common.system {
+            System::Redis => {
+                let mut v = Vec::new();
+                if sends || !receives {
+                    v.push((Role::Publish, None));
+                }
+                if receives {
+                    v.push((Role::Subscribe, listen));
+                }
+                v
+            }
+            _ => {
+                let role = match (sends, receives) {
+                    (true, false) => Role::Publish,
+                    (false, true) => Role::Subscribe,
+                    _ => Role::Both,
+                };
+                let listen = if receives { listen } else { None };
+                vec![(role, listen)]
+            }
+        }
+    }
+
+    fn driver(&mut self, endpoint: Endpoint) -> Box<dyn Driver> {
+        match self.common.system {
+            System::Parley => {
+                let user = endpoint.names.of(endpoint.client);
+                let token = self
+                    .minter
+                    .as_ref()
+                    .map(|m| m.mint(&user, "d0"))
+                    .unwrap_or_default();
+                let framing = match self.common.transport {
+                    Transport::Tcp => Framing::Tcp,
+                    Transport::Ws => {
+                        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                        let host = self.plan.addr.to_string();
+                        Framing::Ws(Box::new(WsClient::new(&host, "/", &[], self.seed)))
+                    }
+                };
+                Box::new(ParleyDriver::new(&endpoint, token, framing))
+            }
+            System::Mqtt => Box::new(MqttDriver::new(
+                endpoint,
+                self.common.qos,
+                (self.common.heartbeat * 3.0).clamp(5.0, 600.0) as u16,
+            )),
+            System::Redis => Box::new(RedisDriver::new(endpoint)),
+            System::Relay => Box::new(RelayDriver::new(endpoint)),
+        }
+    }
+
+    fn open(&mut self, local: u32) -> Result<(), String> {
+        let me = self.global(local);
+        let now = self.engine.now_ns();
+        self.clients[local as usize].started_ns = now;
+        for (role, listen) in self.roles(local) {
+            let endpoint = Endpoint {
+                names: self.plan.names.clone(),
+                client: me,
+                listen,
+                role,
+            };
+            let driver = self.driver(endpoint);
+            let source = if self.plan.sources.is_empty() {
+                None
+            } else {
+                let i = (self.plan.first_conn + self.conns_opened) % self.plan.sources.len();
+                Some(self.plan.sources[i])
+            };
+            self.conns_opened += 1;
+            let conn = self
+                .engine
+                .connect(self.plan.addr, source, me, role, driver)
+                .map_err(|e| format!("cannot open connection {}: {e}", self.conns_opened))?;
+            if self.owner.len() <= conn {
+                self.owner.resize(conn + 1, u32::MAX);
+            }
+            self.owner[conn] = local;
+            let c = &mut self.clients[local as usize];
+            c.conns += 1;
+            match role {
+                Role::Publish => c.send_conn = Some(conn),
+                Role::Subscribe => c.recv_conn = Some(conn),
+                Role::Both => {
+                    c.send_conn = Some(conn);
+                    c.recv_conn = Some(conn);
+                }
+            }
+            self.tally.conns += 1;
+        }
+        Ok(())
+    }
+
+    /// Opens the connections of `locals` (at most `--concurrency` setting up at once) and waits
+    /// until all are ready. Records connect and login latency.
+    fn connect(
+        &mut self,
+        locals: &[u32],
+        stdout: &std::io::Stdout,
+        timed: bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs_f64(self.common.connect_timeout);
+        let mut next = 0;
+        let mut setting_up = 0usize;
+        let mut ready = 0usize;
+        let mut failed = 0usize;
+        let mut last_progress = Instant::now();
+        let want: usize = locals.iter().map(|&l| self.roles(l).len()).sum();
+        while ready + failed < want {
+            while next < locals.len() && setting_up < self.common.concurrency.max(1) {
+                let l = locals[next];
+                let before = self.tally.conns;
+                self.open(l)?;
+                setting_up += (self.tally.conns - before) as usize;
+                next += 1;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "set-up timed out: {ready} of {want} connections ready after {} s",
+                    self.common.connect_timeout
+                ));
+            }
+            let events = self
+                .engine
+                .turn(Some(Duration::from_millis(50)))
+                .map_err(|e| format!("poll: {e}"))?;
+            for h in &events {
+                match h {
+                    Happening::Connected { connect_ns, .. } => {
+                        self.tally.connect.record(*connect_ns)
+                    }
+                    Happening::Event {
+                        conn,
+                        event: Event::Ready,
+                        since_connect_ns,
+                    } => {
+                        self.tally.login.record(*since_connect_ns);
+                        let l = self.owner[*conn] as usize;
+                        self.clients[l].ready_conns += 1;
+                        ready += 1;
+                        setting_up = setting_up.saturating_sub(1);
+                    }
+                    Happening::Event {
+                        event: Event::Error { text, .. },
+                        ..
+                    } => self.tally.error(format!("set-up: {text}")),
+                    Happening::Event { .. } => {}
+                    Happening::Closed { conn, reason } => {
+                        if self.engine.state(*conn) == State::Closed {
+                            self.tally.error(format!("set-up: {reason}"));
+                            failed += 1;
+                            setting_up = setting_up.saturating_sub(1);
+                        }
+                    }
+                }
+            }
+            self.engine.recycle(events);
+            self.engine.finish_turn();
+            if timed && last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                emit(
+                    stdout,
+                    &Report::Progress(Progress {
+                        ready: ready as u64,
+                        errors: self.tally.errors,
+                        ..Progress::default()
+                    }),
+                );
+            }
+        }
+        if failed > 0 && !timed {
+            return Err(format!(
+                "{failed} of {want} connections failed during set-up; first: {}",
+                self.tally
+                    .error_samples
+                    .first()
+                    .cloned()
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, stdout: &std::io::Stdout) {
+        let p99 = self.interval.0.value_at_quantile(0.99) as f64 / 1000.0;
+        self.interval.0.reset();
+        emit(
+            stdout,
+            &Report::Progress(Progress {
+                ready: self.tally.conns,
+                sent: self.tally.sent,
+                acked: self.tally.acked,
+                delivered: self.tally.delivered,
+                errors: self.tally.errors,
+                p99_us: p99,
+            }),
+        );
+    }
+
+    /// Sends the next message of client `local`.
+    fn send_one(&mut self, local: usize, sent_ns: u64, body_bytes: usize) {
+        let me = self.global(local as u32);
+        let c = &mut self.clients[local];
+        let (Some(conn), Some(dest)) = (c.send_conn, c.dest) else {
+            return;
+        };
+        c.last_seq += 1;
+        let seq = c.last_seq;
+        c.pending.push_back(Pending {
+            sent_ns,
+            waiting: c.fan,
+            acked: false,
+        });
+        c.in_flight += 1;
+        self.tally.sent += 1;
+        let stamp = Stamp {
+            sender: me,
+            seq,
+            sent_ns,
+        };
+        self.engine.send(conn, dest, seq, stamp, body_bytes);
+    }
+
+    fn pop_settled(c: &mut Client, needs_ack: bool) {
+        while let Some(front) = c.pending.front() {
+            if front.waiting == 0 && (front.acked || !needs_ack) {
+                c.pending.pop_front();
+                c.base += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Handles one happening of a traffic run; returns the sender whose window opened.
+    fn on_happening(&mut self, h: Happening, needs_ack: bool) -> Option<usize> {
+        let now = self.engine.now_ns();
+        match h {
+            Happening::Connected { .. } => None,
+            Happening::Closed { reason, .. } => {
+                self.tally.error(reason);
+                None
+            }
+            Happening::Event { conn, event, .. } => {
+                let local = self.owner[conn] as usize;
+                match event {
+                    Event::Delivered { body, seq } => {
+                        if let Some(at) = seq
+                            && !self.numberings.delivered(at)
+                        {
+                            return None; // a redelivery the protocol allows
+                        }
+                        let arrival = match self.clients[local].stream.as_mut() {
+                            Some(s) => s.arrive(&body),
+                            None => {
+                                self.tally.verdict.corrupt += 1;
+                                return None;
+                            }
+                        };
+                        let Arrival::Fresh(stamp) = arrival else {
+                            return None;
+                        };
+                        self.tally.delivered += 1;
+                        if self.measure.contains(&now) {
+                            self.tally.delivered_measured += 1;
+                        }
+                        let latency = now.saturating_sub(stamp.sent_ns);
+                        self.interval.record(latency);
+                        if self.measure.contains(&stamp.sent_ns) {
+                            self.tally.e2e.record(latency);
+                        }
+                        let sender = self.local(stamp.sender)?;
+                        let s = &mut self.clients[sender];
+                        let i = stamp.seq.checked_sub(s.base)? as usize;
+                        let p = s.pending.get_mut(i)?;
+                        if p.waiting > 0 {
+                            p.waiting -= 1;
+                            if p.waiting == 0 {
+                                s.in_flight = s.in_flight.saturating_sub(1);
+                                Self::pop_settled(s, needs_ack);
+                                return Some(sender);
+                            }
+                        }
+                        None
+                    }
+                    Event::Acked { tag, seq } => {
+                        if let Some(at) = seq {
+                            self.numberings.acked(at);
+                        }
+                        let s = &mut self.clients[local];
+                        let i = tag.checked_sub(s.base)? as usize;
+                        let p = s.pending.get_mut(i)?;
+                        if !p.acked {
+                            p.acked = true;
+                            self.tally.acked += 1;
+                            if self.measure.contains(&p.sent_ns) {
+                                self.tally.ack.record(now.saturating_sub(p.sent_ns));
+                            }
+                        }
+                        Self::pop_settled(s, needs_ack);
+                        None
+                    }
+                    Event::Error { text, .. } => {
+                        self.tally.error(text);
+                        None
+                    }
+                    Event::Synced => {
+                        let c = &mut self.clients[local];
+                        if !c.synced {
+                            c.synced = true;
+                            let t = now.saturating_sub(c.started_ns);
+                            self.tally.sync.record(t);
+                        }
+                        None
+                    }
+                    Event::Ready | Event::Behind => None,
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn traffic(
+        &mut self,
+        stdout: &std::io::Stdout,
+        window: u32,
+        rate: Option<f64>,
+        body_bytes: usize,
+        warmup: Duration,
+        duration: Duration,
+        drain: Duration,
+    ) -> Result<(), String> {
+        let needs_ack = self.common.system != System::Redis
+            && !(self.common.system == System::Mqtt && self.common.qos == 0)
+            && self.common.system != System::Relay;
+        let t0 = self.engine.now_ns();
+        let measure_start = t0 + warmup.as_nanos() as u64;
+        let end = measure_start + duration.as_nanos() as u64;
+        self.measure = measure_start..end;
+        let senders: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].dest.is_some())
+            .collect();
+        // Open loop: message k is due at t0 + k / rate, from senders[k % n].
+        let gap_ns = rate.map(|r| (1e9 / r.max(1e-3)) as u64);
+        let mut k: u64 = 0;
+        if gap_ns.is_none() {
+            for &s in &senders {
+                for _ in 0..window {
+                    self.send_one(s, self.engine.now_ns(), body_bytes);
+                }
+            }
+            self.engine.finish_turn();
+        }
+        let mut next_progress = t0 + 1_000_000_000;
+        let drain_end = end + drain.as_nanos() as u64;
+        loop {
+            let now = self.engine.now_ns();
+            if now >= end {
+                let settled = self.clients.iter().all(Client::settled);
+                if settled || now >= drain_end {
+                    break;
+                }
+            }
+            let timeout = match gap_ns {
+                Some(gap) if now < end && !senders.is_empty() => {
+                    let due = t0 + k * gap;
+                    if due <= now + 1_000_000 {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_nanos(due - now - 1_000_000)
+                    }
+                }
+                _ => Duration::from_millis(10),
+            };
+            let events = self
+                .engine
+                .turn(Some(timeout.min(Duration::from_millis(100))))
+                .map_err(|e| format!("poll: {e}"))?;
+            let mut events = events;
+            for h in events.drain(..) {
+                if let Some(sender) = self.on_happening(h, needs_ack)
+                    && gap_ns.is_none()
+                    && self.engine.now_ns() < end
+                {
+                    self.send_one(sender, self.engine.now_ns(), body_bytes);
+                }
+            }
+            self.engine.recycle(events);
+            if let Some(gap) = gap_ns
+                && !senders.is_empty()
+            {
+                let now = self.engine.now_ns();
+                while t0 + k * gap <= now && t0 + k * gap < end {
+                    let s = senders[(k % senders.len() as u64) as usize];
+                    self.send_one(s, t0 + k * gap, body_bytes);
+                    k += 1;
+                }
+            }
+            self.engine.finish_turn();
+            if self.engine.now_ns() >= next_progress {
+                next_progress += 1_000_000_000;
+                self.progress(stdout);
+            }
+        }
+        self.finish_verdict();
+        self.engine.close_all();
+        Ok(())
+    }
+
+    fn finish_verdict(&mut self) {
+        let mut sent_by = std::collections::HashMap::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            sent_by.insert(self.global(i as u32), c.last_seq);
+        }
+        for c in &self.clients {
+            if let Some(s) = &c.stream {
+                let sent = sent_by.get(&s.sender).copied().unwrap_or(0);
+                self.tally.verdict.merge(&s.verdict(sent));
+            }
+        }
+        self.tally.verdict.merge(&self.numberings.verdict());
+    }
+
+    fn hold(&mut self, stdout: &std::io::Stdout, duration: Duration) -> Result<(), String> {
+        let end = Instant::now() + duration;
+        let n = self.engine.len();
+        let hb = Duration::from_secs_f64(self.common.heartbeat.max(0.1));
+        // Heartbeats spread evenly: one connection every hb / n.
+        let step = hb.as_nanos() as u64 / n.max(1) as u64;
+        let t0 = self.engine.now_ns();
+        let mut beat: u64 = 0;
+        let mut next_progress = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < end {
+            let events = self
+                .engine
+                .turn(Some(Duration::from_millis(20)))
+                .map_err(|e| format!("poll: {e}"))?;
+            for h in &events {
+                match h {
+                    Happening::Closed { reason, .. } => self.tally.error(reason.clone()),
+                    Happening::Event {
+                        event: Event::Error { text, .. },
+                        ..
+                    } => self.tally.error(text.clone()),
+                    _ => {}
+                }
+            }
+            self.engine.recycle(events);
+            let now = self.engine.now_ns();
+            while n > 0 && t0 + beat * step.max(1) <= now {
+                self.engine.heartbeat((beat % n as u64) as usize);
+                beat += 1;
+            }
+            self.engine.finish_turn();
+            if Instant::now() >= next_progress {
+                next_progress += Duration::from_secs(1);
+                self.progress(stdout);
+            }
+        }
+        self.engine.close_all();
+        Ok(())
+    }
+
+    fn offline(
+        &mut self,
+        stdout: &std::io::Stdout,
+        messages: u64,
+        window: u32,
+        body_bytes: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if self.common.system != System::Parley {
+            return Err(
+                "offline needs a system that stores messages for offline clients: \
+                        only parley here"
+                    .into(),
+            );
+        }
+        // Phase 1: senders connect and send everything to their offline partners.
+        let senders: Vec<u32> = (0..self.clients.len() as u32)
+            .filter(|&l| self.clients[l as usize].dest.is_some())
+            .collect();
+        let receivers: Vec<u32> = (0..self.clients.len() as u32)
+            .filter(|&l| self.clients[l as usize].stream.is_some())
+            .collect();
+        self.connect(&senders, stdout, false)?;
+        self.measure = 0..u64::MAX;
+        let deadline = self.engine.now_ns() + timeout.as_nanos() as u64;
+        for &s in &senders {
+            for _ in 0..window.min(messages as u32) {
+                self.send_one(s as usize, self.engine.now_ns(), body_bytes);
+            }
+        }
+        self.engine.finish_turn();
+        // Window by ack here: nobody is online to receive.
+        loop {
+            let all_acked = senders.iter().all(|&s| {
+                let c = &self.clients[s as usize];
+                c.last_seq == messages && c.pending.iter().all(|p| p.acked)
+            });
+            if all_acked {
+                break;
+            }
+            if self.engine.now_ns() > deadline {
+                return Err("offline: senders did not get every message acked in time".into());
+            }
+            let mut events = self
+                .engine
+                .turn(Some(Duration::from_millis(10)))
+                .map_err(|e| format!("poll: {e}"))?;
+            for h in events.drain(..) {
+                let acked_by = match &h {
+                    Happening::Event {
+                        conn,
+                        event: Event::Acked { .. },
+                        ..
+                    } => Some(self.owner[*conn] as usize),
+                    _ => None,
+                };
+                self.on_happening(h, true);
+                if let Some(s) = acked_by {
+                    let c = &self.clients[s];
+                    let unacked = c.pending.iter().filter(|p| !p.acked).count() as u32;
+                    if c.last_seq < messages && unacked < window {
+                        self.send_one(s, self.engine.now_ns(), body_bytes);
+                    }
+                }
+            }
+            self.engine.recycle(events);
+            self.engine.finish_turn();
+        }
+        // Phase 2: receivers come back and sync; timed.
+        let t0 = self.engine.now_ns();
+        let delivered_before = self.tally.delivered;
+        self.connect(&receivers, stdout, false)?;
+        for &r in &receivers {
+            if let Some(conn) = self.clients[r as usize].recv_conn {
+                self.engine.sync(conn)?;
+            }
+        }
+        self.engine.finish_turn();
+        let deadline = self.engine.now_ns() + timeout.as_nanos() as u64;
+        loop {
+            let done = receivers.iter().all(|&r| {
+                let c = &self.clients[r as usize];
+                c.synced && c.stream.as_ref().is_some_and(|s| s.received() >= messages)
+            });
+            if done || self.engine.now_ns() > deadline {
+                break;
+            }
+            let mut events = self
+                .engine
+                .turn(Some(Duration::from_millis(10)))
+                .map_err(|e| format!("poll: {e}"))?;
+            for h in events.drain(..) {
+                self.on_happening(h, true);
+            }
+            self.engine.recycle(events);
+            self.engine.finish_turn();
+        }
+        self.tally.phase_ns = self.engine.now_ns() - t0;
+        self.tally.synced_messages = self.tally.delivered - delivered_before;
+        self.finish_verdict();
+        self.engine.close_all();
+        Ok(())
+    }
+}
