@@ -370,15 +370,12 @@ impl<'a> Worker<'a> {
     fn roles(&self, local: u32) -> Vec<(Role, Option<u32>)> {
         let c = &self.clients[local as usize];
         let me = self.global(local);
-        let listen = c.stream.as_ref().map(|s| {
-            if c.dest == Some(s.sender) && c.fan == 1 && self.common.system != System::Parley {
-                me // pairs: listen on my own channel
-            } else if c.dest.is_none() {
-                s.sender // fan-out subscriber / offline receiver: the publisher's channel
-            } else {
-                me
-            }
-        });
+        // Pairs: a client listens on its own channel; a fan-out subscriber (which sends nothing)
+        // on its publisher's. Parley ignores it: a user receives what is sent to it.
+        let listen = c
+            .stream
+            .as_ref()
+            .map(|s| if c.dest.is_none() { s.sender } else { me });
         let sends = c.dest.is_some();
         let receives = c.stream.is_some();
         match self.common.system {

@@ -16,6 +16,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod loadgen;
 pub mod token;
 pub mod transport;
 
