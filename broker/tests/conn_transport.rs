@@ -118,7 +118,7 @@ fn serve(mut tcp: TcpListener, mut ws: TcpListener, stop: &AtomicBool) {
 /// Serves one connection for one turn; false when it is over.
 fn turn(s: &mut Served) -> bool {
     if !s.closing {
-        let status = match s.conn.read(BUDGET) {
+        let status = match s.conn.read(&mut [0; net::READ_MAX], BUDGET) {
             Ok(outcome) => outcome.status,
             Err(_) => return false,
         };

@@ -11,9 +11,8 @@ use mio::event::Source;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-/// The first read of a [`Conn::read`] call asks for this much (a typical burst of small frames).
-pub const READ_MIN: usize = 4 * 1024;
-/// Reads grow, by doubling while each fills its window, up to this much per `read` syscall.
+/// The most one `read` syscall of [`Conn::read`] asks for: the size of the scratch buffer a
+/// shard shares among its connections.
 pub const READ_MAX: usize = 64 * 1024;
 /// [`Conn::shrink_buffers`] keeps a non-empty inbound buffer of up to this capacity as it is;
 /// larger ones are cut down when mostly empty.
@@ -75,10 +74,10 @@ pub enum CloseProgress {
 ///
 /// # Buffers
 ///
-/// * **Inbound.** Empty with no heap until bytes arrive. [`Conn::read`] reads into it directly
-///   (no intermediate copy) in windows of [`READ_MIN`], doubling while reads fill their window,
-///   up to [`READ_MAX`]; the window is zeroed before the read (the price of no `unsafe`). The
-///   transport splits frames off its front without copying. [`Conn::shrink_buffers`] releases it
+/// * **Inbound.** Empty with no heap until bytes arrive. [`Conn::read`] reads into the shard's
+///   shared scratch buffer and appends only what arrived (one copy of the received bytes, no
+///   zeroing, no read-sized buffer per connection). The transport splits frames off its front
+///   without copying. [`Conn::shrink_buffers`] releases it
 ///   when the transport consumed everything, and cuts it to size when a large buffer holds a
 ///   small partial frame.
 /// * **Outbound.** A `BytesMut` the session encodes frames into ([`Conn::out_buf`]), behind a
@@ -188,13 +187,18 @@ impl Conn {
     /// closed (EOF), or `budget` bytes were read (fairness: one connection must not hold the shard;
     /// a budget of 0 counts as 1). Retries `Interrupted`. Never reads more than `budget` bytes.
     ///
+    /// Each `read` syscall goes into `scratch`, a buffer the caller shares among all its
+    /// connections (at most [`READ_MAX`] of it is used per call); only the bytes received are
+    /// then copied into the connection's inbound buffer. So an idle connection, or one that
+    /// sends a small frame now and then, never holds (or churns through) a read-sized buffer of
+    /// its own, and no buffer is zeroed before a read.
+    ///
     /// # Errors
     ///
     /// A socket error (e.g. `ConnectionReset`): the connection is dead; drop it.
-    pub fn read(&mut self, budget: usize) -> io::Result<ReadOutcome> {
+    pub fn read(&mut self, scratch: &mut [u8], budget: usize) -> io::Result<ReadOutcome> {
         let budget = budget.max(1);
         let mut total = 0;
-        let mut window = READ_MIN;
         loop {
             if total >= budget {
                 return Ok(ReadOutcome {
@@ -202,16 +206,13 @@ impl Conn {
                     status: ReadStatus::BudgetExhausted,
                 });
             }
-            let want = window.min(budget - total);
-            let start = self.inbuf.len();
-            self.inbuf.resize(start + want, 0);
-            let result = match self.inbuf.get_mut(start..) {
+            let want = (budget - total).min(READ_MAX).min(scratch.len()).max(1);
+            let result = match scratch.get_mut(..want) {
                 Some(space) => self.stream.read(space),
                 None => Ok(0),
             };
             match result {
                 Ok(0) => {
-                    self.inbuf.truncate(start);
                     self.peer_eof = true;
                     return Ok(ReadOutcome {
                         read: total,
@@ -220,25 +221,20 @@ impl Conn {
                 }
                 Ok(n) => {
                     debug_assert!(n <= want);
-                    self.inbuf.truncate(start + n);
+                    self.inbuf
+                        .extend_from_slice(scratch.get(..n).unwrap_or_default());
                     total += n;
-                    if n == want {
-                        window = (window * 2).min(READ_MAX);
-                    }
                 }
-                Err(e) => {
-                    self.inbuf.truncate(start);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => {
-                            return Ok(ReadOutcome {
-                                read: total,
-                                status: ReadStatus::Drained,
-                            });
-                        }
-                        io::ErrorKind::Interrupted => {}
-                        _ => return Err(e),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        return Ok(ReadOutcome {
+                            read: total,
+                            status: ReadStatus::Drained,
+                        });
                     }
-                }
+                    io::ErrorKind::Interrupted => {}
+                    _ => return Err(e),
+                },
             }
         }
     }
@@ -523,7 +519,7 @@ mod tests {
         let mut p = pair();
         p.client.write_all(&[7; 1000]).unwrap();
         p.wait_for_input(1000);
-        let outcome = p.conn.read(64 * 1024).unwrap();
+        let outcome = p.conn.read(&mut vec![0; READ_MAX], 64 * 1024).unwrap();
         assert_eq!(
             outcome,
             ReadOutcome {
@@ -539,7 +535,7 @@ mod tests {
         let mut p = pair();
         p.client.write_all(&[1; 40_000]).unwrap();
         p.wait_for_input(40_000);
-        let outcome = p.conn.read(10_000).unwrap();
+        let outcome = p.conn.read(&mut vec![0; READ_MAX], 10_000).unwrap();
         assert_eq!(
             outcome,
             ReadOutcome {
@@ -548,7 +544,7 @@ mod tests {
             }
         );
         assert_eq!(p.conn.in_buf().len(), 10_000);
-        let rest = p.conn.read(64 * 1024).unwrap();
+        let rest = p.conn.read(&mut vec![0; READ_MAX], 64 * 1024).unwrap();
         assert_eq!(rest.read, 30_000, "the rest was waiting");
     }
 
@@ -560,7 +556,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut got = 0;
         loop {
-            let outcome = p.conn.read(64 * 1024).unwrap();
+            let outcome = p.conn.read(&mut vec![0; READ_MAX], 64 * 1024).unwrap();
             got += outcome.read;
             if outcome.status == ReadStatus::Eof {
                 break;
@@ -693,7 +689,7 @@ mod tests {
         let mut p = pair();
         p.client.write_all(&[5; 3000]).unwrap();
         p.wait_for_input(3000);
-        p.conn.read(64 * 1024).unwrap();
+        p.conn.read(&mut vec![0; READ_MAX], 64 * 1024).unwrap();
         assert!(p.conn.buffer_capacity() >= 3000);
         p.conn.in_buf().clear(); // the transport consumed everything
         p.conn.shrink_buffers();
@@ -705,7 +701,7 @@ mod tests {
         let mut p = pair();
         p.client.write_all(&[5; 60_000]).unwrap();
         p.wait_for_input(60_000);
-        p.conn.read(64 * 1024).unwrap();
+        p.conn.read(&mut vec![0; READ_MAX], 64 * 1024).unwrap();
         p.conn.in_buf().advance(60_000 - 10); // all but the start of a next frame
         p.conn.shrink_buffers();
         assert_eq!(&p.conn.in_buf()[..], &[5; 10][..]);
@@ -750,7 +746,7 @@ mod tests {
         /// Waits (at most 2 s) until the server has seen the peer's EOF.
         fn wait_for_eof(&mut self) {
             let deadline = Instant::now() + Duration::from_secs(2);
-            while self.conn.read(1024).unwrap().status != ReadStatus::Eof {
+            while self.conn.read(&mut vec![0; READ_MAX], 1024).unwrap().status != ReadStatus::Eof {
                 assert!(Instant::now() < deadline, "no EOF");
                 std::thread::sleep(Duration::from_millis(1));
             }

@@ -48,4 +48,4 @@
 pub mod conn;
 pub mod listener;
 
-pub use conn::{CloseProgress, Conn, FlushOutcome, ReadOutcome, ReadStatus};
+pub use conn::{CloseProgress, Conn, FlushOutcome, READ_MAX, ReadOutcome, ReadStatus};

@@ -73,7 +73,8 @@ struct Connection {
     generation: u64,
     timer: Option<(parley_timer::TimerKey, u64)>,
     closing: Option<u64>,
-    sync: Option<SyncRun>,
+    /// The sync under way, boxed: rare, and most connections never hold one.
+    sync: Option<Box<SyncRun>>,
     eof: bool,
 }
 
@@ -169,7 +170,11 @@ pub(crate) struct Shard {
     peers: Vec<(Sender<Vec<ShardMsg>>, Arc<Waker>)>,
     outgoing: Vec<Vec<ShardMsg>>,
     local: VecDeque<ShardMsg>,
-    conns: Vec<Option<Connection>>,
+    /// Connections by slot, boxed: a free or grown-but-unused slot costs a pointer, not a
+    /// whole `Connection` (the vector doubles as it grows).
+    conns: Vec<Option<Box<Connection>>>,
+    /// Every connection's `read` syscalls land here first ([`Conn::read`]).
+    read_scratch: Box<[u8]>,
     free: Vec<usize>,
     generations: Vec<u64>,
     wheel: parley_timer::TimerWheel<Tick>,
@@ -231,6 +236,7 @@ impl Shard {
             peers: setup.peers,
             local: VecDeque::new(),
             conns: Vec::new(),
+            read_scratch: vec![0; crate::net::conn::READ_MAX].into_boxed_slice(),
             free: Vec::new(),
             generations: Vec::new(),
             wheel: parley_timer::TimerWheel::new(0),
@@ -603,7 +609,7 @@ impl Shard {
             return None;
         }
         self.generations[slot] += 1;
-        self.conns[slot] = Some(Connection {
+        self.conns[slot] = Some(Box::new(Connection {
             conn,
             transport,
             session: Session::new(Arc::clone(&self.scfg), now),
@@ -612,7 +618,7 @@ impl Shard {
             closing: None,
             sync: None,
             eof: false,
-        });
+        }));
         self.arm(slot);
         Some(slot)
     }
@@ -646,7 +652,7 @@ impl Shard {
             }
             return;
         }
-        match c.conn.read(budget) {
+        match c.conn.read(&mut self.read_scratch, budget) {
             Ok(r) => match r.status {
                 ReadStatus::BudgetExhausted => self.ready.push(slot),
                 ReadStatus::Eof => c.eof = true,
@@ -1520,13 +1526,13 @@ impl Shard {
             })),
         });
         if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-            c.sync = Some(SyncRun {
+            c.sync = Some(Box::new(SyncRun {
                 request_id: ask.request_id,
                 page_size: ask.page_size.max(1),
                 cursors: ask.cursors,
                 ranges,
                 in_flight: false,
-            });
+            }));
         }
         self.apply(slot, out, now);
         self.pump_sync(slot);
