@@ -53,12 +53,13 @@ pub(crate) enum ShardMsg {
     },
     /// To a connection's shard: write this frame to it.
     Reply { to: Origin, frame: pb::Frame },
-    /// To a user's home shard: a stored message of conversation `key` (stored form).
+    /// To a user's home shard: a stored message of conversation `key` (stored form), shared by
+    /// the deliveries to both users of the conversation (cloned only per device it reaches).
     Deliver {
         user: String,
-        key: String,
+        key: Arc<str>,
         exclude_device: Option<Arc<str>>,
-        message: pb::Message,
+        message: Arc<pb::Message>,
     },
     /// To a user's home shard at start-up: conversation `key` has messages up to `last_seq`.
     Inbox {

@@ -23,6 +23,7 @@
 //!   the highest seq a sync sent; a live delivery at or below it is skipped. So an acking client
 //!   gets each (conversation, seq) once, apart from retransmits.
 
+use super::FastMap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -205,13 +206,13 @@ pub(crate) struct Session {
     last_heard: u64,
     bucket: Bucket,
     /// Unacked live deliveries, per conversation key, by seq; each has a retransmit timer.
-    unacked: HashMap<Arc<str>, BTreeMap<u64, Unacked>>,
+    unacked: FastMap<Arc<str>, BTreeMap<u64, Unacked>>,
     unacked_count: usize,
     /// Messages whose retransmit fired this turn, sent together by `flush_resends`.
     resend: Vec<pb::Message>,
     behind: bool,
-    live: HashMap<String, (u64, u64)>,
-    synced: HashMap<String, u64>,
+    live: FastMap<String, (u64, u64)>,
+    synced: FastMap<String, u64>,
     syncing: bool,
     stall_since: Option<u64>,
 }
@@ -231,12 +232,12 @@ impl Session {
                 tokens: burst,
                 last_ms: now,
             },
-            unacked: HashMap::new(),
+            unacked: FastMap::default(),
             unacked_count: 0,
             resend: Vec::new(),
             behind: false,
-            live: HashMap::new(),
-            synced: HashMap::new(),
+            live: FastMap::default(),
+            synced: FastMap::default(),
             syncing: false,
             stall_since: None,
         }

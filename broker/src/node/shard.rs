@@ -12,6 +12,7 @@
 //! * **home** of users: their connections (a connection moves here after login), their devices,
 //!   their inbox (last seq per conversation), live push and sync.
 
+use super::FastMap;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -130,15 +131,48 @@ struct SyncRun {
     in_flight: bool,
 }
 
+/// A sender device's recently stored messages, by client message id: enough to answer a retry
+/// with the original ack (the conversation view is rebuilt from the request), in 32 bytes each.
 struct DedupWindow {
     order: VecDeque<u64>,
-    acks: HashMap<u64, (pb::SendAck, Lsn)>,
+    acks: FastMap<u64, Remembered>,
+}
+
+/// What a retry's ack repeats.
+#[derive(Clone, Copy)]
+struct Remembered {
+    msg_id: u64,
+    seq: u64,
+    server_time: i64,
+    lsn: Lsn,
+}
+
+/// The send-ack of a stored message, from the sender `user`'s view of conversation `key`.
+fn send_ack(
+    client_msg_id: u64,
+    r: &Remembered,
+    key: &str,
+    user: &str,
+    always: bool,
+) -> pb::SendAck {
+    pb::SendAck {
+        client_msg_id,
+        msg_id: r.msg_id,
+        seq: r.seq,
+        server_time: r.server_time,
+        conversation: Some(view_for(key, user)),
+        durability: if always {
+            pb::Durability::Disk
+        } else {
+            pb::Durability::Memory
+        } as i32,
+    }
 }
 
 struct ConvState {
     key: String,
     last_seq: u64,
-    dedup: HashMap<(Arc<str>, Arc<str>), DedupWindow>,
+    dedup: FastMap<(Arc<str>, Arc<str>), DedupWindow>,
 }
 
 struct Pending {
@@ -152,7 +186,7 @@ struct Pending {
 #[derive(Default)]
 struct UserState {
     devices: Vec<(Arc<str>, usize)>,
-    inbox: HashMap<String, u64>,
+    inbox: FastMap<String, u64>,
 }
 
 /// A shard's state; [`Shard::run`] is its thread.
@@ -175,18 +209,20 @@ pub(crate) struct Shard {
     conns: Vec<Option<Box<Connection>>>,
     /// Every connection's `read` syscalls land here first ([`Conn::read`]).
     read_scratch: Box<[u8]>,
+    /// Reused list of a user's device slots while delivering.
+    slot_scratch: Vec<usize>,
     free: Vec<usize>,
     generations: Vec<u64>,
     wheel: parley_timer::TimerWheel<Tick>,
     start: Instant,
     log: MmapLog,
-    convs: HashMap<u64, ConvState>,
+    convs: FastMap<u64, ConvState>,
     ids: MsgIdGen,
     pending: VecDeque<Pending>,
     flush_tx: Sender<SyncTicket<parley_storage::MmapSync>>,
     flush_rx: Receiver<io::Result<Lsn>>,
     flushing: bool,
-    users: HashMap<String, UserState>,
+    users: FastMap<String, UserState>,
     ready: Vec<usize>,
     dirty: Vec<usize>,
     connections: Arc<AtomicUsize>,
@@ -237,18 +273,19 @@ impl Shard {
             local: VecDeque::new(),
             conns: Vec::new(),
             read_scratch: vec![0; crate::net::conn::READ_MAX].into_boxed_slice(),
+            slot_scratch: Vec::new(),
             free: Vec::new(),
             generations: Vec::new(),
             wheel: parley_timer::TimerWheel::new(0),
             start: Instant::now(),
             log: setup.log,
-            convs: HashMap::new(),
+            convs: FastMap::default(),
             ids: MsgIdGen::new(setup.index),
             pending: VecDeque::new(),
             flush_tx,
             flush_rx,
             flushing: false,
-            users: HashMap::new(),
+            users: FastMap::default(),
             ready: Vec::new(),
             dirty: Vec::new(),
             connections: setup.connections,
@@ -268,7 +305,6 @@ impl Shard {
     /// participant's home shard what its conversations hold.
     fn rebuild(&mut self) {
         let window = self.config.limits.dedup_window.max(1);
-        let always = self.config.storage.durability == DurabilityPolicy::Always;
         for rec in self.log.scan(Lsn(0)) {
             let Ok(rec) = rec else {
                 continue;
@@ -289,28 +325,21 @@ impl Shard {
                 .or_insert_with(|| ConvState {
                     key: key.clone(),
                     last_seq: 0,
-                    dedup: HashMap::new(),
+                    dedup: FastMap::default(),
                 });
             st.last_seq = st.last_seq.max(m.seq);
-            let ack = pb::SendAck {
-                client_msg_id: m.client_msg_id,
+            let remembered = Remembered {
                 msg_id: m.msg_id,
                 seq: m.seq,
                 server_time: m.server_time,
-                conversation: Some(view_for(&key, &m.from_user)),
-                durability: if always {
-                    pb::Durability::Disk
-                } else {
-                    pb::Durability::Memory
-                } as i32,
+                lsn: rec.lsn,
             };
             let dk: (Arc<str>, Arc<str>) =
                 (m.from_user.as_str().into(), m.from_device.as_str().into());
             remember(
                 st.dedup.entry(dk).or_insert_with(new_window),
                 m.client_msg_id,
-                ack,
-                rec.lsn,
+                remembered,
                 window,
             );
         }
@@ -1130,7 +1159,7 @@ impl Shard {
         let st = self.convs.entry(id).or_insert_with(|| ConvState {
             key: request.key.clone(),
             last_seq: latest,
-            dedup: HashMap::new(),
+            dedup: FastMap::default(),
         });
         if st.key != request.key {
             fail(
@@ -1141,17 +1170,19 @@ impl Shard {
             return;
         }
         let dk = (Arc::clone(&user), Arc::clone(&device));
-        if let Some((ack, lsn)) = st
+        if let Some(r) = st
             .dedup
             .get(&dk)
             .and_then(|w| w.acks.get(&request.send.client_msg_id))
+            .copied()
         {
             // A retry: the same ack, once the original is durable.
+            let always = self.config.storage.durability == DurabilityPolicy::Always;
             let p = Pending {
-                lsn: *lsn,
+                lsn: r.lsn,
                 origin,
                 request_id: request.request_id,
-                ack: ack.clone(),
+                ack: send_ack(client_msg_id, &r, &request.key, &user, always),
                 deliver: None,
             };
             self.pending.push_back(p);
@@ -1226,18 +1257,13 @@ impl Shard {
             }
         };
         let always = self.config.storage.durability == DurabilityPolicy::Always;
-        let ack = pb::SendAck {
-            client_msg_id: send.client_msg_id,
+        let remembered = Remembered {
             msg_id,
             seq,
             server_time: unix_ms,
-            conversation: Some(view_for(&request.key, &user)),
-            durability: if always {
-                pb::Durability::Disk
-            } else {
-                pb::Durability::Memory
-            } as i32,
+            lsn,
         };
+        let ack = send_ack(send.client_msg_id, &remembered, &request.key, &user, always);
         let Some(st) = self.convs.get_mut(&id) else {
             return;
         };
@@ -1245,8 +1271,7 @@ impl Shard {
         remember(
             st.dedup.entry(dk).or_insert_with(new_window),
             send.client_msg_id,
-            ack.clone(),
-            lsn,
+            remembered,
             window,
         );
         self.pending.push_back(Pending {
@@ -1291,17 +1316,23 @@ impl Shard {
                 else {
                     continue;
                 };
-                let users = if a == b { vec![a] } else { vec![a, b] };
-                for user in users {
+                let key: Arc<str> = key.into();
+                let message = Arc::new(message);
+                let users = if a == b {
+                    [Some(a), None]
+                } else {
+                    [Some(a), Some(b)]
+                };
+                for user in users.into_iter().flatten() {
                     let exclude = (*user == *sender).then(|| Arc::clone(&device));
                     let target = home_shard(&user, self.shards);
                     self.route(
                         target,
                         ShardMsg::Deliver {
                             user,
-                            key: key.clone(),
+                            key: Arc::clone(&key),
                             exclude_device: exclude,
-                            message: message.clone(),
+                            message: Arc::clone(&message),
                         },
                     );
                 }
@@ -1448,9 +1479,9 @@ impl Shard {
     fn deliver(
         &mut self,
         user: String,
-        key: String,
+        key: Arc<str>,
         exclude: Option<Arc<str>>,
-        message: pb::Message,
+        message: Arc<pb::Message>,
         now: u64,
     ) {
         let Some(u) = self.users.get_mut(&user) else {
@@ -1458,36 +1489,51 @@ impl Shard {
                 .entry(user)
                 .or_default()
                 .inbox
-                .insert(key, message.seq);
+                .insert(key.to_string(), message.seq);
             return;
         };
-        let e = u.inbox.entry(key.clone()).or_insert(0);
-        *e = (*e).max(message.seq);
-        let slots: Vec<usize> = u
-            .devices
-            .iter()
-            .filter(|(d, _)| exclude.as_ref().is_none_or(|x| x != d))
-            .map(|&(_, s)| s)
-            .collect();
-        let view = view_for(&key, &user);
-        for slot in slots {
-            let mut out = Outbox::default();
-            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            if !is_active(c) {
-                continue;
+        match u.inbox.get_mut(&*key) {
+            Some(e) => *e = (*e).max(message.seq),
+            None => {
+                u.inbox.insert(key.to_string(), message.seq);
             }
-            let mut m = message.clone();
-            m.conversation = Some(view.clone());
-            let mut timers = ConnTimers {
-                wheel: &mut self.wheel,
-                slot,
-                generation: c.generation,
-            };
-            c.session.deliver(&key, m, now, &mut timers, &mut out);
-            self.apply(slot, out, now);
         }
+        let mut slots = std::mem::take(&mut self.slot_scratch);
+        slots.clear();
+        slots.extend(
+            u.devices
+                .iter()
+                .filter(|(d, _)| exclude.as_ref().is_none_or(|x| x != d))
+                .map(|&(_, s)| s),
+        );
+        if !slots.is_empty() {
+            let view = view_for(&key, &user);
+            let mut message = Arc::unwrap_or_clone(message);
+            message.conversation = Some(view);
+            for (i, &slot) in slots.iter().enumerate() {
+                let mut out = Outbox::default();
+                let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if !is_active(c) {
+                    continue;
+                }
+                // The last device takes the message itself; the others get copies.
+                let m = if i + 1 == slots.len() {
+                    std::mem::take(&mut message)
+                } else {
+                    message.clone()
+                };
+                let mut timers = ConnTimers {
+                    wheel: &mut self.wheel,
+                    slot,
+                    generation: c.generation,
+                };
+                c.session.deliver(&key, m, now, &mut timers, &mut out);
+                self.apply(slot, out, now);
+            }
+        }
+        self.slot_scratch = slots;
     }
 
     fn start_sync(&mut self, slot: usize, ask: SyncAsk, now: u64) {
@@ -1720,12 +1766,12 @@ impl Shard {
 fn new_window() -> DedupWindow {
     DedupWindow {
         order: VecDeque::new(),
-        acks: HashMap::new(),
+        acks: FastMap::default(),
     }
 }
 
-fn remember(w: &mut DedupWindow, client_msg_id: u64, ack: pb::SendAck, lsn: Lsn, window: usize) {
-    if w.acks.insert(client_msg_id, (ack, lsn)).is_none() {
+fn remember(w: &mut DedupWindow, client_msg_id: u64, r: Remembered, window: usize) {
+    if w.acks.insert(client_msg_id, r).is_none() {
         w.order.push_back(client_msg_id);
     }
     while w.order.len() > window {
