@@ -56,7 +56,7 @@ pub(crate) enum ShardMsg {
     /// To a user's home shard: a stored message of conversation `key` (stored form), shared by
     /// the deliveries to both users of the conversation (cloned only per device it reaches).
     Deliver {
-        user: String,
+        user: Arc<str>,
         key: Arc<str>,
         exclude_device: Option<Arc<str>>,
         message: Arc<pb::Message>,

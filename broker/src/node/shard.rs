@@ -77,6 +77,9 @@ struct Connection {
     /// The sync under way, boxed: rare, and most connections never hold one.
     sync: Option<Box<SyncRun>>,
     eof: bool,
+    /// The logged-in user and device as shared strings, made on the first send and reused by
+    /// every later one (a send would otherwise allocate both).
+    who: Option<(Arc<str>, Arc<str>)>,
 }
 
 /// Re-exported wheel types, under a short name.
@@ -171,8 +174,27 @@ fn send_ack(
 
 struct ConvState {
     key: String,
+    /// `key` and its two users as shared strings, for the deliveries of every message (made
+    /// once per conversation, not per message). `None` for a key that names no direct pair.
+    shared: Option<SharedKey>,
     last_seq: u64,
     dedup: FastMap<(Arc<str>, Arc<str>), DedupWindow>,
+}
+
+/// A conversation key and its users, shared by every delivery of the conversation.
+struct SharedKey {
+    key: Arc<str>,
+    users: [Arc<str>; 2],
+}
+
+impl SharedKey {
+    fn of(key: &str) -> Option<SharedKey> {
+        let (a, b) = direct_users(key)?;
+        Some(SharedKey {
+            key: key.into(),
+            users: [a.into(), b.into()],
+        })
+    }
 }
 
 struct Pending {
@@ -180,7 +202,8 @@ struct Pending {
     origin: Origin,
     request_id: u64,
     ack: pb::SendAck,
-    deliver: Option<(String, pb::Message, Arc<str>, Arc<str>)>,
+    /// The conversation (by id), the message, its sender user and device.
+    deliver: Option<(u64, pb::Message, Arc<str>, Arc<str>)>,
 }
 
 #[derive(Default)]
@@ -324,6 +347,7 @@ impl Shard {
                 .entry(rec.meta.conversation)
                 .or_insert_with(|| ConvState {
                     key: key.clone(),
+                    shared: SharedKey::of(&key),
                     last_seq: 0,
                     dedup: FastMap::default(),
                 });
@@ -647,6 +671,7 @@ impl Shard {
             closing: None,
             sync: None,
             eof: false,
+            who: None,
         }));
         self.arm(slot);
         Some(slot)
@@ -914,13 +939,23 @@ impl Shard {
         for action in actions.drain(..) {
             match action {
                 Action::Send(request) => {
-                    let Some(identity) =
-                        self.conns[slot].as_ref().and_then(|c| c.session.identity())
-                    else {
+                    let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                         continue;
                     };
-                    let user: Arc<str> = identity.user.as_str().into();
-                    let device: Arc<str> = identity.device.as_str().into();
+                    let (user, device) = match &c.who {
+                        Some((u, d)) => (Arc::clone(u), Arc::clone(d)),
+                        None => {
+                            let Some(identity) = c.session.identity() else {
+                                continue;
+                            };
+                            let who: (Arc<str>, Arc<str>) = (
+                                identity.user.as_str().into(),
+                                identity.device.as_str().into(),
+                            );
+                            c.who = Some(who.clone());
+                            who
+                        }
+                    };
                     let target = owner_shard(conv_id(&request.key), self.shards);
                     self.route(
                         target,
@@ -1158,6 +1193,7 @@ impl Shard {
         let latest = self.log.latest_seq(id).unwrap_or(0);
         let st = self.convs.entry(id).or_insert_with(|| ConvState {
             key: request.key.clone(),
+            shared: SharedKey::of(&request.key),
             last_seq: latest,
             dedup: FastMap::default(),
         });
@@ -1279,7 +1315,7 @@ impl Shard {
             origin,
             request_id: request.request_id,
             ack,
-            deliver: Some((request.key, message, user, device)),
+            deliver: Some((id, message, user, device)),
         });
         self.release_if_not_waiting();
     }
@@ -1311,18 +1347,18 @@ impl Shard {
                     frame,
                 },
             );
-            if let Some((key, message, sender, device)) = p.deliver {
-                let Some((a, b)) = direct_users(&key).map(|(a, b)| (a.to_owned(), b.to_owned()))
-                else {
+            if let Some((id, message, sender, device)) = p.deliver {
+                let Some(shared) = self.convs.get(&id).and_then(|st| st.shared.as_ref()) else {
                     continue;
                 };
-                let key: Arc<str> = key.into();
-                let message = Arc::new(message);
+                let key = Arc::clone(&shared.key);
+                let [a, b] = &shared.users;
                 let users = if a == b {
-                    [Some(a), None]
+                    [Some(Arc::clone(a)), None]
                 } else {
-                    [Some(a), Some(b)]
+                    [Some(Arc::clone(a)), Some(Arc::clone(b))]
                 };
+                let message = Arc::new(message);
                 for user in users.into_iter().flatten() {
                     let exclude = (*user == *sender).then(|| Arc::clone(&device));
                     let target = home_shard(&user, self.shards);
@@ -1478,15 +1514,15 @@ impl Shard {
 
     fn deliver(
         &mut self,
-        user: String,
+        user: Arc<str>,
         key: Arc<str>,
         exclude: Option<Arc<str>>,
         message: Arc<pb::Message>,
         now: u64,
     ) {
-        let Some(u) = self.users.get_mut(&user) else {
+        let Some(u) = self.users.get_mut(&*user) else {
             self.users
-                .entry(user)
+                .entry(user.to_string())
                 .or_default()
                 .inbox
                 .insert(key.to_string(), message.seq);
