@@ -361,12 +361,19 @@ pub fn broker_bin() -> &'static Path {
 }
 
 fn find_or_build_broker() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os(BROKER_BIN_ENV) {
+    find_or_build(BROKER_BIN_ENV, "parley-broker", "broker")
+}
+
+/// The workspace binary `bin` of package `package`: the file named by the environment variable
+/// `env` if set, else `target/<profile>/<bin>` next to the running test (built with cargo, same
+/// profile and target dir, if it is missing).
+pub(crate) fn find_or_build(env: &str, package: &str, bin: &str) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("{BROKER_BIN_ENV}={} is not a file", path.display()))
+            Err(format!("{env}={} is not a file", path.display()))
         };
     }
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
@@ -375,9 +382,9 @@ fn find_or_build_broker() -> Result<PathBuf, String> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
-    let bin = profile_dir.join(format!("broker{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        return Ok(bin);
+    let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    if path.is_file() {
+        return Ok(path);
     }
     let target_dir = profile_dir
         .parent()
@@ -389,7 +396,7 @@ fn find_or_build_broker() -> Result<PathBuf, String> {
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace)
-        .args(["build", "-p", "parley-broker", "--bin", "broker"])
+        .args(["build", "-p", package, "--bin", bin])
         .arg("--target-dir")
         .arg(target_dir);
     match profile_dir.file_name().and_then(|n| n.to_str()) {
@@ -401,19 +408,19 @@ fn find_or_build_broker() -> Result<PathBuf, String> {
             command.args(["--profile", profile]);
         }
     }
-    eprintln!("{} is missing; building it: {command:?}", bin.display());
+    eprintln!("{} is missing; building it: {command:?}", path.display());
     let status = command
         .status()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
     if !status.success() {
         return Err(format!("{command:?} failed ({status})"));
     }
-    if bin.is_file() {
-        Ok(bin)
+    if path.is_file() {
+        Ok(path)
     } else {
         Err(format!(
             "{command:?} succeeded but {} is still missing",
-            bin.display()
+            path.display()
         ))
     }
 }
