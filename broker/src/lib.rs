@@ -1,17 +1,29 @@
-//! The parley broker: event loop, shards, sessions, routing, timers, presence and cluster.
+//! The parley broker: a node of sharded, sans-IO cores driven by mio event loops.
 //!
-//! * [`node`]: a running node: shard threads (one `mio::Poll` each), sessions, routing, group
-//!   commit, sync. Start one with [`node::Node::start`].
-//! * [`transport`] and [`net`]: bytes to frames (TCP, WebSocket) and sockets.
-//! * [`wheel`]: the per-shard timing wheel. [`auth`]: tokens. [`config`]: settings.
-//!   [`secret`]: the token secret.
+//! * [`node`]: a running node. Start one with [`node::Node::start`]; stop it with its
+//!   [`node::ShutdownHandle`].
+//! * [`config`]: settings (defaults, TOML, environment, flags). [`auth`]: tokens and the
+//!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
+//!
+//! Inside (private): `core` (the sans-IO shard core: sessions, delivery, sync, conversation
+//! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket) and the mio driver
+//! under `node`. With the `sim` feature, `core` is public for the simulation crate.
 //!
 //! It depends on `parley-proto` and `parley-storage`, never the other way round.
 
 pub mod auth;
 pub mod config;
-pub mod net;
+#[cfg(feature = "sim")]
+pub mod core;
+#[cfg(not(feature = "sim"))]
+#[allow(unreachable_pub, dead_code)]
+mod core;
 pub mod node;
 pub mod secret;
+#[cfg(feature = "sim")]
 pub mod transport;
-pub mod wheel;
+#[cfg(not(feature = "sim"))]
+#[allow(unreachable_pub, dead_code)]
+mod transport;
+
+pub use crate::core::Counters;

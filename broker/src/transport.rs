@@ -91,7 +91,7 @@
 
 use std::fmt;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parley_proto::frame::{self, FrameError, WireError};
 use parley_proto::pb;
 use parley_proto::tcp::{FrameCodec, TcpFrameError};
@@ -621,6 +621,45 @@ impl Transport {
     pub fn encode(&mut self, frame: &pb::Frame, out: &mut BytesMut) -> Result<(), TransportError> {
         let form = self.wire_form().ok_or(TransportError::NotOpen)?;
         form.encode(frame, self.limits.max_frame_bytes, out)
+    }
+
+    /// Appends a frame already encoded as protobuf (`encoded`, e.g. spliced around stored
+    /// messages by [`parley_proto::splice`]) in the form the peer reads: TCP and WebSocket binary
+    /// copy the bytes behind their prefix or header; a JSON client gets the frame decoded and
+    /// written as JSON.
+    ///
+    /// # Errors
+    ///
+    /// As [`Transport::encode`]; nothing is written then.
+    pub fn encode_prebuilt(
+        &mut self,
+        encoded: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), TransportError> {
+        let form = self.wire_form().ok_or(TransportError::NotOpen)?;
+        let max = self.limits.max_frame_bytes;
+        if encoded.len() > max {
+            return Err(TransportError::OutboundTooLarge {
+                len: encoded.len(),
+                max,
+            });
+        }
+        match form {
+            WireForm::Tcp => FrameCodec::new(max)
+                .encode_raw(encoded, out)
+                .map_err(TransportError::from),
+            WireForm::WsBinary => {
+                out.reserve(ws::frame::MAX_HEADER_LEN + encoded.len());
+                ws::encode_data_header(out, OpCode::Binary, encoded.len());
+                out.extend_from_slice(encoded);
+                Ok(())
+            }
+            WireForm::WsText => {
+                let frame = frame::decode(Bytes::copy_from_slice(encoded))
+                    .map_err(TransportError::Unrepresentable)?;
+                encode_json_message(&frame, out)
+            }
+        }
     }
 
     /// Closes the connection from the server side because of `code`

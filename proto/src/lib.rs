@@ -18,6 +18,7 @@ pub mod pb {
 }
 
 pub mod frame;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 pub mod ws;

@@ -1,39 +1,34 @@
-//! A running node: shard threads, their listeners and logs, started and stopped together.
+//! A running node: the mio driver around the shard cores. Shard threads (one `mio::Poll` each),
+//! their listeners, sockets, flusher threads and the clock live here; every decision is made by
+//! the sans-IO [`crate::core::ShardCore`] each thread drives.
 //!
-//! Start-up: the listeners are bound here, so their real ports are known before any thread runs
-//! (shard 0 binds the configured address, possibly port 0; the other shards bind the port it got,
-//! with SO_REUSEPORT, and the kernel spreads connections over them). Each shard opens its own log
-//! (`<data_dir>/shard-<i>`), rebuilds its conversations from it and sends every user's home shard
-//! what that user's conversations hold; a barrier makes sure all of that is in before any shard
-//! serves a client. The shard count of a data dir is recorded at its first start
+//! Start-up: each shard opens its own log (`<data_dir>/shard-<i>`, recovering it) and builds its
+//! core, which rebuilds the conversations from the log (shards in parallel); what each user's home
+//! must know is handed between the cores before any thread runs. Only then are the listeners
+//! bound (shard 0 binds the configured address, possibly port 0; the other shards bind the port
+//! it got, with `SO_REUSEPORT`), so a client never waits in a backlog while the node recovers: it
+//! is refused and retries. The shard count of a data dir is recorded at its first start
 //! (`<data_dir>/shards`) and must not change: conversations are placed by `id % shards`.
 
-mod conv;
-mod ids;
-mod msg;
-mod session;
+mod listener;
 mod shard;
+mod socket;
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use mio::{Poll, Token, Waker};
+use mio::{Poll, Waker};
 use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 
 use crate::auth::{Hs256, TokenVerifier};
-use crate::config::Config;
-use crate::net::listener;
-use msg::ShardMsg;
-
-/// The hash map of the shard's hot-path state (users, conversations, de-duplication windows,
-/// a session's unacked deliveries): foldhash, several times faster than the default SipHash on
-/// the short string and integer keys used here, with a per-process random seed.
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::config::{Config, DurabilityPolicy};
+use crate::core::{CoreSetup, Counters, Effect, ShardCore, TestSwitches};
+use shard::{Clock, Driver, DriverSetup, Mail};
 
 /// Why a node could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +71,7 @@ pub struct Node {
     ws: Option<SocketAddr>,
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
+    stats: Arc<Mutex<Vec<Counters>>>,
 }
 
 impl fmt::Debug for Node {
@@ -91,7 +87,7 @@ impl fmt::Debug for Node {
 /// Asks a node to stop (cloneable, sendable: e.g. into a signal handler).
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    shards: Vec<(Sender<Vec<ShardMsg>>, Arc<Waker>)>,
+    shards: Vec<(Sender<Mail>, Arc<Waker>)>,
 }
 
 impl fmt::Debug for ShutdownHandle {
@@ -108,13 +104,11 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         for (tx, waker) in &self.shards {
             // A full inbox still drains; block briefly rather than lose the request.
-            let _ = tx.send_timeout(vec![ShardMsg::Shutdown], std::time::Duration::from_secs(1));
+            let _ = tx.send_timeout(Mail::Shutdown, std::time::Duration::from_secs(1));
             let _ = waker.wake();
         }
     }
 }
-
-const WAKER: Token = Token(0);
 
 impl Node {
     /// Starts a node with the HS256 token `secret`.
@@ -132,14 +126,67 @@ impl Node {
             .validate()
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let shards = config.shard_count();
-        if shards > ids::MAX_SHARDS {
+        if shards > crate::core::ids::MAX_SHARDS {
             return Err(NodeError::Config(format!(
                 "at most {} shards",
-                ids::MAX_SHARDS
+                crate::core::ids::MAX_SHARDS
             )));
         }
         let shards = check_shard_count(&config.data_dir, shards)?;
+        let clock = Clock::new();
+        let now = clock.now();
+        let logs = open_logs(&config, shards, now.unix_ms)?;
 
+        // Build every core (rebuilding its state from its log), shards in parallel.
+        let mut cores: Vec<ShardCore<MmapBackend>> = std::thread::scope(|s| {
+            let handles: Vec<_> = logs
+                .into_iter()
+                .enumerate()
+                .map(|(index, log)| {
+                    let setup = CoreSetup {
+                        index,
+                        shards,
+                        config: config.clone(),
+                        verifier: Arc::clone(&verifier),
+                        log,
+                        now,
+                        quiet: false,
+                        switches: TestSwitches::default(),
+                    };
+                    s.spawn(move || ShardCore::new(setup))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| NodeError::Thread("a shard panicked at start".into()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        // What each user's home must know, before any client is served.
+        let mut effects = Vec::new();
+        loop {
+            let mut mails = Vec::new();
+            for core in &mut cores {
+                core.take_effects(&mut effects);
+                for e in effects.drain(..) {
+                    if let Effect::Mail { to, batch } = e {
+                        mails.push((to, batch));
+                    }
+                }
+            }
+            if mails.is_empty() {
+                break;
+            }
+            for (to, batch) in mails {
+                if let Some(core) = cores.get_mut(to) {
+                    core.handle_mail(batch, now);
+                }
+            }
+        }
+
+        // Ready: now the listeners.
         let mut tcp_listeners = Vec::new();
         let mut ws_listeners = Vec::new();
         let tcp = bind_all(config.listen.tcp, shards, &mut tcp_listeners)?;
@@ -151,91 +198,40 @@ impl Node {
         for _ in 0..shards {
             let poll = Poll::new().map_err(|e| NodeError::Thread(e.to_string()))?;
             let waker = Arc::new(
-                Waker::new(poll.registry(), WAKER).map_err(|e| NodeError::Thread(e.to_string()))?,
+                Waker::new(poll.registry(), shard::WAKER)
+                    .map_err(|e| NodeError::Thread(e.to_string()))?,
             );
-            let (tx, rx) = crossbeam_channel::bounded(shard::INBOX_BATCHES);
+            let (tx, rx) = crossbeam_channel::bounded(shard::INBOX_MAILS);
             peers.push((tx, waker));
             inboxes.push(rx);
             polls.push(poll);
         }
-
-        let config = Arc::new(config);
         let connections = Arc::new(AtomicUsize::new(0));
-        let barrier = Arc::new(Barrier::new(shards));
-        let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let log_config = LogConfig {
-            segment_size: config.storage.segment_bytes,
-            durability: shard::log_durability(&config),
-            retention: Retention {
-                max_age: config
-                    .storage
-                    .retention_max_age_secs
-                    .map(std::time::Duration::from_secs),
-                max_bytes: config.storage.retention_max_bytes,
-            },
-            prefault: true,
-        };
-        // Open every log first, so a failure stops the start before any thread runs.
-        let mut logs = Vec::new();
-        for i in 0..shards {
-            let dir = config.data_dir.join(format!("shard-{i}"));
-            std::fs::create_dir_all(&dir).map_err(|e| NodeError::DataDir {
-                path: dir.display().to_string(),
-                message: e.to_string(),
-            })?;
-            let backend = MmapBackend::open(&dir).map_err(|e| NodeError::Log {
-                shard: i,
-                message: e.to_string(),
-            })?;
-            let (log, report) =
-                Log::open(backend, log_config, now).map_err(|e| NodeError::Log {
-                    shard: i,
-                    message: e.to_string(),
-                })?;
-            if report.torn_tail.is_some() || !report.corruptions.is_empty() {
-                eprintln!(
-                    "shard {i}: recovered its log: torn tail {:?}, {} corruption(s) skipped",
-                    report.torn_tail,
-                    report.corruptions.len()
-                );
-            }
-            logs.push(log);
-        }
-
-        let mut shard_states = Vec::new();
+        let stats = Arc::new(Mutex::new(vec![Counters::default(); shards]));
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
-        for (i, ((poll, inbox), log)) in polls.into_iter().zip(inboxes).zip(logs).enumerate() {
-            let setup = shard::ShardSetup {
-                index: i,
-                shards,
-                config: Arc::clone(&config),
-                verifier: Arc::clone(&verifier),
-                waker: Arc::clone(&peers[i].1),
+        let mut threads = Vec::new();
+        for (index, ((poll, inbox), core)) in polls.into_iter().zip(inboxes).zip(cores).enumerate()
+        {
+            let setup = DriverSetup {
+                index,
+                core,
                 poll,
+                waker: Arc::clone(&peers[index].1),
                 tcp: tcp_iter.next(),
                 ws: ws_iter.next(),
                 inbox,
                 peers: peers.clone(),
-                log,
                 connections: Arc::clone(&connections),
-                barrier: Arc::clone(&barrier),
+                max_connections: config.limits.max_connections,
+                read_budget: config.limits.read_budget_bytes,
+                clock,
+                stats: Arc::clone(&stats),
             };
-            shard_states.push(setup);
-        }
-        let mut threads = Vec::new();
-        for setup in shard_states {
-            let index = setup.index;
-            let barrier = Arc::clone(&setup.barrier);
+            let driver = Driver::new(setup).map_err(|e| NodeError::Thread(e.to_string()))?;
             let thread = std::thread::Builder::new()
                 .name(format!("parley-shard-{index}"))
-                .spawn(move || match shard::Shard::new(setup) {
-                    Ok(s) => s.run(barrier),
-                    Err(e) => {
-                        eprintln!("shard {index}: cannot start: {e}");
-                        barrier.wait();
-                    }
-                })
+                .spawn(move || driver.run())
                 .map_err(|e| NodeError::Thread(e.to_string()))?;
             threads.push(thread);
         }
@@ -244,6 +240,7 @@ impl Node {
             ws,
             handle: ShutdownHandle { shards: peers },
             threads,
+            stats,
         })
     }
 
@@ -262,6 +259,11 @@ impl Node {
         self.handle.clone()
     }
 
+    /// Each shard's counters, as of at most ~100 ms ago.
+    pub fn counters(&self) -> Vec<Counters> {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Waits until every shard has stopped.
     pub fn join(self) -> Result<(), NodeError> {
         let mut failed = 0;
@@ -276,6 +278,64 @@ impl Node {
             )));
         }
         Ok(())
+    }
+}
+
+/// Opens (recovers) every shard's log; a failure stops the start before any thread runs.
+fn open_logs(
+    config: &Config,
+    shards: usize,
+    unix_ms: i64,
+) -> Result<Vec<Log<MmapBackend>>, NodeError> {
+    let log_config = LogConfig {
+        segment_size: config.storage.segment_bytes,
+        durability: log_durability(config),
+        retention: Retention {
+            max_age: config
+                .storage
+                .retention_max_age_secs
+                .map(std::time::Duration::from_secs),
+            max_bytes: config.storage.retention_max_bytes,
+        },
+        prefault: true,
+    };
+    let now = Timestamp::from_micros(unix_ms.saturating_mul(1000));
+    let mut logs = Vec::new();
+    for i in 0..shards {
+        let dir = config.data_dir.join(format!("shard-{i}"));
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::DataDir {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let backend = MmapBackend::open(&dir).map_err(|e| NodeError::Log {
+            shard: i,
+            message: e.to_string(),
+        })?;
+        let (log, report) = Log::open(backend, log_config, now).map_err(|e| NodeError::Log {
+            shard: i,
+            message: e.to_string(),
+        })?;
+        if report.torn_tail.is_some() || !report.corruptions.is_empty() {
+            eprintln!(
+                "shard {i}: recovered its log: torn tail {:?}, {} corruption(s) skipped",
+                report.torn_tail,
+                report.corruptions.len()
+            );
+        }
+        logs.push(log);
+    }
+    Ok(logs)
+}
+
+/// How a log's durability policy maps from the node configuration.
+pub(crate) fn log_durability(c: &Config) -> parley_storage::Durability {
+    use parley_storage::Durability;
+    match c.storage.durability {
+        DurabilityPolicy::Always => Durability::Always,
+        DurabilityPolicy::Interval => Durability::Interval(std::time::Duration::from_millis(
+            c.storage.flush_interval_ms,
+        )),
+        DurabilityPolicy::Never => Durability::Never,
     }
 }
 

@@ -1,16 +1,25 @@
-//! Listening sockets for the shards (see [`crate::net`] for why each shard has its own).
+//! Listening sockets for the shards.
+//!
+//! # Accepting: one `SO_REUSEPORT` listener per shard
+//!
+//! Every shard binds its own listener on the node's port with `SO_REUSEPORT` ([`bind`]) and
+//! registers it in its own `mio::Poll`. The kernel spreads incoming connections over the
+//! listeners (by a hash of the 4-tuple), so there is no acceptor thread, no shared accept queue
+//! and no thundering herd; shards accept in parallel, each at its own pace. The spread is by
+//! hash, not by load (at thousands of connections the shards even out). Linux lets only sockets
+//! of the same effective user join a `SO_REUSEPORT` group, so another user cannot steal the
+//! port's connections. Listeners are bound only once every shard has rebuilt its state, so a
+//! client never waits in a backlog during start-up: it is refused and retries.
 
 use std::io;
 use std::net::SocketAddr;
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
-
-use super::Conn;
 
 /// The accept queue length asked of the kernel (it caps it at `net.core.somaxconn`, 4096 on
 /// current Linux): room for a burst of connections while the shard is busy.
-pub const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// Binds a nonblocking listener on `addr` for a mio loop, with `SO_REUSEADDR` (restart without
 /// waiting for old connections in `TIME_WAIT`) and, if `reuse_port`, `SO_REUSEPORT`: then every
@@ -21,7 +30,7 @@ pub const BACKLOG: i32 = 4096;
 ///
 /// The socket, option, `bind` or `listen` error (e.g. `AddrInUse` when another listener holds
 /// the address without `SO_REUSEPORT`).
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
@@ -46,14 +55,14 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 /// Anything else, typically running out of descriptors (`EMFILE`, `ENFILE`) or memory. The
 /// pending connections stay queued and, mio being edge-triggered, no new event announces them:
 /// the loop stops accepting for this turn and retries from a timer.
-pub fn accept(listener: &TcpListener) -> io::Result<Option<(Conn, SocketAddr)>> {
+pub(crate) fn accept(listener: &TcpListener) -> io::Result<Option<(TcpStream, SocketAddr)>> {
     loop {
         match listener.accept() {
             Ok((stream, addr)) => {
                 if stream.set_nodelay(true).is_err() {
                     continue;
                 }
-                return Ok(Some((Conn::new(stream), addr)));
+                return Ok(Some((stream, addr)));
             }
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => return Ok(None),
@@ -77,7 +86,7 @@ mod tests {
     }
 
     /// Accepts from `listener`, retrying until a connection is there or a second has passed.
-    fn accept_within_a_second(listener: &TcpListener) -> Conn {
+    fn accept_within_a_second(listener: &TcpListener) -> mio::net::TcpStream {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             if let Some((conn, _)) = accept(listener).expect("accept") {
@@ -115,7 +124,7 @@ mod tests {
         let listener = bind(loopback(), true).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let conn = accept_within_a_second(&listener);
-        assert!(conn.stream().nodelay().unwrap());
+        assert!(conn.nodelay().unwrap());
     }
 
     #[test]

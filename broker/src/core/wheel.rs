@@ -25,18 +25,18 @@ use std::fmt;
 
 /// Number of levels. 6 levels of 64 slots span 64^6 ticks (over 2 years at 1 ms per tick);
 /// a deadline further out is clamped to that horizon.
-pub const LEVELS: usize = 6;
+pub(crate) const LEVELS: usize = 6;
 const SLOTS: usize = 64;
 const SLOT_BITS: u32 = 6;
 const SLOT_MASK: u64 = (SLOTS as u64) - 1;
 /// The furthest a deadline may lie beyond the current tick; later deadlines are clamped to it.
-pub const MAX_TICKS: u64 = (1 << (SLOT_BITS as usize * LEVELS)) - 1;
+pub(crate) const MAX_TICKS: u64 = (1 << (SLOT_BITS as usize * LEVELS)) - 1;
 const NIL: u32 = u32::MAX;
 
 /// Identifies a scheduled timer so it can be cancelled. Stale keys (of timers already fired or
 /// cancelled) are recognised by a generation counter and ignored.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct TimerKey {
+pub(crate) struct TimerKey {
     index: u32,
     generation: u32,
 }
@@ -79,7 +79,7 @@ struct Level {
 }
 
 /// A hierarchical timing wheel holding values of type `T` until their deadline tick.
-pub struct TimerWheel<T> {
+pub(crate) struct TimerWheel<T> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
     levels: [Level; LEVELS],
@@ -132,7 +132,7 @@ fn level_range(level: usize) -> u64 {
 
 impl<T> TimerWheel<T> {
     /// An empty wheel whose current tick is `now`.
-    pub fn new(now: u64) -> Self {
+    pub(crate) fn new(now: u64) -> Self {
         Self {
             entries: Vec::new(),
             free: Vec::new(),
@@ -147,23 +147,26 @@ impl<T> TimerWheel<T> {
     }
 
     /// Number of scheduled timers.
-    pub fn len(&self) -> usize {
+    #[allow(dead_code)]
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// True if no timer is scheduled.
-    pub fn is_empty(&self) -> bool {
+    #[allow(dead_code)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The tick the wheel has advanced to.
-    pub fn elapsed(&self) -> u64 {
+    #[allow(dead_code)]
+    pub(crate) fn elapsed(&self) -> u64 {
         self.elapsed
     }
 
     /// Schedules `value` to fire at tick `deadline`. A deadline at or before the current tick fires
     /// at the next [`poll`](Self::poll); one more than [`MAX_TICKS`] ahead is clamped.
-    pub fn insert(&mut self, deadline: u64, value: T) -> TimerKey {
+    pub(crate) fn insert(&mut self, deadline: u64, value: T) -> TimerKey {
         let deadline = deadline.min(self.elapsed.saturating_add(MAX_TICKS));
         let index = match self.free.pop() {
             Some(i) => i,
@@ -192,7 +195,7 @@ impl<T> TimerWheel<T> {
     }
 
     /// Cancels a timer, returning its value, or `None` if it already fired or was cancelled.
-    pub fn cancel(&mut self, key: TimerKey) -> Option<T> {
+    pub(crate) fn cancel(&mut self, key: TimerKey) -> Option<T> {
         let entry = self.entries.get(key.index as usize)?;
         if entry.generation != key.generation || entry.place == Place::Free {
             return None;
@@ -202,7 +205,7 @@ impl<T> TimerWheel<T> {
     }
 
     /// The deadline of a scheduled timer, or `None` if it already fired or was cancelled.
-    pub fn deadline(&self, key: TimerKey) -> Option<u64> {
+    pub(crate) fn deadline(&self, key: TimerKey) -> Option<u64> {
         let entry = self.entries.get(key.index as usize)?;
         (entry.generation == key.generation && entry.place != Place::Free).then_some(entry.deadline)
     }
@@ -210,7 +213,7 @@ impl<T> TimerWheel<T> {
     /// The earliest tick at which [`poll`](Self::poll) may return a timer, or `None` if none is
     /// scheduled. This is a lower bound that costs no scan: at a higher level it is the start of
     /// the earliest occupied slot, where the entries cascade down.
-    pub fn next_deadline(&self) -> Option<u64> {
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
         if self.ready.head != NIL {
             return Some(self.elapsed);
         }
@@ -222,7 +225,7 @@ impl<T> TimerWheel<T> {
     /// Advances the wheel to tick `now` and returns the next timer due at or before it, with its
     /// key, or `None` when no more are due. Call repeatedly until `None`. Timers come out in
     /// deadline order, except that timers sharing a level-0 slot come out in insertion order.
-    pub fn poll(&mut self, now: u64) -> Option<(TimerKey, T)> {
+    pub(crate) fn poll(&mut self, now: u64) -> Option<(TimerKey, T)> {
         loop {
             let index = self.ready.head;
             if index != NIL {

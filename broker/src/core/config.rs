@@ -1,0 +1,60 @@
+//! The settings the core enforces, taken once from the node's [`Config`].
+
+use crate::config::{Config, DurabilityPolicy};
+
+/// The core's view of the node configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreConfig {
+    pub(crate) node: String,
+    pub(crate) login_ms: u64,
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) idle_ms: u64,
+    pub(crate) write_stall_ms: u64,
+    pub(crate) retransmit_initial_ms: u64,
+    pub(crate) retransmit_max_ms: u64,
+    pub(crate) retransmit_tries: u32,
+    pub(crate) send_rate_per_sec: u32,
+    pub(crate) send_burst: u32,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_frame_bytes: u32,
+    pub(crate) max_page: u32,
+    pub(crate) max_outbound_bytes: usize,
+    pub(crate) dedup_window: usize,
+    /// Most deliveries awaiting an ack on one connection before it counts as behind.
+    pub(crate) max_unacked: usize,
+    /// Acks wait for the flush (`always`); otherwise they go out once appended.
+    pub(crate) wait_for_flush: bool,
+    /// Bytes of messages one page or `Deliver` may carry.
+    pub(crate) page_budget: usize,
+    /// Period of the shard's maintenance tick (log retention, interval flush), in ms.
+    pub(crate) maintenance_ms: u64,
+}
+
+impl CoreConfig {
+    /// The core's settings from the node's.
+    pub(crate) fn from_config(c: &Config) -> Self {
+        Self {
+            node: c.node.clone(),
+            login_ms: c.timeouts.login_ms,
+            heartbeat_ms: c.timeouts.heartbeat_ms,
+            idle_ms: c.timeouts.idle_ms,
+            write_stall_ms: c.timeouts.write_stall_ms,
+            retransmit_initial_ms: c.timeouts.retransmit_initial_ms,
+            retransmit_max_ms: c.timeouts.retransmit_max_ms,
+            retransmit_tries: c.timeouts.retransmit_tries,
+            send_rate_per_sec: c.limits.send_rate_per_sec,
+            send_burst: c.limits.send_burst,
+            max_body_bytes: c.limits.max_body_bytes as usize,
+            max_frame_bytes: c.limits.max_frame_bytes,
+            max_page: c.limits.max_page.max(1),
+            max_outbound_bytes: c.limits.max_outbound_bytes,
+            dedup_window: c.limits.dedup_window.max(1),
+            max_unacked: 4096,
+            wait_for_flush: c.storage.durability == DurabilityPolicy::Always,
+            page_budget: (c.limits.max_frame_bytes as usize)
+                .saturating_sub(1024)
+                .max(1),
+            maintenance_ms: 20,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Conversation identity, kind and placement.
+//!
+//! * **Identity.** A conversation has a canonical key. A direct conversation between users `a`
+//!   and `b` has the key `d<len(a)>:<a><b>` with `a <= b` (byte order), unambiguous whatever
+//!   characters user ids contain. Its id is a stable 64-bit hash of the key (FNV-1a, then a
+//!   SplitMix64 finalizer for an even spread); ids are stored in the log, so the hash must never
+//!   change. Two keys with the same id (a collision) are detected by the owner, which keeps the
+//!   key beside the id, and refused.
+//! * **Kind** ([`ConvKind`]): direct today; groups and rooms plug in here (their members come
+//!   from membership records instead of the key).
+//! * **Placement** ([`Placement`]): which shard owns a conversation (its seq counter, de-dup
+//!   windows and log) and which shard is a user's home (connections, inbox). In a cluster the
+//!   same seam answers which node.
+
+use std::sync::Arc;
+
+use parley_proto::pb;
+
+/// Stable 64-bit hash of `bytes` (never 0).
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // SplitMix64 finalizer: FNV alone spreads poorly in its low bits, which pick the shard.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    h.max(1)
+}
+
+/// Longest conversation id a client may name (bytes of UTF-8).
+pub(crate) const MAX_CONV_ID_BYTES: usize = 128;
+
+/// What kind of conversation a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvKind {
+    /// Two users (a user may also write to itself).
+    Direct,
+}
+
+/// A conversation as the core knows it: key, id, kind and the users who receive its messages.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    /// The canonical key (stored in each message).
+    pub(crate) key: Arc<str>,
+    /// The stable id (stored in each record's header).
+    pub(crate) id: u64,
+    /// The kind.
+    pub(crate) kind: ConvKind,
+    /// Who receives its messages: for a direct conversation, its one or two users.
+    pub(crate) members: Vec<Arc<str>>,
+}
+
+impl Conv {
+    /// The conversation a canonical key names, or `None` if the key names none.
+    pub(crate) fn from_key(key: &str) -> Option<Conv> {
+        let (a, b) = direct_users(key)?;
+        let mut members: Vec<Arc<str>> = vec![a.into()];
+        if a != b {
+            members.push(b.into());
+        }
+        Some(Conv {
+            key: key.into(),
+            id: conv_id(key),
+            kind: ConvKind::Direct,
+            members,
+        })
+    }
+
+    /// The wire type of this conversation's kind (stored in each message).
+    pub(crate) fn wire_type(&self) -> pb::ConversationType {
+        match self.kind {
+            ConvKind::Direct => pb::ConversationType::Direct,
+        }
+    }
+
+    /// How `user` names this conversation.
+    pub(crate) fn view_for(&self, user: &str) -> pb::Conversation {
+        view_for(&self.key, user)
+    }
+}
+
+/// The canonical key of the direct conversation between `u1` and `u2`.
+pub(crate) fn direct_key(u1: &str, u2: &str) -> String {
+    let (a, b) = if u1 <= u2 { (u1, u2) } else { (u2, u1) };
+    format!("d{}:{a}{b}", a.len())
+}
+
+/// The two users of a direct conversation key, or `None` if `key` is not one.
+pub(crate) fn direct_users(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix('d')?;
+    let (len, users) = rest.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    if !users.is_char_boundary(len) {
+        return None;
+    }
+    let (a, b) = users.split_at(len);
+    Some((a, b))
+}
+
+/// The id of the conversation with key `key`.
+pub(crate) fn conv_id(key: &str) -> u64 {
+    stable_hash(key.as_bytes())
+}
+
+/// How `user` names the conversation `key`: for a direct one, `{DIRECT, other user}`.
+pub(crate) fn view_for(key: &str, user: &str) -> pb::Conversation {
+    match direct_users(key) {
+        Some((a, b)) => pb::Conversation {
+            r#type: pb::ConversationType::Direct as i32,
+            id: if a == user { b } else { a }.to_owned(),
+        },
+        None => pb::Conversation {
+            r#type: pb::ConversationType::Unspecified as i32,
+            id: key.to_owned(),
+        },
+    }
+}
+
+/// The canonical key of the conversation `user` names `view`, or `None` if the view names no
+/// conversation this node serves (unknown type, empty or overlong id).
+pub(crate) fn key_for(user: &str, view: &pb::Conversation) -> Option<String> {
+    if view.id.is_empty() || view.id.len() > MAX_CONV_ID_BYTES {
+        return None;
+    }
+    match pb::ConversationType::try_from(view.r#type).ok()? {
+        pb::ConversationType::Direct => Some(direct_key(user, &view.id)),
+        _ => None,
+    }
+}
+
+/// Where conversations and users live: shards of this node today, nodes of a cluster later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    shards: usize,
+}
+
+impl Placement {
+    /// Placement over `shards` shards (at least 1). The shard count of a data dir is fixed at
+    /// its first start: conversations are placed by `id % shards`.
+    pub(crate) fn new(shards: usize) -> Self {
+        Placement {
+            shards: shards.max(1),
+        }
+    }
+
+    /// The number of shards.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The shard that owns conversation `id`.
+    pub(crate) fn owner(&self, id: u64) -> usize {
+        (id % self.shards as u64) as usize
+    }
+
+    /// The home shard of `user`.
+    pub(crate) fn home(&self, user: &str) -> usize {
+        (stable_hash(user.as_bytes()) % self.shards as u64) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_key_is_the_same_from_both_sides() {
+        assert_eq!(direct_key("alice", "bob"), direct_key("bob", "alice"));
+        assert_eq!(direct_key("alice", "bob"), "d5:alicebob");
+    }
+
+    #[test]
+    fn direct_key_is_unambiguous_whatever_the_user_ids_contain() {
+        // Without the length prefix, ("a:b", "c") and ("a", ":bc") would both read "a:bc".
+        assert_ne!(direct_key("a:b", "c"), direct_key("a", ":bc"));
+        assert_eq!(direct_users(&direct_key("a:b", "c")), Some(("a:b", "c")));
+        assert_eq!(direct_users(&direct_key("ü", "ß")), Some(("ß", "ü")));
+    }
+
+    #[test]
+    fn each_user_sees_the_other_as_the_conversation() {
+        let key = direct_key("alice", "bob");
+        assert_eq!(view_for(&key, "alice").id, "bob");
+        assert_eq!(view_for(&key, "bob").id, "alice");
+        let own = direct_key("carol", "carol");
+        assert_eq!(view_for(&own, "carol").id, "carol");
+    }
+
+    #[test]
+    fn ids_are_stable_across_versions() {
+        // Stored in logs: this value must never change.
+        assert_eq!(conv_id("d5:alicebob"), 4_452_409_486_685_702_869);
+        assert_ne!(conv_id("d5:alicebob"), conv_id("d5:alicebon"));
+    }
+
+    #[test]
+    fn malformed_keys_are_not_direct() {
+        for k in ["", "x", "d", "d:", "dx:ab", "d9:ab", "d1:"] {
+            assert_eq!(direct_users(k), None, "{k}");
+        }
+    }
+
+    #[test]
+    fn a_direct_conversation_reaches_both_users_once_and_a_self_chat_one() {
+        let c = Conv::from_key(&direct_key("bob", "alice")).expect("direct");
+        assert_eq!(c.kind, ConvKind::Direct);
+        assert_eq!(&*c.members[0], "alice");
+        assert_eq!(&*c.members[1], "bob");
+        let own = Conv::from_key(&direct_key("carol", "carol")).expect("direct");
+        assert_eq!(own.members.len(), 1);
+    }
+
+    #[test]
+    fn views_of_unknown_types_name_no_conversation() {
+        let v = pb::Conversation {
+            r#type: pb::ConversationType::Group as i32,
+            id: "g".into(),
+        };
+        assert_eq!(key_for("alice", &v), None);
+        let empty = pb::Conversation {
+            r#type: pb::ConversationType::Direct as i32,
+            id: String::new(),
+        };
+        assert_eq!(key_for("alice", &empty), None);
+    }
+
+    #[test]
+    fn placement_spreads_by_id_and_user() {
+        let p = Placement::new(4);
+        assert_eq!(p.owner(9), 1);
+        assert!(p.home("alice") < 4);
+        assert_eq!(Placement::new(0).shards(), 1);
+    }
+}

@@ -1,0 +1,426 @@
+//! Delivery to one connection: what was pushed live, what awaits an ack, retransmits, `Behind`.
+//!
+//! * Live deliveries wait in the conversation's lane until a cumulative `DeliverAck` covers
+//!   them. Acks are cumulative, so a lane has **one** retransmit deadline in the shard's wheel,
+//!   not one per message: armed when the lane gets its first unacked message, re-armed when an
+//!   ack moves the lane forward, cancelled when the lane empties. When it fires, everything the
+//!   lane holds is re-sent (the same stored bytes, no re-encoding), with doubling back-off
+//!   capped at `retransmit_max_ms`; after `retransmit_tries` retransmits without progress the
+//!   connection is closed as broken (RETRANSMIT_EXHAUSTED) and the client re-syncs.
+//! * When the connection's queue passes its bound (or too many deliveries await acks) the
+//!   connection goes *behind*: it gets `Behind`, its lanes forget their unacked messages, and
+//!   nothing is pushed live until a sync completes (the messages are in the log).
+//! * While a sync runs nothing is pushed live: the sync's last step reads whatever arrived
+//!   meanwhile, so a syncing client gets each conversation in seq order.
+//! * A lane's `live` range holds the seqs pushed live since login (contiguous: the owner releases
+//!   in seq order and routes are FIFO), and a sync skips them; `synced` is the highest seq a sync
+//!   sent, and a live delivery at or below it is skipped. So an acking client gets each
+//!   (conversation, seq) once, apart from retransmits.
+//!
+//! ### Invariants
+//! * A lane's unacked seqs are strictly increasing; `unacked` is the sum of the lanes' lengths.
+//! * A lane has a timer iff it has unacked messages.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::FastMap;
+use super::config::CoreConfig;
+use super::conn::ConnId;
+use super::timers::{TimerFor, Timers};
+use super::wheel::TimerKey;
+
+/// One conversation's delivery state on one connection.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    /// The receiver's view of the conversation, spliced after each stored message.
+    pub(crate) view: Bytes,
+    live: Option<(u64, u64)>,
+    synced: u64,
+    /// Delivered and not yet acked: `(seq, stored bytes)`, ascending.
+    pub(crate) unacked: VecDeque<(u64, Bytes)>,
+    timer: Option<TimerKey>,
+    retransmits: u32,
+}
+
+impl Lane {
+    fn new(view: Bytes) -> Self {
+        Lane {
+            view,
+            live: None,
+            synced: 0,
+            unacked: VecDeque::new(),
+            timer: None,
+            retransmits: 0,
+        }
+    }
+}
+
+/// What a fired retransmit deadline asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Retransmit {
+    /// Nothing (a stale deadline).
+    Nothing,
+    /// Re-send the lane's unacked messages ([`Delivery::lane`]).
+    Resend,
+    /// Every retransmit went unacknowledged: close the connection.
+    Exhausted,
+}
+
+/// A connection's delivery state.
+#[derive(Debug, Default)]
+pub(crate) struct Delivery {
+    lanes: FastMap<u64, Lane>,
+    unacked: usize,
+    behind: bool,
+    /// A sync runs: live push waits.
+    pub(crate) syncing: bool,
+}
+
+impl Delivery {
+    /// Deliveries awaiting an ack.
+    pub(crate) fn unacked(&self) -> usize {
+        self.unacked
+    }
+
+    /// The lane of conversation `conv`, if it has one.
+    pub(crate) fn lane(&self, conv: u64) -> Option<&Lane> {
+        self.lanes.get(&conv)
+    }
+
+    /// A live message `seq` of conversation `conv`: returns true if it is to be written now (it
+    /// then awaits an ack), false if it is skipped (behind, syncing, or a sync already sent it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &mut self,
+        conv: u64,
+        view: &Bytes,
+        seq: u64,
+        stored: &Bytes,
+        now: u64,
+        cfg: &CoreConfig,
+        timers: &mut Timers,
+        conn: ConnId,
+    ) -> bool {
+        if self.behind || self.syncing {
+            return false;
+        }
+        let lane = self
+            .lanes
+            .entry(conv)
+            .or_insert_with(|| Lane::new(view.clone()));
+        if seq <= lane.synced {
+            return false;
+        }
+        if lane.unacked.back().is_some_and(|&(last, _)| last >= seq) {
+            // Already awaiting its ack (a duplicate route); the retransmit covers it.
+            return false;
+        }
+        lane.live = Some(match lane.live {
+            Some((lo, hi)) => (lo, hi.max(seq)),
+            None => (seq, seq),
+        });
+        lane.unacked.push_back((seq, stored.clone()));
+        self.unacked += 1;
+        if lane.timer.is_none() {
+            lane.retransmits = 0;
+            lane.timer = Some(timers.insert(
+                now + cfg.retransmit_initial_ms,
+                TimerFor::Retransmit { conn, conv },
+            ));
+        }
+        true
+    }
+
+    /// Cumulative ack: every delivery of `conv` up to `seq` arrived.
+    pub(crate) fn ack(
+        &mut self,
+        conv: u64,
+        seq: u64,
+        now: u64,
+        cfg: &CoreConfig,
+        timers: &mut Timers,
+        conn: ConnId,
+    ) {
+        let Some(lane) = self.lanes.get_mut(&conv) else {
+            return;
+        };
+        let before = lane.unacked.len();
+        while lane.unacked.front().is_some_and(|&(s, _)| s <= seq) {
+            lane.unacked.pop_front();
+        }
+        let acked = before - lane.unacked.len();
+        if acked == 0 {
+            return;
+        }
+        self.unacked -= acked;
+        if let Some(t) = lane.timer.take() {
+            timers.cancel(t);
+        }
+        if !lane.unacked.is_empty() {
+            // Progress: the rest gets a fresh deadline and a fresh count of tries.
+            lane.retransmits = 0;
+            lane.timer = Some(timers.insert(
+                now + cfg.retransmit_initial_ms,
+                TimerFor::Retransmit { conn, conv },
+            ));
+        }
+    }
+
+    /// The retransmit deadline of `conv` fired at `now`.
+    pub(crate) fn retransmit(
+        &mut self,
+        conv: u64,
+        now: u64,
+        cfg: &CoreConfig,
+        timers: &mut Timers,
+        conn: ConnId,
+    ) -> Retransmit {
+        let Some(lane) = self.lanes.get_mut(&conv) else {
+            return Retransmit::Nothing;
+        };
+        lane.timer = None;
+        if lane.unacked.is_empty() {
+            return Retransmit::Nothing;
+        }
+        if lane.retransmits >= cfg.retransmit_tries {
+            self.clear(timers);
+            return Retransmit::Exhausted;
+        }
+        lane.retransmits += 1;
+        let backoff = cfg
+            .retransmit_initial_ms
+            .saturating_mul(1 << lane.retransmits.min(20))
+            .min(cfg.retransmit_max_ms);
+        lane.timer = Some(timers.insert(now + backoff, TimerFor::Retransmit { conn, conv }));
+        Retransmit::Resend
+    }
+
+    /// Forgets every unacked delivery and cancels the deadlines (falling back to sync, or the
+    /// connection is going away).
+    pub(crate) fn clear(&mut self, timers: &mut Timers) {
+        for lane in self.lanes.values_mut() {
+            if let Some(t) = lane.timer.take() {
+                timers.cancel(t);
+            }
+            lane.unacked.clear();
+        }
+        self.unacked = 0;
+    }
+
+    /// The queue passed its bound: stop live push until the client syncs. Returns true if the
+    /// connection was not behind yet (the caller then writes `Behind`).
+    pub(crate) fn go_behind(&mut self, timers: &mut Timers) -> bool {
+        if self.behind {
+            return false;
+        }
+        self.behind = true;
+        self.clear(timers);
+        for lane in self.lanes.values_mut() {
+            lane.live = None;
+        }
+        true
+    }
+
+    /// A sync starts: nothing it sends before is remembered, live push waits.
+    pub(crate) fn start_sync(&mut self) {
+        self.syncing = true;
+        for lane in self.lanes.values_mut() {
+            lane.synced = 0;
+        }
+    }
+
+    /// The sync is done: live push resumes.
+    pub(crate) fn end_sync(&mut self) {
+        self.syncing = false;
+        self.behind = false;
+    }
+
+    /// Whether a sync page should carry `seq` of `conv` (not already pushed live); records it as
+    /// sent by the sync.
+    pub(crate) fn sync_takes(&mut self, conv: u64, view: &Bytes, seq: u64) -> bool {
+        let lane = self
+            .lanes
+            .entry(conv)
+            .or_insert_with(|| Lane::new(view.clone()));
+        if lane.live.is_some_and(|(lo, hi)| seq >= lo && seq <= hi) {
+            return false;
+        }
+        lane.synced = lane.synced.max(seq);
+        true
+    }
+
+    /// A sync range of `conv` up to `upto` is complete, whether or not every seq in it still
+    /// existed (retention may have dropped some).
+    pub(crate) fn mark_synced(&mut self, conv: u64, view: &Bytes, upto: u64) {
+        let lane = self
+            .lanes
+            .entry(conv)
+            .or_insert_with(|| Lane::new(view.clone()));
+        lane.synced = lane.synced.max(upto);
+    }
+
+    /// The highest seq of `conv` this connection holds or was sent.
+    pub(crate) fn sent_upto(&self, conv: u64) -> u64 {
+        self.lanes
+            .get(&conv)
+            .map_or(0, |l| l.live.map_or(0, |r| r.1).max(l.synced))
+    }
+
+    #[cfg(test)]
+    fn check(&self) {
+        let sum: usize = self.lanes.values().map(|l| l.unacked.len()).sum();
+        assert_eq!(sum, self.unacked);
+        for l in self.lanes.values() {
+            assert_eq!(l.timer.is_some(), !l.unacked.is_empty());
+            assert!(
+                l.unacked
+                    .iter()
+                    .zip(l.unacked.iter().skip(1))
+                    .all(|(a, b)| a.0 < b.0)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const CONN: ConnId = ConnId {
+        slot: 0,
+        generation: 1,
+    };
+
+    fn cfg() -> CoreConfig {
+        let mut c = CoreConfig::from_config(&Config::default());
+        c.retransmit_initial_ms = 100;
+        c.retransmit_max_ms = 400;
+        c.retransmit_tries = 3;
+        c
+    }
+
+    fn push(d: &mut Delivery, t: &mut Timers, seq: u64, now: u64) -> bool {
+        let r = d.push(
+            7,
+            &Bytes::new(),
+            seq,
+            &Bytes::from(vec![seq as u8]),
+            now,
+            &cfg(),
+            t,
+            CONN,
+        );
+        d.check();
+        r
+    }
+
+    /// Fires every deadline due at `now`; returns what each asked for.
+    fn fire(d: &mut Delivery, t: &mut Timers, now: u64) -> Vec<Retransmit> {
+        let mut out = Vec::new();
+        while let Some((_, what)) = t.poll(now) {
+            if let TimerFor::Retransmit { conv, .. } = what {
+                out.push(d.retransmit(conv, now, &cfg(), t, CONN));
+            }
+        }
+        d.check();
+        out
+    }
+
+    #[test]
+    fn one_deadline_per_conversation_however_many_messages_await_acks() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        for seq in 1..=50 {
+            assert!(push(&mut d, &mut t, seq, 0));
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(d.unacked(), 50);
+    }
+
+    #[test]
+    fn unacked_deliveries_are_resent_with_backoff_then_exhausted() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        push(&mut d, &mut t, 1, 0);
+        let mut fired = Vec::new();
+        while let Some(now) = t.next_deadline() {
+            // `next_deadline` is a lower bound (entries cascade down the levels).
+            let r = fire(&mut d, &mut t, now);
+            if !r.is_empty() {
+                fired.push((now, r));
+            }
+            if d.unacked() == 0 {
+                break;
+            }
+        }
+        // 100, then +200, then +400 (capped), then exhausted at +400.
+        assert_eq!(
+            fired,
+            vec![
+                (100, vec![Retransmit::Resend]),
+                (300, vec![Retransmit::Resend]),
+                (700, vec![Retransmit::Resend]),
+                (1100, vec![Retransmit::Exhausted]),
+            ]
+        );
+        assert!(t.is_empty(), "no deadline outlives the deliveries");
+    }
+
+    #[test]
+    fn a_cumulative_ack_removes_what_it_covers_and_rearms_for_the_rest() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        for seq in 1..=3 {
+            push(&mut d, &mut t, seq, 0);
+        }
+        d.ack(7, 2, 50, &cfg(), &mut t, CONN);
+        d.check();
+        assert_eq!(d.unacked(), 1);
+        assert!(t.poll(149).is_none(), "re-armed from the ack");
+        assert_eq!(fire(&mut d, &mut t, 150), vec![Retransmit::Resend]);
+        d.ack(7, 3, 160, &cfg(), &mut t, CONN);
+        d.check();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn sync_skips_what_was_pushed_live_and_live_skips_what_sync_sent() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        push(&mut d, &mut t, 5, 0);
+        push(&mut d, &mut t, 6, 0);
+        let taken: Vec<u64> = (1..=7)
+            .filter(|&s| d.sync_takes(7, &Bytes::new(), s))
+            .collect();
+        assert_eq!(taken, vec![1, 2, 3, 4, 7]);
+        assert!(!push(&mut d, &mut t, 7, 0), "seq 7 came with the sync");
+        assert!(push(&mut d, &mut t, 8, 0));
+    }
+
+    #[test]
+    fn live_deliveries_wait_while_a_sync_runs() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        d.start_sync();
+        assert!(!push(&mut d, &mut t, 1, 0));
+        d.end_sync();
+        assert!(push(&mut d, &mut t, 2, 0));
+    }
+
+    #[test]
+    fn behind_pushes_nothing_until_a_sync_is_done() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        push(&mut d, &mut t, 1, 0);
+        assert!(d.go_behind(&mut t));
+        assert!(!d.go_behind(&mut t), "told once");
+        assert!(t.is_empty());
+        assert!(!push(&mut d, &mut t, 2, 0));
+        d.start_sync();
+        d.end_sync();
+        assert!(push(&mut d, &mut t, 3, 0));
+    }
+}

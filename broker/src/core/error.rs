@@ -1,0 +1,244 @@
+//! Typed errors of the core, and the one place where they become wire error codes.
+//!
+//! * [`Refusal`]: one request is refused; the connection goes on (`Error{fatal: false}`).
+//! * [`CloseReason`]: the connection ends (`Error{fatal: true}`, then the transport's close).
+//!
+//! [`Refusal::code`] and [`CloseReason::code`] are the whole mapping; nothing else in the core
+//! picks a wire code.
+
+use parley_proto::frame::WireError as _;
+use parley_proto::pb;
+use parley_proto::pb::frame::Body;
+
+use crate::auth::AuthError;
+use crate::transport::TransportError;
+
+/// Why one request was refused (the connection stays open).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// More sends than `limits.send_rate_per_sec` allows; retry after the hint.
+    #[error("sending faster than the rate limit")]
+    RateLimited {
+        /// Milliseconds until a send would be accepted.
+        retry_after_ms: u32,
+    },
+    /// `Send.client_msg_id` is 0.
+    #[error("client_msg_id must not be 0")]
+    ClientMsgIdZero,
+    /// `Send.body` is over `limits.max_body_bytes`.
+    #[error("body larger than limits.max_body_bytes")]
+    BodyTooLarge,
+    /// A recall or edit without `ref_seq`.
+    #[error("recall and edit need ref_seq")]
+    RefSeqMissing,
+    /// A kind clients may not send (SYSTEM, or unknown).
+    #[error("clients may not send this kind")]
+    KindNotAllowed,
+    /// `Send.to` names no conversation this node serves.
+    #[error("to must name a DIRECT conversation with a user id of 1..=128 bytes")]
+    BadRecipient,
+    /// A request without its conversation.
+    #[error("conversation is required")]
+    ConversationRequired,
+    /// A request naming no conversation this node serves.
+    #[error("unknown conversation")]
+    UnknownConversation,
+    /// A second Login on a logged-in connection.
+    #[error("already logged in")]
+    AlreadyLoggedIn,
+    /// A frame without a body.
+    #[error("frame without a body")]
+    NoBody,
+    /// A frame only the server sends.
+    #[error("this frame is sent by the server, not the client")]
+    ServerOnlyFrame,
+    /// A feature the schema carries that this node does not serve yet.
+    #[error("{0} are not available yet")]
+    NotAvailable(&'static str),
+    /// A recall or edit of a seq that holds no message.
+    #[error("ref_seq names no stored message")]
+    RefNotFound,
+    /// A recall or edit of someone else's message.
+    #[error("only a message's sender may recall or edit it")]
+    NotSender,
+    /// Two conversation keys hash to the same id (astronomically rare); the second is refused.
+    #[error("conversation id collision; this conversation cannot be stored")]
+    IdCollision,
+    /// The log refused the append.
+    #[error("the message could not be stored: {0}")]
+    Storage(String),
+    /// The log failed its flush: nothing pending is known to be stored.
+    #[error("the node's log failed; the message may not be stored: retry")]
+    LogFailed,
+    /// An inbound frame could not be decoded (not fatal: the stream is in sync).
+    #[error("{message}")]
+    BadFrame {
+        /// The transport's code.
+        code: pb::ErrorCode,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl Refusal {
+    /// The wire code.
+    pub(crate) fn code(&self) -> pb::ErrorCode {
+        use pb::ErrorCode as C;
+        match self {
+            Refusal::RateLimited { .. } => C::RateLimited,
+            Refusal::ClientMsgIdZero
+            | Refusal::BodyTooLarge
+            | Refusal::RefSeqMissing
+            | Refusal::KindNotAllowed
+            | Refusal::BadRecipient
+            | Refusal::ConversationRequired
+            | Refusal::UnknownConversation => C::InvalidArgument,
+            Refusal::AlreadyLoggedIn
+            | Refusal::NoBody
+            | Refusal::ServerOnlyFrame
+            | Refusal::NotAvailable(_) => C::UnexpectedFrame,
+            Refusal::RefNotFound => C::NotFound,
+            Refusal::NotSender => C::Forbidden,
+            Refusal::IdCollision => C::Internal,
+            Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,
+            Refusal::BadFrame { code, .. } => *code,
+        }
+    }
+
+    /// The `Error` frame answering request `request_id` (of send `client_msg_id`, or 0).
+    pub(crate) fn frame(&self, request_id: u64, client_msg_id: u64) -> pb::Frame {
+        let retry_after_ms = match self {
+            Refusal::RateLimited { retry_after_ms } => *retry_after_ms,
+            _ => 0,
+        };
+        error_frame(
+            request_id,
+            self.code(),
+            self.to_string(),
+            false,
+            client_msg_id,
+            retry_after_ms,
+        )
+    }
+}
+
+/// Why the core ends a connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CloseReason {
+    /// The first frame was not a Login.
+    #[error("the first frame must be a Login")]
+    LoginRequired,
+    /// No login within `timeouts.login_ms`.
+    #[error("no login within the login timeout")]
+    LoginTimeout,
+    /// The token was refused.
+    #[error("{0}")]
+    Auth(AuthError),
+    /// The client speaks another protocol version.
+    #[error("protocol_version must be 1")]
+    UnsupportedVersion,
+    /// Nothing heard within `timeouts.idle_ms`.
+    #[error("nothing heard within the idle timeout")]
+    IdleTimeout,
+    /// Queued output made no progress within `timeouts.write_stall_ms`.
+    #[error("the connection read nothing within the write-stall timeout")]
+    SlowConsumer,
+    /// Deliveries went unacknowledged through every retransmit.
+    #[error("deliveries went unacknowledged through every retransmit")]
+    RetransmitExhausted,
+    /// The same user and device logged in on another connection.
+    #[error("the same user and device logged in on another connection")]
+    Replaced,
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The node is at `limits.max_connections`.
+    #[error("the node has reached limits.max_connections")]
+    TooManyConnections,
+    /// Before login, a frame that could not be decoded: not a client of ours.
+    #[error("{0}")]
+    Garbage(TransportError),
+}
+
+impl CloseReason {
+    /// The wire code.
+    pub(crate) fn code(&self) -> pb::ErrorCode {
+        use pb::ErrorCode as C;
+        match self {
+            CloseReason::LoginRequired => C::LoginRequired,
+            CloseReason::LoginTimeout => C::LoginTimeout,
+            CloseReason::Auth(AuthError::Expired) => C::TokenExpired,
+            CloseReason::Auth(_) => C::BadToken,
+            CloseReason::UnsupportedVersion => C::UnsupportedVersion,
+            CloseReason::IdleTimeout => C::IdleTimeout,
+            CloseReason::SlowConsumer => C::SlowConsumer,
+            CloseReason::RetransmitExhausted => C::RetransmitExhausted,
+            CloseReason::Replaced => C::Replaced,
+            CloseReason::ShuttingDown => C::ShuttingDown,
+            CloseReason::TooManyConnections => C::TooManyConnections,
+            CloseReason::Garbage(e) => e.code(),
+        }
+    }
+
+    /// The fatal `Error` frame (answering `request_id`, or 0).
+    pub(crate) fn frame(&self, request_id: u64) -> pb::Frame {
+        error_frame(request_id, self.code(), self.to_string(), true, 0, 0)
+    }
+}
+
+fn error_frame(
+    request_id: u64,
+    code: pb::ErrorCode,
+    message: String,
+    fatal: bool,
+    client_msg_id: u64,
+    retry_after_ms: u32,
+) -> pb::Frame {
+    pb::Frame {
+        request_id,
+        body: Some(Body::Error(pb::Error {
+            code: code as i32,
+            message,
+            fatal,
+            client_msg_id,
+            retry_after_ms,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_their_wire_codes() {
+        assert_eq!(
+            Refusal::RateLimited { retry_after_ms: 5 }.code(),
+            pb::ErrorCode::RateLimited
+        );
+        assert_eq!(Refusal::NotSender.code(), pb::ErrorCode::Forbidden);
+        assert_eq!(Refusal::RefNotFound.code(), pb::ErrorCode::NotFound);
+        assert_eq!(Refusal::LogFailed.code(), pb::ErrorCode::StorageFailure);
+        let f = Refusal::RateLimited { retry_after_ms: 5 }.frame(3, 9);
+        let Some(Body::Error(e)) = f.body else {
+            panic!("an error frame")
+        };
+        assert_eq!((e.retry_after_ms, e.client_msg_id, e.fatal), (5, 9, false));
+    }
+
+    #[test]
+    fn close_reasons_are_fatal_and_map_expired_tokens_apart() {
+        assert_eq!(
+            CloseReason::Auth(AuthError::Expired).code(),
+            pb::ErrorCode::TokenExpired
+        );
+        assert_eq!(
+            CloseReason::Auth(AuthError::BadSignature).code(),
+            pb::ErrorCode::BadToken
+        );
+        let Some(Body::Error(e)) = CloseReason::Replaced.frame(0).body else {
+            panic!("an error frame")
+        };
+        assert!(e.fatal);
+    }
+}

@@ -1,0 +1,157 @@
+//! What shards say to each other: [`ShardMsg`]s, always in batches (one `Vec` per target shard
+//! per turn) over a bounded channel plus a wake-up, which the driver carries.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use parley_proto::pb;
+
+use super::conv::Conv;
+use crate::auth::Identity;
+use crate::transport::Transport;
+
+/// A connection anywhere on the node: its shard, slot and the slot's generation (a reused slot
+/// has a new one, so a late reply for a closed connection is dropped instead of reaching its
+/// successor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Origin {
+    pub(crate) shard: usize,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+}
+
+/// A logged-in device, as every shard names it: the user and the device, shared strings made
+/// once at login.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Device {
+    pub(crate) user: Arc<str>,
+    pub(crate) device: Arc<str>,
+}
+
+/// A validated send, for the conversation's owner.
+#[derive(Debug)]
+pub(crate) struct Append {
+    pub(crate) origin: Origin,
+    pub(crate) request_id: u64,
+    pub(crate) sender: Device,
+    pub(crate) conv: Arc<Conv>,
+    /// The send as decoded (its body borrows the read buffer; `to` is the sender's view, echoed
+    /// in the ack).
+    pub(crate) send: pb::Send,
+    /// Wall-clock time at the sender's shard when the send arrived.
+    pub(crate) unix_ms: i64,
+}
+
+/// A stored message's acknowledgement, for the sender's connection.
+#[derive(Debug)]
+pub(crate) struct Acked {
+    pub(crate) to: Origin,
+    pub(crate) request_id: u64,
+    pub(crate) ack: pb::SendAck,
+}
+
+/// One recipient user of a delivery; `exclude` is the sending device when the sender is this
+/// user (its other devices receive, the sender does not).
+#[derive(Debug, Clone)]
+pub(crate) struct Recipient {
+    pub(crate) user: Arc<str>,
+    pub(crate) exclude: Option<Arc<str>>,
+}
+
+/// A stored message on its way to its recipients on one home shard: the bytes encoded once by
+/// the owner, shared by every delivery and retransmit.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) seq: u64,
+    pub(crate) stored: Bytes,
+    pub(crate) recipients: Vec<Recipient>,
+}
+
+/// Why a range of a conversation is read.
+#[derive(Debug, Clone)]
+pub(crate) enum ReadPurpose {
+    /// A page of a running sync.
+    Sync,
+    /// A history page for this request, in this view.
+    History {
+        request_id: u64,
+        view: pb::Conversation,
+    },
+}
+
+/// A read of a conversation's stored messages, for its owner.
+#[derive(Debug)]
+pub(crate) struct Read {
+    pub(crate) reply: Origin,
+    pub(crate) conv: Arc<Conv>,
+    /// Seqs `[from, to]`.
+    pub(crate) from: u64,
+    pub(crate) to: u64,
+    pub(crate) limit: u32,
+    pub(crate) newest_first: bool,
+    pub(crate) purpose: ReadPurpose,
+}
+
+/// The answer to a [`Read`]: stored messages in ascending seq order.
+#[derive(Debug)]
+pub(crate) struct ReadDone {
+    pub(crate) to: Origin,
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) purpose: ReadPurpose,
+    pub(crate) messages: Vec<(u64, Bytes)>,
+    /// Seqs of the range not returned remain: the next page starts after the last message.
+    pub(crate) more: bool,
+    pub(crate) first_seq: u64,
+    pub(crate) last_seq: u64,
+    /// The upper end of the range asked for (for continuing a sync).
+    pub(crate) to_seq: u64,
+}
+
+/// A logged-in connection moving to its user's home shard. The driver moves the socket with it.
+#[derive(Debug)]
+pub struct Adoption {
+    pub(crate) transport: Transport,
+    /// Bytes read and not yet decoded (frames pipelined behind the login).
+    pub(crate) inbuf: BytesMut,
+    /// Bytes queued and not yet written.
+    pub(crate) out: BytesMut,
+    pub(crate) identity: Identity,
+    pub(crate) request_id: u64,
+}
+
+/// One message between shards (what it carries is the core's business).
+#[derive(Debug)]
+#[allow(private_interfaces)]
+pub enum ShardMsg {
+    /// To a conversation's owner: store this send.
+    Append(Box<Append>),
+    /// To a connection's shard: the send-ack of a stored message.
+    Acked(Acked),
+    /// To a connection's shard: a refusal of its request.
+    Refused {
+        /// The connection.
+        to: Origin,
+        /// The refused request.
+        request_id: u64,
+        /// The refused send's client message id (0 if not a send).
+        client_msg_id: u64,
+        /// Why.
+        refusal: super::error::Refusal,
+    },
+    /// To a home shard: a stored message for some of its users.
+    Deliver(Box<Delivery>),
+    /// To a user's home shard at start-up: conversation `conv` has messages up to `last_seq`.
+    Inbox {
+        /// The user.
+        user: Arc<str>,
+        /// The conversation.
+        conv: Arc<Conv>,
+        /// Its latest seq.
+        last_seq: u64,
+    },
+    /// To a conversation's owner: read a range.
+    Read(Box<Read>),
+    /// The answer to `Read`.
+    ReadDone(Box<ReadDone>),
+}

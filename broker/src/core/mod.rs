@@ -1,0 +1,1043 @@
+//! The sans-IO shard core: everything a shard decides, with no socket, thread, clock or
+//! randomness inside.
+//!
+//! [`ShardCore`] takes inputs — bytes read on a connection ([`ShardCore::handle_bytes`]), a
+//! connection opened, closed or reset, a batch from another shard ([`ShardCore::handle_mail`]),
+//! a connection handed over by another shard, a storage completion
+//! ([`ShardCore::handle_flushed`]), the time ([`ShardCore::handle_timeout`]) — and returns
+//! [`Effect`]s: bytes to write ([`Effect::Transmit`], then [`ShardCore::outbound`]), a close, a
+//! connection to hand over, a batch for another shard, a flush to run; and
+//! [`ShardCore::next_deadline`]. The driver (`crate::node`: mio, threads, wakers, the flusher,
+//! the clock) applies them; the simulation (`parley-sim`) applies them to a fake network, a fake
+//! clock and a storage backend that crashes.
+//!
+//! The core is generic over the storage backend ([`parley_storage::Backend`]) and iterates no
+//! hash map in a way that reaches its output unsorted (its maps use a fixed hasher), so the same
+//! inputs give the same effects.
+//!
+//! Roles, one module each:
+//! * [`conn`]: a connection and its session (login, liveness, limits);
+//! * [`delivery`]: what one connection was pushed and owes acks for (retransmit, `Behind`);
+//! * [`sync`]: sync and history (the home side that pages, the owner side that reads);
+//! * [`owner`]: conversation owner (de-dup, seq, id, one encode, append, release after flush);
+//! * [`home`]: user home (devices, inbox, live push);
+//! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
+//! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
+//!   [`counters`]: what a shard counts.
+//!
+//! ### Invariants
+//! * A connection's state is in exactly one shard's table; a slot freed by an effect (close,
+//!   handover) is reused only after [`ShardCore::take_effects`] handed that effect out.
+//! * Frames reach a connection in the order the core wrote them ([`Connection::out`] is FIFO).
+
+mod config;
+pub(crate) mod conn;
+pub(crate) mod conv;
+mod counters;
+pub(crate) mod delivery;
+pub(crate) mod error;
+pub(crate) mod home;
+pub(crate) mod ids;
+pub(crate) mod mail;
+pub(crate) mod owner;
+pub(crate) mod sync;
+pub(crate) mod timers;
+pub(crate) mod wheel;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use parley_proto::frame::WireError as _;
+use parley_proto::pb;
+use parley_proto::pb::frame::Body;
+use parley_storage::{Backend, Log, Lsn, SyncOf, SyncTicket, Timestamp};
+
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::transport::{Inbound, Transport, TransportError, TransportLimits};
+pub use conn::ConnId;
+use conn::{Connection, Phase, Who};
+use conv::Placement;
+pub use counters::Counters;
+use error::{CloseReason, Refusal};
+use home::Home;
+use mail::Origin;
+pub use mail::{Adoption, ShardMsg};
+use owner::Owner;
+use timers::{TimerFor, Timers};
+
+/// The core's hash map: foldhash with a fixed seed, so iteration order depends only on what was
+/// inserted (the core never lets it reach its output unsorted anyway).
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// The time of this turn, read once by the driver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds since the node started: every deadline is in these.
+    pub ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch: message times, ids, token expiry.
+    pub unix_ms: i64,
+}
+
+/// What the driver must do for the core.
+#[derive(Debug)]
+pub enum Effect<T> {
+    /// Bytes are queued for this connection: write [`ShardCore::outbound`], then report with
+    /// [`ShardCore::handle_written`].
+    Transmit(ConnId),
+    /// The connection is over on the core's side: write `last` (its last words), shut the write
+    /// side, and drop the socket once the peer closed or a grace period passed.
+    Close {
+        /// The connection (its slot may be reused after this effect).
+        conn: ConnId,
+        /// Bytes still to write.
+        last: BytesMut,
+    },
+    /// Move the connection's socket to shard `to` with `adoption`
+    /// ([`ShardCore::handle_adopt`] there).
+    Handover {
+        /// The connection (its slot may be reused after this effect).
+        conn: ConnId,
+        /// The target shard.
+        to: usize,
+        /// Its state.
+        adoption: Box<Adoption>,
+    },
+    /// A batch for shard `to` ([`ShardCore::handle_mail`] there).
+    Mail {
+        /// The target shard.
+        to: usize,
+        /// The messages, in order.
+        batch: Vec<ShardMsg>,
+    },
+    /// Run this flush (off the shard thread) and report with [`ShardCore::handle_flushed`].
+    Flush(T),
+}
+
+/// The effect type of a core over backend `B`.
+pub type CoreEffect<B> = Effect<SyncTicket<SyncOf<B>>>;
+
+/// Switches that plant bugs, for proving that the simulation catches them. Never set outside
+/// tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestSwitches {
+    /// Release acks and deliveries before the flush made them durable.
+    pub release_before_flush: bool,
+}
+
+/// What a shard core starts from.
+pub struct CoreSetup<B: Backend> {
+    /// This shard's index.
+    pub index: usize,
+    /// Number of shards of the node.
+    pub shards: usize,
+    /// The node configuration.
+    pub config: Config,
+    /// Who a token names.
+    pub verifier: Arc<dyn TokenVerifier>,
+    /// The shard's log, opened (recovered).
+    pub log: Log<B>,
+    /// The time at start.
+    pub now: Now,
+    /// Print nothing (the simulation runs thousands of nodes).
+    pub quiet: bool,
+    /// Planted bugs (tests only).
+    pub switches: TestSwitches,
+}
+
+impl<B: Backend> fmt::Debug for CoreSetup<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreSetup")
+            .field("index", &self.index)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One shard's state and decisions (see the module documentation).
+pub struct ShardCore<B: Backend> {
+    index: usize,
+    placement: Placement,
+    cfg: Arc<config::CoreConfig>,
+    limits: TransportLimits,
+    verifier: Arc<dyn TokenVerifier>,
+    conns: Vec<Option<Box<Connection>>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    freed: Vec<u32>,
+    timers: Timers,
+    owner: Owner<B>,
+    home: Home,
+    outgoing: Vec<Vec<ShardMsg>>,
+    local: VecDeque<ShardMsg>,
+    effects: Vec<CoreEffect<B>>,
+    dirty: Vec<ConnId>,
+    scratch: BytesMut,
+    target_scratch: Vec<ConnId>,
+    counters: Counters,
+    shutting_down: bool,
+    now: Now,
+    quiet: bool,
+    test_switches: TestSwitches,
+}
+
+impl<B: Backend> fmt::Debug for ShardCore<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardCore")
+            .field("index", &self.index)
+            .field("connections", &self.counters.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> ShardCore<B> {
+    /// A core over its recovered log: rebuilds conversations and de-dup windows from the log
+    /// and queues, as [`Effect::Mail`], what each user's home must know.
+    pub fn new(setup: CoreSetup<B>) -> Self {
+        let cfg = config::CoreConfig::from_config(&setup.config);
+        let placement = Placement::new(setup.shards);
+        let mut timers = Timers::new(setup.now.ms);
+        timers.insert(setup.now.ms + cfg.maintenance_ms, TimerFor::Maintenance);
+        let mut core = ShardCore {
+            index: setup.index,
+            placement,
+            limits: TransportLimits::from(&setup.config.limits),
+            cfg: Arc::new(cfg),
+            verifier: setup.verifier,
+            conns: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            freed: Vec::new(),
+            timers,
+            owner: Owner::new(setup.log, setup.index),
+            home: Home::default(),
+            outgoing: (0..placement.shards()).map(|_| Vec::new()).collect(),
+            local: VecDeque::new(),
+            effects: Vec::new(),
+            dirty: Vec::new(),
+            scratch: BytesMut::new(),
+            target_scratch: Vec::new(),
+            counters: Counters::default(),
+            shutting_down: false,
+            now: setup.now,
+            quiet: setup.quiet,
+            test_switches: setup.switches,
+        };
+        core.rebuild();
+        core.drain_local();
+        core
+    }
+
+    // ----- inputs ------------------------------------------------------------------------------
+
+    /// A connection was accepted (`websocket`: on the WebSocket listener). `over_limit`: the node
+    /// holds `limits.max_connections` already; the connection is told so and closed.
+    pub fn handle_open(&mut self, websocket: bool, over_limit: bool, now: Now) -> ConnId {
+        self.now = now;
+        let transport = if websocket {
+            Transport::websocket(self.limits)
+        } else {
+            Transport::tcp(self.limits)
+        };
+        let conn = self.insert(transport, BytesMut::new(), BytesMut::new());
+        self.counters.connections_opened += 1;
+        if over_limit || self.shutting_down {
+            let reason = if over_limit {
+                CloseReason::TooManyConnections
+            } else {
+                CloseReason::ShuttingDown
+            };
+            self.close(conn, 0, Some(reason));
+        }
+        self.drain_local();
+        conn
+    }
+
+    /// Bytes read on `conn`.
+    pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Now) {
+        self.now = now;
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        c.inbuf.extend_from_slice(bytes);
+        self.counters.bytes_in += bytes.len() as u64;
+        self.decode(conn);
+        self.after_io(conn);
+        self.drain_local();
+    }
+
+    /// The peer closed its sending side: what it is owed is flushed, then the connection closes.
+    pub fn handle_eof(&mut self, conn: ConnId, now: Now) {
+        self.now = now;
+        self.close(conn, 0, None);
+        self.drain_local();
+    }
+
+    /// The socket failed (reset): the connection is gone; nothing more is written to it.
+    pub fn handle_reset(&mut self, conn: ConnId, now: Now) {
+        self.now = now;
+        if let Some(c) = self.remove(conn) {
+            drop(c);
+        }
+        self.drain_local();
+    }
+
+    /// The bytes queued for `conn`: the driver writes from the front and advances past what the
+    /// socket took.
+    pub fn outbound(&mut self, conn: ConnId) -> Option<&mut BytesMut> {
+        self.live_conn_mut(conn).map(|c| &mut c.out)
+    }
+
+    /// The driver wrote to `conn` (`progressed`: some bytes went out).
+    pub fn handle_written(&mut self, conn: ConnId, progressed: bool, now: Now) {
+        self.now = now;
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        c.note_write(progressed, now.ms);
+        c.shrink();
+        self.pump_sync(conn);
+        self.arm(conn);
+        self.drain_local();
+    }
+
+    /// A batch from another shard.
+    pub fn handle_mail(&mut self, batch: Vec<ShardMsg>, now: Now) {
+        self.now = now;
+        for msg in batch {
+            self.on_mail(msg);
+        }
+        self.drain_local();
+    }
+
+    /// A logged-in connection handed over by another shard; the driver puts its socket at the
+    /// returned id.
+    pub fn handle_adopt(&mut self, a: Box<Adoption>, now: Now) -> ConnId {
+        self.now = now;
+        let Adoption {
+            transport,
+            inbuf,
+            out,
+            identity,
+            request_id,
+        } = *a;
+        let conn = self.insert(transport, inbuf, out);
+        self.mark_dirty(conn);
+        if self.shutting_down {
+            self.close(conn, 0, Some(CloseReason::ShuttingDown));
+        } else {
+            self.activate(conn, identity, request_id);
+            // Frames pipelined behind the login came along in the buffer.
+            self.decode(conn);
+            self.after_io(conn);
+        }
+        self.drain_local();
+        conn
+    }
+
+    /// A flush the core asked for ([`Effect::Flush`]) finished.
+    pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, now: Now) {
+        self.now = now;
+        self.on_flushed(result);
+        self.drain_local();
+    }
+
+    /// Fires every deadline due at `now`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.now = now;
+        while let Some((_, what)) = self.timers.poll(now.ms) {
+            match what {
+                TimerFor::Session(conn) => self.session_deadline(conn),
+                TimerFor::Retransmit { conn, conv } => self.retransmit(conn, conv),
+                TimerFor::Maintenance => self.maintenance(),
+            }
+            self.drain_local();
+        }
+    }
+
+    /// The node is stopping: makes what was appended durable (so its acks go out first), then
+    /// closes every connection with SHUTTING_DOWN. New connections are refused from now on.
+    pub fn handle_shutdown(&mut self, now: Now) {
+        self.now = now;
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        match self.owner.log.flush() {
+            Ok(_) => self.release(),
+            Err(e) => self.log_line(format_args!("flush at shutdown failed: {e}")),
+        }
+        self.drain_local();
+        for slot in 0..self.conns.len() {
+            if let Some(conn) = self.conns[slot].as_ref().map(|c| c.id) {
+                self.close(conn, 0, Some(CloseReason::ShuttingDown));
+            }
+        }
+        self.drain_local();
+    }
+
+    /// Flushes the log at exit.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.owner.log.flush() {
+            self.log_line(format_args!("final flush failed: {e}"));
+        }
+    }
+
+    // ----- outputs -----------------------------------------------------------------------------
+
+    /// Moves every pending effect to `out`, in order: closes and handovers as they happened, a
+    /// flush of this turn's appends, one batch per other shard, then one transmit per
+    /// connection with output.
+    pub fn take_effects(&mut self, out: &mut Vec<CoreEffect<B>>) {
+        self.drain_local();
+        self.start_flush();
+        self.drain_local();
+        out.append(&mut self.effects);
+        for (to, batch) in self.outgoing.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                out.push(Effect::Mail {
+                    to,
+                    batch: std::mem::take(batch),
+                });
+            }
+        }
+        for conn in self.dirty.drain(..) {
+            if let Some(Some(c)) = self.conns.get_mut(conn.slot as usize)
+                && c.id == conn
+                && c.transmit_queued
+            {
+                c.transmit_queued = false;
+                out.push(Effect::Transmit(conn));
+            }
+        }
+        self.free.append(&mut self.freed);
+    }
+
+    /// Whether [`ShardCore::take_effects`] has something to hand out.
+    pub fn has_work(&self) -> bool {
+        !self.effects.is_empty()
+            || !self.dirty.is_empty()
+            || !self.local.is_empty()
+            || self.outgoing.iter().any(|b| !b.is_empty())
+    }
+
+    /// The earliest deadline (ms) at which [`ShardCore::handle_timeout`] has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.timers.next_deadline()
+    }
+
+    /// Shutting down, every connection gone and nothing waiting for durability.
+    pub fn is_finished(&self) -> bool {
+        self.shutting_down && self.counters.connections == 0 && !self.owner.is_busy()
+    }
+
+    /// The shard's counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Bytes queued on `conn`, if it is open (for tests and the simulation's memory bound).
+    pub fn queued_bytes(&self, conn: ConnId) -> Option<usize> {
+        self.conns
+            .get(conn.slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|c| c.id == conn)
+            .map(|c| c.out.len() + c.inbuf.len())
+    }
+
+    /// The shard's log (for the driver's start-up report and the simulation's crash images).
+    pub fn log(&self) -> &Log<B> {
+        &self.owner.log
+    }
+
+    // ----- connections -------------------------------------------------------------------------
+
+    fn insert(&mut self, transport: Transport, inbuf: BytesMut, out: BytesMut) -> ConnId {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.generations.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let g = &mut self.generations[slot as usize];
+        *g = g.wrapping_add(1);
+        let id = ConnId {
+            slot,
+            generation: *g,
+        };
+        let mut c = Connection::new(id, transport, &self.cfg, self.now.ms);
+        c.inbuf = inbuf;
+        c.out = out;
+        debug_assert!(self.conns[slot as usize].is_none(), "a free slot is empty");
+        self.conns[slot as usize] = Some(Box::new(c));
+        self.counters.connections += 1;
+        self.arm(id);
+        id
+    }
+
+    /// Takes a connection out of the table: unregisters it, cancels its deadlines, frees its
+    /// slot (reusable after the next `take_effects`).
+    fn remove(&mut self, conn: ConnId) -> Option<Box<Connection>> {
+        let slot = conn.slot as usize;
+        match self.conns.get(slot) {
+            Some(Some(c)) if c.id == conn => {}
+            _ => return None,
+        }
+        let mut c = self.conns[slot].take()?;
+        if let Some(user) = c.user() {
+            self.home.unregister(user, conn);
+        }
+        c.delivery.clear(&mut self.timers);
+        if let Some((key, _)) = c.timer.take() {
+            self.timers.cancel(key);
+        }
+        self.freed.push(conn.slot);
+        self.counters.connections -= 1;
+        Some(c)
+    }
+
+    /// Ends a connection: with `reason`, its `Error` frame and the transport's close go out
+    /// first; then the driver is told to flush and close.
+    fn close(&mut self, conn: ConnId, request_id: u64, reason: Option<CloseReason>) {
+        if let Some(reason) = &reason {
+            self.write_frame(conn, &reason.frame(request_id));
+            let message = reason.to_string();
+            if let Some(c) = self.live_conn_mut(conn) {
+                c.transport.close(reason.code(), &message, &mut c.out);
+            }
+        }
+        if let Some(mut c) = self.remove(conn) {
+            let last = std::mem::take(&mut c.out);
+            self.effects.push(Effect::Close { conn, last });
+        }
+    }
+
+    fn live_conn_mut(&mut self, conn: ConnId) -> Option<&mut Connection> {
+        match self.conns.get_mut(conn.slot as usize) {
+            Some(Some(c)) if c.id == conn => Some(c),
+            _ => None,
+        }
+    }
+
+    fn origin(&self, conn: ConnId) -> Origin {
+        Origin {
+            shard: self.index,
+            slot: conn.slot,
+            generation: conn.generation,
+        }
+    }
+
+    fn conn_of(&self, o: Origin) -> Option<ConnId> {
+        debug_assert_eq!(o.shard, self.index);
+        let conn = ConnId {
+            slot: o.slot,
+            generation: o.generation,
+        };
+        match self.conns.get(o.slot as usize) {
+            Some(Some(c)) if c.id == conn => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn mark_dirty(&mut self, conn: ConnId) {
+        if let Some(c) = self.live_conn_mut(conn)
+            && !c.transmit_queued
+        {
+            c.transmit_queued = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    /// After a connection's input: it has output to send, and its deadline may have moved.
+    fn after_io(&mut self, conn: ConnId) {
+        if let Some(c) = self.live_conn_mut(conn)
+            && !c.out.is_empty()
+        {
+            self.mark_dirty(conn);
+        }
+        self.arm(conn);
+    }
+
+    /// (Re-)arms the connection's session deadline, if it moved earlier.
+    fn arm(&mut self, conn: ConnId) {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if c.id != conn {
+            return;
+        }
+        let deadline = c.next_deadline(&cfg);
+        if let Some((key, at)) = c.timer {
+            if at <= deadline && self.timers.deadline(key).is_some() {
+                return;
+            }
+            self.timers.cancel(key);
+        }
+        let key = self.timers.insert(deadline, TimerFor::Session(conn));
+        c.timer = Some((key, deadline));
+    }
+
+    fn session_deadline(&mut self, conn: ConnId) {
+        let cfg = Arc::clone(&self.cfg);
+        let now = self.now.ms;
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        c.timer = None;
+        match c.expired(&cfg, now) {
+            Some(reason) => self.close(conn, 0, Some(reason)),
+            None => self.arm(conn),
+        }
+    }
+
+    fn retransmit(&mut self, conn: ConnId, conv: u64) {
+        let now = self.now.ms;
+        let (cfg, timers) = (&self.cfg, &mut self.timers);
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if c.id != conn {
+            return;
+        }
+        match c.delivery.retransmit(conv, now, cfg, timers, conn) {
+            delivery::Retransmit::Nothing => {}
+            delivery::Retransmit::Exhausted => {
+                self.close(conn, 0, Some(CloseReason::RetransmitExhausted));
+            }
+            delivery::Retransmit::Resend => {
+                let budget = self.cfg.page_budget;
+                let Some(lane) = c.delivery.lane(conv) else {
+                    return;
+                };
+                // Re-sent together, in as few frames as the frame limit allows.
+                let mut frames: Vec<BytesMut> = Vec::new();
+                let mut batch: Vec<parley_proto::splice::Spliced<'_>> = Vec::new();
+                let mut bytes = 0;
+                let mut count = 0u64;
+                for (_, stored) in &lane.unacked {
+                    let m = parley_proto::splice::Spliced {
+                        stored,
+                        view: &lane.view,
+                    };
+                    let size = m.len() + parley_proto::splice::PER_MESSAGE_OVERHEAD;
+                    if !batch.is_empty() && bytes + size > budget {
+                        let mut f = BytesMut::new();
+                        parley_proto::splice::encode_deliver(0, &batch, &mut f);
+                        frames.push(f);
+                        batch.clear();
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    count += 1;
+                    batch.push(m);
+                }
+                if !batch.is_empty() {
+                    let mut f = BytesMut::new();
+                    parley_proto::splice::encode_deliver(0, &batch, &mut f);
+                    frames.push(f);
+                }
+                self.counters.retransmits += count;
+                for f in frames {
+                    self.write_encoded(conn, &f);
+                }
+            }
+        }
+    }
+
+    fn maintenance(&mut self) {
+        let now = self.now;
+        if let Err(e) = self
+            .owner
+            .log
+            .tick(Timestamp::from_micros(now.unix_ms.saturating_mul(1000)))
+        {
+            self.log_line(format_args!("log maintenance failed: {e}"));
+        }
+        if !self.cfg.wait_for_flush {
+            self.release();
+        }
+        self.timers
+            .insert(now.ms + self.cfg.maintenance_ms, TimerFor::Maintenance);
+    }
+
+    // ----- frames in ---------------------------------------------------------------------------
+
+    /// Decodes and handles everything `conn`'s buffer holds.
+    fn decode(&mut self, conn: ConnId) {
+        loop {
+            let now = self.now.ms;
+            let Some(c) = self.live_conn_mut(conn) else {
+                return;
+            };
+            let before = c.out.len();
+            let item = c.transport.decode(&mut c.inbuf, &mut c.out);
+            let wrote = c.out.len() != before;
+            let phase = c.phase;
+            if wrote {
+                self.mark_dirty(conn);
+            }
+            match item {
+                Ok(None) => return,
+                Ok(Some(Inbound::Frame(frame))) => {
+                    self.counters.frames_in += 1;
+                    if let Some(c) = self.live_conn_mut(conn) {
+                        c.heard(now);
+                    }
+                    self.on_frame(conn, frame);
+                }
+                Ok(Some(Inbound::Upgraded { token, .. })) => {
+                    if let Some(c) = self.live_conn_mut(conn) {
+                        c.heard(now);
+                    }
+                    if let Some(token) = token {
+                        let login = pb::Login {
+                            protocol_version: parley_proto::PROTOCOL_VERSION,
+                            token,
+                            client_name: String::new(),
+                        };
+                        self.login(conn, 0, login);
+                    }
+                }
+                Ok(Some(Inbound::Liveness)) => {
+                    if let Some(c) = self.live_conn_mut(conn) {
+                        c.heard(now);
+                    }
+                }
+                Ok(Some(Inbound::PeerClosed { .. })) => return self.close(conn, 0, None),
+                // The transport wrote the peer's last words.
+                Err(e) if e.is_fatal() => return self.close(conn, 0, None),
+                // Nothing valid has been said yet: this is not a client of ours.
+                Err(e) if phase == Phase::AwaitingLogin => {
+                    return self.close(conn, 0, Some(CloseReason::Garbage(e)));
+                }
+                Err(e) => self.refuse(conn, 0, 0, &bad_frame(&e)),
+            }
+        }
+    }
+
+    fn on_frame(&mut self, conn: ConnId, frame: pb::Frame) {
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let request_id = frame.request_id;
+        match (c.phase, frame.body) {
+            (Phase::AwaitingLogin, Some(Body::Login(login))) => self.login(conn, request_id, login),
+            (Phase::AwaitingLogin, _) => {
+                self.close(conn, request_id, Some(CloseReason::LoginRequired));
+            }
+            (Phase::Active, None) => self.refuse(conn, request_id, 0, &Refusal::NoBody),
+            (Phase::Active, Some(body)) => match body {
+                Body::Ping(ping) => self.write_frame(
+                    conn,
+                    &pb::Frame {
+                        request_id,
+                        body: Some(Body::Pong(pb::Pong {
+                            nonce: ping.nonce,
+                            time: 0,
+                        })),
+                    },
+                ),
+                Body::Pong(_) => {}
+                Body::Send(send) => self.on_send(conn, request_id, send),
+                Body::DeliverAck(ack) => self.on_deliver_ack(conn, ack),
+                Body::SyncRequest(req) => self.on_sync_request(conn, request_id, req),
+                Body::HistoryRequest(req) => self.on_history_request(conn, request_id, req),
+                Body::Login(_) => self.refuse(conn, request_id, 0, &Refusal::AlreadyLoggedIn),
+                Body::PresenceRequest(_) => {
+                    self.refuse(
+                        conn,
+                        request_id,
+                        0,
+                        &Refusal::NotAvailable("presence queries"),
+                    );
+                }
+                Body::GroupRequest(_) => {
+                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("groups"));
+                }
+                Body::RoomRequest(_) => {
+                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
+                }
+                Body::Receipt(_) => {
+                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("receipts"));
+                }
+                _ => self.refuse(conn, request_id, 0, &Refusal::ServerOnlyFrame),
+            },
+        }
+    }
+
+    /// Verifies a login: activates the connection here, or hands it to its user's home shard.
+    fn login(&mut self, conn: ConnId, request_id: u64, login: pb::Login) {
+        let unix_secs = (self.now.unix_ms / 1000).max(0) as u64;
+        let verdict = if login.protocol_version != 0
+            && login.protocol_version != parley_proto::PROTOCOL_VERSION
+        {
+            Err(CloseReason::UnsupportedVersion)
+        } else {
+            self.verifier
+                .verify(&login.token, unix_secs)
+                .map_err(CloseReason::Auth)
+        };
+        let identity = match verdict {
+            Ok(identity) => identity,
+            Err(reason) => {
+                self.counters.logins_refused += 1;
+                return self.close(conn, request_id, Some(reason));
+            }
+        };
+        let home = self.placement.home(&identity.user);
+        if home == self.index {
+            return self.activate(conn, identity, request_id);
+        }
+        if let Some(mut c) = self.remove(conn) {
+            let adoption = Box::new(Adoption {
+                transport: std::mem::replace(&mut c.transport, Transport::tcp(self.limits)),
+                inbuf: std::mem::take(&mut c.inbuf),
+                out: std::mem::take(&mut c.out),
+                identity,
+                request_id,
+            });
+            self.effects.push(Effect::Handover {
+                conn,
+                to: home,
+                adoption,
+            });
+        }
+    }
+
+    fn activate(&mut self, conn: ConnId, identity: crate::auth::Identity, request_id: u64) {
+        let who = Who::new(identity);
+        // The same user and device logging in again replaces the old connection.
+        for old in self.home.register(&who.device, conn) {
+            if old != conn {
+                self.close(old, 0, Some(CloseReason::Replaced));
+            }
+        }
+        let result = pb::LoginResult {
+            protocol_version: parley_proto::PROTOCOL_VERSION,
+            user: who.identity.user.clone(),
+            device: who.identity.device.clone(),
+            node: self.cfg.node.clone(),
+            server_time: self.now.unix_ms,
+            heartbeat_interval_ms: self.cfg.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
+            idle_timeout_ms: self.cfg.idle_ms.min(u64::from(u32::MAX)) as u32,
+            max_frame_bytes: self.cfg.max_frame_bytes,
+            udp_session_id: 0,
+            udp_session_key: Vec::new(),
+        };
+        let now = self.now.ms;
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        c.activate(who, now);
+        self.counters.logins += 1;
+        self.write_frame(
+            conn,
+            &pb::Frame {
+                request_id,
+                body: Some(Body::LoginResult(result)),
+            },
+        );
+    }
+
+    fn on_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send) {
+        let cfg = Arc::clone(&self.cfg);
+        let now = self.now;
+        let origin = self.origin(conn);
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let checked = c
+            .take_send_token(&cfg, now.ms)
+            .and_then(|()| conn::check_send(&send, &cfg));
+        let conv = checked.and_then(|()| {
+            c.who
+                .as_mut()
+                .and_then(|w| send.to.as_ref().and_then(|v| w.conv(v)))
+                .ok_or(Refusal::BadRecipient)
+        });
+        let conv = match conv {
+            Ok(conv) => conv,
+            Err(r) => return self.refuse(conn, request_id, send.client_msg_id, &r),
+        };
+        let Some(sender) = c.who.as_ref().map(|w| w.device.clone()) else {
+            return;
+        };
+        let owner = self.placement.owner(conv.id);
+        self.route(
+            owner,
+            ShardMsg::Append(Box::new(mail::Append {
+                origin,
+                request_id,
+                sender,
+                conv,
+                send,
+                unix_ms: now.unix_ms,
+            })),
+        );
+    }
+
+    fn on_deliver_ack(&mut self, conn: ConnId, ack: pb::DeliverAck) {
+        let now = self.now.ms;
+        let (cfg, timers) = (&self.cfg, &mut self.timers);
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        let Some(who) = c.who.as_mut() else {
+            return;
+        };
+        for cursor in ack.acks {
+            if let Some(conv) = cursor.conversation.as_ref().and_then(|v| who.conv(v)) {
+                c.delivery.ack(conv.id, cursor.seq, now, cfg, timers, conn);
+            }
+        }
+    }
+
+    // ----- frames out --------------------------------------------------------------------------
+
+    /// Writes `frame` to `conn` in its transport's form.
+    fn write_frame(&mut self, conn: ConnId, frame: &pb::Frame) {
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let before = c.out.len();
+        let result = c.transport.encode(frame, &mut c.out);
+        let written = c.out.len() - before;
+        self.wrote(conn, written, result);
+    }
+
+    /// Writes a frame already encoded as protobuf (spliced around stored messages).
+    fn write_encoded(&mut self, conn: ConnId, encoded: &[u8]) {
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let before = c.out.len();
+        let result = c.transport.encode_prebuilt(encoded, &mut c.out);
+        let written = c.out.len() - before;
+        self.wrote(conn, written, result);
+    }
+
+    /// Encodes a frame with `build` into the shard's scratch buffer, then writes it to `conn`.
+    fn write_spliced(&mut self, conn: ConnId, build: impl FnOnce(&mut BytesMut)) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        build(&mut scratch);
+        self.write_encoded(conn, &scratch);
+        self.scratch = scratch;
+    }
+
+    fn wrote(&mut self, conn: ConnId, written: usize, result: Result<(), TransportError>) {
+        match result {
+            Ok(()) => {
+                self.counters.frames_out += 1;
+                self.counters.bytes_out += written as u64;
+                self.mark_dirty(conn);
+            }
+            // A connection that is not open for frames (closing, or a WebSocket before its
+            // upgrade) simply gets nothing.
+            Err(TransportError::NotOpen) => {}
+            Err(e) => self.log_line(format_args!("cannot encode a frame: {e}")),
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, request_id: u64, client_msg_id: u64, r: &Refusal) {
+        self.write_frame(conn, &r.frame(request_id, client_msg_id));
+    }
+
+    /// After a delivery: past the queue bound (or too many unacked), the connection goes behind.
+    fn check_backlog(&mut self, conn: ConnId) {
+        let max_out = self.cfg.max_outbound_bytes;
+        let max_unacked = self.cfg.max_unacked;
+        let timers = &mut self.timers;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        let reason = if c.out.len() > max_out {
+            "outbound queue over limits.max_outbound_bytes"
+        } else if c.delivery.unacked() > max_unacked {
+            "too many unacknowledged deliveries"
+        } else {
+            return;
+        };
+        if c.delivery.go_behind(timers) {
+            self.counters.behinds += 1;
+            self.write_frame(
+                conn,
+                &pb::Frame {
+                    request_id: 0,
+                    body: Some(Body::Behind(pb::Behind {
+                        reason: reason.to_owned(),
+                    })),
+                },
+            );
+        }
+    }
+
+    // ----- mail --------------------------------------------------------------------------------
+
+    fn route(&mut self, target: usize, msg: ShardMsg) {
+        if target == self.index {
+            self.local.push_back(msg);
+        } else if let Some(q) = self.outgoing.get_mut(target) {
+            q.push(msg);
+        }
+    }
+
+    fn drain_local(&mut self) {
+        while let Some(msg) = self.local.pop_front() {
+            self.on_mail(msg);
+        }
+    }
+
+    fn on_mail(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Append(a) => self.on_append(*a),
+            ShardMsg::Acked(a) => {
+                if let Some(conn) = self.conn_of(a.to) {
+                    self.write_frame(
+                        conn,
+                        &pb::Frame {
+                            request_id: a.request_id,
+                            body: Some(Body::SendAck(a.ack)),
+                        },
+                    );
+                }
+            }
+            ShardMsg::Refused {
+                to,
+                request_id,
+                client_msg_id,
+                refusal,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.refuse(conn, request_id, client_msg_id, &refusal);
+                }
+            }
+            ShardMsg::Deliver(d) => self.on_deliver(*d),
+            ShardMsg::Inbox {
+                user,
+                conv,
+                last_seq,
+            } => self.on_inbox(user, conv, last_seq),
+            ShardMsg::Read(r) => self.on_read(*r),
+            ShardMsg::ReadDone(d) => self.on_read_done(*d),
+        }
+    }
+
+    fn log_line(&self, args: fmt::Arguments<'_>) {
+        if !self.quiet {
+            eprintln!("shard {}: {args}", self.index);
+        }
+    }
+}
+
+fn bad_frame(e: &TransportError) -> Refusal {
+    Refusal::BadFrame {
+        code: e.code(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,506 @@
+//! The conversation owner: de-duplicates retried sends, assigns seqs and message ids, encodes the
+//! stored message once, appends it to the shard's log, and once the record is durable under the
+//! policy releases the send-ack and the deliveries, in seq order.
+//!
+//! ### Invariants
+//! * Within a conversation, seqs are assigned strictly increasing by one, and a record is
+//!   appended before its seq is handed out.
+//! * `pending` is in LSN order, and nothing is released before every earlier entry is.
+//! * A retried send (same device, same client message id, within the window) is never stored
+//!   again: it gets the original's ack, released no earlier than the original.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parley_proto::pb;
+use parley_storage::{Backend, Log, Lsn, RecordMeta, SyncOf, SyncTicket, Timestamp};
+use prost::Message as _;
+
+use super::FastMap;
+use super::conv::Conv;
+use super::error::Refusal;
+use super::ids::MsgIdGen;
+use super::mail::{Acked, Append, Delivery, Device, Origin, Recipient, ShardMsg};
+use super::{Effect, ShardCore};
+
+/// Record kind of a stored message in the log.
+pub(crate) const KIND_MESSAGE: u8 = 1;
+
+/// What a retry's ack repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Remembered {
+    pub(crate) msg_id: u64,
+    pub(crate) seq: u64,
+    pub(crate) server_time: i64,
+    pub(crate) lsn: Lsn,
+}
+
+/// A sender device's recently stored client message ids, in a fixed ring: the oldest is
+/// forgotten when a new one comes in and the ring is full.
+#[derive(Debug, Default)]
+pub(crate) struct DedupRing {
+    slots: Vec<(u64, Remembered)>,
+    next: usize,
+    index: FastMap<u64, u32>,
+}
+
+impl DedupRing {
+    /// What was stored for `client_msg_id`, if it is still remembered.
+    pub(crate) fn get(&self, client_msg_id: u64) -> Option<Remembered> {
+        let &i = self.index.get(&client_msg_id)?;
+        self.slots.get(i as usize).map(|s| s.1)
+    }
+
+    /// Remembers `client_msg_id`, forgetting the oldest if `capacity` are held.
+    pub(crate) fn insert(&mut self, client_msg_id: u64, r: Remembered, capacity: usize) {
+        if let Some(&i) = self.index.get(&client_msg_id) {
+            if let Some(slot) = self.slots.get_mut(i as usize) {
+                slot.1 = r;
+            }
+            return;
+        }
+        let capacity = capacity.max(1);
+        if self.slots.len() < capacity {
+            self.index.insert(client_msg_id, self.slots.len() as u32);
+            self.slots.push((client_msg_id, r));
+            return;
+        }
+        let i = self.next % self.slots.len();
+        let old = self.slots[i].0;
+        self.index.remove(&old);
+        self.slots[i] = (client_msg_id, r);
+        self.index.insert(client_msg_id, i as u32);
+        self.next = (i + 1) % self.slots.len();
+        debug_assert_eq!(self.index.len(), self.slots.len());
+    }
+
+    /// Number of ids remembered.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// One conversation this shard owns.
+#[derive(Debug)]
+pub(crate) struct ConvState {
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) last_seq: u64,
+    pub(crate) dedup: FastMap<Device, DedupRing>,
+}
+
+/// A stored message (or a retry's ack) waiting for durability.
+#[derive(Debug)]
+struct Pending {
+    lsn: Lsn,
+    origin: Origin,
+    request_id: u64,
+    ack: pb::SendAck,
+    /// The conversation, seq, stored bytes and sender of a new message (none for a retry).
+    deliver: Option<(Arc<Conv>, u64, Bytes, Device)>,
+}
+
+/// The owner role's state.
+#[derive(Debug)]
+pub(crate) struct Owner<B: Backend> {
+    pub(crate) log: Log<B>,
+    pub(crate) convs: FastMap<u64, ConvState>,
+    pub(crate) ids: MsgIdGen,
+    pending: VecDeque<Pending>,
+    /// When the flush in flight started (ms), if one is.
+    flushing: Option<u64>,
+}
+
+impl<B: Backend> Owner<B> {
+    pub(crate) fn new(log: Log<B>, shard: usize) -> Self {
+        Owner {
+            log,
+            convs: FastMap::default(),
+            ids: MsgIdGen::new(shard),
+            pending: VecDeque::new(),
+            flushing: None,
+        }
+    }
+
+    /// Whether stored messages wait for durability or a flush is in flight.
+    pub(crate) fn is_busy(&self) -> bool {
+        !self.pending.is_empty() || self.flushing.is_some()
+    }
+
+    /// A flush of everything appended so far, if acks wait for one and none is in flight.
+    pub(crate) fn flush_ticket(&mut self, now: u64) -> Option<SyncTicket<SyncOf<B>>> {
+        if self.flushing.is_some() || self.pending.is_empty() {
+            return None;
+        }
+        let ticket = self.log.sync_ticket()?;
+        self.flushing = Some(now);
+        Some(ticket)
+    }
+}
+
+impl<B: Backend> ShardCore<B> {
+    /// Stores a send (or answers a retry of one).
+    pub(crate) fn on_append(&mut self, a: Append) {
+        let Append {
+            origin,
+            request_id,
+            sender,
+            conv,
+            send,
+            unix_ms,
+        } = a;
+        let client_msg_id = send.client_msg_id;
+        let refuse = |core: &mut Self, refusal: Refusal| {
+            core.route(
+                origin.shard,
+                ShardMsg::Refused {
+                    to: origin,
+                    request_id,
+                    client_msg_id,
+                    refusal,
+                },
+            );
+        };
+        let id = conv.id;
+        let window = self.cfg.dedup_window;
+        let wait = self.cfg.wait_for_flush;
+        let owner = &mut self.owner;
+        let st = match owner.convs.get_mut(&id) {
+            Some(st) => st,
+            None => {
+                let last_seq = owner.log.latest_seq(id).unwrap_or(0);
+                owner.convs.entry(id).or_insert(ConvState {
+                    conv: Arc::clone(&conv),
+                    last_seq,
+                    dedup: FastMap::default(),
+                })
+            }
+        };
+        if st.conv.key != conv.key {
+            refuse(self, Refusal::IdCollision);
+            return;
+        }
+        let ack_view = send.to.clone();
+        if let Some(r) = st.dedup.get(&sender).and_then(|w| w.get(client_msg_id)) {
+            // A retry: the same ack, once the original is durable.
+            let ack = send_ack(client_msg_id, &r, ack_view, wait);
+            self.owner.pending.push_back(Pending {
+                lsn: r.lsn,
+                origin,
+                request_id,
+                ack,
+                deliver: None,
+            });
+            self.counters.retries_deduplicated += 1;
+            self.release_if_not_waiting();
+            return;
+        }
+        let seq = st.last_seq + 1;
+        let conv = Arc::clone(&st.conv);
+        // Only a message's sender may recall or edit it.
+        if send.kind != pb::MessageKind::Normal as i32 {
+            let target = self
+                .owner
+                .log
+                .read(id, send.ref_seq..send.ref_seq.saturating_add(1))
+                .next()
+                .and_then(Result::ok)
+                .and_then(|rec| pb::Message::decode(rec.payload).ok());
+            match target {
+                None => return refuse(self, Refusal::RefNotFound),
+                Some(m) if m.from_user != *sender.user => return refuse(self, Refusal::NotSender),
+                Some(_) => {}
+            }
+        }
+        let msg_id = self.owner.ids.next(unix_ms.max(0) as u64);
+        let message = pb::Message {
+            conversation: Some(pb::Conversation {
+                r#type: conv.wire_type() as i32,
+                id: conv.key.to_string(),
+            }),
+            seq,
+            msg_id,
+            from_user: sender.user.to_string(),
+            from_device: sender.device.to_string(),
+            client_msg_id,
+            content_type: send.content_type,
+            body: send.body,
+            server_time: unix_ms,
+            kind: send.kind,
+            ref_seq: send.ref_seq,
+        };
+        // The one encode of this message: the log stores these bytes, and every delivery,
+        // retransmit, sync and history page copies them.
+        let stored = Bytes::from(message.encode_to_vec());
+        let meta = RecordMeta {
+            kind: KIND_MESSAGE,
+            conversation: id,
+            seq,
+            msg_id,
+            timestamp: Timestamp::from_micros(unix_ms.saturating_mul(1000)),
+        };
+        let lsn = match self.owner.log.append(meta, &stored) {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                self.log_line(format_args!("append failed: {e}"));
+                return refuse(self, Refusal::Storage(e.to_string()));
+            }
+        };
+        let remembered = Remembered {
+            msg_id,
+            seq,
+            server_time: unix_ms,
+            lsn,
+        };
+        let ack = send_ack(client_msg_id, &remembered, ack_view, wait);
+        if let Some(st) = self.owner.convs.get_mut(&id) {
+            debug_assert_eq!(st.last_seq + 1, seq, "seqs advance by one");
+            st.last_seq = seq;
+            st.dedup
+                .entry(sender.clone())
+                .or_default()
+                .insert(client_msg_id, remembered, window);
+        }
+        self.counters.messages_stored += 1;
+        self.owner.pending.push_back(Pending {
+            lsn,
+            origin,
+            request_id,
+            ack,
+            deliver: Some((conv, seq, stored, sender)),
+        });
+        self.release_if_not_waiting();
+    }
+
+    fn release_if_not_waiting(&mut self) {
+        if !self.cfg.wait_for_flush {
+            self.release();
+        }
+    }
+
+    /// Sends the acks and deliveries of every stored message that is durable enough.
+    pub(crate) fn release(&mut self) {
+        let wait = self.cfg.wait_for_flush && !self.test_switches.release_before_flush;
+        while let Some(p) = self.owner.pending.front() {
+            if wait && !self.owner.log.is_durable(p.lsn) {
+                break;
+            }
+            let Some(p) = self.owner.pending.pop_front() else {
+                break;
+            };
+            self.route(
+                p.origin.shard,
+                ShardMsg::Acked(Acked {
+                    to: p.origin,
+                    request_id: p.request_id,
+                    ack: p.ack,
+                }),
+            );
+            let Some((conv, seq, stored, sender)) = p.deliver else {
+                continue;
+            };
+            // One delivery per home shard, listing that shard's recipients.
+            let mut per_home: Vec<(usize, Vec<Recipient>)> = Vec::new();
+            for user in &conv.members {
+                let home = self.placement.home(user);
+                let exclude = (**user == *sender.user).then(|| Arc::clone(&sender.device));
+                let r = Recipient {
+                    user: Arc::clone(user),
+                    exclude,
+                };
+                match per_home.iter_mut().find(|(h, _)| *h == home) {
+                    Some((_, list)) => list.push(r),
+                    None => per_home.push((home, vec![r])),
+                }
+            }
+            for (home, recipients) in per_home {
+                self.route(
+                    home,
+                    ShardMsg::Deliver(Box::new(Delivery {
+                        conv: Arc::clone(&conv),
+                        seq,
+                        stored: stored.clone(),
+                        recipients,
+                    })),
+                );
+            }
+        }
+    }
+
+    /// Starts a group-commit flush if acks wait for one.
+    pub(crate) fn start_flush(&mut self) {
+        if !self.cfg.wait_for_flush {
+            return;
+        }
+        let now = self.now.ms;
+        match self.owner.flush_ticket(now) {
+            Some(ticket) => self.effects.push(Effect::Flush(ticket)),
+            None if self.owner.flushing.is_none() => self.release(),
+            None => {}
+        }
+    }
+
+    /// A flush finished.
+    pub(crate) fn on_flushed(&mut self, result: std::io::Result<Lsn>) {
+        if let Some(started) = self.owner.flushing.take() {
+            self.counters.flushes += 1;
+            let took = self.now.ms.saturating_sub(started);
+            self.counters.flush_ms_total += took;
+            self.counters.flush_ms_max = self.counters.flush_ms_max.max(took);
+        }
+        match result {
+            Ok(lsn) => {
+                self.owner.log.complete_sync(lsn);
+                self.release();
+            }
+            Err(e) => {
+                self.log_line(format_args!("log flush failed, the log is poisoned: {e}"));
+                // Nothing pending will ever be durable: tell the senders.
+                while let Some(p) = self.owner.pending.pop_front() {
+                    self.route(
+                        p.origin.shard,
+                        ShardMsg::Refused {
+                            to: p.origin,
+                            request_id: p.request_id,
+                            client_msg_id: p.ack.client_msg_id,
+                            refusal: Refusal::LogFailed,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Rebuilds conversations, de-dup windows and the id generator from the log, and tells each
+    /// member's home shard what its conversations hold.
+    pub(crate) fn rebuild(&mut self) {
+        let window = self.cfg.dedup_window;
+        let owner = &mut self.owner;
+        for rec in owner.log.scan(Lsn(0)) {
+            let Ok(rec) = rec else {
+                continue;
+            };
+            if rec.meta.kind != KIND_MESSAGE {
+                continue;
+            }
+            let Ok(m) = pb::Message::decode(rec.payload) else {
+                continue;
+            };
+            let Some(key) = m.conversation.as_ref().map(|c| c.id.as_str()) else {
+                continue;
+            };
+            owner.ids.observe(rec.meta.msg_id);
+            let st = match owner.convs.get_mut(&rec.meta.conversation) {
+                Some(st) => st,
+                None => {
+                    let Some(conv) = Conv::from_key(key) else {
+                        continue;
+                    };
+                    owner
+                        .convs
+                        .entry(rec.meta.conversation)
+                        .or_insert(ConvState {
+                            conv: Arc::new(conv),
+                            last_seq: 0,
+                            dedup: FastMap::default(),
+                        })
+                }
+            };
+            st.last_seq = st.last_seq.max(m.seq);
+            let sender = Device {
+                user: m.from_user.as_str().into(),
+                device: m.from_device.as_str().into(),
+            };
+            st.dedup.entry(sender).or_default().insert(
+                m.client_msg_id,
+                Remembered {
+                    msg_id: m.msg_id,
+                    seq: m.seq,
+                    server_time: m.server_time,
+                    lsn: rec.lsn,
+                },
+                window,
+            );
+        }
+        let mut news = Vec::new();
+        for st in self.owner.convs.values() {
+            for user in &st.conv.members {
+                news.push((Arc::clone(user), Arc::clone(&st.conv), st.last_seq));
+            }
+        }
+        // Deterministic order, whatever the map's.
+        news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
+        for (user, conv, last_seq) in news {
+            let home = self.placement.home(&user);
+            self.route(
+                home,
+                ShardMsg::Inbox {
+                    user,
+                    conv,
+                    last_seq,
+                },
+            );
+        }
+    }
+}
+
+/// The send-ack of a stored message.
+fn send_ack(
+    client_msg_id: u64,
+    r: &Remembered,
+    view: Option<pb::Conversation>,
+    on_disk: bool,
+) -> pb::SendAck {
+    pb::SendAck {
+        client_msg_id,
+        msg_id: r.msg_id,
+        seq: r.seq,
+        server_time: r.server_time,
+        conversation: view,
+        durability: if on_disk {
+            pb::Durability::Disk
+        } else {
+            pb::Durability::Memory
+        } as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(seq: u64) -> Remembered {
+        Remembered {
+            msg_id: seq * 10,
+            seq,
+            server_time: 0,
+            lsn: Lsn(seq),
+        }
+    }
+
+    #[test]
+    fn the_ring_remembers_the_newest_ids_up_to_its_capacity() {
+        let mut ring = DedupRing::default();
+        for id in 1..=10 {
+            ring.insert(id, r(id), 4);
+        }
+        assert_eq!(ring.len(), 4);
+        for id in 1..=6 {
+            assert_eq!(ring.get(id), None, "{id} was forgotten");
+        }
+        for id in 7..=10 {
+            assert_eq!(ring.get(id), Some(r(id)));
+        }
+    }
+
+    #[test]
+    fn a_remembered_id_inserted_again_keeps_one_slot() {
+        let mut ring = DedupRing::default();
+        ring.insert(1, r(1), 2);
+        ring.insert(1, r(5), 2);
+        ring.insert(2, r(2), 2);
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.get(1), Some(r(5)));
+    }
+}

@@ -1,0 +1,147 @@
+//! Socket I/O for the driver: reading into the shard's scratch buffer, writing a connection's
+//! queue, and the graceful close of a connection the core has finished with.
+//!
+//! Loop contract (mio is edge-triggered): a socket is registered once for reads and writes; an
+//! edge comes only after the socket was drained, so a read that stops at the fairness budget puts
+//! the connection on the "come back next turn" list. A read that returns fewer bytes than asked
+//! counts as drained (a TCP socket hands over everything it holds; the next arrival raises a new
+//! edge), which saves the extra `read` that would only return `WouldBlock`.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use bytes::{Buf, BytesMut};
+use mio::net::TcpStream;
+
+/// Most bytes one `read` call asks for.
+pub(crate) const READ_MAX: usize = 64 * 1024;
+
+/// How a read pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadEnd {
+    /// Nothing more to read now.
+    Drained,
+    /// The budget ran out with more input possibly waiting: come back next turn.
+    Budget,
+    /// The peer closed its sending side.
+    Eof,
+}
+
+/// One `read` into `scratch` (at most `want` bytes): `Ok(None)` when nothing was there.
+pub(crate) fn read_once(
+    stream: &mut TcpStream,
+    scratch: &mut [u8],
+    want: usize,
+) -> io::Result<Option<usize>> {
+    let want = want.clamp(1, scratch.len().max(1));
+    loop {
+        let Some(space) = scratch.get_mut(..want) else {
+            return Ok(None);
+        };
+        match stream.read(space) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes as much of `buf` as the socket takes, advancing past it; returns (bytes written,
+/// whether the socket is full).
+pub(crate) fn write_out(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
+    let mut written = 0;
+    while !buf.is_empty() {
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf.advance(n.min(buf.len()));
+                written += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, true)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((written, false))
+}
+
+/// A connection being closed: its last bytes go out, its write side is shut (the peer sees EOF
+/// after the last byte), and whatever the peer still sends is read and thrown away (unread input
+/// at close would make the kernel send a RST, which can destroy the last bytes in flight).
+#[derive(Debug)]
+pub(crate) struct Closing {
+    pub(crate) stream: TcpStream,
+    last: BytesMut,
+    write_shut: bool,
+    /// When to give up on a peer that never closes (ms).
+    pub(crate) deadline: u64,
+}
+
+/// What a step of a close did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseStep {
+    /// Waiting for the socket (writable, or the peer's EOF).
+    Pending,
+    /// The discard budget ran out: call again next turn.
+    More,
+    /// Done: drop the socket.
+    Done,
+}
+
+impl Closing {
+    pub(crate) fn new(stream: TcpStream, last: BytesMut, deadline: u64) -> Self {
+        Closing {
+            stream,
+            last,
+            write_shut: false,
+            deadline,
+        }
+    }
+
+    /// One step: discard input (at most `budget` bytes), flush, shut the write side, finish when
+    /// the peer has closed too. An error means the peer is gone: done.
+    pub(crate) fn step(&mut self, budget: usize) -> CloseStep {
+        let mut sink = [0u8; 4096];
+        let mut total = 0;
+        let mut eof = false;
+        while total < budget.max(1) {
+            match self.stream.read(&mut sink) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return CloseStep::Done,
+            }
+        }
+        let more = !eof && total >= budget.max(1);
+        if !self.write_shut {
+            match write_out(&mut self.stream, &mut self.last) {
+                Ok((_, true)) => {
+                    return if more {
+                        CloseStep::More
+                    } else {
+                        CloseStep::Pending
+                    };
+                }
+                Ok((_, false)) => {}
+                Err(_) => return CloseStep::Done,
+            }
+            self.last = BytesMut::new();
+            if self.stream.shutdown(Shutdown::Write).is_err() {
+                return CloseStep::Done;
+            }
+            self.write_shut = true;
+        }
+        if eof {
+            CloseStep::Done
+        } else if more {
+            CloseStep::More
+        } else {
+            CloseStep::Pending
+        }
+    }
+}
