@@ -197,6 +197,28 @@ impl Delivery {
         Retransmit::Resend
     }
 
+    /// The retransmit deadline of `conv` fired while the connection's queue still held bytes:
+    /// nothing is re-sent and no try is counted; the deadline moves by the initial interval.
+    pub(crate) fn postpone(
+        &mut self,
+        conv: u64,
+        now: u64,
+        cfg: &CoreConfig,
+        timers: &mut Timers,
+        conn: ConnId,
+    ) {
+        let Some(lane) = self.lanes.get_mut(&conv) else {
+            return;
+        };
+        lane.timer = None;
+        if !lane.unacked.is_empty() {
+            lane.timer = Some(timers.insert(
+                now + cfg.retransmit_initial_ms,
+                TimerFor::Retransmit { conn, conv },
+            ));
+        }
+    }
+
     /// Forgets every unacked delivery and cancels the deadlines (falling back to sync, or the
     /// connection is going away).
     pub(crate) fn clear(&mut self, timers: &mut Timers) {
@@ -408,6 +430,18 @@ mod tests {
         assert!(!push(&mut d, &mut t, 1, 0));
         d.end_sync();
         assert!(push(&mut d, &mut t, 2, 0));
+    }
+
+    #[test]
+    fn a_postponed_deadline_counts_no_try() {
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        push(&mut d, &mut t, 1, 0);
+        while t.poll(100).is_some() {}
+        d.postpone(7, 100, &cfg(), &mut t, CONN);
+        d.check();
+        assert!(t.poll(199).is_none());
+        assert_eq!(fire(&mut d, &mut t, 200), vec![Retransmit::Resend]);
     }
 
     #[test]

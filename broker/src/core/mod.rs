@@ -604,6 +604,12 @@ impl<B: Backend> ShardCore<B> {
         if c.id != conn {
             return;
         }
+        if !c.out.is_empty() {
+            // The last copy has not even left: re-sending would only pile up copies behind it
+            // (a reader that stopped is the write-stall timeout's business).
+            c.delivery.postpone(conv, now, cfg, timers, conn);
+            return;
+        }
         match c.delivery.retransmit(conv, now, cfg, timers, conn) {
             delivery::Retransmit::Nothing => {}
             delivery::Retransmit::Exhausted => {
@@ -645,6 +651,7 @@ impl<B: Backend> ShardCore<B> {
                 for f in frames {
                     self.write_encoded(conn, &f);
                 }
+                self.check_backlog(conn);
             }
         }
     }
@@ -912,6 +919,10 @@ impl<B: Backend> ShardCore<B> {
 
     /// Writes a frame already encoded as protobuf (spliced around stored messages).
     fn write_encoded(&mut self, conn: ConnId, encoded: &[u8]) {
+        debug_assert!(
+            <pb::Frame as prost::Message>::decode(encoded).is_ok(),
+            "a spliced frame decodes"
+        );
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };

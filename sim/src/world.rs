@@ -1,0 +1,952 @@
+//! The simulated world: the node's shard cores, the disks, the network, the clients and the
+//! scheduler that orders everything by (virtual time, arrival order).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use parley_broker::auth::{AuthError, Identity, TokenVerifier};
+use parley_broker::config::Config;
+use parley_broker::core::{
+    Adoption, ConnId, CoreEffect, CoreSetup, Counters, Effect, Now, ShardCore, ShardMsg,
+    TestSwitches,
+};
+use parley_proto::pb;
+use parley_proto::tcp::FrameCodec;
+use parley_storage::{
+    Durability, Log, LogConfig, MemoryBackend, Retention, SyncOf, SyncTicket, Timestamp,
+};
+
+use crate::check::{ConnView, History};
+use crate::client::{Behaviour, Client, Final};
+use crate::rng::Rng;
+
+type Core = ShardCore<MemoryBackend>;
+type Ticket = SyncTicket<SyncOf<MemoryBackend>>;
+
+/// Wall-clock time of virtual time 0 (2026-01-01).
+const UNIX_BASE_MS: i64 = 1_767_225_600_000;
+/// When faults stop and clients settle (ms of virtual time).
+const QUIESCE_AT: u64 = 8_000;
+/// A run that has not converged by then fails.
+const HARD_LIMIT: u64 = 180_000;
+/// A client's receive window (bytes the server may have in flight to it).
+const WINDOW: usize = 32 * 1024;
+/// A slow client's receive window.
+const SMALL_WINDOW: usize = 1536;
+
+/// A bug planted behind a test-only switch, to prove the checker catches it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Plant {
+    /// No bug.
+    #[default]
+    None,
+    /// Acks and deliveries are released before the flush made the message durable.
+    ReleaseBeforeFlush,
+}
+
+/// How to run a seed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// A planted bug.
+    pub plant: Plant,
+    /// Keep a readable trace of every event (slower).
+    pub trace: bool,
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Broken promises, with the virtual time they were seen at (empty: the run passed).
+    pub failures: Vec<String>,
+    /// A hash of the whole history: the same seed must give the same hash.
+    pub trace_hash: u64,
+    /// The readable trace (with [`Options::trace`]).
+    pub trace: Vec<String>,
+    /// Messages acked to their senders.
+    pub acked: usize,
+    /// Crashes of the node.
+    pub crashes: u32,
+    /// Events processed.
+    pub events: u64,
+    /// Virtual time at the end, ms.
+    pub virtual_ms: u64,
+    /// Shards of the node.
+    pub shards: usize,
+    /// Simulated devices.
+    pub clients: usize,
+    /// The shard cores' counters, summed over shards and restarts.
+    pub counters: Counters,
+}
+
+/// Tokens are `user/device`, accepted as they are (the simulation checks delivery, not auth).
+#[derive(Debug)]
+struct SimVerifier;
+
+impl TokenVerifier for SimVerifier {
+    fn verify(&self, token: &str, _now_secs: u64) -> Result<Identity, AuthError> {
+        let (user, device) = token
+            .split_once('/')
+            .ok_or(AuthError::Malformed("sim token"))?;
+        Ok(Identity {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            expires_at: u64::MAX,
+        })
+    }
+}
+
+enum Mail {
+    Batch(Vec<ShardMsg>),
+    Adopt(usize, Box<Adoption>),
+}
+
+enum Ev {
+    Wake(usize),
+    ServerRead(usize),
+    ClientRead(usize, Vec<u8>),
+    ClientDrain(usize),
+    ClientEof(usize),
+    Mail {
+        epoch: u64,
+        to: usize,
+        mail: Mail,
+    },
+    Flushed {
+        epoch: u64,
+        shard: usize,
+        ticket: Ticket,
+    },
+    Crash,
+    Restart,
+    Quiesce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Host {
+    Server { shard: usize, conn: ConnId },
+    Transit,
+    Gone,
+}
+
+struct Sock {
+    client: usize,
+    host: Host,
+    to_server: Vec<u8>,
+    read_scheduled: bool,
+    inflight: usize,
+    deliver_at: u64,
+    /// Bytes arrived at the client and not read by it yet (its socket buffer).
+    kernel: Vec<u8>,
+    drain_scheduled: bool,
+    eof_arrived: bool,
+    rx: BytesMut,
+    view: ConnView,
+    /// The client's side is gone.
+    closed: bool,
+}
+
+struct Node {
+    cores: Vec<Core>,
+    /// Per shard: which socket each connection slot holds.
+    hosts: Vec<BTreeMap<u32, (u32, usize)>>,
+}
+
+struct World {
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Ev>,
+    node: Option<Node>,
+    epoch: u64,
+    disks: Vec<MemoryBackend>,
+    shards: usize,
+    config: Config,
+    log_config: LogConfig,
+    switches: TestSwitches,
+    clients: Vec<Client>,
+    socks: Vec<Sock>,
+    history: History,
+    mail_at: Vec<Vec<u64>>,
+    quiescing: bool,
+    crashes: u32,
+    events_run: u64,
+    trace_hash: u64,
+    trace: Option<Vec<String>>,
+    counters: Counters,
+    codec: FrameCodec,
+    bound: usize,
+}
+
+/// Runs one seed.
+pub fn run(seed: u64, opts: &Options) -> Outcome {
+    let mut w = World::new(seed, opts);
+    w.start();
+    loop {
+        if w.now > HARD_LIMIT {
+            let pending: Vec<String> = w
+                .clients
+                .iter()
+                .filter(|c| c.final_sync != Final::Done)
+                .map(|c| {
+                    format!(
+                        "{}/{} (plan {}, outbox {}, sock {:?}, final {:?})",
+                        c.user,
+                        c.device,
+                        c.plan.len(),
+                        c.outbox.len(),
+                        c.sock,
+                        c.final_sync
+                    )
+                })
+                .collect();
+            w.history.fail(
+                w.now,
+                format!("the run did not settle; waiting on {pending:?}"),
+            );
+            break;
+        }
+        if w.quiescing && w.clients.iter().all(|c| c.final_sync == Final::Done) {
+            break;
+        }
+        if !w.step() {
+            w.history.fail(
+                w.now,
+                "nothing left to do before every client settled".into(),
+            );
+            break;
+        }
+    }
+    let now = w.now;
+    w.history.final_check(now, &w.clients);
+    w.count_cores();
+    Outcome {
+        seed,
+        failures: std::mem::take(&mut w.history.failures),
+        trace_hash: w.trace_hash,
+        trace: w.trace.take().unwrap_or_default(),
+        acked: w.history.acked(),
+        crashes: w.crashes,
+        events: w.events_run,
+        virtual_ms: w.now,
+        shards: w.shards,
+        clients: w.clients.len(),
+        counters: w.counters,
+    }
+}
+
+fn sim_config() -> Config {
+    let mut c = Config::default();
+    c.timeouts.login_ms = 2_000;
+    c.timeouts.heartbeat_ms = 2_000;
+    c.timeouts.idle_ms = 10_000;
+    c.timeouts.write_stall_ms = 3_000;
+    c.timeouts.retransmit_initial_ms = 200;
+    c.timeouts.retransmit_max_ms = 1_000;
+    c.timeouts.retransmit_tries = 3;
+    c.limits.max_frame_bytes = 8_192;
+    c.limits.max_body_bytes = 1_024;
+    c.limits.max_outbound_bytes = 1_500;
+    c.limits.max_page = 16;
+    c.limits.dedup_window = 256;
+    c.limits.send_rate_per_sec = 100_000;
+    c.limits.send_burst = 100_000;
+    c
+}
+
+impl World {
+    fn new(seed: u64, opts: &Options) -> Self {
+        let mut rng = Rng::new(seed);
+        let shards = rng.range(1, 3) as usize;
+        let config = sim_config();
+        let bound =
+            config.limits.max_outbound_bytes + 2 * config.limits.max_frame_bytes as usize + 4096;
+        let log_config = LogConfig {
+            segment_size: 64 * 1024,
+            durability: Durability::Always,
+            retention: Retention::default(),
+            prefault: false,
+        };
+        let switches = TestSwitches {
+            release_before_flush: opts.plant == Plant::ReleaseBeforeFlush,
+        };
+        World {
+            rng,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            node: None,
+            epoch: 0,
+            disks: (0..shards).map(|_| MemoryBackend::new()).collect(),
+            shards,
+            codec: FrameCodec::new(config.limits.max_frame_bytes as usize),
+            config,
+            log_config,
+            switches,
+            clients: Vec::new(),
+            socks: Vec::new(),
+            history: History::default(),
+            mail_at: vec![vec![0; shards]; shards],
+            quiescing: false,
+            crashes: 0,
+            events_run: 0,
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            trace: opts.trace.then(Vec::new),
+            counters: Counters::default(),
+            bound,
+        }
+    }
+
+    fn count_cores(&mut self) {
+        if let Some(n) = self.node.as_ref() {
+            for c in &n.cores {
+                self.counters.add(&c.counters());
+            }
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            ms: self.now,
+            unix_ms: UNIX_BASE_MS + self.now as i64,
+        }
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((t.max(self.now), self.seq), ev);
+    }
+
+    /// Mixes an event into the history hash (and the readable trace).
+    fn note(&mut self, kind: u64, a: u64, b: u64, what: impl FnOnce() -> String) {
+        for x in [self.now, kind, a, b] {
+            self.trace_hash ^= x;
+            self.trace_hash = self
+                .trace_hash
+                .wrapping_mul(0x0100_0000_01b3)
+                .rotate_left(5);
+        }
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{:>7}ms {}", self.now, what()));
+        }
+    }
+
+    fn start(&mut self) {
+        let users = self.rng.range(2, 4);
+        let names: Vec<String> = (0..users).map(|u| format!("u{u}")).collect();
+        for name in &names {
+            let devices = self.rng.range(1, 2);
+            for d in 0..devices {
+                let behaviour = match self.rng.below(100) {
+                    0..70 => Behaviour::Normal,
+                    70..85 => Behaviour::Staller,
+                    _ => Behaviour::NoAck,
+                };
+                let window = self.rng.range(1, 6) as usize;
+                let mut c = Client::new(name, &format!("d{d}"), behaviour, window);
+                let n = self.rng.range(3, 40);
+                for i in 0..n {
+                    let peer = names[self.rng.below(users) as usize].clone();
+                    let pad = self.rng.below(300) as usize;
+                    let mut body = format!("{name}/d{d}#{i}:").into_bytes();
+                    body.extend(std::iter::repeat_n(b'x', pad));
+                    c.plan.push_back((peer, body));
+                }
+                self.clients.push(c);
+            }
+        }
+        self.restart();
+        for i in 0..self.clients.len() {
+            let t = self.rng.range(0, 50);
+            self.at(t, Ev::Wake(i));
+        }
+        let crashes = self.rng.range(0, 2);
+        for _ in 0..crashes {
+            let t = self.rng.range(100, QUIESCE_AT - 1_000);
+            self.at(t, Ev::Crash);
+        }
+        self.at(QUIESCE_AT, Ev::Quiesce);
+    }
+
+    /// One scheduling step: the earliest of the next event and the cores' deadlines.
+    fn step(&mut self) -> bool {
+        let next_event = self.events.keys().next().map(|k| k.0);
+        let next_timer = self
+            .node
+            .as_ref()
+            .and_then(|n| n.cores.iter().filter_map(|c| c.next_deadline()).min());
+        let timer_first = match (next_event, next_timer) {
+            (None, None) => return false,
+            (Some(e), Some(t)) => t <= e,
+            (None, Some(_)) => true,
+            (Some(_), None) => false,
+        };
+        self.events_run += 1;
+        if timer_first {
+            let t = next_timer.unwrap_or(self.now);
+            self.now = self.now.max(t);
+            let now = self.now();
+            for shard in 0..self.shards {
+                let due = self
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.cores.get(shard))
+                    .and_then(|c| c.next_deadline())
+                    .is_some_and(|d| d <= now.ms);
+                if due {
+                    self.note(1, shard as u64, 0, || format!("deadlines of shard {shard}"));
+                    if let Some(n) = self.node.as_mut() {
+                        n.cores[shard].handle_timeout(now);
+                    }
+                    self.apply(shard);
+                }
+            }
+            return true;
+        }
+        let Some(((t, _), ev)) = self.events.pop_first() else {
+            return false;
+        };
+        self.now = self.now.max(t);
+        self.event(ev);
+        true
+    }
+
+    fn event(&mut self, ev: Ev) {
+        match ev {
+            Ev::Wake(c) => self.wake(c),
+            Ev::ServerRead(s) => self.server_read(s),
+            Ev::ClientRead(s, bytes) => {
+                if !self.socks[s].closed {
+                    self.socks[s].kernel.extend_from_slice(&bytes);
+                    self.client_read(s);
+                }
+            }
+            Ev::ClientDrain(s) => {
+                self.socks[s].drain_scheduled = false;
+                self.client_read(s);
+            }
+            Ev::ClientEof(s) => {
+                self.note(5, s as u64, 0, || format!("sock {s}: the server closed it"));
+                self.socks[s].eof_arrived = true;
+                self.client_read(s);
+            }
+            Ev::Mail { epoch, to, mail } => {
+                if epoch == self.epoch {
+                    self.mail(to, mail);
+                }
+            }
+            Ev::Flushed {
+                epoch,
+                shard,
+                ticket,
+            } => {
+                if epoch == self.epoch {
+                    self.note(7, shard as u64, ticket.lsn().0, || {
+                        format!("shard {shard}: flush to {:?} done", ticket.lsn())
+                    });
+                    let result = ticket.run();
+                    let now = self.now();
+                    if let Some(n) = self.node.as_mut() {
+                        n.cores[shard].handle_flushed(result, now);
+                    }
+                    self.apply(shard);
+                }
+            }
+            Ev::Crash => self.crash(),
+            Ev::Restart => self.restart(),
+            Ev::Quiesce => {
+                self.note(10, 0, 0, || "faults stop; clients settle".into());
+                self.quiescing = true;
+                for c in &mut self.clients {
+                    c.behaviour = Behaviour::Normal;
+                    c.stalled_until = 0;
+                }
+            }
+        }
+    }
+
+    // ----- the node --------------------------------------------------------------------------
+
+    fn crash(&mut self) {
+        if self.node.is_none() {
+            return;
+        }
+        self.crashes += 1;
+        self.note(8, self.crashes as u64, 0, || {
+            "CRASH: the node dies; unflushed bytes are lost".into()
+        });
+        self.count_cores();
+        self.node = None;
+        let rng = &mut self.rng;
+        for disk in &mut self.disks {
+            *disk = disk.crash_image_with(|_, _| rng.chance(300));
+        }
+        self.epoch += 1;
+        for s in 0..self.socks.len() {
+            if !self.socks[s].closed {
+                self.client_lost(s);
+            }
+        }
+        let t = self.now + self.rng.range(20, 400);
+        self.at(t, Ev::Restart);
+    }
+
+    fn restart(&mut self) {
+        self.note(9, self.epoch, 0, || "the node starts from its disks".into());
+        let now = self.now();
+        let ts = Timestamp::from_micros(now.unix_ms * 1000);
+        let mut cores = Vec::new();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let log = match Log::open(disk.clone(), self.log_config, ts) {
+                Ok((log, _report)) => log,
+                Err(e) => {
+                    let what = format!("shard {index}: the log did not open after a crash: {e}");
+                    self.history.fail(self.now, what);
+                    return;
+                }
+            };
+            cores.push(ShardCore::new(CoreSetup {
+                index,
+                shards: self.shards,
+                config: self.config.clone(),
+                verifier: Arc::new(SimVerifier),
+                log,
+                now,
+                quiet: true,
+                switches: self.switches,
+            }));
+        }
+        // What each user's home must know, before any client is served (as the driver does).
+        let mut effects: Vec<CoreEffect<MemoryBackend>> = Vec::new();
+        loop {
+            let mut mails = Vec::new();
+            for core in &mut cores {
+                core.take_effects(&mut effects);
+                for e in effects.drain(..) {
+                    if let Effect::Mail { to, batch } = e {
+                        mails.push((to, batch));
+                    }
+                }
+            }
+            if mails.is_empty() {
+                break;
+            }
+            for (to, batch) in mails {
+                cores[to].handle_mail(batch, now);
+            }
+        }
+        self.node = Some(Node {
+            cores,
+            hosts: vec![BTreeMap::new(); self.shards],
+        });
+        for row in &mut self.mail_at {
+            row.fill(self.now);
+        }
+    }
+
+    /// Carries out a shard's effects until it has none.
+    fn apply(&mut self, shard: usize) {
+        let mut effects: Vec<CoreEffect<MemoryBackend>> = Vec::new();
+        for _ in 0..64 {
+            let Some(n) = self.node.as_mut() else {
+                return;
+            };
+            n.cores[shard].take_effects(&mut effects);
+            if effects.is_empty() {
+                return;
+            }
+            for e in effects.drain(..) {
+                match e {
+                    Effect::Transmit(conn) => self.server_write(shard, conn),
+                    Effect::Close { conn, last } => {
+                        let Some(s) = self.unhost(shard, conn) else {
+                            continue;
+                        };
+                        self.note(11, s as u64, last.len() as u64, || {
+                            format!(
+                                "sock {s}: closed by shard {shard} ({} last bytes)",
+                                last.len()
+                            )
+                        });
+                        self.socks[s].host = Host::Gone;
+                        if !self.socks[s].closed {
+                            if !last.is_empty() {
+                                self.send_to_client(s, last.to_vec());
+                            }
+                            let t = self.socks[s].deliver_at;
+                            self.at(t, Ev::ClientEof(s));
+                        }
+                    }
+                    Effect::Handover { conn, to, adoption } => {
+                        let Some(s) = self.unhost(shard, conn) else {
+                            continue;
+                        };
+                        self.note(12, s as u64, to as u64, || {
+                            format!("sock {s}: handed from shard {shard} to shard {to}")
+                        });
+                        self.socks[s].host = Host::Transit;
+                        self.post(shard, to, Mail::Adopt(s, adoption));
+                    }
+                    Effect::Mail { to, batch } => self.post(shard, to, Mail::Batch(batch)),
+                    Effect::Flush(ticket) => {
+                        let t = self.now + self.rng.range(1, 8);
+                        let epoch = self.epoch;
+                        self.at(
+                            t,
+                            Ev::Flushed {
+                                epoch,
+                                shard,
+                                ticket,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, from: usize, to: usize, mail: Mail) {
+        // Shard-to-shard channels are FIFO.
+        let t = (self.now + self.rng.range(0, 2)).max(self.mail_at[from][to]);
+        self.mail_at[from][to] = t;
+        let epoch = self.epoch;
+        self.at(t, Ev::Mail { epoch, to, mail });
+    }
+
+    fn mail(&mut self, to: usize, mail: Mail) {
+        let now = self.now();
+        match mail {
+            Mail::Batch(batch) => {
+                self.note(13, to as u64, batch.len() as u64, || {
+                    format!("shard {to}: a batch of {}", batch.len())
+                });
+                if let Some(n) = self.node.as_mut() {
+                    n.cores[to].handle_mail(batch, now);
+                }
+            }
+            Mail::Adopt(s, adoption) => {
+                let Some(n) = self.node.as_mut() else {
+                    return;
+                };
+                let conn = n.cores[to].handle_adopt(adoption, now);
+                n.hosts[to].insert(conn.slot, (conn.generation, s));
+                self.note(14, s as u64, to as u64, || {
+                    format!("sock {s}: adopted by shard {to}")
+                });
+                self.socks[s].host = Host::Server { shard: to, conn };
+                if self.socks[s].closed {
+                    self.server_reset(to, conn);
+                } else if !self.socks[s].to_server.is_empty() {
+                    self.schedule_read(s);
+                }
+            }
+        }
+        self.apply(to);
+    }
+
+    fn unhost(&mut self, shard: usize, conn: ConnId) -> Option<usize> {
+        let n = self.node.as_mut()?;
+        match n.hosts[shard].get(&conn.slot) {
+            Some(&(g, s)) if g == conn.generation => {
+                n.hosts[shard].remove(&conn.slot);
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+
+    /// The client's side of `conn` is gone: the server's next write fails and it drops it.
+    fn server_reset(&mut self, shard: usize, conn: ConnId) {
+        let now = self.now();
+        self.unhost(shard, conn);
+        if let Some(n) = self.node.as_mut() {
+            n.cores[shard].handle_reset(conn, now);
+        }
+    }
+
+    /// The server writes what the connection's window takes.
+    fn server_write(&mut self, shard: usize, conn: ConnId) {
+        let now = self.now();
+        let Some(n) = self.node.as_mut() else {
+            return;
+        };
+        let Some(&(g, s)) = n.hosts[shard].get(&conn.slot) else {
+            return;
+        };
+        if g != conn.generation {
+            return;
+        }
+        if self.socks[s].closed {
+            return self.server_reset(shard, conn);
+        }
+        let window = if self.clients[self.socks[s].client].behaviour == Behaviour::Staller {
+            SMALL_WINDOW
+        } else {
+            WINDOW
+        };
+        let room = window.saturating_sub(self.socks[s].inflight);
+        let core = &mut n.cores[shard];
+        if let Some(q) = core.queued_bytes(conn)
+            && q > self.bound
+        {
+            let what = format!(
+                "sock {s} holds {q} bytes on shard {shard}, over its bound of {}",
+                self.bound
+            );
+            self.history.fail(self.now, what);
+        }
+        let Some(buf) = core.outbound(conn) else {
+            return;
+        };
+        let n_bytes = room.min(buf.len());
+        if n_bytes == 0 {
+            return;
+        }
+        let bytes = buf.split_to(n_bytes).to_vec();
+        core.handle_written(conn, true, now);
+        self.socks[s].inflight += n_bytes;
+        self.send_to_client(s, bytes);
+    }
+
+    fn send_to_client(&mut self, s: usize, bytes: Vec<u8>) {
+        let t = (self.now + self.rng.range(1, 5)).max(self.socks[s].deliver_at);
+        self.socks[s].deliver_at = t;
+        self.at(t, Ev::ClientRead(s, bytes));
+    }
+
+    fn schedule_read(&mut self, s: usize) {
+        if !self.socks[s].read_scheduled {
+            self.socks[s].read_scheduled = true;
+            let t = self.now + self.rng.range(1, 5);
+            self.at(t, Ev::ServerRead(s));
+        }
+    }
+
+    fn server_read(&mut self, s: usize) {
+        self.socks[s].read_scheduled = false;
+        if self.socks[s].closed {
+            return;
+        }
+        let Host::Server { shard, conn } = self.socks[s].host else {
+            return;
+        };
+        let bytes = std::mem::take(&mut self.socks[s].to_server);
+        self.note(3, s as u64, bytes.len() as u64, || {
+            format!("sock {s}: shard {shard} reads {} bytes", bytes.len())
+        });
+        let now = self.now();
+        if let Some(n) = self.node.as_mut() {
+            n.cores[shard].handle_bytes(conn, &bytes, now);
+        }
+        self.apply(shard);
+    }
+
+    // ----- clients ---------------------------------------------------------------------------
+
+    fn client_send(&mut self, s: usize, frames: Vec<pb::Frame>) {
+        if frames.is_empty() || self.socks[s].closed {
+            return;
+        }
+        let mut out = BytesMut::new();
+        for f in &frames {
+            if self.codec.encode(f, &mut out).is_err() {
+                self.history
+                    .fail(self.now, "a client frame did not encode".into());
+            }
+        }
+        self.socks[s].to_server.extend_from_slice(&out);
+        self.schedule_read(s);
+    }
+
+    fn wake(&mut self, ci: usize) {
+        self.note(2, ci as u64, 0, || format!("client {ci} wakes"));
+        let next = self.now + self.rng.range(20, 250);
+        self.at(next, Ev::Wake(ci));
+        let Some(s) = self.clients[ci].sock else {
+            self.connect(ci);
+            return;
+        };
+        if !self.quiescing {
+            // Chaos: drop the connection, or start ignoring the socket for a while.
+            if self.rng.chance(8) {
+                let reset = self.rng.chance(500);
+                return self.client_drop(ci, s, reset);
+            }
+            if self.clients[ci].behaviour == Behaviour::Staller
+                && self.clients[ci].stalled_until <= self.now
+                && self.rng.chance(100)
+            {
+                self.clients[ci].stalled_until = self.now + self.rng.range(200, 5_000);
+            }
+        }
+        let c = &mut self.clients[ci];
+        if !c.logged_in {
+            return;
+        }
+        let mut frames = c.sends(&mut self.history, self.quiescing);
+        if !self.quiescing && self.rng.chance(30) {
+            // A client may send the same message again at any time (same client message id).
+            frames.extend(c.resend_one());
+        }
+        if self.now >= c.next_ping {
+            c.next_ping = self.now + 1_500;
+            frames.push(pb::Frame {
+                request_id: 0,
+                body: Some(pb::frame::Body::Ping(pb::Ping { nonce: self.now })),
+            });
+        }
+        let everyone_idle = self.quiescing && self.clients.iter().all(Client::idle);
+        let c = &mut self.clients[ci];
+        if everyone_idle && c.final_sync == Final::NotYet && !c.syncing {
+            c.final_sync = Final::Requested;
+            frames.push(c.sync_request());
+        }
+        let sent_something = !frames.is_empty();
+        self.client_send(s, frames);
+        if !self.quiescing && sent_something && self.rng.chance(20) {
+            // Gone right after sending: the acks are lost, the sends come again.
+            let reset = self.rng.chance(500);
+            self.client_drop(ci, s, reset);
+        }
+    }
+
+    fn connect(&mut self, ci: usize) {
+        let Some(n) = self.node.as_mut() else {
+            return;
+        };
+        let shard = self.rng.below(self.shards as u64) as usize;
+        let now = Now {
+            ms: self.now,
+            unix_ms: UNIX_BASE_MS + self.now as i64,
+        };
+        let conn = n.cores[shard].handle_open(false, false, now);
+        let s = self.socks.len();
+        n.hosts[shard].insert(conn.slot, (conn.generation, s));
+        self.socks.push(Sock {
+            client: ci,
+            host: Host::Server { shard, conn },
+            to_server: Vec::new(),
+            read_scheduled: false,
+            inflight: 0,
+            deliver_at: self.now,
+            kernel: Vec::new(),
+            drain_scheduled: false,
+            eof_arrived: false,
+            rx: BytesMut::new(),
+            view: ConnView::default(),
+            closed: false,
+        });
+        self.note(4, ci as u64, s as u64, || {
+            format!("client {ci} connects as sock {s} to shard {shard}")
+        });
+        self.clients[ci].sock = Some(s);
+        let login = pb::Frame {
+            request_id: 1,
+            body: Some(pb::frame::Body::Login(pb::Login {
+                protocol_version: parley_proto::PROTOCOL_VERSION,
+                token: self.clients[ci].token(),
+                client_name: "sim".into(),
+            })),
+        };
+        self.apply(shard);
+        let mut frames = vec![login];
+        if self.rng.chance(500) {
+            // Pipelined behind the login: the sync travels with the connection to its home.
+            frames.push(self.clients[ci].sync_request());
+        }
+        self.client_send(s, frames);
+    }
+
+    /// The client drops its connection: a reset, or a clean end of its sending side.
+    fn client_drop(&mut self, ci: usize, s: usize, reset: bool) {
+        self.note(6, s as u64, u64::from(reset), || {
+            format!(
+                "client {ci} drops sock {s} ({})",
+                if reset { "reset" } else { "eof" }
+            )
+        });
+        let host = self.socks[s].host;
+        self.client_lost(s);
+        if let Host::Server { shard, conn } = host {
+            let now = self.now();
+            if reset {
+                self.server_reset(shard, conn);
+            } else if let Some(n) = self.node.as_mut() {
+                n.cores[shard].handle_eof(conn, now);
+            }
+            self.apply(shard);
+        }
+    }
+
+    /// The client's side of socket `s` is over; it reconnects later.
+    fn client_lost(&mut self, s: usize) {
+        if self.socks[s].closed {
+            return;
+        }
+        self.socks[s].closed = true;
+        let ci = self.socks[s].client;
+        if self.clients[ci].sock == Some(s) {
+            self.clients[ci].disconnected();
+        }
+    }
+
+    /// The client reads what arrived, unless it is not reading now.
+    fn client_read(&mut self, s: usize) {
+        if self.socks[s].closed {
+            return;
+        }
+        let ci = self.socks[s].client;
+        let stalled = self.clients[ci].stalled_until;
+        if stalled > self.now {
+            // Not reading: the bytes wait in the socket (and keep the window full).
+            if !self.socks[s].drain_scheduled {
+                self.socks[s].drain_scheduled = true;
+                self.at(stalled, Ev::ClientDrain(s));
+            }
+            return;
+        }
+        let bytes = std::mem::take(&mut self.socks[s].kernel);
+        self.note(15, s as u64, bytes.len() as u64, || {
+            format!("sock {s}: client {ci} reads {} bytes", bytes.len())
+        });
+        self.socks[s].inflight = self.socks[s].inflight.saturating_sub(bytes.len());
+        self.socks[s].rx.extend_from_slice(&bytes);
+        let mut replies = Vec::new();
+        loop {
+            let sock = &mut self.socks[s];
+            match self.codec.decode_frame(&mut sock.rx) {
+                Ok(Some(frame)) => {
+                    let now = self.now;
+                    let c = &mut self.clients[ci];
+                    replies.extend(c.on_frame(frame, now, &mut self.history, &mut sock.view));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let head: Vec<String> = self.socks[s]
+                        .rx
+                        .iter()
+                        .take(48)
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    let what = format!(
+                        "sock {s}: the server sent a bad frame: {e} (next bytes: {})",
+                        head.join("")
+                    );
+                    self.history.fail(self.now, what);
+                    break;
+                }
+            }
+        }
+        self.client_send(s, replies);
+        if self.socks[s].eof_arrived {
+            return self.client_lost(s);
+        }
+        if let Host::Server { shard, conn } = self.socks[s].host {
+            // The window opened: the server writes what waited.
+            self.server_write(shard, conn);
+            self.apply(shard);
+        }
+    }
+}
