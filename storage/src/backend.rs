@@ -12,13 +12,29 @@
 
 use std::io;
 
+/// A side file: a small file a log keeps next to its segments (FORMAT.md sections 10 and 11).
+/// Side files are written whole and atomically ([`Backend::write_side`]) and never changed in
+/// place, so a view of one ([`Backend::Side`]) never changes while it is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SideFile {
+    /// The persistent index of the sealed segment with this base LSN (`<base:020>.idx`).
+    Index(u64),
+    /// The application checkpoint (`CHECKPOINT`).
+    Checkpoint,
+}
+
 /// A place to keep the segments of one log.
 ///
 /// Segments are identified by their base LSN. Implementations need not be thread-safe: a log and
-/// its backend are used by one thread; only [`SegmentSync`] values travel to other threads.
+/// its backend are used by one thread; only [`SegmentSync`] values and the [`BackendHandle`]
+/// (through a [`SpareTicket`](crate::SpareTicket)) travel to other threads.
 pub trait Backend {
-    /// One open segment.
-    type Segment: SegmentStore;
+    /// One open segment (`Send`: a spare ticket creates it on another thread).
+    type Segment: SegmentStore + Send + 'static;
+    /// A read-only view of a side file's bytes (a read-only map, or shared memory).
+    type Side: AsRef<[u8]>;
+    /// A `Send` handle that creates segments and writes side files from another thread.
+    type Handle: BackendHandle<Segment = Self::Segment>;
 
     /// The base LSNs of all complete segments, in any order. Incomplete creations (a crash during
     /// [`Backend::create`]) are not listed and are cleaned up by the backend.
@@ -36,6 +52,41 @@ pub trait Backend {
 
     /// Deletes a segment durably. The caller has dropped its [`Backend::Segment`] for it.
     fn remove(&mut self, base: u64) -> io::Result<()>;
+
+    /// The side files present, in any order (incomplete writes are not listed).
+    fn list_side(&mut self) -> io::Result<Vec<SideFile>>;
+
+    /// A view of a side file, or `None` if it does not exist.
+    fn read_side(&mut self, name: SideFile) -> io::Result<Option<Self::Side>>;
+
+    /// Writes a side file whole, atomically and durably (temporary file, sync, rename, directory
+    /// sync): after a crash it holds either the old or the new bytes. Views of the old file stay
+    /// valid and unchanged.
+    fn write_side(&mut self, name: SideFile, bytes: &[u8]) -> io::Result<()>;
+
+    /// Deletes a side file durably; a missing file is not an error.
+    fn remove_side(&mut self, name: SideFile) -> io::Result<()>;
+
+    /// A handle for [`BackendHandle::create_new`] and [`BackendHandle::write_side`] on another
+    /// thread.
+    fn handle(&self) -> Self::Handle;
+}
+
+/// What a [`SpareTicket`](crate::SpareTicket) needs of a backend on another thread: creating the
+/// next segment and writing segment indexes. `Send + 'static`; it shares the backend's directory
+/// (and lock), never a reference to the backend.
+pub trait BackendHandle: Send + 'static {
+    /// The backend's segment type; `Send`, since it is created on another thread.
+    type Segment: Send + 'static;
+
+    /// Like [`Backend::create`], but never replaces: if a segment of that base exists (or appears
+    /// while this one is being created), fails with [`io::ErrorKind::AlreadyExists`] and leaves
+    /// the existing one alone. That makes a creation racing with the log's own (a roll that could
+    /// not wait for the spare) harmless.
+    fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<Self::Segment>;
+
+    /// Like [`Backend::write_side`].
+    fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// One fixed-size segment.

@@ -30,6 +30,15 @@ pub enum StorageError {
         /// Where the bad record starts.
         lsn: Lsn,
     },
+    /// [`Log::write_checkpoint`](crate::Log::write_checkpoint) was asked to cover records that
+    /// are not durable yet; nothing was written.
+    #[error("a checkpoint may only cover durable records: covers {covers}, durable {durable}")]
+    CheckpointBeyondDurable {
+        /// The LSN the checkpoint was to cover.
+        covers: Lsn,
+        /// The durable LSN at the time.
+        durable: Lsn,
+    },
 }
 
 impl StorageError {

@@ -1,10 +1,11 @@
-//! A fault-injecting wrapper around another backend: fails the Nth write, the Nth sync or the Nth
-//! segment creation (like `EIO` or `ENOSPC`), as armed through a shared [`Faults`] handle.
+//! A fault-injecting wrapper around another backend: fails the Nth write, the Nth sync, the Nth
+//! segment creation or the Nth side-file write (like `EIO` or `ENOSPC`), as armed through a shared
+//! [`Faults`] handle.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 
 /// The error number used for injected write and sync failures (`EIO`).
 const EIO: i32 = 5;
@@ -17,6 +18,7 @@ struct FaultState {
     write: Option<u64>,
     sync: Option<u64>,
     create: Option<u64>,
+    side: Option<u64>,
     injected: u64,
 }
 
@@ -51,12 +53,19 @@ impl Faults {
         self.state().create = Some(nth.max(1));
     }
 
+    /// The `nth` side-file write (segment index, checkpoint) from now fails with `ENOSPC`,
+    /// writing nothing (1 = the next one).
+    pub fn fail_side_write(&self, nth: u64) {
+        self.state().side = Some(nth.max(1));
+    }
+
     /// Disarms every fault.
     pub fn clear(&self) {
         let mut s = self.state();
         s.write = None;
         s.sync = None;
         s.create = None;
+        s.side = None;
     }
 
     /// How many faults have been injected so far.
@@ -105,8 +114,38 @@ impl<B: Backend> FaultyBackend<B> {
     }
 }
 
+/// The [`BackendHandle`] of a [`FaultyBackend`]: injects creation and side-write faults.
+#[derive(Debug)]
+pub struct FaultyHandle<H> {
+    inner: H,
+    faults: Faults,
+}
+
+impl<H: BackendHandle> BackendHandle for FaultyHandle<H> {
+    type Segment = FaultySegment<H::Segment>;
+
+    fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<Self::Segment> {
+        if self.faults.hit(|s| &mut s.create) {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        Ok(FaultySegment {
+            inner: self.inner.create_new(base, size, header)?,
+            faults: self.faults.clone(),
+        })
+    }
+
+    fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        if self.faults.hit(|s| &mut s.side) {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        self.inner.write_side(name, bytes)
+    }
+}
+
 impl<B: Backend> Backend for FaultyBackend<B> {
     type Segment = FaultySegment<B::Segment>;
+    type Side = B::Side;
+    type Handle = FaultyHandle<B::Handle>;
 
     fn list(&mut self) -> io::Result<Vec<u64>> {
         self.inner.list()
@@ -131,6 +170,32 @@ impl<B: Backend> Backend for FaultyBackend<B> {
 
     fn remove(&mut self, base: u64) -> io::Result<()> {
         self.inner.remove(base)
+    }
+
+    fn list_side(&mut self) -> io::Result<Vec<SideFile>> {
+        self.inner.list_side()
+    }
+
+    fn read_side(&mut self, name: SideFile) -> io::Result<Option<B::Side>> {
+        self.inner.read_side(name)
+    }
+
+    fn write_side(&mut self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        if self.faults.hit(|s| &mut s.side) {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        self.inner.write_side(name, bytes)
+    }
+
+    fn remove_side(&mut self, name: SideFile) -> io::Result<()> {
+        self.inner.remove_side(name)
+    }
+
+    fn handle(&self) -> Self::Handle {
+        FaultyHandle {
+            inner: self.inner.handle(),
+            faults: self.faults.clone(),
+        }
     }
 }
 

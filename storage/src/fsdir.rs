@@ -9,9 +9,16 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FallocateFlags, FlockOperation};
 
 use crate::OpenError;
+use crate::backend::SideFile;
 
 const SEGMENT_SUFFIX: &str = ".seg";
 const TMP_SUFFIX: &str = ".seg.tmp";
+/// Temporary name of a segment created by a spare ticket (`create_new`).
+const NEW_TMP_SUFFIX: &str = ".new.seg.tmp";
+const INDEX_SUFFIX: &str = ".idx";
+const CHECKPOINT_NAME: &str = "CHECKPOINT";
+/// Suffix of a side file being written.
+const SIDE_TMP_SUFFIX: &str = ".tmp";
 const LOCK_NAME: &str = "LOCK";
 
 /// A locked log directory.
@@ -51,7 +58,13 @@ impl SegmentDir {
         };
         for entry in fs::read_dir(dir).map_err(|e| OpenError::io("listing", dir, e))? {
             let entry = entry.map_err(|e| OpenError::io("listing", dir, e))?;
-            if entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+            // Every temporary this module writes ends with ".tmp" (`TMP_SUFFIX`,
+            // `NEW_TMP_SUFFIX`, side files' `SIDE_TMP_SUFFIX`): none is ever valid.
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(SIDE_TMP_SUFFIX)
+            {
                 let p = entry.path();
                 fs::remove_file(&p).map_err(|e| OpenError::io("removing", &p, e))?;
             }
@@ -112,6 +125,99 @@ impl SegmentDir {
             let _ = fs::remove_file(&tmp);
         }
         result.map(|()| file)
+    }
+
+    /// Creates a segment file atomically like [`SegmentDir::create`], but never replaces an
+    /// existing one: the complete temporary file is hard-linked to the final name, which fails
+    /// with `AlreadyExists` if that name exists. Safe to call from another thread.
+    pub(crate) fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<File> {
+        let tmp = self.dir.join(format!("{base:020}{NEW_TMP_SUFFIX}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let result = (|| {
+            allocate(&file, size)?;
+            file.write_all_at(header, 0)?;
+            rustix::fs::fsync(&file)?;
+            fs::hard_link(&tmp, self.segment_path(base))
+        })();
+        // The temporary name goes in every case (the file lives on under its final name).
+        let removed = fs::remove_file(&tmp);
+        result?;
+        removed?;
+        self.sync_dir()?;
+        Ok(file)
+    }
+
+    fn side_path(&self, name: SideFile) -> PathBuf {
+        match name {
+            SideFile::Index(base) => self.dir.join(format!("{base:020}{INDEX_SUFFIX}")),
+            SideFile::Checkpoint => self.dir.join(CHECKPOINT_NAME),
+        }
+    }
+
+    /// The side files present (well-formed names only).
+    pub(crate) fn list_side(&self) -> io::Result<Vec<SideFile>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if name == CHECKPOINT_NAME {
+                out.push(SideFile::Checkpoint);
+            } else if let Some(digits) = name.strip_suffix(INDEX_SUFFIX)
+                && digits.len() == 20
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && let Ok(base) = digits.parse::<u64>()
+            {
+                out.push(SideFile::Index(base));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a side file read-only, or `None` if it does not exist.
+    pub(crate) fn open_side(&self, name: SideFile) -> io::Result<Option<File>> {
+        match File::open(self.side_path(name)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a side file atomically and durably: temporary file, `fsync`, `rename`, directory
+    /// `fsync`. Safe to call from another thread (each side file has one writer at a time).
+    pub(crate) fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        let path = self.side_path(name);
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(SIDE_TMP_SUFFIX);
+        let tmp = PathBuf::from(tmp);
+        let result = (|| {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            file.write_all_at(bytes, 0)?;
+            rustix::fs::fsync(&file)?;
+            fs::rename(&tmp, &path)?;
+            self.sync_dir()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Deletes a side file and syncs the directory; a missing file is not an error.
+    pub(crate) fn remove_side(&self, name: SideFile) -> io::Result<()> {
+        match fs::remove_file(self.side_path(name)) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens an existing segment file read-write.

@@ -3,9 +3,11 @@
 //! One [`Log`] per broker shard stores opaque records (a caller-defined kind, a conversation id,
 //! a per-conversation seq, a message id, a timestamp and a payload) in preallocated, memory-mapped
 //! segment files with CRC-32C per record. It answers "records of conversation C with seq in
-//! `a..b`" from an in-memory index without scanning, recovers from crashes by cutting the torn
-//! tail, makes appends durable with group commit, and drops whole old segments for retention.
-//! It knows nothing about sessions or the wire format.
+//! `a..b`" from an index without scanning (in memory for the active segment, an index file per
+//! sealed segment), recovers from crashes by cutting the torn tail, opens in a time that does not
+//! grow with the log (only the active segment is scanned), makes appends durable with group
+//! commit, keeps an application checkpoint, and drops whole old segments for retention. It knows
+//! nothing about sessions or the wire format.
 //!
 //! The on-disk format and every protocol (append, flush, recovery, retention) are specified in
 //! `FORMAT.md` next to this crate's `Cargo.toml`; read it first.
@@ -24,8 +26,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Layout: [`format`](mod@format) (bytes), [`backend`] (the trait) with `mmap`, `pwrite`, `memory`, `faulty`
-//! (the backends), `index`, `log` (append, read, flush), `recovery`, `retention`, `error`.
+//! Layout: [`format`](mod@format) (bytes), `side` (bytes of index files and the checkpoint),
+//! [`backend`] (the trait) with `mmap`, `pwrite`, `memory`, `faulty` (the backends), `index`,
+//! `log` (append, read, flush, spare tickets, checkpoint), `recovery`, `retention`, `error`.
 
 pub mod backend;
 mod error;
@@ -39,17 +42,22 @@ mod mmap;
 mod pwrite;
 mod recovery;
 mod retention;
+mod side;
 mod types;
 
-pub use backend::{Backend, SegmentStore, SegmentSync};
+pub use backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 pub use error::{AppendError, OpenError, StorageError};
-pub use faulty::{Faults, FaultyBackend, FaultySegment, FaultySync};
+pub use faulty::{Faults, FaultyBackend, FaultyHandle, FaultySegment, FaultySync};
 pub use log::{
-    Durability, Log, LogConfig, Records, Retention, Scan, SyncOf, SyncTicket, TickReport,
+    Durability, Log, LogConfig, Records, Retention, Scan, SpareDone, SpareTicket, SpareTicketOf,
+    SyncOf, SyncTicket, TickReport,
 };
-pub use memory::{MemoryBackend, MemorySegment, MemorySync};
-pub use mmap::{MmapBackend, MmapSegment, MmapSync};
-pub use pwrite::{PwriteBackend, PwriteSegment, PwriteSync};
-pub use recovery::{Corruption, CorruptionKind, RecoveryReport, TornTail};
+pub use memory::{MemoryBackend, MemoryHandle, MemorySegment, MemorySide, MemorySync};
+pub use mmap::{MmapBackend, MmapHandle, MmapSegment, MmapSync, SideMap};
+pub use pwrite::{PwriteBackend, PwriteHandle, PwriteSegment, PwriteSync};
+pub use recovery::{
+    CheckpointProblem, Corruption, CorruptionKind, IndexProblem, RecoveryReport, TornTail,
+};
 pub use retention::RetentionReport;
+pub use side::IndexError;
 pub use types::{Lsn, RecordMeta, RecordRef, Timestamp};

@@ -21,9 +21,10 @@
 //!
 //! ### Threads
 //!
-//! A `Log` is used by one thread. The only thing that crosses threads is a [`SyncTicket`]: it
-//! holds shared handles to segment maps/files and byte ranges, never a reference to the `Log`.
-//! It shares one `AtomicBool` with the log: the poison flag.
+//! A `Log` is used by one thread. The only things that cross threads are a [`SyncTicket`] and a
+//! [`SpareTicket`]: they hold shared handles to segment maps/files, byte ranges, the backend's
+//! [`BackendHandle`] and index bytes, never a reference to the `Log`. They share one `AtomicBool`
+//! with the log: the poison flag.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -33,13 +34,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 use crate::format::{
     self, DEFAULT_SEGMENT_SIZE, KIND_SEQ_MARKER, RECORD_HEADER_LEN, RecordFields,
     SEGMENT_HEADER_LEN, SegmentHeader, Slot,
 };
-use crate::index::{Entry, Index};
+use crate::index::{Entry, Index, Span};
 use crate::retention::RetentionReport;
+use crate::side::{self, Block, SegmentSummary};
 use crate::{AppendError, Lsn, RecordMeta, RecordRef, StorageError, Timestamp};
 
 pub(crate) const DATA_START: u64 = SEGMENT_HEADER_LEN as u64;
@@ -99,7 +101,7 @@ impl Default for LogConfig {
 
 /// One segment in use.
 #[derive(Debug)]
-pub(crate) struct Segment<S> {
+pub(crate) struct Segment<S, X> {
     pub(crate) base: u64,
     pub(crate) store: S,
     /// Offset of the end of valid data (the tail, for the active segment).
@@ -108,6 +110,45 @@ pub(crate) struct Segment<S> {
     pub(crate) newest: i64,
     /// Records (markers included) in this segment.
     pub(crate) records: u64,
+    /// Offset of the last record or marker (0 if none).
+    pub(crate) last_off: u64,
+    /// The segment's index (FORMAT.md 10): `Some` for every sealed segment, `None` for the active.
+    pub(crate) idx: Option<SegIdx<X>>,
+}
+
+impl<S, X> Segment<S, X> {
+    /// A segment without records.
+    pub(crate) fn empty(base: u64, store: S) -> Self {
+        Self {
+            base,
+            store,
+            end: DATA_START,
+            newest: i64::MIN,
+            records: 0,
+            last_off: 0,
+            idx: None,
+        }
+    }
+}
+
+/// The index bytes of a sealed segment: the mapped file, or bytes in memory (not written yet, or
+/// not to be written because the segment is corrupt).
+#[derive(Debug)]
+pub(crate) enum SegIdx<X> {
+    /// In memory; the flag says whether its file is still to be written (false for a segment
+    /// found corrupt by recovery: it is scanned again at every open).
+    Owned(Arc<Vec<u8>>, bool),
+    /// A view of the index file.
+    Mapped(X),
+}
+
+impl<X: AsRef<[u8]>> SegIdx<X> {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            SegIdx::Owned(b, _) => b,
+            SegIdx::Mapped(m) => m.as_ref(),
+        }
+    }
 }
 
 /// What [`Log::tick`] did.
@@ -117,7 +158,8 @@ pub struct TickReport {
     pub flushed: Option<Lsn>,
     /// What retention dropped.
     pub retention: RetentionReport,
-    /// Whether a spare segment was created.
+    /// Whether a spare segment was created (or, on this thread, the spare work was done: see
+    /// [`Log::prepare_spare`]).
     pub spare_created: bool,
 }
 
@@ -127,9 +169,16 @@ pub struct Log<B: Backend> {
     pub(crate) config: LogConfig,
     pub(crate) segment_size: u64,
     /// Oldest first; the last one is active. Never empty.
-    pub(crate) segments: VecDeque<Segment<B::Segment>>,
+    pub(crate) segments: VecDeque<Segment<B::Segment, B::Side>>,
     /// A preallocated empty segment with base `active.base + S`.
     pub(crate) spare: Option<B::Segment>,
+    /// Alive while a [`SpareTicket`] (or its [`SpareDone`]) exists: at most one at a time. A
+    /// ticket or result that is dropped frees the slot.
+    pub(crate) ticket: std::sync::Weak<()>,
+    /// Number of rolls so far: a spare ticket taken before a roll is stale.
+    pub(crate) rolls: u64,
+    /// The newest valid checkpoint: (covers, payload).
+    pub(crate) checkpoint: Option<(u64, Vec<u8>)>,
     pub(crate) durable: u64,
     pub(crate) index: Index,
     pub(crate) poisoned: Arc<AtomicBool>,
@@ -223,6 +272,7 @@ impl<B: Backend> Log<B> {
         seg.end = offset + aligned;
         seg.newest = seg.newest.max(f.timestamp);
         seg.records += 1;
+        seg.last_off = offset;
         let lsn = seg.base + offset;
         if f.conversation != 0 {
             if f.kind == KIND_SEQ_MARKER {
@@ -263,19 +313,52 @@ impl<B: Backend> Log<B> {
                 if now_micros > self.clock.micros() {
                     self.clock = Timestamp::from_micros(now_micros);
                 }
+                // Replaces whatever a spare ticket still out may have created for this base: its
+                // result is stale from now on (`rolls`), and `install_spare` drops it.
                 self.create_segment(next_base)?
             }
         };
-        self.segments.push_back(Segment {
-            base: next_base,
-            store,
-            end: DATA_START,
-            newest: i64::MIN,
-            records: 0,
-        });
+        self.seal_active();
+        self.rolls += 1;
+        self.segments.push_back(Segment::empty(next_base, store));
         self.durable = self.normalize_durable(self.durable);
         self.debug_check();
         Ok(())
+    }
+
+    /// Moves the active segment's index entries into an index for it (bytes in the format of its
+    /// file, FORMAT.md 10), to be written by the next spare ticket. The segment is about to be
+    /// sealed: no record will be added to it.
+    pub(crate) fn seal_active(&mut self) {
+        let parts = self.index.take_active();
+        let segment_size = self.segment_size;
+        let Some(seg) = self.segments.back_mut() else {
+            return;
+        };
+        let last_crc = if seg.records == 0 {
+            0
+        } else {
+            let at = seg.last_off as usize + 4;
+            seg.store
+                .bytes()
+                .get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes)
+        };
+        let summary = SegmentSummary {
+            base: seg.base,
+            segment_size,
+            end: seg.end,
+            records: seg.records,
+            newest: seg.newest,
+            last_off: seg.last_off,
+            last_crc,
+        };
+        let (bytes, convs) = side::encode_index(&summary, &parts);
+        drop(parts);
+        seg.idx = Some(SegIdx::Owned(Arc::new(bytes), true));
+        let base = seg.base;
+        self.index.add_sealed(base, &convs);
     }
 
     pub(crate) fn create_segment(&mut self, base: u64) -> Result<B::Segment, StorageError> {
@@ -290,26 +373,214 @@ impl<B: Backend> Log<B> {
             .map_err(|e| StorageError::io("creating a segment", e))
     }
 
-    /// Creates and prefaults the spare segment if there is none (off the append path; `tick` does
-    /// it). Returns whether one was created. Fails with an I/O error if the disk is full; the log
-    /// stays usable.
+    /// Creates and prefaults the spare segment if there is none, and writes the index files of
+    /// sealed segments that have none yet, **on this thread** (`tick` calls it). The same work as
+    /// [`Log::spare_ticket`] + [`SpareTicket::run`] + [`Log::install_spare`], which do it on
+    /// another thread. Returns whether a spare was created; does nothing (`Ok(false)`) while a
+    /// spare ticket is out. Fails with an I/O error if the disk is full; the log stays usable.
     pub fn prepare_spare(&mut self) -> Result<bool, StorageError> {
-        if self.spare.is_some() {
-            return Ok(false);
+        match self.spare_ticket() {
+            Some(ticket) => self.install_spare(ticket.run()),
+            None => Ok(false),
         }
-        let base =
-            self.active()
-                .base
-                .checked_add(self.segment_size)
-                .ok_or(StorageError::Corrupt {
-                    lsn: Lsn(self.active().base),
-                })?;
-        let spare = self.create_segment(base)?;
-        if self.config.prefault {
-            spare.prefault();
+    }
+
+    /// The off-the-append-path housekeeping of segments, as a ticket that can run on another
+    /// thread: create and prefault the next segment (the spare) if there is none, and write the
+    /// index files of newly sealed segments (FORMAT.md 10.2). `None` if there is nothing to do,
+    /// a ticket is already out, or the log is poisoned.
+    ///
+    /// Run it with [`SpareTicket::run`] (blocking: file creation, `fallocate`, syncs, prefault),
+    /// then hand the result to [`Log::install_spare`]. Appending may go on meanwhile; if a roll
+    /// needs the next segment before the ticket is done, it creates it itself and the ticket's
+    /// segment is discarded on install. Only one ticket is out at a time. A ticket holds the
+    /// backend's directory (and its lock) until it has run: run or drop it before reopening.
+    pub fn spare_ticket(&mut self) -> Option<SpareTicketOf<B>> {
+        if self.ticket.strong_count() > 0 || self.is_poisoned() {
+            return None;
         }
-        self.spare = Some(spare);
-        Ok(true)
+        let active = self.active();
+        let spare = match (&self.spare, active.base.checked_add(self.segment_size)) {
+            (None, Some(base)) => Some(SpareJob {
+                base,
+                size: self.segment_size,
+                header: SegmentHeader {
+                    base_lsn: base,
+                    segment_size: self.segment_size,
+                    created: self.clock,
+                }
+                .encode(),
+            }),
+            _ => None,
+        };
+        let mut indexes = Vec::new();
+        for seg in &self.segments {
+            let Some(SegIdx::Owned(bytes, true)) = &seg.idx else {
+                continue;
+            };
+            let base = seg.base;
+            // The index is only written once the segment's data is durable (FORMAT.md 10.2):
+            // already true after the seal sync, otherwise (`Never`) the ticket syncs first.
+            let sync = (self.durable < seg.base + seg.end)
+                .then(|| seg.store.sync_range(DATA_START, seg.end));
+            indexes.push(IndexJob {
+                base,
+                bytes: Arc::clone(bytes),
+                sync,
+            });
+        }
+        if spare.is_none() && indexes.is_empty() {
+            return None;
+        }
+        let token = Arc::new(());
+        self.ticket = Arc::downgrade(&token);
+        Some(SpareTicket {
+            token,
+            handle: self.backend.handle(),
+            spare,
+            prefault: self.config.prefault,
+            indexes,
+            rolls: self.rolls,
+            poisoned: Arc::clone(&self.poisoned),
+        })
+    }
+
+    /// Installs what a [`SpareTicket`] did: the spare segment (unless the log rolled past it
+    /// meanwhile: then it is dropped, and the file on disk is the log's own), and the written
+    /// index files (mapped in place of the in-memory bytes). Returns whether a spare was
+    /// installed. An index that could not be written is retried by the next ticket; the first
+    /// error is returned (the log stays usable, unless a sync failed: that poisoned it).
+    pub fn install_spare(&mut self, done: SpareDone<B::Segment>) -> Result<bool, StorageError> {
+        let mut first_err = None;
+        for (base, result) in done.indexes {
+            let pos = self.segments.iter().position(|s| s.base == base);
+            match (result, pos) {
+                (Ok(()), Some(i)) => {
+                    let view = self.backend.read_side(SideFile::Index(base));
+                    if let Some(seg) = self.segments.get_mut(i) {
+                        seg.idx = match (seg.idx.take(), view) {
+                            (Some(SegIdx::Owned(bytes, _)), Ok(Some(view)))
+                                if view.as_ref().len() == bytes.len() =>
+                            {
+                                Some(SegIdx::Mapped(view))
+                            }
+                            // Written, but not mappable now: keep the bytes, done with the file.
+                            (Some(SegIdx::Owned(bytes, _)), _) => Some(SegIdx::Owned(bytes, false)),
+                            (other, _) => other,
+                        };
+                    }
+                }
+                (Ok(()), None) => {
+                    // Retention dropped the segment meanwhile: the index is an orphan.
+                    let _ = self.backend.remove_side(SideFile::Index(base));
+                }
+                (Err(e), _) => {
+                    // Still `Owned(_, true)`: the next ticket retries.
+                    first_err.get_or_insert(StorageError::io("writing a segment index", e));
+                }
+            }
+        }
+        let mut installed = false;
+        let fresh = done.rolls == self.rolls;
+        match done.spare {
+            Some((base, Ok(store))) => {
+                let next = self.active().base.checked_add(self.segment_size);
+                if fresh && self.spare.is_none() && Some(base) == next {
+                    self.spare = Some(store);
+                    installed = true;
+                }
+            }
+            Some((base, Err(e))) if fresh && self.spare.is_none() => {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    // A leftover file of that base (e.g. a segment with a bad header that
+                    // recovery left as evidence): no ticket is out now, so replacing it here
+                    // races with nothing.
+                    match self.create_segment(base) {
+                        Ok(store) => {
+                            if self.config.prefault {
+                                store.prefault();
+                            }
+                            self.spare = Some(store);
+                            installed = true;
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                } else {
+                    first_err.get_or_insert(StorageError::io("creating the spare segment", e));
+                }
+            }
+            Some((_, Err(_))) | None => {}
+        }
+        self.debug_check();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(installed),
+        }
+    }
+
+    // ----- checkpoint ---------------------------------------------------------------------------
+
+    /// Stores an application checkpoint (FORMAT.md 11): an opaque `payload` that says "this state
+    /// reflects every record below `covers`", so that after a restart the caller can load it and
+    /// replay only `scan(covers)` instead of the whole log. Atomic and durable when it returns
+    /// (a side file written through the backend); it replaces the previous checkpoint.
+    ///
+    /// Refused ([`StorageError::CheckpointBeyondDurable`]) unless `covers <= durable_lsn()`: a
+    /// checkpoint must never claim records a crash could take back. Pass a record boundary (a
+    /// record's LSN, or `durable_lsn()`). `covers` is stored as the lowest LSN with the same
+    /// records below it (`durable_lsn()` right after a roll is the new segment's `base + 64`; it
+    /// is stored as the end of the previous segment's data), so [`Log::checkpoint`] may return
+    /// a smaller LSN than was passed; `scan` from either returns the same records. A failed write
+    /// leaves the previous checkpoint in place and does not poison the log.
+    pub fn write_checkpoint(&mut self, covers: Lsn, payload: &[u8]) -> Result<(), StorageError> {
+        if self.is_poisoned() {
+            return Err(StorageError::Poisoned);
+        }
+        if covers.0 > self.durable {
+            return Err(StorageError::CheckpointBeyondDurable {
+                covers,
+                durable: self.durable_lsn(),
+            });
+        }
+        let covers = self.lowest_equivalent(covers.0);
+        let bytes = side::encode_checkpoint(covers, payload);
+        self.backend
+            .write_side(SideFile::Checkpoint, &bytes)
+            .map_err(|e| StorageError::io("writing the checkpoint", e))?;
+        self.checkpoint = Some((covers, payload.to_vec()));
+        Ok(())
+    }
+
+    /// The lowest LSN with the same records below it as `lsn`: positions in the unused end of a
+    /// segment or in the next segment's header (where a normalized durable LSN points, 5.4) map
+    /// to the end of the previous segment's data. Recovery can only vouch for LSNs up to the
+    /// recovered end of data, and appends after a recovery that cut back to that segment go there.
+    fn lowest_equivalent(&self, lsn: u64) -> u64 {
+        let Some(i) = self
+            .segments
+            .partition_point(|s| s.base <= lsn)
+            .checked_sub(1)
+        else {
+            return lsn;
+        };
+        let seg = &self.segments[i];
+        let mut lsn = lsn.min(seg.base + seg.end);
+        if lsn <= seg.base + DATA_START
+            && let Some(prev) = i.checked_sub(1).and_then(|p| self.segments.get(p))
+        {
+            lsn = prev.base + prev.end;
+        }
+        lsn
+    }
+
+    /// The newest valid checkpoint (found at open, or written since): the LSN it covers and its
+    /// payload. Replay `scan(covers)` on top of it; records below `covers` may have been dropped
+    /// by retention since (the checkpoint summarizes them), and if `covers < first_lsn()`, records
+    /// between the two were dropped too, exactly as a full replay would not see them.
+    pub fn checkpoint(&self) -> Option<(Lsn, &[u8])> {
+        self.checkpoint.as_ref().map(|(c, p)| (Lsn(*c), &p[..]))
     }
 
     // ----- durability ---------------------------------------------------------------------------
@@ -415,13 +686,116 @@ impl<B: Backend> Log<B> {
     // ----- reads --------------------------------------------------------------------------------
 
     /// The records of `conversation` with seq in `seqs`, in seq order, found through the index
-    /// (no scan). Each item borrows its payload from the segment; a record whose CRC no longer
-    /// verifies yields [`StorageError::Corrupt`].
+    /// (no scan): for sealed segments their index (FORMAT.md 10), whose chunks are CRC-verified as
+    /// they are read (a chunk that fails falls back to scanning that segment for the
+    /// conversation), for the active segment the in-memory entries. Lazy: the cost is that of the
+    /// records taken, plus a binary search. Each item borrows its payload from the segment; a
+    /// record whose CRC no longer verifies yields [`StorageError::Corrupt`].
     pub fn read(&self, conversation: u64, seqs: Range<u64>) -> Records<'_, B> {
-        Records {
+        let mut r = Records {
             log: self,
-            entries: self.index.range(conversation, seqs).iter(),
+            conv: conversation,
+            seqs: seqs.clone(),
+            spans: [].iter(),
+            cur: Cursor::Done,
+            active: [].iter(),
+            remaining: 0,
+        };
+        let Some(c) = self.index.conv(conversation) else {
+            return r;
+        };
+        if seqs.start >= seqs.end {
+            return r;
         }
+        let (spans, _) = c.parts();
+        let lo = spans
+            .partition_point(|s| s.first <= seqs.start)
+            .saturating_sub(1);
+        let hi = spans.partition_point(|s| s.first < seqs.end).max(lo);
+        let spans = &spans[lo..hi];
+        let active = self.index.active_range(conversation, seqs.clone());
+        let mut remaining = active.len();
+        let mut iter = spans.iter();
+        if let Some(first) = iter.next() {
+            let (cur, n) = self.open_span(first, conversation, seqs.clone());
+            r.cur = cur;
+            remaining += n;
+            if let Some((last, middle)) = iter.as_slice().split_last() {
+                remaining += middle.iter().map(|s| s.count as usize).sum::<usize>();
+                remaining += self.open_span(last, conversation, seqs.clone()).1;
+            }
+        }
+        r.spans = iter;
+        r.active = active.iter();
+        r.remaining = remaining;
+        r
+    }
+
+    /// A cursor over the entries of `span` with seq in `seqs`, and how many there are.
+    fn open_span(&self, span: &Span, conv: u64, seqs: Range<u64>) -> (Cursor<'_>, usize) {
+        let Some(seg) = self.segment_for(span.base) else {
+            return (Cursor::Done, 0);
+        };
+        let idx = seg.idx.as_ref().map_or(&[][..], |x| x.bytes());
+        if let Some(block) = Block::new(idx, span.start, span.count)
+            && let Some(lo) = block.lower_bound(seqs.start)
+            && let Some(hi) = block.lower_bound(seqs.end)
+        {
+            let hi = hi.max(lo);
+            return (
+                Cursor::Block {
+                    base: seg.base,
+                    block,
+                    pos: lo,
+                    end: hi,
+                    verified: lo,
+                    next_seq: seqs.start,
+                    seq_end: seqs.end,
+                },
+                hi - lo,
+            );
+        }
+        let entries = self.scan_conversation(seg, conv, seqs);
+        let n = entries.len();
+        (Cursor::Scanned(entries.into_iter()), n)
+    }
+
+    /// The fallback when a segment's index is unusable: its records of `conv` with seq in `seqs`,
+    /// found by scanning the segment (CRC-verified, up to the first invalid record).
+    fn scan_conversation(
+        &self,
+        seg: &Segment<B::Segment, B::Side>,
+        conv: u64,
+        seqs: Range<u64>,
+    ) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut offset = DATA_START;
+        while offset < seg.end {
+            match format::decode_record(seg.store.bytes(), offset) {
+                Ok(Slot::Record(r)) => {
+                    let f = r.fields;
+                    if f.conversation == conv && f.kind != KIND_SEQ_MARKER && seqs.contains(&f.seq)
+                    {
+                        out.push(Entry {
+                            seq: f.seq,
+                            lsn: seg.base + offset,
+                        });
+                    }
+                    offset = r.next;
+                }
+                Ok(Slot::End) | Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The record at `lsn`, CRC-verified, which must be `conv`'s record `seq`.
+    fn record_of(&self, lsn: u64, conv: u64, seq: u64) -> Result<RecordRef<'_>, StorageError> {
+        let r = self.record_at(lsn)?;
+        if r.meta.conversation != conv || r.meta.seq != seq {
+            return Err(StorageError::Corrupt { lsn: Lsn(lsn) });
+        }
+        Ok(r)
     }
 
     /// Every record (kinds 1..=255, any conversation) with `lsn >= from`, in LSN order. Walks the
@@ -453,7 +827,7 @@ impl<B: Backend> Log<B> {
         }
     }
 
-    fn segment_for(&self, lsn: u64) -> Option<&Segment<B::Segment>> {
+    fn segment_for(&self, lsn: u64) -> Option<&Segment<B::Segment, B::Side>> {
         let first = self.segments.front()?.base;
         let guess = usize::try_from(lsn.checked_sub(first)? / self.segment_size).ok()?;
         match self.segments.get(guess) {
@@ -555,7 +929,7 @@ impl<B: Backend> Log<B> {
         &self.backend
     }
 
-    pub(crate) fn active(&self) -> &Segment<B::Segment> {
+    pub(crate) fn active(&self) -> &Segment<B::Segment, B::Side> {
         // Invariant 4: never empty.
         match self.segments.back() {
             Some(s) => s,
@@ -591,7 +965,11 @@ impl<B: Backend> Log<B> {
         if self.segments.iter().any(|g| !g.base.is_multiple_of(s)) {
             return Err("segment base not a multiple of the size".into());
         }
-        self.index.check(self.first_lsn().0)
+        let sealed = self.segments.len() - 1;
+        if self.segments.iter().take(sealed).any(|g| g.idx.is_none()) || a.idx.is_some() {
+            return Err("every sealed segment, and only those, has an index".into());
+        }
+        self.index.check(self.first_lsn().0, a.base)
     }
 
     #[inline]
@@ -617,6 +995,9 @@ fn to_ref<'a>(lsn: u64, f: &RecordFields, payload: &'a [u8]) -> RecordRef<'a> {
 
 /// The [`SegmentSync`] type of a backend's segments (what a [`SyncTicket`] holds).
 pub type SyncOf<B> = <<B as Backend>::Segment as SegmentStore>::Sync;
+
+/// The [`SpareTicket`] type of a backend (what [`Log::spare_ticket`] returns).
+pub type SpareTicketOf<B> = SpareTicket<<B as Backend>::Handle, SyncOf<B>>;
 
 /// A sync of the bytes written up to some LSN, runnable on any thread (group commit): `Send +
 /// 'static`, it holds shared handles to the segments (maps or files), never a reference to the
@@ -655,17 +1036,148 @@ impl<S: SegmentSync> SyncTicket<S> {
     }
 }
 
+/// The creation of the spare segment, as a [`SpareTicket`] carries it.
+#[derive(Debug)]
+struct SpareJob {
+    base: u64,
+    size: u64,
+    header: [u8; SEGMENT_HEADER_LEN],
+}
+
+/// The writing of one sealed segment's index, as a [`SpareTicket`] carries it.
+#[derive(Debug)]
+struct IndexJob<S> {
+    base: u64,
+    bytes: Arc<Vec<u8>>,
+    /// Makes the segment's data durable first (`None` if it already is).
+    sync: Option<S>,
+}
+
+/// Segment housekeeping runnable on any thread (like [`SyncTicket`]): creates and prefaults the
+/// spare segment, and writes the index files of newly sealed segments. `Send + 'static`; get one
+/// from [`Log::spare_ticket`], run it, give the result to [`Log::install_spare`].
+pub struct SpareTicket<H, S> {
+    token: Arc<()>,
+    handle: H,
+    spare: Option<SpareJob>,
+    prefault: bool,
+    indexes: Vec<IndexJob<S>>,
+    rolls: u64,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl<H, S> fmt::Debug for SpareTicket<H, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpareTicket")
+            .field("spare", &self.spare.as_ref().map(|j| Lsn(j.base)))
+            .field("indexes", &self.indexes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: BackendHandle, S: SegmentSync> SpareTicket<H, S>
+where
+    H::Segment: SegmentStore,
+{
+    /// Whether the ticket creates a spare segment (otherwise it only writes indexes).
+    pub fn creates_spare(&self) -> bool {
+        self.spare.is_some()
+    }
+
+    /// Does the work (blocking): the spare first (`create_new`, then prefault), then each index
+    /// (sync the segment if needed, write the file). A failed sync poisons the log (the flag is
+    /// shared), whether or not the result is installed.
+    pub fn run(self) -> SpareDone<H::Segment> {
+        let spare = self.spare.map(|job| {
+            let created = self.handle.create_new(job.base, job.size, &job.header);
+            if self.prefault
+                && let Ok(seg) = &created
+            {
+                seg.prefault();
+            }
+            (job.base, created)
+        });
+        let mut indexes = Vec::with_capacity(self.indexes.len());
+        for job in self.indexes {
+            let synced = match job.sync {
+                Some(sync) => sync.sync().inspect_err(|_| {
+                    self.poisoned.store(true, Ordering::Release);
+                }),
+                None => Ok(()),
+            };
+            let written = synced.and_then(|()| {
+                self.handle
+                    .write_side(SideFile::Index(job.base), &job.bytes)
+            });
+            indexes.push((job.base, written));
+        }
+        SpareDone {
+            _token: self.token,
+            spare,
+            indexes,
+            rolls: self.rolls,
+        }
+    }
+}
+
+/// The result of [`SpareTicket::run`], for [`Log::install_spare`]. `Send` if the segment type is.
+pub struct SpareDone<G> {
+    _token: Arc<()>,
+    spare: Option<(u64, io::Result<G>)>,
+    indexes: Vec<(u64, io::Result<()>)>,
+    rolls: u64,
+}
+
+impl<G> fmt::Debug for SpareDone<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpareDone")
+            .field(
+                "spare",
+                &self.spare.as_ref().map(|(b, r)| (Lsn(*b), r.is_ok())),
+            )
+            .field("indexes", &self.indexes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where [`Records`] is in a sealed segment.
+enum Cursor<'a> {
+    Done,
+    /// Entries `pos..end` of a verified-as-read index block.
+    Block {
+        base: u64,
+        block: Block<'a>,
+        pos: usize,
+        end: usize,
+        /// Entries below this are in chunks already verified.
+        verified: usize,
+        /// The seq range still to return (for a fallback scan if a chunk fails).
+        next_seq: u64,
+        seq_end: u64,
+    },
+    /// Entries found by scanning the segment (its index was unusable).
+    Scanned(std::vec::IntoIter<Entry>),
+}
+
 /// Iterator returned by [`Log::read`].
 pub struct Records<'a, B: Backend> {
     log: &'a Log<B>,
-    entries: std::slice::Iter<'a, Entry>,
+    conv: u64,
+    seqs: Range<u64>,
+    /// Sealed spans after the current one.
+    spans: std::slice::Iter<'a, Span>,
+    cur: Cursor<'a>,
+    active: std::slice::Iter<'a, Entry>,
+    remaining: usize,
 }
 
 impl<B: Backend> fmt::Debug for Records<'_, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Records")
-            .field("remaining", &self.entries.len())
-            .finish()
+            .field("conversation", &self.conv)
+            .field("seqs", &self.seqs)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
     }
 }
 
@@ -673,12 +1185,74 @@ impl<'a, B: Backend> Iterator for Records<'a, B> {
     type Item = Result<RecordRef<'a>, StorageError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let e = self.entries.next()?;
-        Some(self.log.record_at(e.lsn))
+        loop {
+            if self.remaining == 0 {
+                return None;
+            }
+            match &mut self.cur {
+                Cursor::Block {
+                    base,
+                    block,
+                    pos,
+                    end,
+                    verified,
+                    next_seq,
+                    seq_end,
+                } if *pos < *end => {
+                    if *pos >= *verified {
+                        if block.verify_chunk_of(*pos) {
+                            *verified = (*pos / side::CHUNK + 1) * side::CHUNK;
+                        } else {
+                            // The index went bad under us: scan the segment for the rest.
+                            let range = *next_seq..*seq_end;
+                            let base = *base;
+                            self.cur = match self.log.segment_for(base) {
+                                Some(seg) => Cursor::Scanned(
+                                    self.log
+                                        .scan_conversation(seg, self.conv, range)
+                                        .into_iter(),
+                                ),
+                                None => Cursor::Done,
+                            };
+                            continue;
+                        }
+                    }
+                    let Some((seq, offset)) = block.entry(*pos) else {
+                        self.cur = Cursor::Done;
+                        continue;
+                    };
+                    *pos += 1;
+                    *next_seq = seq.saturating_add(1);
+                    self.remaining -= 1;
+                    return Some(self.log.record_of(*base + offset, self.conv, seq));
+                }
+                Cursor::Scanned(entries) => {
+                    if let Some(e) = entries.next() {
+                        self.remaining -= 1;
+                        return Some(self.log.record_of(e.lsn, self.conv, e.seq));
+                    }
+                }
+                Cursor::Block { .. } | Cursor::Done => {}
+            }
+            if let Some(span) = self.spans.next() {
+                self.cur = self.log.open_span(span, self.conv, self.seqs.clone()).0;
+                continue;
+            }
+            self.cur = Cursor::Done;
+            if let Some(e) = self.active.next() {
+                self.remaining -= 1;
+                return Some(self.log.record_of(e.lsn, self.conv, e.seq));
+            }
+            // An index promised more records than its segment holds.
+            self.remaining -= 1;
+            return Some(Err(StorageError::Corrupt {
+                lsn: self.log.first_lsn(),
+            }));
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.entries.size_hint()
+        (self.remaining, Some(self.remaining))
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 
 /// Page size used to simulate writeback and sync granularity.
 pub(crate) const PAGE_SIZE: usize = 4096;
@@ -24,10 +24,16 @@ struct Pages {
 
 type Shared = Arc<Mutex<Pages>>;
 
+type Sides = Arc<Mutex<BTreeMap<SideFile, Arc<Vec<u8>>>>>;
+
 /// Segments in memory; a handle, cloning shares the same segments.
+///
+/// Side files are replaced whole and are durable as soon as written (the file backends' temporary
+/// file, sync, rename and directory sync), so a crash image keeps every side file.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackend {
     segments: Arc<Mutex<BTreeMap<u64, Shared>>>,
+    sides: Sides,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,7 +80,26 @@ impl MemoryBackend {
         }
         Self {
             segments: Arc::new(Mutex::new(out)),
+            sides: Arc::new(Mutex::new(lock(&self.sides).clone())),
         }
+    }
+
+    /// A copy of a side file's bytes, if it exists.
+    pub fn side_bytes(&self, name: SideFile) -> Option<Vec<u8>> {
+        lock(&self.sides).get(&name).map(|b| b.to_vec())
+    }
+
+    /// Changes a side file "on disk" (e.g. to simulate corruption); views already handed out keep
+    /// the old bytes. Returns false if it does not exist.
+    pub fn modify_side(&self, name: SideFile, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let mut sides = lock(&self.sides);
+        let Some(old) = sides.get(&name) else {
+            return false;
+        };
+        let mut bytes = old.to_vec();
+        f(&mut bytes);
+        sides.insert(name, Arc::new(bytes));
+        true
     }
 
     /// A copy of a segment's live bytes, if it exists.
@@ -112,30 +137,75 @@ impl MemoryBackend {
     }
 }
 
+fn new_segment(size: u64, header: &[u8]) -> io::Result<(MemorySegment, Shared)> {
+    let size = usize::try_from(size)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
+    let mut bytes = vec![0u8; size];
+    let h = bytes
+        .get_mut(..header.len())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "header too large"))?;
+    h.copy_from_slice(header);
+    let shared = Arc::new(Mutex::new(Pages {
+        live: bytes.clone(),
+        durable: bytes.clone(),
+    }));
+    Ok((
+        MemorySegment {
+            view: bytes,
+            shared: Arc::clone(&shared),
+        },
+        shared,
+    ))
+}
+
+/// A view of an in-memory side file (shared, immutable: a rewrite replaces it).
+#[derive(Debug, Clone)]
+pub struct MemorySide(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for MemorySide {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The [`BackendHandle`] of a [`MemoryBackend`].
+#[derive(Debug, Clone)]
+pub struct MemoryHandle {
+    backend: MemoryBackend,
+}
+
+impl BackendHandle for MemoryHandle {
+    type Segment = MemorySegment;
+
+    fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<MemorySegment> {
+        let (segment, shared) = new_segment(size, header)?;
+        let mut segs = lock(&self.backend.segments);
+        if segs.contains_key(&base) {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        segs.insert(base, shared);
+        Ok(segment)
+    }
+
+    fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        lock(&self.backend.sides).insert(name, Arc::new(bytes.to_vec()));
+        Ok(())
+    }
+}
+
 impl Backend for MemoryBackend {
     type Segment = MemorySegment;
+    type Side = MemorySide;
+    type Handle = MemoryHandle;
 
     fn list(&mut self) -> io::Result<Vec<u64>> {
         Ok(lock(&self.segments).keys().copied().collect())
     }
 
     fn create(&mut self, base: u64, size: u64, header: &[u8]) -> io::Result<MemorySegment> {
-        let size = usize::try_from(size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
-        let mut bytes = vec![0u8; size];
-        let h = bytes
-            .get_mut(..header.len())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "header too large"))?;
-        h.copy_from_slice(header);
-        let shared = Arc::new(Mutex::new(Pages {
-            live: bytes.clone(),
-            durable: bytes.clone(),
-        }));
-        lock(&self.segments).insert(base, Arc::clone(&shared));
-        Ok(MemorySegment {
-            view: bytes,
-            shared,
-        })
+        let (segment, shared) = new_segment(size, header)?;
+        lock(&self.segments).insert(base, shared);
+        Ok(segment)
     }
 
     fn open(&mut self, base: u64) -> io::Result<MemorySegment> {
@@ -155,6 +225,31 @@ impl Backend for MemoryBackend {
             .remove(&base)
             .map(|_| ())
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+
+    fn list_side(&mut self) -> io::Result<Vec<SideFile>> {
+        Ok(lock(&self.sides).keys().copied().collect())
+    }
+
+    fn read_side(&mut self, name: SideFile) -> io::Result<Option<MemorySide>> {
+        Ok(lock(&self.sides)
+            .get(&name)
+            .map(|b| MemorySide(Arc::clone(b))))
+    }
+
+    fn write_side(&mut self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        self.handle().write_side(name, bytes)
+    }
+
+    fn remove_side(&mut self, name: SideFile) -> io::Result<()> {
+        lock(&self.sides).remove(&name);
+        Ok(())
+    }
+
+    fn handle(&self) -> MemoryHandle {
+        MemoryHandle {
+            backend: self.clone(),
+        }
     }
 }
 

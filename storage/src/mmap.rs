@@ -32,16 +32,22 @@
 //!    copying and returns an error otherwise.
 //! 5. **Readers see only published bytes.** The log only decodes records below its written tail;
 //!    by (2) those bytes are not being written while read.
+//! 6. **Side files are never changed in place.** [`SideMap`] maps a side file (a segment index,
+//!    the checkpoint) read-only. This crate writes side files only whole, to a temporary file that
+//!    is then renamed over the old name (`SegmentDir::write_side`), and deletes them only with
+//!    `unlink`; neither changes or truncates an inode that is mapped, so the mapped bytes never
+//!    change and every page stays backed. (As in 1, processes that ignore the lock are outside
+//!    the model.)
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::{Advice, MmapOptions, MmapRaw};
+use memmap2::{Advice, Mmap, MmapOptions, MmapRaw};
 
 use crate::OpenError;
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 use crate::format::MIN_SEGMENT_SIZE;
 use crate::fsdir::SegmentDir;
 
@@ -55,14 +61,14 @@ use crate::fsdir::SegmentDir;
 /// ```
 #[derive(Debug)]
 pub struct MmapBackend {
-    dir: SegmentDir,
+    dir: Arc<SegmentDir>,
 }
 
 impl MmapBackend {
     /// Opens (creating it if needed) a log directory and takes its exclusive lock.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
         Ok(Self {
-            dir: SegmentDir::open(dir)?,
+            dir: Arc::new(SegmentDir::open(dir)?),
         })
     }
 
@@ -89,8 +95,69 @@ fn map_rw(file: &File) -> io::Result<MmapRaw> {
     MmapOptions::new().len(len).map_raw(file)
 }
 
+/// A read-only map of a side file (or nothing, for an empty file). Its bytes never change
+/// (`# Safety`, item 6).
+#[derive(Debug)]
+pub struct SideMap {
+    map: Option<Mmap>,
+}
+
+impl SideMap {
+    /// Maps a whole side file read-only.
+    pub(crate) fn new(file: &File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(Self { map: None });
+        }
+        let len = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "side file too large"))?;
+        // SAFETY: the file is a side file of a locked log directory (# Safety, 1), which this
+        // crate never modifies or truncates in place (# Safety, 6): the mapped bytes cannot change
+        // while the map lives, and the length is the file's length read just now, so every page
+        // is backed.
+        let map = unsafe { MmapOptions::new().len(len).map(file)? };
+        Ok(Self { map: Some(map) })
+    }
+}
+
+impl AsRef<[u8]> for SideMap {
+    fn as_ref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+pub(crate) fn read_side(dir: &SegmentDir, name: SideFile) -> io::Result<Option<SideMap>> {
+    match dir.open_side(name)? {
+        Some(file) => SideMap::new(&file).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The [`BackendHandle`] of an [`MmapBackend`]: shares its directory (and lock).
+#[derive(Debug, Clone)]
+pub struct MmapHandle {
+    dir: Arc<SegmentDir>,
+}
+
+impl BackendHandle for MmapHandle {
+    type Segment = MmapSegment;
+
+    fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<MmapSegment> {
+        let file = self.dir.create_new(base, size, header)?;
+        Ok(MmapSegment {
+            map: Arc::new(map_rw(&file)?),
+        })
+    }
+
+    fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        self.dir.write_side(name, bytes)
+    }
+}
+
 impl Backend for MmapBackend {
     type Segment = MmapSegment;
+    type Side = SideMap;
+    type Handle = MmapHandle;
 
     fn list(&mut self) -> io::Result<Vec<u64>> {
         self.dir.list()
@@ -112,6 +179,28 @@ impl Backend for MmapBackend {
 
     fn remove(&mut self, base: u64) -> io::Result<()> {
         self.dir.remove(base)
+    }
+
+    fn list_side(&mut self) -> io::Result<Vec<SideFile>> {
+        self.dir.list_side()
+    }
+
+    fn read_side(&mut self, name: SideFile) -> io::Result<Option<SideMap>> {
+        read_side(&self.dir, name)
+    }
+
+    fn write_side(&mut self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        self.dir.write_side(name, bytes)
+    }
+
+    fn remove_side(&mut self, name: SideFile) -> io::Result<()> {
+        self.dir.remove_side(name)
+    }
+
+    fn handle(&self) -> MmapHandle {
+        MmapHandle {
+            dir: Arc::clone(&self.dir),
+        }
     }
 }
 

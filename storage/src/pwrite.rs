@@ -10,21 +10,21 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::OpenError;
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, BackendHandle, SegmentStore, SegmentSync, SideFile};
 use crate::fsdir::SegmentDir;
-use crate::mmap::PwriteFile;
+use crate::mmap::{PwriteFile, SideMap, read_side};
 
 /// Segments as preallocated files written with `pwrite`.
 #[derive(Debug)]
 pub struct PwriteBackend {
-    dir: SegmentDir,
+    dir: Arc<SegmentDir>,
 }
 
 impl PwriteBackend {
     /// Opens (creating it if needed) a log directory and takes its exclusive lock.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
         Ok(Self {
-            dir: SegmentDir::open(dir)?,
+            dir: Arc::new(SegmentDir::open(dir)?),
         })
     }
 
@@ -34,8 +34,31 @@ impl PwriteBackend {
     }
 }
 
+/// The [`BackendHandle`] of a [`PwriteBackend`]: shares its directory (and lock).
+#[derive(Debug, Clone)]
+pub struct PwriteHandle {
+    dir: Arc<SegmentDir>,
+}
+
+impl BackendHandle for PwriteHandle {
+    type Segment = PwriteSegment;
+
+    fn create_new(&self, base: u64, size: u64, header: &[u8]) -> io::Result<PwriteSegment> {
+        let file = self.dir.create_new(base, size, header)?;
+        Ok(PwriteSegment {
+            file: PwriteFile::new(file)?,
+        })
+    }
+
+    fn write_side(&self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        self.dir.write_side(name, bytes)
+    }
+}
+
 impl Backend for PwriteBackend {
     type Segment = PwriteSegment;
+    type Side = SideMap;
+    type Handle = PwriteHandle;
 
     fn list(&mut self) -> io::Result<Vec<u64>> {
         self.dir.list()
@@ -57,6 +80,28 @@ impl Backend for PwriteBackend {
 
     fn remove(&mut self, base: u64) -> io::Result<()> {
         self.dir.remove(base)
+    }
+
+    fn list_side(&mut self) -> io::Result<Vec<SideFile>> {
+        self.dir.list_side()
+    }
+
+    fn read_side(&mut self, name: SideFile) -> io::Result<Option<SideMap>> {
+        read_side(&self.dir, name)
+    }
+
+    fn write_side(&mut self, name: SideFile, bytes: &[u8]) -> io::Result<()> {
+        self.dir.write_side(name, bytes)
+    }
+
+    fn remove_side(&mut self, name: SideFile) -> io::Result<()> {
+        self.dir.remove_side(name)
+    }
+
+    fn handle(&self) -> PwriteHandle {
+        PwriteHandle {
+            dir: Arc::clone(&self.dir),
+        }
     }
 }
 

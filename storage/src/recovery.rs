@@ -1,18 +1,21 @@
 //! Opening a log: recovery (FORMAT.md section 6).
 //!
-//! Validates segment headers, finds the active segment, scans sealed segments (reporting and
-//! skipping corruption), cuts the torn tail of the active segment and zeroes everything after it,
-//! rebuilds the index, and syncs what it found before calling it durable.
+//! Validates segment headers, finds the active segment, loads the index of every sealed segment
+//! from its index file (FORMAT.md 10) or, without a usable one, scans it (reporting and skipping
+//! corruption), cuts the torn tail of the active segment and zeroes everything after it, syncs
+//! what it found before calling it durable, writes the missing index files, and loads the
+//! checkpoint (FORMAT.md 11).
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::backend::{Backend, SegmentStore, SegmentSync};
+use crate::backend::{Backend, SegmentStore, SegmentSync, SideFile};
 use crate::format::{self, KIND_SEQ_MARKER, RecordError, SegmentHeader, Slot};
 use crate::index::Index;
-use crate::log::{DATA_START, Segment};
+use crate::log::{DATA_START, SegIdx, Segment};
+use crate::side::{self, ConvSummary, IndexError, SegmentSummary};
 use crate::{Log, LogConfig, Lsn, OpenError, StorageError, Timestamp};
 
 /// What recovery found and did. Nothing in it is an error: the log opened.
@@ -34,6 +37,44 @@ pub struct RecoveryReport {
     pub corruptions: Vec<Corruption>,
     /// Empty segments beyond the spare that were removed.
     pub removed_segments: Vec<Lsn>,
+    /// Sealed segments opened from their index file, without reading their records.
+    pub indexed_segments: usize,
+    /// Segments whose records were scanned: the active one, and every sealed one without a usable
+    /// index file (all of them for a log written before index files existed).
+    pub scanned_segments: usize,
+    /// Index files that were present but not usable (deleted; their segment was scanned).
+    pub index_problems: Vec<IndexProblem>,
+    /// Index files written by this open (for sealed segments scanned without corruption).
+    pub indexes_written: usize,
+    /// The LSN covered by the checkpoint found ([`Log::checkpoint`]), if any.
+    pub checkpoint: Option<Lsn>,
+    /// Why a checkpoint file that was present is not used.
+    pub checkpoint_ignored: Option<CheckpointProblem>,
+}
+
+/// An index file that recovery could not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexProblem {
+    /// Base LSN of its segment.
+    pub segment: Lsn,
+    /// What was wrong.
+    pub kind: IndexError,
+}
+
+/// Why a checkpoint file was ignored at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointProblem {
+    /// Its header or payload CRC does not match, or it is malformed.
+    Corrupt,
+    /// It covers records beyond the end of the recovered log (they were lost).
+    BeyondLog {
+        /// The LSN it claims to cover.
+        covers: Lsn,
+        /// The recovered written LSN.
+        written: Lsn,
+    },
+    /// It could not be read (an I/O error).
+    Unreadable,
 }
 
 /// Where the log's data ended after a crash, and how many stale bytes were erased after it.
@@ -95,6 +136,7 @@ struct ScanResult {
     end: u64,
     newest: i64,
     records: u64,
+    last_off: u64,
     problem: Option<CorruptionKind>,
 }
 
@@ -105,6 +147,7 @@ fn scan_segment(bytes: &[u8], base: u64, index: &mut Index) -> ScanResult {
         end: DATA_START,
         newest: i64::MIN,
         records: 0,
+        last_off: 0,
         problem: None,
     };
     loop {
@@ -130,6 +173,7 @@ fn scan_segment(bytes: &[u8], base: u64, index: &mut Index) -> ScanResult {
                 }
                 r.newest = r.newest.max(f.timestamp);
                 r.records += 1;
+                r.last_off = r.end;
                 r.end = rec.next;
             }
         }
@@ -178,6 +222,9 @@ fn zero_from<S: SegmentStore>(seg: &mut S, from: u64) -> io::Result<u64> {
     }
     Ok(written)
 }
+
+/// A valid index file: what it says about its segment, its summary, and the view of it.
+type LoadedIndex<X> = (SegmentSummary, Vec<ConvSummary>, X);
 
 fn storage_io(op: &'static str) -> impl FnOnce(io::Error) -> OpenError {
     move |e| OpenError::Recovery(StorageError::io(op, e))
@@ -246,6 +293,9 @@ impl<B: Backend> Log<B> {
             segment_size,
             segments: VecDeque::new(),
             spare: None,
+            ticket: std::sync::Weak::new(),
+            rolls: 0,
+            checkpoint: None,
             durable: 0,
             index: Index::new(),
             poisoned: Arc::new(AtomicBool::new(false)),
@@ -254,23 +304,19 @@ impl<B: Backend> Log<B> {
         };
 
         if valid.is_empty() {
-            // 2'. A new log.
+            // 2'. A new log. Index files of an older log are orphans.
+            log.remove_orphan_indexes(&[])?;
             let store = log.create_segment(0).map_err(OpenError::Recovery)?;
-            log.segments.push_back(Segment {
-                base: 0,
-                store,
-                end: DATA_START,
-                newest: i64::MIN,
-                records: 0,
-            });
+            log.segments.push_back(Segment::empty(0, store));
             report.created = true;
         } else {
             log.recover_segments(valid, &mut report)?;
         }
 
-        // 7. Sync what was found: after a process crash it may be only in the page cache.
+        // 7. Sync what was found: after a process crash it may be only in the page cache. A
+        //    sealed segment opened from its index file is durable already (10.2).
         for seg in &log.segments {
-            if seg.end > DATA_START {
+            if seg.end > DATA_START && !matches!(seg.idx, Some(SegIdx::Mapped(_))) {
                 seg.store
                     .sync_range(DATA_START, seg.end)
                     .sync()
@@ -278,6 +324,10 @@ impl<B: Backend> Log<B> {
             }
         }
         log.durable = log.written_lsn().0;
+        // 8. Index files for the sealed segments that were scanned cleanly (now durable).
+        report.indexes_written = log.write_pending_indexes();
+        // 9. The checkpoint.
+        log.load_checkpoint(&mut report);
         if log.config.prefault {
             log.active().store.prefault();
             if let Some(spare) = &log.spare {
@@ -305,6 +355,14 @@ impl<B: Backend> Log<B> {
         let mut rest = valid;
         let after = rest.split_off(active_idx + 1);
         let active_base = rest.last().map_or(0, |(b, _)| *b);
+        // Index files only belong to sealed segments: remove those of the active segment, of the
+        // segments after it, and of segments that are gone or invalid.
+        let sealed: Vec<u64> = rest
+            .iter()
+            .map(|(b, _)| *b)
+            .filter(|&b| b != active_base)
+            .collect();
+        self.remove_orphan_indexes(&sealed)?;
         for (base, mut seg) in after {
             // Empty by definition of "active", up to stale bytes: erase them (6.3).
             zeroed_after += zero_from(&mut seg, DATA_START)
@@ -325,14 +383,32 @@ impl<B: Backend> Log<B> {
             return Err(OpenError::Recovery(StorageError::Corrupt { lsn: Lsn(0) }));
         };
         for (base, seg) in rest {
+            if let Some((s, convs, view)) = self.load_index(base, &seg, report)? {
+                self.index.add_sealed(base, &convs);
+                report.records += s.records;
+                report.indexed_segments += 1;
+                self.segments.push_back(Segment {
+                    base,
+                    store: seg,
+                    end: s.end,
+                    newest: s.newest,
+                    records: s.records,
+                    last_off: s.last_off,
+                    idx: Some(SegIdx::Mapped(view)),
+                });
+                continue;
+            }
             let r = scan_segment(seg.bytes(), base, &mut self.index);
+            let mut clean = true;
             if let Some(kind) = r.problem {
+                clean = false;
                 report.corruptions.push(Corruption {
                     segment: Lsn(base),
                     offset: r.end,
                     kind,
                 });
             } else if let Some(at) = first_nonzero(seg.bytes(), r.end) {
+                clean = false;
                 report.corruptions.push(Corruption {
                     segment: Lsn(base),
                     offset: at,
@@ -340,13 +416,27 @@ impl<B: Backend> Log<B> {
                 });
             }
             report.records += r.records;
+            report.scanned_segments += 1;
             self.segments.push_back(Segment {
                 base,
                 store: seg,
                 end: r.end,
                 newest: r.newest,
                 records: r.records,
+                last_off: r.last_off,
+                idx: None,
             });
+            // Its index, in memory; written to a file after the sync (step 8) unless the segment
+            // is corrupt: such a segment is scanned (and its corruption reported) at every open.
+            self.seal_active();
+            if !clean
+                && let Some(Segment {
+                    idx: Some(SegIdx::Owned(_, persist)),
+                    ..
+                }) = self.segments.back_mut()
+            {
+                *persist = false;
+            }
         }
 
         // 4. The active segment: cut the torn tail, zero everything after it.
@@ -360,14 +450,132 @@ impl<B: Backend> Log<B> {
             });
         }
         report.records += r.records;
+        report.scanned_segments += 1;
         self.segments.push_back(Segment {
             base: active_base,
             store: active,
             end: r.end,
             newest: r.newest,
             records: r.records,
+            last_off: r.last_off,
+            idx: None,
         });
         Ok(())
+    }
+
+    /// Deletes every index file whose segment is not one of `sealed` (sorted).
+    fn remove_orphan_indexes(&mut self, sealed: &[u64]) -> Result<(), OpenError> {
+        let sides = self
+            .backend
+            .list_side()
+            .map_err(storage_io("listing side files"))?;
+        for name in sides {
+            if let SideFile::Index(base) = name
+                && sealed.binary_search(&base).is_err()
+            {
+                self.backend
+                    .remove_side(name)
+                    .map_err(storage_io("removing a stale segment index"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The index file of sealed segment `base`, if present and valid for `seg` (FORMAT.md 10.3);
+    /// an invalid one is reported and deleted.
+    fn load_index(
+        &mut self,
+        base: u64,
+        seg: &B::Segment,
+        report: &mut RecoveryReport,
+    ) -> Result<Option<LoadedIndex<B::Side>>, OpenError> {
+        let view = match self.backend.read_side(SideFile::Index(base)) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(None),
+            Err(_) => {
+                report.index_problems.push(IndexProblem {
+                    segment: Lsn(base),
+                    kind: IndexError::Unreadable,
+                });
+                return Ok(None);
+            }
+        };
+        let checked =
+            side::decode_index(view.as_ref(), base, self.segment_size).and_then(|(s, convs)| {
+                if !side::matches_segment(&s, seg.bytes()) {
+                    Err(IndexError::Stale)
+                } else if !self.index.can_add_sealed(&convs) {
+                    Err(IndexError::SeqConflict)
+                } else {
+                    Ok((s, convs))
+                }
+            });
+        match checked {
+            Ok((s, convs)) => Ok(Some((s, convs, view))),
+            Err(kind) => {
+                report.index_problems.push(IndexProblem {
+                    segment: Lsn(base),
+                    kind,
+                });
+                drop(view);
+                self.backend
+                    .remove_side(SideFile::Index(base))
+                    .map_err(storage_io("removing an invalid segment index"))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes the pending index files on this thread (their segments are durable) and maps them;
+    /// returns how many were written. A failure leaves the index pending for the next spare
+    /// ticket.
+    fn write_pending_indexes(&mut self) -> usize {
+        let mut written = 0;
+        for seg in &mut self.segments {
+            let Some(SegIdx::Owned(bytes, true)) = &seg.idx else {
+                continue;
+            };
+            let base = seg.base;
+            if self
+                .backend
+                .write_side(SideFile::Index(base), bytes)
+                .is_err()
+            {
+                continue;
+            }
+            written += 1;
+            seg.idx = match self.backend.read_side(SideFile::Index(base)) {
+                Ok(Some(view)) if view.as_ref().len() == bytes.len() => Some(SegIdx::Mapped(view)),
+                // Written, but not mappable now: keep the bytes, done with the file.
+                _ => Some(SegIdx::Owned(Arc::clone(bytes), false)),
+            };
+        }
+        written
+    }
+
+    /// Loads the checkpoint file, if any and valid (FORMAT.md 11).
+    fn load_checkpoint(&mut self, report: &mut RecoveryReport) {
+        let view = match self.backend.read_side(SideFile::Checkpoint) {
+            Ok(Some(v)) => v,
+            Ok(None) => return,
+            Err(_) => {
+                report.checkpoint_ignored = Some(CheckpointProblem::Unreadable);
+                return;
+            }
+        };
+        match side::decode_checkpoint(view.as_ref()) {
+            None => report.checkpoint_ignored = Some(CheckpointProblem::Corrupt),
+            Some(c) if c.covers > self.written_lsn().0 => {
+                report.checkpoint_ignored = Some(CheckpointProblem::BeyondLog {
+                    covers: Lsn(c.covers),
+                    written: self.written_lsn(),
+                });
+            }
+            Some(c) => {
+                report.checkpoint = Some(Lsn(c.covers));
+                self.checkpoint = Some((c.covers, c.payload.to_vec()));
+            }
+        }
     }
 }
 

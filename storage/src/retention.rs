@@ -1,6 +1,6 @@
 //! Retention: dropping whole old segments (FORMAT.md section 8).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SideFile};
 use crate::format::{KIND_SEQ_MARKER, RecordFields};
 use crate::{Log, Lsn, StorageError, Timestamp};
 
@@ -86,6 +86,11 @@ impl<B: Backend> Log<B> {
             self.backend
                 .remove(base)
                 .map_err(|e| StorageError::io("removing a segment", e))?;
+            // Its index file, if written (an index still being written by a spare ticket is
+            // removed by `install_spare`, or as an orphan by the next open).
+            self.backend
+                .remove_side(SideFile::Index(base))
+                .map_err(|e| StorageError::io("removing a segment index", e))?;
             report.segments_removed += 1;
             report.bytes_removed += s;
         }

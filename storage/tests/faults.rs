@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use parley_storage::{
-    AppendError, Durability, Faults, FaultyBackend, Log, Lsn, MemoryBackend, MmapBackend,
+    AppendError, Backend, Durability, Faults, FaultyBackend, Log, Lsn, MemoryBackend, MmapBackend,
     OpenError, PwriteBackend, StorageError,
 };
 use rand::rngs::StdRng;
@@ -329,4 +329,194 @@ fn index_memory_per_record() {
         "index: {bytes} bytes for {records} records in 1000 conversations = {per:.1} B/record"
     );
     assert!(per < 40.0, "{per}");
+}
+
+/// Every record the log returns for conversations 0..8, and their (latest, first) seqs.
+type FullView = (
+    Vec<(u64, u64, u64, Vec<u8>)>,
+    Vec<(Option<u64>, Option<u64>)>,
+);
+
+fn full_view<B: parley_storage::Backend>(log: &Log<B>) -> FullView {
+    let seqs = (0..8u64)
+        .map(|c| (log.latest_seq(c), log.first_seq(c)))
+        .collect();
+    (snapshot(log, 0..8), seqs)
+}
+
+/// Crash images of logs with index files (written by `prepare_spare` and by spare tickets, under
+/// every durability policy) open to exactly what the same image opens to without any index file
+/// (a full scan), and only the active segment (plus sealed ones without an index) is scanned.
+#[test]
+fn crash_images_with_index_files_read_like_a_full_scan() {
+    for seed in 0..60u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut config = small_config();
+        config.durability = match seed % 3 {
+            0 => Durability::Always,
+            1 => Durability::Interval(std::time::Duration::from_millis(1)),
+            _ => Durability::Never,
+        };
+        let mem = MemoryBackend::new();
+        let (mut log, _) = Log::open(mem.clone(), config, now()).unwrap();
+        let mut next = [0u64; 8];
+        let mut ticket = None;
+        for _ in 0..rng.random_range(50..400) {
+            let conv = rng.random_range(0..8u64);
+            next[conv as usize] += 1;
+            let seq = next[conv as usize];
+            let len = rng.random_range(0..500);
+            log.append(meta(conv, seq), &payload(conv, seq, len))
+                .unwrap();
+            match rng.random_range(0..40) {
+                0 => {
+                    log.flush().unwrap();
+                }
+                1 => {
+                    log.prepare_spare().unwrap();
+                }
+                2 if ticket.is_none() => ticket = log.spare_ticket(),
+                3 => {
+                    if let Some(t) = ticket.take() {
+                        let done = std::thread::spawn(move || t.run()).join().unwrap();
+                        log.install_spare(done).unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(ticket);
+        let p = rng.random_range(0.0..1.0);
+        let image = mem.crash_image_with(|_, _| rng.random_bool(p));
+        drop(log);
+        let plain = image.crash_image();
+        for name in plain.clone().list_side().unwrap() {
+            plain.clone().remove_side(name).unwrap();
+        }
+        let (a, ra) = Log::open(image, config, now()).unwrap();
+        let (b, rb) = Log::open(plain, config, now()).unwrap();
+        assert_eq!(full_view(&a), full_view(&b), "seed {seed}");
+        assert_eq!(ra.records, rb.records, "seed {seed}");
+        assert_eq!(ra.written_lsn, rb.written_lsn, "seed {seed}");
+        assert!(ra.index_problems.is_empty(), "seed {seed}: {ra:?}");
+        assert_eq!(
+            ra.indexed_segments + ra.scanned_segments,
+            rb.scanned_segments,
+            "seed {seed}"
+        );
+        a.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn an_index_is_written_only_after_its_segment_is_durable_under_never() {
+    let mut config = small_config();
+    config.durability = Durability::Never;
+    let mem = MemoryBackend::new();
+    let (mut log, _) = Log::open(mem.clone(), config, now()).unwrap();
+    let mut seq = 0;
+    while log.segment_count() < 4 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    let in_sealed = log
+        .read(1, 0..u64::MAX)
+        .filter(|r| r.as_ref().unwrap().lsn.get() < 3 * S)
+        .count();
+    // No seal sync under Never: nothing is durable yet.
+    assert_eq!(log.durable_lsn(), Lsn(64));
+    log.prepare_spare().unwrap();
+    // Power loss: only durable bytes survive; the indexed segments are complete.
+    let (log, report) = Log::open(mem.crash_image(), config, now()).unwrap();
+    // Segment 3 lost everything, so segment 2 is the active one again (its index is removed and
+    // it is scanned); segments 0 and 1 open from their index files.
+    assert_eq!(report.indexed_segments, 2);
+    assert_eq!(report.scanned_segments, 1);
+    assert!(report.corruptions.is_empty());
+    assert_conversation(&log, 1, &(1..=in_sealed as u64).collect::<Vec<_>>(), |_| {
+        100
+    });
+}
+
+#[test]
+fn a_failed_index_write_is_retried_and_the_log_stays_usable() {
+    let fx = FaultyFx::new();
+    let (mut log, _) = fx.open(small_config());
+    let mut seq = 0;
+    while log.segment_count() < 3 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    fx.faults.fail_side_write(1);
+    assert!(matches!(log.prepare_spare(), Err(StorageError::Io { .. })));
+    assert!(!log.is_poisoned());
+    assert!(
+        log.has_spare(),
+        "the spare was created before the index failed"
+    );
+    seq += 1;
+    log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    assert_eq!(log.read(1, 0..u64::MAX).count() as u64, seq);
+    // The next ticket writes what is missing.
+    assert!(!log.prepare_spare().unwrap());
+    assert_eq!(fx.mem.clone().list_side().unwrap().len(), 2);
+    // A failed checkpoint write keeps the old checkpoint and does not poison.
+    log.flush().unwrap();
+    log.write_checkpoint(Lsn(64), b"old").unwrap();
+    fx.faults.fail_side_write(1);
+    assert!(log.write_checkpoint(log.durable_lsn(), b"new").is_err());
+    assert!(!log.is_poisoned());
+    drop(log);
+    let (log, report) = fx.open(small_config());
+    assert_eq!(report.indexed_segments, 2);
+    assert_eq!(log.checkpoint(), Some((Lsn(64), &b"old"[..])));
+    assert_conversation(&log, 1, &(1..=seq).collect::<Vec<_>>(), |_| 100);
+}
+
+#[test]
+fn a_failed_segment_sync_in_a_spare_ticket_poisons_the_log() {
+    let mut config = small_config();
+    config.durability = Durability::Never;
+    let fx = FaultyFx::new();
+    let (mut log, _) = fx.open(config);
+    let mut seq = 0;
+    while log.segment_count() < 2 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    let ticket = log.spare_ticket().unwrap();
+    fx.faults.fail_sync(1);
+    let done = ticket.run();
+    assert!(log.is_poisoned(), "the flag is shared with the ticket");
+    assert!(log.install_spare(done).is_err());
+    assert_eq!(
+        fx.mem.clone().list_side().unwrap().len(),
+        0,
+        "no index for an unsynced segment"
+    );
+}
+
+/// Index memory once segments are sealed: spans per (conversation, segment), not entries per
+/// record (FORMAT.md section 7 quotes it).
+#[test]
+fn index_memory_of_sealed_segments() {
+    let mut c = small_config();
+    c.segment_size = 4 << 20;
+    let (mut log, _) = Log::open(MemoryBackend::new(), c, now()).unwrap();
+    let records = 200_000u64;
+    for i in 0..records {
+        let conv = i % 1000;
+        log.append(meta(conv + 1, i / 1000 + 1), &[0; 100]).unwrap();
+        if i % 10_000 == 0 {
+            log.prepare_spare().unwrap();
+        }
+    }
+    log.prepare_spare().unwrap();
+    let bytes = log.index_heap_bytes() as f64;
+    let per = bytes / records as f64;
+    println!(
+        "index: {bytes} bytes for {records} records in 1000 conversations, {} segments = {per:.1} B/record",
+        log.segment_count()
+    );
+    assert!(per < 8.0, "{per}");
 }

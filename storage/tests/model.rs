@@ -1,5 +1,7 @@
-//! Property test: random appends, reads, flushes, reopens, crashes, spares and retention against
-//! a simple model (a Vec of records plus each conversation's latest seq).
+//! Property test: random appends, reads, flushes, reopens, crashes, spares (on this thread and as
+//! tickets held across other operations), retention, damaged and missing segment index files and
+//! checkpoints against a simple model (a Vec of records plus each conversation's latest seq).
+//! Logs roll every few records, so most reads cross sealed segments and their index files.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -9,7 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use parley_storage::{
-    AppendError, Backend, Log, Lsn, MemoryBackend, MmapBackend, Retention, Timestamp,
+    AppendError, Backend, Log, Lsn, MemoryBackend, MmapBackend, Retention, SideFile, SpareTicketOf,
+    Timestamp,
 };
 use proptest::prelude::*;
 
@@ -37,6 +40,16 @@ enum Op {
     Advance(u64),
     RetainBytes(u64),
     RetainAge(u64),
+    /// Take a spare ticket (if none is held) and keep it across the next operations.
+    TakeTicket,
+    /// Run the held ticket on another thread and install its result.
+    RunTicket,
+    /// Close, flip one byte of one index file (pick, byte, both modulo), reopen.
+    DamageIndex(usize, usize),
+    /// Close, delete every index file, reopen.
+    DropIndexes,
+    /// Write a checkpoint at the durable LSN.
+    Checkpoint,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,6 +63,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..20u64).prop_map(Op::Advance),
         1 => (1..6u64).prop_map(Op::RetainBytes),
         1 => (1..30u64).prop_map(Op::RetainAge),
+        2 => Just(Op::TakeTicket),
+        2 => Just(Op::RunTicket),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(p, b)| Op::DamageIndex(p, b)),
+        1 => Just(Op::DropIndexes),
+        1 => Just(Op::Checkpoint),
     ]
 }
 
@@ -67,6 +85,12 @@ trait Harness {
     fn open(&mut self) -> Log<Self::B>;
     /// Replaces the storage by its crash image; false if the backend can not.
     fn crash(&mut self) -> bool;
+    /// Index files present, sorted by base (no log open).
+    fn indexes(&mut self) -> Vec<u64>;
+    /// Flips one byte of an index file (no log open).
+    fn flip(&mut self, base: u64, at: usize);
+    /// Deletes an index file (no log open).
+    fn remove_index(&mut self, base: u64);
 }
 
 struct Mem(MemoryBackend);
@@ -79,6 +103,32 @@ impl Harness for Mem {
         self.0 = self.0.crash_image();
         true
     }
+    fn indexes(&mut self) -> Vec<u64> {
+        index_bases(self.0.list_side().unwrap())
+    }
+    fn flip(&mut self, base: u64, at: usize) {
+        self.0.modify_side(SideFile::Index(base), |b| {
+            if !b.is_empty() {
+                let i = at % b.len();
+                b[i] ^= 0x20;
+            }
+        });
+    }
+    fn remove_index(&mut self, base: u64) {
+        self.0.remove_side(SideFile::Index(base)).unwrap();
+    }
+}
+
+fn index_bases(sides: Vec<SideFile>) -> Vec<u64> {
+    let mut v: Vec<u64> = sides
+        .into_iter()
+        .filter_map(|s| match s {
+            SideFile::Index(b) => Some(b),
+            SideFile::Checkpoint => None,
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 struct Files(tempfile::TempDir);
@@ -96,7 +146,33 @@ impl Harness for Files {
     fn crash(&mut self) -> bool {
         false
     }
+    fn indexes(&mut self) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(self.0.path())
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().to_string();
+                n.strip_suffix(".idx")?.parse().ok()
+            })
+            .collect();
+        v.sort();
+        v
+    }
+    fn flip(&mut self, base: u64, at: usize) {
+        let p = self.0.path().join(format!("{base:020}.idx"));
+        let mut b = std::fs::read(&p).unwrap();
+        if !b.is_empty() {
+            let i = at % b.len();
+            b[i] ^= 0x20;
+        }
+        std::fs::write(&p, b).unwrap();
+    }
+    fn remove_index(&mut self, base: u64) {
+        std::fs::remove_file(self.0.path().join(format!("{base:020}.idx"))).unwrap();
+    }
 }
+
+/// A checkpoint written: the LSN passed, the payload, the LSNs of the records it reflects.
+type Ckpt = (Lsn, Vec<u8>, std::collections::HashSet<Lsn>);
 
 fn record_meta(r: &Rec) -> parley_storage::RecordMeta {
     let mut m = meta(r.conv, r.seq);
@@ -108,6 +184,7 @@ fn check<B: Backend>(
     log: &Log<B>,
     model: &[Rec],
     latest: &HashMap<u64, u64>,
+    checkpoint: Option<&Ckpt>,
 ) -> Result<(), TestCaseError> {
     for conv in 0..5u64 {
         let want: Vec<&Rec> = model
@@ -129,12 +206,31 @@ fn check<B: Backend>(
     let scanned: Vec<Lsn> = log.scan(Lsn(0)).map(|r| r.unwrap().lsn).collect();
     let want: Vec<Lsn> = model.iter().map(|r| r.lsn).collect();
     prop_assert_eq!(scanned, want);
+    // The log may store a lower LSN with the same records below it (`write_checkpoint`).
+    prop_assert_eq!(
+        log.checkpoint().map(|(_, p)| p),
+        checkpoint.map(|(_, p, _)| &p[..])
+    );
+    if let (Some((covers, _, reflected)), Some((stored, _))) = (checkpoint, log.checkpoint()) {
+        prop_assert!(stored <= *covers);
+        // A replay from the checkpoint returns exactly the records it does not reflect (also
+        // those appended after a crash below the LSN that was passed).
+        let replay: Vec<Lsn> = log.scan(stored).map(|r| r.unwrap().lsn).collect();
+        let want: Vec<Lsn> = model
+            .iter()
+            .map(|r| r.lsn)
+            .filter(|l| !reflected.contains(l))
+            .collect();
+        prop_assert_eq!(replay, want);
+    }
     prop_assert_eq!(log.check_invariants(), Ok(()));
     Ok(())
 }
 
 fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut log = h.open();
+    let mut ticket: Option<SpareTicketOf<H::B>> = None;
+    let mut checkpoint: Option<Ckpt> = None;
     let mut model: Vec<Rec> = Vec::new();
     let mut latest: HashMap<u64, u64> = HashMap::new();
     // Latest seq carried by seq markers (durable: retention flushes).
@@ -180,11 +276,13 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(d, log.written_lsn());
             }
             Op::Reopen => {
+                ticket = None;
                 drop(log);
                 log = h.open();
-                check(&log, &model, &latest)?;
+                check(&log, &model, &latest, checkpoint.as_ref())?;
             }
             Op::Crash => {
+                ticket = None;
                 let durable = log.durable_lsn();
                 drop(log);
                 if h.crash() {
@@ -198,10 +296,51 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 log = h.open();
-                check(&log, &model, &latest)?;
+                check(&log, &model, &latest, checkpoint.as_ref())?;
             }
             Op::Spare => {
                 log.prepare_spare().unwrap();
+            }
+            Op::TakeTicket => {
+                if ticket.is_none() {
+                    ticket = log.spare_ticket();
+                }
+            }
+            Op::RunTicket => {
+                if let Some(t) = ticket.take() {
+                    let done = std::thread::spawn(move || t.run()).join().unwrap();
+                    log.install_spare(done).unwrap();
+                }
+            }
+            Op::DamageIndex(pick, at) => {
+                ticket = None;
+                drop(log);
+                let bases = h.indexes();
+                if !bases.is_empty() {
+                    h.flip(bases[pick % bases.len()], at);
+                }
+                log = h.open();
+                check(&log, &model, &latest, checkpoint.as_ref())?;
+            }
+            Op::DropIndexes => {
+                ticket = None;
+                drop(log);
+                for base in h.indexes() {
+                    h.remove_index(base);
+                }
+                log = h.open();
+                check(&log, &model, &latest, checkpoint.as_ref())?;
+            }
+            Op::Checkpoint => {
+                let covers = log.durable_lsn();
+                let payload = format!("{} records", model.len()).into_bytes();
+                log.write_checkpoint(covers, &payload).unwrap();
+                let reflected = model
+                    .iter()
+                    .map(|r| r.lsn)
+                    .filter(|&l| l < covers)
+                    .collect();
+                checkpoint = Some((covers, payload, reflected));
             }
             Op::Advance(secs) => clock += secs as i64 * 1_000_000,
             Op::RetainBytes(_) | Op::RetainAge(_) => {
@@ -236,19 +375,27 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 model.retain(|r| r.lsn >= first);
-                check(&log, &model, &latest)?;
+                check(&log, &model, &latest, checkpoint.as_ref())?;
             }
         }
     }
-    check(&log, &model, &latest)
+    check(&log, &model, &latest, checkpoint.as_ref())
 }
 
 fn log_is_durable(lsn: Lsn, durable: Lsn) -> bool {
     lsn < durable
 }
 
+/// `PROPTEST_CASES` if set (for long runs), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
     #[test]
     fn memory_backend_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         run(Mem(MemoryBackend::new()), ops)?;
@@ -256,7 +403,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
     #[test]
     fn mmap_backend_matches_the_model(ops in proptest::collection::vec(op(), 1..50)) {
         run(Files(tempfile::tempdir().unwrap()), ops)?;

@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use parley_storage::{AppendError, CorruptionKind, Lsn, Retention, Timestamp};
+use parley_storage::{
+    AppendError, CheckpointProblem, CorruptionKind, IndexError, Lsn, Retention, SideFile,
+    StorageError, Timestamp,
+};
 
 const S: u64 = 4096;
 
@@ -493,6 +496,357 @@ fn existing_segment_size_wins_over_the_configured_one<F: Fixture>(fx: F) {
     assert_conversation(&log, 1, &seqs(1..=101), |_| 100);
 }
 
+/// Appends `n` rounds over conversations 1..=5 with varying payload sizes (several segments),
+/// writes the sealed segments' index files (prepare_spare), flushes, closes.
+fn build_multi_segment_log<F: Fixture>(fx: &F, rounds: u64) -> Vec<(u64, u64, u64, Vec<u8>)> {
+    let (mut log, _) = fx.open(small_config());
+    for seq in 1..=rounds {
+        for conv in 1..=5u64 {
+            if (seq + conv) % 3 == 0 {
+                continue;
+            }
+            let len = ((seq * 31 + conv * 7) % 200) as usize;
+            log.append(meta(conv, seq), &payload(conv, seq, len))
+                .unwrap();
+        }
+        if seq % 10 == 0 {
+            log.prepare_spare().unwrap();
+        }
+    }
+    log.prepare_spare().unwrap();
+    log.flush().unwrap();
+    assert!(log.segment_count() >= 6, "{}", log.segment_count());
+    let snap = snapshot(&log, 1..=5);
+    drop(log);
+    snap
+}
+
+fn len_in_multi(conv: u64, seq: u64) -> usize {
+    ((seq * 31 + conv * 7) % 200) as usize
+}
+
+fn sealed_segments_open_from_their_index_files<F: Fixture>(fx: F) {
+    let before = build_multi_segment_log(&fx, 120);
+    let (log, report) = fx.open(small_config());
+    let sealed = log.segment_count() - 1;
+    assert_eq!(report.indexed_segments, sealed, "{}", fx.name());
+    assert_eq!(
+        report.scanned_segments, 1,
+        "only the active segment is scanned"
+    );
+    assert!(report.index_problems.is_empty());
+    assert_eq!(report.indexes_written, 0);
+    assert_eq!(fx.indexed().len(), sealed);
+    assert_eq!(snapshot(&log, 1..=5), before);
+    for conv in 1..=5u64 {
+        let want: Vec<u64> = (1..=120).filter(|s| (s + conv) % 3 != 0).collect();
+        assert_conversation(&log, conv, &want, |seq| len_in_multi(conv, seq));
+        assert_eq!(log.latest_seq(conv), want.last().copied());
+        assert_eq!(log.first_seq(conv), want.first().copied());
+        // Sub-ranges across segment boundaries, and their exact lengths.
+        for (a, b) in [
+            (0, 1),
+            (1, 2),
+            (5, 77),
+            (40, 41),
+            (60, 121),
+            (119, 500),
+            (200, 300),
+        ] {
+            let got: Vec<u64> = log.read(conv, a..b).map(|r| r.unwrap().meta.seq).collect();
+            let exp: Vec<u64> = want
+                .iter()
+                .copied()
+                .filter(|s| (a..b).contains(s))
+                .collect();
+            assert_eq!(got, exp, "conv {conv} {a}..{b}");
+            assert_eq!(log.read(conv, a..b).len(), exp.len());
+        }
+    }
+    assert_eq!(log.scan(Lsn(0)).count(), before.len());
+    log.check_invariants().unwrap();
+}
+
+fn logs_without_index_files_are_scanned_then_indexed<F: Fixture>(fx: F) {
+    let before = build_multi_segment_log(&fx, 100);
+    // As a log written before index files existed.
+    for name in fx.sides() {
+        fx.set_side(name, None);
+    }
+    let (log, report) = fx.open(small_config());
+    let sealed = log.segment_count() - 1;
+    assert_eq!(report.indexed_segments, 0);
+    assert_eq!(report.scanned_segments, sealed + 1);
+    assert!(
+        report.index_problems.is_empty(),
+        "a missing index is no problem"
+    );
+    assert_eq!(report.indexes_written, sealed);
+    assert_eq!(snapshot(&log, 1..=5), before);
+    drop(log);
+    let (log, report) = fx.open(small_config());
+    assert_eq!(report.indexed_segments, sealed);
+    assert_eq!(snapshot(&log, 1..=5), before);
+}
+
+fn damaged_or_stale_index_files_fall_back_to_a_scan<F: Fixture>(fx: F) {
+    let before = build_multi_segment_log(&fx, 100);
+    let bases = fx.indexed();
+    assert!(bases.len() >= 4);
+    let original: Vec<Vec<u8>> = bases
+        .iter()
+        .map(|&b| fx.side(SideFile::Index(b)).unwrap())
+        .collect();
+    type Damage = fn(&mut Vec<u8>, &[u8]);
+    let cases: [(&str, Damage, Option<IndexError>); 7] = [
+        ("header byte", |b, _| b[20] ^= 1, Some(IndexError::Checksum)),
+        ("magic", |b, _| b[0] = b'X', Some(IndexError::Header)),
+        (
+            "summary byte",
+            |b, _| b[100] ^= 0x40,
+            Some(IndexError::Checksum),
+        ),
+        (
+            "truncated",
+            |b, _| b.truncate(b.len() - 5),
+            Some(IndexError::Malformed),
+        ),
+        ("empty", |b, _| b.clear(), Some(IndexError::Header)),
+        (
+            "another segment's",
+            |b, other| *b = other.to_vec(),
+            Some(IndexError::Stale),
+        ),
+        // The entry blocks are only checked when read: found then, and the read scans instead.
+        ("last entry byte", |b, _| *b.last_mut().unwrap() ^= 1, None),
+    ];
+    for (what, damage, problem) in cases {
+        let victim = bases[1];
+        let mut bytes = original[1].clone();
+        damage(&mut bytes, &original[2]);
+        fx.set_side(SideFile::Index(victim), Some(bytes));
+        let (log, report) = fx.open(small_config());
+        assert_eq!(snapshot(&log, 1..=5), before, "{what}");
+        match problem {
+            Some(kind) => {
+                assert_eq!(report.index_problems.len(), 1, "{what}");
+                assert_eq!(report.index_problems[0].segment, Lsn(victim));
+                assert_eq!(report.index_problems[0].kind, kind, "{what}");
+                assert_eq!(report.scanned_segments, 2, "{what}");
+                assert_eq!(report.indexes_written, 1, "{what}: rewritten");
+                assert_eq!(
+                    fx.side(SideFile::Index(victim)).as_ref(),
+                    Some(&original[1])
+                );
+            }
+            None => assert!(report.index_problems.is_empty(), "{what}"),
+        }
+        log.check_invariants().unwrap();
+        drop(log);
+        fx.set_side(SideFile::Index(victim), Some(original[1].clone()));
+    }
+    // An index of the active segment (e.g. from before a crash) is removed, never used.
+    let active = *fx.bases().iter().rev().nth(1).unwrap_or(&0);
+    fx.set_side(SideFile::Index(active), Some(original[0].clone()));
+    fx.set_side(SideFile::Index(1 << 40), Some(original[0].clone()));
+    let (log, report) = fx.open(small_config());
+    assert!(report.index_problems.is_empty());
+    assert_eq!(snapshot(&log, 1..=5), before);
+    drop(log);
+    assert_eq!(fx.indexed(), bases, "orphans removed");
+}
+
+fn index_entries_damaged_on_disk_are_caught_at_read<F: Fixture>(fx: F) {
+    let before = build_multi_segment_log(&fx, 100);
+    // Flip a byte inside every entry block of every index (past header and summary).
+    for base in fx.indexed() {
+        let mut b = fx.side(SideFile::Index(base)).unwrap();
+        let convs = u32::from_le_bytes(b[68..72].try_into().unwrap()) as usize;
+        let blocks = 96 + 48 * convs;
+        for i in (blocks..b.len()).step_by(97) {
+            b[i] ^= 0x10;
+        }
+        fx.set_side(SideFile::Index(base), Some(b));
+    }
+    let (log, report) = fx.open(small_config());
+    assert!(
+        report.index_problems.is_empty(),
+        "blocks are not read at open"
+    );
+    assert_eq!(snapshot(&log, 1..=5), before);
+    for conv in 1..=5u64 {
+        let want: Vec<u64> = (1..=100)
+            .filter(|s| (s + conv) % 3 != 0 && (30..70).contains(s))
+            .collect();
+        let got: Vec<u64> = log
+            .read(conv, 30..70)
+            .map(|r| r.unwrap().meta.seq)
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(log.read(conv, 30..70).len(), want.len());
+    }
+}
+
+fn retention_removes_index_files_with_their_segments<F: Fixture>(fx: F) {
+    build_multi_segment_log(&fx, 120);
+    let mut config = small_config();
+    config.retention.max_bytes = Some(3 * S);
+    let (mut log, _) = fx.open(config);
+    let r = log.apply_retention(now()).unwrap();
+    assert!(r.segments_removed > 0);
+    let first = log.first_lsn().get();
+    assert!(
+        fx.indexed().iter().all(|&b| b >= first),
+        "{:?}",
+        fx.indexed()
+    );
+    let kept = snapshot(&log, 1..=5);
+    drop(log);
+    let (log, report) = fx.open(config);
+    assert!(report.index_problems.is_empty());
+    assert_eq!(snapshot(&log, 1..=5), kept);
+}
+
+fn spare_ticket_runs_on_another_thread<F: Fixture>(fx: F) {
+    let (mut log, _) = fx.open(small_config());
+    let mut seq = 0;
+    // Seal a few segments (no index files yet), then hand the work to a thread.
+    while log.segment_count() < 4 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    assert!(fx.indexed().is_empty());
+    let ticket = log
+        .spare_ticket()
+        .expect("a spare and three indexes to write");
+    assert!(ticket.creates_spare());
+    assert!(log.spare_ticket().is_none(), "one ticket at a time");
+    assert!(
+        !log.prepare_spare().unwrap(),
+        "no work on this thread while a ticket is out"
+    );
+    let worker = std::thread::spawn(move || ticket.run());
+    // Appends go on meanwhile (they stay in the active segment: 3 small ones).
+    let mut small = Vec::new();
+    for _ in 0..3 {
+        seq += 1;
+        small.push(seq);
+        log.append(meta(1, seq), &payload(1, seq, 10)).unwrap();
+    }
+    let done = worker.join().unwrap();
+    assert!(log.install_spare(done).unwrap());
+    assert!(log.has_spare());
+    assert_eq!(fx.indexed().len(), 3);
+    assert!(log.spare_ticket().is_none(), "nothing left to do");
+    // A ticket overtaken by a roll: its spare is dropped, the log goes on with its own.
+    while log.segment_count() < 5 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    let ticket = log.spare_ticket().expect("spare and one index");
+    while log.segment_count() < 6 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    let done = std::thread::spawn(move || ticket.run()).join().unwrap();
+    let _ = log.install_spare(done);
+    for _ in 0..60 {
+        seq += 1;
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    // A dropped ticket frees the slot.
+    drop(log.spare_ticket());
+    assert!(log.prepare_spare().unwrap());
+    log.flush().unwrap();
+    let before = snapshot(&log, [1]);
+    drop(log);
+    let (log, report) = fx.open(small_config());
+    assert!(
+        report.index_problems.is_empty(),
+        "{:?}",
+        report.index_problems
+    );
+    assert_eq!(snapshot(&log, [1]), before);
+    assert_conversation(&log, 1, &seqs(1..=seq), |s| {
+        if small.contains(&s) { 10 } else { 100 }
+    });
+    log.check_invariants().unwrap();
+}
+
+fn checkpoint_survives_reopen_and_scan_resumes_from_it<F: Fixture>(fx: F) {
+    let (mut log, report) = fx.open(small_config());
+    assert_eq!(report.checkpoint, None);
+    assert_eq!(log.checkpoint(), None);
+    for seq in 1..=80 {
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    // Not durable yet: refused.
+    let written = log.written_lsn();
+    match log.write_checkpoint(written, b"too early") {
+        Err(StorageError::CheckpointBeyondDurable { covers, durable }) => {
+            assert_eq!(covers, written);
+            assert!(durable < written);
+        }
+        other => panic!("{other:?}"),
+    }
+    log.flush().unwrap();
+    let covers = log.written_lsn();
+    log.write_checkpoint(covers, b"state after 80").unwrap();
+    assert_eq!(log.checkpoint(), Some((covers, &b"state after 80"[..])));
+    for seq in 81..=100 {
+        log.append(meta(1, seq), &payload(1, seq, 100)).unwrap();
+    }
+    log.prepare_spare().unwrap();
+    drop(log);
+    let (log, report) = fx.open(small_config());
+    assert_eq!(report.checkpoint, Some(covers));
+    assert_eq!(report.checkpoint_ignored, None);
+    let (at, state) = log.checkpoint().unwrap();
+    assert_eq!((at, state), (covers, &b"state after 80"[..]));
+    let replay: Vec<u64> = log.scan(at).map(|r| r.unwrap().meta.seq).collect();
+    assert_eq!(replay, seqs(81..=100));
+    // A newer checkpoint replaces it.
+    drop(log);
+    let (mut log, _) = fx.open(small_config());
+    log.write_checkpoint(Lsn(0), b"").unwrap();
+    drop(log);
+    let (log, _) = fx.open(small_config());
+    assert_eq!(log.checkpoint(), Some((Lsn(0), &b""[..])));
+}
+
+fn bad_checkpoints_are_ignored_and_reported<F: Fixture>(fx: F) {
+    let (mut log, _) = fx.open(small_config());
+    for seq in 1..=10 {
+        log.append(meta(1, seq), &payload(1, seq, 40)).unwrap();
+    }
+    log.flush().unwrap();
+    let lsn9 = log.read(1, 9..10).next().unwrap().unwrap().lsn;
+    let covers = log.written_lsn();
+    log.write_checkpoint(covers, b"ten").unwrap();
+    drop(log);
+    let good = fx.side(SideFile::Checkpoint).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    fx.set_side(SideFile::Checkpoint, Some(bad));
+    let (log, report) = fx.open(small_config());
+    assert_eq!(report.checkpoint_ignored, Some(CheckpointProblem::Corrupt));
+    assert_eq!(log.checkpoint(), None);
+    drop(log);
+    // The log lost the records it covers (here: damaged, cut at record 9).
+    fx.set_side(SideFile::Checkpoint, Some(good));
+    fx.modify(0, &mut |b| b[lsn9.get() as usize + 50] ^= 1);
+    let (log, report) = fx.open(small_config());
+    assert_eq!(log.written_lsn(), lsn9);
+    assert_eq!(
+        report.checkpoint_ignored,
+        Some(CheckpointProblem::BeyondLog {
+            covers,
+            written: lsn9
+        })
+    );
+    assert_eq!(log.checkpoint(), None);
+}
+
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod mmap { $( #[test] fn $test() { super::$test(super::MmapFx::new()) } )* }
@@ -522,4 +876,12 @@ suite!(
     stale_records_after_a_lost_page_are_never_resurrected,
     corruption_in_a_sealed_segment_is_reported_and_skipped,
     existing_segment_size_wins_over_the_configured_one,
+    sealed_segments_open_from_their_index_files,
+    logs_without_index_files_are_scanned_then_indexed,
+    damaged_or_stale_index_files_fall_back_to_a_scan,
+    index_entries_damaged_on_disk_are_caught_at_read,
+    retention_removes_index_files_with_their_segments,
+    spare_ticket_runs_on_another_thread,
+    checkpoint_survives_reopen_and_scan_resumes_from_it,
+    bad_checkpoints_are_ignored_and_reported,
 );

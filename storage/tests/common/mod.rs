@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use parley_storage::{
     Backend, Durability, Faults, FaultyBackend, Log, LogConfig, MemoryBackend, MmapBackend,
-    PwriteBackend, RecordMeta, RecoveryReport, Retention, Timestamp,
+    PwriteBackend, RecordMeta, RecoveryReport, Retention, SideFile, Timestamp,
 };
 
 pub const T0: i64 = 1_700_000_000_000_000;
@@ -62,6 +62,26 @@ pub trait Fixture {
     /// Segment bases present in storage.
     fn bases(&self) -> Vec<u64>;
     fn name(&self) -> &'static str;
+    /// Side files present in storage, sorted.
+    fn sides(&self) -> Vec<SideFile> {
+        let mut v = self.backend().list_side().unwrap();
+        v.sort();
+        v
+    }
+    /// The bytes of a side file.
+    fn side(&self, name: SideFile) -> Option<Vec<u8>>;
+    /// Replaces (`Some`) or deletes (`None`) a side file while no log is open.
+    fn set_side(&self, name: SideFile, bytes: Option<Vec<u8>>);
+    /// Sorted bases of the segments that have an index file.
+    fn indexed(&self) -> Vec<u64> {
+        self.sides()
+            .into_iter()
+            .filter_map(|s| match s {
+                SideFile::Index(b) => Some(b),
+                SideFile::Checkpoint => None,
+            })
+            .collect()
+    }
 
     fn open(&self, config: LogConfig) -> (Log<Self::B>, RecoveryReport) {
         Log::open(self.backend(), config, now()).unwrap()
@@ -125,6 +145,50 @@ fn file_modify(dir: &std::path::Path, base: u64, f: &mut dyn FnMut(&mut [u8])) {
     file.sync_all().unwrap();
 }
 
+fn side_path(dir: &std::path::Path, name: SideFile) -> PathBuf {
+    match name {
+        SideFile::Index(base) => dir.join(format!("{base:020}.idx")),
+        SideFile::Checkpoint => dir.join("CHECKPOINT"),
+    }
+}
+
+fn file_side(dir: &std::path::Path, name: SideFile) -> Option<Vec<u8>> {
+    fs::read(side_path(dir, name)).ok()
+}
+
+fn file_set_side(dir: &std::path::Path, name: SideFile, bytes: Option<Vec<u8>>) {
+    let p = side_path(dir, name);
+    match bytes {
+        Some(b) => fs::write(p, b).unwrap(),
+        None => {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn mem_set_side(mem: &MemoryBackend, name: SideFile, bytes: Option<Vec<u8>>) {
+    let mut m = mem.clone();
+    match bytes {
+        Some(b) => m.write_side(name, &b).unwrap(),
+        None => m.remove_side(name).unwrap(),
+    }
+}
+
+fn file_sides(dir: &std::path::Path) -> Vec<SideFile> {
+    let mut v: Vec<SideFile> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            if n == "CHECKPOINT" {
+                return Some(SideFile::Checkpoint);
+            }
+            Some(SideFile::Index(n.strip_suffix(".idx")?.parse().ok()?))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn file_bases(dir: &std::path::Path) -> Vec<u64> {
     let mut v: Vec<u64> = fs::read_dir(dir)
         .unwrap()
@@ -151,6 +215,15 @@ impl Fixture for MmapFx {
     fn name(&self) -> &'static str {
         "mmap"
     }
+    fn sides(&self) -> Vec<SideFile> {
+        file_sides(self.dir.path())
+    }
+    fn side(&self, name: SideFile) -> Option<Vec<u8>> {
+        file_side(self.dir.path(), name)
+    }
+    fn set_side(&self, name: SideFile, bytes: Option<Vec<u8>>) {
+        file_set_side(self.dir.path(), name, bytes)
+    }
 }
 
 impl Fixture for PwriteFx {
@@ -166,6 +239,15 @@ impl Fixture for PwriteFx {
     }
     fn name(&self) -> &'static str {
         "pwrite"
+    }
+    fn sides(&self) -> Vec<SideFile> {
+        file_sides(self.dir.path())
+    }
+    fn side(&self, name: SideFile) -> Option<Vec<u8>> {
+        file_side(self.dir.path(), name)
+    }
+    fn set_side(&self, name: SideFile, bytes: Option<Vec<u8>>) {
+        file_set_side(self.dir.path(), name, bytes)
     }
 }
 
@@ -183,6 +265,12 @@ impl Fixture for MemFx {
     fn name(&self) -> &'static str {
         "memory"
     }
+    fn side(&self, name: SideFile) -> Option<Vec<u8>> {
+        self.mem.side_bytes(name)
+    }
+    fn set_side(&self, name: SideFile, bytes: Option<Vec<u8>>) {
+        mem_set_side(&self.mem, name, bytes)
+    }
 }
 
 impl Fixture for FaultyFx {
@@ -198,6 +286,12 @@ impl Fixture for FaultyFx {
     }
     fn name(&self) -> &'static str {
         "faulty(memory)"
+    }
+    fn side(&self, name: SideFile) -> Option<Vec<u8>> {
+        self.mem.side_bytes(name)
+    }
+    fn set_side(&self, name: SideFile, bytes: Option<Vec<u8>>) {
+        mem_set_side(&self.mem, name, bytes)
     }
 }
 
@@ -223,4 +317,20 @@ pub fn assert_conversation<B: Backend>(
         })
         .collect();
     assert_eq!(got, seqs, "seqs of conversation {conv}");
+}
+
+/// Every record the log returns for conversations `convs` (all seqs), with its bytes: what two
+/// opens of the same log must agree on.
+pub fn snapshot<B: Backend>(
+    log: &Log<B>,
+    convs: impl IntoIterator<Item = u64>,
+) -> Vec<(u64, u64, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    for conv in convs {
+        for r in log.read(conv, 0..u64::MAX) {
+            let r = r.unwrap();
+            out.push((conv, r.meta.seq, r.lsn.get(), r.payload.to_vec()));
+        }
+    }
+    out
 }
