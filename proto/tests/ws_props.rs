@@ -6,7 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use parley_proto::ws::{
     ConnState, DEFAULT_MAX_REQUEST_BYTES, Event, FrameHeader, OpCode, WsConfig, WsConn, WsError,
-    encode_binary, encode_close, encode_ping, encode_pong, encode_text, parse_request,
+    apply_mask, encode_binary, encode_close, encode_ping, encode_pong, encode_text, parse_request,
 };
 use proptest::prelude::*;
 
@@ -31,6 +31,15 @@ fn mask_as_client(frame: &[u8], key: [u8; 4]) -> Vec<u8> {
             .map(|(i, b)| b ^ key[i % 4]),
     );
     out
+}
+
+/// RFC 6455 5.3 as written: byte `i` of the payload is XORed with byte `i mod 4` of the key.
+fn mask_bytewise(payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    payload
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ key[i % 4])
+        .collect()
 }
 
 /// A message the server can encode, and how a client splits it into frames.
@@ -263,5 +272,35 @@ proptest! {
             prop_assert!(conn.is_open());
         }
         prop_assert_eq!(events, expected);
+    }
+}
+
+// The default number of cases (256, or `PROPTEST_CASES`): each case checks 2,400 payloads.
+proptest! {
+    /// `apply_mask` works 8 and 4 bytes at a time; it must equal the byte-wise definition for
+    /// every payload length up to 300 (every combination of 8-byte chunks, 4-byte step and
+    /// byte tail), wherever the payload starts in its buffer (all 8 alignments of a word), and
+    /// for any key, touching nothing outside the payload.
+    #[test]
+    fn apply_mask_equals_the_bytewise_reference_for_every_length_and_offset(
+        key in any::<[u8; 4]>(),
+        data in proptest::collection::vec(any::<u8>(), 300 + 8),
+    ) {
+        for offset in 0..8 {
+            for len in 0..300 {
+                let mut buf = data.clone();
+                apply_mask(&mut buf[offset..offset + len], key);
+                prop_assert_eq!(&buf[..offset], &data[..offset]);
+                prop_assert_eq!(
+                    &buf[offset..offset + len],
+                    &mask_bytewise(&data[offset..offset + len], key)[..],
+                    "len {} offset {}", len, offset
+                );
+                prop_assert_eq!(&buf[offset + len..], &data[offset + len..]);
+                // Masking is an involution: applying the same key again restores the data.
+                apply_mask(&mut buf[offset..offset + len], key);
+                prop_assert_eq!(&buf, &data);
+            }
+        }
     }
 }

@@ -128,7 +128,87 @@ impl WsConn {
     ///
     /// # Errors
     /// A [`WsError`] when the client breaks the protocol; the connection is then `Closed`.
+    #[inline(always)]
     pub fn decode(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<Option<Event>, WsError> {
+        // The fast path, small enough to inline into the caller's read loop, so that the event
+        // is built once, in place, instead of being copied out through the general decoder's
+        // layers (those copies cost more than the unmasking). Every other frame, and every
+        // error but invalid UTF-8 in such a frame, goes through `decode_general`.
+        let Some(frame) = self.whole_data_frame(input) else {
+            return self.decode_general(input, out);
+        };
+        // Split header and payload off together and skip the header once frozen: one call
+        // into `BytesMut` per frame instead of two (`Bytes::advance` is a pointer bump).
+        let mut whole = input.split_to(frame.header_len + frame.payload_len);
+        let payload = whole.get_mut(frame.header_len..).unwrap_or_default();
+        apply_mask(payload, frame.mask);
+        if frame.text && std::str::from_utf8(payload).is_err() {
+            return Err(self.fail(WsError::InvalidUtf8, out));
+        }
+        let mut payload = whole.freeze();
+        payload.advance(frame.header_len);
+        Ok(Some(if frame.text {
+            Event::Text(payload)
+        } else {
+            Event::Binary(payload)
+        }))
+    }
+
+    /// Recognises the frame that clients send nearly always, complete at the front of `input`:
+    /// a final (unfragmented) text or binary frame, masked, with a 7- or 16-bit length in its
+    /// minimal encoding and within the message limit, while the connection is `Open` and no
+    /// fragmented message is in progress.
+    ///
+    /// `Some` only for a frame that [`WsConn::decode_general`] would accept as a whole message
+    /// (so the two agree on everything); `None` for anything else, including a frame that is
+    /// still incomplete.
+    #[inline]
+    fn whole_data_frame(&self, input: &[u8]) -> Option<WholeDataFrame> {
+        if self.state != ConnState::Open || self.assembler.in_progress() {
+            return None;
+        }
+        let (&[b0, b1], rest) = input.split_first_chunk::<2>()?;
+        let text = match b0 {
+            // FIN, no RSV bits, binary / text.
+            0x82 => false,
+            0x81 => true,
+            _ => return None,
+        };
+        let (payload_len, rest) = match b1 {
+            // Masked, 7-bit length.
+            0x80..=0xFD => (usize::from(b1 & 0x7F), rest),
+            // Masked, 16-bit length, minimal only if at least 126.
+            0xFE => {
+                let (len, rest) = rest.split_first_chunk::<2>()?;
+                let len = usize::from(u16::from_be_bytes(*len));
+                if len < 126 {
+                    return None;
+                }
+                (len, rest)
+            }
+            // Unmasked, or a 64-bit length (at least 64 KiB: not worth a fast path).
+            _ => return None,
+        };
+        let (&mask, payload) = rest.split_first_chunk::<4>()?;
+        if payload_len > self.assembler.max_message_bytes() || payload.len() < payload_len {
+            return None;
+        }
+        Some(WholeDataFrame {
+            text,
+            header_len: input.len() - payload.len(),
+            payload_len,
+            mask,
+        })
+    }
+
+    /// [`WsConn::decode`] for every frame and state: the fast path of `decode` is a shortcut
+    /// through this function for one kind of frame.
+    #[inline(never)]
+    fn decode_general(
         &mut self,
         input: &mut BytesMut,
         out: &mut BytesMut,
@@ -164,28 +244,25 @@ impl WsConn {
                 input.reserve(frame_len - input.len());
                 return Ok(None);
             }
-            if let Some(event) = self.take_frame(input, header, header_len, payload_len, out)? {
+            input.advance(header_len);
+            let mut payload = input.split_to(payload_len);
+            if let Some(mask) = header.mask {
+                apply_mask(&mut payload, mask);
+            }
+            if let Some(event) = self.take_frame(header, payload, out)? {
                 return Ok(Some(event));
             }
         }
     }
 
-    /// Consumes one complete frame from the front of `input` (`header_len` bytes of the already
-    /// decoded `header`, then `payload_len` bytes of payload) and acts on it.
+    /// Acts on one complete frame, already consumed from the input: its decoded `header` and
+    /// its unmasked `payload`.
     fn take_frame(
         &mut self,
-        input: &mut BytesMut,
         header: FrameHeader,
-        header_len: usize,
-        payload_len: usize,
+        payload: BytesMut,
         out: &mut BytesMut,
     ) -> Result<Option<Event>, WsError> {
-        debug_assert!(input.len() >= header_len.saturating_add(payload_len));
-        input.advance(header_len);
-        let mut payload = input.split_to(payload_len);
-        if let Some(mask) = header.mask {
-            apply_mask(&mut payload, mask);
-        }
         let open = self.state == ConnState::Open;
         match header.opcode {
             OpCode::Ping => {
@@ -244,6 +321,8 @@ impl WsConn {
 
     /// Fails the connection for `error`: writes a Close with its code (unless a Close was
     /// already sent), moves to `Closed` and hands the error back.
+    #[cold]
+    #[inline(never)]
     fn fail(&mut self, error: WsError, out: &mut BytesMut) -> WsError {
         if self.state == ConnState::Open {
             let reason = error.to_string();
@@ -254,6 +333,17 @@ impl WsConn {
         self.state = ConnState::Closed;
         error
     }
+}
+
+/// A frame recognised by [`WsConn::whole_data_frame`]: complete in the input, `header_len`
+/// bytes of header then `payload_len` bytes of payload masked with `mask`.
+#[derive(Debug, Clone, Copy)]
+struct WholeDataFrame {
+    /// A text message (else binary).
+    text: bool,
+    header_len: usize,
+    payload_len: usize,
+    mask: [u8; 4],
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -269,6 +359,7 @@ fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use bytes::Bytes;
+    use proptest::prelude::*;
 
     use super::*;
     use crate::ws::message::parse_close_payload;
@@ -850,5 +941,121 @@ mod tests {
         let long = "é".repeat(100);
         assert!(truncate_to_char_boundary(&long, MAX_CLOSE_REASON).len() <= MAX_CLOSE_REASON);
         assert_eq!(truncate_to_char_boundary(&long, 3), "é");
+    }
+
+    /// One client frame for the differential test: any first byte (biased towards the frames
+    /// the fast path takes and their near misses), masked or not, its length in any of the
+    /// three encodings (minimal or not), and a payload that is text or arbitrary bytes.
+    fn any_frame() -> impl Strategy<Value = Vec<u8>> {
+        let b0 = prop_oneof![
+            4 => Just(0x82u8),
+            4 => Just(0x81),
+            1 => Just(0x02),
+            1 => Just(0x01),
+            1 => Just(0x80),
+            1 => Just(0x88),
+            1 => Just(0x89),
+            1 => Just(0xC2),
+            2 => any::<u8>(),
+        ];
+        let payload = prop_oneof![
+            "\\PC{0,80}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            // Around the 7-bit / 16-bit boundary.
+            proptest::collection::vec(any::<u8>(), 100..=130),
+        ];
+        (b0, proptest::bool::weighted(0.9), 0u8..3, payload).prop_map(
+            |(b0, masked, encoding, payload)| {
+                let len = payload.len();
+                let mask_bit = if masked { 0x80 } else { 0 };
+                let mut v = vec![b0];
+                match encoding {
+                    0 if len < 126 => v.push(mask_bit | len as u8),
+                    0 | 1 => {
+                        v.push(mask_bit | 126);
+                        v.extend_from_slice(&(len as u16).to_be_bytes());
+                    }
+                    _ => {
+                        v.push(mask_bit | 127);
+                        v.extend_from_slice(&(len as u64).to_be_bytes());
+                    }
+                }
+                if masked {
+                    v.extend_from_slice(&KEY);
+                    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+                } else {
+                    v.extend_from_slice(&payload);
+                }
+                v
+            },
+        )
+    }
+
+    /// Feeds `stream` cut at `cuts` through `decode` (the fast path included) or through
+    /// `decode_general` only; the bytes left unread are part of the outcome.
+    fn drive(
+        conn: &mut WsConn,
+        stream: &[u8],
+        cuts: &[usize],
+        general_only: bool,
+    ) -> (Outcome, Vec<u8>) {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.push(stream.len());
+        cuts.sort_unstable();
+        let mut input = BytesMut::new();
+        let mut out = BytesMut::new();
+        let mut events = Vec::new();
+        let mut error = None;
+        let mut fed = 0;
+        'feed: for cut in cuts {
+            input.extend_from_slice(&stream[fed..cut]);
+            fed = cut;
+            loop {
+                let result = if general_only {
+                    conn.decode_general(&mut input, &mut out)
+                } else {
+                    conn.decode(&mut input, &mut out)
+                };
+                match result {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break 'feed;
+                    }
+                }
+            }
+        }
+        let outcome = Outcome {
+            events,
+            error,
+            out: out.to_vec(),
+            state: conn.state(),
+        };
+        (outcome, input.to_vec())
+    }
+
+    proptest! {
+        /// The fast path of `decode` is only a shortcut: on any stream, cut anywhere, with any
+        /// limit and in any state, it reports exactly what the general decoder reports.
+        #[test]
+        fn fast_path_agrees_with_the_general_decoder(
+            frames in proptest::collection::vec(any_frame(), 1..8),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+            max_message_bytes in prop_oneof![Just(DEFAULT_MAX_MESSAGE_BYTES), 0usize..400],
+            server_closed_first in proptest::bool::weighted(0.1),
+        ) {
+            let stream = frames.concat();
+            let new_conn = || {
+                let mut conn = WsConn::new(WsConfig { max_message_bytes });
+                if server_closed_first {
+                    conn.close(1000, "", &mut BytesMut::new()).unwrap();
+                }
+                conn
+            };
+            let fast = drive(&mut new_conn(), &stream, &cuts, false);
+            let general = drive(&mut new_conn(), &stream, &cuts, true);
+            prop_assert_eq!(fast, general);
+        }
     }
 }

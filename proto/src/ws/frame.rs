@@ -124,6 +124,7 @@ impl FrameHeader {
     ///
     /// The message size limit is not checked here: it depends on the message in progress (see
     /// [`crate::ws::WsConn`]).
+    #[inline]
     pub fn decode(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, WsError> {
         let Some(&b0) = buf.first() else {
             return Ok(None);
@@ -245,18 +246,30 @@ impl FrameHeader {
 /// the same operation. `buf` must start at the first byte of a frame's payload.
 ///
 /// Works 8 bytes at a time (the key repeats every 4 bytes, so every 8-byte chunk sees the same
-/// 8-byte key), which the compiler turns into vector code; the remainder goes byte by byte.
+/// 8-byte key), which the compiler turns into vector code; of the remainder, 4 bytes at once if
+/// there are that many, then byte by byte. No alignment is needed: the chunks are read and
+/// written as byte arrays.
+#[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
-    let [k0, k1, k2, k3] = key;
-    let wide = u64::from_ne_bytes([k0, k1, k2, k3, k0, k1, k2, k3]);
+    let narrow = u32::from_ne_bytes(key);
+    // The key twice, in memory order, whatever the endianness.
+    let wide = u64::from(narrow) << 32 | u64::from(narrow);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        if let Ok(bytes) = <[u8; 8]>::try_from(&*chunk) {
-            chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
+        if let Some(bytes) = chunk.first_chunk_mut::<8>() {
+            *bytes = (u64::from_ne_bytes(*bytes) ^ wide).to_ne_bytes();
         }
     }
     // The remainder starts at a multiple of 8, so its key phase starts at 0.
-    for (byte, k) in chunks.into_remainder().iter_mut().zip(key.iter().cycle()) {
+    let rest = chunks.into_remainder();
+    let rest = match rest.split_first_chunk_mut::<4>() {
+        Some((bytes, tail)) => {
+            *bytes = (u32::from_ne_bytes(*bytes) ^ narrow).to_ne_bytes();
+            tail
+        }
+        None => rest,
+    };
+    for (byte, k) in rest.iter_mut().zip(key) {
         *byte ^= k;
     }
 }

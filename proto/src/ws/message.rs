@@ -72,6 +72,11 @@ impl MessageAssembler {
         }
     }
 
+    /// The largest message accepted, in bytes (all fragments).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
     /// Whether a fragmented message is in progress.
     pub fn in_progress(&self) -> bool {
         self.partial.is_some()
