@@ -196,6 +196,102 @@ pub fn encode_history_page(
     len
 }
 
+/// Field number of `Frame.send_ack`.
+const FRAME_SEND_ACK: u32 = 21;
+
+/// A small protobuf writer into a stack buffer: fields are appended with one bounds check each
+/// and copied out once (writing byte by byte into a `BytesMut` costs a capacity check per byte).
+struct Small {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Small {
+    fn new() -> Self {
+        Small {
+            buf: [0; 512],
+            len: 0,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn varint(&mut self, mut v: u64) -> bool {
+        if self.len + 10 > self.buf.len() {
+            return false;
+        }
+        while v >= 0x80 {
+            self.buf[self.len] = (v as u8) | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.buf[self.len] = v as u8;
+        self.len += 1;
+        true
+    }
+
+    fn key(&mut self, tag: u32, wire: u64) -> bool {
+        self.varint((u64::from(tag) << 3) | wire)
+    }
+
+    fn u64_field(&mut self, tag: u32, v: u64) -> bool {
+        v == 0 || (self.key(tag, 0) && self.varint(v))
+    }
+
+    fn slice(&mut self, s: &[u8]) -> bool {
+        if self.len + s.len() > self.buf.len() {
+            return false;
+        }
+        self.buf[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+        true
+    }
+
+    fn bytes_field(&mut self, tag: u32, s: &[u8]) -> bool {
+        s.is_empty() || (self.key(tag, 2) && self.varint(s.len() as u64) && self.slice(s))
+    }
+}
+
+/// Appends the protobuf encoding of `Frame{request_id, send_ack}`; returns its length. Equal to
+/// prost's encoding of the same frame (checked by the tests), several times cheaper: the ack is
+/// the one frame every send gets.
+pub fn encode_send_ack(request_id: u64, ack: &pb::SendAck, out: &mut BytesMut) -> usize {
+    let mut conv = Small::new();
+    let mut body = Small::new();
+    let mut ok = true;
+    if let Some(c) = &ack.conversation {
+        ok &= conv.u64_field(1, c.r#type as u64);
+        ok &= conv.bytes_field(2, c.id.as_bytes());
+    }
+    ok &= body.u64_field(1, ack.client_msg_id);
+    ok &= body.u64_field(2, ack.msg_id);
+    ok &= body.u64_field(3, ack.seq);
+    ok &= body.u64_field(4, ack.server_time as u64);
+    if ack.conversation.is_some() {
+        ok &= body.key(5, 2) && body.varint(conv.len as u64) && body.slice(conv.bytes());
+    }
+    ok &= body.u64_field(6, ack.durability as u64);
+    let mut head = Small::new();
+    ok &= head.u64_field(FRAME_REQUEST_ID, request_id);
+    ok &= head.key(FRAME_SEND_ACK, 2) && head.varint(body.len as u64);
+    if !ok {
+        // Larger than the stack buffers (a conversation id far over the limit): prost.
+        let frame = pb::Frame {
+            request_id,
+            body: Some(pb::frame::Body::SendAck(ack.clone())),
+        };
+        let len = frame.encoded_len();
+        frame.encode_raw(out);
+        return len;
+    }
+    out.reserve(head.len + body.len);
+    out.put_slice(head.bytes());
+    out.put_slice(body.bytes());
+    head.len + body.len
+}
+
 /// Bytes a spliced message adds to a page or `Deliver` beyond its own bytes (its field key and
 /// length), at most.
 pub const PER_MESSAGE_OVERHEAD: usize = 6;
@@ -312,6 +408,40 @@ mod tests {
             })),
         };
         assert_eq!(pb::Frame::decode(&out[..]).unwrap(), want);
+    }
+
+    #[test]
+    fn a_hand_encoded_send_ack_is_byte_for_byte_prosts() {
+        for (rid, id) in [(0u64, "bob"), (7, ""), (u64::MAX, &"x".repeat(300)[..])] {
+            let ack = pb::SendAck {
+                client_msg_id: 99,
+                msg_id: u64::MAX - 3,
+                seq: 1 << 40,
+                server_time: -5,
+                conversation: Some(view(id)),
+                durability: pb::Durability::Disk as i32,
+            };
+            let frame = pb::Frame {
+                request_id: rid,
+                body: Some(Body::SendAck(ack.clone())),
+            };
+            let mut out = BytesMut::new();
+            let len = encode_send_ack(rid, &ack, &mut out);
+            assert_eq!(
+                &out[..],
+                &frame.encode_to_vec()[..],
+                "request {rid}, id {id:?}"
+            );
+            assert_eq!(len, out.len());
+        }
+        let bare = pb::SendAck::default();
+        let mut out = BytesMut::new();
+        encode_send_ack(0, &bare, &mut out);
+        let want = pb::Frame {
+            request_id: 0,
+            body: Some(Body::SendAck(bare)),
+        };
+        assert_eq!(&out[..], &want.encode_to_vec()[..]);
     }
 
     #[test]

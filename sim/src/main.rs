@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes",
+        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints",
         counters.logins,
         counters.messages_stored,
         counters.retries_deduplicated,
@@ -106,7 +106,8 @@ fn main() -> ExitCode {
         counters.retransmits,
         counters.behinds,
         counters.syncs,
-        counters.flushes
+        counters.flushes,
+        counters.checkpoints
     );
     ExitCode::SUCCESS
 }

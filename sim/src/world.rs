@@ -120,6 +120,7 @@ enum Ev {
         ticket: Ticket,
     },
     Crash,
+    Stop,
     Restart,
     Quiesce,
 }
@@ -253,6 +254,8 @@ fn sim_config() -> Config {
     c.limits.dedup_window = 256;
     c.limits.send_rate_per_sec = 100_000;
     c.limits.send_burst = 100_000;
+    // Checkpoints often, so restarts start from them.
+    c.storage.checkpoint_every_bytes = 16 * 1024;
     c
 }
 
@@ -365,7 +368,12 @@ impl World {
         let crashes = self.rng.range(0, 2);
         for _ in 0..crashes {
             let t = self.rng.range(100, QUIESCE_AT - 1_000);
-            self.at(t, Ev::Crash);
+            let ev = if self.rng.chance(250) {
+                Ev::Stop
+            } else {
+                Ev::Crash
+            };
+            self.at(t, ev);
         }
         self.at(QUIESCE_AT, Ev::Quiesce);
     }
@@ -455,6 +463,7 @@ impl World {
                 }
             }
             Ev::Crash => self.crash(),
+            Ev::Stop => self.stop(),
             Ev::Restart => self.restart(),
             Ev::Quiesce => {
                 self.note(10, 0, 0, || "faults stop; clients settle".into());
@@ -486,6 +495,32 @@ impl World {
         self.epoch += 1;
         for s in 0..self.socks.len() {
             if !self.socks[s].closed {
+                self.client_lost(s);
+            }
+        }
+        let t = self.now + self.rng.range(20, 400);
+        self.at(t, Ev::Restart);
+    }
+
+    /// A clean stop: every shard flushes, checkpoints and says goodbye; the node restarts from
+    /// its disks as they are.
+    fn stop(&mut self) {
+        if self.node.is_none() {
+            return;
+        }
+        self.note(16, 0, 0, || "STOP: the node shuts down cleanly".into());
+        let now = self.now();
+        for shard in 0..self.shards {
+            if let Some(n) = self.node.as_mut() {
+                n.cores[shard].handle_shutdown(now);
+            }
+            self.apply(shard);
+        }
+        self.count_cores();
+        self.node = None;
+        self.epoch += 1;
+        for s in 0..self.socks.len() {
+            if !self.socks[s].closed && self.socks[s].host != Host::Gone {
                 self.client_lost(s);
             }
         }

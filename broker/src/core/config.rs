@@ -28,6 +28,8 @@ pub(crate) struct CoreConfig {
     pub(crate) page_budget: usize,
     /// Period of the shard's maintenance tick (log retention, interval flush), in ms.
     pub(crate) maintenance_ms: u64,
+    /// Bytes of log between start-up checkpoints.
+    pub(crate) checkpoint_every_bytes: u64,
 }
 
 impl CoreConfig {
@@ -55,6 +57,7 @@ impl CoreConfig {
                 .saturating_sub(1024)
                 .max(1),
             maintenance_ms: 20,
+            checkpoint_every_bytes: c.storage.checkpoint_every_bytes.max(1),
         }
     }
 }

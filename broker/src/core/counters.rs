@@ -38,6 +38,8 @@ pub struct Counters {
     pub flush_ms_total: u64,
     /// Largest flush latency, ms.
     pub flush_ms_max: u64,
+    /// Start-up checkpoints written.
+    pub checkpoints: u64,
 }
 
 impl Counters {
@@ -60,5 +62,6 @@ impl Counters {
         self.flushes += other.flushes;
         self.flush_ms_total += other.flush_ms_total;
         self.flush_ms_max = self.flush_ms_max.max(other.flush_ms_max);
+        self.checkpoints += other.checkpoints;
     }
 }

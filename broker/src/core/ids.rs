@@ -41,6 +41,16 @@ impl MsgIdGen {
         }
     }
 
+    /// The largest id issued or observed so far (0 if none): every later id is larger.
+    pub(crate) fn last(&self) -> u64 {
+        if self.last_ms == 0 && self.counter == 0 {
+            return 0;
+        }
+        (self.last_ms << (SHARD_BITS + COUNTER_BITS))
+            | (self.shard << COUNTER_BITS)
+            | self.counter.saturating_sub(1)
+    }
+
     /// The next id, at wall-clock time `now_unix_ms`.
     pub(crate) fn next(&mut self, now_unix_ms: u64) -> u64 {
         let ms = now_unix_ms.saturating_sub(ID_EPOCH_MS);

@@ -30,6 +30,7 @@
 //!   handover) is reused only after [`ShardCore::take_effects`] handed that effect out.
 //! * Frames reach a connection in the order the core wrote them ([`Connection::out`] is FIFO).
 
+mod checkpoint;
 mod config;
 pub(crate) mod conn;
 pub(crate) mod conv;
@@ -366,7 +367,11 @@ impl<B: Backend> ShardCore<B> {
         }
         self.shutting_down = true;
         match self.owner.log.flush() {
-            Ok(_) => self.release(),
+            Ok(_) => {
+                self.release();
+                // The next start reads nothing of the log but this checkpoint.
+                self.write_checkpoint();
+            }
             Err(e) => self.log_line(format_args!("flush at shutdown failed: {e}")),
         }
         self.drain_local();
@@ -667,6 +672,16 @@ impl<B: Backend> ShardCore<B> {
         }
         if !self.cfg.wait_for_flush {
             self.release();
+        }
+        if self.owner.log.written_lsn().0
+            - self
+                .owner
+                .checkpointed
+                .0
+                .min(self.owner.log.written_lsn().0)
+            >= self.cfg.checkpoint_every_bytes
+        {
+            self.write_checkpoint();
         }
         self.timers
             .insert(now.ms + self.cfg.maintenance_ms, TimerFor::Maintenance);
@@ -1009,13 +1024,9 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::Append(a) => self.on_append(*a),
             ShardMsg::Acked(a) => {
                 if let Some(conn) = self.conn_of(a.to) {
-                    self.write_frame(
-                        conn,
-                        &pb::Frame {
-                            request_id: a.request_id,
-                            body: Some(Body::SendAck(a.ack)),
-                        },
-                    );
+                    self.write_spliced(conn, |out| {
+                        parley_proto::splice::encode_send_ack(a.request_id, &a.ack, out);
+                    });
                 }
             }
             ShardMsg::Refused {

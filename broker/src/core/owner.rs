@@ -18,6 +18,7 @@ use parley_storage::{Backend, Log, Lsn, RecordMeta, SyncOf, SyncTicket, Timestam
 use prost::Message as _;
 
 use super::FastMap;
+use super::checkpoint::{Checkpoint, ConvEntry, DeviceWindow};
 use super::conv::Conv;
 use super::error::Refusal;
 use super::ids::MsgIdGen;
@@ -80,6 +81,15 @@ impl DedupRing {
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
+
+    /// The remembered ids, oldest first.
+    pub(crate) fn oldest_first(&self) -> impl Iterator<Item = (u64, Remembered)> + '_ {
+        let split = self.next.min(self.slots.len());
+        self.slots[split..]
+            .iter()
+            .chain(self.slots[..split].iter())
+            .copied()
+    }
 }
 
 /// One conversation this shard owns.
@@ -110,6 +120,8 @@ pub(crate) struct Owner<B: Backend> {
     pending: VecDeque<Pending>,
     /// When the flush in flight started (ms), if one is.
     flushing: Option<u64>,
+    /// The log's written LSN when the last checkpoint was written.
+    pub(crate) checkpointed: Lsn,
 }
 
 impl<B: Backend> Owner<B> {
@@ -120,6 +132,7 @@ impl<B: Backend> Owner<B> {
             ids: MsgIdGen::new(shard),
             pending: VecDeque::new(),
             flushing: None,
+            checkpointed: Lsn(0),
         }
     }
 
@@ -217,12 +230,12 @@ impl<B: Backend> ShardCore<B> {
         let message = pb::Message {
             conversation: Some(pb::Conversation {
                 r#type: conv.wire_type() as i32,
-                id: conv.key.to_string(),
+                id: String::from(&*conv.key),
             }),
             seq,
             msg_id,
-            from_user: sender.user.to_string(),
-            from_device: sender.device.to_string(),
+            from_user: String::from(&*sender.user),
+            from_device: String::from(&*sender.device),
             client_msg_id,
             content_type: send.content_type,
             body: send.body,
@@ -372,12 +385,64 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    /// Rebuilds conversations, de-dup windows and the id generator from the log, and tells each
-    /// member's home shard what its conversations hold.
+    /// Writes a start-up checkpoint of the conversations and de-dup windows
+    /// ([`super::checkpoint`]).
+    pub(crate) fn write_checkpoint(&mut self) {
+        let mut convs: Vec<&ConvState> = self.owner.convs.values().collect();
+        convs.sort_by_key(|st| st.conv.id);
+        let mut cp = Checkpoint {
+            max_msg_id: self.owner.ids.last(),
+            convs: Vec::with_capacity(convs.len()),
+        };
+        for st in convs {
+            let mut devices: Vec<DeviceWindow> = st
+                .dedup
+                .iter()
+                .map(|(d, ring)| DeviceWindow {
+                    user: String::from(&*d.user),
+                    device: String::from(&*d.device),
+                    entries: ring.oldest_first().collect(),
+                })
+                .collect();
+            devices.sort_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
+            cp.convs.push(ConvEntry {
+                id: st.conv.id,
+                key: String::from(&*st.conv.key),
+                devices,
+            });
+        }
+        let bytes = cp.encode();
+        let covers = self.owner.log.durable_lsn();
+        let written = self.owner.log.written_lsn();
+        match self.owner.log.write_checkpoint(covers, &bytes) {
+            Ok(()) => {
+                self.owner.checkpointed = written;
+                self.counters.checkpoints += 1;
+            }
+            Err(e) => self.log_line(format_args!("checkpoint not written: {e}")),
+        }
+    }
+
+    /// Rebuilds conversations, de-dup windows and the id generator from the last checkpoint and
+    /// the log after it, and tells each member's home shard what its conversations hold.
     pub(crate) fn rebuild(&mut self) {
         let window = self.cfg.dedup_window;
+        let end = self.owner.log.written_lsn();
+        let restored = self
+            .owner
+            .log
+            .checkpoint()
+            .and_then(|(lsn, bytes)| Checkpoint::decode(bytes).map(|cp| (lsn, cp)));
+        let start = match restored {
+            Some((lsn, cp)) => {
+                self.restore(cp, end);
+                lsn
+            }
+            None => Lsn(0),
+        };
+        self.owner.checkpointed = start;
         let owner = &mut self.owner;
-        for rec in owner.log.scan(Lsn(0)) {
+        for rec in owner.log.scan(start) {
             let Ok(rec) = rec else {
                 continue;
             };
@@ -439,6 +504,46 @@ impl<B: Backend> ShardCore<B> {
                     user,
                     conv,
                     last_seq,
+                },
+            );
+        }
+    }
+}
+
+impl<B: Backend> ShardCore<B> {
+    /// Takes a checkpoint's conversations and de-dup windows; what lies at or beyond the log's
+    /// recovered `end` was lost in a crash and is dropped.
+    fn restore(&mut self, cp: Checkpoint, end: Lsn) {
+        let window = self.cfg.dedup_window;
+        self.owner.ids.observe(cp.max_msg_id);
+        for c in cp.convs {
+            let Some(conv) = Conv::from_key(&c.key) else {
+                continue;
+            };
+            if conv.id != c.id {
+                continue;
+            }
+            let last_seq = self.owner.log.latest_seq(c.id).unwrap_or(0);
+            let mut dedup: FastMap<Device, DedupRing> = FastMap::default();
+            for d in c.devices {
+                let mut ring = DedupRing::default();
+                for (cmid, r) in d.entries {
+                    if r.lsn < end {
+                        ring.insert(cmid, r, window);
+                    }
+                }
+                let device = Device {
+                    user: d.user.as_str().into(),
+                    device: d.device.as_str().into(),
+                };
+                dedup.insert(device, ring);
+            }
+            self.owner.convs.insert(
+                c.id,
+                ConvState {
+                    conv: Arc::new(conv),
+                    last_seq,
+                    dedup,
                 },
             );
         }
