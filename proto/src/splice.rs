@@ -25,6 +25,8 @@ const FRAME_REQUEST_ID: u32 = 1;
 const FRAME_DELIVER: u32 = 22;
 /// Field number of `Frame.sync_page`.
 const FRAME_SYNC_PAGE: u32 = 32;
+/// Field number of `Frame.send_ack`.
+const FRAME_SEND_ACK: u32 = 21;
 /// Field number of `Frame.history_page`.
 const FRAME_HISTORY_PAGE: u32 = 34;
 /// Field number of `Message.conversation`.
@@ -196,100 +198,249 @@ pub fn encode_history_page(
     len
 }
 
-/// Field number of `Frame.send_ack`.
-const FRAME_SEND_ACK: u32 = 21;
-
-/// A small protobuf writer into a stack buffer: fields are appended with one bounds check each
-/// and copied out once (writing byte by byte into a `BytesMut` costs a capacity check per byte).
-struct Small {
-    buf: [u8; 512],
-    len: usize,
+/// Appends `v` as a varint with one copy (writing byte by byte into a `BytesMut` costs a
+/// capacity check per byte).
+fn put_varint(out: &mut impl BufMut, mut v: u64) {
+    let mut b = [0u8; 10];
+    let mut i = 0;
+    while v >= 0x80 {
+        b[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    b[i] = v as u8;
+    out.put_slice(&b[..=i]);
 }
 
-impl Small {
-    fn new() -> Self {
-        Small {
-            buf: [0; 512],
-            len: 0,
-        }
+/// Bytes of a varint field `tag` holding `v` (0 when `v` is 0: proto3 omits defaults).
+fn varint_field_len(tag: u32, v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(v)
     }
+}
 
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+fn put_varint_field(out: &mut impl BufMut, tag: u32, v: u64) {
+    if v != 0 {
+        put_varint(out, u64::from(tag) << 3);
+        put_varint(out, v);
     }
+}
 
-    fn varint(&mut self, mut v: u64) -> bool {
-        if self.len + 10 > self.buf.len() {
-            return false;
-        }
-        while v >= 0x80 {
-            self.buf[self.len] = (v as u8) | 0x80;
-            self.len += 1;
-            v >>= 7;
-        }
-        self.buf[self.len] = v as u8;
-        self.len += 1;
-        true
-    }
+/// Bytes of a length-delimited field `tag` of `len` bytes (0 when empty).
+fn bytes_field_len(tag: u32, len: usize) -> usize {
+    if len == 0 { 0 } else { field_len(tag, len) }
+}
 
-    fn key(&mut self, tag: u32, wire: u64) -> bool {
-        self.varint((u64::from(tag) << 3) | wire)
+fn put_bytes_field(out: &mut impl BufMut, tag: u32, bytes: &[u8]) {
+    if !bytes.is_empty() {
+        put_varint(out, (u64::from(tag) << 3) | 2);
+        put_varint(out, bytes.len() as u64);
+        out.put_slice(bytes);
     }
+}
 
-    fn u64_field(&mut self, tag: u32, v: u64) -> bool {
-        v == 0 || (self.key(tag, 0) && self.varint(v))
-    }
+/// An enum or `int32` as protobuf writes it: negative values sign-extend to 64 bits.
+fn int32(v: i32) -> u64 {
+    i64::from(v) as u64
+}
 
-    fn slice(&mut self, s: &[u8]) -> bool {
-        if self.len + s.len() > self.buf.len() {
-            return false;
-        }
-        self.buf[self.len..self.len + s.len()].copy_from_slice(s);
-        self.len += s.len();
-        true
-    }
+fn conversation_len(c: &pb::Conversation) -> usize {
+    varint_field_len(1, int32(c.r#type)) + bytes_field_len(2, c.id.len())
+}
 
-    fn bytes_field(&mut self, tag: u32, s: &[u8]) -> bool {
-        s.is_empty() || (self.key(tag, 2) && self.varint(s.len() as u64) && self.slice(s))
-    }
+fn put_conversation(out: &mut impl BufMut, c: &pb::Conversation) {
+    put_varint_field(out, 1, int32(c.r#type));
+    put_bytes_field(out, 2, c.id.as_bytes());
 }
 
 /// Appends the protobuf encoding of `Frame{request_id, send_ack}`; returns its length. Equal to
 /// prost's encoding of the same frame (checked by the tests), several times cheaper: the ack is
 /// the one frame every send gets.
 pub fn encode_send_ack(request_id: u64, ack: &pb::SendAck, out: &mut BytesMut) -> usize {
-    let mut conv = Small::new();
-    let mut body = Small::new();
-    let mut ok = true;
-    if let Some(c) = &ack.conversation {
-        ok &= conv.u64_field(1, c.r#type as u64);
-        ok &= conv.bytes_field(2, c.id.as_bytes());
+    let conv = ack.conversation.as_ref().map(conversation_len);
+    let body = varint_field_len(1, ack.client_msg_id)
+        + varint_field_len(2, ack.msg_id)
+        + varint_field_len(3, ack.seq)
+        + varint_field_len(4, ack.server_time as u64)
+        + conv.map_or(0, |l| field_len(5, l))
+        + varint_field_len(6, int32(ack.durability));
+    let len = request_id_len(request_id) + field_len(FRAME_SEND_ACK, body);
+    out.reserve(len);
+    put_request_id(request_id, out);
+    put_field_header(FRAME_SEND_ACK, body, out);
+    put_varint_field(out, 1, ack.client_msg_id);
+    put_varint_field(out, 2, ack.msg_id);
+    put_varint_field(out, 3, ack.seq);
+    put_varint_field(out, 4, ack.server_time as u64);
+    if let (Some(c), Some(l)) = (&ack.conversation, conv) {
+        put_field_header(5, l, out);
+        put_conversation(out, c);
     }
-    ok &= body.u64_field(1, ack.client_msg_id);
-    ok &= body.u64_field(2, ack.msg_id);
-    ok &= body.u64_field(3, ack.seq);
-    ok &= body.u64_field(4, ack.server_time as u64);
-    if ack.conversation.is_some() {
-        ok &= body.key(5, 2) && body.varint(conv.len as u64) && body.slice(conv.bytes());
+    put_varint_field(out, 6, int32(ack.durability));
+    len
+}
+
+/// A message to store, by reference: what [`encode_message`] encodes.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    /// The conversation in its stored form.
+    pub conversation: &'a pb::Conversation,
+    /// `Message.seq`.
+    pub seq: u64,
+    /// `Message.msg_id`.
+    pub msg_id: u64,
+    /// `Message.from_user`.
+    pub from_user: &'a str,
+    /// `Message.from_device`.
+    pub from_device: &'a str,
+    /// `Message.client_msg_id`.
+    pub client_msg_id: u64,
+    /// `Message.content_type`.
+    pub content_type: u32,
+    /// `Message.body`.
+    pub body: &'a [u8],
+    /// `Message.server_time`.
+    pub server_time: i64,
+    /// `Message.kind`.
+    pub kind: i32,
+    /// `Message.ref_seq`.
+    pub ref_seq: u64,
+}
+
+/// The protobuf encoding of a `Message` with these fields, byte for byte what prost writes for
+/// the same `pb::Message` (checked by the tests), without building one (no strings allocated).
+pub fn encode_message(m: &MessageRef<'_>) -> Vec<u8> {
+    let conv = conversation_len(m.conversation);
+    let len = field_len(1, conv)
+        + varint_field_len(2, m.seq)
+        + varint_field_len(3, m.msg_id)
+        + bytes_field_len(4, m.from_user.len())
+        + bytes_field_len(5, m.from_device.len())
+        + varint_field_len(6, m.client_msg_id)
+        + varint_field_len(7, u64::from(m.content_type))
+        + bytes_field_len(8, m.body.len())
+        + varint_field_len(9, m.server_time as u64)
+        + varint_field_len(10, int32(m.kind))
+        + varint_field_len(11, m.ref_seq);
+    let mut out = Vec::with_capacity(len);
+    put_varint(&mut out, (1 << 3) | 2);
+    put_varint(&mut out, conv as u64);
+    put_conversation(&mut out, m.conversation);
+    put_varint_field(&mut out, 2, m.seq);
+    put_varint_field(&mut out, 3, m.msg_id);
+    put_bytes_field(&mut out, 4, m.from_user.as_bytes());
+    put_bytes_field(&mut out, 5, m.from_device.as_bytes());
+    put_varint_field(&mut out, 6, m.client_msg_id);
+    put_varint_field(&mut out, 7, u64::from(m.content_type));
+    put_bytes_field(&mut out, 8, m.body);
+    put_varint_field(&mut out, 9, m.server_time as u64);
+    put_varint_field(&mut out, 10, int32(m.kind));
+    put_varint_field(&mut out, 11, m.ref_seq);
+    debug_assert_eq!(out.len(), len);
+    out
+}
+
+/// What start-up needs from a stored message, read without decoding it whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MessageHead<'a> {
+    /// `Message.conversation.id` (the stored, canonical key).
+    pub conversation: &'a str,
+    /// `Message.seq`.
+    pub seq: u64,
+    /// `Message.msg_id`.
+    pub msg_id: u64,
+    /// `Message.from_user`.
+    pub from_user: &'a str,
+    /// `Message.from_device`.
+    pub from_device: &'a str,
+    /// `Message.client_msg_id`.
+    pub client_msg_id: u64,
+    /// `Message.server_time`.
+    pub server_time: i64,
+}
+
+/// A cursor over protobuf fields; every read is bounds-checked (bad input gives `None`).
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
     }
-    ok &= body.u64_field(6, ack.durability as u64);
-    let mut head = Small::new();
-    ok &= head.u64_field(FRAME_REQUEST_ID, request_id);
-    ok &= head.key(FRAME_SEND_ACK, 2) && head.varint(body.len as u64);
-    if !ok {
-        // Larger than the stack buffers (a conversation id far over the limit): prost.
-        let frame = pb::Frame {
-            request_id,
-            body: Some(pb::frame::Body::SendAck(ack.clone())),
-        };
-        let len = frame.encoded_len();
-        frame.encode_raw(out);
-        return len;
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        if len > self.0.len() {
+            return None;
+        }
+        let (b, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(b)
     }
-    out.reserve(head.len + body.len);
-    out.put_slice(head.bytes());
-    out.put_slice(body.bytes());
-    head.len + body.len
+
+    /// The next field: its number and, for varints, the value, for length-delimited fields, the
+    /// bytes. Fixed-width fields are skipped over; groups are refused.
+    fn next(&mut self) -> Option<Option<(u32, u64, &'a [u8])>> {
+        if self.0.is_empty() {
+            return Some(None);
+        }
+        let key = self.varint()?;
+        let tag = u32::try_from(key >> 3).ok()?;
+        match key & 7 {
+            0 => Some(Some((tag, self.varint()?, &[]))),
+            1 => {
+                self.0 = self.0.get(8..)?;
+                Some(Some((tag, 0, &[])))
+            }
+            2 => {
+                let b = self.bytes()?;
+                Some(Some((tag, 0, b)))
+            }
+            5 => {
+                self.0 = self.0.get(4..)?;
+                Some(Some((tag, 0, &[])))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Reads the fields of a stored message that start-up needs (conversation key, seq, ids,
+/// sender), skipping the body: several times cheaper than decoding it. `None` if the bytes are
+/// not a protobuf message (never panics). Later occurrences of a field win, as in protobuf.
+pub fn peek_message(bytes: &[u8]) -> Option<MessageHead<'_>> {
+    let mut head = MessageHead::default();
+    let mut f = Fields(bytes);
+    while let Some((tag, v, b)) = f.next()? {
+        match tag {
+            1 => {
+                let mut c = Fields(b);
+                while let Some((ctag, _, cb)) = c.next()? {
+                    if ctag == 2 {
+                        head.conversation = std::str::from_utf8(cb).ok()?;
+                    }
+                }
+            }
+            2 => head.seq = v,
+            3 => head.msg_id = v,
+            4 => head.from_user = std::str::from_utf8(b).ok()?,
+            5 => head.from_device = std::str::from_utf8(b).ok()?,
+            6 => head.client_msg_id = v,
+            9 => head.server_time = v as i64,
+            _ => {}
+        }
+    }
+    Some(head)
 }
 
 /// Bytes a spliced message adds to a page or `Deliver` beyond its own bytes (its field key and
@@ -413,26 +564,28 @@ mod tests {
     #[test]
     fn a_hand_encoded_send_ack_is_byte_for_byte_prosts() {
         for (rid, id) in [(0u64, "bob"), (7, ""), (u64::MAX, &"x".repeat(300)[..])] {
-            let ack = pb::SendAck {
-                client_msg_id: 99,
-                msg_id: u64::MAX - 3,
-                seq: 1 << 40,
-                server_time: -5,
-                conversation: Some(view(id)),
-                durability: pb::Durability::Disk as i32,
-            };
-            let frame = pb::Frame {
-                request_id: rid,
-                body: Some(Body::SendAck(ack.clone())),
-            };
-            let mut out = BytesMut::new();
-            let len = encode_send_ack(rid, &ack, &mut out);
-            assert_eq!(
-                &out[..],
-                &frame.encode_to_vec()[..],
-                "request {rid}, id {id:?}"
-            );
-            assert_eq!(len, out.len());
+            for durability in [0, 2, -3] {
+                let ack = pb::SendAck {
+                    client_msg_id: 99,
+                    msg_id: u64::MAX - 3,
+                    seq: 1 << 40,
+                    server_time: -5,
+                    conversation: Some(view(id)),
+                    durability,
+                };
+                let frame = pb::Frame {
+                    request_id: rid,
+                    body: Some(Body::SendAck(ack.clone())),
+                };
+                let mut out = BytesMut::new();
+                let len = encode_send_ack(rid, &ack, &mut out);
+                assert_eq!(
+                    &out[..],
+                    &frame.encode_to_vec()[..],
+                    "request {rid}, id {id:?}"
+                );
+                assert_eq!(len, out.len());
+            }
         }
         let bare = pb::SendAck::default();
         let mut out = BytesMut::new();
@@ -442,6 +595,76 @@ mod tests {
             body: Some(Body::SendAck(bare)),
         };
         assert_eq!(&out[..], &want.encode_to_vec()[..]);
+    }
+
+    #[test]
+    fn a_hand_encoded_message_is_byte_for_byte_prosts() {
+        let mut m = stored(7, b"hi");
+        for (kind, time, ct) in [(0, 5i64, 0u32), (-1, -9, 7), (2, i64::MAX, u32::MAX)] {
+            m.kind = kind;
+            m.server_time = time;
+            m.content_type = ct;
+            let conv = m.conversation.clone().expect("a conversation");
+            let r = MessageRef {
+                conversation: &conv,
+                seq: m.seq,
+                msg_id: m.msg_id,
+                from_user: &m.from_user,
+                from_device: &m.from_device,
+                client_msg_id: m.client_msg_id,
+                content_type: m.content_type,
+                body: &m.body,
+                server_time: m.server_time,
+                kind: m.kind,
+                ref_seq: m.ref_seq,
+            };
+            assert_eq!(
+                encode_message(&r),
+                m.encode_to_vec(),
+                "kind {kind} time {time}"
+            );
+        }
+        let empty = pb::Message {
+            conversation: Some(pb::Conversation::default()),
+            ..Default::default()
+        };
+        let conv = pb::Conversation::default();
+        let r = MessageRef {
+            conversation: &conv,
+            seq: 0,
+            msg_id: 0,
+            from_user: "",
+            from_device: "",
+            client_msg_id: 0,
+            content_type: 0,
+            body: &[],
+            server_time: 0,
+            kind: 0,
+            ref_seq: 0,
+        };
+        assert_eq!(encode_message(&r), empty.encode_to_vec());
+    }
+
+    #[test]
+    fn a_peek_reads_what_start_up_needs_and_refuses_garbage() {
+        let m = stored(9, b"a body that is skipped");
+        let bytes = m.encode_to_vec();
+        let h = peek_message(&bytes).expect("a message");
+        assert_eq!(
+            (h.conversation, h.seq, h.msg_id, h.from_user, h.from_device),
+            ("d5:alicebob", 9, 77, "alice", "phone")
+        );
+        assert_eq!((h.client_msg_id, h.server_time), (9, 1_700_000_000_000));
+        for cut in 1..bytes.len() {
+            // A cut message is either refused or reads as a prefix; it never panics.
+            let _ = peek_message(&bytes[..cut]);
+        }
+        assert_eq!(peek_message(&[0x0b]), None, "a group is refused");
+        assert_eq!(
+            peek_message(&[0x0a, 0x05, 0x01]),
+            None,
+            "a length past the end"
+        );
     }
 
     #[test]

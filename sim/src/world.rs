@@ -14,7 +14,8 @@ use parley_broker::core::{
 use parley_proto::pb;
 use parley_proto::tcp::FrameCodec;
 use parley_storage::{
-    Durability, Log, LogConfig, MemoryBackend, Retention, SyncOf, SyncTicket, Timestamp,
+    Durability, Log, LogConfig, MemoryBackend, Retention, SpareTicketOf, SyncOf, SyncTicket,
+    Timestamp,
 };
 
 use crate::check::{ConnView, History};
@@ -118,6 +119,11 @@ enum Ev {
         epoch: u64,
         shard: usize,
         ticket: Ticket,
+    },
+    Spared {
+        epoch: u64,
+        shard: usize,
+        ticket: SpareTicketOf<MemoryBackend>,
     },
     Crash,
     Stop,
@@ -462,6 +468,23 @@ impl World {
                     self.apply(shard);
                 }
             }
+            Ev::Spared {
+                epoch,
+                shard,
+                ticket,
+            } => {
+                if epoch == self.epoch {
+                    self.note(17, shard as u64, 0, || {
+                        format!("shard {shard}: segment housekeeping done")
+                    });
+                    let done = ticket.run();
+                    let now = self.now();
+                    if let Some(n) = self.node.as_mut() {
+                        n.cores[shard].handle_spare(done, now);
+                    }
+                    self.apply(shard);
+                }
+            }
             Ev::Crash => self.crash(),
             Ev::Stop => self.stop(),
             Ev::Restart => self.restart(),
@@ -625,6 +648,18 @@ impl World {
                         self.post(shard, to, Mail::Adopt(s, adoption));
                     }
                     Effect::Mail { to, batch } => self.post(shard, to, Mail::Batch(batch)),
+                    Effect::Spare(ticket) => {
+                        let t = self.now + self.rng.range(1, 30);
+                        let epoch = self.epoch;
+                        self.at(
+                            t,
+                            Ev::Spared {
+                                epoch,
+                                shard,
+                                ticket,
+                            },
+                        );
+                    }
                     Effect::Flush(ticket) => {
                         let t = self.now + self.rng.range(1, 8);
                         let epoch = self.epoch;

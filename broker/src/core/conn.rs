@@ -28,6 +28,11 @@ use super::wheel::TimerKey;
 use crate::auth::Identity;
 use crate::transport::Transport;
 
+/// Outbound buffers a shard keeps for reuse.
+pub(crate) const POOL_BUFFERS: usize = 256;
+/// Size of a pooled outbound buffer.
+pub(crate) const POOL_BUFFER_BYTES: usize = 16 * 1024;
+
 /// A connection on one shard: its slot and the slot's generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
@@ -215,8 +220,9 @@ impl Connection {
         }
     }
 
-    /// Releases buffers the connection no longer needs (an idle connection holds none).
-    pub(crate) fn shrink(&mut self) {
+    /// Releases buffers the connection no longer needs (an idle connection holds none): an
+    /// emptied outbound buffer goes back to the shard's `pool` (up to [`POOL_BUFFERS`]).
+    pub(crate) fn shrink(&mut self, pool: &mut Vec<BytesMut>) {
         const KEEP: usize = 4 * 1024;
         if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
@@ -224,7 +230,25 @@ impl Connection {
             self.inbuf = BytesMut::from(&self.inbuf[..]);
         }
         if self.out.is_empty() {
-            self.out = BytesMut::new();
+            let mut b = std::mem::take(&mut self.out);
+            if pool.len() < POOL_BUFFERS && b.capacity() > 0 {
+                b.clear();
+                // Unique and empty: this reclaims the whole allocation, without a copy.
+                b.reserve(POOL_BUFFER_BYTES);
+                if b.capacity() <= 2 * POOL_BUFFER_BYTES {
+                    pool.push(b);
+                }
+            }
+        }
+    }
+
+    /// Gives an empty outbound buffer one from the shard's pool, so writing does not grow a
+    /// fresh buffer by doubling.
+    pub(crate) fn fill_from(&mut self, pool: &mut Vec<BytesMut>) {
+        if self.out.capacity() == 0
+            && let Some(b) = pool.pop()
+        {
+            self.out = b;
         }
     }
 }

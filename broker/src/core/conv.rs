@@ -53,6 +53,8 @@ pub(crate) struct Conv {
     pub(crate) kind: ConvKind,
     /// Who receives its messages: for a direct conversation, its one or two users.
     pub(crate) members: Vec<Arc<str>>,
+    /// The conversation as stored in each message (kind and canonical key).
+    pub(crate) stored: pb::Conversation,
 }
 
 impl Conv {
@@ -68,19 +70,18 @@ impl Conv {
             id: conv_id(key),
             kind: ConvKind::Direct,
             members,
+            stored: pb::Conversation {
+                r#type: pb::ConversationType::Direct as i32,
+                id: key.to_owned(),
+            },
         })
-    }
-
-    /// The wire type of this conversation's kind (stored in each message).
-    pub(crate) fn wire_type(&self) -> pb::ConversationType {
-        match self.kind {
-            ConvKind::Direct => pb::ConversationType::Direct,
-        }
     }
 
     /// How `user` names this conversation.
     pub(crate) fn view_for(&self, user: &str) -> pb::Conversation {
-        view_for(&self.key, user)
+        match self.kind {
+            ConvKind::Direct => view_for(&self.key, user),
+        }
     }
 }
 

@@ -53,7 +53,7 @@ use bytes::BytesMut;
 use parley_proto::frame::WireError as _;
 use parley_proto::pb;
 use parley_proto::pb::frame::Body;
-use parley_storage::{Backend, Log, Lsn, SyncOf, SyncTicket, Timestamp};
+use parley_storage::{Backend, Log, Lsn, SpareDone, SpareTicketOf, SyncOf, SyncTicket, Timestamp};
 
 use crate::auth::TokenVerifier;
 use crate::config::Config;
@@ -82,9 +82,9 @@ pub struct Now {
     pub unix_ms: i64,
 }
 
-/// What the driver must do for the core.
+/// What the driver must do for the core (`T`: a flush ticket, `S`: a spare-segment ticket).
 #[derive(Debug)]
-pub enum Effect<T> {
+pub enum Effect<T, S> {
     /// Bytes are queued for this connection: write [`ShardCore::outbound`], then report with
     /// [`ShardCore::handle_written`].
     Transmit(ConnId),
@@ -115,10 +115,13 @@ pub enum Effect<T> {
     },
     /// Run this flush (off the shard thread) and report with [`ShardCore::handle_flushed`].
     Flush(T),
+    /// Run this segment housekeeping (create and prefault the next segment, write index files)
+    /// off the shard thread and hand the result to [`ShardCore::handle_spare`].
+    Spare(S),
 }
 
 /// The effect type of a core over backend `B`.
-pub type CoreEffect<B> = Effect<SyncTicket<SyncOf<B>>>;
+pub type CoreEffect<B> = Effect<SyncTicket<SyncOf<B>>, SpareTicketOf<B>>;
 
 /// Switches that plant bugs, for proving that the simulation catches them. Never set outside
 /// tests.
@@ -177,8 +180,12 @@ pub struct ShardCore<B: Backend> {
     dirty: Vec<ConnId>,
     scratch: BytesMut,
     target_scratch: Vec<ConnId>,
+    /// Emptied outbound buffers, for the next connection that writes.
+    pool: Vec<BytesMut>,
     counters: Counters,
     shutting_down: bool,
+    /// A spare-segment ticket is out.
+    spare_out: bool,
     now: Now,
     quiet: bool,
     test_switches: TestSwitches,
@@ -220,8 +227,10 @@ impl<B: Backend> ShardCore<B> {
             dirty: Vec::new(),
             scratch: BytesMut::new(),
             target_scratch: Vec::new(),
+            pool: Vec::new(),
             counters: Counters::default(),
             shutting_down: false,
+            spare_out: false,
             now: setup.now,
             quiet: setup.quiet,
             test_switches: setup.switches,
@@ -298,7 +307,10 @@ impl<B: Backend> ShardCore<B> {
             return;
         };
         c.note_write(progressed, now.ms);
-        c.shrink();
+        let pool = &mut self.pool;
+        if let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) {
+            c.shrink(pool);
+        }
         self.pump_sync(conn);
         self.arm(conn);
         self.drain_local();
@@ -342,6 +354,16 @@ impl<B: Backend> ShardCore<B> {
     pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, now: Now) {
         self.now = now;
         self.on_flushed(result);
+        self.drain_local();
+    }
+
+    /// Segment housekeeping the core asked for ([`Effect::Spare`]) was done.
+    pub fn handle_spare(&mut self, done: SpareDone<B::Segment>, now: Now) {
+        self.now = now;
+        self.spare_out = false;
+        if let Err(e) = self.owner.log.install_spare(done) {
+            self.log_line(format_args!("segment housekeeping failed: {e}"));
+        }
         self.drain_local();
     }
 
@@ -663,6 +685,14 @@ impl<B: Backend> ShardCore<B> {
 
     fn maintenance(&mut self) {
         let now = self.now;
+        // The next segment is created and prefaulted off the shard thread (while a ticket is
+        // out, the log's own tick leaves that work alone).
+        if !self.spare_out
+            && let Some(ticket) = self.owner.log.spare_ticket()
+        {
+            self.spare_out = true;
+            self.effects.push(Effect::Spare(ticket));
+        }
         if let Err(e) = self
             .owner
             .log
@@ -923,9 +953,14 @@ impl<B: Backend> ShardCore<B> {
 
     /// Writes `frame` to `conn` in its transport's form.
     fn write_frame(&mut self, conn: ConnId, frame: &pb::Frame) {
-        let Some(c) = self.live_conn_mut(conn) else {
+        let pool = &mut self.pool;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;
         };
+        if c.id != conn {
+            return;
+        }
+        c.fill_from(pool);
         let before = c.out.len();
         let result = c.transport.encode(frame, &mut c.out);
         let written = c.out.len() - before;
@@ -938,9 +973,14 @@ impl<B: Backend> ShardCore<B> {
             <pb::Frame as prost::Message>::decode(encoded).is_ok(),
             "a spliced frame decodes"
         );
-        let Some(c) = self.live_conn_mut(conn) else {
+        let pool = &mut self.pool;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;
         };
+        if c.id != conn {
+            return;
+        }
+        c.fill_from(pool);
         let before = c.out.len();
         let result = c.transport.encode_prebuilt(encoded, &mut c.out);
         let written = c.out.len() - before;

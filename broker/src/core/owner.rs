@@ -13,12 +13,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parley_proto::pb;
+use parley_proto::{pb, splice};
 use parley_storage::{Backend, Log, Lsn, RecordMeta, SyncOf, SyncTicket, Timestamp};
 use prost::Message as _;
 
 use super::FastMap;
-use super::checkpoint::{Checkpoint, ConvEntry, DeviceWindow};
+use super::checkpoint::Checkpoint;
 use super::conv::Conv;
 use super::error::Refusal;
 use super::ids::MsgIdGen;
@@ -80,15 +80,6 @@ impl DedupRing {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// The remembered ids, oldest first.
-    pub(crate) fn oldest_first(&self) -> impl Iterator<Item = (u64, Remembered)> + '_ {
-        let split = self.next.min(self.slots.len());
-        self.slots[split..]
-            .iter()
-            .chain(self.slots[..split].iter())
-            .copied()
     }
 }
 
@@ -227,25 +218,21 @@ impl<B: Backend> ShardCore<B> {
             }
         }
         let msg_id = self.owner.ids.next(unix_ms.max(0) as u64);
-        let message = pb::Message {
-            conversation: Some(pb::Conversation {
-                r#type: conv.wire_type() as i32,
-                id: String::from(&*conv.key),
-            }),
+        // The one encode of this message: the log stores these bytes, and every delivery,
+        // retransmit, sync and history page copies them.
+        let stored = Bytes::from(splice::encode_message(&splice::MessageRef {
+            conversation: &conv.stored,
             seq,
             msg_id,
-            from_user: String::from(&*sender.user),
-            from_device: String::from(&*sender.device),
+            from_user: &sender.user,
+            from_device: &sender.device,
             client_msg_id,
             content_type: send.content_type,
-            body: send.body,
+            body: &send.body,
             server_time: unix_ms,
             kind: send.kind,
             ref_seq: send.ref_seq,
-        };
-        // The one encode of this message: the log stores these bytes, and every delivery,
-        // retransmit, sync and history page copies them.
-        let stored = Bytes::from(message.encode_to_vec());
+        }));
         let meta = RecordMeta {
             kind: KIND_MESSAGE,
             conversation: id,
@@ -385,32 +372,19 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    /// Writes a start-up checkpoint of the conversations and de-dup windows
-    /// ([`super::checkpoint`]).
+    /// Writes a start-up checkpoint of the conversations ([`super::checkpoint`]).
     pub(crate) fn write_checkpoint(&mut self) {
-        let mut convs: Vec<&ConvState> = self.owner.convs.values().collect();
-        convs.sort_by_key(|st| st.conv.id);
-        let mut cp = Checkpoint {
+        let mut convs: Vec<(u64, String)> = self
+            .owner
+            .convs
+            .values()
+            .map(|st| (st.conv.id, String::from(&*st.conv.key)))
+            .collect();
+        convs.sort_unstable();
+        let cp = Checkpoint {
             max_msg_id: self.owner.ids.last(),
-            convs: Vec::with_capacity(convs.len()),
+            convs,
         };
-        for st in convs {
-            let mut devices: Vec<DeviceWindow> = st
-                .dedup
-                .iter()
-                .map(|(d, ring)| DeviceWindow {
-                    user: String::from(&*d.user),
-                    device: String::from(&*d.device),
-                    entries: ring.oldest_first().collect(),
-                })
-                .collect();
-            devices.sort_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
-            cp.convs.push(ConvEntry {
-                id: st.conv.id,
-                key: String::from(&*st.conv.key),
-                devices,
-            });
-        }
         let bytes = cp.encode();
         let covers = self.owner.log.durable_lsn();
         let written = self.owner.log.written_lsn();
@@ -424,10 +398,10 @@ impl<B: Backend> ShardCore<B> {
     }
 
     /// Rebuilds conversations, de-dup windows and the id generator from the last checkpoint and
-    /// the log after it, and tells each member's home shard what its conversations hold.
+    /// a bounded tail of the log (or the whole log without a checkpoint), and tells each
+    /// member's home shard what its conversations hold.
     pub(crate) fn rebuild(&mut self) {
         let window = self.cfg.dedup_window;
-        let end = self.owner.log.written_lsn();
         let restored = self
             .owner
             .log
@@ -435,12 +409,16 @@ impl<B: Backend> ShardCore<B> {
             .and_then(|(lsn, bytes)| Checkpoint::decode(bytes).map(|cp| (lsn, cp)));
         let start = match restored {
             Some((lsn, cp)) => {
-                self.restore(cp, end);
-                lsn
+                self.owner.ids.observe(cp.max_msg_id);
+                for (id, key) in cp.convs {
+                    self.owner_conv(id, &key);
+                }
+                self.owner.checkpointed = lsn;
+                // Replay from a checkpoint interval before it: the de-dup windows of recent sends.
+                Lsn(lsn.0.saturating_sub(self.cfg.checkpoint_every_bytes))
             }
             None => Lsn(0),
         };
-        self.owner.checkpointed = start;
         let owner = &mut self.owner;
         for rec in owner.log.scan(start) {
             let Ok(rec) = rec else {
@@ -449,33 +427,30 @@ impl<B: Backend> ShardCore<B> {
             if rec.meta.kind != KIND_MESSAGE {
                 continue;
             }
-            let Ok(m) = pb::Message::decode(rec.payload) else {
-                continue;
-            };
-            let Some(key) = m.conversation.as_ref().map(|c| c.id.as_str()) else {
+            // Only what start-up needs, without decoding the whole message.
+            let Some(m) = splice::peek_message(rec.payload) else {
                 continue;
             };
             owner.ids.observe(rec.meta.msg_id);
-            let st = match owner.convs.get_mut(&rec.meta.conversation) {
+            let id = rec.meta.conversation;
+            let st = match owner.convs.get_mut(&id) {
                 Some(st) => st,
                 None => {
-                    let Some(conv) = Conv::from_key(key) else {
+                    let Some(conv) = Conv::from_key(m.conversation) else {
                         continue;
                     };
-                    owner
-                        .convs
-                        .entry(rec.meta.conversation)
-                        .or_insert(ConvState {
-                            conv: Arc::new(conv),
-                            last_seq: 0,
-                            dedup: FastMap::default(),
-                        })
+                    let last_seq = owner.log.latest_seq(id).unwrap_or(0);
+                    owner.convs.entry(id).or_insert(ConvState {
+                        conv: Arc::new(conv),
+                        last_seq,
+                        dedup: FastMap::default(),
+                    })
                 }
             };
             st.last_seq = st.last_seq.max(m.seq);
             let sender = Device {
-                user: m.from_user.as_str().into(),
-                device: m.from_device.as_str().into(),
+                user: m.from_user.into(),
+                device: m.from_device.into(),
             };
             st.dedup.entry(sender).or_default().insert(
                 m.client_msg_id,
@@ -511,42 +486,20 @@ impl<B: Backend> ShardCore<B> {
 }
 
 impl<B: Backend> ShardCore<B> {
-    /// Takes a checkpoint's conversations and de-dup windows; what lies at or beyond the log's
-    /// recovered `end` was lost in a crash and is dropped.
-    fn restore(&mut self, cp: Checkpoint, end: Lsn) {
-        let window = self.cfg.dedup_window;
-        self.owner.ids.observe(cp.max_msg_id);
-        for c in cp.convs {
-            let Some(conv) = Conv::from_key(&c.key) else {
-                continue;
-            };
-            if conv.id != c.id {
-                continue;
-            }
-            let last_seq = self.owner.log.latest_seq(c.id).unwrap_or(0);
-            let mut dedup: FastMap<Device, DedupRing> = FastMap::default();
-            for d in c.devices {
-                let mut ring = DedupRing::default();
-                for (cmid, r) in d.entries {
-                    if r.lsn < end {
-                        ring.insert(cmid, r, window);
-                    }
-                }
-                let device = Device {
-                    user: d.user.as_str().into(),
-                    device: d.device.as_str().into(),
-                };
-                dedup.insert(device, ring);
-            }
-            self.owner.convs.insert(
-                c.id,
-                ConvState {
-                    conv: Arc::new(conv),
-                    last_seq,
-                    dedup,
-                },
-            );
+    /// Knows conversation `id` with `key` from a checkpoint (its last seq from the log's index).
+    fn owner_conv(&mut self, id: u64, key: &str) {
+        let Some(conv) = Conv::from_key(key) else {
+            return;
+        };
+        if conv.id != id {
+            return;
         }
+        let last_seq = self.owner.log.latest_seq(id).unwrap_or(0);
+        self.owner.convs.entry(id).or_insert(ConvState {
+            conv: Arc::new(conv),
+            last_seq,
+            dedup: FastMap::default(),
+        });
     }
 }
 

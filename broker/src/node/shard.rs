@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use parley_storage::{Lsn, MmapBackend, SyncOf, SyncTicket};
+use parley_storage::{Lsn, MmapBackend, MmapSegment, SpareDone, SpareTicketOf, SyncOf, SyncTicket};
 
 use super::listener;
 use super::socket::{self, CloseStep, Closing, ReadEnd};
@@ -46,6 +46,18 @@ pub(crate) enum Mail {
     Adopt(TcpStream, Box<Adoption>),
     /// Stop.
     Shutdown,
+}
+
+/// Storage work the flusher thread does for the shard.
+enum Job {
+    Flush(SyncTicket<SyncOf<MmapBackend>>),
+    Spare(SpareTicketOf<MmapBackend>),
+}
+
+/// What the flusher thread reports back.
+enum Done {
+    Flushed(io::Result<Lsn>),
+    Spare(SpareDone<MmapSegment>),
 }
 
 /// A shard's way to reach another shard.
@@ -113,8 +125,8 @@ pub(crate) struct Driver {
     closing_free: Vec<usize>,
     closing_order: VecDeque<(u64, usize)>,
     closing_more: Vec<usize>,
-    flush_tx: Sender<SyncTicket<SyncOf<MmapBackend>>>,
-    flush_rx: Receiver<io::Result<Lsn>>,
+    flush_tx: Sender<Job>,
+    flush_rx: Receiver<Done>,
     read_scratch: Box<[u8]>,
     ready: Vec<ConnId>,
     writable: Vec<ConnId>,
@@ -131,14 +143,19 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(setup: DriverSetup) -> io::Result<Self> {
-        let (flush_tx, flush_jobs) = crossbeam_channel::bounded::<SyncTicket<_>>(1);
-        let (done_tx, flush_rx) = crossbeam_channel::bounded(1);
+        // At most one flush and one spare ticket are out at a time: these never fill up.
+        let (flush_tx, flush_jobs) = crossbeam_channel::bounded::<Job>(2);
+        let (done_tx, flush_rx) = crossbeam_channel::bounded(2);
         let waker = Arc::clone(&setup.waker);
         std::thread::Builder::new()
             .name(format!("parley-flush-{}", setup.index))
             .spawn(move || {
-                for ticket in flush_jobs {
-                    if done_tx.send(ticket.run()).is_err() {
+                for job in flush_jobs {
+                    let done = match job {
+                        Job::Flush(ticket) => Done::Flushed(ticket.run()),
+                        Job::Spare(ticket) => Done::Spare(ticket.run()),
+                    };
+                    if done_tx.send(done).is_err() {
                         break;
                     }
                     let _ = waker.wake();
@@ -214,8 +231,11 @@ impl Driver {
             // The clock is read once per turn.
             let now = self.clock.now();
             // Finished flushes first: their acks go out with this turn's writes.
-            while let Ok(result) = self.flush_rx.try_recv() {
-                self.core.handle_flushed(result, now);
+            while let Ok(done) = self.flush_rx.try_recv() {
+                match done {
+                    Done::Flushed(result) => self.core.handle_flushed(result, now),
+                    Done::Spare(done) => self.core.handle_spare(done, now),
+                }
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -481,12 +501,16 @@ impl Driver {
                     Effect::Mail { to, batch } => self.post(to, Mail::Batch(batch)),
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
-                        if self.flush_tx.send(ticket).is_err() {
+                        if self.flush_tx.send(Job::Flush(ticket)).is_err() {
                             self.core.handle_flushed(
                                 Err(io::Error::other("the flusher thread is gone")),
                                 now,
                             );
                         }
+                    }
+                    Effect::Spare(ticket) => {
+                        // Dropped if the flusher is gone: the log then does the work itself.
+                        let _ = self.flush_tx.send(Job::Spare(ticket));
                     }
                 }
             }
