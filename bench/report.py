@@ -14,7 +14,7 @@ import os
 import sys
 
 # Rows of the main table come from these groups, in this order.
-TRAFFIC_GROUPS = ["pairs", "open", "fanout"]
+TRAFFIC_GROUPS = ["pairs", "pairs-w1", "open-mid", "open", "fanout"]
 RELAY = "relay (ceiling)"
 PARLEY_REF = "parley never"  # what peers (redis, mosquitto) are compared with
 PEERS = ("redis", "mosquitto")
@@ -128,7 +128,7 @@ def group_title(group, runs):
     if group == "fanout":
         subs = j.get("clients", 0) - 1  # bench/run uses one publisher
         return f"fanout 1→{subs}, {mode.replace('closed ', '')}{body}"
-    if group == "open":
+    if group in ("open", "open-mid"):
         return f"pairs {j['clients']:,} clients, {mode.replace('open ', 'open loop ')}{body}"
     return f"pairs {j['clients']:,} clients, {mode.replace('closed ', '')}{body}"
 
@@ -200,12 +200,14 @@ def idle_table(runs, d):
             f"{num(mib(broker(j, 'rss_before')), 1)} → {num(mib(broker(j, 'rss_after')), 1)}"
             if j and j.get("broker") else "—",
             num(broker(j, "rss_per_conn")),
+            num(broker(j, "anon_per_conn")),
             num(broker(j, "cpu_s"), 2) if j else "—",
             f"{j['measured_s']:g}" if j else "—",
             result(r, d),
         ])
     return table(["system", "connections held", "broker RSS MiB (before → with all)",
-                  "RSS per conn, bytes", "broker CPU-s while idle", "idle s", "result"], rows)
+                  "RSS per conn, bytes", "anonymous RSS per conn, bytes",
+                  "broker CPU-s while idle", "idle s", "result"], rows)
 
 
 def offline_table(runs, d):

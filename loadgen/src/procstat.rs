@@ -10,6 +10,10 @@ pub struct Sample {
     pub cpu_s: f64,
     /// Resident set size, bytes.
     pub rss_bytes: u64,
+    /// The anonymous part of it (heap and stacks, not mapped files such as a log), bytes; 0 if
+    /// the kernel does not report it.
+    #[serde(default)]
+    pub anon_bytes: u64,
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times: the kernel reports them in USER_HZ,
@@ -46,9 +50,16 @@ pub fn sample(pid: u32) -> Result<Sample, String> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS"))?;
+    let anon_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     Ok(Sample {
         cpu_s: ticks as f64 / USER_HZ,
         rss_bytes: rss_kib * 1024,
+        anon_bytes: anon_kib * 1024,
     })
 }
 

@@ -205,6 +205,9 @@ pub struct BrokerFigures {
     pub rss_after: u64,
     /// (rss_after − rss_before) / connections, bytes (idle).
     pub rss_per_conn: Option<f64>,
+    /// The same for anonymous memory only (heap: mapped files such as a broker's log, which the
+    /// kernel may fault in meanwhile, left out), bytes (idle).
+    pub anon_per_conn: Option<f64>,
     /// Delivered messages per broker CPU-second (traffic scenarios).
     pub delivered_per_cpu_s: Option<f64>,
     /// Logins per broker CPU-second (storm).
@@ -571,6 +574,14 @@ fn build_report(
                 rss_after,
                 rss_per_conn: matches!(cmd, Command::Idle(_))
                     .then(|| (rss_after as f64 - rss_before as f64) / tally.conns.max(1) as f64),
+                anon_per_conn: match (before, at_ready) {
+                    (Some(x), Some(y)) if matches!(cmd, Command::Idle(_)) && x.anon_bytes > 0 => {
+                        Some(
+                            (y.anon_bytes as f64 - x.anon_bytes as f64) / tally.conns.max(1) as f64,
+                        )
+                    }
+                    _ => None,
+                },
                 delivered_per_cpu_s: if is_traffic {
                     per_cpu(tally.delivered_measured as f64)
                 } else if is_offline {
@@ -740,6 +751,9 @@ fn print_report(r: &FinalReport, json: bool) {
         ));
         if let Some(p) = b.rss_per_conn {
             out.push_str(&format!("  {p:.0} B/conn"));
+        }
+        if let Some(p) = b.anon_per_conn {
+            out.push_str(&format!(" ({p:.0} B/conn anonymous)"));
         }
         if let Some(d) = b.delivered_per_cpu_s {
             out.push_str(&format!("  {d:.0} delivered/cpu-s"));

@@ -55,8 +55,10 @@ pub(crate) enum Phase {
 /// conversation without building its key again).
 #[derive(Debug)]
 pub(crate) struct Who {
-    pub(crate) identity: Identity,
+    /// The user and device, shared with every message and registration that names them.
     pub(crate) device: Device,
+    /// Token expiry, seconds since the Unix epoch.
+    pub(crate) expires_at: u64,
     convs: FastMap<Box<str>, Arc<Conv>>,
 }
 
@@ -70,8 +72,8 @@ impl Who {
             device: identity.device.as_str().into(),
         };
         Who {
-            identity,
             device,
+            expires_at: identity.expires_at,
             convs: FastMap::default(),
         }
     }
@@ -83,7 +85,7 @@ impl Who {
         {
             return Some(Arc::clone(c));
         }
-        let key = key_for(&self.identity.user, view)?;
+        let key = key_for(&self.device.user, view)?;
         let conv = Arc::new(Conv::from_key(&key)?);
         if self.convs.len() >= CONV_CACHE {
             self.convs.clear();

@@ -80,6 +80,10 @@ impl Home {
                 true
             }
         });
+        if u.devices.capacity() == 0 {
+            // Most users have one device online: no room for four.
+            u.devices.reserve_exact(1);
+        }
         u.devices.push((Arc::clone(&device.device), conn));
         replaced
     }

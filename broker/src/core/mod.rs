@@ -871,8 +871,8 @@ impl<B: Backend> ShardCore<B> {
         }
         let result = pb::LoginResult {
             protocol_version: parley_proto::PROTOCOL_VERSION,
-            user: who.identity.user.clone(),
-            device: who.identity.device.clone(),
+            user: String::from(&*who.device.user),
+            device: String::from(&*who.device.device),
             node: self.cfg.node.clone(),
             server_time: self.now.unix_ms,
             heartbeat_interval_ms: self.cfg.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
