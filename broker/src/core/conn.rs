@@ -57,8 +57,6 @@ pub(crate) enum Phase {
 pub(crate) struct Who {
     /// The user and device, shared with every message and registration that names them.
     pub(crate) device: Device,
-    /// Token expiry, seconds since the Unix epoch.
-    pub(crate) expires_at: u64,
     convs: FastMap<Box<str>, Arc<Conv>>,
 }
 
@@ -73,7 +71,6 @@ impl Who {
         };
         Who {
             device,
-            expires_at: identity.expires_at,
             convs: FastMap::default(),
         }
     }
