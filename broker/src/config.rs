@@ -122,8 +122,9 @@ pub struct Storage {
     pub retention_max_bytes: Option<u64>,
     /// Drop segments whose newest message is older than this many seconds. Default: unset.
     pub retention_max_age_secs: Option<u64>,
-    /// Write a start-up checkpoint (conversations, de-dup windows) after this many bytes of log,
-    /// so a restart replays at most this much of the log whatever its size. Default 64 MiB.
+    /// Write a start-up checkpoint (the conversations) after this many bytes of log; a restart
+    /// replays at most twice this much of the log, whatever its size (the first half rebuilds
+    /// the de-dup windows of recent sends). Default 16 MiB.
     pub checkpoint_every_bytes: u64,
 }
 
@@ -209,7 +210,7 @@ impl Default for Storage {
             segment_bytes: 64 << 20,
             retention_max_bytes: None,
             retention_max_age_secs: None,
-            checkpoint_every_bytes: 64 << 20,
+            checkpoint_every_bytes: 16 << 20,
         }
     }
 }

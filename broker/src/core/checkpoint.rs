@@ -1,6 +1,8 @@
 //! The owner's start-up checkpoint: what a restart needs beyond the log's own index to serve
-//! again — the conversations this shard owns (so every member's home learns of them) and the
-//! largest message id — without reading the whole log.
+//! again — the conversations this shard owns (so every member's home learns of them), the newest
+//! [`ENTRIES_PER_DEVICE`] remembered sends of each device in each (so a client's retry of an
+//! unacknowledged send after a restart is still answered from the de-dup window, however old the
+//! send) and the largest message id — without reading the whole log.
 //!
 //! The owner writes one through the log ([`parley_storage::Log::write_checkpoint`]) every
 //! `storage.checkpoint_every_bytes` of appended log and at a clean stop, saying it covers
@@ -14,18 +16,50 @@
 //! tail of the log, after a clean stop and after a crash alike, and the checkpoint grows with the
 //! number of conversations, not with the log.
 //!
-//! Layout (little endian): `"PCK2"`, max message id `u64`, conversation count `u32`, then per
-//! conversation: id `u64`, key (`u16` length + UTF-8). Anything that does not parse is ignored
-//! as a whole (start-up then reads the whole log).
+//! Layout (little endian): `"PCK3"`, max message id `u64`, conversation count `u32`, then per
+//! conversation: id `u64`, key (`u16` length + UTF-8), device count `u32`, then per device: user
+//! and device (`u16` length + UTF-8 each), entry count `u32`, entries oldest first as (client
+//! message id, message id, seq, server time, LSN), `u64` each. Entries at or beyond the log's
+//! recovered end are dropped at load (a crash lost those records). Anything that does not parse
+//! is ignored as a whole (start-up then reads the whole log).
 
-const MAGIC: &[u8; 4] = b"PCK2";
+use parley_storage::Lsn;
+
+use super::owner::Remembered;
+
+const MAGIC: &[u8; 4] = b"PCK3";
+
+/// Sends remembered per device and conversation in a checkpoint: the newest, enough for a
+/// client's outbox of unacknowledged sends (each entry takes 40 bytes).
+pub(crate) const ENTRIES_PER_DEVICE: usize = 64;
+
+/// One device's newest remembered sends in one conversation, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeviceWindow {
+    pub(crate) user: String,
+    pub(crate) device: String,
+    pub(crate) entries: Vec<(u64, Remembered)>,
+}
+
+/// One conversation in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConvEntry {
+    pub(crate) id: u64,
+    pub(crate) key: String,
+    pub(crate) devices: Vec<DeviceWindow>,
+}
 
 /// A decoded checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Checkpoint {
     pub(crate) max_msg_id: u64,
-    /// Conversation ids and keys.
-    pub(crate) convs: Vec<(u64, String)>,
+    pub(crate) convs: Vec<ConvEntry>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let len = s.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(len as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len]);
 }
 
 impl Checkpoint {
@@ -35,11 +69,20 @@ impl Checkpoint {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.max_msg_id.to_le_bytes());
         out.extend_from_slice(&(self.convs.len() as u32).to_le_bytes());
-        for (id, key) in &self.convs {
-            out.extend_from_slice(&id.to_le_bytes());
-            let len = key.len().min(u16::MAX as usize);
-            out.extend_from_slice(&(len as u16).to_le_bytes());
-            out.extend_from_slice(&key.as_bytes()[..len]);
+        for c in &self.convs {
+            out.extend_from_slice(&c.id.to_le_bytes());
+            put_str(&mut out, &c.key);
+            out.extend_from_slice(&(c.devices.len() as u32).to_le_bytes());
+            for d in &c.devices {
+                put_str(&mut out, &d.user);
+                put_str(&mut out, &d.device);
+                out.extend_from_slice(&(d.entries.len() as u32).to_le_bytes());
+                for (cmid, r) in &d.entries {
+                    for v in [*cmid, r.msg_id, r.seq, r.server_time as u64, r.lsn.0] {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
         }
         out
     }
@@ -52,16 +95,50 @@ impl Checkpoint {
         }
         let max_msg_id = r.u64()?;
         let n = r.u32()?;
-        // Each entry takes at least 10 bytes: a count larger than what is left is a lie.
-        if (n as usize).checked_mul(10)? > r.0.len() {
+        // Each entry takes at least 14 bytes: a count larger than what is left is a lie.
+        if (n as usize).checked_mul(14)? > r.0.len() {
             return None;
         }
         let mut convs = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let id = r.u64()?;
-            let len = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
-            let key = String::from_utf8(r.take(len as usize)?.to_vec()).ok()?;
-            convs.push((id, key));
+            let key = r.string()?;
+            let nd = r.u32()?;
+            if (nd as usize).checked_mul(8)? > r.0.len() {
+                return None;
+            }
+            let mut devices = Vec::with_capacity(nd as usize);
+            for _ in 0..nd {
+                let user = r.string()?;
+                let device = r.string()?;
+                let ne = r.u32()?;
+                if (ne as usize).checked_mul(40)? > r.0.len() {
+                    return None;
+                }
+                let mut entries = Vec::with_capacity(ne as usize);
+                for _ in 0..ne {
+                    let cmid = r.u64()?;
+                    let msg_id = r.u64()?;
+                    let seq = r.u64()?;
+                    let server_time = r.u64()? as i64;
+                    let lsn = Lsn(r.u64()?);
+                    entries.push((
+                        cmid,
+                        Remembered {
+                            msg_id,
+                            seq,
+                            server_time,
+                            lsn,
+                        },
+                    ));
+                }
+                devices.push(DeviceWindow {
+                    user,
+                    device,
+                    entries,
+                });
+            }
+            convs.push(ConvEntry { id, key, devices });
         }
         r.0.is_empty().then_some(Checkpoint { max_msg_id, convs })
     }
@@ -86,6 +163,11 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
+
+    fn string(&mut self) -> Option<String> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?);
+        String::from_utf8(self.take(len as usize)?.to_vec()).ok()
+    }
 }
 
 #[cfg(test)]
@@ -95,7 +177,30 @@ mod tests {
     fn sample() -> Checkpoint {
         Checkpoint {
             max_msg_id: 77,
-            convs: vec![(9, "d5:alicebob".into()), (10, "d1:ab".into())],
+            convs: vec![
+                ConvEntry {
+                    id: 9,
+                    key: "d5:alicebob".into(),
+                    devices: vec![DeviceWindow {
+                        user: "alice".into(),
+                        device: "phone".into(),
+                        entries: vec![(
+                            3,
+                            Remembered {
+                                msg_id: 70,
+                                seq: 1,
+                                server_time: -1,
+                                lsn: Lsn(64),
+                            },
+                        )],
+                    }],
+                },
+                ConvEntry {
+                    id: 10,
+                    key: "d1:ab".into(),
+                    devices: Vec::new(),
+                },
+            ],
         }
     }
 

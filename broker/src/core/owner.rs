@@ -18,7 +18,7 @@ use parley_storage::{Backend, Log, Lsn, RecordMeta, SyncOf, SyncTicket, Timestam
 use prost::Message as _;
 
 use super::FastMap;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, ConvEntry, DeviceWindow, ENTRIES_PER_DEVICE};
 use super::conv::Conv;
 use super::error::Refusal;
 use super::ids::MsgIdGen;
@@ -80,6 +80,15 @@ impl DedupRing {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The `n` newest remembered ids, oldest first.
+    pub(crate) fn newest(&self, n: usize) -> Vec<(u64, Remembered)> {
+        // Oldest first is slots[next..] then slots[..next] (before the ring is full, next is 0).
+        let split = self.next.min(self.slots.len());
+        let ordered = self.slots[split..].iter().chain(self.slots[..split].iter());
+        let skip = self.slots.len().saturating_sub(n);
+        ordered.skip(skip).copied().collect()
     }
 }
 
@@ -372,15 +381,29 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    /// Writes a start-up checkpoint of the conversations ([`super::checkpoint`]).
+    /// Writes a start-up checkpoint of the conversations and the newest remembered sends of
+    /// each device in each ([`super::checkpoint`]).
     pub(crate) fn write_checkpoint(&mut self) {
-        let mut convs: Vec<(u64, String)> = self
-            .owner
-            .convs
-            .values()
-            .map(|st| (st.conv.id, String::from(&*st.conv.key)))
-            .collect();
-        convs.sort_unstable();
+        let mut states: Vec<&ConvState> = self.owner.convs.values().collect();
+        states.sort_unstable_by_key(|st| st.conv.id);
+        let mut convs = Vec::with_capacity(states.len());
+        for st in states {
+            let mut devices: Vec<DeviceWindow> = st
+                .dedup
+                .iter()
+                .map(|(d, ring)| DeviceWindow {
+                    user: String::from(&*d.user),
+                    device: String::from(&*d.device),
+                    entries: ring.newest(ENTRIES_PER_DEVICE),
+                })
+                .collect();
+            devices.sort_unstable_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
+            convs.push(ConvEntry {
+                id: st.conv.id,
+                key: String::from(&*st.conv.key),
+                devices,
+            });
+        }
         let cp = Checkpoint {
             max_msg_id: self.owner.ids.last(),
             convs,
@@ -410,8 +433,9 @@ impl<B: Backend> ShardCore<B> {
         let start = match restored {
             Some((lsn, cp)) => {
                 self.owner.ids.observe(cp.max_msg_id);
-                for (id, key) in cp.convs {
-                    self.owner_conv(id, &key);
+                let end = self.owner.log.written_lsn();
+                for c in cp.convs {
+                    self.owner_conv(c, end);
                 }
                 self.owner.checkpointed = lsn;
                 // Replay from a checkpoint interval before it: the de-dup windows of recent sends.
@@ -420,6 +444,8 @@ impl<B: Backend> ShardCore<B> {
             None => Lsn(0),
         };
         let owner = &mut self.owner;
+        // Senders seen in this replay, so each record costs no string allocation.
+        let mut senders: FastMap<(&[u8], &[u8]), Device> = FastMap::default();
         for rec in owner.log.scan(start) {
             let Ok(rec) = rec else {
                 continue;
@@ -448,11 +474,17 @@ impl<B: Backend> ShardCore<B> {
                 }
             };
             st.last_seq = st.last_seq.max(m.seq);
-            let sender = Device {
-                user: m.from_user.into(),
-                device: m.from_device.into(),
+            let sender = senders
+                .entry((m.from_user.as_bytes(), m.from_device.as_bytes()))
+                .or_insert_with(|| Device {
+                    user: m.from_user.into(),
+                    device: m.from_device.into(),
+                });
+            let ring = match st.dedup.get_mut(sender) {
+                Some(ring) => ring,
+                None => st.dedup.entry(sender.clone()).or_default(),
             };
-            st.dedup.entry(sender).or_default().insert(
+            ring.insert(
                 m.client_msg_id,
                 Remembered {
                     msg_id: m.msg_id,
@@ -486,20 +518,34 @@ impl<B: Backend> ShardCore<B> {
 }
 
 impl<B: Backend> ShardCore<B> {
-    /// Knows conversation `id` with `key` from a checkpoint (its last seq from the log's index).
-    fn owner_conv(&mut self, id: u64, key: &str) {
-        let Some(conv) = Conv::from_key(key) else {
+    /// Knows a conversation from a checkpoint (its last seq from the log's index) with its
+    /// remembered sends, dropping those at or beyond the log's recovered `end`.
+    fn owner_conv(&mut self, c: ConvEntry, end: Lsn) {
+        let window = self.cfg.dedup_window;
+        let Some(conv) = Conv::from_key(&c.key) else {
             return;
         };
-        if conv.id != id {
+        if conv.id != c.id {
             return;
         }
-        let last_seq = self.owner.log.latest_seq(id).unwrap_or(0);
-        self.owner.convs.entry(id).or_insert(ConvState {
+        let last_seq = self.owner.log.latest_seq(c.id).unwrap_or(0);
+        let st = self.owner.convs.entry(c.id).or_insert(ConvState {
             conv: Arc::new(conv),
             last_seq,
             dedup: FastMap::default(),
         });
+        for d in c.devices {
+            let device = Device {
+                user: d.user.as_str().into(),
+                device: d.device.as_str().into(),
+            };
+            let ring = st.dedup.entry(device).or_default();
+            for (cmid, r) in d.entries {
+                if r.lsn < end {
+                    ring.insert(cmid, r, window);
+                }
+            }
+        }
     }
 }
 
@@ -550,6 +596,21 @@ mod tests {
         for id in 7..=10 {
             assert_eq!(ring.get(id), Some(r(id)));
         }
+    }
+
+    #[test]
+    fn the_newest_ids_come_oldest_first_before_and_after_the_ring_wraps() {
+        let mut ring = DedupRing::default();
+        for id in 1..=3 {
+            ring.insert(id, r(id), 4);
+        }
+        let ids = |v: Vec<(u64, Remembered)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(ids(ring.newest(2)), vec![2, 3]);
+        for id in 4..=6 {
+            ring.insert(id, r(id), 4);
+        }
+        assert_eq!(ids(ring.newest(10)), vec![3, 4, 5, 6]);
+        assert_eq!(ids(ring.newest(2)), vec![5, 6]);
     }
 
     #[test]

@@ -135,7 +135,9 @@ impl Node {
         let shards = check_shard_count(&config.data_dir, shards)?;
         let clock = Clock::new();
         let now = clock.now();
+        let started = std::time::Instant::now();
         let logs = open_logs(&config, shards, now.unix_ms)?;
+        let opened = started.elapsed();
 
         // Build every core (rebuilding its state from its log), shards in parallel.
         let mut cores: Vec<ShardCore<MmapBackend>> = std::thread::scope(|s| {
@@ -186,6 +188,12 @@ impl Node {
             }
         }
 
+        eprintln!(
+            "parley: ready in {} ms (logs opened in {} ms, state rebuilt in {} ms)",
+            started.elapsed().as_millis(),
+            opened.as_millis(),
+            (started.elapsed() - opened).as_millis()
+        );
         // Ready: now the listeners.
         let mut tcp_listeners = Vec::new();
         let mut ws_listeners = Vec::new();
