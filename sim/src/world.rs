@@ -661,7 +661,8 @@ impl World {
                         );
                     }
                     Effect::Flush(ticket) => {
-                        let t = self.now + self.rng.range(1, 8);
+                        // A flush takes what an fsync takes: a few to tens of milliseconds.
+                        let t = self.now + self.rng.range(1, 40);
                         let epoch = self.epoch;
                         self.at(
                             t,

@@ -12,8 +12,9 @@
 //!   nothing is pushed live until a sync completes (the messages are in the log).
 //! * While a sync runs nothing is pushed live: the sync's last step reads whatever arrived
 //!   meanwhile, so a syncing client gets each conversation in seq order.
-//! * A lane's `live` range holds the seqs pushed live since login (contiguous: the owner releases
-//!   in seq order and routes are FIFO), and a sync skips them; `synced` is the highest seq a sync
+//! * A lane's `live` range holds the latest contiguous run of seqs pushed live (the owner releases
+//!   in seq order and routes are FIFO, but a device is not pushed its own sends, so the seqs it
+//!   gets may skip), and a sync skips them; `synced` is the highest seq a sync
 //!   sent, and a live delivery at or below it is skipped. So an acking client gets each
 //!   (conversation, seq) once, apart from retransmits.
 //!
@@ -117,9 +118,12 @@ impl Delivery {
             // Already awaiting its ack (a duplicate route); the retransmit covers it.
             return false;
         }
+        // The range must hold only seqs this connection was sent: a device does not get its
+        // own sends live, so the seqs it is pushed may skip some. After a gap the range starts
+        // again (a sync then re-sends the older ones, which the client drops as duplicates).
         lane.live = Some(match lane.live {
-            Some((lo, hi)) => (lo, hi.max(seq)),
-            None => (seq, seq),
+            Some((lo, hi)) if seq == hi + 1 => (lo, seq),
+            _ => (seq, seq),
         });
         lane.unacked.push_back((seq, stored.clone()));
         self.unacked += 1;
@@ -420,6 +424,23 @@ mod tests {
         assert_eq!(taken, vec![1, 2, 3, 4, 7]);
         assert!(!push(&mut d, &mut t, 7, 0), "seq 7 came with the sync");
         assert!(push(&mut d, &mut t, 8, 0));
+    }
+
+    #[test]
+    fn a_sync_brings_the_seqs_live_push_skipped_for_this_device() {
+        // Seqs 2 and 3 are this device's own sends: never pushed to it live.
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        push(&mut d, &mut t, 1, 0);
+        push(&mut d, &mut t, 4, 0);
+        let taken: Vec<u64> = (1..=4)
+            .filter(|&s| d.sync_takes(7, &Bytes::new(), s))
+            .collect();
+        assert_eq!(
+            taken,
+            vec![1, 2, 3],
+            "2 and 3 come with the sync; 1 again is harmless"
+        );
     }
 
     #[test]
