@@ -577,24 +577,7 @@ impl World {
             }));
         }
         // What each user's home must know, before any client is served (as the driver does).
-        let mut effects: Vec<CoreEffect<MemoryBackend>> = Vec::new();
-        loop {
-            let mut mails = Vec::new();
-            for core in &mut cores {
-                core.take_effects(&mut effects);
-                for e in effects.drain(..) {
-                    if let Effect::Mail { to, batch } = e {
-                        mails.push((to, batch));
-                    }
-                }
-            }
-            if mails.is_empty() {
-                break;
-            }
-            for (to, batch) in mails {
-                cores[to].handle_mail(batch, now);
-            }
-        }
+        parley_broker::core::exchange_startup_mail(&mut cores, now);
         self.node = Some(Node {
             cores,
             hosts: vec![BTreeMap::new(); self.shards],

@@ -27,7 +27,7 @@ use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 
 use crate::auth::{Hs256, TokenVerifier};
 use crate::config::{Config, DurabilityPolicy};
-use crate::core::{CoreSetup, Counters, Effect, ShardCore, TestSwitches};
+use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
 use shard::{Clock, Driver, DriverSetup, Mail};
 
 /// Why a node could not start or stopped badly.
@@ -167,27 +167,7 @@ impl Node {
                 .collect::<Result<Vec<_>, _>>()
         })?;
         // What each user's home must know, before any client is served.
-        let mut effects = Vec::new();
-        loop {
-            let mut mails = Vec::new();
-            for core in &mut cores {
-                core.take_effects(&mut effects);
-                for e in effects.drain(..) {
-                    if let Effect::Mail { to, batch } = e {
-                        mails.push((to, batch));
-                    }
-                }
-            }
-            if mails.is_empty() {
-                break;
-            }
-            for (to, batch) in mails {
-                if let Some(core) = cores.get_mut(to) {
-                    core.handle_mail(batch, now);
-                }
-            }
-        }
-
+        crate::core::exchange_startup_mail(&mut cores, now);
         eprintln!(
             "parley: ready in {} ms (logs opened in {} ms, state rebuilt in {} ms)",
             started.elapsed().as_millis(),
