@@ -448,8 +448,9 @@ enum State {
     /// arrived).
     Handshake { examined: usize },
     /// WebSocket, after the upgrade. `form` is [`WireForm::WsBinary`] or [`WireForm::WsText`]:
-    /// the form of the client's last data message.
-    WebSocket { conn: WsConn, form: WireForm },
+    /// the form of the client's last data message. Boxed: every TCP connection would otherwise
+    /// carry the WebSocket state's size.
+    WebSocket { conn: Box<WsConn>, form: WireForm },
     /// Over: nothing more is read or written.
     Closed,
 }
@@ -549,9 +550,9 @@ impl Transport {
                         debug_assert!(request.consumed <= inbuf.len());
                         inbuf.advance(request.consumed.min(inbuf.len()));
                         self.state = State::WebSocket {
-                            conn: WsConn::new(WsConfig {
+                            conn: Box::new(WsConn::new(WsConfig {
                                 max_message_bytes: self.limits.max_ws_message_bytes,
-                            }),
+                            })),
                             form: WireForm::WsBinary,
                         };
                         Ok(Some(Inbound::Upgraded {

@@ -684,7 +684,7 @@ impl World {
                 let Some(n) = self.node.as_mut() else {
                     return;
                 };
-                let conn = n.cores[to].handle_adopt(adoption, now);
+                let conn = n.cores[to].handle_adopt(*adoption, now);
                 n.hosts[to].insert(conn.slot, (conn.generation, s));
                 self.note(14, s as u64, to as u64, || {
                     format!("sock {s}: adopted by shard {to}")

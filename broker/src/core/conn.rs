@@ -28,8 +28,11 @@ use super::wheel::TimerKey;
 use crate::auth::Identity;
 use crate::transport::Transport;
 
+/// `Connection::stall_since` when nothing is queued.
+const NOT_STALLED: u64 = u64::MAX;
+
 /// Outbound buffers a shard keeps for reuse.
-pub(crate) const POOL_BUFFERS: usize = 256;
+pub(crate) const POOL_BUFFERS: usize = 64;
 /// Size of a pooled outbound buffer.
 pub(crate) const POOL_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -116,7 +119,9 @@ pub(crate) struct Connection {
     login_deadline: u64,
     last_heard: u64,
     bucket: Bucket,
-    stall_since: Option<u64>,
+    /// Since when queued output has made no progress ([`NOT_STALLED`] if none is queued):
+    /// a plain `u64`, which keeps the whole connection in a 256-byte allocation.
+    stall_since: u64,
     pub(crate) delivery: Delivery,
     /// The sync under way, boxed: rare, and most connections never hold one.
     pub(crate) sync: Option<Box<SyncRun>>,
@@ -142,7 +147,7 @@ impl Connection {
                 tokens: f64::from(cfg.send_burst),
                 last_ms: now,
             },
-            stall_since: None,
+            stall_since: NOT_STALLED,
             delivery: Delivery::default(),
             sync: None,
             timer: None,
@@ -187,9 +192,9 @@ impl Connection {
     /// The driver wrote some of the queue (`progressed`); `queued` bytes remain.
     pub(crate) fn note_write(&mut self, progressed: bool, now: u64) {
         if self.out.is_empty() {
-            self.stall_since = None;
-        } else if progressed || self.stall_since.is_none() {
-            self.stall_since = Some(now);
+            self.stall_since = NOT_STALLED;
+        } else if progressed || self.stall_since == NOT_STALLED {
+            self.stall_since = now;
         }
     }
 
@@ -199,8 +204,8 @@ impl Connection {
             Phase::AwaitingLogin => self.login_deadline,
             Phase::Active => self.last_heard + cfg.idle_ms,
         };
-        if let Some(s) = self.stall_since {
-            d = d.min(s + cfg.write_stall_ms);
+        if self.stall_since != NOT_STALLED {
+            d = d.min(self.stall_since.saturating_add(cfg.write_stall_ms));
         }
         d
     }
@@ -212,10 +217,9 @@ impl Connection {
             Phase::AwaitingLogin if now >= self.login_deadline => Some(CloseReason::LoginTimeout),
             Phase::AwaitingLogin => None,
             Phase::Active if now >= self.last_heard + cfg.idle_ms => Some(CloseReason::IdleTimeout),
-            Phase::Active => self
-                .stall_since
-                .filter(|&s| now >= s + cfg.write_stall_ms)
-                .map(|_| CloseReason::SlowConsumer),
+            Phase::Active => (self.stall_since != NOT_STALLED
+                && now >= self.stall_since.saturating_add(cfg.write_stall_ms))
+            .then_some(CloseReason::SlowConsumer),
         }
     }
 
@@ -338,6 +342,13 @@ mod tests {
             c.expired(&cfg(), 2100),
             Some(super::super::error::CloseReason::SlowConsumer)
         ));
+    }
+
+    #[test]
+    fn a_connection_fits_a_256_byte_allocation() {
+        // Memory per idle connection: the connection is boxed, and mimalloc's next size class
+        // after 256 bytes is 320.
+        assert!(std::mem::size_of::<Connection>() <= 256);
     }
 
     #[test]

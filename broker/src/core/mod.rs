@@ -353,7 +353,7 @@ impl<B: Backend> ShardCore<B> {
 
     /// A logged-in connection handed over by another shard; the driver puts its socket at the
     /// returned id.
-    pub fn handle_adopt(&mut self, a: Box<Adoption>, now: Now) -> ConnId {
+    pub fn handle_adopt(&mut self, a: Adoption, now: Now) -> ConnId {
         self.now = now;
         let Adoption {
             transport,
@@ -361,7 +361,7 @@ impl<B: Backend> ShardCore<B> {
             out,
             identity,
             request_id,
-        } = *a;
+        } = a;
         let conn = self.insert(transport, inbuf, out);
         self.mark_dirty(conn);
         if self.shutting_down {

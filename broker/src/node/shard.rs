@@ -455,7 +455,7 @@ impl Driver {
             match self.inbox.try_recv() {
                 Ok(Mail::Batch(batch)) => self.core.handle_mail(batch, now),
                 Ok(Mail::Adopt(stream, adoption)) => {
-                    let conn = self.core.handle_adopt(adoption, now);
+                    let conn = self.core.handle_adopt(*adoption, now);
                     self.put_sock(conn, stream);
                     self.apply_effects(now);
                 }
