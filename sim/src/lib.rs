@@ -21,6 +21,7 @@
 mod check;
 mod client;
 mod rng;
+mod setup;
 mod world;
 
 pub use rng::Rng;

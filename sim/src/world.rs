@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use parley_broker::auth::{AuthError, Identity, TokenVerifier};
-use parley_broker::config::Config;
 use parley_broker::core::{
     Adoption, ConnId, CoreEffect, CoreSetup, Counters, Effect, Now, ShardCore, ShardMsg,
     TestSwitches,
@@ -21,6 +19,8 @@ use parley_storage::{
 use crate::check::{ConnView, History};
 use crate::client::{Behaviour, Client, Final};
 use crate::rng::Rng;
+use crate::setup::{SimVerifier, sim_config};
+use parley_broker::config::Config;
 
 type Core = ShardCore<MemoryBackend>;
 type Ticket = SyncTicket<SyncOf<MemoryBackend>>;
@@ -80,23 +80,6 @@ pub struct Outcome {
     pub clients: usize,
     /// The shard cores' counters, summed over shards and restarts.
     pub counters: Counters,
-}
-
-/// Tokens are `user/device`, accepted as they are (the simulation checks delivery, not auth).
-#[derive(Debug)]
-struct SimVerifier;
-
-impl TokenVerifier for SimVerifier {
-    fn verify(&self, token: &str, _now_secs: u64) -> Result<Identity, AuthError> {
-        let (user, device) = token
-            .split_once('/')
-            .ok_or(AuthError::Malformed("sim token"))?;
-        Ok(Identity {
-            user: user.to_owned(),
-            device: device.to_owned(),
-            expires_at: u64::MAX,
-        })
-    }
 }
 
 enum Mail {
@@ -242,27 +225,6 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         clients: w.clients.len(),
         counters: w.counters,
     }
-}
-
-fn sim_config() -> Config {
-    let mut c = Config::default();
-    c.timeouts.login_ms = 2_000;
-    c.timeouts.heartbeat_ms = 2_000;
-    c.timeouts.idle_ms = 10_000;
-    c.timeouts.write_stall_ms = 3_000;
-    c.timeouts.retransmit_initial_ms = 200;
-    c.timeouts.retransmit_max_ms = 1_000;
-    c.timeouts.retransmit_tries = 3;
-    c.limits.max_frame_bytes = 8_192;
-    c.limits.max_body_bytes = 1_024;
-    c.limits.max_outbound_bytes = 1_500;
-    c.limits.max_page = 16;
-    c.limits.dedup_window = 256;
-    c.limits.send_rate_per_sec = 100_000;
-    c.limits.send_burst = 100_000;
-    // Checkpoints often, so restarts start from them.
-    c.storage.checkpoint_every_bytes = 16 * 1024;
-    c
 }
 
 impl World {

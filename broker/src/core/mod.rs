@@ -747,18 +747,7 @@ impl<B: Backend> ShardCore<B> {
 
     /// Writes `frame` to `conn` in its transport's form.
     fn write_frame(&mut self, conn: ConnId, frame: &pb::Frame) {
-        let pool = &mut self.pool;
-        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
-            return;
-        };
-        if c.id != conn {
-            return;
-        }
-        c.fill_from(pool);
-        let before = c.out.len();
-        let result = c.transport.encode(frame, &mut c.out);
-        let written = c.out.len() - before;
-        self.wrote(conn, written, result);
+        self.write_with(conn, |t, out| t.encode(frame, out));
     }
 
     /// Writes a frame already encoded as protobuf (spliced around stored messages).
@@ -767,6 +756,16 @@ impl<B: Backend> ShardCore<B> {
             <pb::Frame as prost::Message>::decode(encoded).is_ok(),
             "a spliced frame decodes"
         );
+        self.write_with(conn, |t, out| t.encode_prebuilt(encoded, out));
+    }
+
+    /// Appends one frame to `conn`'s queue with `encode` (its buffer taken from the pool when
+    /// it has none), and counts it.
+    fn write_with(
+        &mut self,
+        conn: ConnId,
+        encode: impl FnOnce(&mut Transport, &mut BytesMut) -> Result<(), TransportError>,
+    ) {
         let pool = &mut self.pool;
         let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;
@@ -776,7 +775,7 @@ impl<B: Backend> ShardCore<B> {
         }
         c.fill_from(pool);
         let before = c.out.len();
-        let result = c.transport.encode_prebuilt(encoded, &mut c.out);
+        let result = encode(&mut c.transport, &mut c.out);
         let written = c.out.len() - before;
         self.wrote(conn, written, result);
     }
