@@ -52,6 +52,11 @@ pub struct Listen {
     pub tcp: Option<SocketAddr>,
     /// WebSocket. Default `127.0.0.1:7401`; unset to disable.
     pub ws: Option<SocketAddr>,
+    /// Origins a browser may open a WebSocket from (the upgrade request's `Origin` header,
+    /// compared exactly, e.g. `"https://chat.example.com"`). Default empty: any origin. When set,
+    /// an upgrade whose `Origin` is not in the list is refused with HTTP 403; a request without
+    /// an `Origin` (not a browser) is served.
+    pub ws_allowed_origins: Vec<String>,
 }
 
 /// A secret value: never printed, never logged.
@@ -84,14 +89,19 @@ impl Serialize for Secret {
 }
 
 /// Authentication of connections.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// The HS256 token secret. Default: unset, in which case it is read from `secret_file`.
     pub secret: Option<Secret>,
     /// File holding the secret; default `<data_dir>/secret`. If neither `secret` is set nor the
-    /// file exists, the node generates 32 random bytes into it (mode 0600) and says so.
+    /// file exists, the node generates 32 random bytes into it (mode 0600) and says so. A secret
+    /// shorter than 32 bytes is refused at start-up.
     pub secret_file: Option<PathBuf>,
+    /// Longest a token may still be valid when presented: a token whose expiry lies further
+    /// ahead is refused (BAD_TOKEN). Sessions end when their token expires (TOKEN_EXPIRED);
+    /// a client sends a fresh `Login` on the same connection to go on. Default 2592000 (30 days).
+    pub max_token_lifetime_secs: u64,
 }
 
 /// When an appended message counts as stored, and so when the send-ack goes out.
@@ -128,24 +138,50 @@ pub struct Storage {
     pub checkpoint_every_bytes: u64,
 }
 
-/// Limits that protect the node. Exceeding one gets the client a clear error frame.
+/// Limits that protect the node and its clients from each other. Exceeding one gets the client
+/// a clear error frame (or, for a connection's budget, a pause in reading its requests).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame accepted, in bytes of its protobuf encoding. Default 65536.
     pub max_frame_bytes: u32,
+    /// Largest frame accepted before login (the login frame; for WebSocket, the message that
+    /// carries it), so that an anonymous connection cannot make the node buffer a large frame.
+    /// Default 4096.
+    pub max_login_frame_bytes: u32,
+    /// Largest WebSocket upgrade request (request line and headers) accepted; a longer one is
+    /// refused with HTTP 431. Default 4096.
+    pub max_handshake_bytes: u32,
     /// Largest message body accepted, in bytes. Default 32768.
     pub max_body_bytes: u32,
-    /// Most connections the node holds at once; further ones get TOO_MANY_CONNECTIONS.
-    /// Default 100000.
+    /// Most connections the node holds at once; further ones get TOO_MANY_CONNECTIONS. The
+    /// node uses the lower of this and its open-file limit minus a reserve for its own files,
+    /// and says so at start-up. Default 100000.
     pub max_connections: usize,
-    /// Bytes queued for one connection beyond which live push pauses (the client is told it is
-    /// Behind and catches up by sync). Default 1 MiB.
+    /// Most connections that have not logged in yet, node-wide; further ones get
+    /// TOO_MANY_CONNECTIONS, so anonymous sockets cannot take every slot. Default 4096.
+    pub max_unauthenticated: usize,
+    /// Most connections not logged in yet from one source address. Default 1024.
+    pub max_unauthenticated_per_source: usize,
+    /// The connection's budget: bytes queued for one connection (deliveries, replies, errors,
+    /// sync pages) and reserved for replies it is owed. Past it, live push pauses (the client is
+    /// told it is Behind and catches up by sync) and the node stops reading the connection's
+    /// requests until its queue drains (they wait in the kernel, not in the node's memory).
+    /// Default 1 MiB.
     pub max_outbound_bytes: usize,
-    /// Sustained sends per second per connection (token bucket). Default 2000.
-    pub send_rate_per_sec: u32,
-    /// Burst of sends allowed above the rate. Default 4000.
-    pub send_burst: u32,
+    /// Sustained requests per second per connection (a token bucket; a send or a ping costs
+    /// one request, a sync or history request five, an ack a tenth). Past it, a request is
+    /// refused with RATE_LIMITED and a retry hint. Default 2000.
+    #[serde(alias = "send_rate_per_sec")]
+    pub request_rate_per_sec: u32,
+    /// Burst of requests allowed above the rate. Default 4000.
+    #[serde(alias = "send_burst")]
+    pub request_burst: u32,
+    /// Protocol errors (undecodable frames, refused requests) one connection may cause within
+    /// `error_window_ms`; one more closes it with TOO_MANY_ERRORS. Default 32.
+    pub max_errors: u32,
+    /// The window of `max_errors`, in milliseconds. Default 10000.
+    pub error_window_ms: u64,
     /// Client message ids remembered per device for de-duplication of retried sends.
     /// Default 4096.
     pub dedup_window: usize,
@@ -154,6 +190,9 @@ pub struct Limits {
     /// Most bytes read from one connection per event-loop turn before serving others.
     /// Default 65536.
     pub read_budget_bytes: usize,
+    /// Most frames handled from one connection per event-loop turn before serving others.
+    /// Default 128.
+    pub frames_per_turn: u32,
 }
 
 /// Timeouts and retransmission, in milliseconds.
@@ -176,6 +215,9 @@ pub struct Timeouts {
     /// Retransmits before the connection is closed as broken (RETRANSMIT_EXHAUSTED); the client
     /// re-syncs on reconnect. Default 5.
     pub retransmit_tries: u32,
+    /// How long a closed connection may take to read its last bytes and close its side; what
+    /// it sends meanwhile is discarded, at most 64 KiB of it. Default 1000.
+    pub close_linger_ms: u64,
 }
 
 impl Default for Config {
@@ -198,6 +240,17 @@ impl Default for Listen {
         Self {
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             ws: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            ws_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            secret_file: None,
+            max_token_lifetime_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -219,14 +272,21 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame_bytes: 64 << 10,
+            max_login_frame_bytes: 4 << 10,
+            max_handshake_bytes: 4 << 10,
             max_body_bytes: 32 << 10,
             max_connections: 100_000,
+            max_unauthenticated: 4096,
+            max_unauthenticated_per_source: 1024,
             max_outbound_bytes: 1 << 20,
-            send_rate_per_sec: 2000,
-            send_burst: 4000,
+            request_rate_per_sec: 2000,
+            request_burst: 4000,
+            max_errors: 32,
+            error_window_ms: 10_000,
             dedup_window: 4096,
             max_page: 500,
             read_budget_bytes: 64 << 10,
+            frames_per_turn: 128,
         }
     }
 }
@@ -241,6 +301,7 @@ impl Default for Timeouts {
             retransmit_initial_ms: 2_000,
             retransmit_max_ms: 16_000,
             retransmit_tries: 5,
+            close_linger_ms: 1_000,
         }
     }
 }
@@ -352,9 +413,32 @@ impl Config {
         if self.timeouts.idle_ms <= self.timeouts.heartbeat_ms {
             return fail("timeouts.idle_ms must exceed timeouts.heartbeat_ms");
         }
-        if self.limits.send_rate_per_sec == 0 || self.limits.send_burst == 0 {
-            return fail("limits.send_rate_per_sec and limits.send_burst must be positive");
+        if self.limits.request_rate_per_sec == 0 || self.limits.request_burst == 0 {
+            return fail("limits.request_rate_per_sec and limits.request_burst must be positive");
         }
+        if self.limits.max_login_frame_bytes < 256
+            || self.limits.max_login_frame_bytes > self.limits.max_frame_bytes
+        {
+            return fail("limits.max_login_frame_bytes must be between 256 and max_frame_bytes");
+        }
+        if self.limits.max_handshake_bytes < 256 {
+            return fail("limits.max_handshake_bytes must be at least 256");
+        }
+        if self.limits.max_errors == 0 || self.limits.error_window_ms == 0 {
+            return fail("limits.max_errors and limits.error_window_ms must be positive");
+        }
+        if self.limits.frames_per_turn == 0 || self.limits.read_budget_bytes == 0 {
+            return fail("limits.frames_per_turn and limits.read_budget_bytes must be positive");
+        }
+        if self.limits.max_unauthenticated == 0 || self.limits.max_unauthenticated_per_source == 0 {
+            return fail(
+                "limits.max_unauthenticated and limits.max_unauthenticated_per_source must be positive",
+            );
+        }
+        if self.auth.max_token_lifetime_secs == 0 {
+            return fail("auth.max_token_lifetime_secs must be positive");
+        }
+
         Ok(())
     }
 

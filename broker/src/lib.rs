@@ -6,8 +6,8 @@
 //!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
 //!
 //! Inside (private): `core` (the sans-IO shard core: sessions, delivery, sync, conversation
-//! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket) and the mio driver
-//! under `node`. With the `sim` feature, `core` is public for the simulation crate.
+//! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket), `loglimit` (log
+//! lines the outside world can cause, rate-limited per kind) and the mio driver under `node`. With the `sim` feature, `core` is public for the simulation crate.
 //!
 //! It depends on `parley-proto` and `parley-storage`, never the other way round.
 
@@ -18,6 +18,8 @@ pub mod core;
 #[cfg(not(feature = "sim"))]
 #[allow(unreachable_pub, dead_code)]
 mod core;
+#[allow(unreachable_pub)]
+mod loglimit;
 pub mod node;
 pub mod secret;
 #[cfg(feature = "sim")]

@@ -25,6 +25,10 @@ use crate::config::Config;
 /// characters).
 pub const GENERATED_SECRET_BYTES: usize = 32;
 
+/// Shortest secret accepted, in bytes: an HS256 key shorter than the hash is guessable offline
+/// from any one token (RFC 7518 3.2 asks for at least 256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Where the secret came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretSource {
@@ -61,6 +65,17 @@ pub enum SecretError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The secret is shorter than [`MIN_SECRET_BYTES`].
+    #[error(
+        "the token secret from {from} is {len} bytes; at least {MIN_SECRET_BYTES} are required \
+         (delete the secret file to have one generated, or set a longer auth.secret)"
+    )]
+    TooShort {
+        /// Where it came from (`auth.secret` or the file).
+        from: String,
+        /// Its length.
+        len: usize,
+    },
     /// The operating system's random number generator failed.
     #[error("cannot generate a secret: the system random number generator failed: {0}")]
     Random(getrandom::Error),
@@ -81,10 +96,12 @@ pub fn load_or_generate(config: &Config) -> Result<(Vec<u8>, SecretSource), Secr
         if bytes.is_empty() {
             return Err(SecretError::EmptyConfig);
         }
+        long_enough(bytes, "auth.secret")?;
         return Ok((bytes.to_vec(), SecretSource::Config));
     }
     let path = config.secret_path();
     if let Some(secret) = read_secret_file(&path)? {
+        long_enough(&secret, &path.display().to_string())?;
         return Ok((secret, SecretSource::File(path)));
     }
     let text = generate_hex()?;
@@ -101,6 +118,17 @@ pub fn load_or_generate(config: &Config) -> Result<(Vec<u8>, SecretSource), Secr
             }),
         },
     }
+}
+
+/// Refuses a secret shorter than [`MIN_SECRET_BYTES`] (from `from`).
+fn long_enough(secret: &[u8], from: &str) -> Result<(), SecretError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(SecretError::TooShort {
+            from: from.to_owned(),
+            len: secret.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The trimmed contents of the secret file, or `None` if it does not exist.
@@ -258,10 +286,17 @@ mod tests {
         let tmp = TempDir::new("config");
         let mut config = config_in(&tmp.0);
         fs::create_dir_all(&config.data_dir).expect("mkdir");
-        fs::write(config.secret_path(), "from-file").expect("write");
-        config.auth.secret = Some(Secret::new(" from config "));
+        fs::write(
+            config.secret_path(),
+            "from-file-from-file-from-file-from-file",
+        )
+        .expect("write");
+        config.auth.secret = Some(Secret::new(" from config, thirty-two bytes or more "));
         let (secret, source) = load_or_generate(&config).expect("secret");
-        assert_eq!(secret, b" from config ", "taken as given, not trimmed");
+        assert_eq!(
+            secret, b" from config, thirty-two bytes or more ",
+            "taken as given, not trimmed"
+        );
         assert_eq!(source, SecretSource::Config);
     }
 
@@ -282,10 +317,31 @@ mod tests {
         let tmp = TempDir::new("file");
         let config = config_in(&tmp.0);
         fs::create_dir_all(&config.data_dir).expect("mkdir");
-        fs::write(config.secret_path(), "  \tabc def\r\n\n").expect("write");
+        fs::write(
+            config.secret_path(),
+            "  \tabc def ghi jkl mno pqr stu vwx yz0\r\n\n",
+        )
+        .expect("write");
         let (secret, source) = load_or_generate(&config).expect("secret");
-        assert_eq!(secret, b"abc def");
+        assert_eq!(secret, b"abc def ghi jkl mno pqr stu vwx yz0");
         assert_eq!(source, SecretSource::File(config.secret_path()));
+    }
+
+    #[test]
+    fn a_secret_shorter_than_32_bytes_is_refused() {
+        let tmp = TempDir::new("short");
+        let mut config = config_in(&tmp.0);
+        config.auth.secret = Some(Secret::new("x"));
+        let e = load_or_generate(&config).expect_err("a 1-byte secret");
+        assert!(matches!(e, SecretError::TooShort { len: 1, .. }), "{e}");
+        assert!(e.to_string().contains("32"), "{e}");
+        config.auth.secret = None;
+        fs::create_dir_all(&config.data_dir).expect("mkdir");
+        fs::write(config.secret_path(), "31-bytes-31-bytes-31-bytes-31-b\n").expect("write");
+        assert!(matches!(
+            load_or_generate(&config),
+            Err(SecretError::TooShort { len: 31, .. })
+        ));
     }
 
     #[test]

@@ -124,6 +124,9 @@ pub struct TransportLimits {
     pub max_ws_message_bytes: usize,
     /// The largest WebSocket upgrade request (request line and headers); a larger one gets 431.
     pub max_upgrade_request_bytes: usize,
+    /// The largest frame (TCP) or WebSocket message accepted until [`Transport::open_session`]
+    /// (before login), so an anonymous peer cannot make the node buffer a large frame.
+    pub max_login_frame_bytes: usize,
 }
 
 impl TransportLimits {
@@ -137,6 +140,19 @@ impl TransportLimits {
                 .saturating_mul(WS_MESSAGE_SLACK_FACTOR)
                 .saturating_add(WS_MESSAGE_SLACK_BYTES),
             max_upgrade_request_bytes: ws::DEFAULT_MAX_REQUEST_BYTES,
+            max_login_frame_bytes: max_frame_bytes,
+        }
+    }
+}
+
+impl TransportLimits {
+    /// The largest WebSocket message accepted before login: the login frame limit, unless it
+    /// is no lower than the frame limit (then the usual message limit).
+    fn login_message_bytes(&self) -> usize {
+        if self.max_login_frame_bytes >= self.max_frame_bytes {
+            self.max_ws_message_bytes
+        } else {
+            self.max_login_frame_bytes
         }
     }
 }
@@ -149,9 +165,15 @@ impl Default for TransportLimits {
 }
 
 impl From<&crate::config::Limits> for TransportLimits {
-    /// [`TransportLimits::new`] with the node's `limits.max_frame_bytes`.
+    /// [`TransportLimits::new`] with the node's `limits.max_frame_bytes`, and its login frame
+    /// and handshake limits.
     fn from(limits: &crate::config::Limits) -> Self {
-        Self::new(usize::try_from(limits.max_frame_bytes).unwrap_or(usize::MAX))
+        let size = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+        TransportLimits {
+            max_upgrade_request_bytes: size(limits.max_handshake_bytes),
+            max_login_frame_bytes: size(limits.max_login_frame_bytes.min(limits.max_frame_bytes)),
+            ..Self::new(size(limits.max_frame_bytes))
+        }
     }
 }
 
@@ -397,7 +419,8 @@ pub fn ws_close_code(code: pb::ErrorCode) -> u16 {
         | E::LoginRequired
         | E::LoginTimeout
         | E::Forbidden
-        | E::RateLimited => close_code::POLICY_VIOLATION,
+        | E::RateLimited
+        | E::TooManyErrors => close_code::POLICY_VIOLATION,
         E::FrameTooLarge => close_code::MESSAGE_TOO_BIG,
         E::Internal | E::StorageFailure => close_code::INTERNAL_ERROR,
         E::TooManyConnections | E::SlowConsumer => close_code::TRY_AGAIN_LATER,
@@ -467,7 +490,7 @@ impl Transport {
     pub fn tcp(limits: TransportLimits) -> Self {
         Transport {
             limits,
-            state: State::Tcp(FrameCodec::new(limits.max_frame_bytes)),
+            state: State::Tcp(FrameCodec::new(limits.max_login_frame_bytes)),
         }
     }
 
@@ -483,6 +506,27 @@ impl Transport {
     /// The transport's limits.
     pub fn limits(&self) -> &TransportLimits {
         &self.limits
+    }
+
+    /// The peer logged in: from the next frame on, frames up to `max_frame_bytes` (WebSocket
+    /// messages up to `max_ws_message_bytes`) are accepted instead of the login limit.
+    pub fn open_session(&mut self) {
+        match &mut self.state {
+            State::Tcp(codec) => codec.set_max_frame_bytes(self.limits.max_frame_bytes),
+            State::WebSocket { conn, .. } => {
+                conn.set_max_message_bytes(self.limits.max_ws_message_bytes);
+            }
+            State::Handshake { .. } | State::Closed => {}
+        }
+    }
+
+    /// Refuses a WebSocket upgrade that [`Transport::decode`] just reported as
+    /// [`Inbound::Upgraded`] (e.g. for its `Origin`): the caller has cut `out` back to where it
+    /// stood before that decode (removing the 101 answer); this writes an HTTP error response
+    /// with [`http_status`] of `code` instead, and the transport is closed.
+    pub fn refuse_upgrade(&mut self, code: pb::ErrorCode, reason: &str, out: &mut BytesMut) {
+        ws::write_status_response(out, http_status(code), reason);
+        self.state = State::Closed;
     }
 
     /// The form [`Transport::encode`] writes now, or `None` if it cannot send frames (before the
@@ -551,7 +595,7 @@ impl Transport {
                         inbuf.advance(request.consumed.min(inbuf.len()));
                         self.state = State::WebSocket {
                             conn: Box::new(WsConn::new(WsConfig {
-                                max_message_bytes: self.limits.max_ws_message_bytes,
+                                max_message_bytes: self.limits.login_message_bytes(),
                             })),
                             form: WireForm::WsBinary,
                         };

@@ -167,6 +167,11 @@ impl FrameCodec {
         self.max_frame_bytes
     }
 
+    /// Changes the limit from the next frame on (e.g. a server raises it after login).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
     /// [`check`] with this codec's limit.
     ///
     /// # Errors

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints",
+        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget",
         counters.logins,
         counters.messages_stored,
         counters.retries_deduplicated,
@@ -107,7 +107,8 @@ fn main() -> ExitCode {
         counters.behinds,
         counters.syncs,
         counters.flushes,
-        counters.checkpoints
+        counters.checkpoints,
+        counters.holds
     );
     ExitCode::SUCCESS
 }

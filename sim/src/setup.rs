@@ -8,14 +8,15 @@ use parley_broker::config::Config;
 pub(crate) struct SimVerifier;
 
 impl TokenVerifier for SimVerifier {
-    fn verify(&self, token: &str, _now_secs: u64) -> Result<Identity, AuthError> {
+    fn verify(&self, token: &str, now_secs: u64) -> Result<Identity, AuthError> {
         let (user, device) = token
             .split_once('/')
             .ok_or(AuthError::Malformed("sim token"))?;
         Ok(Identity {
             user: user.to_owned(),
             device: device.to_owned(),
-            expires_at: u64::MAX,
+            // Longer than any run: sessions do not expire in the simulation.
+            expires_at: now_secs + 24 * 3600,
         })
     }
 }
@@ -36,8 +37,11 @@ pub(crate) fn sim_config() -> Config {
     c.limits.max_outbound_bytes = 1_500;
     c.limits.max_page = 16;
     c.limits.dedup_window = 256;
-    c.limits.send_rate_per_sec = 100_000;
-    c.limits.send_burst = 100_000;
+    c.limits.request_rate_per_sec = 100_000;
+    c.limits.request_burst = 100_000;
+    // Small reads and few frames per turn, so held and backlogged input happen often.
+    c.limits.read_budget_bytes = 2_048;
+    c.limits.frames_per_turn = 4;
     // Checkpoints often, so restarts start from them.
     c.storage.checkpoint_every_bytes = 16 * 1024;
     c

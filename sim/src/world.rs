@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use parley_broker::core::{
-    Adoption, ConnId, CoreEffect, CoreSetup, Counters, Effect, Now, ShardCore, ShardMsg,
+    Adoption, ConnId, CoreEffect, CoreSetup, Counters, Effect, Intake, Now, ShardCore, ShardMsg,
     TestSwitches,
 };
 use parley_proto::pb;
@@ -168,6 +168,8 @@ struct World {
     counters: Counters,
     codec: FrameCodec,
     bound: usize,
+    /// Most bytes a server read takes from a socket (`limits.read_budget_bytes`).
+    read_budget: usize,
 }
 
 /// Runs one seed.
@@ -232,8 +234,11 @@ impl World {
         let mut rng = Rng::new(seed);
         let shards = rng.range(1, 3) as usize;
         let config = sim_config();
-        let bound =
-            config.limits.max_outbound_bytes + 2 * config.limits.max_frame_bytes as usize + 4096;
+        let read_budget = config.limits.read_budget_bytes;
+        // The budget, overshot by at most one frame written past it, plus one read's input.
+        let bound = config.limits.max_outbound_bytes
+            + config.limits.max_frame_bytes as usize
+            + config.limits.read_budget_bytes;
         let log_config = LogConfig {
             segment_size: 64 * 1024,
             durability: Durability::Always,
@@ -267,6 +272,7 @@ impl World {
             trace: opts.trace.then(Vec::new),
             counters: Counters::default(),
             bound,
+            read_budget,
         }
     }
 
@@ -593,6 +599,20 @@ impl World {
                         self.post(shard, to, Mail::Adopt(s, adoption));
                     }
                     Effect::Mail { to, batch } => self.post(shard, to, Mail::Batch(batch)),
+                    Effect::Resume(conn) => {
+                        let host = self.node.as_ref().and_then(|n| {
+                            n.hosts[shard]
+                                .get(&conn.slot)
+                                .filter(|(g, _)| *g == conn.generation)
+                                .map(|&(_, s)| s)
+                        });
+                        if let Some(s) = host {
+                            self.note(15, s as u64, 0, || {
+                                format!("sock {s}: shard {shard} takes input again")
+                            });
+                            self.schedule_read(s);
+                        }
+                    }
                     Effect::Spare(ticket) => {
                         let t = self.now + self.rng.range(1, 30);
                         let epoch = self.epoch;
@@ -654,7 +674,8 @@ impl World {
                 self.socks[s].host = Host::Server { shard: to, conn };
                 if self.socks[s].closed {
                     self.server_reset(to, conn);
-                } else if !self.socks[s].to_server.is_empty() {
+                } else {
+                    // Frames behind the login may wait in the core or the socket.
                     self.schedule_read(s);
                 }
             }
@@ -740,6 +761,8 @@ impl World {
         }
     }
 
+    /// The server side of a socket reads, as the driver does: what the core has buffered
+    /// first, then at most `limits.read_budget_bytes`, and nothing while the core holds input.
     fn server_read(&mut self, s: usize) {
         self.socks[s].read_scheduled = false;
         if self.socks[s].closed {
@@ -748,15 +771,43 @@ impl World {
         let Host::Server { shard, conn } = self.socks[s].host else {
             return;
         };
-        let bytes = std::mem::take(&mut self.socks[s].to_server);
-        self.note(3, s as u64, bytes.len() as u64, || {
-            format!("sock {s}: shard {shard} reads {} bytes", bytes.len())
-        });
         let now = self.now();
-        if let Some(n) = self.node.as_mut() {
-            n.cores[shard].handle_bytes(conn, &bytes, now);
+        let budget = self.read_budget;
+        let Some(n) = self.node.as_mut() else {
+            return;
+        };
+        match n.cores[shard].intake(conn) {
+            None | Some(Intake::Hold) => {}
+            Some(Intake::Pending) => n.cores[shard].handle_continue(conn, now),
+            Some(Intake::Read) => {
+                let take = budget.min(self.socks[s].to_server.len());
+                let bytes: Vec<u8> = self.socks[s].to_server.drain(..take).collect();
+                n.cores[shard].handle_bytes(conn, &bytes, now);
+                self.note(3, s as u64, bytes.len() as u64, || {
+                    format!("sock {s}: shard {shard} reads {} bytes", bytes.len())
+                });
+            }
         }
         self.apply(shard);
+        self.read_again(s);
+    }
+
+    /// Schedules another read of socket `s` if its core takes input and there is some.
+    fn read_again(&mut self, s: usize) {
+        let Host::Server { shard, conn } = self.socks[s].host else {
+            return;
+        };
+        let Some(n) = self.node.as_ref() else {
+            return;
+        };
+        let again = match n.cores[shard].intake(conn) {
+            Some(Intake::Pending) => true,
+            Some(Intake::Read) => !self.socks[s].to_server.is_empty(),
+            Some(Intake::Hold) | None => false,
+        };
+        if again {
+            self.schedule_read(s);
+        }
     }
 
     // ----- clients ---------------------------------------------------------------------------

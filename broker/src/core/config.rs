@@ -13,8 +13,16 @@ pub(crate) struct CoreConfig {
     pub(crate) retransmit_initial_ms: u64,
     pub(crate) retransmit_max_ms: u64,
     pub(crate) retransmit_tries: u32,
-    pub(crate) send_rate_per_sec: u32,
-    pub(crate) send_burst: u32,
+    /// Request tokens per second, in thousandths of a request (see [`cost`]).
+    pub(crate) request_rate_milli: u64,
+    /// Most request tokens a connection may bank, in thousandths.
+    pub(crate) request_burst_milli: u64,
+    pub(crate) max_errors: u32,
+    pub(crate) error_window_ms: u64,
+    pub(crate) frames_per_turn: u32,
+    pub(crate) max_token_lifetime_secs: u64,
+    /// Allowed WebSocket origins (empty: any).
+    pub(crate) ws_allowed_origins: Vec<String>,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_frame_bytes: u32,
     pub(crate) max_page: u32,
@@ -44,8 +52,13 @@ impl CoreConfig {
             retransmit_initial_ms: c.timeouts.retransmit_initial_ms,
             retransmit_max_ms: c.timeouts.retransmit_max_ms,
             retransmit_tries: c.timeouts.retransmit_tries,
-            send_rate_per_sec: c.limits.send_rate_per_sec,
-            send_burst: c.limits.send_burst,
+            request_rate_milli: u64::from(c.limits.request_rate_per_sec.max(1)) * 1000,
+            request_burst_milli: u64::from(c.limits.request_burst.max(1)) * 1000,
+            max_errors: c.limits.max_errors.max(1),
+            error_window_ms: c.limits.error_window_ms.max(1),
+            frames_per_turn: c.limits.frames_per_turn.max(1),
+            max_token_lifetime_secs: c.auth.max_token_lifetime_secs,
+            ws_allowed_origins: c.listen.ws_allowed_origins.clone(),
             max_body_bytes: c.limits.max_body_bytes as usize,
             max_frame_bytes: c.limits.max_frame_bytes,
             max_page: c.limits.max_page.max(1),
@@ -60,4 +73,15 @@ impl CoreConfig {
             checkpoint_every_bytes: c.storage.checkpoint_every_bytes.max(1),
         }
     }
+}
+
+/// What each kind of request costs of a connection's request bucket, in thousandths of a
+/// request (`limits.request_rate_per_sec` counts whole requests).
+pub(crate) mod cost {
+    /// A send, a ping, a login refresh, anything not named below.
+    pub(crate) const REQUEST: u64 = 1000;
+    /// A sync or history request (reads pages of the log).
+    pub(crate) const READ: u64 = 5000;
+    /// A delivery ack (acks keep the client's promise; they are cheap).
+    pub(crate) const ACK: u64 = 100;
 }

@@ -10,7 +10,22 @@
 //! * Anything heard (a frame, a WebSocket ping or pong) keeps it alive; silence past
 //!   `timeouts.idle_ms` is IDLE_TIMEOUT.
 //! * Queued output that makes no progress for `timeouts.write_stall_ms` is SLOW_CONSUMER.
-//! * Sends are rate-limited by a token bucket (`limits.send_rate_per_sec`, `limits.send_burst`).
+//! * Every request costs tokens of one bucket per session (`limits.request_rate_per_sec`,
+//!   `limits.request_burst`; costs in [`super::config::cost`]); a request that finds too few is
+//!   refused with RATE_LIMITED.
+//! * Every error the client causes counts; past `limits.max_errors` within
+//!   `limits.error_window_ms` the connection is closed (TOO_MANY_ERRORS).
+//! * The session ends when its token expires (TOKEN_EXPIRED), unless a fresh `Login` on the
+//!   connection moved the expiry.
+//!
+//! ### The connection's budget
+//! Everything queued for a connection ([`Connection::out`]) plus what is reserved for replies it
+//! is owed ([`Connection::reserved`]: send-acks and history pages on their way from an owner) is
+//! held to `limits.max_outbound_bytes`. At the budget the core stops decoding the connection's
+//! input and tells the driver not to read it ([`Intake::Hold`]); requests then wait in the
+//! kernel, not in the node's memory. Once the queue drains under the budget the core says so
+//! with [`super::Effect::Resume`]. Per call, at most `limits.frames_per_turn` frames are decoded
+//! ([`Intake::Pending`] says more are buffered), so one busy connection cannot starve the rest.
 
 use std::sync::Arc;
 
@@ -54,20 +69,43 @@ pub(crate) enum Phase {
     Active,
 }
 
-/// Who is logged in, and the conversations this device has named (so a send names its
-/// conversation without building its key again).
+/// Whether the core takes input from a connection now (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Read the socket and hand the bytes in.
+    Read,
+    /// Frames already read wait to be decoded: call [`super::ShardCore::handle_continue`] on a
+    /// later turn (before reading more).
+    Pending,
+    /// Read nothing: the connection is at its budget. [`super::Effect::Resume`] says when to
+    /// come back.
+    Hold,
+}
+
+/// Who is logged in, and the session's limits: the conversations this device has named (so a
+/// send names its conversation without building its key again), its request bucket, its error
+/// count and its token's expiry. Boxed: only logged-in connections carry it.
 #[derive(Debug)]
 pub(crate) struct Who {
     /// The user and device, shared with every message and registration that names them.
     pub(crate) device: Device,
     convs: FastMap<Box<str>, Arc<Conv>>,
+    /// Request tokens, in thousandths of a request, as of `tokens_at`.
+    tokens: u64,
+    tokens_at: u64,
+    /// Errors counted in the window that began at `errors_since`.
+    errors: u32,
+    errors_since: u64,
+    /// When the token expires, in the core's monotonic ms.
+    pub(crate) expires_ms: u64,
 }
 
 /// Most conversations a connection remembers by the name it used for them.
 const CONV_CACHE: usize = 64;
 
 impl Who {
-    pub(crate) fn new(identity: Identity) -> Self {
+    /// The session of `identity`, logged in at `now` (`unix_ms` on the wall clock).
+    pub(crate) fn new(identity: &Identity, cfg: &CoreConfig, now: u64, unix_ms: i64) -> Self {
         let device = Device {
             user: identity.user.as_str().into(),
             device: identity.device.as_str().into(),
@@ -75,7 +113,49 @@ impl Who {
         Who {
             device,
             convs: FastMap::default(),
+            tokens: cfg.request_burst_milli,
+            tokens_at: now,
+            errors: 0,
+            errors_since: now,
+            expires_ms: expiry_ms(identity.expires_at, now, unix_ms),
         }
+    }
+
+    /// Takes `cost` request tokens at `now`, or says how long until they are there.
+    pub(crate) fn take_tokens(
+        &mut self,
+        cost: u64,
+        cfg: &CoreConfig,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let elapsed = now.saturating_sub(self.tokens_at);
+        self.tokens_at = now;
+        let earned = elapsed.saturating_mul(cfg.request_rate_milli) / 1000;
+        self.tokens = self
+            .tokens
+            .saturating_add(earned)
+            .min(cfg.request_burst_milli);
+        if self.tokens < cost {
+            let missing = cost - self.tokens;
+            let wait = missing
+                .saturating_mul(1000)
+                .div_ceil(cfg.request_rate_milli);
+            return Err(Refusal::RateLimited {
+                retry_after_ms: u32::try_from(wait.max(1)).unwrap_or(u32::MAX),
+            });
+        }
+        self.tokens -= cost;
+        Ok(())
+    }
+
+    /// Counts an error at `now`; `true` if it is one too many for the window.
+    pub(crate) fn count_error(&mut self, cfg: &CoreConfig, now: u64) -> bool {
+        if now.saturating_sub(self.errors_since) >= cfg.error_window_ms {
+            self.errors_since = now;
+            self.errors = 0;
+        }
+        self.errors = self.errors.saturating_add(1);
+        self.errors > cfg.max_errors
     }
 
     /// The conversation this user names `view`, or `None` if it names none this node serves.
@@ -98,11 +178,23 @@ impl Who {
     }
 }
 
-/// A token bucket: `rate` tokens per second up to `burst`.
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    last_ms: u64,
+/// The monotonic ms at which a token expiring at `expires_at` (Unix seconds) expires, seen at
+/// `now` (monotonic) = `unix_ms` (wall clock).
+pub(crate) fn expiry_ms(expires_at: u64, now: u64, unix_ms: i64) -> u64 {
+    let unix_now = u64::try_from(unix_ms).unwrap_or(0);
+    let left = expires_at.saturating_mul(1000).saturating_sub(unix_now);
+    now.saturating_add(left)
+}
+
+/// The input state of a connection (see [`Intake`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// Everything buffered was decoded; read more.
+    Open,
+    /// The per-turn frame budget ran out with input buffered.
+    Backlog,
+    /// At the budget: nothing is decoded or read until the queue drains.
+    Held,
 }
 
 /// One client connection.
@@ -115,10 +207,14 @@ pub(crate) struct Connection {
     /// Bytes queued for the socket.
     pub(crate) out: BytesMut,
     pub(crate) phase: Phase,
+    /// Whether input is taken now.
+    pub(crate) input: Input,
     pub(crate) who: Option<Box<Who>>,
-    login_deadline: u64,
+    /// Bytes reserved for replies on their way (send-acks, history pages), counted against
+    /// the budget with the queue.
+    pub(crate) reserved: u32,
+    /// When something was last heard (before login: when the connection opened).
     last_heard: u64,
-    bucket: Bucket,
     /// Since when queued output has made no progress ([`NOT_STALLED`] if none is queued):
     /// a plain `u64`, which keeps the whole connection in a 256-byte allocation.
     stall_since: u64,
@@ -133,20 +229,17 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// A fresh connection at `now`, waiting for its login.
-    pub(crate) fn new(id: ConnId, transport: Transport, cfg: &CoreConfig, now: u64) -> Self {
+    pub(crate) fn new(id: ConnId, transport: Transport, now: u64) -> Self {
         Connection {
             id,
             transport,
             inbuf: BytesMut::new(),
             out: BytesMut::new(),
             phase: Phase::AwaitingLogin,
+            input: Input::Open,
             who: None,
-            login_deadline: now + cfg.login_ms,
+            reserved: 0,
             last_heard: now,
-            bucket: Bucket {
-                tokens: f64::from(cfg.send_burst),
-                last_ms: now,
-            },
             stall_since: NOT_STALLED,
             delivery: Delivery::default(),
             sync: None,
@@ -160,33 +253,44 @@ impl Connection {
         self.who.as_ref().map(|w| &w.device.user)
     }
 
-    /// Marks the session logged in.
+    /// Marks the session logged in: frames up to the full limit are accepted from now on.
     pub(crate) fn activate(&mut self, who: Who, now: u64) {
         self.last_heard = now;
         self.who = Some(Box::new(who));
         self.phase = Phase::Active;
+        self.transport.open_session();
     }
 
-    /// Traffic was heard.
+    /// Traffic was heard (before login the login deadline stands, whatever is heard).
     pub(crate) fn heard(&mut self, now: u64) {
-        self.last_heard = now;
+        if self.phase == Phase::Active {
+            self.last_heard = now;
+        }
     }
 
-    /// Takes a send token, or says how long until one is there.
-    pub(crate) fn take_send_token(&mut self, cfg: &CoreConfig, now: u64) -> Result<(), Refusal> {
-        let rate = f64::from(cfg.send_rate_per_sec.max(1));
-        let elapsed = now.saturating_sub(self.bucket.last_ms) as f64;
-        self.bucket.last_ms = now;
-        self.bucket.tokens =
-            (self.bucket.tokens + elapsed * rate / 1000.0).min(f64::from(cfg.send_burst));
-        if self.bucket.tokens < 1.0 {
-            let wait = ((1.0 - self.bucket.tokens) * 1000.0 / rate).ceil() as u32;
-            return Err(Refusal::RateLimited {
-                retry_after_ms: wait.max(1),
-            });
+    /// Whether the queue and the reservations have reached the connection's budget.
+    pub(crate) fn over_budget(&self, cfg: &CoreConfig) -> bool {
+        self.out.len() + self.reserved as usize >= cfg.max_outbound_bytes
+    }
+
+    /// Reserves `bytes` of the budget for a reply on its way.
+    pub(crate) fn reserve(&mut self, bytes: u32) {
+        self.reserved = self.reserved.saturating_add(bytes);
+    }
+
+    /// A reply for which `bytes` were reserved arrived (or will not).
+    pub(crate) fn unreserve(&mut self, bytes: u32) {
+        debug_assert!(self.reserved >= bytes, "released more than was reserved");
+        self.reserved = self.reserved.saturating_sub(bytes);
+    }
+
+    /// What the driver should do with the connection's socket now.
+    pub(crate) fn intake(&self) -> Intake {
+        match self.input {
+            Input::Open => Intake::Read,
+            Input::Backlog => Intake::Pending,
+            Input::Held => Intake::Hold,
         }
-        self.bucket.tokens -= 1.0;
-        Ok(())
     }
 
     /// The driver wrote some of the queue (`progressed`); `queued` bytes remain.
@@ -201,8 +305,9 @@ impl Connection {
     /// When the session must be looked at next (login, idle or write-stall deadline).
     pub(crate) fn next_deadline(&self, cfg: &CoreConfig) -> u64 {
         let mut d = match self.phase {
-            Phase::AwaitingLogin => self.login_deadline,
-            Phase::Active => self.last_heard + cfg.idle_ms,
+            Phase::AwaitingLogin => self.last_heard + cfg.login_ms,
+            Phase::Active => (self.last_heard + cfg.idle_ms)
+                .min(self.who.as_ref().map_or(u64::MAX, |w| w.expires_ms)),
         };
         if self.stall_since != NOT_STALLED {
             d = d.min(self.stall_since.saturating_add(cfg.write_stall_ms));
@@ -214,9 +319,14 @@ impl Connection {
     pub(crate) fn expired(&self, cfg: &CoreConfig, now: u64) -> Option<super::error::CloseReason> {
         use super::error::CloseReason;
         match self.phase {
-            Phase::AwaitingLogin if now >= self.login_deadline => Some(CloseReason::LoginTimeout),
+            Phase::AwaitingLogin if now >= self.last_heard + cfg.login_ms => {
+                Some(CloseReason::LoginTimeout)
+            }
             Phase::AwaitingLogin => None,
             Phase::Active if now >= self.last_heard + cfg.idle_ms => Some(CloseReason::IdleTimeout),
+            Phase::Active if self.who.as_ref().is_some_and(|w| now >= w.expires_ms) => {
+                Some(CloseReason::TokenExpired)
+            }
             Phase::Active => (self.stall_since != NOT_STALLED
                 && now >= self.stall_since.saturating_add(cfg.write_stall_ms))
             .then_some(CloseReason::SlowConsumer),
@@ -274,6 +384,7 @@ pub(crate) fn check_send(send: &pb::Send, cfg: &CoreConfig) -> Result<(), Refusa
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::cost;
     use super::*;
     use crate::config::Config;
     use crate::transport::TransportLimits;
@@ -283,9 +394,19 @@ mod tests {
         c.login_ms = 1000;
         c.idle_ms = 5000;
         c.write_stall_ms = 2000;
-        c.send_rate_per_sec = 10;
-        c.send_burst = 2;
+        c.request_rate_milli = 10_000;
+        c.request_burst_milli = 2_000;
+        c.max_errors = 3;
+        c.error_window_ms = 1000;
         c
+    }
+
+    fn identity(expires_at: u64) -> Identity {
+        Identity {
+            user: "bob".into(),
+            device: "phone".into(),
+            expires_at,
+        }
     }
 
     fn conn(now: u64) -> Connection {
@@ -293,19 +414,12 @@ mod tests {
             slot: 0,
             generation: 1,
         };
-        Connection::new(id, Transport::tcp(TransportLimits::default()), &cfg(), now)
+        Connection::new(id, Transport::tcp(TransportLimits::default()), now)
     }
 
     fn active(now: u64) -> Connection {
         let mut c = conn(now);
-        c.activate(
-            Who::new(Identity {
-                user: "bob".into(),
-                device: "phone".into(),
-                expires_at: u64::MAX,
-            }),
-            now,
-        );
+        c.activate(Who::new(&identity(u64::MAX), &cfg(), now, 0), now);
         c
     }
 
@@ -352,29 +466,74 @@ mod tests {
     }
 
     #[test]
-    fn sends_over_the_rate_limit_are_refused_with_a_retry_hint() {
+    fn requests_over_the_rate_limit_are_refused_with_a_retry_hint() {
         let mut c = active(0);
-        assert!(c.take_send_token(&cfg(), 0).is_ok());
-        assert!(c.take_send_token(&cfg(), 0).is_ok());
+        let who = c.who.as_mut().expect("logged in");
+        assert!(who.take_tokens(cost::REQUEST, &cfg(), 0).is_ok());
+        assert!(who.take_tokens(cost::REQUEST, &cfg(), 0).is_ok());
         assert_eq!(
-            c.take_send_token(&cfg(), 0),
+            who.take_tokens(cost::REQUEST, &cfg(), 0),
             Err(Refusal::RateLimited {
                 retry_after_ms: 100
             })
         );
         assert!(
-            c.take_send_token(&cfg(), 100).is_ok(),
+            who.take_tokens(cost::REQUEST, &cfg(), 100).is_ok(),
             "a token came back after 100 ms at 10/s"
         );
     }
 
     #[test]
+    fn a_read_costs_five_requests_and_an_ack_a_tenth() {
+        let mut c = active(0);
+        let who = c.who.as_mut().expect("logged in");
+        // Burst of 2 requests: no read fits; twenty acks do.
+        assert!(who.take_tokens(cost::READ, &cfg(), 0).is_err());
+        for _ in 0..20 {
+            assert!(who.take_tokens(cost::ACK, &cfg(), 0).is_ok());
+        }
+        assert!(who.take_tokens(cost::ACK, &cfg(), 0).is_err());
+    }
+
+    #[test]
+    fn one_error_over_the_budget_in_a_window_is_too_many() {
+        let mut c = active(0);
+        let who = c.who.as_mut().expect("logged in");
+        assert!(!who.count_error(&cfg(), 0));
+        assert!(!who.count_error(&cfg(), 10));
+        assert!(!who.count_error(&cfg(), 20));
+        assert!(who.count_error(&cfg(), 30), "the fourth error within 1 s");
+        assert!(!who.count_error(&cfg(), 1030), "a new window starts");
+    }
+
+    #[test]
+    fn a_session_ends_when_its_token_expires() {
+        let mut c = conn(0);
+        // Logged in at monotonic 0 = Unix 1,000 s; the token expires at Unix 1,003 s.
+        c.activate(Who::new(&identity(1_003), &cfg(), 0, 1_000_000), 0);
+        assert_eq!(c.next_deadline(&cfg()), 3000);
+        assert!(c.expired(&cfg(), 2999).is_none());
+        assert!(matches!(
+            c.expired(&cfg(), 3000),
+            Some(super::super::error::CloseReason::TokenExpired)
+        ));
+    }
+
+    #[test]
+    fn the_queue_and_the_reservations_share_one_budget() {
+        let mut c = active(0);
+        let budget = cfg().max_outbound_bytes;
+        c.reserve(u32::try_from(budget / 2).expect("fits"));
+        assert!(!c.over_budget(&cfg()));
+        c.out.extend_from_slice(&vec![0; budget / 2]);
+        assert!(c.over_budget(&cfg()));
+        c.unreserve(u32::try_from(budget / 2).expect("fits"));
+        assert!(!c.over_budget(&cfg()));
+    }
+
+    #[test]
     fn a_device_names_a_direct_conversation_by_the_other_user() {
-        let mut w = Who::new(Identity {
-            user: "bob".into(),
-            device: "phone".into(),
-            expires_at: u64::MAX,
-        });
+        let mut w = Who::new(&identity(u64::MAX), &cfg(), 0, 0);
         let view = pb::Conversation {
             r#type: pb::ConversationType::Direct as i32,
             id: "alice".into(),

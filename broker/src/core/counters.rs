@@ -40,6 +40,28 @@ pub struct Counters {
     pub flush_ms_max: u64,
     /// Start-up checkpoints written.
     pub checkpoints: u64,
+    /// Times a connection reached its budget and its input was held.
+    pub holds: u64,
+    /// Requests refused by a connection's request bucket.
+    pub rate_limited: u64,
+    /// Undecodable frames from logged-in connections (refused, not fatal).
+    pub bad_frames: u64,
+    /// Connections ended by a fatal framing error or garbage before login.
+    pub fatal_frames: u64,
+    /// Connections closed for more errors than `limits.max_errors` in a window.
+    pub closed_for_errors: u64,
+    /// Sessions ended because their token expired.
+    pub tokens_expired: u64,
+    /// Sessions whose token was refreshed by a fresh Login.
+    pub token_refreshes: u64,
+    /// WebSocket upgrades refused for their Origin.
+    pub origins_refused: u64,
+    /// Connections refused at accept (connection limits).
+    pub refused_at_open: u64,
+    /// Users forgotten by their home after their last device left with nothing pending.
+    pub users_freed: u64,
+    /// Log lines suppressed by the per-kind rate limit.
+    pub log_lines_suppressed: u64,
 }
 
 impl Counters {
@@ -63,5 +85,16 @@ impl Counters {
         self.flush_ms_total += other.flush_ms_total;
         self.flush_ms_max = self.flush_ms_max.max(other.flush_ms_max);
         self.checkpoints += other.checkpoints;
+        self.holds += other.holds;
+        self.rate_limited += other.rate_limited;
+        self.bad_frames += other.bad_frames;
+        self.fatal_frames += other.fatal_frames;
+        self.closed_for_errors += other.closed_for_errors;
+        self.tokens_expired += other.tokens_expired;
+        self.token_refreshes += other.token_refreshes;
+        self.origins_refused += other.origins_refused;
+        self.refused_at_open += other.refused_at_open;
+        self.users_freed += other.users_freed;
+        self.log_lines_suppressed += other.log_lines_suppressed;
     }
 }

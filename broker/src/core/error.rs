@@ -16,8 +16,8 @@ use crate::transport::TransportError;
 /// Why one request was refused (the connection stays open).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum Refusal {
-    /// More sends than `limits.send_rate_per_sec` allows; retry after the hint.
-    #[error("sending faster than the rate limit")]
+    /// More requests than `limits.request_rate_per_sec` allows; retry after the hint.
+    #[error("requests faster than the rate limit (limits.request_rate_per_sec)")]
     RateLimited {
         /// Milliseconds until a send would be accepted.
         retry_after_ms: u32,
@@ -43,9 +43,12 @@ pub(crate) enum Refusal {
     /// A request naming no conversation this node serves.
     #[error("unknown conversation")]
     UnknownConversation,
-    /// A second Login on a logged-in connection.
-    #[error("already logged in")]
-    AlreadyLoggedIn,
+    /// A fresh Login on a logged-in connection names another user or device.
+    #[error("a refresh Login must name the connection's own user and device")]
+    RefreshOtherIdentity,
+    /// A fresh Login's token was refused (the session goes on until its old expiry).
+    #[error("refresh refused: {0}")]
+    RefreshToken(AuthError),
     /// A frame without a body.
     #[error("frame without a body")]
     NoBody,
@@ -93,16 +96,27 @@ impl Refusal {
             | Refusal::BadRecipient
             | Refusal::ConversationRequired
             | Refusal::UnknownConversation => C::InvalidArgument,
-            Refusal::AlreadyLoggedIn
-            | Refusal::NoBody
-            | Refusal::ServerOnlyFrame
-            | Refusal::NotAvailable(_) => C::UnexpectedFrame,
+            Refusal::RefreshOtherIdentity => C::Forbidden,
+            Refusal::RefreshToken(AuthError::Expired) => C::TokenExpired,
+            Refusal::RefreshToken(_) => C::BadToken,
+            Refusal::NoBody | Refusal::ServerOnlyFrame | Refusal::NotAvailable(_) => {
+                C::UnexpectedFrame
+            }
             Refusal::RefNotFound => C::NotFound,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,
             Refusal::BadFrame { code, .. } => *code,
         }
+    }
+
+    /// Whether the client caused it (it counts against `limits.max_errors`); a failure of the
+    /// node's own does not.
+    pub(crate) fn is_clients_fault(&self) -> bool {
+        !matches!(
+            self,
+            Refusal::IdCollision | Refusal::Storage(_) | Refusal::LogFailed
+        )
     }
 
     /// The `Error` frame answering request `request_id` (of send `client_msg_id`, or 0).
@@ -134,6 +148,15 @@ pub(crate) enum CloseReason {
     /// The token was refused.
     #[error("{0}")]
     Auth(AuthError),
+    /// The token is valid for longer than `auth.max_token_lifetime_secs`.
+    #[error("token valid for longer than auth.max_token_lifetime_secs")]
+    TokenLifetime,
+    /// The session's token expired (a fresh Login on the connection would have moved it).
+    #[error("the session's token expired; log in again with a fresh token")]
+    TokenExpired,
+    /// More protocol errors than `limits.max_errors` within `limits.error_window_ms`.
+    #[error("more protocol errors than limits.max_errors within limits.error_window_ms")]
+    TooManyErrors,
     /// The client speaks another protocol version.
     #[error("protocol_version must be 1")]
     UnsupportedVersion,
@@ -168,7 +191,9 @@ impl CloseReason {
             CloseReason::LoginRequired => C::LoginRequired,
             CloseReason::LoginTimeout => C::LoginTimeout,
             CloseReason::Auth(AuthError::Expired) => C::TokenExpired,
-            CloseReason::Auth(_) => C::BadToken,
+            CloseReason::Auth(_) | CloseReason::TokenLifetime => C::BadToken,
+            CloseReason::TokenExpired => C::TokenExpired,
+            CloseReason::TooManyErrors => C::TooManyErrors,
             CloseReason::UnsupportedVersion => C::UnsupportedVersion,
             CloseReason::IdleTimeout => C::IdleTimeout,
             CloseReason::SlowConsumer => C::SlowConsumer,

@@ -46,6 +46,9 @@ pub(crate) struct User {
 }
 
 /// The home role's state.
+///
+/// A user is in [`Home::users`] while a device of theirs is online or they have a conversation
+/// (the inbox is what a sync summarises); a user with neither costs nothing.
 #[derive(Debug, Default)]
 pub(crate) struct Home {
     pub(crate) users: FastMap<Arc<str>, User>,
@@ -88,10 +91,31 @@ impl Home {
         replaced
     }
 
-    /// Forgets `conn` as a connection of `user`.
-    pub(crate) fn unregister(&mut self, user: &str, conn: ConnId) {
-        if let Some(u) = self.users.get_mut(user) {
-            u.devices.retain(|&(_, c)| c != conn);
+    /// Forgets `conn` as a connection of `user`. A user with no device online and no
+    /// conversation is forgotten altogether (it is rebuilt at its next login); returns whether
+    /// it was.
+    pub(crate) fn unregister(&mut self, user: &str, conn: ConnId) -> bool {
+        let Some(u) = self.users.get_mut(user) else {
+            return false;
+        };
+        u.devices.retain(|&(_, c)| c != conn);
+        if u.devices.is_empty() && u.inbox.is_empty() {
+            self.users.remove(user);
+            return true;
+        }
+        if u.devices.is_empty() {
+            u.devices = Vec::new();
+        }
+        false
+    }
+
+    /// Gives back the table's memory after many users left (a hash map never shrinks by
+    /// itself): when it is under a quarter full.
+    pub(crate) fn shrink(&mut self) {
+        const MIN_CAPACITY: usize = 1024;
+        let (len, cap) = (self.users.len(), self.users.capacity());
+        if cap > MIN_CAPACITY && len < cap / 4 {
+            self.users.shrink_to((len * 2).max(MIN_CAPACITY));
         }
     }
 }

@@ -58,9 +58,10 @@ use parley_storage::{Backend, Log, Lsn, SpareDone, SpareTicketOf, SyncOf, SyncTi
 
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::loglimit::{LogKind, LogLimiter};
 use crate::transport::{Transport, TransportError, TransportLimits};
-pub use conn::ConnId;
 use conn::Connection;
+pub use conn::{ConnId, Intake};
 use conv::Placement;
 pub use counters::Counters;
 use error::{CloseReason, Refusal};
@@ -119,6 +120,10 @@ pub enum Effect<T, S> {
     /// Run this segment housekeeping (create and prefault the next segment, write index files)
     /// off the shard thread and hand the result to [`ShardCore::handle_spare`].
     Spare(S),
+    /// The connection takes input again after [`Intake::Hold`]: read it (and call
+    /// [`ShardCore::handle_continue`] if [`ShardCore::intake`] says [`Intake::Pending`]) on a
+    /// coming turn, even without a new readiness event.
+    Resume(ConnId),
 }
 
 /// The effect type of a core over backend `B`.
@@ -214,6 +219,7 @@ pub struct ShardCore<B: Backend> {
     spare_out: bool,
     now: Now,
     quiet: bool,
+    log_limit: LogLimiter,
     test_switches: TestSwitches,
 }
 
@@ -259,6 +265,7 @@ impl<B: Backend> ShardCore<B> {
             spare_out: false,
             now: setup.now,
             quiet: setup.quiet,
+            log_limit: LogLimiter::default(),
             test_switches: setup.switches,
         };
         core.rebuild();
@@ -291,7 +298,9 @@ impl<B: Backend> ShardCore<B> {
         conn
     }
 
-    /// Bytes read on `conn`.
+    /// Bytes read on `conn` (read only while [`ShardCore::intake`] says [`Intake::Read`]). At
+    /// most `limits.frames_per_turn` frames are handled; the rest wait for
+    /// [`ShardCore::handle_continue`].
     pub fn handle_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Now) {
         self.now = now;
         let Some(c) = self.live_conn_mut(conn) else {
@@ -302,6 +311,36 @@ impl<B: Backend> ShardCore<B> {
         self.decode(conn);
         self.after_io(conn);
         self.drain_local();
+    }
+
+    /// Handles more of what `conn` has buffered (when [`ShardCore::intake`] says
+    /// [`Intake::Pending`]), again at most `limits.frames_per_turn` frames.
+    pub fn handle_continue(&mut self, conn: ConnId, now: Now) {
+        self.now = now;
+        if let Some(c) = self.live_conn_mut(conn)
+            && c.input == conn::Input::Backlog
+        {
+            self.decode(conn);
+            self.after_io(conn);
+        }
+        self.drain_local();
+    }
+
+    /// Whether the driver should read `conn` now (`None`: the connection is gone).
+    pub fn intake(&self, conn: ConnId) -> Option<Intake> {
+        self.conns
+            .get(conn.slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|c| c.id == conn)
+            .map(|c| c.intake())
+    }
+
+    /// Whether `conn` is open and logged in.
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(conn.slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.id == conn && c.phase == conn::Phase::Active)
     }
 
     /// The peer closed its sending side: what it is owed is flushed, then the connection closes.
@@ -338,6 +377,7 @@ impl<B: Backend> ShardCore<B> {
             c.shrink(pool);
         }
         self.pump_sync(conn);
+        self.maybe_resume(conn);
         self.arm(conn);
         self.drain_local();
     }
@@ -388,7 +428,10 @@ impl<B: Backend> ShardCore<B> {
         self.now = now;
         self.spare_out = false;
         if let Err(e) = self.owner.log.install_spare(done) {
-            self.log_line(format_args!("segment housekeeping failed: {e}"));
+            self.log_line(
+                LogKind::Storage,
+                format_args!("segment housekeeping failed: {e}"),
+            );
         }
         self.drain_local();
     }
@@ -420,7 +463,10 @@ impl<B: Backend> ShardCore<B> {
                 // The next start reads nothing of the log but this checkpoint.
                 self.write_checkpoint();
             }
-            Err(e) => self.log_line(format_args!("flush at shutdown failed: {e}")),
+            Err(e) => self.log_line(
+                LogKind::Storage,
+                format_args!("flush at shutdown failed: {e}"),
+            ),
         }
         self.drain_local();
         for slot in 0..self.conns.len() {
@@ -434,7 +480,7 @@ impl<B: Backend> ShardCore<B> {
     /// Flushes the log at exit.
     pub fn finish(&mut self) {
         if let Err(e) = self.owner.log.flush() {
-            self.log_line(format_args!("final flush failed: {e}"));
+            self.log_line(LogKind::Storage, format_args!("final flush failed: {e}"));
         }
     }
 
@@ -522,7 +568,7 @@ impl<B: Backend> ShardCore<B> {
             slot,
             generation: *g,
         };
-        let mut c = Connection::new(id, transport, &self.cfg, self.now.ms);
+        let mut c = Connection::new(id, transport, self.now.ms);
         c.inbuf = inbuf;
         c.out = out;
         debug_assert!(self.conns[slot as usize].is_none(), "a free slot is empty");
@@ -541,8 +587,10 @@ impl<B: Backend> ShardCore<B> {
             _ => return None,
         }
         let mut c = self.conns[slot].take()?;
-        if let Some(user) = c.user() {
-            self.home.unregister(user, conn);
+        if let Some(user) = c.user()
+            && self.home.unregister(user, conn)
+        {
+            self.counters.users_freed += 1;
         }
         c.delivery.clear(&mut self.timers);
         if let Some((key, _)) = c.timer.take() {
@@ -596,6 +644,14 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
+    /// A reply for which `bytes` of `conn`'s budget were reserved arrived.
+    fn unreserve(&mut self, conn: ConnId, bytes: u32) {
+        if let Some(c) = self.live_conn_mut(conn) {
+            c.unreserve(bytes);
+        }
+        self.maybe_resume(conn);
+    }
+
     fn mark_dirty(&mut self, conn: ConnId) {
         if let Some(c) = self.live_conn_mut(conn)
             && !c.transmit_queued
@@ -643,7 +699,12 @@ impl<B: Backend> ShardCore<B> {
         };
         c.timer = None;
         match c.expired(&cfg, now) {
-            Some(reason) => self.close(conn, 0, Some(reason)),
+            Some(reason) => {
+                if matches!(reason, CloseReason::TokenExpired) {
+                    self.counters.tokens_expired += 1;
+                }
+                self.close(conn, 0, Some(reason));
+            }
             None => self.arm(conn),
         }
     }
@@ -724,11 +785,15 @@ impl<B: Backend> ShardCore<B> {
             .log
             .tick(Timestamp::from_micros(now.unix_ms.saturating_mul(1000)))
         {
-            self.log_line(format_args!("log maintenance failed: {e}"));
+            self.log_line(
+                LogKind::Storage,
+                format_args!("log maintenance failed: {e}"),
+            );
         }
         if !self.cfg.wait_for_flush {
             self.release();
         }
+        self.home.shrink();
         if self.owner.log.written_lsn().0
             - self
                 .owner
@@ -799,12 +864,41 @@ impl<B: Backend> ShardCore<B> {
             // A connection that is not open for frames (closing, or a WebSocket before its
             // upgrade) simply gets nothing.
             Err(TransportError::NotOpen) => {}
-            Err(e) => self.log_line(format_args!("cannot encode a frame: {e}")),
+            Err(e) => self.log_line(LogKind::Encode, format_args!("cannot encode a frame: {e}")),
         }
     }
 
+    /// Answers a request with a refusal. One the client caused counts against its error
+    /// budget; one too many closes the connection (TOO_MANY_ERRORS) instead.
     fn refuse(&mut self, conn: ConnId, request_id: u64, client_msg_id: u64, r: &Refusal) {
+        let now = self.now.ms;
+        let cfg = &self.cfg;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if c.id != conn {
+            return;
+        }
+        if r.is_clients_fault()
+            && let Some(who) = c.who.as_mut()
+            && who.count_error(cfg, now)
+        {
+            self.counters.closed_for_errors += 1;
+            return self.close(conn, request_id, Some(CloseReason::TooManyErrors));
+        }
         self.write_frame(conn, &r.frame(request_id, client_msg_id));
+    }
+
+    /// A connection held at its budget is under it again: it takes input once more.
+    fn maybe_resume(&mut self, conn: ConnId) {
+        let cfg = &self.cfg;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if c.id == conn && c.input == conn::Input::Held && !c.over_budget(cfg) {
+            c.input = conn::Input::Backlog;
+            self.effects.push(Effect::Resume(conn));
+        }
     }
 
     /// After a delivery: past the queue bound (or too many unacked), the connection goes behind.
@@ -857,6 +951,7 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::Append(a) => self.on_append(*a),
             ShardMsg::Acked(a) => {
                 if let Some(conn) = self.conn_of(a.to) {
+                    self.unreserve(conn, session::ACK_RESERVE);
                     self.write_spliced(conn, |out| {
                         parley_proto::splice::encode_send_ack(a.request_id, &a.ack, out);
                     });
@@ -869,6 +964,7 @@ impl<B: Backend> ShardCore<B> {
                 refusal,
             } => {
                 if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, session::ACK_RESERVE);
                     self.refuse(conn, request_id, client_msg_id, &refusal);
                 }
             }
@@ -883,9 +979,13 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    fn log_line(&self, args: fmt::Arguments<'_>) {
-        if !self.quiet {
-            eprintln!("shard {}: {args}", self.index);
+    /// Writes a log line of `kind`, unless one of that kind went out within the last second
+    /// (then it is counted as suppressed; the next line says how many were).
+    fn log_line(&mut self, kind: LogKind, args: fmt::Arguments<'_>) {
+        match self.log_limit.admit(kind, self.now.ms) {
+            Some(admitted) if !self.quiet => eprintln!("shard {}: {args}{admitted}", self.index),
+            Some(_) => {}
+            None => self.counters.log_lines_suppressed += 1,
         }
     }
 }

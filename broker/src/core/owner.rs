@@ -24,6 +24,7 @@ use super::error::Refusal;
 use super::ids::MsgIdGen;
 use super::mail::{Acked, Append, Delivery, Device, Origin, Recipient, ShardMsg};
 use super::{Effect, ShardCore};
+use crate::loglimit::LogKind;
 
 /// Record kind of a stored message in the log.
 pub(crate) const KIND_MESSAGE: u8 = 1;
@@ -252,7 +253,7 @@ impl<B: Backend> ShardCore<B> {
         let lsn = match self.owner.log.append(meta, &stored) {
             Ok(lsn) => lsn,
             Err(e) => {
-                self.log_line(format_args!("append failed: {e}"));
+                self.log_line(LogKind::Storage, format_args!("append failed: {e}"));
                 return refuse(self, Refusal::Storage(e.to_string()));
             }
         };
@@ -364,7 +365,10 @@ impl<B: Backend> ShardCore<B> {
                 self.release();
             }
             Err(e) => {
-                self.log_line(format_args!("log flush failed, the log is poisoned: {e}"));
+                self.log_line(
+                    LogKind::Storage,
+                    format_args!("log flush failed, the log is poisoned: {e}"),
+                );
                 // Nothing pending will ever be durable: tell the senders.
                 while let Some(p) = self.owner.pending.pop_front() {
                     self.route(
@@ -416,7 +420,10 @@ impl<B: Backend> ShardCore<B> {
                 self.owner.checkpointed = written;
                 self.counters.checkpoints += 1;
             }
-            Err(e) => self.log_line(format_args!("checkpoint not written: {e}")),
+            Err(e) => self.log_line(
+                LogKind::Storage,
+                format_args!("checkpoint not written: {e}"),
+            ),
         }
     }
 

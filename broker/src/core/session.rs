@@ -9,20 +9,43 @@ use parley_proto::pb;
 use parley_proto::pb::frame::Body;
 use parley_storage::Backend;
 
+use super::config::cost;
 use super::conn::{self, ConnId, Phase, Who};
 use super::error::{CloseReason, Refusal};
 use super::mail::{self, Adoption, ShardMsg};
 use super::{Effect, ShardCore, bad_frame};
+use crate::auth::Identity;
 use crate::transport::{Inbound, Transport};
 
+/// Bytes of a connection's budget a send holds until its ack (or refusal) comes back.
+pub(super) const ACK_RESERVE: u32 = 64;
+
 impl<B: Backend> ShardCore<B> {
-    /// Decodes and handles everything `conn`'s buffer holds.
+    /// Decodes and handles what `conn`'s buffer holds: at most `limits.frames_per_turn` items,
+    /// and nothing once the connection is at its budget (see [`super::conn`]).
     pub(super) fn decode(&mut self, conn: ConnId) {
+        let budget = self.cfg.frames_per_turn;
+        let mut items = 0;
         loop {
             let now = self.now.ms;
-            let Some(c) = self.live_conn_mut(conn) else {
+            let (cfg, counters) = (&self.cfg, &mut self.counters);
+            let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
                 return;
             };
+            if c.id != conn {
+                return;
+            }
+            if c.over_budget(cfg) {
+                if c.input != conn::Input::Held {
+                    counters.holds += 1;
+                }
+                c.input = conn::Input::Held;
+                return;
+            }
+            if items >= budget {
+                c.input = conn::Input::Backlog;
+                return;
+            }
             let before = c.out.len();
             let item = c.transport.decode(&mut c.inbuf, &mut c.out);
             let wrote = c.out.len() != before;
@@ -30,8 +53,14 @@ impl<B: Backend> ShardCore<B> {
             if wrote {
                 self.mark_dirty(conn);
             }
+            items += 1;
             match item {
-                Ok(None) => return,
+                Ok(None) => {
+                    if let Some(c) = self.live_conn_mut(conn) {
+                        c.input = conn::Input::Open;
+                    }
+                    return;
+                }
                 Ok(Some(Inbound::Frame(frame))) => {
                     self.counters.frames_in += 1;
                     if let Some(c) = self.live_conn_mut(conn) {
@@ -39,9 +68,19 @@ impl<B: Backend> ShardCore<B> {
                     }
                     self.on_frame(conn, frame);
                 }
-                Ok(Some(Inbound::Upgraded { token, .. })) => {
-                    if let Some(c) = self.live_conn_mut(conn) {
-                        c.heard(now);
+                Ok(Some(Inbound::Upgraded { token, origin, .. })) => {
+                    if !self.origin_allowed(origin.as_deref()) {
+                        self.counters.origins_refused += 1;
+                        if let Some(c) = self.live_conn_mut(conn) {
+                            // Take back the 101 the transport wrote; a 403 goes instead.
+                            c.out.truncate(before);
+                            c.transport.refuse_upgrade(
+                                pb::ErrorCode::Forbidden,
+                                "origin not allowed",
+                                &mut c.out,
+                            );
+                        }
+                        return self.close(conn, 0, None);
                     }
                     if let Some(token) = token {
                         let login = pb::Login {
@@ -56,15 +95,66 @@ impl<B: Backend> ShardCore<B> {
                     if let Some(c) = self.live_conn_mut(conn) {
                         c.heard(now);
                     }
+                    if phase == Phase::Active {
+                        self.charge(conn, cost::REQUEST, 0, None);
+                    }
                 }
                 Ok(Some(Inbound::PeerClosed { .. })) => return self.close(conn, 0, None),
                 // The transport wrote the peer's last words.
-                Err(e) if e.is_fatal() => return self.close(conn, 0, None),
+                Err(e) if e.is_fatal() => {
+                    self.counters.fatal_frames += 1;
+                    return self.close(conn, 0, None);
+                }
                 // Nothing valid has been said yet: this is not a client of ours.
                 Err(e) if phase == Phase::AwaitingLogin => {
+                    self.counters.fatal_frames += 1;
                     return self.close(conn, 0, Some(CloseReason::Garbage(e)));
                 }
-                Err(e) => self.refuse(conn, 0, 0, &bad_frame(&e)),
+                Err(e) => {
+                    self.counters.bad_frames += 1;
+                    self.refuse(conn, 0, 0, &bad_frame(&e));
+                }
+            }
+        }
+    }
+
+    /// Whether a WebSocket upgrade from `origin` may go on (`listen.ws_allowed_origins`).
+    fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let allowed = &self.cfg.ws_allowed_origins;
+        match origin {
+            _ if allowed.is_empty() => true,
+            // Not a browser: the allow-list protects browsers' users from other sites.
+            None => true,
+            Some(o) => allowed.iter().any(|a| a == o),
+        }
+    }
+
+    /// Takes `cost` request tokens from `conn`'s session; if there are too few, refuses the
+    /// request (`request_id`, `refusal_for` names the send) and returns `false`.
+    fn charge(
+        &mut self,
+        conn: ConnId,
+        cost: u64,
+        request_id: u64,
+        refusal_for: Option<u64>,
+    ) -> bool {
+        let now = self.now.ms;
+        let cfg = &self.cfg;
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return false;
+        };
+        if c.id != conn {
+            return false;
+        }
+        let Some(who) = c.who.as_mut() else {
+            return false;
+        };
+        match who.take_tokens(cost, cfg, now) {
+            Ok(()) => true,
+            Err(r) => {
+                self.counters.rate_limited += 1;
+                self.refuse(conn, request_id, refusal_for.unwrap_or(0), &r);
+                false
             }
         }
     }
@@ -80,56 +170,68 @@ impl<B: Backend> ShardCore<B> {
                 self.close(conn, request_id, Some(CloseReason::LoginRequired));
             }
             (Phase::Active, None) => self.refuse(conn, request_id, 0, &Refusal::NoBody),
-            (Phase::Active, Some(body)) => match body {
-                Body::Ping(ping) => self.write_frame(
+            (Phase::Active, Some(body)) => {
+                let (price, cmid) = match &body {
+                    Body::DeliverAck(_) => (cost::ACK, None),
+                    Body::SyncRequest(_) | Body::HistoryRequest(_) => (cost::READ, None),
+                    Body::Send(s) => (cost::REQUEST, Some(s.client_msg_id)),
+                    _ => (cost::REQUEST, None),
+                };
+                if self.charge(conn, price, request_id, cmid) {
+                    self.on_request(conn, request_id, body);
+                }
+            }
+        }
+    }
+
+    /// A logged-in connection's request, paid for.
+    fn on_request(&mut self, conn: ConnId, request_id: u64, body: Body) {
+        match body {
+            Body::Ping(ping) => self.write_frame(
+                conn,
+                &pb::Frame {
+                    request_id,
+                    body: Some(Body::Pong(pb::Pong {
+                        nonce: ping.nonce,
+                        time: 0,
+                    })),
+                },
+            ),
+            Body::Pong(_) => {}
+            Body::Send(send) => self.on_send(conn, request_id, send),
+            Body::DeliverAck(ack) => self.on_deliver_ack(conn, ack),
+            Body::SyncRequest(req) => self.on_sync_request(conn, request_id, req),
+            Body::HistoryRequest(req) => self.on_history_request(conn, request_id, req),
+            Body::Login(login) => self.refresh(conn, request_id, &login),
+            Body::PresenceRequest(_) => {
+                self.refuse(
                     conn,
-                    &pb::Frame {
-                        request_id,
-                        body: Some(Body::Pong(pb::Pong {
-                            nonce: ping.nonce,
-                            time: 0,
-                        })),
-                    },
-                ),
-                Body::Pong(_) => {}
-                Body::Send(send) => self.on_send(conn, request_id, send),
-                Body::DeliverAck(ack) => self.on_deliver_ack(conn, ack),
-                Body::SyncRequest(req) => self.on_sync_request(conn, request_id, req),
-                Body::HistoryRequest(req) => self.on_history_request(conn, request_id, req),
-                Body::Login(_) => self.refuse(conn, request_id, 0, &Refusal::AlreadyLoggedIn),
-                Body::PresenceRequest(_) => {
-                    self.refuse(
-                        conn,
-                        request_id,
-                        0,
-                        &Refusal::NotAvailable("presence queries"),
-                    );
-                }
-                Body::GroupRequest(_) => {
-                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("groups"));
-                }
-                Body::RoomRequest(_) => {
-                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
-                }
-                Body::Receipt(_) => {
-                    self.refuse(conn, request_id, 0, &Refusal::NotAvailable("receipts"));
-                }
-                _ => self.refuse(conn, request_id, 0, &Refusal::ServerOnlyFrame),
-            },
+                    request_id,
+                    0,
+                    &Refusal::NotAvailable("presence queries"),
+                );
+            }
+            Body::GroupRequest(_) => {
+                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("groups"));
+            }
+            Body::RoomRequest(_) => {
+                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
+            }
+            Body::Receipt(_) => {
+                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("receipts"));
+            }
+            _ => self.refuse(conn, request_id, 0, &Refusal::ServerOnlyFrame),
         }
     }
 
     /// Verifies a login: activates the connection here, or hands it to its user's home shard.
     pub(super) fn login(&mut self, conn: ConnId, request_id: u64, login: pb::Login) {
-        let unix_secs = (self.now.unix_ms / 1000).max(0) as u64;
         let verdict = if login.protocol_version != 0
             && login.protocol_version != parley_proto::PROTOCOL_VERSION
         {
             Err(CloseReason::UnsupportedVersion)
         } else {
-            self.verifier
-                .verify(&login.token, unix_secs)
-                .map_err(CloseReason::Auth)
+            self.verify(&login.token)
         };
         let identity = match verdict {
             Ok(identity) => identity,
@@ -158,23 +260,69 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    pub(super) fn activate(
-        &mut self,
-        conn: ConnId,
-        identity: crate::auth::Identity,
-        request_id: u64,
-    ) {
-        let who = Who::new(identity);
-        // The same user and device logging in again replaces the old connection.
-        for old in self.home.register(&who.device, conn) {
-            if old != conn {
-                self.close(old, 0, Some(CloseReason::Replaced));
-            }
+    /// Verifies a token now: who it names, unless it is refused or valid for longer than
+    /// `auth.max_token_lifetime_secs`.
+    fn verify(&self, token: &str) -> Result<Identity, CloseReason> {
+        let unix_secs = u64::try_from(self.now.unix_ms / 1000).unwrap_or(0);
+        let identity = self
+            .verifier
+            .verify(token, unix_secs)
+            .map_err(CloseReason::Auth)?;
+        if identity.expires_at > unix_secs.saturating_add(self.cfg.max_token_lifetime_secs) {
+            return Err(CloseReason::TokenLifetime);
         }
-        let result = pb::LoginResult {
+        Ok(identity)
+    }
+
+    /// A fresh `Login` on a logged-in connection: with a valid token for the same user and
+    /// device, the session's expiry moves to the new token's; otherwise it is refused and the
+    /// session goes on as it was.
+    fn refresh(&mut self, conn: ConnId, request_id: u64, login: &pb::Login) {
+        let identity = match self.verify(&login.token) {
+            Ok(identity) => identity,
+            Err(CloseReason::Auth(e)) => {
+                return self.refuse(conn, request_id, 0, &Refusal::RefreshToken(e));
+            }
+            Err(_) => {
+                return self.refuse(
+                    conn,
+                    request_id,
+                    0,
+                    &Refusal::RefreshToken(crate::auth::AuthError::Malformed(
+                        "token valid for longer than auth.max_token_lifetime_secs",
+                    )),
+                );
+            }
+        };
+        let (now, unix_ms) = (self.now.ms, self.now.unix_ms);
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let Some(who) = c.who.as_mut() else {
+            return;
+        };
+        if *who.device.user != *identity.user || *who.device.device != *identity.device {
+            return self.refuse(conn, request_id, 0, &Refusal::RefreshOtherIdentity);
+        }
+        who.expires_ms = conn::expiry_ms(identity.expires_at, now, unix_ms);
+        self.counters.token_refreshes += 1;
+        let result = self.login_result(&identity);
+        self.write_frame(
+            conn,
+            &pb::Frame {
+                request_id,
+                body: Some(Body::LoginResult(result)),
+            },
+        );
+        self.arm(conn);
+    }
+
+    /// The answer to a login of `identity`.
+    fn login_result(&self, identity: &Identity) -> pb::LoginResult {
+        pb::LoginResult {
             protocol_version: parley_proto::PROTOCOL_VERSION,
-            user: String::from(&*who.device.user),
-            device: String::from(&*who.device.device),
+            user: identity.user.clone(),
+            device: identity.device.clone(),
             node: self.cfg.node.clone(),
             server_time: self.now.unix_ms,
             heartbeat_interval_ms: self.cfg.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
@@ -182,7 +330,19 @@ impl<B: Backend> ShardCore<B> {
             max_frame_bytes: self.cfg.max_frame_bytes,
             udp_session_id: 0,
             udp_session_key: Vec::new(),
-        };
+            token_expires_at: identity.expires_at,
+        }
+    }
+
+    pub(super) fn activate(&mut self, conn: ConnId, identity: Identity, request_id: u64) {
+        let who = Who::new(&identity, &self.cfg, self.now.ms, self.now.unix_ms);
+        // The same user and device logging in again replaces the old connection.
+        for old in self.home.register(&who.device, conn) {
+            if old != conn {
+                self.close(old, 0, Some(CloseReason::Replaced));
+            }
+        }
+        let result = self.login_result(&identity);
         let now = self.now.ms;
         let Some(c) = self.live_conn_mut(conn) else {
             return;
@@ -205,9 +365,7 @@ impl<B: Backend> ShardCore<B> {
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
-        let checked = c
-            .take_send_token(&cfg, now.ms)
-            .and_then(|()| conn::check_send(&send, &cfg));
+        let checked = conn::check_send(&send, &cfg);
         let conv = checked.and_then(|()| {
             c.who
                 .as_mut()
@@ -221,6 +379,8 @@ impl<B: Backend> ShardCore<B> {
         let Some(sender) = c.who.as_ref().map(|w| w.device.clone()) else {
             return;
         };
+        // Room for the ack in the connection's budget, until it comes back.
+        c.reserve(ACK_RESERVE);
         let owner = self.placement.owner(conv.id);
         self.route(
             owner,

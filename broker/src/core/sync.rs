@@ -175,6 +175,7 @@ impl<B: Backend> ShardCore<B> {
         req: pb::HistoryRequest,
     ) {
         let max_page = self.cfg.max_page;
+        let reserve = self.history_reserve();
         let origin = self.origin(conn);
         let Some(c) = self.live_conn_mut(conn) else {
             return;
@@ -201,6 +202,8 @@ impl<B: Backend> ShardCore<B> {
         } else {
             (0, u64::MAX, true)
         };
+        // Room for the page in the connection's budget, until it comes back.
+        c.reserve(reserve);
         let owner = self.placement.owner(conv.id);
         self.route(
             owner,
@@ -214,6 +217,12 @@ impl<B: Backend> ShardCore<B> {
                 purpose: ReadPurpose::History { request_id, view },
             })),
         );
+    }
+
+    /// Bytes of a connection's budget a history request holds until its page arrives: the most
+    /// a page may take.
+    fn history_reserve(&self) -> u32 {
+        u32::try_from(self.cfg.page_budget + 1024).unwrap_or(u32::MAX)
     }
 
     /// Owner side: reads a range of a conversation for a sync page or a history page.
@@ -312,6 +321,7 @@ impl<B: Backend> ShardCore<B> {
         out.clear();
         match d.purpose {
             ReadPurpose::History { request_id, view } => {
+                self.unreserve(conn, self.history_reserve());
                 let view_bytes = splice::view_field(&view);
                 let spliced: Vec<splice::Spliced<'_>> = d
                     .messages

@@ -10,6 +10,7 @@
 //! is refused and retries. The shard count of a data dir is recorded at its first start
 //! (`<data_dir>/shards`) and must not change: conversations are placed by `id % shards`.
 
+mod admission;
 mod listener;
 mod shard;
 mod socket;
@@ -17,7 +18,6 @@ mod socket;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -194,7 +194,17 @@ impl Node {
             inboxes.push(rx);
             polls.push(poll);
         }
-        let connections = Arc::new(AtomicUsize::new(0));
+        let (max_connections, files) =
+            admission::effective_max_connections(config.limits.max_connections, shards);
+        if let Some(files) = files {
+            eprintln!(
+                "parley: limits.max_connections {} lowered to {max_connections}: the open-file \
+                 limit is {files}, and {} descriptors are kept for the node's own files",
+                config.limits.max_connections,
+                files.saturating_sub(max_connections as u64),
+            );
+        }
+        let admission = Arc::new(admission::Admission::new(&config.limits, max_connections));
         let stats = Arc::new(Mutex::new(vec![Counters::default(); shards]));
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
@@ -210,9 +220,9 @@ impl Node {
                 ws: ws_iter.next(),
                 inbox,
                 peers: peers.clone(),
-                connections: Arc::clone(&connections),
-                max_connections: config.limits.max_connections,
+                admission: Arc::clone(&admission),
                 read_budget: config.limits.read_budget_bytes,
+                close_linger_ms: config.timeouts.close_linger_ms,
                 clock,
                 stats: Arc::clone(&stats),
             };

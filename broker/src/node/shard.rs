@@ -3,13 +3,17 @@
 //! reads bytes and the time into the [`ShardCore`] and carries out the core's [`Effect`]s.
 //!
 //! A turn: wait for events (bounded by the core's next deadline); complete finished flushes;
-//! accept and read (within a per-connection budget); drain the inbox of batches from other
-//! shards; fire due deadlines; then apply the core's effects (writes, closes, handovers, one
-//! batch per other shard, a flush) and step the closing sockets.
+//! accept (within the node's [`Admission`] limits) and read (within a per-connection byte
+//! budget, and only while the core takes input: [`Intake`]); drain the inbox of batches from
+//! other shards; fire due deadlines; then apply the core's effects (writes, closes, handovers,
+//! one batch per other shard, a flush, connections to read again) and step the closing sockets.
+//!
+//! Fairness: a connection gets at most `limits.read_budget_bytes` read and
+//! `limits.frames_per_turn` frames handled per turn; one with more waiting goes on the `ready`
+//! list and is served again next turn, after everyone else had their turn.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,9 +22,13 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use parley_storage::{Lsn, MmapBackend, MmapSegment, SpareDone, SpareTicketOf, SyncOf, SyncTicket};
 
+use super::admission::{Admission, AnonSlot, Verdict};
 use super::listener;
-use super::socket::{self, CloseStep, Closing, ReadEnd};
-use crate::core::{Adoption, ConnId, CoreEffect, Counters, Effect, Now, ShardCore, ShardMsg};
+use super::socket::{self, CloseStep, Closing};
+use crate::core::{
+    Adoption, ConnId, CoreEffect, Counters, Effect, Intake, Now, ShardCore, ShardMsg,
+};
+use crate::loglimit::{LogKind, LogLimiter};
 
 pub(crate) const WAKER: Token = Token(0);
 const TCP_LISTENER: Token = Token(1);
@@ -30,8 +38,10 @@ const FIRST_CONN: usize = 3;
 const CLOSING_BIT: usize = 1 << 40;
 /// Bound of each shard's inbox, in mails.
 pub(crate) const INBOX_MAILS: usize = 4096;
-/// How long a closing connection may take to say goodbye.
-const CLOSE_GRACE_MS: u64 = 2_000;
+/// How long the node waits at shutdown for closing connections beyond their linger.
+const SHUTDOWN_SLACK_MS: u64 = 500;
+/// After `accept` failed (e.g. out of descriptors), accepting resumes this much later.
+const ACCEPT_RETRY_MS: u64 = 100;
 /// Longest wait in `poll` (the clock must move even when nothing happens).
 const MAX_WAIT_MS: u64 = 50;
 /// Inbox mails handled per turn before serving sockets again.
@@ -90,6 +100,10 @@ impl Clock {
 struct Sock {
     stream: TcpStream,
     generation: u32,
+    /// The anonymous slot it holds until it logs in or closes.
+    anon: Option<AnonSlot>,
+    /// Refused at accept: its last words go out at once, without a linger.
+    refused: bool,
 }
 
 /// Everything a shard thread starts with.
@@ -102,9 +116,9 @@ pub(crate) struct DriverSetup {
     pub(crate) ws: Option<TcpListener>,
     pub(crate) inbox: Receiver<Mail>,
     pub(crate) peers: Vec<Peer>,
-    pub(crate) connections: Arc<AtomicUsize>,
-    pub(crate) max_connections: usize,
+    pub(crate) admission: Arc<Admission>,
     pub(crate) read_budget: usize,
+    pub(crate) close_linger_ms: u64,
     pub(crate) clock: Clock,
     pub(crate) stats: Arc<Mutex<Vec<Counters>>>,
 }
@@ -131,9 +145,10 @@ pub(crate) struct Driver {
     ready: Vec<ConnId>,
     writable: Vec<ConnId>,
     effects: Vec<CoreEffect<MmapBackend>>,
-    connections: Arc<AtomicUsize>,
-    max_connections: usize,
+    admission: Arc<Admission>,
     read_budget: usize,
+    close_linger_ms: u64,
+    log_limit: LogLimiter,
     clock: Clock,
     accept_retry_at: Option<u64>,
     shutdown_deadline: Option<u64>,
@@ -182,9 +197,10 @@ impl Driver {
             ready: Vec::new(),
             writable: Vec::new(),
             effects: Vec::new(),
-            connections: setup.connections,
-            max_connections: setup.max_connections,
+            admission: setup.admission,
             read_budget: setup.read_budget.max(1),
+            close_linger_ms: setup.close_linger_ms,
+            log_limit: LogLimiter::default(),
             clock: setup.clock,
             accept_retry_at: None,
             shutdown_deadline: None,
@@ -195,6 +211,7 @@ impl Driver {
 
     /// The shard's thread body.
     pub(crate) fn run(mut self) {
+        let mut failed = Vec::new();
         for (token, listener) in [
             (TCP_LISTENER, self.tcp.as_mut()),
             (WS_LISTENER, self.ws.as_mut()),
@@ -202,8 +219,11 @@ impl Driver {
             if let Some(l) = listener
                 && let Err(e) = self.poll.registry().register(l, token, Interest::READABLE)
             {
-                eprintln!("shard {}: cannot register listener: {e}", self.index);
+                failed.push(e);
             }
+        }
+        for e in failed {
+            eprintln!("shard {}: cannot register listener: {e}", self.index);
         }
         let mut events = Events::with_capacity(1024);
         loop {
@@ -303,38 +323,69 @@ impl Driver {
             })
     }
 
-    fn take_sock(&mut self, conn: ConnId) -> Option<TcpStream> {
-        match self.socks.get_mut(conn.slot as usize) {
+    /// Takes a connection's socket out of the table; its anonymous slot, if it held one, is
+    /// freed (it logged in, or it is closing).
+    fn take_sock(&mut self, conn: ConnId) -> Option<Sock> {
+        let sock = match self.socks.get_mut(conn.slot as usize) {
             Some(slot @ Some(_))
                 if slot
                     .as_ref()
                     .is_some_and(|s| s.generation == conn.generation) =>
             {
-                slot.take().map(|s| s.stream)
+                slot.take()
             }
             _ => None,
+        }?;
+        if let Some(anon) = sock.anon {
+            self.admission.release(anon);
         }
+        Some(sock)
     }
 
-    fn put_sock(&mut self, conn: ConnId, mut stream: TcpStream) {
+    fn put_sock(&mut self, conn: ConnId, mut sock: Sock) {
         let slot = conn.slot as usize;
         if self.socks.len() <= slot {
             self.socks.resize_with(slot + 1, || None);
         }
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            &mut sock.stream,
             Token(FIRST_CONN + slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            eprintln!("shard {}: cannot register a connection: {e}", self.index);
+            self.log(
+                LogKind::Register,
+                format_args!("cannot register a connection: {e}"),
+            );
             self.core.handle_reset(conn, self.clock.now());
-            self.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(anon) = sock.anon {
+                self.admission.release(anon);
+            }
+            self.admission.closed();
             return;
         }
-        self.socks[slot] = Some(Sock {
-            stream,
-            generation: conn.generation,
-        });
+        self.socks[slot] = Some(sock);
+    }
+
+    /// A log line the outside world can cause: at most one per kind per second.
+    fn log(&mut self, kind: LogKind, args: std::fmt::Arguments<'_>) {
+        let now = self.clock.now().ms;
+        if let Some(admitted) = self.log_limit.admit(kind, now) {
+            eprintln!("shard {}: {args}{admitted}", self.index);
+        }
+    }
+
+    /// A connection that logged in gives its anonymous slot back.
+    fn note_login(&mut self, conn: ConnId) {
+        let Some(Some(sock)) = self.socks.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if sock.generation == conn.generation
+            && sock.anon.is_some()
+            && self.core.is_logged_in(conn)
+            && let Some(anon) = sock.anon.take()
+        {
+            self.admission.release(anon);
+        }
     }
 
     fn accept(&mut self, websocket: bool, now: Now) {
@@ -351,21 +402,33 @@ impl Driver {
                 return;
             };
             match listener::accept(listener) {
-                Ok(Some((stream, _addr))) => {
-                    let over =
-                        self.connections.fetch_add(1, Ordering::Relaxed) >= self.max_connections;
-                    let conn = self.core.handle_open(websocket, over, now);
-                    self.put_sock(conn, stream);
+                Ok(Some((stream, addr))) => {
+                    let (anon, refused) = match self.admission.admit(addr.ip()) {
+                        Verdict::Admit(slot) => (Some(slot), false),
+                        Verdict::Refuse(_) => (None, true),
+                    };
+                    let conn = self.core.handle_open(websocket, refused, now);
+                    let sock = Sock {
+                        stream,
+                        generation: conn.generation,
+                        anon,
+                        refused,
+                    };
+                    self.put_sock(conn, sock);
                     // A close the core decided at once must see the socket.
                     self.apply_effects(now);
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    eprintln!(
-                        "shard {}: accept failed ({e}); retrying shortly",
-                        self.index
+                    let max = self.admission.max_connections();
+                    self.log(
+                        LogKind::Accept,
+                        format_args!(
+                            "accept failed ({e}); retrying in {ACCEPT_RETRY_MS} ms \
+                             (limits.max_connections in force: {max})"
+                        ),
                     );
-                    self.accept_retry_at = Some(now.ms + 20);
+                    self.accept_retry_at = Some(now.ms + ACCEPT_RETRY_MS);
                     return;
                 }
             }
@@ -380,52 +443,67 @@ impl Driver {
         }
     }
 
-    /// Reads what a connection sent (within the budget) into the core.
+    /// Serves one connection's input for this turn: what the core has buffered first, then
+    /// reads (within the byte budget) while the core takes input.
     fn service(&mut self, conn: ConnId, now: Now) {
         let budget = self.read_budget;
         let mut total = 0;
-        let end = loop {
-            if total >= budget {
-                break Ok(ReadEnd::Budget);
-            }
-            let want = (budget - total).min(socket::READ_MAX);
-            let scratch = &mut self.read_scratch;
-            let stream = match self.socks.get_mut(conn.slot as usize) {
-                Some(Some(s)) if s.generation == conn.generation => &mut s.stream,
-                _ => return,
-            };
-            match socket::read_once(stream, scratch, want) {
-                Ok(None) => break Ok(ReadEnd::Drained),
-                Ok(Some(0)) => break Ok(ReadEnd::Eof),
-                Ok(Some(n)) => {
-                    total += n;
-                    let bytes = self.read_scratch.get(..n).unwrap_or_default();
-                    self.core.handle_bytes(conn, bytes, now);
-                    if self.core.outbound(conn).is_none() {
-                        // The core closed it or handed it over.
-                        self.apply_effects(now);
-                        return;
-                    }
-                    if n < want {
-                        // A short read: the socket is drained.
-                        break Ok(ReadEnd::Drained);
+        let mut handled = false;
+        loop {
+            match self.core.intake(conn) {
+                None => {
+                    // The core closed it or handed it over.
+                    self.apply_effects(now);
+                    return;
+                }
+                // The core says when to come back (`Effect::Resume`).
+                Some(Intake::Hold) => return,
+                Some(Intake::Pending) if handled => {
+                    self.ready.push(conn);
+                    return;
+                }
+                Some(Intake::Pending) => {
+                    self.core.handle_continue(conn, now);
+                    handled = true;
+                    self.note_login(conn);
+                }
+                Some(Intake::Read) if total >= budget => {
+                    self.ready.push(conn);
+                    return;
+                }
+                Some(Intake::Read) => {
+                    let want = (budget - total).min(socket::READ_MAX);
+                    let scratch = &mut self.read_scratch;
+                    let stream = match self.socks.get_mut(conn.slot as usize) {
+                        Some(Some(s)) if s.generation == conn.generation => &mut s.stream,
+                        _ => return,
+                    };
+                    match socket::read_once(stream, scratch, want) {
+                        // Drained: the next arrival raises a new event.
+                        Ok(None) => return,
+                        Ok(Some(0)) => return self.core.handle_eof(conn, now),
+                        Ok(Some(n)) => {
+                            total += n;
+                            let bytes = self.read_scratch.get(..n).unwrap_or_default();
+                            self.core.handle_bytes(conn, bytes, now);
+                            handled = true;
+                            self.note_login(conn);
+                            if n < want && self.core.intake(conn) == Some(Intake::Read) {
+                                // A short read: the socket is drained.
+                                return;
+                            }
+                        }
+                        Err(_) => return self.reset(conn, now),
                     }
                 }
-                Err(e) => break Err(e),
             }
-        };
-        match end {
-            Ok(ReadEnd::Drained) => {}
-            Ok(ReadEnd::Budget) => self.ready.push(conn),
-            Ok(ReadEnd::Eof) => self.core.handle_eof(conn, now),
-            Err(_) => self.reset(conn, now),
         }
     }
 
     fn reset(&mut self, conn: ConnId, now: Now) {
-        if let Some(mut stream) = self.take_sock(conn) {
-            let _ = self.poll.registry().deregister(&mut stream);
-            self.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(mut sock) = self.take_sock(conn) {
+            let _ = self.poll.registry().deregister(&mut sock.stream);
+            self.admission.closed();
         }
         self.core.handle_reset(conn, now);
     }
@@ -456,7 +534,15 @@ impl Driver {
                 Ok(Mail::Batch(batch)) => self.core.handle_mail(batch, now),
                 Ok(Mail::Adopt(stream, adoption)) => {
                     let conn = self.core.handle_adopt(*adoption, now);
-                    self.put_sock(conn, stream);
+                    let sock = Sock {
+                        stream,
+                        generation: conn.generation,
+                        anon: None,
+                        refused: false,
+                    };
+                    self.put_sock(conn, sock);
+                    // Input may wait in the socket from before the move.
+                    self.ready.push(conn);
                     self.apply_effects(now);
                 }
                 Ok(Mail::Shutdown) => self.shutdown(now),
@@ -469,7 +555,7 @@ impl Driver {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        self.shutdown_deadline = Some(now.ms + CLOSE_GRACE_MS + 500);
+        self.shutdown_deadline = Some(now.ms + self.close_linger_ms + SHUTDOWN_SLACK_MS);
         for mut l in [self.tcp.take(), self.ws.take()].into_iter().flatten() {
             let _ = self.poll.registry().deregister(&mut l);
         }
@@ -487,17 +573,25 @@ impl Driver {
                 match effect {
                     Effect::Transmit(conn) => self.transmit(conn, now),
                     Effect::Close { conn, last } => {
-                        if let Some(stream) = self.take_sock(conn) {
-                            self.connections.fetch_sub(1, Ordering::Relaxed);
-                            self.begin_closing(stream, last, now);
+                        if let Some(mut sock) = self.take_sock(conn) {
+                            self.admission.closed();
+                            if sock.refused {
+                                // Refused at accept: one write of its last words, then gone
+                                // (a flood past the limit must not hold descriptors).
+                                let _ = self.poll.registry().deregister(&mut sock.stream);
+                                socket::close_now(sock.stream, last);
+                            } else {
+                                self.begin_closing(sock.stream, last, now);
+                            }
                         }
                     }
                     Effect::Handover { conn, to, adoption } => {
-                        if let Some(mut stream) = self.take_sock(conn) {
-                            let _ = self.poll.registry().deregister(&mut stream);
-                            self.post(to, Mail::Adopt(stream, adoption));
+                        if let Some(mut sock) = self.take_sock(conn) {
+                            let _ = self.poll.registry().deregister(&mut sock.stream);
+                            self.post(to, Mail::Adopt(sock.stream, adoption));
                         }
                     }
+                    Effect::Resume(conn) => self.ready.push(conn),
                     Effect::Mail { to, batch } => self.post(to, Mail::Batch(batch)),
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
@@ -572,7 +666,7 @@ impl Driver {
             self.closing_free.push(idx);
             return;
         }
-        let deadline = now.ms + CLOSE_GRACE_MS;
+        let deadline = now.ms + self.close_linger_ms;
         self.closing[idx] = Some(Closing::new(stream, last, deadline));
         self.closing_order.push_back((deadline, idx));
         self.step_closing(idx);

@@ -16,16 +16,10 @@ use mio::net::TcpStream;
 /// Most bytes one `read` call asks for.
 pub(crate) const READ_MAX: usize = 64 * 1024;
 
-/// How a read pass ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReadEnd {
-    /// Nothing more to read now.
-    Drained,
-    /// The budget ran out with more input possibly waiting: come back next turn.
-    Budget,
-    /// The peer closed its sending side.
-    Eof,
-}
+/// Most bytes a closing connection's peer may still send (read and thrown away) before the
+/// socket is dropped without waiting for its EOF: a peer that goes on sending after a fatal
+/// error gets cut off, not served megabytes of reads.
+pub(crate) const CLOSE_DISCARD_MAX: usize = 64 * 1024;
 
 /// One `read` into `scratch` (at most `want` bytes): `Ok(None)` when nothing was there.
 pub(crate) fn read_once(
@@ -66,14 +60,24 @@ pub(crate) fn write_out(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Resul
     Ok((written, false))
 }
 
+/// Closes a connection at once: one write of its last bytes (a fresh socket's buffer takes a
+/// small error frame whole), shut the write side, drop. For connections refused at accept.
+pub(crate) fn close_now(mut stream: TcpStream, mut last: BytesMut) {
+    let _ = write_out(&mut stream, &mut last);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
 /// A connection being closed: its last bytes go out, its write side is shut (the peer sees EOF
 /// after the last byte), and whatever the peer still sends is read and thrown away (unread input
-/// at close would make the kernel send a RST, which can destroy the last bytes in flight).
+/// at close would make the kernel send a RST, which can destroy the last bytes in flight) — up
+/// to [`CLOSE_DISCARD_MAX`] bytes and the linger deadline, whichever comes first.
 #[derive(Debug)]
 pub(crate) struct Closing {
     pub(crate) stream: TcpStream,
     last: BytesMut,
     write_shut: bool,
+    /// Bytes read and thrown away so far.
+    discarded: usize,
     /// When to give up on a peer that never closes (ms).
     pub(crate) deadline: u64,
 }
@@ -95,6 +99,7 @@ impl Closing {
             stream,
             last,
             write_shut: false,
+            discarded: 0,
             deadline,
         }
     }
@@ -116,6 +121,11 @@ impl Closing {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return CloseStep::Done,
             }
+        }
+        self.discarded += total;
+        if self.discarded > CLOSE_DISCARD_MAX {
+            // It keeps talking after it was told goodbye: stop listening.
+            return CloseStep::Done;
         }
         let more = !eof && total >= budget.max(1);
         if !self.write_shut {

@@ -95,6 +95,11 @@ impl WsConn {
         }
     }
 
+    /// Changes the largest message accepted from the next frame on (e.g. raised after login).
+    pub fn set_max_message_bytes(&mut self, max_message_bytes: usize) {
+        self.assembler.set_max_message_bytes(max_message_bytes);
+    }
+
     /// The connection's state.
     pub fn state(&self) -> ConnState {
         self.state

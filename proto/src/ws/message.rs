@@ -77,6 +77,11 @@ impl MessageAssembler {
         self.max_message_bytes
     }
 
+    /// Changes the limit; a message already in progress is held to the new one.
+    pub fn set_max_message_bytes(&mut self, max_message_bytes: usize) {
+        self.max_message_bytes = max_message_bytes;
+    }
+
     /// Whether a fragmented message is in progress.
     pub fn in_progress(&self) -> bool {
         self.partial.is_some()

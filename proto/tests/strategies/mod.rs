@@ -134,6 +134,7 @@ fn login_result() -> impl Strategy<Value = pb::LoginResult> {
         any::<u32>(),
         any::<u64>(),
         vec(any::<u8>(), 0..=32),
+        any::<u64>(),
     )
         .prop_map(
             |(
@@ -147,6 +148,7 @@ fn login_result() -> impl Strategy<Value = pb::LoginResult> {
                 max_frame_bytes,
                 udp_session_id,
                 udp_session_key,
+                token_expires_at,
             )| pb::LoginResult {
                 protocol_version,
                 user,
@@ -158,6 +160,7 @@ fn login_result() -> impl Strategy<Value = pb::LoginResult> {
                 max_frame_bytes,
                 udp_session_id,
                 udp_session_key,
+                token_expires_at,
             },
         )
 }
