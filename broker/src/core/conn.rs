@@ -89,12 +89,14 @@ pub enum Intake {
 pub(crate) struct Who {
     /// The user and device, shared with every message and registration that names them.
     pub(crate) device: Device,
-    convs: FastMap<Box<str>, Arc<Conv>>,
-    /// Request tokens, in thousandths of a request, as of `tokens_at`.
-    tokens: u64,
-    tokens_at: u64,
+    /// Made at the first send (most connections of a big node are idle and never need it).
+    convs: Option<Box<FastMap<Box<str>, Arc<Conv>>>>,
+    /// Request tokens, in thousandths of a request, as of `tokens_at` (a `u32`, so the session
+    /// fits 96 bytes: bursts are capped at about four million requests).
+    tokens: u32,
     /// Errors counted in the window that began at `errors_since`.
     errors: u32,
+    tokens_at: u64,
     errors_since: u64,
     /// When the token expires, in the core's monotonic ms.
     pub(crate) expires_ms: u64,
@@ -112,8 +114,8 @@ impl Who {
         };
         Who {
             device,
-            convs: FastMap::default(),
-            tokens: cfg.request_burst_milli,
+            convs: None,
+            tokens: burst_milli(cfg),
             tokens_at: now,
             errors: 0,
             errors_since: now,
@@ -131,20 +133,20 @@ impl Who {
         let elapsed = now.saturating_sub(self.tokens_at);
         self.tokens_at = now;
         let earned = elapsed.saturating_mul(cfg.request_rate_milli) / 1000;
-        self.tokens = self
-            .tokens
+        let tokens = u64::from(self.tokens)
             .saturating_add(earned)
-            .min(cfg.request_burst_milli);
-        if self.tokens < cost {
-            let missing = cost - self.tokens;
+            .min(u64::from(burst_milli(cfg)));
+        if tokens < cost {
+            self.tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
+            let missing = cost - tokens;
             let wait = missing
                 .saturating_mul(1000)
-                .div_ceil(cfg.request_rate_milli);
+                .div_ceil(cfg.request_rate_milli.max(1));
             return Err(Refusal::RateLimited {
                 retry_after_ms: u32::try_from(wait.max(1)).unwrap_or(u32::MAX),
             });
         }
-        self.tokens -= cost;
+        self.tokens = u32::try_from(tokens - cost).unwrap_or(u32::MAX);
         Ok(())
     }
 
@@ -160,22 +162,26 @@ impl Who {
 
     /// The conversation this user names `view`, or `None` if it names none this node serves.
     pub(crate) fn conv(&mut self, view: &pb::Conversation) -> Option<Arc<Conv>> {
-        if view.r#type == pb::ConversationType::Direct as i32
-            && let Some(c) = self.convs.get(view.id.as_str())
-        {
+        let direct = view.r#type == pb::ConversationType::Direct as i32;
+        if direct && let Some(c) = self.convs.as_ref().and_then(|m| m.get(view.id.as_str())) {
             return Some(Arc::clone(c));
         }
         let key = key_for(&self.device.user, view)?;
         let conv = Arc::new(Conv::from_key(&key)?);
-        if self.convs.len() >= CONV_CACHE {
-            self.convs.clear();
-        }
-        if view.r#type == pb::ConversationType::Direct as i32 {
-            self.convs
-                .insert(view.id.as_str().into(), Arc::clone(&conv));
+        if direct {
+            let convs = self.convs.get_or_insert_default();
+            if convs.len() >= CONV_CACHE {
+                convs.clear();
+            }
+            convs.insert(view.id.as_str().into(), Arc::clone(&conv));
         }
         Some(conv)
     }
+}
+
+/// The session's bucket size, in thousandths of a request, as it is stored.
+fn burst_milli(cfg: &CoreConfig) -> u32 {
+    u32::try_from(cfg.request_burst_milli).unwrap_or(u32::MAX)
 }
 
 /// The monotonic ms at which a token expiring at `expires_at` (Unix seconds) expires, seen at
@@ -463,6 +469,11 @@ mod tests {
         // Memory per idle connection: the connection is boxed, and mimalloc's next size class
         // after 256 bytes is 320.
         assert!(std::mem::size_of::<Connection>() <= 256);
+    }
+
+    #[test]
+    fn a_session_fits_a_96_byte_allocation() {
+        assert!(std::mem::size_of::<Who>() <= 96);
     }
 
     #[test]

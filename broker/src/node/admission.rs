@@ -12,8 +12,10 @@
 //!   sockets cannot take every slot: the next ones are refused the same way. A connection holds
 //!   its anonymous slot ([`AnonSlot`]) from accept until it logs in or closes.
 //!
-//! The counters are shared by the shards; the per-source table is behind one mutex, taken twice
-//! per connection (accept, then login or close), never per frame.
+//! A connection counts from accept until its descriptor is closed, lingering close included,
+//! so the limit bounds descriptors, not just sessions. The counters are shared by the shards;
+//! the per-source table is behind one mutex, taken twice per connection (accept, then login or
+//! close), never per frame.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

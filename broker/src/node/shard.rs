@@ -574,13 +574,14 @@ impl Driver {
                     Effect::Transmit(conn) => self.transmit(conn, now),
                     Effect::Close { conn, last } => {
                         if let Some(mut sock) = self.take_sock(conn) {
-                            self.admission.closed();
                             if sock.refused {
                                 // Refused at accept: one write of its last words, then gone
                                 // (a flood past the limit must not hold descriptors).
                                 let _ = self.poll.registry().deregister(&mut sock.stream);
                                 socket::close_now(sock.stream, last);
+                                self.admission.closed();
                             } else {
+                                // Counted until its descriptor is closed, after the linger.
                                 self.begin_closing(sock.stream, last, now);
                             }
                         }
@@ -664,6 +665,7 @@ impl Driver {
             .is_err()
         {
             self.closing_free.push(idx);
+            self.admission.closed();
             return;
         }
         let deadline = now.ms + self.close_linger_ms;
@@ -688,6 +690,8 @@ impl Driver {
         if let Some(Some(mut c)) = self.closing.get_mut(idx).map(Option::take) {
             let _ = self.poll.registry().deregister(&mut c.stream);
             self.closing_free.push(idx);
+            // The descriptor closes here: the connection stops counting.
+            self.admission.closed();
         }
     }
 
