@@ -19,7 +19,7 @@ cargo build --release -p parley-loadgen >&2
 DIR=$(mktemp -d /tmp/bench-instr.XXXXXX)
 valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" "$BROKER" serve --data-dir "$DIR/data" \
   --tcp "127.0.0.1:$PORT" --no-ws --set shards=1 --set "storage.durability=$DURABILITY" \
-  --set limits.send_rate_per_sec=10000000 --set limits.send_burst=10000000 >"$DIR/broker.log" 2>&1 &
+  --set limits.request_rate_per_sec=10000000 --set limits.request_burst=10000000 >"$DIR/broker.log" 2>&1 &
 PID=$!
 trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 for _ in $(seq 300); do grep -q "parley listening" "$DIR/broker.log" 2>/dev/null && break; sleep 0.1; done

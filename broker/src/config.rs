@@ -22,6 +22,21 @@ use serde::{Deserialize, Serialize};
 /// Prefix of the environment variables that configure a node.
 pub const ENV_PREFIX: &str = "PARLEY_";
 
+/// Settings renamed since they were introduced: the old name is still read, as the new one, in
+/// every layer (so a file with the old name and a flag with the new one agree on which wins).
+const RENAMED: &[(&str, &str)] = &[
+    ("limits.send_rate_per_sec", "limits.request_rate_per_sec"),
+    ("limits.send_burst", "limits.request_burst"),
+];
+
+/// The current name of setting `key`.
+fn current_name(key: &str) -> &str {
+    RENAMED
+        .iter()
+        .find(|(old, _)| *old == key)
+        .map_or(key, |(_, new)| new)
+}
+
 /// The whole configuration of one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -172,10 +187,8 @@ pub struct Limits {
     /// Sustained requests per second per connection (a token bucket; a send or a ping costs
     /// one request, a sync or history request five, an ack a tenth). Past it, a request is
     /// refused with RATE_LIMITED and a retry hint. Default 2000.
-    #[serde(alias = "send_rate_per_sec")]
     pub request_rate_per_sec: u32,
     /// Burst of requests allowed above the rate. Default 4000.
-    #[serde(alias = "send_burst")]
     pub request_burst: u32,
     /// Protocol errors (undecodable frames, refused requests) one connection may cause within
     /// `error_window_ms`; one more closes it with TOO_MANY_ERRORS. Default 32.
@@ -357,6 +370,19 @@ impl Config {
                     path: path.to_owned(),
                     message: e.to_string(),
                 })?;
+            for (old, new) in RENAMED {
+                let (Some((section, old_key)), Some((_, new_key))) =
+                    (old.split_once('.'), new.split_once('.'))
+                else {
+                    continue;
+                };
+                if let Some(t) = table.get_mut(section).and_then(toml::Value::as_table_mut)
+                    && let Some(v) = t.remove(old_key)
+                {
+                    // The new name wins if the file has both.
+                    t.entry(new_key.to_owned()).or_insert(v);
+                }
+            }
         }
         let mut env: Vec<(String, String)> = env
             .into_iter()
@@ -472,7 +498,7 @@ fn set_path(
     raw: &str,
     origin: &str,
 ) -> Result<(), ConfigError> {
-    let mut parts: Vec<&str> = key.split('.').collect();
+    let mut parts: Vec<&str> = current_name(key).split('.').collect();
     let last = parts
         .pop()
         .filter(|k| !k.is_empty())
@@ -569,6 +595,32 @@ mod tests {
     fn unknown_key_is_an_error_not_a_silent_default() {
         let e = load(&[], &["limits.max_frame_byte=10"]).expect_err("typo must fail");
         assert!(e.to_string().contains("max_frame_byte"), "{e}");
+    }
+
+    #[test]
+    fn renamed_settings_are_read_under_their_new_name_in_every_layer() {
+        let c = load(
+            &[("PARLEY_LIMITS__SEND_BURST", "7")],
+            &["limits.request_burst=9", "limits.send_rate_per_sec=5"],
+        )
+        .expect("old and new names mix");
+        assert_eq!(c.limits.request_burst, 9, "the later layer wins");
+        assert_eq!(c.limits.request_rate_per_sec, 5);
+
+        let dir = std::env::temp_dir().join(format!("parley-renamed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("parley.toml");
+        std::fs::write(&file, "[limits]\nsend_burst = 11\n").expect("write config");
+        let c = Config::load(Some(&file), Vec::new(), &[]).expect("old name in a file");
+        assert_eq!(c.limits.request_burst, 11);
+        let c = Config::load(
+            Some(&file),
+            Vec::new(),
+            &["limits.request_burst=12".to_string()],
+        )
+        .expect("old name in the file, new name in a flag");
+        assert_eq!(c.limits.request_burst, 12);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -26,13 +26,17 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Settings every test broker starts with, before the test's own (which override them):
 /// two shards, so that connections and conversations land on different shards and cross-shard
 /// routing is exercised; small log segments, so that start-up is quick and segment roll-over
-/// happens; send rate limits out of the way of pipelined test senders.
+/// happens; request rate limits out of the way of pipelined test senders.
 pub const BASE_SETTINGS: &[&str] = &[
     "shards=2",
     "storage.segment_bytes=4194304",
-    "limits.send_rate_per_sec=1000000",
-    "limits.send_burst=1000000",
+    "limits.request_rate_per_sec=1000000",
+    "limits.request_burst=1000000",
 ];
+
+/// The length of the token secret the harness generates: the broker refuses secrets shorter
+/// than 32 bytes.
+const SECRET_LEN: usize = 48;
 
 /// Environment variable naming the broker binary to test, instead of `target/<profile>/broker`.
 pub const BROKER_BIN_ENV: &str = "PARLEY_BROKER_BIN";
@@ -53,22 +57,115 @@ pub struct Broker {
     ws: SocketAddr,
     starts: u32,
     stdout: Arc<Mutex<String>>,
+    /// The soft and hard open-file limit (`ulimit -n`) the broker is started under, if not the
+    /// test process's own.
+    open_file_limit: Option<u32>,
+}
+
+/// How a start of the broker that was expected to fail went (see
+/// [`Broker::start_expecting_failure`]).
+#[derive(Debug)]
+pub struct FailedStart {
+    /// The exit status; `None` if the broker did not exit but started (and was then killed).
+    pub status: Option<ExitStatus>,
+    /// Everything it wrote to stdout and stderr.
+    pub output: String,
 }
 
 impl Broker {
     /// Starts a broker with [`BASE_SETTINGS`] and then `settings` (`key=value`, as for `--set`).
     pub fn start(settings: &[&str]) -> Broker {
+        let mut broker = Broker::prepare(settings);
+        broker.spawn();
+        broker
+    }
+
+    /// Starts a broker like [`Broker::start`], under an open-file limit of `nofile` (soft and
+    /// hard): it is spawned through `sh -c 'ulimit -n N && exec broker ...'`, so the limit
+    /// applies to the broker alone. Restarts keep the limit.
+    pub fn start_with_open_file_limit(nofile: u32, settings: &[&str]) -> Broker {
+        let mut broker = Broker::prepare(settings);
+        broker.open_file_limit = Some(nofile);
+        broker.spawn();
+        broker
+    }
+
+    /// Starts the broker binary with [`BASE_SETTINGS`] and `settings` expecting it to refuse to
+    /// start: waits until it exits (returning its status and output) or prints its listening line
+    /// or runs for the start-up timeout (then it is killed and the status is `None`).
+    pub fn start_expecting_failure(settings: &[&str]) -> FailedStart {
+        let broker = Broker::prepare(settings);
+        let mut command = broker.command();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", broker.bin.display()));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let collected = Arc::new(Mutex::new(String::new()));
+        let readers: Vec<_> = [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ]
+        .into_iter()
+        .map(|pipe| {
+            let collected = Arc::clone(&collected);
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut all) = collected.lock() {
+                        all.push_str(&line);
+                        all.push('\n');
+                    }
+                }
+            })
+        })
+        .collect();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let started = || {
+            collected
+                .lock()
+                .map(|all| all.contains("parley listening"))
+                .unwrap_or(false)
+        };
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline && !started() => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Err(e) => panic!("cannot wait for the broker: {e}"),
+            }
+        };
+        for reader in readers {
+            let _ = reader.join();
+        }
+        let output = collected.lock().map(|s| s.clone()).unwrap_or_default();
+        FailedStart { status, output }
+    }
+
+    /// A broker not started yet: its temp dir, secret and settings.
+    fn prepare(settings: &[&str]) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("parley-test-")
             .tempdir()
             .expect("create a temp dir for the broker");
         fs::create_dir_all(dir.path().join("data")).expect("create the data dir");
-        let secret = format!(
-            "parley-test-secret-{}-{}",
+        let base = format!(
+            "parley-test-secret-{}-{}-",
             std::process::id(),
             crate::client::fresh_client_msg_id()
         );
-        let mut broker = Broker {
+        // Padded to SECRET_LEN bytes: the broker refuses short secrets.
+        let secret = format!("{base:x<SECRET_LEN$}");
+        Broker {
             bin: broker_bin().to_owned(),
             dir,
             settings: BASE_SETTINGS
@@ -82,9 +179,8 @@ impl Broker {
             ws: SocketAddr::from(([127, 0, 0, 1], 0)),
             starts: 0,
             stdout: Arc::default(),
-        };
-        broker.spawn();
-        broker
+            open_file_limit: None,
+        }
     }
 
     /// The data directory (kept across restarts).
@@ -114,6 +210,47 @@ impl Broker {
     /// A valid token for `user` on `device`.
     pub fn token(&self, user: &str, device: &str) -> String {
         token::mint_valid(self.secret.as_bytes(), user, device)
+    }
+
+    /// The process id of the running broker; panics if it is not running.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("pid: the broker is not running")
+            .id()
+    }
+
+    /// The broker's resident set size (`VmRSS` of `/proc/PID/status`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid();
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no VmRSS line in /proc/{pid}/status:\n{status}"))
+    }
+
+    /// How many lines the broker wrote to stderr so far, across restarts (the harness adds one
+    /// `==== broker start #N ====` line per start).
+    pub fn stderr_lines(&self) -> usize {
+        fs::read_to_string(self.stderr_path())
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// The broker's stderr lines from index `from` on (see [`Broker::stderr_lines`]).
+    pub fn stderr_since(&self, from: usize) -> Vec<String> {
+        fs::read_to_string(self.stderr_path())
+            .map(|s| s.lines().skip(from).map(str::to_owned).collect())
+            .unwrap_or_default()
     }
 
     /// Everything the broker wrote to stderr and stdout so far, across restarts.
@@ -227,7 +364,33 @@ impl Broker {
             .open(self.stderr_path())
             .expect("open the broker's stderr file");
         writeln!(stderr, "==== broker start #{} ====", self.starts).expect("write stderr file");
-        let mut command = Command::new(&self.bin);
+        let mut command = self.command();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.child = Some(child);
+        self.await_listening(stdout);
+    }
+
+    /// The command line that starts the broker (under `sh -c 'ulimit -n N && exec ...'` if an
+    /// open-file limit is set), without its standard streams.
+    fn command(&self) -> Command {
+        let mut command = match self.open_file_limit {
+            None => Command::new(&self.bin),
+            Some(nofile) => {
+                let mut sh = Command::new("sh");
+                // `$0` is the broker binary and `$@` its arguments: nothing is interpolated into
+                // the script but the number.
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+                    .arg(&self.bin);
+                sh
+            }
+        };
         command
             .arg("serve")
             .arg("--data-dir")
@@ -241,15 +404,11 @@ impl Broker {
         for setting in &self.settings {
             command.arg("--set").arg(setting);
         }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        self.child = Some(child);
+        command
+    }
 
+    /// Reads the broker's stdout until its listening line, and takes its addresses from it.
+    fn await_listening(&mut self, stdout: std::process::ChildStdout) {
         // A thread reads stdout for the whole run, so the broker never blocks on a full pipe;
         // it hands the listening line over.
         let (line_tx, line_rx) = mpsc::channel();

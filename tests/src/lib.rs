@@ -8,6 +8,8 @@
 //! * [`Client`] (TCP) and [`WsClient`] (WebSocket, through tungstenite): clients that log in,
 //!   sync, ack, de-duplicate and record what they were sent.
 //! * [`token`]: HS256 tokens minted independently of the broker.
+//! * [`hostile`]: raw sockets for abuse (partial frames, garbage, floods, many connections)
+//!   and a healthy pair that measures delivery latency beside them.
 //!
 //! Everything is bounded: every read and wait has a deadline ([`TIMEOUT`] unless a test says
 //! otherwise), so a broker that does not answer fails a test instead of hanging it.
@@ -16,6 +18,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod hostile;
 pub mod loadgen;
 pub mod token;
 pub mod transport;

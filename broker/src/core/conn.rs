@@ -361,6 +361,17 @@ impl Connection {
         }
     }
 
+    /// Before a write: once the queue is past a few pool buffers (the client is not keeping
+    /// up), its buffer grows once to the whole budget and a frame, instead of doubling step by
+    /// step (each step would leave the allocator a freed buffer of the size before).
+    pub(crate) fn make_room(&mut self, cfg: &CoreConfig) {
+        const GROW_AT: usize = 4 * POOL_BUFFER_BYTES;
+        let full = cfg.max_outbound_bytes + 2 * cfg.max_frame_bytes as usize;
+        if self.out.len() >= GROW_AT && self.out.capacity() < full {
+            self.out.reserve(full - self.out.len());
+        }
+    }
+
     /// Gives an empty outbound buffer one from the shard's pool, so writing does not grow a
     /// fresh buffer by doubling.
     pub(crate) fn fill_from(&mut self, pool: &mut Vec<BytesMut>) {

@@ -831,7 +831,7 @@ impl<B: Backend> ShardCore<B> {
         conn: ConnId,
         encode: impl FnOnce(&mut Transport, &mut BytesMut) -> Result<(), TransportError>,
     ) {
-        let pool = &mut self.pool;
+        let (pool, cfg) = (&mut self.pool, &self.cfg);
         let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;
         };
@@ -839,6 +839,7 @@ impl<B: Backend> ShardCore<B> {
             return;
         }
         c.fill_from(pool);
+        c.make_room(cfg);
         let before = c.out.len();
         let result = encode(&mut c.transport, &mut c.out);
         let written = c.out.len() - before;
