@@ -267,17 +267,23 @@ fn users_who_leave_free_their_memory() {
     const TEST: &str = "leavers";
     const WARM_UP: usize = 3_000;
     const USERS: usize = 100_000;
-    /// Client threads, each connecting from its own source address (so that 100,000 closed
-    /// connections do not run one address out of ports).
-    const THREADS: usize = 16;
     let _serial = serial();
+    // For the benchmark notes (release build): `ABUSE_LEAVERS=1000000` (not `PARLEY_*`, which
+    // the broker would read as its configuration).
+    let users = std::env::var("ABUSE_LEAVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(USERS);
+    // Client threads, each connecting from its own source address, at most 20,000 connections
+    // each (closed connections wait in TIME_WAIT and hold their port).
+    let threads = (users / 20_000).clamp(16, 250);
     let broker = Broker::start(&["shards=1", "storage.durability=never"]);
 
     let churn = |prefix: &str, users: usize| -> Duration {
         let start = Instant::now();
         let failures = AtomicU64::new(0);
         thread::scope(|s| {
-            for t in 0..THREADS {
+            for t in 0..threads {
                 let (broker, failures) = (&broker, &failures);
                 s.spawn(move || {
                     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
@@ -286,7 +292,7 @@ fn users_who_leave_free_their_memory() {
                         2,
                         u8::try_from(t + 1).expect("few threads"),
                     ));
-                    for i in (t..users).step_by(THREADS) {
+                    for i in (t..users).step_by(threads) {
                         if failures.load(Ordering::Relaxed) > 0 {
                             return;
                         }
@@ -314,16 +320,16 @@ fn users_who_leave_free_their_memory() {
     thread::sleep(Duration::from_secs(1));
     let baseline = broker.rss_kib();
     let cpu_before = hostile::cpu_time(broker.pid());
-    let (took, peak) = peak_rss_during(&broker, || churn("leaver", USERS));
+    let (took, peak) = peak_rss_during(&broker, || churn("leaver", users));
     let cpu = hostile::cpu_time(broker.pid()) - cpu_before;
     thread::sleep(Duration::from_secs(1));
     let after = broker.rss_kib();
     let bound = baseline + baseline / 20 + 1024;
     eprintln!(
-        "[{TEST}] {USERS} distinct users logged in and left in {took:?} ({:.0} logins/s, broker \
+        "[{TEST}] {users} distinct users logged in and left in {took:?} ({:.0} logins/s, broker \
          CPU {cpu:?}): broker RSS baseline {} (after {WARM_UP} warm-up logins), peak {}, 1 s \
          after {} (bound {})",
-        USERS as f64 / took.as_secs_f64(),
+        users as f64 / took.as_secs_f64(),
         mib(baseline),
         mib(peak),
         mib(after),
@@ -331,7 +337,7 @@ fn users_who_leave_free_their_memory() {
     );
     assert!(
         after <= bound,
-        "a user with no device online and nothing pending costs nothing: after {USERS} users \
+        "a user with no device online and nothing pending costs nothing: after {users} users \
          logged in and out, RSS is {} against a baseline of {} (bound: +5 % + 1 MiB = {})",
         mib(after),
         mib(baseline),
@@ -801,6 +807,32 @@ fn past_the_open_file_limit_new_connections_are_refused_not_left_hanging() {
     // Holding them all: an idle broker at its limit must be idle (no accept loop).
     thread::sleep(Duration::from_secs(1));
     let cpu = hostile::cpu_time(broker.pid()) - cpu_before;
+    // One more at a time, at the limit: how long until it is told.
+    let mut refusal_times = Vec::new();
+    for i in 0..20 {
+        let opened = Instant::now();
+        let Ok(stream) = connect_raw_with(broker.tcp_addr(), None, None, ANSWER_WITHIN) else {
+            failures.push(format!("late connection {i}: connect failed"));
+            continue;
+        };
+        let mut conn = Tcp::from_stream(stream);
+        match read_answer(&mut conn, opened + ANSWER_WITHIN, Duration::from_millis(1)) {
+            Answer::Refused(e) if is_too_many_connections(&e) => {
+                refusal_times.push(opened.elapsed());
+            }
+            other => failures.push(format!(
+                "late connection {i}: not refused with TOO_MANY_CONNECTIONS: {}",
+                describe_answer(&other)
+            )),
+        }
+    }
+    refusal_times.sort();
+    eprintln!(
+        "[nofile] at the limit, connect to TOO_MANY_CONNECTIONS: median {:?}, max {:?} (of {})",
+        refusal_times.get(refusal_times.len() / 2),
+        refusal_times.last(),
+        refusal_times.len()
+    );
     let new_lines = broker.stderr_since(lines_before);
     eprintln!(
         "[nofile] {CONNS} connections under ulimit -n {NOFILE}: {} logged in, {refused} refused \

@@ -124,6 +124,26 @@ impl Client {
         }
     }
 
+    /// `n` history requests for the first conversation it holds (none if it holds none): what
+    /// a client that stopped reading may pile up.
+    pub(crate) fn hoard(&self, n: usize) -> Vec<pb::Frame> {
+        let Some(conv) = self.store.keys().next() else {
+            return Vec::new();
+        };
+        let view = self.view(conv);
+        (0..n)
+            .map(|_| pb::Frame {
+                request_id: 0,
+                body: Some(Body::HistoryRequest(pb::HistoryRequest {
+                    conversation: Some(view.clone()),
+                    before_seq: 0,
+                    after_seq: 0,
+                    limit: 0,
+                })),
+            })
+            .collect()
+    }
+
     /// A sync request from what the application holds.
     pub(crate) fn sync_request(&mut self) -> pb::Frame {
         self.syncing = true;

@@ -607,7 +607,7 @@ impl World {
                                 .map(|&(_, s)| s)
                         });
                         if let Some(s) = host {
-                            self.note(15, s as u64, 0, || {
+                            self.note(16, s as u64, 0, || {
                                 format!("sock {s}: shard {shard} takes input again")
                             });
                             self.schedule_read(s);
@@ -846,6 +846,13 @@ impl World {
                 && self.rng.chance(100)
             {
                 self.clients[ci].stalled_until = self.now + self.rng.range(200, 5_000);
+                if self.clients[ci].logged_in {
+                    // While it reads nothing, it asks for a pile of history pages: the node
+                    // must hold its requests, not queue the answers past the budget.
+                    let n = self.rng.range(10, 80) as usize;
+                    let frames = self.clients[ci].hoard(n);
+                    self.client_send(s, frames);
+                }
             }
         }
         let c = &mut self.clients[ci];
