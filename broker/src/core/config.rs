@@ -13,7 +13,8 @@ pub(crate) struct CoreConfig {
     pub(crate) retransmit_initial_ms: u64,
     pub(crate) retransmit_max_ms: u64,
     pub(crate) retransmit_tries: u32,
-    /// Request tokens per second, in thousandths of a request (see [`cost`]).
+    /// Request tokens per second, in thousandths of a request (see [`cost`]); a multiple of
+    /// 1000 (whole requests per second).
     pub(crate) request_rate_milli: u64,
     /// Most request tokens a connection may bank, in thousandths.
     pub(crate) request_burst_milli: u64,

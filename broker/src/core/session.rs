@@ -164,28 +164,32 @@ impl<B: Backend> ShardCore<B> {
             return;
         };
         let request_id = frame.request_id;
-        match (c.phase, frame.body) {
-            (Phase::AwaitingLogin, Some(Body::Login(login))) => self.login(conn, request_id, login),
-            (Phase::AwaitingLogin, _) => {
-                self.close(conn, request_id, Some(CloseReason::LoginRequired));
-            }
-            (Phase::Active, None) => self.refuse(conn, request_id, 0, &Refusal::NoBody),
-            (Phase::Active, Some(body)) => {
-                let (price, cmid) = match &body {
-                    Body::DeliverAck(_) => (cost::ACK, None),
-                    Body::SyncRequest(_) | Body::HistoryRequest(_) => (cost::READ, None),
-                    Body::Send(s) => (cost::REQUEST, Some(s.client_msg_id)),
-                    _ => (cost::REQUEST, None),
-                };
-                if self.charge(conn, price, request_id, cmid) {
-                    self.on_request(conn, request_id, body);
-                }
+        let phase = c.phase;
+        // A logged-in connection pays for every request first (matched by reference: the
+        // frame's body is moved only once, into its handler).
+        if phase == Phase::Active
+            && let Some(body) = &frame.body
+        {
+            let (price, cmid) = match body {
+                Body::DeliverAck(_) => (cost::ACK, None),
+                Body::SyncRequest(_) | Body::HistoryRequest(_) => (cost::READ, None),
+                Body::Send(s) => (cost::REQUEST, Some(s.client_msg_id)),
+                _ => (cost::REQUEST, None),
+            };
+            if !self.charge(conn, price, request_id, cmid) {
+                return;
             }
         }
-    }
-
-    /// A logged-in connection's request, paid for.
-    fn on_request(&mut self, conn: ConnId, request_id: u64, body: Body) {
+        let body = match (phase, frame.body) {
+            (Phase::AwaitingLogin, Some(Body::Login(login))) => {
+                return self.login(conn, request_id, login);
+            }
+            (Phase::AwaitingLogin, _) => {
+                return self.close(conn, request_id, Some(CloseReason::LoginRequired));
+            }
+            (Phase::Active, None) => return self.refuse(conn, request_id, 0, &Refusal::NoBody),
+            (Phase::Active, Some(body)) => body,
+        };
         match body {
             Body::Ping(ping) => self.write_frame(
                 conn,
