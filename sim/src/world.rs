@@ -895,7 +895,7 @@ impl World {
             ms: self.now,
             unix_ms: UNIX_BASE_MS + self.now as i64,
         };
-        let conn = n.cores[shard].handle_open(false, false, now);
+        let conn = n.cores[shard].handle_open(false, None, now);
         let s = self.socks.len();
         n.hosts[shard].insert(conn.slot, (conn.generation, s));
         self.socks.push(Sock {

@@ -136,6 +136,24 @@ impl Refusal {
     }
 }
 
+/// Which connection limit refused a new connection (all are TOO_MANY_CONNECTIONS on the wire;
+/// the message names the setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnLimit {
+    /// `limits.max_connections`, or the open-file limit below it.
+    #[error("the node has reached limits.max_connections (or its open-file limit)")]
+    Connections,
+    /// `limits.max_unauthenticated`.
+    #[error("too many connections are logging in (limits.max_unauthenticated); retry shortly")]
+    Unauthenticated,
+    /// `limits.max_unauthenticated_per_source`.
+    #[error(
+        "too many connections from this address are logging in \
+         (limits.max_unauthenticated_per_source); retry shortly"
+    )]
+    PerSource,
+}
+
 /// Why the core ends a connection.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CloseReason {
@@ -175,9 +193,9 @@ pub(crate) enum CloseReason {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
-    /// The node is at `limits.max_connections`.
-    #[error("the node has reached limits.max_connections")]
-    TooManyConnections,
+    /// A connection limit was reached when the connection was accepted.
+    #[error("{0}")]
+    TooManyConnections(ConnLimit),
     /// Before login, a frame that could not be decoded: not a client of ours.
     #[error("{0}")]
     Garbage(TransportError),
@@ -200,7 +218,7 @@ impl CloseReason {
             CloseReason::RetransmitExhausted => C::RetransmitExhausted,
             CloseReason::Replaced => C::Replaced,
             CloseReason::ShuttingDown => C::ShuttingDown,
-            CloseReason::TooManyConnections => C::TooManyConnections,
+            CloseReason::TooManyConnections(_) => C::TooManyConnections,
             CloseReason::Garbage(e) => e.code(),
         }
     }

@@ -64,6 +64,7 @@ use conn::Connection;
 pub use conn::{ConnId, Intake};
 use conv::Placement;
 pub use counters::Counters;
+pub use error::ConnLimit;
 use error::{CloseReason, Refusal};
 use home::Home;
 use mail::Origin;
@@ -275,9 +276,9 @@ impl<B: Backend> ShardCore<B> {
 
     // ----- inputs ------------------------------------------------------------------------------
 
-    /// A connection was accepted (`websocket`: on the WebSocket listener). `over_limit`: the node
-    /// holds `limits.max_connections` already; the connection is told so and closed.
-    pub fn handle_open(&mut self, websocket: bool, over_limit: bool, now: Now) -> ConnId {
+    /// A connection was accepted (`websocket`: on the WebSocket listener). `refused`: a
+    /// connection limit it hit; it is told so and closed.
+    pub fn handle_open(&mut self, websocket: bool, refused: Option<ConnLimit>, now: Now) -> ConnId {
         self.now = now;
         let transport = if websocket {
             Transport::websocket(self.limits)
@@ -286,13 +287,11 @@ impl<B: Backend> ShardCore<B> {
         };
         let conn = self.insert(transport, BytesMut::new(), BytesMut::new());
         self.counters.connections_opened += 1;
-        if over_limit || self.shutting_down {
-            let reason = if over_limit {
-                CloseReason::TooManyConnections
-            } else {
-                CloseReason::ShuttingDown
-            };
-            self.close(conn, 0, Some(reason));
+        if let Some(limit) = refused {
+            self.counters.refused_at_open += 1;
+            self.close(conn, 0, Some(CloseReason::TooManyConnections(limit)));
+        } else if self.shutting_down {
+            self.close(conn, 0, Some(CloseReason::ShuttingDown));
         }
         self.drain_local();
         conn

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::Limits;
+use crate::core::ConnLimit;
 
 /// Descriptors kept for the node's own files, per shard (its log's segments and index files,
 /// its poller and waker, its listeners, its flusher).
@@ -74,19 +75,8 @@ pub(crate) struct AnonSlot(pub(crate) IpAddr);
 pub(crate) enum Verdict {
     /// Serve it; it holds this anonymous slot until it logs in or closes.
     Admit(AnonSlot),
-    /// Refuse it (TOO_MANY_CONNECTIONS).
-    Refuse(Refused),
-}
-
-/// Which limit a refused connection hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
-    /// `limits.max_connections` (or the open-file limit).
-    Connections,
-    /// `limits.max_unauthenticated`.
-    Unauthenticated,
-    /// `limits.max_unauthenticated_per_source`.
-    PerSource,
+    /// Refuse it (TOO_MANY_CONNECTIONS), naming the limit it hit.
+    Refuse(ConnLimit),
 }
 
 #[derive(Debug, Default)]
@@ -126,17 +116,17 @@ impl Admission {
     /// Every accepted connection must be [`Admission::closed`] once, whatever the verdict.
     pub(crate) fn admit(&self, source: IpAddr) -> Verdict {
         if self.connections.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
-            return Verdict::Refuse(Refused::Connections);
+            return Verdict::Refuse(ConnLimit::Connections);
         }
         let Ok(mut anon) = self.anon.lock() else {
-            return Verdict::Refuse(Refused::Unauthenticated);
+            return Verdict::Refuse(ConnLimit::Unauthenticated);
         };
         if anon.total >= self.max_anon {
-            return Verdict::Refuse(Refused::Unauthenticated);
+            return Verdict::Refuse(ConnLimit::Unauthenticated);
         }
         let from_source = anon.per_source.entry(source).or_insert(0);
         if *from_source as usize >= self.max_anon_per_source {
-            return Verdict::Refuse(Refused::PerSource);
+            return Verdict::Refuse(ConnLimit::PerSource);
         }
         *from_source += 1;
         anon.total += 1;
@@ -189,7 +179,7 @@ mod tests {
             // It logs in.
             a.release(slot);
         }
-        assert_eq!(a.admit(ip(3)), Verdict::Refuse(Refused::Connections));
+        assert_eq!(a.admit(ip(3)), Verdict::Refuse(ConnLimit::Connections));
         // The refused one and one of the others close.
         a.closed();
         a.closed();
@@ -201,7 +191,7 @@ mod tests {
         let a = Admission::new(&limits(100, 2), 1000);
         let first = a.admit(ip(1));
         assert!(matches!(a.admit(ip(1)), Verdict::Admit(_)));
-        assert_eq!(a.admit(ip(1)), Verdict::Refuse(Refused::PerSource));
+        assert_eq!(a.admit(ip(1)), Verdict::Refuse(ConnLimit::PerSource));
         assert!(
             matches!(a.admit(ip(2)), Verdict::Admit(_)),
             "another source is served"
@@ -221,7 +211,7 @@ mod tests {
         let a = Admission::new(&limits(2, 100), 1000);
         assert!(matches!(a.admit(ip(1)), Verdict::Admit(_)));
         assert!(matches!(a.admit(ip(2)), Verdict::Admit(_)));
-        assert_eq!(a.admit(ip(3)), Verdict::Refuse(Refused::Unauthenticated));
+        assert_eq!(a.admit(ip(3)), Verdict::Refuse(ConnLimit::Unauthenticated));
     }
 
     #[test]

@@ -403,11 +403,12 @@ impl Driver {
             };
             match listener::accept(listener) {
                 Ok(Some((stream, addr))) => {
-                    let (anon, refused) = match self.admission.admit(addr.ip()) {
-                        Verdict::Admit(slot) => (Some(slot), false),
-                        Verdict::Refuse(_) => (None, true),
+                    let (anon, limit) = match self.admission.admit(addr.ip()) {
+                        Verdict::Admit(slot) => (Some(slot), None),
+                        Verdict::Refuse(limit) => (None, Some(limit)),
                     };
-                    let conn = self.core.handle_open(websocket, refused, now);
+                    let refused = limit.is_some();
+                    let conn = self.core.handle_open(websocket, limit, now);
                     let sock = Sock {
                         stream,
                         generation: conn.generation,
