@@ -726,6 +726,12 @@ fn a_garbage_storm_on_50_connections_does_not_hurt_a_healthy_pair() {
         connections.load(Ordering::Relaxed) > 2 * PER_KIND as u64,
         "the broker closes garbage connections (the storm had to reconnect)"
     );
+    assert!(
+        logins.load(Ordering::Relaxed) > PER_KIND as u64,
+        "logged-in connections sending garbage are closed too (past limits.max_errors), so \
+         they had to log in again: {} logins for {PER_KIND} of them",
+        logins.load(Ordering::Relaxed)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
