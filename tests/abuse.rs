@@ -186,6 +186,12 @@ fn thousands_of_half_sent_logins_and_upgrades_cost_at_most_8_kib_each() {
     const WS_CONNS: usize = 300;
     const PER_CONN_KIB: u64 = 8;
     let _serial = serial();
+    let files = hostile::raise_open_file_limit();
+    assert!(
+        files.is_none_or(|n| n > 2 * (TCP_CONNS + WS_CONNS) as u64),
+        "this test holds {} connections: the open-file limit ({files:?}) is too low",
+        TCP_CONNS + WS_CONNS
+    );
     let broker = Broker::start(&[
         "limits.max_unauthenticated=10000",
         "limits.max_unauthenticated_per_source=10000",

@@ -573,3 +573,21 @@ pub fn print_pair_figures(test: &str, unloaded: &Latencies, loaded: &Latencies) 
     eprintln!("[{test}] healthy pair unloaded: {unloaded}");
     eprintln!("[{test}] healthy pair loaded:   {loaded}");
 }
+
+/// Raises this process's soft open-file limit to its hard limit and returns the limit in force,
+/// so a test holding thousands of sockets does not fail on a machine whose default soft limit is
+/// low (the broker raises its own the same way).
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current
+}
