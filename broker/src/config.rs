@@ -206,6 +206,10 @@ pub struct Limits {
     /// Most frames handled from one connection per event-loop turn before serving others.
     /// Default 128.
     pub frames_per_turn: u32,
+    /// Most bytes read (and thrown away) from a connection the node is closing, before it drops
+    /// the socket without waiting for the peer's EOF: a peer that goes on sending after a fatal
+    /// error is cut off. Default 65536.
+    pub close_discard_bytes: usize,
 }
 
 /// Timeouts and retransmission, in milliseconds.
@@ -229,7 +233,7 @@ pub struct Timeouts {
     /// re-syncs on reconnect. Default 5.
     pub retransmit_tries: u32,
     /// How long a closed connection may take to read its last bytes and close its side; what
-    /// it sends meanwhile is discarded, at most 64 KiB of it. Default 1000.
+    /// it sends meanwhile is discarded, at most `limits.close_discard_bytes` of it. Default 1000.
     pub close_linger_ms: u64,
 }
 
@@ -300,6 +304,7 @@ impl Default for Limits {
             max_page: 500,
             read_budget_bytes: 64 << 10,
             frames_per_turn: 128,
+            close_discard_bytes: 64 << 10,
         }
     }
 }

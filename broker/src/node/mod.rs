@@ -223,6 +223,7 @@ impl Node {
                 admission: Arc::clone(&admission),
                 read_budget: config.limits.read_budget_bytes,
                 close_linger_ms: config.timeouts.close_linger_ms,
+                close_discard_bytes: config.limits.close_discard_bytes,
                 clock,
                 stats: Arc::clone(&stats),
             };

@@ -119,6 +119,7 @@ pub(crate) struct DriverSetup {
     pub(crate) admission: Arc<Admission>,
     pub(crate) read_budget: usize,
     pub(crate) close_linger_ms: u64,
+    pub(crate) close_discard_bytes: usize,
     pub(crate) clock: Clock,
     pub(crate) stats: Arc<Mutex<Vec<Counters>>>,
 }
@@ -148,6 +149,7 @@ pub(crate) struct Driver {
     admission: Arc<Admission>,
     read_budget: usize,
     close_linger_ms: u64,
+    close_discard_bytes: usize,
     log_limit: LogLimiter,
     clock: Clock,
     accept_retry_at: Option<u64>,
@@ -200,6 +202,7 @@ impl Driver {
             admission: setup.admission,
             read_budget: setup.read_budget.max(1),
             close_linger_ms: setup.close_linger_ms,
+            close_discard_bytes: setup.close_discard_bytes,
             log_limit: LogLimiter::default(),
             clock: setup.clock,
             accept_retry_at: None,
@@ -670,7 +673,12 @@ impl Driver {
             return;
         }
         let deadline = now.ms + self.close_linger_ms;
-        self.closing[idx] = Some(Closing::new(stream, last, deadline));
+        self.closing[idx] = Some(Closing::new(
+            stream,
+            last,
+            deadline,
+            self.close_discard_bytes,
+        ));
         self.closing_order.push_back((deadline, idx));
         self.step_closing(idx);
     }

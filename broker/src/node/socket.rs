@@ -16,11 +16,6 @@ use mio::net::TcpStream;
 /// Most bytes one `read` call asks for.
 pub(crate) const READ_MAX: usize = 64 * 1024;
 
-/// Most bytes a closing connection's peer may still send (read and thrown away) before the
-/// socket is dropped without waiting for its EOF: a peer that goes on sending after a fatal
-/// error gets cut off, not served megabytes of reads.
-pub(crate) const CLOSE_DISCARD_MAX: usize = 64 * 1024;
-
 /// One `read` into `scratch` (at most `want` bytes): `Ok(None)` when nothing was there.
 pub(crate) fn read_once(
     stream: &mut TcpStream,
@@ -70,14 +65,17 @@ pub(crate) fn close_now(mut stream: TcpStream, mut last: BytesMut) {
 /// A connection being closed: its last bytes go out, its write side is shut (the peer sees EOF
 /// after the last byte), and whatever the peer still sends is read and thrown away (unread input
 /// at close would make the kernel send a RST, which can destroy the last bytes in flight) — up
-/// to [`CLOSE_DISCARD_MAX`] bytes and the linger deadline, whichever comes first.
+/// to `discard_max` bytes (`limits.close_discard_bytes`) and the linger deadline, whichever comes
+/// first: a peer that goes on sending after a fatal error gets cut off, not served megabytes of
+/// reads.
 #[derive(Debug)]
 pub(crate) struct Closing {
     pub(crate) stream: TcpStream,
     last: BytesMut,
     write_shut: bool,
-    /// Bytes read and thrown away so far.
+    /// Bytes read and thrown away so far, and the most that will be.
     discarded: usize,
+    discard_max: usize,
     /// When to give up on a peer that never closes (ms).
     pub(crate) deadline: u64,
 }
@@ -94,12 +92,20 @@ pub(crate) enum CloseStep {
 }
 
 impl Closing {
-    pub(crate) fn new(stream: TcpStream, last: BytesMut, deadline: u64) -> Self {
+    /// A close of `stream` with `last` to write, given up at `deadline` (ms) or once
+    /// `discard_max` bytes were read from the peer meanwhile.
+    pub(crate) fn new(
+        stream: TcpStream,
+        last: BytesMut,
+        deadline: u64,
+        discard_max: usize,
+    ) -> Self {
         Closing {
             stream,
             last,
             write_shut: false,
             discarded: 0,
+            discard_max,
             deadline,
         }
     }
@@ -123,7 +129,7 @@ impl Closing {
             }
         }
         self.discarded += total;
-        if self.discarded > CLOSE_DISCARD_MAX {
+        if self.discarded > self.discard_max {
             // It keeps talking after it was told goodbye: stop listening.
             return CloseStep::Done;
         }
