@@ -49,6 +49,9 @@ pub(crate) enum Refusal {
     /// A fresh Login's token was refused (the session goes on until its old expiry).
     #[error("refresh refused: {0}")]
     RefreshToken(AuthError),
+    /// A fresh Login's token is valid for longer than `auth.max_token_lifetime_secs`.
+    #[error("refresh refused: token valid for longer than auth.max_token_lifetime_secs")]
+    RefreshTokenLifetime,
     /// A frame without a body.
     #[error("frame without a body")]
     NoBody,
@@ -98,7 +101,7 @@ impl Refusal {
             | Refusal::UnknownConversation => C::InvalidArgument,
             Refusal::RefreshOtherIdentity => C::Forbidden,
             Refusal::RefreshToken(AuthError::Expired) => C::TokenExpired,
-            Refusal::RefreshToken(_) => C::BadToken,
+            Refusal::RefreshToken(_) | Refusal::RefreshTokenLifetime => C::BadToken,
             Refusal::NoBody | Refusal::ServerOnlyFrame | Refusal::NotAvailable(_) => {
                 C::UnexpectedFrame
             }

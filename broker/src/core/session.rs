@@ -287,16 +287,7 @@ impl<B: Backend> ShardCore<B> {
             Err(CloseReason::Auth(e)) => {
                 return self.refuse(conn, request_id, 0, &Refusal::RefreshToken(e));
             }
-            Err(_) => {
-                return self.refuse(
-                    conn,
-                    request_id,
-                    0,
-                    &Refusal::RefreshToken(crate::auth::AuthError::Malformed(
-                        "token valid for longer than auth.max_token_lifetime_secs",
-                    )),
-                );
-            }
+            Err(_) => return self.refuse(conn, request_id, 0, &Refusal::RefreshTokenLifetime),
         };
         let (now, unix_ms) = (self.now.ms, self.now.unix_ms);
         let Some(c) = self.live_conn_mut(conn) else {
