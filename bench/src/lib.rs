@@ -52,6 +52,7 @@ pub fn deliver_frame(size: usize) -> pb::Frame {
                 server_time: 1_800_000_000_000,
                 kind: pb::MessageKind::Normal as i32,
                 ref_seq: 0,
+                event: None,
             }],
         })),
     }

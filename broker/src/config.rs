@@ -57,6 +57,30 @@ pub struct Config {
     pub limits: Limits,
     /// Timeouts and retransmission.
     pub timeouts: Timeouts,
+    /// Groups.
+    pub groups: Groups,
+}
+
+/// Groups (members, roles, settings: see `GroupRequest` in the .proto).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Groups {
+    /// Most members a group may have (CREATE, ADD_MEMBERS and JOIN past it answer
+    /// GROUP_FULL). Per message, the work grows with the members online, not with this.
+    /// Default 10000.
+    pub max_members: u32,
+    /// Most members one GET_MEMBERS answer lists (a smaller `limit` asks for fewer); pages
+    /// larger than the frame limit are cut shorter. Default 1000.
+    pub max_members_page: u32,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Self {
+            max_members: 10_000,
+            max_members_page: 1000,
+        }
+    }
 }
 
 /// Listening addresses. A node listens on loopback unless configured otherwise.
@@ -248,6 +272,7 @@ impl Default for Config {
             storage: Storage::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            groups: Groups::default(),
         }
     }
 }
@@ -457,6 +482,9 @@ impl Config {
         }
         if self.limits.max_errors == 0 || self.limits.error_window_ms == 0 {
             return fail("limits.max_errors and limits.error_window_ms must be positive");
+        }
+        if self.groups.max_members == 0 || self.groups.max_members_page == 0 {
+            return fail("groups.max_members and groups.max_members_page must be positive");
         }
         if self.limits.frames_per_turn == 0 || self.limits.read_budget_bytes == 0 {
             return fail("limits.frames_per_turn and limits.read_budget_bytes must be positive");

@@ -430,7 +430,9 @@ pub fn ws_close_code(code: pb::ErrorCode) -> u16 {
         | E::NotFound
         | E::InvalidArgument
         | E::RetransmitExhausted
-        | E::UnexpectedFrame => private_close_code(code),
+        | E::UnexpectedFrame
+        | E::AlreadyExists
+        | E::GroupFull => private_close_code(code),
     }
 }
 

@@ -469,6 +469,7 @@ mod tests {
             server_time: 1_700_000_000_000,
             kind: 0,
             ref_seq: 0,
+            event: None,
         }
     }
 

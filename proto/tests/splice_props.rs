@@ -40,6 +40,7 @@ fn message() -> impl Strategy<Value = pb::Message> {
                 server_time: time,
                 kind,
                 ref_seq,
+                event: None,
             },
         )
 }

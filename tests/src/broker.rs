@@ -299,6 +299,17 @@ impl Broker {
         client
     }
 
+    /// A ready WebSocket client speaking the JSON text form, logged in and synced.
+    pub fn connect_ws_json(&self, user: &str, device: &str) -> WsClient {
+        let conn = Ws::open(self.ws, None)
+            .unwrap_or_else(|e| panic!("cannot open a WebSocket: {e}"))
+            .speaking_json();
+        let mut client = Client::with_conn(conn, self.ws, &self.secret);
+        client.login(user, device);
+        client.sync();
+        client
+    }
+
     /// A ready WebSocket client whose token came in the upgrade URL (`?token=`), and synced. The
     /// sync doubles as the proof that the upgrade logged it in.
     pub fn connect_ws_url_token(&self, user: &str, device: &str) -> WsClient {

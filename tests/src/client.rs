@@ -508,6 +508,65 @@ impl<T: Transport> Client<T> {
         self.send_acks[&client_msg_id].clone()
     }
 
+    /// Sends `body` to `conversation` (e.g. a group) and waits for the `SendAck`.
+    pub fn send_to(
+        &mut self,
+        conversation: &pb::Conversation,
+        body: impl Into<Bytes>,
+    ) -> pb::SendAck {
+        let client_msg_id = fresh_client_msg_id();
+        self.start_send_with_id(conversation.clone(), client_msg_id, body.into());
+        self.wait_send_ack(client_msg_id, TIMEOUT)
+    }
+
+    /// Sends `body` to `conversation` and returns the refusal; panics if it is acked.
+    pub fn send_refused(
+        &mut self,
+        conversation: &pb::Conversation,
+        body: impl Into<Bytes>,
+    ) -> pb::Error {
+        let client_msg_id = fresh_client_msg_id();
+        self.start_send_with_id(conversation.clone(), client_msg_id, body.into());
+        let what = format!("send {client_msg_id} is answered");
+        self.wait_until(TIMEOUT, &what, |c| {
+            c.send_acks.contains_key(&client_msg_id) || c.send_errors.contains_key(&client_msg_id)
+        });
+        match self.send_errors.get(&client_msg_id) {
+            Some(e) => e.clone(),
+            None => panic!(
+                "{}: send {client_msg_id} was acked, not refused",
+                self.label
+            ),
+        }
+    }
+
+    /// Sends a `GroupRequest` and returns its `GroupResult`, or the `Error` that refused it.
+    pub fn try_group(&mut self, req: pb::GroupRequest) -> Result<pb::GroupResult, pb::Error> {
+        let request_id = self.request(Body::GroupRequest(req));
+        let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+        match frame.body {
+            Some(Body::GroupResult(r)) => Ok(r),
+            Some(Body::Error(e)) => Err(e),
+            other => panic!(
+                "{}: unexpected answer to a GroupRequest: {other:?}",
+                self.label
+            ),
+        }
+    }
+
+    /// Sends a `GroupRequest` and returns its `GroupResult`; panics if it is refused.
+    pub fn group(&mut self, req: pb::GroupRequest) -> pb::GroupResult {
+        let action = req.action;
+        self.try_group(req).unwrap_or_else(|e| {
+            panic!(
+                "{}: group request {action} refused: {} ({:?})",
+                self.label,
+                code_name(e.code),
+                e.message
+            )
+        })
+    }
+
     /// Sends `body` to user `to` and waits for the `SendAck`.
     pub fn send(&mut self, to: &str, body: impl Into<Bytes>) -> pb::SendAck {
         let client_msg_id = self.start_send(to, body);
@@ -941,7 +1000,13 @@ impl<T: Transport> Client<T> {
                 seq: m.seq,
                 via,
             };
+            let me = self.identity.as_ref().map(|(u, _)| u.as_str());
             let held = self.held.entry(conversation.clone()).or_default();
+            // A group member sees the group from the event that added it: the seqs below are
+            // not ours to hold.
+            if me.is_some_and(|me| adds_user(m, me)) && held.contiguous + 1 < m.seq {
+                held.contiguous = m.seq - 1;
+            }
             match held.messages.entry(m.seq) {
                 btree_map::Entry::Occupied(_) => self.duplicates.push(arrival.clone()),
                 btree_map::Entry::Vacant(slot) => {
@@ -989,6 +1054,20 @@ impl Client<Tcp> {
         if let Err(e) = self.conn.write_raw(bytes) {
             panic!("{}: cannot write raw bytes: {e}", self.label);
         }
+    }
+}
+
+/// Whether `m` is the group event that makes `user` a member.
+pub fn adds_user(m: &pb::Message, user: &str) -> bool {
+    use pb::GroupEventType as E;
+    let Some(e) = &m.event else {
+        return false;
+    };
+    match E::try_from(e.r#type) {
+        Ok(E::Created) => e.actor == user || e.users.iter().any(|u| u == user),
+        Ok(E::MembersAdded) => e.users.iter().any(|u| u == user),
+        Ok(E::MemberJoined) => e.actor == user,
+        _ => false,
     }
 }
 

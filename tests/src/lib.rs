@@ -46,6 +46,24 @@ pub fn direct(user: &str) -> pb::Conversation {
     }
 }
 
+/// The group conversation `id`.
+pub fn group(id: &str) -> pb::Conversation {
+    pb::Conversation {
+        r#type: pb::ConversationType::Group as i32,
+        id: id.to_owned(),
+    }
+}
+
+/// A `GroupRequest` of `action` on group `id` naming `members`.
+pub fn group_request(action: pb::GroupAction, id: &str, members: &[&str]) -> pb::GroupRequest {
+    pb::GroupRequest {
+        action: action as i32,
+        group_id: id.to_owned(),
+        members: members.iter().map(|m| (*m).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
 /// `DIRECT:bob`, for messages.
 pub fn conv_name(conversation: &pb::Conversation) -> String {
     let kind = pb::ConversationType::try_from(conversation.r#type).map_or_else(

@@ -153,10 +153,21 @@ impl Transport for Tcp {
     }
 }
 
-/// WebSocket: one binary message per frame, through tungstenite.
+/// WebSocket: one binary message per frame (or, after [`Ws::speaking_json`], one text message of
+/// the frame's proto3 JSON form), through tungstenite.
 pub struct Ws {
     ws: WebSocket<TcpStream>,
     buf: BytesMut,
+    json: bool,
+}
+
+impl Ws {
+    /// This connection, writing every frame as a JSON text message from now on (the broker
+    /// answers in the form the client used last).
+    pub fn speaking_json(mut self) -> Self {
+        self.json = true;
+        self
+    }
 }
 
 impl fmt::Debug for Ws {
@@ -183,13 +194,19 @@ impl Transport for Ws {
         Ok(Self {
             ws,
             buf: BytesMut::new(),
+            json: false,
         })
     }
 
     fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
-        self.buf.clear();
-        frame::encode(frame, &mut self.buf);
-        let message = Message::Binary(self.buf.split().freeze());
+        let message = if self.json {
+            let json = frame::to_json(frame).map_err(io::Error::other)?;
+            Message::Text(json.into())
+        } else {
+            self.buf.clear();
+            frame::encode(frame, &mut self.buf);
+            Message::Binary(self.buf.split().freeze())
+        };
         self.ws.send(message).map_err(io::Error::other)
     }
 

@@ -16,18 +16,29 @@
 //! tail of the log, after a clean stop and after a crash alike, and the checkpoint grows with the
 //! number of conversations, not with the log.
 //!
-//! Layout (little endian): `"PCK3"`, max message id `u64`, conversation count `u32`, then per
+//! A group's members and settings ([`GroupEntry`]) are in it too, with the seq of the newest
+//! event they reflect: the replay applies only later events. If that seq is above the log's
+//! last seq of the group (the checkpoint reflected an event a crash then lost), start-up
+//! rebuilds that one group from its events in the log instead.
+//!
+//! Layout (little endian): `"PCK4"`, max message id `u64`, conversation count `u32`, then per
 //! conversation: id `u64`, key (`u16` length + UTF-8), device count `u32`, then per device: user
 //! and device (`u16` length + UTF-8 each), entry count `u32`, entries oldest first as (client
-//! message id, message id, seq, server time, LSN), `u64` each. Entries at or beyond the log's
-//! recovered end are dropped at load (a crash lost those records). Anything that does not parse
-//! is ignored as a whole (start-up then reads the whole log).
+//! message id, message id, seq, server time, LSN), `u64` each; then a group flag `u8`, and for a
+//! group: name, open `u8`, applied seq `u64`, dissolved seq `u64` (0: live), member count `u32`,
+//! members as (user, role `u8`, joined seq `u64`), former member count `u32`, former members as
+//! (user, joined seq `u64`, left seq `u64`). `"PCK3"` (before groups) has no group flag and is
+//! still read. Entries at or beyond the log's recovered end are dropped at load (a crash lost
+//! those records). Anything that does not parse is ignored as a whole (start-up then reads the
+//! whole log).
 
 use parley_storage::Lsn;
 
 use super::owner::Remembered;
 
-const MAGIC: &[u8; 4] = b"PCK3";
+const MAGIC: &[u8; 4] = b"PCK4";
+/// The layout before groups (no group flag), still read.
+const MAGIC_V3: &[u8; 4] = b"PCK3";
 
 /// Sends remembered per device and conversation in a checkpoint: the newest, enough for a
 /// client's outbox of unacknowledged sends (each entry takes 40 bytes).
@@ -47,6 +58,22 @@ pub(crate) struct ConvEntry {
     pub(crate) id: u64,
     pub(crate) key: String,
     pub(crate) devices: Vec<DeviceWindow>,
+    pub(crate) group: Option<GroupEntry>,
+}
+
+/// A group's state in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct GroupEntry {
+    pub(crate) name: String,
+    pub(crate) open: bool,
+    /// The seq of the newest event reflected.
+    pub(crate) applied: u64,
+    /// The seq of the event that dissolved it (0: live).
+    pub(crate) dissolved: u64,
+    /// Members: user, role (as [`super::group::Role::to_byte`]), joined seq.
+    pub(crate) members: Vec<(String, u8, u64)>,
+    /// Former members: user, joined seq, left seq.
+    pub(crate) former: Vec<(String, u64, u64)>,
 }
 
 /// A decoded checkpoint.
@@ -83,6 +110,28 @@ impl Checkpoint {
                     }
                 }
             }
+            match &c.group {
+                None => out.push(0),
+                Some(g) => {
+                    out.push(1);
+                    put_str(&mut out, &g.name);
+                    out.push(u8::from(g.open));
+                    out.extend_from_slice(&g.applied.to_le_bytes());
+                    out.extend_from_slice(&g.dissolved.to_le_bytes());
+                    out.extend_from_slice(&(g.members.len() as u32).to_le_bytes());
+                    for (user, role, joined) in &g.members {
+                        put_str(&mut out, user);
+                        out.push(*role);
+                        out.extend_from_slice(&joined.to_le_bytes());
+                    }
+                    out.extend_from_slice(&(g.former.len() as u32).to_le_bytes());
+                    for (user, joined, left) in &g.former {
+                        put_str(&mut out, user);
+                        out.extend_from_slice(&joined.to_le_bytes());
+                        out.extend_from_slice(&left.to_le_bytes());
+                    }
+                }
+            }
         }
         out
     }
@@ -90,9 +139,11 @@ impl Checkpoint {
     /// Reads a checkpoint; `None` if the bytes are not one (never panics on bad input).
     pub(crate) fn decode(bytes: &[u8]) -> Option<Checkpoint> {
         let mut r = Reader(bytes);
-        if r.take(4)? != MAGIC {
-            return None;
-        }
+        let has_groups = match r.take(4)? {
+            m if m == MAGIC => true,
+            m if m == MAGIC_V3 => false,
+            _ => return None,
+        };
         let max_msg_id = r.u64()?;
         let n = r.u32()?;
         // Each entry takes at least 14 bytes: a count larger than what is left is a lie.
@@ -138,10 +189,53 @@ impl Checkpoint {
                     entries,
                 });
             }
-            convs.push(ConvEntry { id, key, devices });
+            let group = if has_groups && r.u8()? == 1 {
+                Some(read_group(&mut r)?)
+            } else {
+                None
+            };
+            convs.push(ConvEntry {
+                id,
+                key,
+                devices,
+                group,
+            });
         }
         r.0.is_empty().then_some(Checkpoint { max_msg_id, convs })
     }
+}
+
+/// A group's state, after its flag.
+fn read_group(r: &mut Reader<'_>) -> Option<GroupEntry> {
+    let name = r.string()?;
+    let open = r.u8()? != 0;
+    let applied = r.u64()?;
+    let dissolved = r.u64()?;
+    let n = r.u32()?;
+    // A member takes at least 11 bytes, a former member 18: a larger count is a lie.
+    if (n as usize).checked_mul(11)? > r.0.len() {
+        return None;
+    }
+    let mut members = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        members.push((r.string()?, r.u8()?, r.u64()?));
+    }
+    let n = r.u32()?;
+    if (n as usize).checked_mul(18)? > r.0.len() {
+        return None;
+    }
+    let mut former = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        former.push((r.string()?, r.u64()?, r.u64()?));
+    }
+    Some(GroupEntry {
+        name,
+        open,
+        applied,
+        dissolved,
+        members,
+        former,
+    })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -158,6 +252,10 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
     }
 
     fn u32(&mut self) -> Option<u32> {
@@ -194,11 +292,26 @@ mod tests {
                             },
                         )],
                     }],
+                    group: None,
                 },
                 ConvEntry {
                     id: 10,
                     key: "d1:ab".into(),
                     devices: Vec::new(),
+                    group: None,
+                },
+                ConvEntry {
+                    id: 11,
+                    key: "g:team".into(),
+                    devices: Vec::new(),
+                    group: Some(GroupEntry {
+                        name: "the team".into(),
+                        open: true,
+                        applied: 7,
+                        dissolved: 0,
+                        members: vec![("alice".into(), 2, 1), ("bob".into(), 0, 4)],
+                        former: vec![("carol".into(), 1, 6)],
+                    }),
                 },
             ],
         }
@@ -223,6 +336,27 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(Checkpoint::decode(&longer), None);
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_groups_still_reads() {
+        let mut old = Vec::new();
+        old.extend_from_slice(MAGIC_V3);
+        old.extend_from_slice(&5u64.to_le_bytes());
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&10u64.to_le_bytes());
+        put_str(&mut old, "d1:ab");
+        old.extend_from_slice(&0u32.to_le_bytes());
+        let expected = Checkpoint {
+            max_msg_id: 5,
+            convs: vec![ConvEntry {
+                id: 10,
+                key: "d1:ab".into(),
+                devices: Vec::new(),
+                group: None,
+            }],
+        };
+        assert_eq!(Checkpoint::decode(&old), Some(expected));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub(crate) struct CoreConfig {
     pub(crate) maintenance_ms: u64,
     /// Bytes of log between start-up checkpoints.
     pub(crate) checkpoint_every_bytes: u64,
+    /// Most members of a group.
+    pub(crate) max_group_members: usize,
+    /// Most members one GET_MEMBERS answer lists.
+    pub(crate) max_members_page: usize,
 }
 
 impl CoreConfig {
@@ -72,6 +76,8 @@ impl CoreConfig {
                 .max(1),
             maintenance_ms: 20,
             checkpoint_every_bytes: c.storage.checkpoint_every_bytes.max(1),
+            max_group_members: c.groups.max_members.max(1) as usize,
+            max_members_page: c.groups.max_members_page.max(1) as usize,
         }
     }
 }

@@ -90,7 +90,7 @@ pub(crate) struct Who {
     /// The user and device, shared with every message and registration that names them.
     pub(crate) device: Device,
     /// Made at the first send (most connections of a big node are idle and never need it).
-    convs: Option<Box<FastMap<Box<str>, Arc<Conv>>>>,
+    convs: Option<Box<ConvCache>>,
     /// Request tokens, in thousandths of a request, as of `tokens_at` (a `u32`, so the session
     /// fits 96 bytes: bursts are capped at about four million requests).
     tokens: u32,
@@ -102,8 +102,15 @@ pub(crate) struct Who {
     pub(crate) expires_ms: u64,
 }
 
-/// Most conversations a connection remembers by the name it used for them.
+/// Most conversations of each kind a connection remembers by the name it used for them.
 const CONV_CACHE: usize = 64;
+
+/// The conversations a connection named, by kind and the id it used.
+#[derive(Debug, Default)]
+struct ConvCache {
+    direct: FastMap<Box<str>, Arc<Conv>>,
+    group: FastMap<Box<str>, Arc<Conv>>,
+}
 
 impl Who {
     /// The session of `identity`, logged in at `now` (`unix_ms` on the wall clock).
@@ -163,18 +170,31 @@ impl Who {
 
     /// The conversation this user names `view`, or `None` if it names none this node serves.
     pub(crate) fn conv(&mut self, view: &pb::Conversation) -> Option<Arc<Conv>> {
-        let direct = view.r#type == pb::ConversationType::Direct as i32;
-        if direct && let Some(c) = self.convs.as_ref().and_then(|m| m.get(view.id.as_str())) {
+        fn cached<'c>(
+            cache: &'c mut ConvCache,
+            view: &pb::Conversation,
+        ) -> Option<&'c mut FastMap<Box<str>, Arc<Conv>>> {
+            match pb::ConversationType::try_from(view.r#type).ok()? {
+                pb::ConversationType::Direct => Some(&mut cache.direct),
+                pb::ConversationType::Group => Some(&mut cache.group),
+                _ => None,
+            }
+        }
+        if let Some(c) = self
+            .convs
+            .as_deref_mut()
+            .and_then(|c| cached(c, view))
+            .and_then(|m| m.get(view.id.as_str()))
+        {
             return Some(Arc::clone(c));
         }
         let key = key_for(&self.device.user, view)?;
         let conv = Arc::new(Conv::from_key(&key)?);
-        if direct {
-            let convs = self.convs.get_or_insert_default();
-            if convs.len() >= CONV_CACHE {
-                convs.clear();
+        if let Some(map) = cached(self.convs.get_or_insert_default(), view) {
+            if map.len() >= CONV_CACHE {
+                map.clear();
             }
-            convs.insert(view.id.as_str().into(), Arc::clone(&conv));
+            map.insert(view.id.as_str().into(), Arc::clone(&conv));
         }
         Some(conv)
     }

@@ -2,12 +2,12 @@
 //!
 //! * **Identity.** A conversation has a canonical key. A direct conversation between users `a`
 //!   and `b` has the key `d<len(a)>:<a><b>` with `a <= b` (byte order), unambiguous whatever
-//!   characters user ids contain. Its id is a stable 64-bit hash of the key (FNV-1a, then a
+//!   characters user ids contain. A group `g` has the key `g:<g>`. Its id is a stable 64-bit hash of the key (FNV-1a, then a
 //!   SplitMix64 finalizer for an even spread); ids are stored in the log, so the hash must never
 //!   change. Two keys with the same id (a collision) are detected by the owner, which keeps the
 //!   key beside the id, and refused.
-//! * **Kind** ([`ConvKind`]): direct today; groups and rooms plug in here (their members come
-//!   from membership records instead of the key).
+//! * **Kind** ([`ConvKind`]): direct (its two users come from the key) or group (its members
+//!   come from membership records, kept by the owner: [`super::group`]).
 //! * **Placement** ([`Placement`]): which shard owns a conversation (its seq counter, de-dup
 //!   windows and log) and which shard is a user's home (connections, inbox). In a cluster the
 //!   same seam answers which node.
@@ -40,6 +40,8 @@ pub(crate) const MAX_CONV_ID_BYTES: usize = 128;
 pub(crate) enum ConvKind {
     /// Two users (a user may also write to itself).
     Direct,
+    /// A group with an explicit member list.
+    Group,
 }
 
 /// A conversation as the core knows it: key, id, kind and the users who receive its messages.
@@ -51,7 +53,8 @@ pub(crate) struct Conv {
     pub(crate) id: u64,
     /// The kind.
     pub(crate) kind: ConvKind,
-    /// Who receives its messages: for a direct conversation, its one or two users.
+    /// Who receives its messages: for a direct conversation, its one or two users; empty for a
+    /// group (its owner keeps the members).
     pub(crate) members: Vec<Arc<str>>,
     /// The conversation as stored in each message (kind and canonical key).
     pub(crate) stored: pb::Conversation,
@@ -60,6 +63,9 @@ pub(crate) struct Conv {
 impl Conv {
     /// The conversation a canonical key names, or `None` if the key names none.
     pub(crate) fn from_key(key: &str) -> Option<Conv> {
+        if let Some(group) = key.strip_prefix(GROUP_PREFIX) {
+            return Conv::group(group);
+        }
         let (a, b) = direct_users(key)?;
         let mut members: Vec<Arc<str>> = vec![a.into()];
         if a != b {
@@ -77,13 +83,46 @@ impl Conv {
         })
     }
 
+    /// The group `group_id` (1..=128 bytes), or `None` if the id is not one.
+    pub(crate) fn group(group_id: &str) -> Option<Conv> {
+        if group_id.is_empty() || group_id.len() > MAX_CONV_ID_BYTES {
+            return None;
+        }
+        let key = format!("{GROUP_PREFIX}{group_id}");
+        Some(Conv {
+            id: conv_id(&key),
+            stored: pb::Conversation {
+                r#type: pb::ConversationType::Group as i32,
+                id: key.clone(),
+            },
+            key: key.into(),
+            kind: ConvKind::Group,
+            members: Vec::new(),
+        })
+    }
+
+    /// The group id of a group conversation (`None` for a direct one).
+    pub(crate) fn group_id(&self) -> Option<&str> {
+        match self.kind {
+            ConvKind::Group => self.key.strip_prefix(GROUP_PREFIX),
+            ConvKind::Direct => None,
+        }
+    }
+
     /// How `user` names this conversation.
     pub(crate) fn view_for(&self, user: &str) -> pb::Conversation {
         match self.kind {
             ConvKind::Direct => view_for(&self.key, user),
+            ConvKind::Group => pb::Conversation {
+                r#type: pb::ConversationType::Group as i32,
+                id: self.group_id().unwrap_or_default().to_owned(),
+            },
         }
     }
 }
+
+/// What a group's conversation key starts with.
+const GROUP_PREFIX: &str = "g:";
 
 /// The canonical key of the direct conversation between `u1` and `u2`.
 pub(crate) fn direct_key(u1: &str, u2: &str) -> String {
@@ -130,6 +169,7 @@ pub(crate) fn key_for(user: &str, view: &pb::Conversation) -> Option<String> {
     }
     match pb::ConversationType::try_from(view.r#type).ok()? {
         pb::ConversationType::Direct => Some(direct_key(user, &view.id)),
+        pb::ConversationType::Group => Some(format!("{GROUP_PREFIX}{}", view.id)),
         _ => None,
     }
 }
@@ -219,7 +259,7 @@ mod tests {
     #[test]
     fn views_of_unknown_types_name_no_conversation() {
         let v = pb::Conversation {
-            r#type: pb::ConversationType::Group as i32,
+            r#type: pb::ConversationType::Unspecified as i32,
             id: "g".into(),
         };
         assert_eq!(key_for("alice", &v), None);
@@ -228,6 +268,24 @@ mod tests {
             id: String::new(),
         };
         assert_eq!(key_for("alice", &empty), None);
+    }
+
+    #[test]
+    fn a_group_is_named_the_same_by_every_member_and_never_like_a_direct_chat() {
+        let g = Conv::group("team").expect("group");
+        assert_eq!(g.kind, ConvKind::Group);
+        assert_eq!(&*g.key, "g:team");
+        assert_eq!(g.view_for("alice"), g.view_for("bob"));
+        assert_eq!(g.view_for("alice").id, "team");
+        let again = Conv::from_key(&g.key).expect("from its key");
+        assert_eq!((again.id, again.kind), (g.id, ConvKind::Group));
+        assert_eq!(
+            key_for("alice", &g.view_for("alice")).as_deref(),
+            Some("g:team")
+        );
+        assert!(Conv::group("").is_none());
+        assert!(Conv::group(&"x".repeat(129)).is_none());
+        assert_ne!(g.id, conv_id(&direct_key("g", "team")));
     }
 
     #[test]

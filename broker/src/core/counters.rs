@@ -62,6 +62,10 @@ pub struct Counters {
     pub users_freed: u64,
     /// Log lines suppressed by the per-kind rate limit.
     pub log_lines_suppressed: u64,
+    /// Group membership and settings events stored.
+    pub group_events: u64,
+    /// Group messages pushed live to a member's device (also counted in `deliveries`).
+    pub group_deliveries: u64,
 }
 
 impl Counters {
@@ -96,5 +100,7 @@ impl Counters {
         self.refused_at_open += other.refused_at_open;
         self.users_freed += other.users_freed;
         self.log_lines_suppressed += other.log_lines_suppressed;
+        self.group_events += other.group_events;
+        self.group_deliveries += other.group_deliveries;
     }
 }

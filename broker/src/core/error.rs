@@ -35,7 +35,7 @@ pub(crate) enum Refusal {
     #[error("clients may not send this kind")]
     KindNotAllowed,
     /// `Send.to` names no conversation this node serves.
-    #[error("to must name a DIRECT conversation with a user id of 1..=128 bytes")]
+    #[error("to must name a DIRECT or GROUP conversation with an id of 1..=128 bytes")]
     BadRecipient,
     /// A request without its conversation.
     #[error("conversation is required")]
@@ -76,6 +76,24 @@ pub(crate) enum Refusal {
     /// The log failed its flush: nothing pending is known to be stored.
     #[error("the node's log failed; the message may not be stored: retry")]
     LogFailed,
+    /// A group that does not exist (or was dissolved).
+    #[error("no such group (or it was dissolved)")]
+    GroupNotFound,
+    /// A request about a group from a user who is not a member.
+    #[error("not a member of this group")]
+    NotMember,
+    /// A group request the requester's role does not allow.
+    #[error("{0}")]
+    GroupForbidden(&'static str),
+    /// A CREATE of a group id that exists (or existed) with another owner.
+    #[error("a group with this id exists (or existed)")]
+    GroupExists,
+    /// A change past `groups.max_members`.
+    #[error("the group would have more members than groups.max_members")]
+    GroupFull,
+    /// A malformed group request.
+    #[error("{0}")]
+    BadGroupRequest(&'static str),
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -105,7 +123,11 @@ impl Refusal {
             Refusal::NoBody | Refusal::ServerOnlyFrame | Refusal::NotAvailable(_) => {
                 C::UnexpectedFrame
             }
-            Refusal::RefNotFound => C::NotFound,
+            Refusal::RefNotFound | Refusal::GroupNotFound => C::NotFound,
+            Refusal::NotMember | Refusal::GroupForbidden(_) => C::Forbidden,
+            Refusal::GroupExists => C::AlreadyExists,
+            Refusal::GroupFull => C::GroupFull,
+            Refusal::BadGroupRequest(_) => C::InvalidArgument,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,

@@ -3,6 +3,13 @@
 //!
 //! A user's connections all live on the user's home shard (a connection moves there after login),
 //! so a delivery reaches every device of a user with one cross-shard hop from the owner.
+//!
+//! Groups: a home keeps, per group with members here, a [`LocalGroup`] — the group's last seq,
+//! its members homed here and which of them are online. A group message comes once per home
+//! shard (not once per member); the home pushes it to the members online, so the work per
+//! message grows with the members online, never with all members. A member's inbox entry holds
+//! the seqs it may read (from its join, to its leave), which its syncs follow; the group's last
+//! seq is kept once, in the [`LocalGroup`], not in every member's entry.
 
 use std::sync::Arc;
 
@@ -12,7 +19,7 @@ use parley_proto::{pb, splice};
 use super::FastMap;
 use super::conn::ConnId;
 use super::conv::Conv;
-use super::mail::Delivery;
+use super::mail::{Delivery, GroupInbox, GroupPush};
 use super::{ShardCore, mail::Device};
 use parley_storage::Backend;
 
@@ -20,9 +27,13 @@ use parley_storage::Backend;
 #[derive(Debug)]
 pub(crate) struct InboxEntry {
     pub(crate) conv: Arc<Conv>,
+    /// A direct conversation's last seq (a group's is in its [`LocalGroup`]).
     pub(crate) last_seq: u64,
     /// The user's view of the conversation, ready to splice after a stored message.
     pub(crate) view: Bytes,
+    /// A group: the seqs the user may read, `(from, to)` inclusive (`to` is `u64::MAX` while
+    /// it is a member).
+    pub(crate) window: Option<(u64, u64)>,
 }
 
 impl InboxEntry {
@@ -32,7 +43,68 @@ impl InboxEntry {
             conv,
             last_seq: 0,
             view,
+            window: None,
         }
+    }
+
+    /// Whether the user is a current member of this group entry.
+    fn is_current_member(&self) -> bool {
+        self.window.is_some_and(|(_, to)| to == u64::MAX)
+    }
+}
+
+/// Marks a member of a [`LocalGroup`] that is not online.
+const OFFLINE: u32 = u32::MAX;
+
+/// A group with members on this home shard.
+#[derive(Debug)]
+pub(crate) struct LocalGroup {
+    /// The highest seq of the group this home has seen.
+    pub(crate) last_seq: u64,
+    /// The members' view (the same for every member).
+    pub(crate) view: Bytes,
+    /// Current members homed here, with their index in `online` (or [`OFFLINE`]).
+    members: FastMap<Arc<str>, u32>,
+    /// Members homed here with at least one device online.
+    pub(crate) online: Vec<Arc<str>>,
+}
+
+impl LocalGroup {
+    fn new(conv: Arc<Conv>) -> Self {
+        let view = Bytes::from(splice::view_field(&conv.view_for("")));
+        LocalGroup {
+            last_seq: 0,
+            view,
+            members: FastMap::default(),
+            online: Vec::new(),
+        }
+    }
+
+    fn set_online(&mut self, user: &Arc<str>, online: bool) {
+        let Some(&at) = self.members.get(user) else {
+            return;
+        };
+        match (at == OFFLINE, online) {
+            (true, true) => {
+                self.members
+                    .insert(Arc::clone(user), self.online.len() as u32);
+                self.online.push(Arc::clone(user));
+            }
+            (false, false) => {
+                self.members.insert(Arc::clone(user), OFFLINE);
+                self.online.swap_remove(at as usize);
+                if let Some(moved) = self.online.get(at as usize) {
+                    self.members.insert(Arc::clone(moved), at);
+                }
+            }
+            _ => {}
+        }
+        debug_assert!(self.online.len() <= self.members.len());
+    }
+
+    fn remove(&mut self, user: &Arc<str>) {
+        self.set_online(user, false);
+        self.members.remove(user);
     }
 }
 
@@ -52,6 +124,8 @@ pub(crate) struct User {
 #[derive(Debug, Default)]
 pub(crate) struct Home {
     pub(crate) users: FastMap<Arc<str>, User>,
+    /// Groups with members homed here.
+    pub(crate) groups: FastMap<u64, LocalGroup>,
 }
 
 impl Home {
@@ -71,9 +145,74 @@ impl Home {
         e
     }
 
+    /// The seqs of `e` the user may read: above `floor`, up to `last` (`last <= floor`: none).
+    pub(crate) fn visible(&self, e: &InboxEntry) -> (u64, u64) {
+        match e.window {
+            None => (0, e.last_seq),
+            Some((from, to)) => {
+                let last = self
+                    .groups
+                    .get(&e.conv.id)
+                    .map_or(0, |g| g.last_seq)
+                    .min(to);
+                (from.saturating_sub(1), last)
+            }
+        }
+    }
+
+    /// The home's state of group `conv`, made if it has none.
+    fn group(&mut self, conv: &Arc<Conv>) -> &mut LocalGroup {
+        self.groups
+            .entry(conv.id)
+            .or_insert_with(|| LocalGroup::new(Arc::clone(conv)))
+    }
+
+    /// `user` (homed here) may read group `conv` from `from` to `to` (inclusive; `u64::MAX`:
+    /// it is a member).
+    pub(crate) fn set_membership(&mut self, user: &Arc<str>, conv: &Arc<Conv>, from: u64, to: u64) {
+        let u = self.users.entry(Arc::clone(user)).or_default();
+        let online = !u.devices.is_empty();
+        let e = u
+            .inbox
+            .entry(conv.id)
+            .or_insert_with(|| InboxEntry::new(Arc::clone(conv), user));
+        e.window = Some((from, to));
+        let g = self.group(conv);
+        if to == u64::MAX {
+            g.members.entry(Arc::clone(user)).or_insert(OFFLINE);
+            g.set_online(user, online);
+        } else {
+            g.remove(user);
+        }
+    }
+
+    /// `user`'s membership of group `conv` ends at `seq` (it still reads `seq`).
+    fn end_membership(&mut self, user: &Arc<str>, conv: &Arc<Conv>, seq: u64) {
+        let from = self
+            .users
+            .get(user)
+            .and_then(|u| u.inbox.get(&conv.id))
+            .and_then(|e| e.window)
+            .map_or(seq, |w| w.0);
+        self.set_membership(user, conv, from, seq);
+    }
+
+    /// `user`'s first device came online (or its last went): its groups' online lists follow.
+    fn set_online(&mut self, user: &Arc<str>, online: bool) {
+        let Some(u) = self.users.get(user) else {
+            return;
+        };
+        for e in u.inbox.values().filter(|e| e.is_current_member()) {
+            if let Some(g) = self.groups.get_mut(&e.conv.id) {
+                g.set_online(user, online);
+            }
+        }
+    }
+
     /// Registers `conn` as `device`'s connection; returns the connections it replaces.
     pub(crate) fn register(&mut self, device: &Device, conn: ConnId) -> Vec<ConnId> {
         let u = self.users.entry(Arc::clone(&device.user)).or_default();
+        let first = u.devices.is_empty();
         let mut replaced = Vec::new();
         u.devices.retain(|(d, c)| {
             if **d == *device.device {
@@ -88,6 +227,9 @@ impl Home {
             u.devices.reserve_exact(1);
         }
         u.devices.push((Arc::clone(&device.device), conn));
+        if first {
+            self.set_online(&device.user, true);
+        }
         replaced
     }
 
@@ -98,6 +240,7 @@ impl Home {
         let Some(u) = self.users.get_mut(user) else {
             return false;
         };
+        let before = u.devices.len();
         u.devices.retain(|&(_, c)| c != conn);
         if u.devices.is_empty() && u.inbox.is_empty() {
             self.users.remove(user);
@@ -105,6 +248,12 @@ impl Home {
         }
         if u.devices.is_empty() {
             u.devices = Vec::new();
+            if before > 0
+                && let Some((user, _)) = self.users.get_key_value(user)
+            {
+                let user = Arc::clone(user);
+                self.set_online(&user, false);
+            }
         }
         false
     }
@@ -124,6 +273,9 @@ impl<B: Backend> ShardCore<B> {
     /// A stored message for some users of this shard: note it in their inboxes and push it to
     /// their connected devices.
     pub(crate) fn on_deliver(&mut self, d: Delivery) {
+        if let Some(push) = d.group.clone() {
+            return self.on_group_deliver(d, push);
+        }
         let mut targets = std::mem::take(&mut self.target_scratch);
         for r in &d.recipients {
             targets.clear();
@@ -145,19 +297,90 @@ impl<B: Backend> ShardCore<B> {
         self.target_scratch = targets;
     }
 
-    /// Pushes one live message to one connection, unless it is behind, syncing, or has it.
-    fn push_live(&mut self, conn: ConnId, conv: u64, view: &Bytes, seq: u64, stored: &Bytes) {
+    /// A group's stored message for its members homed here: the joiners it records start
+    /// receiving (with this message), the members online get it, the leavers it records stop
+    /// receiving (after this message).
+    fn on_group_deliver(&mut self, d: Delivery, push: GroupPush) {
+        let (me, placement) = (self.index, self.placement);
+        let g = self.home.group(&d.conv);
+        g.last_seq = g.last_seq.max(d.seq);
+        if let Some(change) = &push.change {
+            for user in change.joined.iter().filter(|u| placement.home(u) == me) {
+                self.home.set_membership(user, &d.conv, d.seq, u64::MAX);
+            }
+        }
+        let mut targets = std::mem::take(&mut self.target_scratch);
+        targets.clear();
+        let Some(g) = self.home.groups.get(&d.conv.id) else {
+            return;
+        };
+        let view = g.view.clone();
+        for user in &g.online {
+            let Some(u) = self.home.users.get(user) else {
+                continue;
+            };
+            let own = **user == *push.sender.user;
+            targets.extend(
+                u.devices
+                    .iter()
+                    .filter(|(dev, _)| !(own && **dev == *push.sender.device))
+                    .map(|&(_, c)| c),
+            );
+        }
+        for &conn in &targets {
+            if self.push_live(conn, d.conv.id, &view, d.seq, &d.stored) {
+                self.counters.group_deliveries += 1;
+            }
+        }
+        self.target_scratch = targets;
+        if let Some(change) = &push.change {
+            for user in change.left.iter().filter(|u| placement.home(u) == me) {
+                self.home.end_membership(user, &d.conv, d.seq);
+            }
+            if change.dissolved {
+                let members: Vec<Arc<str>> = self
+                    .home
+                    .groups
+                    .get(&d.conv.id)
+                    .map(|g| g.members.keys().cloned().collect())
+                    .unwrap_or_default();
+                for user in &members {
+                    self.home.end_membership(user, &d.conv, d.seq);
+                }
+            }
+        }
+    }
+
+    /// Start-up: a group's users homed here and what they may read.
+    pub(crate) fn on_group_inbox(&mut self, gi: GroupInbox) {
+        let g = self.home.group(&gi.conv);
+        g.last_seq = g.last_seq.max(gi.last_seq);
+        for (user, from, to) in &gi.users {
+            self.home.set_membership(user, &gi.conv, *from, *to);
+        }
+    }
+
+    /// Pushes one live message to one connection, unless it is behind, syncing, or has it;
+    /// returns whether it was pushed.
+    fn push_live(
+        &mut self,
+        conn: ConnId,
+        conv: u64,
+        view: &Bytes,
+        seq: u64,
+        stored: &Bytes,
+    ) -> bool {
         let now = self.now.ms;
         let (cfg, timers) = (&self.cfg, &mut self.timers);
         let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
-            return;
+            return false;
         };
         if c.id != conn
             || !c
                 .delivery
                 .push(conv, view, seq, stored, now, cfg, timers, conn)
         {
-            return;
+            return false;
         }
         self.counters.deliveries += 1;
         let m = [splice::Spliced { stored, view }];
@@ -165,6 +388,7 @@ impl<B: Backend> ShardCore<B> {
             splice::encode_deliver(0, &m, out);
         });
         self.check_backlog(conn);
+        true
     }
 
     /// The user's view of conversation `conv`, if the user has it in its inbox.

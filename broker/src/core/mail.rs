@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use parley_proto::pb;
 
 use super::conv::Conv;
+use super::group::Change;
 use crate::auth::Identity;
 use crate::transport::Transport;
 
@@ -65,7 +66,40 @@ pub(crate) struct Delivery {
     pub(crate) conv: Arc<Conv>,
     pub(crate) seq: u64,
     pub(crate) stored: Bytes,
+    /// A direct conversation's recipients (empty for a group).
     pub(crate) recipients: Vec<Recipient>,
+    /// A group message: the home pushes it to its members online.
+    pub(crate) group: Option<GroupPush>,
+}
+
+/// How a home shard pushes a group's message: to the group's members it holds that are online,
+/// not to the sending device; a membership event also says who starts and stops receiving.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupPush {
+    pub(crate) sender: Device,
+    pub(crate) change: Option<Arc<Change>>,
+}
+
+/// A group request, for the group's owner.
+#[derive(Debug)]
+pub(crate) struct GroupOp {
+    pub(crate) origin: Origin,
+    pub(crate) request_id: u64,
+    pub(crate) actor: Device,
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) req: pb::GroupRequest,
+    /// Wall-clock time at the requester's shard.
+    pub(crate) unix_ms: i64,
+}
+
+/// At start-up, to a home shard: a group and what its users there may read.
+#[derive(Debug)]
+pub(crate) struct GroupInbox {
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) last_seq: u64,
+    /// Users of this home, with the seqs they may read, `(from, to)` inclusive (`to` is
+    /// `u64::MAX` for a current member).
+    pub(crate) users: Vec<(Arc<str>, u64, u64)>,
 }
 
 /// Why a range of a conversation is read.
@@ -85,6 +119,8 @@ pub(crate) enum ReadPurpose {
 pub(crate) struct Read {
     pub(crate) reply: Origin,
     pub(crate) conv: Arc<Conv>,
+    /// For a group: the user reading (the owner holds the range to what it may read).
+    pub(crate) reader: Option<Arc<str>>,
     /// Seqs `[from, to]`.
     pub(crate) from: u64,
     pub(crate) to: u64,
@@ -106,6 +142,8 @@ pub(crate) struct ReadDone {
     pub(crate) last_seq: u64,
     /// The upper end of the range asked for (for continuing a sync).
     pub(crate) to_seq: u64,
+    /// The reader may not read this conversation at all.
+    pub(crate) refused: Option<super::error::Refusal>,
 }
 
 /// A logged-in connection moving to its user's home shard. The driver moves the socket with it.
@@ -150,6 +188,19 @@ pub enum ShardMsg {
         /// Its latest seq.
         last_seq: u64,
     },
+    /// To a group's owner: a group request.
+    Group(Box<GroupOp>),
+    /// To a connection's shard: the answer to its group request.
+    GroupDone {
+        /// The connection.
+        to: Origin,
+        /// The request.
+        request_id: u64,
+        /// The answer.
+        result: Box<pb::GroupResult>,
+    },
+    /// To a home shard at start-up: a group's users there.
+    GroupInbox(Box<GroupInbox>),
     /// To a conversation's owner: read a range.
     Read(Box<Read>),
     /// The answer to `Read`.

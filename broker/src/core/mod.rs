@@ -21,6 +21,7 @@
 //! * [`sync`]: sync and history (the home side that pages, the owner side that reads);
 //! * [`owner`]: conversation owner (de-dup, seq, id, one encode, append, release after flush);
 //! * [`home`]: user home (devices, inbox, live push);
+//! * [`group`]: group members, roles and settings (decided and stored by the group's owner);
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
 //!   [`counters`]: what a shard counts.
@@ -37,6 +38,7 @@ pub(crate) mod conv;
 mod counters;
 pub(crate) mod delivery;
 pub(crate) mod error;
+pub(crate) mod group;
 pub(crate) mod home;
 pub(crate) mod ids;
 pub(crate) mod mail;
@@ -974,6 +976,24 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 last_seq,
             } => self.on_inbox(user, conv, last_seq),
+            ShardMsg::Group(op) => self.on_group_op(*op),
+            ShardMsg::GroupDone {
+                to,
+                request_id,
+                result,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, session::ACK_RESERVE);
+                    self.write_frame(
+                        conn,
+                        &pb::Frame {
+                            request_id,
+                            body: Some(Body::GroupResult(*result)),
+                        },
+                    );
+                }
+            }
+            ShardMsg::GroupInbox(gi) => self.on_group_inbox(*gi),
             ShardMsg::Read(r) => self.on_read(*r),
             ShardMsg::ReadDone(d) => self.on_read_done(*d),
         }

@@ -18,16 +18,23 @@ use parley_storage::{Backend, Log, Lsn, RecordMeta, SyncOf, SyncTicket, Timestam
 use prost::Message as _;
 
 use super::FastMap;
-use super::checkpoint::{Checkpoint, ConvEntry, DeviceWindow, ENTRIES_PER_DEVICE};
-use super::conv::Conv;
+use super::checkpoint::{Checkpoint, ConvEntry, DeviceWindow, ENTRIES_PER_DEVICE, GroupEntry};
+use super::conv::Placement;
+use super::conv::{Conv, ConvKind};
 use super::error::Refusal;
+use super::group::{Change, Group, Role};
 use super::ids::MsgIdGen;
-use super::mail::{Acked, Append, Delivery, Device, Origin, Recipient, ShardMsg};
+use super::mail::{
+    Acked, Append, Delivery, Device, GroupInbox, GroupPush, Origin, Recipient, ShardMsg,
+};
 use super::{Effect, ShardCore};
 use crate::loglimit::LogKind;
 
 /// Record kind of a stored message in the log.
 pub(crate) const KIND_MESSAGE: u8 = 1;
+/// Record kind of a group's membership or settings event (a SYSTEM message with a
+/// `GroupEvent`): start-up decodes only these in full.
+pub(crate) const KIND_GROUP_EVENT: u8 = 2;
 
 /// What a retry's ack repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,17 +106,52 @@ pub(crate) struct ConvState {
     pub(crate) conv: Arc<Conv>,
     pub(crate) last_seq: u64,
     pub(crate) dedup: FastMap<Device, DedupRing>,
+    /// A group's members and settings.
+    pub(crate) group: Option<Box<Group>>,
+}
+
+impl ConvState {
+    /// A conversation this shard has stored nothing of yet (or knows only from the log's index).
+    pub(crate) fn new(conv: Arc<Conv>, last_seq: u64) -> Self {
+        ConvState {
+            conv,
+            last_seq,
+            dedup: FastMap::default(),
+            group: None,
+        }
+    }
+}
+
+/// What a stored request is answered with once it is durable.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A send.
+    Send(pb::SendAck),
+    /// A group request.
+    Group(Box<pb::GroupResult>),
 }
 
 /// A stored message (or a retry's ack) waiting for durability.
 #[derive(Debug)]
-struct Pending {
-    lsn: Lsn,
-    origin: Origin,
-    request_id: u64,
-    ack: pb::SendAck,
-    /// The conversation, seq, stored bytes and sender of a new message (none for a retry).
-    deliver: Option<(Arc<Conv>, u64, Bytes, Device)>,
+pub(crate) struct Pending {
+    pub(crate) lsn: Lsn,
+    pub(crate) origin: Origin,
+    pub(crate) request_id: u64,
+    pub(crate) reply: Reply,
+    /// A new message to deliver (none for a retry).
+    pub(crate) deliver: Option<Box<Stored>>,
+}
+
+/// A new stored message, for its recipients.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) seq: u64,
+    pub(crate) bytes: Bytes,
+    pub(crate) sender: Device,
+    /// A group's message: the home shards with members when it was stored (and with members
+    /// it removed), and the membership change it records.
+    pub(crate) group: Option<(Vec<usize>, Option<Arc<Change>>)>,
 }
 
 /// The owner role's state.
@@ -140,6 +182,12 @@ impl<B: Backend> Owner<B> {
     /// Whether stored messages wait for durability or a flush is in flight.
     pub(crate) fn is_busy(&self) -> bool {
         !self.pending.is_empty() || self.flushing.is_some()
+    }
+
+    /// Queues a stored request's answer (and its deliveries) until it is durable, behind
+    /// everything queued before it (a retry's older LSN waits its turn too).
+    pub(crate) fn hold(&mut self, p: Pending) {
+        self.pending.push_back(p);
     }
 
     /// A flush of everything appended so far, if acks wait for one and none is in flight.
@@ -182,13 +230,14 @@ impl<B: Backend> ShardCore<B> {
         let owner = &mut self.owner;
         let st = match owner.convs.get_mut(&id) {
             Some(st) => st,
+            // A group exists only once created.
+            None if conv.kind == ConvKind::Group => return refuse(self, Refusal::GroupNotFound),
             None => {
                 let last_seq = owner.log.latest_seq(id).unwrap_or(0);
-                owner.convs.entry(id).or_insert(ConvState {
-                    conv: Arc::clone(&conv),
-                    last_seq,
-                    dedup: FastMap::default(),
-                })
+                owner
+                    .convs
+                    .entry(id)
+                    .or_insert(ConvState::new(Arc::clone(&conv), last_seq))
             }
         };
         if st.conv.key != conv.key {
@@ -199,21 +248,34 @@ impl<B: Backend> ShardCore<B> {
         if let Some(r) = st.dedup.get(&sender).and_then(|w| w.get(client_msg_id)) {
             // A retry: the same ack, once the original is durable.
             let ack = send_ack(client_msg_id, &r, ack_view, wait);
-            self.owner.pending.push_back(Pending {
+            self.owner.hold(Pending {
                 lsn: r.lsn,
                 origin,
                 request_id,
-                ack,
+                reply: Reply::Send(ack),
                 deliver: None,
             });
             self.counters.retries_deduplicated += 1;
             self.release_if_not_waiting();
             return;
         }
+        // Checked after the de-dup: a retry of a stored send gets its ack even if the sender
+        // left the group since.
+        let sender_role = match st.group.as_deref() {
+            Some(g) if !g.is_live() => return refuse(self, Refusal::GroupNotFound),
+            Some(g) => match g.role(&sender.user) {
+                Some(role) => Some(role),
+                None => return refuse(self, Refusal::NotMember),
+            },
+            None => None,
+        };
         let seq = st.last_seq + 1;
         let conv = Arc::clone(&st.conv);
-        // Only a message's sender may recall or edit it.
+        // Only a message's sender may recall or edit it (and a group's owner and admins may
+        // recall any); the server's own messages are neither recalled nor edited.
         if send.kind != pb::MessageKind::Normal as i32 {
+            let moderator = send.kind == pb::MessageKind::Recall as i32
+                && sender_role.is_some_and(|r| r >= Role::Admin);
             let target = self
                 .owner
                 .log
@@ -223,7 +285,12 @@ impl<B: Backend> ShardCore<B> {
                 .and_then(|rec| pb::Message::decode(rec.payload).ok());
             match target {
                 None => return refuse(self, Refusal::RefNotFound),
-                Some(m) if m.from_user != *sender.user => return refuse(self, Refusal::NotSender),
+                Some(m) if m.kind == pb::MessageKind::System as i32 => {
+                    return refuse(self, Refusal::NotSender);
+                }
+                Some(m) if m.from_user != *sender.user && !moderator => {
+                    return refuse(self, Refusal::NotSender);
+                }
                 Some(_) => {}
             }
         }
@@ -264,6 +331,7 @@ impl<B: Backend> ShardCore<B> {
             lsn,
         };
         let ack = send_ack(client_msg_id, &remembered, ack_view, wait);
+        let mut group = None;
         if let Some(st) = self.owner.convs.get_mut(&id) {
             debug_assert_eq!(st.last_seq + 1, seq, "seqs advance by one");
             st.last_seq = seq;
@@ -271,19 +339,29 @@ impl<B: Backend> ShardCore<B> {
                 .entry(sender.clone())
                 .or_default()
                 .insert(client_msg_id, remembered, window);
+            group = st
+                .group
+                .as_deref()
+                .map(|g| (g.home_shards().collect(), None));
         }
         self.counters.messages_stored += 1;
-        self.owner.pending.push_back(Pending {
+        self.owner.hold(Pending {
             lsn,
             origin,
             request_id,
-            ack,
-            deliver: Some((conv, seq, stored, sender)),
+            reply: Reply::Send(ack),
+            deliver: Some(Box::new(Stored {
+                conv,
+                seq,
+                bytes: stored,
+                sender,
+                group,
+            })),
         });
         self.release_if_not_waiting();
     }
 
-    fn release_if_not_waiting(&mut self) {
+    pub(crate) fn release_if_not_waiting(&mut self) {
         if !self.cfg.wait_for_flush {
             self.release();
         }
@@ -299,17 +377,48 @@ impl<B: Backend> ShardCore<B> {
             let Some(p) = self.owner.pending.pop_front() else {
                 break;
             };
-            self.route(
-                p.origin.shard,
-                ShardMsg::Acked(Acked {
+            let msg = match p.reply {
+                Reply::Send(ack) => ShardMsg::Acked(Acked {
                     to: p.origin,
                     request_id: p.request_id,
-                    ack: p.ack,
+                    ack,
                 }),
-            );
-            let Some((conv, seq, stored, sender)) = p.deliver else {
+                Reply::Group(result) => ShardMsg::GroupDone {
+                    to: p.origin,
+                    request_id: p.request_id,
+                    result,
+                },
+            };
+            self.route(p.origin.shard, msg);
+            let Some(stored) = p.deliver else {
                 continue;
             };
+            let Stored {
+                conv,
+                seq,
+                bytes: stored,
+                sender,
+                group,
+            } = *stored;
+            if let Some((homes, change)) = group {
+                // One delivery per home shard with members: the home knows who is online.
+                for home in homes {
+                    self.route(
+                        home,
+                        ShardMsg::Deliver(Box::new(Delivery {
+                            conv: Arc::clone(&conv),
+                            seq,
+                            stored: stored.clone(),
+                            recipients: Vec::new(),
+                            group: Some(GroupPush {
+                                sender: sender.clone(),
+                                change: change.clone(),
+                            }),
+                        })),
+                    );
+                }
+                continue;
+            }
             // One delivery per home shard, listing that shard's recipients.
             let mut per_home: Vec<(usize, Vec<Recipient>)> = Vec::new();
             for user in &conv.members {
@@ -332,6 +441,7 @@ impl<B: Backend> ShardCore<B> {
                         seq,
                         stored: stored.clone(),
                         recipients,
+                        group: None,
                     })),
                 );
             }
@@ -371,12 +481,16 @@ impl<B: Backend> ShardCore<B> {
                 );
                 // Nothing pending will ever be durable: tell the senders.
                 while let Some(p) = self.owner.pending.pop_front() {
+                    let client_msg_id = match &p.reply {
+                        Reply::Send(ack) => ack.client_msg_id,
+                        Reply::Group(_) => 0,
+                    };
                     self.route(
                         p.origin.shard,
                         ShardMsg::Refused {
                             to: p.origin,
                             request_id: p.request_id,
-                            client_msg_id: p.ack.client_msg_id,
+                            client_msg_id,
                             refusal: Refusal::LogFailed,
                         },
                     );
@@ -406,6 +520,7 @@ impl<B: Backend> ShardCore<B> {
                 id: st.conv.id,
                 key: String::from(&*st.conv.key),
                 devices,
+                group: st.group.as_deref().map(group_entry),
             });
         }
         let cp = Checkpoint {
@@ -450,6 +565,7 @@ impl<B: Backend> ShardCore<B> {
             }
             None => Lsn(0),
         };
+        let placement = self.placement;
         let owner = &mut self.owner;
         // Senders seen in this replay, so each record costs no string allocation.
         let mut senders: FastMap<(&[u8], &[u8]), Device> = FastMap::default();
@@ -457,6 +573,11 @@ impl<B: Backend> ShardCore<B> {
             let Ok(rec) = rec else {
                 continue;
             };
+            if rec.meta.kind == KIND_GROUP_EVENT {
+                owner.ids.observe(rec.meta.msg_id);
+                replay_group_event(&mut owner.convs, &owner.log, rec.payload, &placement);
+                continue;
+            }
             if rec.meta.kind != KIND_MESSAGE {
                 continue;
             }
@@ -472,12 +593,15 @@ impl<B: Backend> ShardCore<B> {
                     let Some(conv) = Conv::from_key(m.conversation) else {
                         continue;
                     };
+                    if conv.kind == ConvKind::Group {
+                        // A group exists from its CREATED event on, replayed before this.
+                        continue;
+                    }
                     let last_seq = owner.log.latest_seq(id).unwrap_or(0);
-                    owner.convs.entry(id).or_insert(ConvState {
-                        conv: Arc::new(conv),
-                        last_seq,
-                        dedup: FastMap::default(),
-                    })
+                    owner
+                        .convs
+                        .entry(id)
+                        .or_insert(ConvState::new(Arc::new(conv), last_seq))
                 }
             };
             st.last_seq = st.last_seq.max(m.seq);
@@ -503,10 +627,44 @@ impl<B: Backend> ShardCore<B> {
             );
         }
         let mut news = Vec::new();
+        let mut groups = Vec::new();
         for st in self.owner.convs.values() {
             for user in &st.conv.members {
                 news.push((Arc::clone(user), Arc::clone(&st.conv), st.last_seq));
             }
+            if let Some(g) = st.group.as_deref() {
+                groups.push((Arc::clone(&st.conv), st.last_seq, g));
+            }
+        }
+        // Each home learns, per group, which of its users may read what.
+        groups.sort_by_key(|g| g.0.id);
+        let mut group_mail = Vec::new();
+        for (conv, last_seq, g) in groups {
+            let mut per_home: Vec<Vec<(Arc<str>, u64, u64)>> =
+                vec![Vec::new(); self.placement.shards()];
+            for (user, m) in &g.members {
+                per_home[self.placement.home(user)].push((Arc::clone(user), m.joined, u64::MAX));
+            }
+            let mut former: Vec<_> = g.former.iter().collect();
+            former.sort_by(|a, b| a.0.cmp(b.0));
+            for (user, &(from, to)) in former {
+                per_home[self.placement.home(user)].push((Arc::clone(user), from, to));
+            }
+            for (home, users) in per_home.into_iter().enumerate() {
+                if !users.is_empty() {
+                    group_mail.push((
+                        home,
+                        ShardMsg::GroupInbox(Box::new(GroupInbox {
+                            conv: Arc::clone(&conv),
+                            last_seq,
+                            users,
+                        })),
+                    ));
+                }
+            }
+        }
+        for (home, msg) in group_mail {
+            self.route(home, msg);
         }
         // Deterministic order, whatever the map's.
         news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
@@ -536,10 +694,23 @@ impl<B: Backend> ShardCore<B> {
             return;
         }
         let last_seq = self.owner.log.latest_seq(c.id).unwrap_or(0);
+        let group = match (conv.kind, c.group) {
+            (ConvKind::Group, Some(g)) if g.applied <= last_seq => {
+                Some(group_from(g, &self.placement))
+            }
+            // The checkpoint reflects an event a crash lost: rebuild from the group's events.
+            (ConvKind::Group, _) => Some(self.group_from_log(c.id, last_seq)),
+            (ConvKind::Direct, _) => None,
+        };
+        if group.as_ref().is_some_and(|g| g.applied == 0) {
+            // Even its creation was lost: the group does not exist.
+            return;
+        }
         let st = self.owner.convs.entry(c.id).or_insert(ConvState {
             conv: Arc::new(conv),
             last_seq,
             dedup: FastMap::default(),
+            group: group.map(Box::new),
         });
         for d in c.devices {
             let device = Device {
@@ -554,6 +725,98 @@ impl<B: Backend> ShardCore<B> {
             }
         }
     }
+}
+
+impl<B: Backend> ShardCore<B> {
+    /// A group's state from its events in the log, seqs `1..=last_seq` (read through the
+    /// conversation index; only done when a checkpoint cannot be trusted for this group).
+    fn group_from_log(&self, id: u64, last_seq: u64) -> Group {
+        let mut g = Group::default();
+        for rec in self.owner.log.read(id, 1..last_seq.saturating_add(1)) {
+            let Ok(rec) = rec else {
+                continue;
+            };
+            if rec.meta.kind != KIND_GROUP_EVENT {
+                continue;
+            }
+            if let Some(e) = pb::Message::decode(rec.payload).ok().and_then(|m| m.event) {
+                g.apply(&e, rec.meta.seq, &self.placement);
+            }
+        }
+        g
+    }
+}
+
+/// Applies a group event found in the log's replay (creating the group at its CREATED event).
+fn replay_group_event<B: Backend>(
+    convs: &mut FastMap<u64, ConvState>,
+    log: &Log<B>,
+    payload: &[u8],
+    placement: &Placement,
+) {
+    let Ok(m) = pb::Message::decode(payload) else {
+        return;
+    };
+    let (Some(view), Some(event)) = (m.conversation.as_ref(), m.event.as_ref()) else {
+        return;
+    };
+    let Some(conv) = Conv::from_key(&view.id) else {
+        return;
+    };
+    let id = conv.id;
+    let st = convs.entry(id).or_insert_with(|| {
+        let last_seq = log.latest_seq(id).unwrap_or(0);
+        ConvState::new(Arc::new(conv), last_seq)
+    });
+    st.last_seq = st.last_seq.max(m.seq);
+    st.group
+        .get_or_insert_default()
+        .apply(event, m.seq, placement);
+}
+
+/// A group's checkpoint entry.
+fn group_entry(g: &Group) -> GroupEntry {
+    let mut former: Vec<(String, u64, u64)> = g
+        .former
+        .iter()
+        .map(|(u, &(from, to))| (u.to_string(), from, to))
+        .collect();
+    former.sort();
+    GroupEntry {
+        name: g.name.clone(),
+        open: g.open,
+        applied: g.applied,
+        dissolved: g.dissolved.unwrap_or(0),
+        members: g
+            .members
+            .iter()
+            .map(|(u, m)| (u.to_string(), m.role.to_byte(), m.joined))
+            .collect(),
+        former,
+    }
+}
+
+/// A group from its checkpoint entry.
+fn group_from(e: GroupEntry, placement: &Placement) -> Group {
+    let mut g = Group {
+        name: e.name,
+        open: e.open,
+        applied: e.applied,
+        dissolved: (e.dissolved > 0).then_some(e.dissolved),
+        per_shard: vec![0; placement.shards()],
+        ..Group::default()
+    };
+    for (user, role, joined) in e.members {
+        let user: Arc<str> = user.into();
+        g.per_shard[placement.home(&user)] += 1;
+        let role = Role::from_byte(role).unwrap_or(Role::Member);
+        g.members
+            .insert(user, super::group::Member { role, joined });
+    }
+    for (user, from, to) in e.former {
+        g.former.insert(user.into(), (from, to));
+    }
+    g
 }
 
 /// The send-ack of a stored message.

@@ -215,9 +215,7 @@ impl<B: Backend> ShardCore<B> {
                     &Refusal::NotAvailable("presence queries"),
                 );
             }
-            Body::GroupRequest(_) => {
-                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("groups"));
-            }
+            Body::GroupRequest(req) => self.on_group_request(conn, request_id, req),
             Body::RoomRequest(_) => {
                 self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
             }
@@ -386,6 +384,50 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 send,
                 unix_ms: now.unix_ms,
+            })),
+        );
+    }
+
+    /// A `GroupRequest`: checked here, decided by the group's owner shard.
+    pub(super) fn on_group_request(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        req: pb::GroupRequest,
+    ) {
+        let unix_ms = self.now.unix_ms;
+        let origin = self.origin(conn);
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let Some(who) = c.who.as_mut() else {
+            return;
+        };
+        let view = pb::Conversation {
+            r#type: pb::ConversationType::Group as i32,
+            id: req.group_id.clone(),
+        };
+        let Some(conv) = who.conv(&view) else {
+            return self.refuse(
+                conn,
+                request_id,
+                0,
+                &Refusal::BadGroupRequest("group_id must be 1..=128 bytes"),
+            );
+        };
+        let actor = who.device.clone();
+        // Room for the answer in the connection's budget, until it comes back.
+        c.reserve(ACK_RESERVE);
+        let owner = self.placement.owner(conv.id);
+        self.route(
+            owner,
+            ShardMsg::Group(Box::new(mail::GroupOp {
+                origin,
+                request_id,
+                actor,
+                conv,
+                req,
+                unix_ms,
             })),
         );
     }

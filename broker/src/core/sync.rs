@@ -59,18 +59,28 @@ impl<B: Backend> ShardCore<B> {
             n => n.min(max_page),
         };
         c.delivery.start_sync();
-        let mut entries: Vec<(&Arc<Conv>, u64)> = self
-            .home
+        // What the user may read of each conversation: above `floor` (a group member's join),
+        // up to `last_seq`.
+        let home = &self.home;
+        let mut entries: Vec<(&Arc<Conv>, u64, u64)> = home
             .users
             .get(&*user)
-            .map(|u| u.inbox.values().map(|e| (&e.conv, e.last_seq)).collect())
+            .map(|u| {
+                u.inbox
+                    .values()
+                    .map(|e| {
+                        let (floor, last) = home.visible(e);
+                        (&e.conv, floor, last)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         entries.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         let mut summary = Vec::new();
         let mut ranges = VecDeque::new();
         let mut total = 0u64;
-        for (conv, last_seq) in entries {
-            let cursor = cursors.get(&conv.id).copied().unwrap_or(0);
+        for (conv, floor, last_seq) in entries {
+            let cursor = cursors.get(&conv.id).copied().unwrap_or(0).max(floor);
             if last_seq > cursor {
                 summary.push(Self::conversation_state(conv, &user, last_seq, cursor));
                 total += last_seq - cursor;
@@ -126,14 +136,16 @@ impl<B: Backend> ShardCore<B> {
             // Anything stored since the summary that this connection was not sent?
             let mut newer: Vec<(Arc<Conv>, u64, u64)> = Vec::new();
             for e in u.inbox.values() {
+                let (floor, last) = self.home.visible(e);
                 let held = run
                     .cursors
                     .get(&e.conv.id)
                     .copied()
                     .unwrap_or(0)
-                    .max(c.delivery.sent_upto(e.conv.id));
-                if e.last_seq > held {
-                    newer.push((Arc::clone(&e.conv), held + 1, e.last_seq));
+                    .max(c.delivery.sent_upto(e.conv.id))
+                    .max(floor);
+                if last > held {
+                    newer.push((Arc::clone(&e.conv), held + 1, last));
                 }
             }
             newer.sort_by(|a, b| a.0.key.cmp(&b.0.key));
@@ -153,11 +165,13 @@ impl<B: Backend> ShardCore<B> {
         run.in_flight = true;
         let limit = run.page_size;
         let owner = self.placement.owner(conv.id);
+        let reader = conv.group_id().is_some().then_some(user);
         self.route(
             owner,
             ShardMsg::Read(Box::new(Read {
                 reply: origin,
                 conv,
+                reader,
                 from,
                 to,
                 limit,
@@ -202,6 +216,10 @@ impl<B: Backend> ShardCore<B> {
         } else {
             (0, u64::MAX, true)
         };
+        let reader = conv
+            .group_id()
+            .is_some()
+            .then(|| Arc::clone(&who.device.user));
         // Room for the page in the connection's budget, until it comes back.
         c.reserve(reserve);
         let owner = self.placement.owner(conv.id);
@@ -210,6 +228,7 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::Read(Box::new(Read {
                 reply: origin,
                 conv,
+                reader,
                 from,
                 to,
                 limit,
@@ -230,6 +249,7 @@ impl<B: Backend> ShardCore<B> {
         let Read {
             reply,
             conv,
+            reader,
             from,
             to,
             limit,
@@ -238,15 +258,27 @@ impl<B: Backend> ShardCore<B> {
         } = r;
         let id = conv.id;
         let log = &self.owner.log;
-        let known = self
+        let state = self
             .owner
             .convs
             .get(&id)
-            .is_some_and(|st| st.conv.key == conv.key);
+            .filter(|st| st.conv.key == conv.key);
+        // A group's reader reads only what its membership covers.
+        let window = match (state.and_then(|st| st.group.as_deref()), reader.as_deref()) {
+            (Some(g), Some(user)) => g.window(user),
+            (Some(_), None) => None,
+            (None, _) => Some((0, u64::MAX)),
+        };
+        let refused = match (&window, state) {
+            (None, Some(_)) => Some(Refusal::NotMember),
+            _ => None,
+        };
+        let known = state.is_some() && window.is_some();
+        let (lo, hi) = window.unwrap_or((0, 0));
         let (first_seq, last_seq) = if known {
             (
-                log.first_seq(id).unwrap_or(0),
-                log.latest_seq(id).unwrap_or(0),
+                log.first_seq(id).unwrap_or(0).max(lo),
+                log.latest_seq(id).unwrap_or(0).min(hi),
             )
         } else {
             (0, 0)
@@ -301,6 +333,7 @@ impl<B: Backend> ShardCore<B> {
                 first_seq,
                 last_seq,
                 to_seq: to,
+                refused,
             })),
         );
     }
@@ -320,6 +353,12 @@ impl<B: Backend> ShardCore<B> {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         match d.purpose {
+            ReadPurpose::History { request_id, .. } if d.refused.is_some() => {
+                self.unreserve(conn, self.history_reserve());
+                if let Some(r) = &d.refused {
+                    self.refuse(conn, request_id, 0, r);
+                }
+            }
             ReadPurpose::History { request_id, view } => {
                 self.unreserve(conn, self.history_reserve());
                 let view_bytes = splice::view_field(&view);

@@ -73,6 +73,7 @@ pub(crate) fn message() -> impl Strategy<Value = pb::Message> {
         any::<i64>(),
         enum_value::<pb::MessageKind>(),
         any::<u64>(),
+        option::of(group_event()),
     )
         .prop_map(
             |(
@@ -87,6 +88,7 @@ pub(crate) fn message() -> impl Strategy<Value = pb::Message> {
                 server_time,
                 kind,
                 ref_seq,
+                event,
             )| pb::Message {
                 conversation,
                 seq,
@@ -99,8 +101,42 @@ pub(crate) fn message() -> impl Strategy<Value = pb::Message> {
                 server_time,
                 kind,
                 ref_seq,
+                event,
             },
         )
+}
+
+fn group_event() -> impl Strategy<Value = pb::GroupEvent> {
+    (
+        enum_value::<pb::GroupEventType>(),
+        short_text(),
+        vec(short_text(), 0..3),
+        short_text(),
+        enum_value::<pb::GroupRole>(),
+        any::<bool>(),
+        short_text(),
+    )
+        .prop_map(
+            |(r#type, actor, users, name, role, open, new_owner)| pb::GroupEvent {
+                r#type,
+                actor,
+                users,
+                name,
+                role,
+                open,
+                new_owner,
+            },
+        )
+}
+
+fn group_member() -> impl Strategy<Value = pb::GroupMember> {
+    (short_text(), enum_value::<pb::GroupRole>(), any::<u64>()).prop_map(
+        |(user, role, joined_seq)| pb::GroupMember {
+            user,
+            role,
+            joined_seq,
+        },
+    )
 }
 
 fn messages() -> impl Strategy<Value = Vec<pb::Message>> {
@@ -353,19 +389,53 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
             enum_value::<pb::GroupAction>(),
             short_text(),
             vec(short_text(), 0..4),
+            short_text(),
+            enum_value::<pb::GroupRole>(),
+            any::<bool>(),
+            short_text(),
+            any::<u32>(),
         )
-            .prop_map(|(action, group_id, members)| {
-                Body::GroupRequest(pb::GroupRequest {
-                    action,
-                    group_id,
-                    members,
-                })
-            })
+            .prop_map(
+                |(action, group_id, members, name, role, open, after_user, limit)| {
+                    Body::GroupRequest(pb::GroupRequest {
+                        action,
+                        group_id,
+                        members,
+                        name,
+                        role,
+                        open,
+                        after_user,
+                        limit,
+                    })
+                },
+            )
             .boxed(),
-        (short_text(), vec(short_text(), 0..4))
-            .prop_map(|(group_id, members)| {
-                Body::GroupResult(pb::GroupResult { group_id, members })
-            })
+        (
+            short_text(),
+            vec(short_text(), 0..4),
+            vec(group_member(), 0..3),
+            short_text(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+            enum_value::<pb::GroupRole>(),
+        )
+            .prop_map(
+                |(group_id, members, roster, name, seq, member_count, more, open, your_role)| {
+                    Body::GroupResult(pb::GroupResult {
+                        group_id,
+                        members,
+                        roster,
+                        name,
+                        seq,
+                        member_count,
+                        more,
+                        open,
+                        your_role,
+                    })
+                },
+            )
             .boxed(),
         (enum_value::<pb::RoomAction>(), short_text())
             .prop_map(|(action, room_id)| Body::RoomRequest(pb::RoomRequest { action, room_id }))
