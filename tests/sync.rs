@@ -7,7 +7,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use parley_proto::pb;
-use parley_tests::{Broker, Client, assert_seqs, direct, numbered_body};
+use parley_proto::pb::frame::Body;
+use parley_tests::{
+    Broker, Client, ErrorCode, SyncResult, TIMEOUT, assert_seqs, direct, numbered_body,
+};
 
 /// Sends `n` numbered messages from a fresh alice/phone to bob; returns their acks.
 fn alice_sends(broker: &Broker, n: u64) -> Vec<pb::SendAck> {
@@ -126,6 +129,84 @@ fn a_client_that_missed_nothing_gets_one_empty_final_page() {
         again.pages[0].done && again.pages[0].messages.is_empty(),
         "an empty page that says done"
     );
+}
+
+#[test]
+fn a_second_sync_request_while_one_runs_is_refused_and_the_first_completes_untouched() {
+    const N: u64 = 60;
+    const PAGE: u32 = 4;
+    let broker = Broker::start(&[]);
+    alice_sends(&broker, N);
+    let mut bob = bob_logged_in(&broker);
+    let conversation = direct("alice");
+    let request = || {
+        Body::SyncRequest(pb::SyncRequest {
+            cursors: Vec::new(),
+            page_size: PAGE,
+            max_per_conversation: 0,
+        })
+    };
+    // Both in one write: the broker reads the second while the first is still paging.
+    let ids = bob.request_together(vec![request(), request()]);
+    let (first, second) = (ids[0], ids[1]);
+
+    let mut to_first = Vec::new();
+    let mut to_second = Vec::new();
+    bob.recv_until(TIMEOUT, |f| {
+        if f.request_id == second {
+            to_second.push(f.clone());
+        }
+        if f.request_id != first {
+            return false;
+        }
+        to_first.push(f.clone());
+        matches!(&f.body, Some(Body::SyncPage(p)) if p.done)
+    });
+    // Anything still on its way for the second request.
+    to_second.extend(
+        bob.receive_for(Duration::from_millis(300))
+            .into_iter()
+            .filter(|f| f.request_id == second),
+    );
+
+    let mut sync = SyncResult::default();
+    for f in to_first {
+        match f.body {
+            Some(Body::SyncSummary(s)) => sync.summary = s,
+            Some(Body::SyncPage(p)) => sync.pages.push(p),
+            other => panic!("the running sync is answered by a summary and pages: {other:?}"),
+        }
+    }
+    assert_eq!(sync.summary.total_messages, N, "the first sync's summary");
+    assert_seqs(
+        &sync.seqs(&conversation),
+        1..=N,
+        "the running sync carries every missed message once, in order, to its done page",
+    );
+    assert_eq!(
+        sync.pages.iter().filter(|p| p.done).count(),
+        1,
+        "one done page"
+    );
+    let answers: Vec<_> = to_second.iter().map(|f| f.body.clone()).collect();
+    let [Some(Body::Error(e))] = answers.as_slice() else {
+        panic!("the second SyncRequest gets one Error and nothing else, got {answers:?}");
+    };
+    assert_eq!(
+        (e.code, e.fatal),
+        (ErrorCode::UnexpectedFrame as i32, false),
+        "the refusal is UNEXPECTED_FRAME and not fatal: {:?}",
+        e.message
+    );
+    assert!(e.message.contains("already running"), "{:?}", e.message);
+
+    // The connection goes on: a sync after the done page is served, and live push resumed.
+    let again = bob.sync();
+    assert_eq!(again.summary.total_messages, 0, "nothing is news");
+    let mut alice = broker.connect("alice", "laptop");
+    let next = alice.send("bob", "after the sync");
+    bob.expect_delivery(&conversation, next.seq, TIMEOUT);
+    bob.assert_no_duplicates();
 }
 
 #[test]

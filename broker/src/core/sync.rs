@@ -3,7 +3,8 @@
 //! owner side that reads a range of a conversation from the log.
 //!
 //! A sync is paced by the connection: the next page is asked for only when the connection's
-//! queue is under half its bound, and one page is in flight at a time. Live push waits while a
+//! queue is under half its bound, and one page is in flight at a time. One sync runs at a time
+//! per connection: a `SyncRequest` while one runs is refused, and the running one goes on. Live push waits while a
 //! sync runs ([`super::delivery`]); the sync's last step reads what was stored since the summary,
 //! so nothing live overtakes it.
 
@@ -38,12 +39,17 @@ pub(crate) struct SyncRun {
 }
 
 impl<B: Backend> ShardCore<B> {
-    /// A `SyncRequest` from `conn`: the summary now, then pages.
+    /// A `SyncRequest` from `conn`: the summary now, then pages. One sync runs at a time on a
+    /// connection: a further request while one runs is refused ([`Refusal::SyncRunning`]) and
+    /// the running one goes on untouched.
     pub(crate) fn on_sync_request(&mut self, conn: ConnId, request_id: u64, req: pb::SyncRequest) {
         let max_page = self.cfg.max_page;
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
+        if c.sync.is_some() {
+            return self.refuse(conn, request_id, 0, &Refusal::SyncRunning);
+        }
         let Some(who) = c.who.as_mut() else {
             return;
         };
