@@ -210,6 +210,78 @@ fn a_second_sync_request_while_one_runs_is_refused_and_the_first_completes_untou
 }
 
 #[test]
+fn max_per_conversation_syncs_only_the_newest_missed_messages_and_live_push_goes_on_above() {
+    const N: u64 = 30;
+    const MAX: u32 = 10;
+    let broker = Broker::start(&[
+        // A client holding 21..=30 cannot ack cumulatively from 1: no retransmit in this test.
+        "timeouts.retransmit_initial_ms=30000",
+        "timeouts.retransmit_max_ms=30000",
+    ]);
+    alice_sends(&broker, N);
+    let conversation = direct("alice");
+    let newest = |bob: &mut Client, cursor: Option<u64>| {
+        bob.sync_request(pb::SyncRequest {
+            cursors: cursor
+                .map(|seq| pb::AckCursor {
+                    conversation: Some(direct("alice")),
+                    seq,
+                })
+                .into_iter()
+                .collect(),
+            page_size: 4,
+            max_per_conversation: MAX,
+        })
+    };
+
+    let mut phone = bob_logged_in(&broker);
+    let sync = newest(&mut phone, None);
+    let state = &sync.summary.conversations[0];
+    assert_eq!(
+        (state.last_seq, state.unread),
+        (N, N),
+        "unread still says what the client lacks"
+    );
+    assert_eq!(
+        sync.summary.total_messages,
+        u64::from(MAX),
+        "total_messages counts what the pages carry"
+    );
+    assert_seqs(
+        &sync.seqs(&conversation),
+        N - u64::from(MAX) + 1..=N,
+        "the pages carry the newest max_per_conversation missed messages, in order",
+    );
+
+    // A client lacking fewer than the bound gets all it lacks.
+    let mut tablet = broker.tcp();
+    tablet.login("bob", "tablet");
+    let sync = newest(&mut tablet, Some(25));
+    assert_eq!(
+        (
+            sync.summary.conversations[0].unread,
+            sync.summary.total_messages
+        ),
+        (5, 5)
+    );
+    assert_seqs(&sync.seqs(&conversation), 26..=N, "all it lacks");
+
+    // Live push resumes above last_seq; the older seqs are simply never sent.
+    phone.ack(&conversation, N);
+    let mut alice = broker.connect("alice", "laptop");
+    let next = alice.send("bob", "live after a short sync");
+    assert_eq!(next.seq, N + 1);
+    phone.expect_delivery(&conversation, N + 1, TIMEOUT);
+    phone.receive_for(Duration::from_millis(300));
+    assert_seqs(
+        &phone.held_seqs(&conversation),
+        N - u64::from(MAX) + 1..=N + 1,
+        "nothing older than the synced range arrives later",
+    );
+    phone.assert_no_duplicates();
+}
+
+#[test]
 fn a_sync_of_large_messages_brings_every_one() {
     const N: u64 = 40;
     const BODY: usize = 16 * 1024;

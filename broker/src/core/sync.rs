@@ -26,6 +26,17 @@ use super::mail::{Read, ReadDone, ReadPurpose, ShardMsg};
 /// Bytes a page entry may take beyond its stored payload (field keys, lengths, the view).
 const PAGE_ENTRY_OVERHEAD: usize = 16;
 
+/// The first seq a sync sends of a conversation whose newest is `last_seq` (> `cursor`) to a
+/// client holding up to `cursor`: the one after the cursor, or, with `max_per_conversation`
+/// N > 0, no older than the newest N.
+fn first_to_sync(cursor: u64, last_seq: u64, max_per_conversation: u32) -> u64 {
+    let from = cursor + 1;
+    match u64::from(max_per_conversation) {
+        0 => from,
+        n => from.max(last_seq.saturating_sub(n) + 1),
+    }
+}
+
 /// A sync under way on one connection.
 #[derive(Debug)]
 pub(crate) struct SyncRun {
@@ -78,9 +89,12 @@ impl<B: Backend> ShardCore<B> {
         for (conv, last_seq) in entries {
             let cursor = cursors.get(&conv.id).copied().unwrap_or(0);
             if last_seq > cursor {
+                // `unread` says what the client lacks; the pages carry at most the newest
+                // `max_per_conversation` of it (older ones stay reachable by history).
                 summary.push(Self::conversation_state(conv, &user, last_seq, cursor));
-                total += last_seq - cursor;
-                ranges.push_back((Arc::clone(conv), cursor + 1, last_seq));
+                let from = first_to_sync(cursor, last_seq, req.max_per_conversation);
+                total += last_seq - from + 1;
+                ranges.push_back((Arc::clone(conv), from, last_seq));
             }
         }
         if let Some(c) = self.live_conn_mut(conn) {
@@ -392,5 +406,28 @@ impl<B: Backend> ShardCore<B> {
         }
         self.scratch = out;
         self.pump_sync(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_per_conversation_keeps_the_newest_missed_messages_only() {
+        assert_eq!(first_to_sync(0, 30, 0), 1, "0: everything missed");
+        assert_eq!(first_to_sync(0, 30, 10), 21, "the newest ten");
+        assert_eq!(first_to_sync(5, 30, 10), 21);
+        assert_eq!(
+            first_to_sync(25, 30, 10),
+            26,
+            "fewer missed than the bound: all"
+        );
+        assert_eq!(first_to_sync(0, 3, 10), 1);
+        assert_eq!(first_to_sync(0, 30, 1), 30);
+        assert_eq!(
+            first_to_sync(0, u64::MAX, u32::MAX),
+            u64::MAX - u64::from(u32::MAX) + 1
+        );
     }
 }
