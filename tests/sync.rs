@@ -306,7 +306,7 @@ fn a_history_page_of_large_messages_is_cut_to_fit_and_says_more() {
     let mut alice = broker.connect("alice", "phone");
     alice.send_many("bob", (1..=N).map(|i| numbered_body(i, BODY)), 8);
 
-    let page = alice.history(&direct("bob"), 0, 0, 0);
+    let page = alice.history(&direct("bob"), 0, None, 0);
     let got = seqs(&page.messages);
     let oldest = got.first().copied().unwrap_or(N + 1);
     assert!(
@@ -332,7 +332,7 @@ fn history_pages_backwards_from_the_newest() {
     let mut alice = broker.connect("alice", "laptop");
     let bob = direct("bob");
 
-    let newest = alice.history(&bob, 0, 0, 10);
+    let newest = alice.history(&bob, 0, None, 10);
     assert_eq!(
         seqs(&newest.messages),
         (21..=30).collect::<Vec<_>>(),
@@ -345,7 +345,7 @@ fn history_pages_backwards_from_the_newest() {
         "the stored range"
     );
 
-    let older = alice.history(&bob, 21, 0, 10);
+    let older = alice.history(&bob, 21, None, 10);
     assert_eq!(
         seqs(&older.messages),
         (11..=20).collect::<Vec<_>>(),
@@ -353,7 +353,7 @@ fn history_pages_backwards_from_the_newest() {
     );
     assert!(older.more);
 
-    let oldest = alice.history(&bob, 11, 0, 10);
+    let oldest = alice.history(&bob, 11, None, 10);
     assert_eq!(
         seqs(&oldest.messages),
         (1..=10).collect::<Vec<_>>(),
@@ -376,7 +376,7 @@ fn history_pages_forwards_after_a_seq() {
     let mut alice = broker.connect("alice", "laptop");
     let bob = direct("bob");
 
-    let page = alice.history(&bob, 0, 5, 10);
+    let page = alice.history(&bob, 0, Some(5), 10);
     assert_eq!(
         seqs(&page.messages),
         (6..=15).collect::<Vec<_>>(),
@@ -384,7 +384,7 @@ fn history_pages_forwards_after_a_seq() {
     );
     assert!(page.more, "newer messages exist");
 
-    let last = alice.history(&bob, 0, 25, 10);
+    let last = alice.history(&bob, 0, Some(25), 10);
     assert_eq!(
         seqs(&last.messages),
         (26..=30).collect::<Vec<_>>(),
@@ -394,14 +394,39 @@ fn history_pages_forwards_after_a_seq() {
 }
 
 #[test]
+fn history_pages_forwards_from_the_very_first_message_with_after_seq_zero() {
+    let broker = Broker::start(&[]);
+    alice_sends(&broker, 30);
+    let mut alice = broker.connect("alice", "laptop");
+    let bob = direct("bob");
+
+    let first = alice.history(&bob, 0, Some(0), 10);
+    assert_eq!(
+        seqs(&first.messages),
+        (1..=10).collect::<Vec<_>>(),
+        "after_seq present and 0: the oldest ten, not the newest"
+    );
+    assert!(first.more, "newer messages exist");
+    let next = alice.history(&bob, 0, Some(10), 10);
+    assert_eq!(seqs(&next.messages), (11..=20).collect::<Vec<_>>());
+
+    let newest = alice.history(&bob, 0, None, 10);
+    assert_eq!(
+        seqs(&newest.messages),
+        (21..=30).collect::<Vec<_>>(),
+        "after_seq absent: the newest page, as before"
+    );
+}
+
+#[test]
 fn history_is_the_same_conversation_from_either_side() {
     let broker = Broker::start(&[]);
     let acks = alice_sends(&broker, 12);
     let mut alice = broker.connect("alice", "laptop");
     let mut bob = broker.connect("bob", "phone");
 
-    let from_alice = alice.history(&direct("bob"), 0, 0, 0);
-    let from_bob = bob.history(&direct("alice"), 0, 0, 0);
+    let from_alice = alice.history(&direct("bob"), 0, None, 0);
+    let from_bob = bob.history(&direct("alice"), 0, None, 0);
     let ids = |page: &pb::HistoryPage| -> Vec<(u64, u64)> {
         page.messages.iter().map(|m| (m.seq, m.msg_id)).collect()
     };

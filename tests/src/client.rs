@@ -770,12 +770,13 @@ impl<T: Transport> Client<T> {
         }
     }
 
-    /// Sends a `HistoryRequest` and returns its `HistoryPage`.
+    /// Sends a `HistoryRequest` and returns its `HistoryPage`: backwards from `before_seq` (0:
+    /// the newest), or forwards after `after_seq` if it is `Some` (even `Some(0)`).
     pub fn history(
         &mut self,
         conversation: &pb::Conversation,
         before_seq: u64,
-        after_seq: u64,
+        after_seq: Option<u64>,
         limit: u32,
     ) -> pb::HistoryPage {
         let request_id = self.request(Body::HistoryRequest(pb::HistoryRequest {

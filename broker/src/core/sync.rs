@@ -213,9 +213,10 @@ impl<B: Backend> ShardCore<B> {
             0 => max_page,
             n => n.min(max_page),
         };
-        let (from, to, newest_first) = if req.after_seq > 0 {
-            // Up to the newest: the owner stops at `limit` and says whether more remain.
-            (req.after_seq.saturating_add(1), u64::MAX, false)
+        let (from, to, newest_first) = if let Some(after) = req.after_seq {
+            // Forwards (from the first message if `after` is 0) up to the newest: the owner
+            // stops at `limit` and says whether more remain.
+            (after.saturating_add(1), u64::MAX, false)
         } else if req.before_seq > 0 {
             let to = req.before_seq - 1;
             (to.saturating_sub(u64::from(limit) - 1).max(1), to, true)
