@@ -419,6 +419,68 @@ fn history_pages_forwards_from_the_very_first_message_with_after_seq_zero() {
 }
 
 #[test]
+fn message_ids_are_unique_ordered_by_millisecond_and_increase_with_seq_across_restarts() {
+    const PEERS: [&str; 4] = ["bob", "carol", "dave", "erin"];
+    const CHUNK: u64 = 20;
+    let mut broker = Broker::start(&[
+        "storage.durability=never",
+        // Checkpoints every few dozen messages: restarts replay from before one.
+        "storage.checkpoint_every_bytes=8192",
+    ]);
+    // Interleaved sends to four conversations (spread over the shards), with a crash and a
+    // clean restart in between.
+    let mut sent = 0;
+    for round in 0..6 {
+        if round == 2 {
+            broker.kill9();
+            broker.restart();
+        } else if round == 4 {
+            broker.restart();
+        }
+        let mut alice = broker.connect("alice", "phone");
+        for peer in PEERS {
+            alice.send_many(peer, (1..=CHUNK).map(|i| numbered_body(sent + i, 32)), 8);
+        }
+        sent += CHUNK;
+    }
+
+    let mut alice = broker.connect("alice", "laptop");
+    let mut all: Vec<pb::Message> = Vec::new();
+    for peer in PEERS {
+        let page = alice.history(&direct(peer), 0, Some(0), 0);
+        assert_seqs(&seqs(&page.messages), 1..=sent, "every message is stored");
+        assert!(
+            page.messages.windows(2).all(|w| w[0].msg_id < w[1].msg_id),
+            "within a conversation msg_id strictly increases with seq, across a crash and a \
+             restart: {:?}",
+            page.messages
+                .iter()
+                .map(|m| (m.seq, m.msg_id))
+                .collect::<Vec<_>>()
+        );
+        all.extend(page.messages);
+    }
+    let ids: std::collections::BTreeSet<u64> = all.iter().map(|m| m.msg_id).collect();
+    assert_eq!(ids.len(), all.len(), "msg_ids are unique on the node");
+    all.sort_by_key(|m| m.msg_id);
+    for w in all.windows(2) {
+        assert!(
+            w[0].server_time <= w[1].server_time,
+            "an id of a later millisecond is larger, whichever conversation (shard) it is in: \
+             seq {} of {:?} (id {}, stored at {}) and seq {} of {:?} (id {}, stored at {})",
+            w[0].seq,
+            w[0].conversation,
+            w[0].msg_id,
+            w[0].server_time,
+            w[1].seq,
+            w[1].conversation,
+            w[1].msg_id,
+            w[1].server_time
+        );
+    }
+}
+
+#[test]
 fn history_is_the_same_conversation_from_either_side() {
     let broker = Broker::start(&[]);
     let acks = alice_sends(&broker, 12);
