@@ -7,9 +7,10 @@
 //!   lane holds is re-sent (the same stored bytes, no re-encoding), with doubling back-off
 //!   capped at `retransmit_max_ms`; after `retransmit_tries` retransmits without progress the
 //!   connection is closed as broken (RETRANSMIT_EXHAUSTED) and the client re-syncs.
-//! * When the connection's queue passes its bound (or too many deliveries await acks) the
-//!   connection goes *behind*: it gets `Behind`, its lanes forget their unacked messages, and
-//!   nothing is pushed live until a sync completes (the messages are in the log).
+//! * When the connection's queue passes its bound (`limits.max_outbound_bytes`), or more
+//!   deliveries await acks than `limits.max_unacked_deliveries`, the connection goes *behind*:
+//!   it gets `Behind`, its lanes forget their unacked messages, and nothing is pushed live until
+//!   a sync completes (the messages are in the log).
 //! * While a sync runs nothing is pushed live: the sync's last step reads whatever arrived
 //!   meanwhile, so a syncing client gets each conversation in seq order.
 //! * A lane's `live` range holds the latest contiguous run of seqs pushed live (the owner releases
