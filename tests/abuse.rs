@@ -86,7 +86,7 @@ fn a_client_that_stops_reading_costs_at_most_its_outbound_budget() {
     let peer = "hoard-peer";
     let mut author = broker.connect("hoarder", "laptop");
     author.send_many(peer, (1..=20).map(|i| numbered_body(i, 1024)), 20);
-    let page = author.history(&direct(peer), 0, 0, 20);
+    let page = author.history(&direct(peer), 0, None, 20);
     assert_eq!(
         page.messages.len(),
         20,
@@ -107,7 +107,7 @@ fn a_client_that_stops_reading_costs_at_most_its_outbound_budget() {
         body: Some(Body::HistoryRequest(pb::HistoryRequest {
             conversation: Some(direct(peer)),
             before_seq: 0,
-            after_seq: 0,
+            after_seq: None,
             limit: 20,
         })),
     };
@@ -460,7 +460,7 @@ fn every_request_kind_is_rate_limited_with_a_retry_hint() {
         Body::HistoryRequest(pb::HistoryRequest {
             conversation: Some(direct(peer)),
             before_seq: 0,
-            after_seq: 0,
+            after_seq: None,
             limit: 10,
         })
     };

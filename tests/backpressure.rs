@@ -10,6 +10,7 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use parley_proto::pb::frame::Body;
 use parley_tests::{Broker, Client, TIMEOUT, assert_seqs, delivery_latency, direct, numbered_body};
 
 /// The per-connection outbound bound the tests configure.
@@ -132,6 +133,52 @@ fn a_slow_reader_is_told_it_is_behind_and_catches_up_in_order_while_others_chat_
     }
 
     // Live push resumed with the sync.
+    let next = alice.send("bob", "live again");
+    bob.expect_delivery(&conversation, next.seq, TIMEOUT);
+    bob.assert_no_duplicates();
+}
+
+#[test]
+fn a_client_that_reads_but_never_acks_is_behind_past_limits_max_unacked_deliveries() {
+    const MAX_UNACKED: u64 = 16;
+    const N: u64 = 40;
+    let broker = Broker::start(&[
+        "storage.durability=never",
+        &format!("limits.max_unacked_deliveries={MAX_UNACKED}"),
+        NO_RETRANSMIT[0],
+        NO_RETRANSMIT[1],
+    ]);
+    let mut bob = broker.connect("bob", "phone");
+    bob.set_auto_ack(false);
+    let mut alice = broker.connect("alice", "phone");
+    let conversation = direct("alice");
+
+    alice.send_many("bob", (1..=N).map(|i| numbered_body(i, 32)), 8);
+    let behind = bob.recv_until(TIMEOUT, |f| matches!(f.body, Some(Body::Behind(_))));
+    let Some(Body::Behind(behind)) = behind.body else {
+        unreachable!("the predicate matched a Behind")
+    };
+    assert!(
+        behind.reason.contains("limits.max_unacked_deliveries"),
+        "the reason names the setting: {:?}",
+        behind.reason
+    );
+    bob.receive_for(Duration::from_millis(300));
+    assert_seqs(
+        &bob.delivered_seqs(&conversation),
+        1..=MAX_UNACKED + 1,
+        "live push stops at the first delivery past limits.max_unacked_deliveries unacked",
+    );
+    assert_eq!(bob.behind_count(), 1, "told once");
+
+    // The client acks again and syncs: it gets the rest, and live push resumes.
+    bob.set_auto_ack(true);
+    let sync = bob.sync();
+    assert_seqs(
+        &sync.seqs(&conversation),
+        MAX_UNACKED + 2..=N,
+        "the sync after Behind brings what was not pushed",
+    );
     let next = alice.send("bob", "live again");
     bob.expect_delivery(&conversation, next.seq, TIMEOUT);
     bob.assert_no_duplicates();

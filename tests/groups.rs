@@ -140,10 +140,10 @@ fn a_member_added_later_sees_the_group_from_its_join_on_live_in_sync_and_in_hist
     );
     assert_eq!(seqs_of(sync.messages(), &team), vec![5, 6]);
 
-    let page = dave.history(&team, 0, 0, 100);
+    let page = dave.history(&team, 0, None, 100);
     assert_eq!(seqs_of(page.messages.iter(), &team), vec![5, 6]);
     assert_eq!((page.first_seq, page.last_seq, page.more), (5, 6, false));
-    let older = dave.history(&team, 5, 0, 100);
+    let older = dave.history(&team, 5, None, 100);
     assert!(
         older.messages.is_empty(),
         "nothing before its join: {older:?}"
@@ -180,7 +180,7 @@ fn a_removed_member_gets_its_removal_and_nothing_after_it() {
     bob_again.login("bob", "laptop");
     let sync = bob_again.sync_with(Vec::new(), 0);
     assert_eq!(seqs_of(sync.messages(), &team), vec![1, 2, 3]);
-    let page = bob_again.history(&team, 0, 0, 100);
+    let page = bob_again.history(&team, 0, None, 100);
     assert_eq!(seqs_of(page.messages.iter(), &team), vec![1, 2, 3]);
     assert_eq!(
         page.last_seq, 3,

@@ -208,6 +208,10 @@ pub struct Limits {
     /// requests until its queue drains (they wait in the kernel, not in the node's memory).
     /// Default 1 MiB.
     pub max_outbound_bytes: usize,
+    /// Most live deliveries one connection may have awaiting its `DeliverAck` (each is held for
+    /// retransmit). One more and live push pauses: the client is told it is Behind and catches
+    /// up by sync, as past `max_outbound_bytes`. Default 4096.
+    pub max_unacked_deliveries: usize,
     /// Sustained requests per second per connection (a token bucket; a send or a ping costs
     /// one request, a sync or history request five, an ack a tenth). Past it, a request is
     /// refused with RATE_LIMITED and a retry hint. Default 2000.
@@ -321,6 +325,7 @@ impl Default for Limits {
             max_unauthenticated: 4096,
             max_unauthenticated_per_source: 1024,
             max_outbound_bytes: 1 << 20,
+            max_unacked_deliveries: 4096,
             request_rate_per_sec: 2000,
             request_burst: 4000,
             max_errors: 32,
@@ -488,6 +493,9 @@ impl Config {
         }
         if self.limits.frames_per_turn == 0 || self.limits.read_budget_bytes == 0 {
             return fail("limits.frames_per_turn and limits.read_budget_bytes must be positive");
+        }
+        if self.limits.max_unacked_deliveries == 0 {
+            return fail("limits.max_unacked_deliveries must be positive");
         }
         if self.limits.max_unauthenticated == 0 || self.limits.max_unauthenticated_per_source == 0 {
             return fail(
@@ -674,6 +682,25 @@ mod tests {
     fn inconsistent_limits_are_rejected() {
         assert!(load(&[], &["limits.max_body_bytes=70000"]).is_err());
         assert!(load(&[], &["timeouts.idle_ms=1000"]).is_err());
+    }
+
+    #[test]
+    fn max_unacked_deliveries_defaults_to_4096_is_set_in_every_layer_and_must_be_positive() {
+        assert_eq!(Config::default().limits.max_unacked_deliveries, 4096);
+        let c = load(&[("PARLEY_LIMITS__MAX_UNACKED_DELIVERIES", "64")], &[]).expect("valid");
+        assert_eq!(c.limits.max_unacked_deliveries, 64);
+        let c = load(
+            &[("PARLEY_LIMITS__MAX_UNACKED_DELIVERIES", "64")],
+            &["limits.max_unacked_deliveries=16"],
+        )
+        .expect("valid");
+        assert_eq!(c.limits.max_unacked_deliveries, 16, "flags override env");
+        assert!(
+            c.display_redacted().contains("max_unacked_deliveries = 16"),
+            "printed at start-up"
+        );
+        let e = load(&[], &["limits.max_unacked_deliveries=0"]).expect_err("0 is refused");
+        assert!(e.to_string().contains("max_unacked_deliveries"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,50 @@ fn strategy_generates_every_body_case_of_the_schema() {
     assert_eq!(seen, cases);
 }
 
+/// A history request with `after_seq` as given.
+fn history_after(after_seq: Option<u64>) -> parley_proto::pb::Frame {
+    use parley_proto::pb;
+    pb::Frame {
+        request_id: 1,
+        body: Some(pb::frame::Body::HistoryRequest(pb::HistoryRequest {
+            conversation: None,
+            before_seq: 0,
+            after_seq,
+            limit: 0,
+        })),
+    }
+}
+
+#[test]
+fn history_after_seq_zero_is_present_in_both_forms_and_absent_stays_absent() {
+    // Present with 0: on the wire as field 3 with value 0 (the same varint field as before
+    // `optional`), in JSON as "afterSeq": "0"; both decode back to `Some(0)`.
+    let zero = history_after(Some(0));
+    let bytes = encoded(&zero);
+    assert!(
+        bytes.windows(2).any(|w| w == [0x18, 0x00]),
+        "field 3, varint 0, is written: {bytes:?}"
+    );
+    assert_eq!(frame::decode(bytes).expect("decodes"), zero);
+    let json = frame::to_json(&zero).expect("json");
+    assert!(json.contains(r#""afterSeq":"0""#), "{json}");
+    assert_eq!(frame::from_json(json.as_bytes()).expect("from json"), zero);
+
+    let absent = history_after(None);
+    let json = frame::to_json(&absent).expect("json");
+    assert!(!json.contains("afterSeq"), "{json}");
+    assert_eq!(
+        frame::from_json(json.as_bytes()).expect("from json"),
+        absent
+    );
+    assert_eq!(frame::decode(encoded(&absent)).expect("decodes"), absent);
+    let by_hand = br#"{"requestId":"1","historyRequest":{"afterSeq":0}}"#;
+    assert_eq!(
+        frame::from_json(by_hand).expect("a number is read too"),
+        zero
+    );
+}
+
 proptest! {
     #[test]
     fn protobuf_round_trip_preserves_every_frame(frame in strategies::frame()) {

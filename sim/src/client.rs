@@ -137,7 +137,7 @@ impl Client {
                 body: Some(Body::HistoryRequest(pb::HistoryRequest {
                     conversation: Some(view.clone()),
                     before_seq: 0,
-                    after_seq: 0,
+                    after_seq: None,
                     limit: 0,
                 })),
             })

@@ -769,11 +769,23 @@ impl<T: Transport> Client<T> {
     /// Sends `SyncRequest{cursors, page_size}` and reads its `SyncSummary` and `SyncPage`s up to
     /// the one with `done`. Checks that the summary comes first.
     pub fn sync_with(&mut self, cursors: Vec<pb::AckCursor>, page_size: u32) -> SyncResult {
-        let request_id = self.request(Body::SyncRequest(pb::SyncRequest {
+        self.sync_request(pb::SyncRequest {
             cursors,
             page_size,
             max_per_conversation: 0,
-        }));
+        })
+    }
+
+    /// Sends `request` and reads its answers up to the `done` page, as [`Client::sync_with`].
+    pub fn sync_request(&mut self, request: pb::SyncRequest) -> SyncResult {
+        let request_id = self.request(Body::SyncRequest(request));
+        self.finish_sync(request_id)
+    }
+
+    /// Reads the `SyncSummary` and `SyncPage`s answering the sync `request_id` up to the one
+    /// with `done` (frames of other requests are observed and passed over). Checks that the
+    /// summary comes first.
+    pub fn finish_sync(&mut self, request_id: u64) -> SyncResult {
         let mut summary = None;
         let mut pages = Vec::new();
         loop {
@@ -817,12 +829,13 @@ impl<T: Transport> Client<T> {
         }
     }
 
-    /// Sends a `HistoryRequest` and returns its `HistoryPage`.
+    /// Sends a `HistoryRequest` and returns its `HistoryPage`: backwards from `before_seq` (0:
+    /// the newest), or forwards after `after_seq` if it is `Some` (even `Some(0)`).
     pub fn history(
         &mut self,
         conversation: &pb::Conversation,
         before_seq: u64,
-        after_seq: u64,
+        after_seq: Option<u64>,
         limit: u32,
     ) -> pb::HistoryPage {
         let request_id = self.request(Body::HistoryRequest(pb::HistoryRequest {
@@ -1049,6 +1062,26 @@ impl<T: Transport> Client<T> {
 }
 
 impl Client<Tcp> {
+    /// Writes one frame per body, each with a fresh request id, in a single write (so the broker
+    /// reads them together); returns the request ids in order.
+    pub fn request_together(&mut self, bodies: Vec<Body>) -> Vec<u64> {
+        let frames: Vec<pb::Frame> = bodies
+            .into_iter()
+            .map(|body| {
+                let request_id = self.next_request_id;
+                self.next_request_id += 1;
+                pb::Frame {
+                    request_id,
+                    body: Some(body),
+                }
+            })
+            .collect();
+        if let Err(e) = self.conn.write_frames(&frames) {
+            panic!("{}: cannot write {} frames: {e}", self.label, frames.len());
+        }
+        frames.iter().map(|f| f.request_id).collect()
+    }
+
     /// Writes `bytes` to the socket as they are (malformed input on purpose).
     pub fn write_raw(&mut self, bytes: &[u8]) {
         if let Err(e) = self.conn.write_raw(bytes) {

@@ -99,6 +99,18 @@ impl Tcp {
         connect_tcp(addr, Some(recv_buffer)).map(Self::from_stream)
     }
 
+    /// Writes `frames` with one `write` call, so that they reach the broker together (in one
+    /// read, on loopback).
+    pub fn write_frames(&mut self, frames: &[pb::Frame]) -> io::Result<()> {
+        self.output.clear();
+        for frame in frames {
+            self.codec
+                .encode(frame, &mut self.output)
+                .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        }
+        self.stream.write_all(&self.output)
+    }
+
     /// Writes `bytes` as they are: for malformed input.
     pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes)?;

@@ -29,7 +29,8 @@ pub(crate) struct CoreConfig {
     pub(crate) max_page: u32,
     pub(crate) max_outbound_bytes: usize,
     pub(crate) dedup_window: usize,
-    /// Most deliveries awaiting an ack on one connection before it counts as behind.
+    /// Most deliveries awaiting an ack on one connection before it counts as behind
+    /// (`limits.max_unacked_deliveries`).
     pub(crate) max_unacked: usize,
     /// Acks wait for the flush (`always`); otherwise they go out once appended.
     pub(crate) wait_for_flush: bool,
@@ -69,7 +70,7 @@ impl CoreConfig {
             max_page: c.limits.max_page.max(1),
             max_outbound_bytes: c.limits.max_outbound_bytes,
             dedup_window: c.limits.dedup_window.max(1),
-            max_unacked: 4096,
+            max_unacked: c.limits.max_unacked_deliveries.max(1),
             wait_for_flush: c.storage.durability == DurabilityPolicy::Always,
             page_budget: (c.limits.max_frame_bytes as usize)
                 .saturating_sub(1024)

@@ -7,15 +7,17 @@
 //!   lane holds is re-sent (the same stored bytes, no re-encoding), with doubling back-off
 //!   capped at `retransmit_max_ms`; after `retransmit_tries` retransmits without progress the
 //!   connection is closed as broken (RETRANSMIT_EXHAUSTED) and the client re-syncs.
-//! * When the connection's queue passes its bound (or too many deliveries await acks) the
-//!   connection goes *behind*: it gets `Behind`, its lanes forget their unacked messages, and
-//!   nothing is pushed live until a sync completes (the messages are in the log).
+//! * When the connection's queue passes its bound (`limits.max_outbound_bytes`), or more
+//!   deliveries await acks than `limits.max_unacked_deliveries`, the connection goes *behind*:
+//!   it gets `Behind`, its lanes forget their unacked messages, and nothing is pushed live until
+//!   a sync completes (the messages are in the log).
 //! * While a sync runs nothing is pushed live: the sync's last step reads whatever arrived
 //!   meanwhile, so a syncing client gets each conversation in seq order.
 //! * A lane's `live` range holds the latest contiguous run of seqs pushed live (the owner releases
 //!   in seq order and routes are FIFO, but a device is not pushed its own sends, so the seqs it
 //!   gets may skip), and a sync skips them; `synced` is the highest seq a sync
-//!   sent, and a live delivery at or below it is skipped. So an acking client gets each
+//!   covered (sent, or left out on purpose: dropped by retention, or older than a sync's
+//!   `max_per_conversation`), and a live delivery at or below it is skipped. So an acking client gets each
 //!   (conversation, seq) once, apart from retransmits.
 //!
 //! ### Invariants
@@ -278,7 +280,8 @@ impl Delivery {
     }
 
     /// A sync range of `conv` up to `upto` is complete, whether or not every seq in it still
-    /// existed (retention may have dropped some).
+    /// existed (retention may have dropped some) and wherever it started (a sync with
+    /// `max_per_conversation` leaves the older seqs out): live push goes on above `upto`.
     pub(crate) fn mark_synced(&mut self, conv: u64, view: &Bytes, upto: u64) {
         let lane = self
             .lanes
@@ -451,6 +454,27 @@ mod tests {
         assert!(!push(&mut d, &mut t, 1, 0));
         d.end_sync();
         assert!(push(&mut d, &mut t, 2, 0));
+    }
+
+    #[test]
+    fn after_a_sync_that_left_older_seqs_out_live_push_goes_on_above_its_range() {
+        // The client lacks 1..=30; a sync with max_per_conversation 10 sends 21..=30 only.
+        let mut d = Delivery::default();
+        let mut t = Timers::new(0);
+        d.start_sync();
+        for seq in 21..=30 {
+            assert!(d.sync_takes(7, &Bytes::new(), seq));
+        }
+        d.mark_synced(7, &Bytes::new(), 30);
+        assert_eq!(
+            d.sent_upto(7),
+            30,
+            "the sync's last step reads above 30 only"
+        );
+        d.end_sync();
+        assert!(!push(&mut d, &mut t, 30, 0), "covered by the sync");
+        assert!(push(&mut d, &mut t, 31, 0));
+        assert!(push(&mut d, &mut t, 32, 0));
     }
 
     #[test]

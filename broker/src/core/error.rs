@@ -61,6 +61,9 @@ pub(crate) enum Refusal {
     /// A feature the schema carries that this node does not serve yet.
     #[error("{0} are not available yet")]
     NotAvailable(&'static str),
+    /// A `SyncRequest` while a sync runs on the connection (the running one goes on).
+    #[error("a sync is already running on this connection; wait for its done page")]
+    SyncRunning,
     /// A recall or edit of a seq that holds no message.
     #[error("ref_seq names no stored message")]
     RefNotFound,
@@ -120,9 +123,10 @@ impl Refusal {
             Refusal::RefreshOtherIdentity => C::Forbidden,
             Refusal::RefreshToken(AuthError::Expired) => C::TokenExpired,
             Refusal::RefreshToken(_) | Refusal::RefreshTokenLifetime => C::BadToken,
-            Refusal::NoBody | Refusal::ServerOnlyFrame | Refusal::NotAvailable(_) => {
-                C::UnexpectedFrame
-            }
+            Refusal::NoBody
+            | Refusal::ServerOnlyFrame
+            | Refusal::NotAvailable(_)
+            | Refusal::SyncRunning => C::UnexpectedFrame,
             Refusal::RefNotFound | Refusal::GroupNotFound => C::NotFound,
             Refusal::NotMember | Refusal::GroupForbidden(_) => C::Forbidden,
             Refusal::GroupExists => C::AlreadyExists,
@@ -287,6 +291,7 @@ mod tests {
         assert_eq!(Refusal::NotSender.code(), pb::ErrorCode::Forbidden);
         assert_eq!(Refusal::RefNotFound.code(), pb::ErrorCode::NotFound);
         assert_eq!(Refusal::LogFailed.code(), pb::ErrorCode::StorageFailure);
+        assert_eq!(Refusal::SyncRunning.code(), pb::ErrorCode::UnexpectedFrame);
         let f = Refusal::RateLimited { retry_after_ms: 5 }.frame(3, 9);
         let Some(Body::Error(e)) = f.body else {
             panic!("an error frame")

@@ -914,7 +914,7 @@ impl<B: Backend> ShardCore<B> {
         let reason = if c.out.len() > max_out {
             "outbound queue over limits.max_outbound_bytes"
         } else if c.delivery.unacked() > max_unacked {
-            "too many unacknowledged deliveries"
+            "too many unacknowledged deliveries (limits.max_unacked_deliveries)"
         } else {
             return;
         };

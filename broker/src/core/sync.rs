@@ -3,7 +3,8 @@
 //! owner side that reads a range of a conversation from the log.
 //!
 //! A sync is paced by the connection: the next page is asked for only when the connection's
-//! queue is under half its bound, and one page is in flight at a time. Live push waits while a
+//! queue is under half its bound, and one page is in flight at a time. One sync runs at a time
+//! per connection: a `SyncRequest` while one runs is refused, and the running one goes on. Live push waits while a
 //! sync runs ([`super::delivery`]); the sync's last step reads what was stored since the summary,
 //! so nothing live overtakes it.
 
@@ -25,6 +26,17 @@ use super::mail::{Read, ReadDone, ReadPurpose, ShardMsg};
 /// Bytes a page entry may take beyond its stored payload (field keys, lengths, the view).
 const PAGE_ENTRY_OVERHEAD: usize = 16;
 
+/// The first seq a sync sends of a conversation whose newest is `last_seq` (> `cursor`) to a
+/// client holding up to `cursor`: the one after the cursor, or, with `max_per_conversation`
+/// N > 0, no older than the newest N.
+fn first_to_sync(cursor: u64, last_seq: u64, max_per_conversation: u32) -> u64 {
+    let from = cursor + 1;
+    match u64::from(max_per_conversation) {
+        0 => from,
+        n => from.max(last_seq.saturating_sub(n) + 1),
+    }
+}
+
 /// A sync under way on one connection.
 #[derive(Debug)]
 pub(crate) struct SyncRun {
@@ -38,12 +50,17 @@ pub(crate) struct SyncRun {
 }
 
 impl<B: Backend> ShardCore<B> {
-    /// A `SyncRequest` from `conn`: the summary now, then pages.
+    /// A `SyncRequest` from `conn`: the summary now, then pages. One sync runs at a time on a
+    /// connection: a further request while one runs is refused ([`Refusal::SyncRunning`]) and
+    /// the running one goes on untouched.
     pub(crate) fn on_sync_request(&mut self, conn: ConnId, request_id: u64, req: pb::SyncRequest) {
         let max_page = self.cfg.max_page;
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
+        if c.sync.is_some() {
+            return self.refuse(conn, request_id, 0, &Refusal::SyncRunning);
+        }
         let Some(who) = c.who.as_mut() else {
             return;
         };
@@ -82,9 +99,12 @@ impl<B: Backend> ShardCore<B> {
         for (conv, floor, last_seq) in entries {
             let cursor = cursors.get(&conv.id).copied().unwrap_or(0).max(floor);
             if last_seq > cursor {
+                // `unread` says what the client lacks; the pages carry at most the newest
+                // `max_per_conversation` of it (older ones stay reachable by history).
                 summary.push(Self::conversation_state(conv, &user, last_seq, cursor));
-                total += last_seq - cursor;
-                ranges.push_back((Arc::clone(conv), cursor + 1, last_seq));
+                let from = first_to_sync(cursor, last_seq, req.max_per_conversation);
+                total += last_seq - from + 1;
+                ranges.push_back((Arc::clone(conv), from, last_seq));
             }
         }
         if let Some(c) = self.live_conn_mut(conn) {
@@ -207,9 +227,10 @@ impl<B: Backend> ShardCore<B> {
             0 => max_page,
             n => n.min(max_page),
         };
-        let (from, to, newest_first) = if req.after_seq > 0 {
-            // Up to the newest: the owner stops at `limit` and says whether more remain.
-            (req.after_seq.saturating_add(1), u64::MAX, false)
+        let (from, to, newest_first) = if let Some(after) = req.after_seq {
+            // Forwards (from the first message if `after` is 0) up to the newest: the owner
+            // stops at `limit` and says whether more remain.
+            (after.saturating_add(1), u64::MAX, false)
         } else if req.before_seq > 0 {
             let to = req.before_seq - 1;
             (to.saturating_sub(u64::from(limit) - 1).max(1), to, true)
@@ -425,5 +446,28 @@ impl<B: Backend> ShardCore<B> {
         }
         self.scratch = out;
         self.pump_sync(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_per_conversation_keeps_the_newest_missed_messages_only() {
+        assert_eq!(first_to_sync(0, 30, 0), 1, "0: everything missed");
+        assert_eq!(first_to_sync(0, 30, 10), 21, "the newest ten");
+        assert_eq!(first_to_sync(5, 30, 10), 21);
+        assert_eq!(
+            first_to_sync(25, 30, 10),
+            26,
+            "fewer missed than the bound: all"
+        );
+        assert_eq!(first_to_sync(0, 3, 10), 1);
+        assert_eq!(first_to_sync(0, 30, 1), 30);
+        assert_eq!(
+            first_to_sync(0, u64::MAX, u32::MAX),
+            u64::MAX - u64::from(u32::MAX) + 1
+        );
     }
 }

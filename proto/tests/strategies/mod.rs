@@ -340,7 +340,7 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
         (
             option::of(conversation()),
             any::<u64>(),
-            any::<u64>(),
+            option::of(any::<u64>()),
             any::<u32>(),
         )
             .prop_map(|(conversation, before_seq, after_seq, limit)| {
