@@ -225,6 +225,10 @@ pub fn body_name(frame: &pb::Frame) -> &'static str {
         Body::RoomRequest(_) => "room_request",
         Body::RoomResult(_) => "room_result",
         Body::Receipt(_) => "receipt",
+        Body::ConversationListRequest(_) => "conversation_list_request",
+        Body::ConversationList(_) => "conversation_list",
+        Body::ReadCountsRequest(_) => "read_counts_request",
+        Body::ReadCounts(_) => "read_counts",
     }
 }
 

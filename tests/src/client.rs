@@ -567,6 +567,76 @@ impl<T: Transport> Client<T> {
         })
     }
 
+    /// Reports that the user read `conversation` up to `seq` (not answered).
+    pub fn mark_read(&mut self, conversation: &pb::Conversation, seq: u64) {
+        self.request(Body::Receipt(pb::Receipt {
+            conversation: Some(conversation.clone()),
+            r#type: pb::ReceiptType::Read as i32,
+            seq,
+            user: String::new(),
+            time: 0,
+        }));
+    }
+
+    /// Asks for one page of the user's conversation list; panics if it is refused.
+    pub fn conversation_list(
+        &mut self,
+        limit: u32,
+        after: Option<(i64, pb::Conversation)>,
+    ) -> pb::ConversationList {
+        let (after_activity, after_conversation) = match after {
+            Some((t, c)) => (t, Some(c)),
+            None => (0, None),
+        };
+        let request_id = self.request(Body::ConversationListRequest(pb::ConversationListRequest {
+            limit,
+            after_activity,
+            after_conversation,
+        }));
+        let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+        match frame.body {
+            Some(Body::ConversationList(l)) => l,
+            other => panic!(
+                "{}: unexpected answer to a ConversationListRequest: {other:?}",
+                self.label
+            ),
+        }
+    }
+
+    /// Asks how many members read each of `count` seqs of a group from `from`.
+    pub fn read_counts(
+        &mut self,
+        conversation: &pb::Conversation,
+        from_seq: u64,
+        count: u32,
+    ) -> Result<pb::ReadCounts, pb::Error> {
+        let request_id = self.request(Body::ReadCountsRequest(pb::ReadCountsRequest {
+            conversation: Some(conversation.clone()),
+            from_seq,
+            count,
+        }));
+        let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+        match frame.body {
+            Some(Body::ReadCounts(r)) => Ok(r),
+            Some(Body::Error(e)) => Err(e),
+            other => panic!(
+                "{}: unexpected answer to a ReadCountsRequest: {other:?}",
+                self.label
+            ),
+        }
+    }
+
+    /// Waits for a relayed `Receipt` of `conversation` and returns it.
+    pub fn expect_receipt(&mut self, conversation: &pb::Conversation) -> pb::Receipt {
+        let frame = self.recv_until(TIMEOUT, |f| {
+            matches!(&f.body, Some(Body::Receipt(r)) if r.conversation.as_ref() == Some(conversation))
+        });
+        match frame.body {
+            Some(Body::Receipt(r)) => r,
+            _ => unreachable!("the predicate matched a receipt"),
+        }
+    }
+
     /// Sends `body` to user `to` and waits for the `SendAck`.
     pub fn send(&mut self, to: &str, body: impl Into<Bytes>) -> pb::SendAck {
         let client_msg_id = self.start_send(to, body);

@@ -19,18 +19,22 @@
 //! A group's members and settings ([`GroupEntry`]) are in it too, with the seq of the newest
 //! event they reflect: the replay applies only later events. If that seq is above the log's
 //! last seq of the group (the checkpoint reflected an event a crash then lost), start-up
-//! rebuilds that one group from its events in the log instead.
+//! rebuilds that one group from its events in the log instead. So are the cursors of the users
+//! whose home is this shard ([`CursorEntry`]: read, delivered, peer-read); the replay of cursor
+//! records moves them on (cursors only move forward, so replaying is idempotent).
 //!
 //! Layout (little endian): `"PCK4"`, max message id `u64`, conversation count `u32`, then per
-//! conversation: id `u64`, key (`u16` length + UTF-8), device count `u32`, then per device: user
-//! and device (`u16` length + UTF-8 each), entry count `u32`, entries oldest first as (client
-//! message id, message id, seq, server time, LSN), `u64` each; then a group flag `u8`, and for a
-//! group: name, open `u8`, applied seq `u64`, dissolved seq `u64` (0: live), member count `u32`,
-//! members as (user, role `u8`, joined seq `u64`), former member count `u32`, former members as
-//! (user, joined seq `u64`, left seq `u64`). `"PCK3"` (before groups) has no group flag and is
-//! still read. Entries at or beyond the log's recovered end are dropped at load (a crash lost
-//! those records). Anything that does not parse is ignored as a whole (start-up then reads the
-//! whole log).
+//! conversation: id `u64`, key (`u16` length + UTF-8), last message time `i64`, device count
+//! `u32`, then per device: user and device (`u16` length + UTF-8 each), entry count `u32`,
+//! entries oldest first as (client message id, message id, seq, server time, LSN), `u64` each;
+//! then a group flag `u8`, and for a group: name, open `u8`, applied seq `u64`, dissolved seq
+//! `u64` (0: live), member count `u32`, members as (user, role `u8`, joined seq `u64`), former
+//! member count `u32`, former members as (user, joined seq `u64`, left seq `u64`). After the
+//! conversations: cursor count `u32`, then per user and conversation: user, conversation key,
+//! read, delivered and peer-read seqs (`u64` each). `"PCK3"` (before groups) has no last time,
+//! group flag or cursors, and is still read. Entries at or beyond the log's recovered end are
+//! dropped at load (a crash lost those records). Anything that does not parse is ignored as a
+//! whole (start-up then reads the whole log).
 
 use parley_storage::Lsn;
 
@@ -57,6 +61,8 @@ pub(crate) struct DeviceWindow {
 pub(crate) struct ConvEntry {
     pub(crate) id: u64,
     pub(crate) key: String,
+    /// When its newest message was stored (ms since the Unix epoch).
+    pub(crate) last_time: i64,
     pub(crate) devices: Vec<DeviceWindow>,
     pub(crate) group: Option<GroupEntry>,
 }
@@ -76,11 +82,52 @@ pub(crate) struct GroupEntry {
     pub(crate) former: Vec<(String, u64, u64)>,
 }
 
+/// A user's cursors in one conversation (see [`super::home::Cursors`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct CursorEntry {
+    pub(crate) user: String,
+    /// The conversation's key.
+    pub(crate) key: String,
+    pub(crate) read: u64,
+    pub(crate) delivered: u64,
+    pub(crate) peer_read: u64,
+}
+
+impl CursorEntry {
+    /// Appends this entry's bytes (also the payload of a cursor record in the log).
+    pub(crate) fn put(&self, out: &mut Vec<u8>) {
+        put_str(out, &self.user);
+        put_str(out, &self.key);
+        for v in [self.read, self.delivered, self.peer_read] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// An entry from `bytes` as [`CursorEntry::put`] wrote them, nothing left over.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<CursorEntry> {
+        let mut r = Reader(bytes);
+        let e = read_cursor(&mut r)?;
+        r.0.is_empty().then_some(e)
+    }
+}
+
+fn read_cursor(r: &mut Reader<'_>) -> Option<CursorEntry> {
+    Some(CursorEntry {
+        user: r.string()?,
+        key: r.string()?,
+        read: r.u64()?,
+        delivered: r.u64()?,
+        peer_read: r.u64()?,
+    })
+}
+
 /// A decoded checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Checkpoint {
     pub(crate) max_msg_id: u64,
     pub(crate) convs: Vec<ConvEntry>,
+    /// The cursors of the users whose home is this shard.
+    pub(crate) cursors: Vec<CursorEntry>,
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -99,6 +146,7 @@ impl Checkpoint {
         for c in &self.convs {
             out.extend_from_slice(&c.id.to_le_bytes());
             put_str(&mut out, &c.key);
+            out.extend_from_slice(&c.last_time.to_le_bytes());
             out.extend_from_slice(&(c.devices.len() as u32).to_le_bytes());
             for d in &c.devices {
                 put_str(&mut out, &d.user);
@@ -133,6 +181,10 @@ impl Checkpoint {
                 }
             }
         }
+        out.extend_from_slice(&(self.cursors.len() as u32).to_le_bytes());
+        for c in &self.cursors {
+            c.put(&mut out);
+        }
         out
     }
 
@@ -154,6 +206,7 @@ impl Checkpoint {
         for _ in 0..n {
             let id = r.u64()?;
             let key = r.string()?;
+            let last_time = if has_groups { r.u64()? as i64 } else { 0 };
             let nd = r.u32()?;
             if (nd as usize).checked_mul(8)? > r.0.len() {
                 return None;
@@ -197,11 +250,28 @@ impl Checkpoint {
             convs.push(ConvEntry {
                 id,
                 key,
+                last_time,
                 devices,
                 group,
             });
         }
-        r.0.is_empty().then_some(Checkpoint { max_msg_id, convs })
+        let mut cursors = Vec::new();
+        if has_groups {
+            let n = r.u32()?;
+            // An entry takes at least 28 bytes.
+            if (n as usize).checked_mul(28)? > r.0.len() {
+                return None;
+            }
+            cursors.reserve(n as usize);
+            for _ in 0..n {
+                cursors.push(read_cursor(&mut r)?);
+            }
+        }
+        r.0.is_empty().then_some(Checkpoint {
+            max_msg_id,
+            convs,
+            cursors,
+        })
     }
 }
 
@@ -279,6 +349,7 @@ mod tests {
                 ConvEntry {
                     id: 9,
                     key: "d5:alicebob".into(),
+                    last_time: 1_700_000_000_000,
                     devices: vec![DeviceWindow {
                         user: "alice".into(),
                         device: "phone".into(),
@@ -297,12 +368,14 @@ mod tests {
                 ConvEntry {
                     id: 10,
                     key: "d1:ab".into(),
+                    last_time: 0,
                     devices: Vec::new(),
                     group: None,
                 },
                 ConvEntry {
                     id: 11,
                     key: "g:team".into(),
+                    last_time: -5,
                     devices: Vec::new(),
                     group: Some(GroupEntry {
                         name: "the team".into(),
@@ -314,6 +387,13 @@ mod tests {
                     }),
                 },
             ],
+            cursors: vec![CursorEntry {
+                user: "bob".into(),
+                key: "g:team".into(),
+                read: 5,
+                delivered: 6,
+                peer_read: 0,
+            }],
         }
     }
 
@@ -352,9 +432,11 @@ mod tests {
             convs: vec![ConvEntry {
                 id: 10,
                 key: "d1:ab".into(),
+                last_time: 0,
                 devices: Vec::new(),
                 group: None,
             }],
+            cursors: Vec::new(),
         };
         assert_eq!(Checkpoint::decode(&old), Some(expected));
     }

@@ -100,6 +100,8 @@ pub(crate) struct Who {
     errors_since: u64,
     /// When the token expires, in the core's monotonic ms.
     pub(crate) expires_ms: u64,
+    /// A conversation list waiting for messages read from their owners.
+    pub(crate) list: Option<Box<super::convlist::ListRun>>,
 }
 
 /// Most conversations of each kind a connection remembers by the name it used for them.
@@ -127,6 +129,7 @@ impl Who {
             errors: 0,
             errors_since: now,
             expires_ms: expiry_ms(identity.expires_at, now, unix_ms),
+            list: None,
         }
     }
 

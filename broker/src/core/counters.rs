@@ -66,6 +66,10 @@ pub struct Counters {
     pub group_events: u64,
     /// Group messages pushed live to a member's device (also counted in `deliveries`).
     pub group_deliveries: u64,
+    /// READ receipts that moved a read cursor.
+    pub receipts: u64,
+    /// Conversation lists answered.
+    pub conversation_lists: u64,
 }
 
 impl Counters {
@@ -102,5 +106,7 @@ impl Counters {
         self.log_lines_suppressed += other.log_lines_suppressed;
         self.group_events += other.group_events;
         self.group_deliveries += other.group_deliveries;
+        self.receipts += other.receipts;
+        self.conversation_lists += other.conversation_lists;
     }
 }

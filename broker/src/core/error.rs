@@ -97,6 +97,12 @@ pub(crate) enum Refusal {
     /// A malformed group request.
     #[error("{0}")]
     BadGroupRequest(&'static str),
+    /// A receipt other than READ (delivery is reported with DeliverAck).
+    #[error("clients send READ receipts only; delivery is reported with DeliverAck")]
+    BadReceipt,
+    /// A conversation list request while one is being answered on the connection.
+    #[error("a conversation list is being answered on this connection; wait for it")]
+    ListRunning,
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -131,7 +137,8 @@ impl Refusal {
             Refusal::NotMember | Refusal::GroupForbidden(_) => C::Forbidden,
             Refusal::GroupExists => C::AlreadyExists,
             Refusal::GroupFull => C::GroupFull,
-            Refusal::BadGroupRequest(_) => C::InvalidArgument,
+            Refusal::BadGroupRequest(_) | Refusal::BadReceipt => C::InvalidArgument,
+            Refusal::ListRunning => C::UnexpectedFrame,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,

@@ -12,8 +12,14 @@
 //! the event that added it on; a former member from that seq up to the seq of the event that
 //! ended its membership, both included; anyone else nothing.
 //!
+//! Read counts ([`Group::read_counts`]): the owner keeps each member's read cursor (reported by
+//! the member's home when it moves, and by every home at start-up) in two histograms, so "how
+//! many members read seq s" is one sweep over the distinct cursor values, whatever the member
+//! count, and a read receipt costs O(log n), never a message to other members.
+//!
 //! ### Invariants
 //! * A live group (not dissolved) has exactly one member with role owner.
+//! * `read_hist` and `join_hist` each count every current member once.
 //! * `per_shard[s]` is the number of members whose home is shard `s`.
 //! * A user is never both in `members` and in `former`.
 
@@ -124,6 +130,25 @@ pub(crate) struct Group {
     pub(crate) applied: u64,
     /// Members per home shard.
     pub(crate) per_shard: Vec<u32>,
+    /// Read cursors members reported (see [`Group::read_counts`]).
+    reads: FastMap<Arc<str>, u64>,
+    /// How many members have each effective read cursor (`max(read, joined - 1)`).
+    read_hist: BTreeMap<u64, u32>,
+    /// How many members joined at each seq.
+    join_hist: BTreeMap<u64, u32>,
+}
+
+fn hist_add(h: &mut BTreeMap<u64, u32>, key: u64) {
+    *h.entry(key).or_insert(0) += 1;
+}
+
+fn hist_remove(h: &mut BTreeMap<u64, u32>, key: u64) {
+    if let Some(n) = h.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            h.remove(&key);
+        }
+    }
 }
 
 /// Checks a user id named in a request.
@@ -465,13 +490,90 @@ impl Group {
         self.per_shard[p.home(&user)] += 1;
         self.members
             .insert(Arc::clone(&user), Member { role, joined: seq });
+        hist_add(&mut self.join_hist, seq);
+        hist_add(&mut self.read_hist, seq.saturating_sub(1));
         change.joined.push(user);
+    }
+
+    /// Puts back a member from a checkpoint (no event: the group already reflects it).
+    pub(crate) fn restore_member(&mut self, user: Arc<str>, m: Member, p: &Placement) {
+        if self.per_shard.len() != p.shards() {
+            self.per_shard = vec![0; p.shards()];
+        }
+        if self.members.contains_key(&user) {
+            return;
+        }
+        self.per_shard[p.home(&user)] += 1;
+        hist_add(&mut self.join_hist, m.joined);
+        hist_add(&mut self.read_hist, m.joined.saturating_sub(1));
+        self.members.insert(user, m);
+    }
+
+    /// A member's effective read cursor: nothing before its join counts.
+    fn effective_read(&self, user: &str, joined: u64) -> u64 {
+        self.reads
+            .get(user)
+            .copied()
+            .unwrap_or(0)
+            .max(joined.saturating_sub(1))
+    }
+
+    /// Member `user` read up to `read` (ignored for non-members; cursors only move forward).
+    pub(crate) fn set_read(&mut self, user: &str, read: u64) {
+        let Some(m) = self.members.get(user).copied() else {
+            return;
+        };
+        let old = self.effective_read(user, m.joined);
+        if read <= old {
+            return;
+        }
+        hist_remove(&mut self.read_hist, old);
+        hist_add(&mut self.read_hist, read);
+        match self.reads.get_mut(user) {
+            Some(r) => *r = read,
+            None => {
+                if let Some((u, _)) = self.members.get_key_value(user) {
+                    self.reads.insert(Arc::clone(u), read);
+                }
+            }
+        }
+    }
+
+    /// For each seq of `from..from+count` up to `last_seq`: how many current members joined at
+    /// or before it and read it.
+    pub(crate) fn read_counts(&self, from: u64, count: u32, last_seq: u64) -> Vec<u32> {
+        let from = from.max(1);
+        let to = from
+            .saturating_add(u64::from(count))
+            .saturating_sub(1)
+            .min(last_seq);
+        if to < from {
+            return Vec::new();
+        }
+        let sum = |h: &BTreeMap<u64, u32>, lo: u64| -> u64 {
+            h.range(lo..).map(|(_, n)| u64::from(*n)).sum()
+        };
+        // count(s) = members with effective read >= s, minus members who joined after s.
+        let mut read_at_least = sum(&self.read_hist, to.saturating_add(1));
+        let mut joined_after = sum(&self.join_hist, to.saturating_add(1));
+        let mut counts = vec![0u32; (to - from + 1) as usize];
+        for s in (from..=to).rev() {
+            read_at_least += u64::from(self.read_hist.get(&s).copied().unwrap_or(0));
+            let n = read_at_least.saturating_sub(joined_after);
+            counts[(s - from) as usize] = u32::try_from(n).unwrap_or(u32::MAX);
+            joined_after += u64::from(self.join_hist.get(&s).copied().unwrap_or(0));
+        }
+        counts
     }
 
     fn remove(&mut self, user: &str, seq: u64, p: &Placement, change: &mut Change) {
         let Some((user, m)) = self.members.remove_entry(user) else {
             return;
         };
+        let read = self.effective_read(&user, m.joined);
+        hist_remove(&mut self.read_hist, read);
+        hist_remove(&mut self.join_hist, m.joined);
+        self.reads.remove(&user);
         let n = &mut self.per_shard[p.home(&user)];
         *n = n.saturating_sub(1);
         self.former.insert(Arc::clone(&user), (m.joined, seq));
@@ -683,10 +785,12 @@ impl<B: Backend> ShardCore<B> {
             return;
         };
         let change = group.apply(event, seq, &placement);
+        group.set_read(&actor.user, seq);
         homes.extend(group.home_shards());
         homes.sort_unstable();
         homes.dedup();
         let result = group.result(group_id, &actor.user, seq, None);
+        st.last_time = unix_ms;
         let conv = Arc::clone(&st.conv);
         self.counters.group_events += 1;
         self.owner.hold(Pending {
@@ -698,6 +802,7 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 seq,
                 bytes: stored,
+                time: unix_ms,
                 sender: actor,
                 group: Some((homes, Some(Arc::new(change)))),
             })),
@@ -891,6 +996,30 @@ mod tests {
         // A replay of the removal (seq 2) after the re-add (seq 3) must not remove bob.
         assert_eq!(g.apply(&e, 2, &p), Change::default());
         assert_eq!(g.window("bob"), Some((3, u64::MAX)));
+    }
+
+    #[test]
+    fn read_counts_count_members_who_read_a_seq_and_joined_before_it() {
+        let (mut g, p) = group("alice", &["bob", "carol"]);
+        // Messages 2..=5, then dave joins at 6.
+        act(&mut g, &p, "alice", &req(A::AddMembers, &["dave"]), 6);
+        // Nobody reported: every member read nothing (dave's join makes 1..=5 not his).
+        assert_eq!(g.read_counts(1, 6, 6), vec![0, 0, 0, 0, 0, 0]);
+        g.set_read("bob", 4);
+        g.set_read("carol", 2);
+        g.set_read("dave", 6);
+        g.set_read("bob", 3); // backwards: ignored
+        assert_eq!(g.read_counts(1, 10, 6), vec![2, 2, 1, 1, 0, 1]);
+        assert_eq!(g.read_counts(3, 2, 6), vec![1, 1]);
+        // A member who leaves no longer counts.
+        act(&mut g, &p, "alice", &req(A::RemoveMembers, &["bob"]), 7);
+        assert_eq!(g.read_counts(1, 7, 7), vec![1, 1, 0, 0, 0, 1, 0]);
+        g.set_read("bob", 7);
+        assert_eq!(
+            g.read_counts(7, 1, 7),
+            vec![0],
+            "a former member's receipt is ignored"
+        );
     }
 
     #[test]

@@ -34,6 +34,34 @@ pub(crate) struct InboxEntry {
     /// A group: the seqs the user may read, `(from, to)` inclusive (`to` is `u64::MAX` while
     /// it is a member).
     pub(crate) window: Option<(u64, u64)>,
+    /// The user's cursors in this conversation.
+    pub(crate) cursors: Cursors,
+    /// A direct conversation's newest message (when known) and its time (a group's are in its
+    /// [`LocalGroup`]).
+    pub(crate) last: Option<Bytes>,
+    pub(crate) last_time: i64,
+}
+
+/// A user's cursors in one conversation. Each only moves forward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Cursors {
+    /// Read up to here (READ receipts, and the user's own messages).
+    pub(crate) read: u64,
+    /// A device acknowledged up to here.
+    pub(crate) delivered: u64,
+    /// Direct only: the other user read up to here.
+    pub(crate) peer_read: u64,
+}
+
+impl Cursors {
+    /// Moves each cursor up to `other`'s where that is further; whether any moved.
+    pub(crate) fn merge(&mut self, other: Cursors) -> bool {
+        let before = *self;
+        self.read = self.read.max(other.read);
+        self.delivered = self.delivered.max(other.delivered);
+        self.peer_read = self.peer_read.max(other.peer_read);
+        *self != before
+    }
 }
 
 impl InboxEntry {
@@ -44,6 +72,9 @@ impl InboxEntry {
             last_seq: 0,
             view,
             window: None,
+            cursors: Cursors::default(),
+            last: None,
+            last_time: 0,
         }
     }
 
@@ -61,6 +92,9 @@ const OFFLINE: u32 = u32::MAX;
 pub(crate) struct LocalGroup {
     /// The highest seq of the group this home has seen.
     pub(crate) last_seq: u64,
+    /// The newest message (when known: seq `last_seq`) and its time.
+    pub(crate) last: Option<Bytes>,
+    pub(crate) last_time: i64,
     /// The members' view (the same for every member).
     pub(crate) view: Bytes,
     /// Current members homed here, with their index in `online` (or [`OFFLINE`]).
@@ -74,6 +108,8 @@ impl LocalGroup {
         let view = Bytes::from(splice::view_field(&conv.view_for("")));
         LocalGroup {
             last_seq: 0,
+            last: None,
+            last_time: 0,
             view,
             members: FastMap::default(),
             online: Vec::new(),
@@ -143,6 +179,25 @@ impl Home {
             .or_insert_with(|| InboxEntry::new(Arc::clone(conv), user));
         e.last_seq = e.last_seq.max(last_seq);
         e
+    }
+
+    /// The user's entry of conversation `conv`, if it has one.
+    pub(crate) fn entry_mut(&mut self, user: &str, conv: u64) -> Option<&mut InboxEntry> {
+        self.users.get_mut(user)?.inbox.get_mut(&conv)
+    }
+
+    /// The newest message the user may read of entry `e` (when the home holds it) and when it
+    /// was stored.
+    pub(crate) fn last_of(&self, e: &InboxEntry) -> (Option<Bytes>, i64) {
+        match e.window {
+            None => (e.last.clone(), e.last_time),
+            Some((_, to)) => match self.groups.get(&e.conv.id) {
+                Some(g) if to >= g.last_seq => (g.last.clone(), g.last_time),
+                // A former member's last message is the event that ended its membership.
+                Some(_) => (None, e.last_time),
+                None => (None, 0),
+            },
+        }
     }
 
     /// The seqs of `e` the user may read: above `floor`, up to `last` (`last <= floor`: none).
@@ -280,6 +335,14 @@ impl<B: Backend> ShardCore<B> {
         for r in &d.recipients {
             targets.clear();
             let entry = self.home.note(&r.user, &d.conv, d.seq);
+            if entry.last_seq == d.seq {
+                entry.last = Some(d.stored.clone());
+                entry.last_time = d.time;
+            }
+            if r.exclude.is_some() {
+                // The sender has read its own message.
+                entry.cursors.read = entry.cursors.read.max(d.seq);
+            }
             let view = entry.view.clone();
             let Some(u) = self.home.users.get(&*r.user) else {
                 continue;
@@ -303,7 +366,17 @@ impl<B: Backend> ShardCore<B> {
     fn on_group_deliver(&mut self, d: Delivery, push: GroupPush) {
         let (me, placement) = (self.index, self.placement);
         let g = self.home.group(&d.conv);
-        g.last_seq = g.last_seq.max(d.seq);
+        if d.seq >= g.last_seq {
+            g.last_seq = d.seq;
+            g.last = Some(d.stored.clone());
+            g.last_time = d.time;
+        }
+        if placement.home(&push.sender.user) == me
+            && let Some(e) = self.home.entry_mut(&push.sender.user, d.conv.id)
+        {
+            // The sender has read its own message.
+            e.cursors.read = e.cursors.read.max(d.seq);
+        }
         if let Some(change) = &push.change {
             for user in change.joined.iter().filter(|u| placement.home(u) == me) {
                 self.home.set_membership(user, &d.conv, d.seq, u64::MAX);
@@ -336,6 +409,10 @@ impl<B: Backend> ShardCore<B> {
         if let Some(change) = &push.change {
             for user in change.left.iter().filter(|u| placement.home(u) == me) {
                 self.home.end_membership(user, &d.conv, d.seq);
+                if let Some(e) = self.home.entry_mut(user, d.conv.id) {
+                    // What a former member's conversation list shows.
+                    e.last_time = d.time;
+                }
             }
             if change.dissolved {
                 let members: Vec<Arc<str>> = self
@@ -355,9 +432,11 @@ impl<B: Backend> ShardCore<B> {
     pub(crate) fn on_group_inbox(&mut self, gi: GroupInbox) {
         let g = self.home.group(&gi.conv);
         g.last_seq = g.last_seq.max(gi.last_seq);
+        g.last_time = g.last_time.max(gi.last_time);
         for (user, from, to) in &gi.users {
             self.home.set_membership(user, &gi.conv, *from, *to);
         }
+        self.report_group_reads(&gi);
     }
 
     /// Pushes one live message to one connection, unless it is behind, syncing, or has it;
@@ -406,23 +485,38 @@ impl<B: Backend> ShardCore<B> {
             .unwrap_or_else(|| Bytes::from(splice::view_field(&conv.view_for(user))))
     }
 
-    /// Start-up: `conv` holds messages up to `last_seq` for `user`.
-    pub(crate) fn on_inbox(&mut self, user: Arc<str>, conv: Arc<Conv>, last_seq: u64) {
-        self.home.note(&user, &conv, last_seq);
+    /// Start-up: `conv` holds messages up to `last_seq` (stored at `last_time`) for `user`.
+    pub(crate) fn on_inbox(
+        &mut self,
+        user: Arc<str>,
+        conv: Arc<Conv>,
+        last_seq: u64,
+        last_time: i64,
+    ) {
+        let e = self.home.note(&user, &conv, last_seq);
+        e.last_time = e.last_time.max(last_time);
     }
 
-    /// Builds the summary entry of a user's conversation.
+    /// Builds the summary entry of a user's conversation `e` (`cursor`: what the client holds).
     pub(crate) fn conversation_state(
-        conv: &Conv,
+        &self,
+        e: &InboxEntry,
         user: &str,
-        last_seq: u64,
         cursor: u64,
     ) -> pb::ConversationState {
+        let (floor, last_seq) = self.home.visible(e);
+        let read = e.cursors.read.max(floor).min(last_seq);
+        let (_, last_activity) = self.home.last_of(e);
         pb::ConversationState {
-            conversation: Some(conv.view_for(user)),
+            conversation: Some(e.conv.view_for(user)),
             last_seq,
-            unread: last_seq - cursor,
+            unread: last_seq.saturating_sub(cursor),
             last_message: None,
+            read_seq: read,
+            unread_count: last_seq - read,
+            delivered_seq: e.cursors.delivered.min(last_seq),
+            last_activity,
+            peer_read_seq: e.cursors.peer_read,
         }
     }
 }

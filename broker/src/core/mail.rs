@@ -66,6 +66,8 @@ pub(crate) struct Delivery {
     pub(crate) conv: Arc<Conv>,
     pub(crate) seq: u64,
     pub(crate) stored: Bytes,
+    /// When it was stored (ms since the Unix epoch).
+    pub(crate) time: i64,
     /// A direct conversation's recipients (empty for a group).
     pub(crate) recipients: Vec<Recipient>,
     /// A group message: the home pushes it to its members online.
@@ -78,6 +80,18 @@ pub(crate) struct Delivery {
 pub(crate) struct GroupPush {
     pub(crate) sender: Device,
     pub(crate) change: Option<Arc<Change>>,
+}
+
+/// A read-counts request, for the group's owner.
+#[derive(Debug)]
+pub(crate) struct ReadCountsAsk {
+    pub(crate) origin: Origin,
+    pub(crate) request_id: u64,
+    pub(crate) conv: Arc<Conv>,
+    pub(crate) user: Arc<str>,
+    pub(crate) view: pb::Conversation,
+    pub(crate) from: u64,
+    pub(crate) count: u32,
 }
 
 /// A group request, for the group's owner.
@@ -97,6 +111,7 @@ pub(crate) struct GroupOp {
 pub(crate) struct GroupInbox {
     pub(crate) conv: Arc<Conv>,
     pub(crate) last_seq: u64,
+    pub(crate) last_time: i64,
     /// Users of this home, with the seqs they may read, `(from, to)` inclusive (`to` is
     /// `u64::MAX` for a current member).
     pub(crate) users: Vec<(Arc<str>, u64, u64)>,
@@ -107,6 +122,8 @@ pub(crate) struct GroupInbox {
 pub(crate) enum ReadPurpose {
     /// A page of a running sync.
     Sync,
+    /// The newest message of a conversation, for the conversation list being answered.
+    ListFill,
     /// A history page for this request, in this view.
     History {
         request_id: u64,
@@ -187,6 +204,50 @@ pub enum ShardMsg {
         conv: Arc<Conv>,
         /// Its latest seq.
         last_seq: u64,
+        /// When its latest message was stored.
+        last_time: i64,
+    },
+    /// To a group's owner: a member's read cursor moved (or, at start-up, is).
+    GroupRead {
+        /// The group.
+        conv: Arc<Conv>,
+        /// The member.
+        user: Arc<str>,
+        /// Its read cursor.
+        read: u64,
+    },
+    /// To a user's home: the other user of a direct conversation read up to `seq`.
+    PeerRead {
+        /// The user told.
+        user: Arc<str>,
+        /// The conversation.
+        conv: Arc<Conv>,
+        /// Who read.
+        reader: Arc<str>,
+        /// Up to here.
+        seq: u64,
+        /// When (ms since the Unix epoch).
+        time: i64,
+    },
+    /// To a user's home at start-up: the user sent `conv`'s message `seq` (so it read it).
+    OwnRead {
+        /// The sender.
+        user: Arc<str>,
+        /// The conversation.
+        conv: Arc<Conv>,
+        /// The seq of its newest message there.
+        seq: u64,
+    },
+    /// To a group's owner: how many members read a range of seqs.
+    ReadCountsAsk(Box<ReadCountsAsk>),
+    /// The answer to `ReadCountsAsk` (or a refusal of it: `Refused`).
+    ReadCountsDone {
+        /// The connection.
+        to: Origin,
+        /// The request.
+        request_id: u64,
+        /// The counts.
+        result: Box<pb::ReadCounts>,
     },
     /// To a group's owner: a group request.
     Group(Box<GroupOp>),

@@ -35,6 +35,7 @@ mod checkpoint;
 mod config;
 pub(crate) mod conn;
 pub(crate) mod conv;
+pub(crate) mod convlist;
 mod counters;
 pub(crate) mod delivery;
 pub(crate) mod error;
@@ -43,6 +44,7 @@ pub(crate) mod home;
 pub(crate) mod ids;
 pub(crate) mod mail;
 pub(crate) mod owner;
+pub(crate) mod receipt;
 mod session;
 pub(crate) mod sync;
 pub(crate) mod timers;
@@ -975,7 +977,37 @@ impl<B: Backend> ShardCore<B> {
                 user,
                 conv,
                 last_seq,
-            } => self.on_inbox(user, conv, last_seq),
+                last_time,
+            } => self.on_inbox(user, conv, last_seq, last_time),
+            ShardMsg::GroupRead { conv, user, read } => self.on_group_read(&conv, &user, read),
+            ShardMsg::PeerRead {
+                user,
+                conv,
+                reader,
+                seq,
+                time,
+            } => self.on_peer_read(&user, &conv, &reader, seq, time),
+            ShardMsg::OwnRead { user, conv, seq } => {
+                let e = self.home.note(&user, &conv, 0);
+                e.cursors.read = e.cursors.read.max(seq);
+            }
+            ShardMsg::ReadCountsAsk(ask) => self.on_read_counts_ask(*ask),
+            ShardMsg::ReadCountsDone {
+                to,
+                request_id,
+                result,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, receipt::READ_COUNTS_RESERVE);
+                    self.write_frame(
+                        conn,
+                        &pb::Frame {
+                            request_id,
+                            body: Some(Body::ReadCounts(*result)),
+                        },
+                    );
+                }
+            }
             ShardMsg::Group(op) => self.on_group_op(*op),
             ShardMsg::GroupDone {
                 to,

@@ -35,6 +35,9 @@ pub(crate) const KIND_MESSAGE: u8 = 1;
 /// Record kind of a group's membership or settings event (a SYSTEM message with a
 /// `GroupEvent`): start-up decodes only these in full.
 pub(crate) const KIND_GROUP_EVENT: u8 = 2;
+/// Record kind of a user's cursors in a conversation (read, delivered, the peer's read), written
+/// by the user's home when they move (conversation 0: not indexed, replayed at start-up).
+pub(crate) const KIND_CURSOR: u8 = 3;
 
 /// What a retry's ack repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,8 @@ impl DedupRing {
 pub(crate) struct ConvState {
     pub(crate) conv: Arc<Conv>,
     pub(crate) last_seq: u64,
+    /// When its newest message was stored (ms since the Unix epoch; 0: not known).
+    pub(crate) last_time: i64,
     pub(crate) dedup: FastMap<Device, DedupRing>,
     /// A group's members and settings.
     pub(crate) group: Option<Box<Group>>,
@@ -116,6 +121,7 @@ impl ConvState {
         ConvState {
             conv,
             last_seq,
+            last_time: 0,
             dedup: FastMap::default(),
             group: None,
         }
@@ -148,6 +154,7 @@ pub(crate) struct Stored {
     pub(crate) conv: Arc<Conv>,
     pub(crate) seq: u64,
     pub(crate) bytes: Bytes,
+    pub(crate) time: i64,
     pub(crate) sender: Device,
     /// A group's message: the home shards with members when it was stored (and with members
     /// it removed), and the membership change it records.
@@ -335,14 +342,16 @@ impl<B: Backend> ShardCore<B> {
         if let Some(st) = self.owner.convs.get_mut(&id) {
             debug_assert_eq!(st.last_seq + 1, seq, "seqs advance by one");
             st.last_seq = seq;
+            st.last_time = unix_ms;
             st.dedup
                 .entry(sender.clone())
                 .or_default()
                 .insert(client_msg_id, remembered, window);
-            group = st
-                .group
-                .as_deref()
-                .map(|g| (g.home_shards().collect(), None));
+            if let Some(g) = st.group.as_deref_mut() {
+                // A sender has read its own message.
+                g.set_read(&sender.user, seq);
+                group = Some((g.home_shards().collect(), None));
+            }
         }
         self.counters.messages_stored += 1;
         self.owner.hold(Pending {
@@ -354,6 +363,7 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 seq,
                 bytes: stored,
+                time: unix_ms,
                 sender,
                 group,
             })),
@@ -397,6 +407,7 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 seq,
                 bytes: stored,
+                time,
                 sender,
                 group,
             } = *stored;
@@ -409,6 +420,7 @@ impl<B: Backend> ShardCore<B> {
                             conv: Arc::clone(&conv),
                             seq,
                             stored: stored.clone(),
+                            time,
                             recipients: Vec::new(),
                             group: Some(GroupPush {
                                 sender: sender.clone(),
@@ -440,6 +452,7 @@ impl<B: Backend> ShardCore<B> {
                         conv: Arc::clone(&conv),
                         seq,
                         stored: stored.clone(),
+                        time,
                         recipients,
                         group: None,
                     })),
@@ -519,6 +532,7 @@ impl<B: Backend> ShardCore<B> {
             convs.push(ConvEntry {
                 id: st.conv.id,
                 key: String::from(&*st.conv.key),
+                last_time: st.last_time,
                 devices,
                 group: st.group.as_deref().map(group_entry),
             });
@@ -526,6 +540,7 @@ impl<B: Backend> ShardCore<B> {
         let cp = Checkpoint {
             max_msg_id: self.owner.ids.last(),
             convs,
+            cursors: self.home.cursor_entries(),
         };
         let bytes = cp.encode();
         let covers = self.owner.log.durable_lsn();
@@ -559,6 +574,9 @@ impl<B: Backend> ShardCore<B> {
                 for c in cp.convs {
                     self.owner_conv(c, end);
                 }
+                for c in cp.cursors {
+                    self.home.restore_cursors(&c);
+                }
                 self.owner.checkpointed = lsn;
                 // Replay from a checkpoint interval before it: the de-dup windows of recent sends.
                 Lsn(lsn.0.saturating_sub(self.cfg.checkpoint_every_bytes))
@@ -567,12 +585,21 @@ impl<B: Backend> ShardCore<B> {
         };
         let placement = self.placement;
         let owner = &mut self.owner;
+        let home = &mut self.home;
+        // The newest message of each sender in each conversation replayed: its sender read it.
+        let mut own_reads: FastMap<(u64, Device), u64> = FastMap::default();
         // Senders seen in this replay, so each record costs no string allocation.
         let mut senders: FastMap<(&[u8], &[u8]), Device> = FastMap::default();
         for rec in owner.log.scan(start) {
             let Ok(rec) = rec else {
                 continue;
             };
+            if rec.meta.kind == KIND_CURSOR {
+                if let Some(c) = super::receipt::decode_cursor_record(rec.payload) {
+                    home.restore_cursors(&c);
+                }
+                continue;
+            }
             if rec.meta.kind == KIND_GROUP_EVENT {
                 owner.ids.observe(rec.meta.msg_id);
                 replay_group_event(&mut owner.convs, &owner.log, rec.payload, &placement);
@@ -605,12 +632,15 @@ impl<B: Backend> ShardCore<B> {
                 }
             };
             st.last_seq = st.last_seq.max(m.seq);
+            st.last_time = st.last_time.max(m.server_time);
             let sender = senders
                 .entry((m.from_user.as_bytes(), m.from_device.as_bytes()))
                 .or_insert_with(|| Device {
                     user: m.from_user.into(),
                     device: m.from_device.into(),
                 });
+            let own = own_reads.entry((id, sender.clone())).or_default();
+            *own = (*own).max(m.seq);
             let ring = match st.dedup.get_mut(sender) {
                 Some(ring) => ring,
                 None => st.dedup.entry(sender.clone()).or_default(),
@@ -626,20 +656,38 @@ impl<B: Backend> ShardCore<B> {
                 window,
             );
         }
+        let mut own_reads: Vec<((u64, Device), u64)> = own_reads.into_iter().collect();
+        own_reads.sort_by(|a, b| (a.0.0, &a.0.1.user).cmp(&(b.0.0, &b.0.1.user)));
+        for ((id, sender), seq) in own_reads {
+            if let Some(st) = self.owner.convs.get(&id) {
+                let home = self.placement.home(&sender.user);
+                let msg = ShardMsg::OwnRead {
+                    user: sender.user,
+                    conv: Arc::clone(&st.conv),
+                    seq,
+                };
+                self.route(home, msg);
+            }
+        }
         let mut news = Vec::new();
         let mut groups = Vec::new();
         for st in self.owner.convs.values() {
             for user in &st.conv.members {
-                news.push((Arc::clone(user), Arc::clone(&st.conv), st.last_seq));
+                news.push((
+                    Arc::clone(user),
+                    Arc::clone(&st.conv),
+                    st.last_seq,
+                    st.last_time,
+                ));
             }
             if let Some(g) = st.group.as_deref() {
-                groups.push((Arc::clone(&st.conv), st.last_seq, g));
+                groups.push((Arc::clone(&st.conv), st.last_seq, st.last_time, g));
             }
         }
         // Each home learns, per group, which of its users may read what.
         groups.sort_by_key(|g| g.0.id);
         let mut group_mail = Vec::new();
-        for (conv, last_seq, g) in groups {
+        for (conv, last_seq, last_time, g) in groups {
             let mut per_home: Vec<Vec<(Arc<str>, u64, u64)>> =
                 vec![Vec::new(); self.placement.shards()];
             for (user, m) in &g.members {
@@ -657,6 +705,7 @@ impl<B: Backend> ShardCore<B> {
                         ShardMsg::GroupInbox(Box::new(GroupInbox {
                             conv: Arc::clone(&conv),
                             last_seq,
+                            last_time,
                             users,
                         })),
                     ));
@@ -668,7 +717,7 @@ impl<B: Backend> ShardCore<B> {
         }
         // Deterministic order, whatever the map's.
         news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
-        for (user, conv, last_seq) in news {
+        for (user, conv, last_seq, last_time) in news {
             let home = self.placement.home(&user);
             self.route(
                 home,
@@ -676,6 +725,7 @@ impl<B: Backend> ShardCore<B> {
                     user,
                     conv,
                     last_seq,
+                    last_time,
                 },
             );
         }
@@ -709,6 +759,7 @@ impl<B: Backend> ShardCore<B> {
         let st = self.owner.convs.entry(c.id).or_insert(ConvState {
             conv: Arc::new(conv),
             last_seq,
+            last_time: c.last_time,
             dedup: FastMap::default(),
             group: group.map(Box::new),
         });
@@ -798,21 +849,20 @@ fn group_entry(g: &Group) -> GroupEntry {
 
 /// A group from its checkpoint entry.
 fn group_from(e: GroupEntry, placement: &Placement) -> Group {
-    let mut g = Group {
-        name: e.name,
-        open: e.open,
-        applied: e.applied,
-        dissolved: (e.dissolved > 0).then_some(e.dissolved),
-        per_shard: vec![0; placement.shards()],
-        ..Group::default()
-    };
+    let mut g = Group::default();
+    g.name = e.name;
+    g.open = e.open;
+    g.applied = e.applied;
+    g.dissolved = (e.dissolved > 0).then_some(e.dissolved);
     for (user, role, joined) in e.members {
-        let user: Arc<str> = user.into();
-        g.per_shard[placement.home(&user)] += 1;
         let role = Role::from_byte(role).unwrap_or(Role::Member);
-        g.members
-            .insert(user, super::group::Member { role, joined });
+        g.restore_member(
+            user.into(),
+            super::group::Member { role, joined },
+            placement,
+        );
     }
+
     for (user, from, to) in e.former {
         g.former.insert(user.into(), (from, to));
     }

@@ -172,7 +172,10 @@ impl<B: Backend> ShardCore<B> {
         {
             let (price, cmid) = match body {
                 Body::DeliverAck(_) => (cost::ACK, None),
-                Body::SyncRequest(_) | Body::HistoryRequest(_) => (cost::READ, None),
+                Body::SyncRequest(_)
+                | Body::HistoryRequest(_)
+                | Body::ConversationListRequest(_)
+                | Body::ReadCountsRequest(_) => (cost::READ, None),
                 Body::Send(s) => (cost::REQUEST, Some(s.client_msg_id)),
                 _ => (cost::REQUEST, None),
             };
@@ -219,9 +222,11 @@ impl<B: Backend> ShardCore<B> {
             Body::RoomRequest(_) => {
                 self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
             }
-            Body::Receipt(_) => {
-                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("receipts"));
+            Body::Receipt(r) => self.on_receipt(conn, request_id, r),
+            Body::ConversationListRequest(req) => {
+                self.on_conversation_list_request(conn, request_id, req);
             }
+            Body::ReadCountsRequest(req) => self.on_read_counts_request(conn, request_id, req),
             _ => self.refuse(conn, request_id, 0, &Refusal::ServerOnlyFrame),
         }
     }
@@ -434,7 +439,7 @@ impl<B: Backend> ShardCore<B> {
 
     pub(super) fn on_deliver_ack(&mut self, conn: ConnId, ack: pb::DeliverAck) {
         let now = self.now.ms;
-        let (cfg, timers) = (&self.cfg, &mut self.timers);
+        let (cfg, timers, home) = (&self.cfg, &mut self.timers, &mut self.home);
         let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;
         };
@@ -444,6 +449,10 @@ impl<B: Backend> ShardCore<B> {
         for cursor in ack.acks {
             if let Some(conv) = cursor.conversation.as_ref().and_then(|v| who.conv(v)) {
                 c.delivery.ack(conv.id, cursor.seq, now, cfg, timers, conn);
+                // The user's delivery cursor follows its devices' acks.
+                if let Some(e) = home.entry_mut(&who.device.user, conv.id) {
+                    e.cursors.delivered = e.cursors.delivered.max(cursor.seq);
+                }
             }
         }
     }

@@ -21,6 +21,7 @@ use super::ShardCore;
 use super::conn::ConnId;
 use super::conv::Conv;
 use super::error::Refusal;
+use super::home::InboxEntry;
 use super::mail::{Read, ReadDone, ReadPurpose, ShardMsg};
 
 /// Bytes a page entry may take beyond its stored payload (field keys, lengths, the view).
@@ -79,29 +80,23 @@ impl<B: Backend> ShardCore<B> {
         // What the user may read of each conversation: above `floor` (a group member's join),
         // up to `last_seq`.
         let home = &self.home;
-        let mut entries: Vec<(&Arc<Conv>, u64, u64)> = home
+        let mut entries: Vec<&InboxEntry> = home
             .users
             .get(&*user)
-            .map(|u| {
-                u.inbox
-                    .values()
-                    .map(|e| {
-                        let (floor, last) = home.visible(e);
-                        (&e.conv, floor, last)
-                    })
-                    .collect()
-            })
+            .map(|u| u.inbox.values().collect())
             .unwrap_or_default();
-        entries.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        entries.sort_by(|a, b| a.conv.key.cmp(&b.conv.key));
         let mut summary = Vec::new();
         let mut ranges = VecDeque::new();
         let mut total = 0u64;
-        for (conv, floor, last_seq) in entries {
+        for e in entries {
+            let conv = &e.conv;
+            let (floor, last_seq) = home.visible(e);
             let cursor = cursors.get(&conv.id).copied().unwrap_or(0).max(floor);
             if last_seq > cursor {
                 // `unread` says what the client lacks; the pages carry at most the newest
                 // `max_per_conversation` of it (older ones stay reachable by history).
-                summary.push(Self::conversation_state(conv, &user, last_seq, cursor));
+                summary.push(self.conversation_state(e, &user, cursor));
                 let from = first_to_sync(cursor, last_seq, req.max_per_conversation);
                 total += last_seq - from + 1;
                 ranges.push_back((Arc::clone(conv), from, last_seq));
@@ -374,6 +369,10 @@ impl<B: Backend> ShardCore<B> {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         match d.purpose {
+            ReadPurpose::ListFill => {
+                self.scratch = out;
+                return self.on_list_fill(conn, &d);
+            }
             ReadPurpose::History { request_id, .. } if d.refused.is_some() => {
                 self.unreserve(conn, self.history_reserve());
                 if let Some(r) = &d.refused {

@@ -268,13 +268,33 @@ fn conversation_state() -> impl Strategy<Value = pb::ConversationState> {
         any::<u64>(),
         any::<u64>(),
         option::of(message()),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<i64>(),
+        any::<u64>(),
     )
         .prop_map(
-            |(conversation, last_seq, unread, last_message)| pb::ConversationState {
+            |(
                 conversation,
                 last_seq,
                 unread,
                 last_message,
+                read_seq,
+                unread_count,
+                delivered_seq,
+                last_activity,
+                peer_read_seq,
+            )| pb::ConversationState {
+                conversation,
+                last_seq,
+                unread,
+                last_message,
+                read_seq,
+                unread_count,
+                delivered_seq,
+                last_activity,
+                peer_read_seq,
             },
         )
 }
@@ -463,6 +483,47 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
                     seq,
                     user,
                     time,
+                })
+            })
+            .boxed(),
+        (any::<u32>(), any::<i64>(), option::of(conversation()))
+            .prop_map(|(limit, after_activity, after_conversation)| {
+                Body::ConversationListRequest(pb::ConversationListRequest {
+                    limit,
+                    after_activity,
+                    after_conversation,
+                })
+            })
+            .boxed(),
+        (vec(conversation_state(), 0..3), any::<bool>())
+            .prop_map(|(conversations, more)| {
+                Body::ConversationList(pb::ConversationList {
+                    conversations,
+                    more,
+                })
+            })
+            .boxed(),
+        (option::of(conversation()), any::<u64>(), any::<u32>())
+            .prop_map(|(conversation, from_seq, count)| {
+                Body::ReadCountsRequest(pb::ReadCountsRequest {
+                    conversation,
+                    from_seq,
+                    count,
+                })
+            })
+            .boxed(),
+        (
+            option::of(conversation()),
+            any::<u64>(),
+            vec(any::<u32>(), 0..5),
+            any::<u64>(),
+        )
+            .prop_map(|(conversation, from_seq, counts, member_count)| {
+                Body::ReadCounts(pb::ReadCounts {
+                    conversation,
+                    from_seq,
+                    counts,
+                    member_count,
                 })
             })
             .boxed(),
