@@ -38,6 +38,7 @@ use super::conv::{Conv, key_for};
 use super::delivery::Delivery;
 use super::error::Refusal;
 use super::mail::Device;
+use super::room::ConnRooms;
 use super::sync::SyncRun;
 use super::wheel::TimerKey;
 use crate::auth::Identity;
@@ -228,6 +229,8 @@ pub(crate) struct Connection {
     pub(crate) delivery: Delivery,
     /// The sync under way, boxed: rare, and most connections never hold one.
     pub(crate) sync: Option<Box<SyncRun>>,
+    /// The rooms it is in, boxed: most connections are in none.
+    pub(crate) rooms: Option<Box<ConnRooms>>,
     /// The session timer in the shard's wheel and its deadline.
     pub(crate) timer: Option<(TimerKey, u64)>,
     /// Already reported to the driver as having output this turn.
@@ -250,6 +253,7 @@ impl Connection {
             stall_since: NOT_STALLED,
             delivery: Delivery::default(),
             sync: None,
+            rooms: None,
             timer: None,
             transmit_queued: false,
         }

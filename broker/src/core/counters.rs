@@ -62,6 +62,12 @@ pub struct Counters {
     pub users_freed: u64,
     /// Log lines suppressed by the per-kind rate limit.
     pub log_lines_suppressed: u64,
+    /// Room messages sent by this shard as the room's owner.
+    pub room_messages: u64,
+    /// Room messages written to listeners on this shard (live, held, or history on a join).
+    pub room_deliveries: u64,
+    /// Room messages dropped for slow listeners on this shard (each told with `RoomLag`).
+    pub room_drops: u64,
 }
 
 impl Counters {
@@ -96,5 +102,8 @@ impl Counters {
         self.refused_at_open += other.refused_at_open;
         self.users_freed += other.users_freed;
         self.log_lines_suppressed += other.log_lines_suppressed;
+        self.room_messages += other.room_messages;
+        self.room_deliveries += other.room_deliveries;
+        self.room_drops += other.room_drops;
     }
 }

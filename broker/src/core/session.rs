@@ -218,9 +218,7 @@ impl<B: Backend> ShardCore<B> {
             Body::GroupRequest(_) => {
                 self.refuse(conn, request_id, 0, &Refusal::NotAvailable("groups"));
             }
-            Body::RoomRequest(_) => {
-                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
-            }
+            Body::RoomRequest(req) => self.on_room_request(conn, request_id, req),
             Body::Receipt(_) => {
                 self.refuse(conn, request_id, 0, &Refusal::NotAvailable("receipts"));
             }
@@ -354,6 +352,13 @@ impl<B: Backend> ShardCore<B> {
     }
 
     pub(super) fn on_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send) {
+        if send
+            .to
+            .as_ref()
+            .is_some_and(|v| v.r#type == pb::ConversationType::Room as i32)
+        {
+            return self.on_room_send(conn, request_id, send);
+        }
         let cfg = Arc::clone(&self.cfg);
         let now = self.now;
         let origin = self.origin(conn);
