@@ -46,6 +46,14 @@ pub fn direct(user: &str) -> pb::Conversation {
     }
 }
 
+/// The room `id`, as every listener names it.
+pub fn room(id: &str) -> pb::Conversation {
+    pb::Conversation {
+        r#type: pb::ConversationType::Room as i32,
+        id: id.to_owned(),
+    }
+}
+
 /// `DIRECT:bob`, for messages.
 pub fn conv_name(conversation: &pb::Conversation) -> String {
     let kind = pb::ConversationType::try_from(conversation.r#type).map_or_else(

@@ -153,10 +153,26 @@ impl Transport for Tcp {
     }
 }
 
-/// WebSocket: one binary message per frame, through tungstenite.
+/// WebSocket: one binary message per frame (or, after [`Ws::use_text`], one text message with
+/// the frame's JSON form), through tungstenite.
 pub struct Ws {
     ws: WebSocket<TcpStream>,
     buf: BytesMut,
+    text: bool,
+    texts_read: usize,
+}
+
+impl Ws {
+    /// Writes frames as text messages holding their proto3 JSON form from now on (the broker
+    /// then answers in JSON too).
+    pub fn use_text(&mut self) {
+        self.text = true;
+    }
+
+    /// How many text (JSON) messages were read.
+    pub fn texts_read(&self) -> usize {
+        self.texts_read
+    }
 }
 
 impl fmt::Debug for Ws {
@@ -183,10 +199,19 @@ impl Transport for Ws {
         Ok(Self {
             ws,
             buf: BytesMut::new(),
+            text: false,
+            texts_read: 0,
         })
     }
 
     fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
+        if self.text {
+            let json = frame::to_json(frame).map_err(io::Error::other)?;
+            return self
+                .ws
+                .send(Message::Text(json.into()))
+                .map_err(io::Error::other);
+        }
         self.buf.clear();
         frame::encode(frame, &mut self.buf);
         let message = Message::Binary(self.buf.split().freeze());
@@ -213,6 +238,7 @@ impl Transport for Ws {
                     };
                 }
                 Ok(Message::Text(text)) => {
+                    self.texts_read += 1;
                     return match frame::from_json(Bytes::from(text).as_ref()) {
                         Ok(frame) => Incoming::Frame(frame),
                         Err(e) => Incoming::Garbage(format!("text message: {e}")),
