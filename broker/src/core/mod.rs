@@ -602,7 +602,7 @@ impl<B: Backend> ShardCore<B> {
             self.timers.cancel(key);
         }
         if let Some(rooms) = c.rooms.take() {
-            self.leave_rooms(rooms);
+            self.leave_rooms(*rooms);
         }
         self.freed.push(conn.slot);
         self.counters.connections -= 1;

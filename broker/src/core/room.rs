@@ -510,22 +510,16 @@ impl<B: Backend> ShardCore<B> {
     /// A `Send` to a room: checked here, numbered and fanned out by the room's owner.
     pub(crate) fn on_room_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send) {
         let cmid = send.client_msg_id;
-        let checked = super::conn::check_send(&send, &self.cfg).and_then(|()| {
-            if send.kind == pb::MessageKind::Normal as i32 {
-                Ok(())
-            } else {
-                Err(Refusal::RoomKindNotAllowed)
-            }
-        });
         let room = send.to.as_ref().map(|v| v.id.as_str()).unwrap_or_default();
-        let checked = checked.and_then(|()| {
-            if valid_room_id(room) {
-                Ok(())
-            } else {
-                Err(Refusal::BadRoomId)
+        let refusal = match super::conn::check_send(&send, &self.cfg) {
+            Err(r) => Some(r),
+            Ok(()) if send.kind != pb::MessageKind::Normal as i32 => {
+                Some(Refusal::RoomKindNotAllowed)
             }
-        });
-        if let Err(r) = checked {
+            Ok(()) if !valid_room_id(room) => Some(Refusal::BadRoomId),
+            Ok(()) => None,
+        };
+        if let Some(r) = refusal {
             return self.refuse(conn, request_id, cmid, &r);
         }
         let origin = self.origin(conn);
@@ -945,7 +939,7 @@ impl<B: Backend> ShardCore<B> {
     }
 
     /// A connection is gone: it leaves every room it was counted in.
-    pub(crate) fn leave_rooms(&mut self, rooms: Box<ConnRooms>) {
+    pub(crate) fn leave_rooms(&mut self, rooms: ConnRooms) {
         for j in rooms.joined {
             // A join still on its way is undone when its answer finds the connection gone.
             let Some(at) = j.at else {
