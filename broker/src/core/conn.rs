@@ -26,6 +26,8 @@
 //! kernel, not in the node's memory. Once the queue drains under the budget the core says so
 //! with [`super::Effect::Resume`]. Per call, at most `limits.frames_per_turn` frames are decoded
 //! ([`Intake::Pending`] says more are buffered), so one busy connection cannot starve the rest.
+//! Room messages are queued only while the queue is under half the budget; past it they wait in
+//! the connection's bounded room lag queues ([`super::room`]), so rooms alone never reach it.
 
 use std::sync::Arc;
 

@@ -373,9 +373,11 @@ pub(crate) enum RoomOp {
 /// To a room's owner: a listener's shard joins, leaves or asks.
 #[derive(Debug)]
 pub(crate) struct RoomChange {
+    /// The room.
     pub(crate) room: Arc<str>,
     /// The listener's shard.
     pub(crate) shard: usize,
+    /// What to count.
     pub(crate) op: RoomOp,
     /// The connection and request to answer (none for a closed connection's leave).
     pub(crate) reply: Option<(Origin, u64)>,
@@ -384,7 +386,9 @@ pub(crate) struct RoomChange {
 /// A room's figures, as the owner answers a [`RoomChange`].
 #[derive(Debug)]
 pub(crate) struct RoomFigures {
+    /// Counted listeners across the node.
     pub(crate) audience: u64,
+    /// The seq of the room's latest message (0: none).
     pub(crate) last_seq: u64,
     /// The history (for a counted join).
     pub(crate) history: Vec<(u64, Bytes)>,
@@ -393,10 +397,15 @@ pub(crate) struct RoomFigures {
 /// To a listener's shard: the answer to its [`RoomChange`].
 #[derive(Debug)]
 pub(crate) struct RoomAnswer {
+    /// The requesting connection.
     pub(crate) to: Origin,
+    /// Its request.
     pub(crate) request_id: u64,
+    /// The room.
     pub(crate) room: Arc<str>,
+    /// What the change asked for.
     pub(crate) op: RoomOp,
+    /// The room's figures, or why a join was refused.
     pub(crate) result: Result<RoomFigures, Refusal>,
 }
 
@@ -410,10 +419,15 @@ impl RoomAnswer {
 /// To a room's owner: a send to the room from a connection in it.
 #[derive(Debug)]
 pub(crate) struct RoomPost {
+    /// The sending connection (acked, and left out of the fan-out).
     pub(crate) origin: Origin,
+    /// Its request.
     pub(crate) request_id: u64,
+    /// The room.
     pub(crate) room: Arc<str>,
+    /// The sending user and device.
     pub(crate) sender: Device,
+    /// The send as decoded (`to` is echoed in the ack).
     pub(crate) send: pb::Send,
     /// Wall-clock time at the sender's shard when the send arrived.
     pub(crate) unix_ms: i64,
@@ -422,7 +436,9 @@ pub(crate) struct RoomPost {
 /// To a shard with listeners: one room message for all of them.
 #[derive(Debug)]
 pub(crate) struct RoomCast {
+    /// The room.
     pub(crate) room: Arc<str>,
+    /// The message's seq in the room.
     pub(crate) seq: u64,
     /// The message, encoded once by the owner.
     pub(crate) stored: Bytes,
