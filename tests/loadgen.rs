@@ -106,6 +106,39 @@ fn a_short_pairs_run_over_websocket_passes_its_checks() {
 }
 
 #[test]
+fn a_short_fanout_run_against_the_broker_uses_rooms_and_every_subscriber_gets_every_message() {
+    const SUBSCRIBERS: u64 = 10;
+    let broker = Broker::start(&["shards=2", "storage.durability=never"]);
+    let run = Loadgen::against("fanout", &broker)
+        .args(["--subscribers", "10", "--publishers", "2", "--window", "8"])
+        .args(SHORT)
+        .run();
+    run.assert_code(0, "a fan-out run whose checks pass exits with 0");
+    let report = run.report();
+    report.check(report.bool("passed"), "the report says passed");
+    report.check_eq(report.u64("errors"), 0, "no errors");
+    report.check_eq(report.failures(), (0, 0, 0, 0, 0), "a clean verdict");
+    report.check_eq(
+        report.u64("verdict/dropped"),
+        0,
+        "subscribers that keep up lose nothing",
+    );
+    let sent = report.u64("sent");
+    report.check(sent > 0, "the publishers sent messages");
+    report.check_eq(report.u64("acked"), sent, "every room send is acked");
+    report.check_eq(
+        report.u64("delivered"),
+        sent * SUBSCRIBERS,
+        "every subscriber got every message of its publisher's room",
+    );
+    report.check_eq(
+        report.u64("conns"),
+        2 * (SUBSCRIBERS + 1),
+        "one connection per client",
+    );
+}
+
+#[test]
 fn an_open_loop_run_sends_on_schedule_and_passes() {
     let broker = Broker::start(&[]);
     let run = Loadgen::against("pairs", &broker)

@@ -59,6 +59,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Groups.
     pub groups: Groups,
+    /// Rooms (ephemeral broadcast).
+    pub rooms: Rooms,
 }
 
 /// Groups (members, roles, settings: see `GroupRequest` in the .proto).
@@ -265,6 +267,42 @@ pub struct Timeouts {
     pub close_linger_ms: u64,
 }
 
+/// Rooms: ephemeral, at-most-once broadcast to the connections that joined (see the `RoomRequest`
+/// comments in `proto/parley.proto`). Room messages are kept in memory only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rooms {
+    /// Most rooms one connection may be in at once; a further JOIN is refused with
+    /// INVALID_ARGUMENT. Default 64.
+    pub max_per_connection: usize,
+    /// Most connections in one room across the node; a further JOIN is refused with FORBIDDEN.
+    /// Default 100000.
+    pub max_listeners: u64,
+    /// Latest messages of each room kept in memory and sent to a connection when it joins.
+    /// Default 0 (none: a room is then forgotten as soon as its last listener leaves).
+    pub history: usize,
+    /// Rooms with no listener kept for their history (`history` > 0), per shard; past it the
+    /// room idle longest is forgotten. Default 1024.
+    pub max_idle_rooms: usize,
+    /// Room messages held for one listener of one room while its connection is slow (its queue
+    /// is over half of `limits.max_outbound_bytes`); when full, the oldest is dropped and the
+    /// listener is told how many with `RoomLag`. Holds references to the one copy of each
+    /// message, not copies. Default 256.
+    pub listener_queue: usize,
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Self {
+            max_per_connection: 64,
+            max_listeners: 100_000,
+            history: 0,
+            max_idle_rooms: 1024,
+            listener_queue: 256,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -277,6 +315,7 @@ impl Default for Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             groups: Groups::default(),
+            rooms: Rooms::default(),
         }
     }
 }
@@ -353,6 +392,9 @@ impl Default for Timeouts {
         }
     }
 }
+
+/// Largest `rooms.history`: a joiner gets the history in one go.
+const MAX_ROOM_HISTORY: usize = 10_000;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -504,6 +546,17 @@ impl Config {
         }
         if self.auth.max_token_lifetime_secs == 0 {
             return fail("auth.max_token_lifetime_secs must be positive");
+        }
+        if self.rooms.max_per_connection == 0
+            || self.rooms.max_listeners == 0
+            || self.rooms.listener_queue == 0
+        {
+            return fail(
+                "rooms.max_per_connection, rooms.max_listeners and rooms.listener_queue must be positive",
+            );
+        }
+        if self.rooms.history > MAX_ROOM_HISTORY {
+            return fail("rooms.history must be at most 10000");
         }
 
         Ok(())
@@ -701,6 +754,26 @@ mod tests {
         );
         let e = load(&[], &["limits.max_unacked_deliveries=0"]).expect_err("0 is refused");
         assert!(e.to_string().contains("max_unacked_deliveries"), "{e}");
+    }
+
+    #[test]
+    fn room_limits_are_settings_with_safe_defaults_and_zero_is_refused() {
+        let c = load(
+            &[("PARLEY_ROOMS__HISTORY", "50")],
+            &["rooms.listener_queue=8"],
+        )
+        .expect("valid");
+        assert_eq!(c.rooms.history, 50);
+        assert_eq!(c.rooms.listener_queue, 8);
+        assert_eq!(c.rooms.max_per_connection, 64);
+        assert_eq!(c.rooms.max_listeners, 100_000);
+        assert!(
+            c.display_redacted().contains("[rooms]"),
+            "printed at start-up"
+        );
+        assert!(load(&[], &["rooms.listener_queue=0"]).is_err());
+        assert!(load(&[], &["rooms.max_per_connection=0"]).is_err());
+        assert!(load(&[], &["rooms.history=1000000"]).is_err());
     }
 
     #[test]

@@ -324,7 +324,7 @@ impl From<TcpFrameError> for TransportError {
 
 /// The byte form a transport gives a frame on the wire. Every connection in the same form gets
 /// the same bytes for the same frame, so a fan-out may encode once per form and share the bytes
-/// ([`crate::net::Conn::push_shared`]).
+/// ([`WireForm::encode_prebuilt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WireForm {
     /// TCP: varint length prefix, then the protobuf encoding.
@@ -382,6 +382,50 @@ impl WireForm {
         ws::encode_data_header(out, OpCode::Binary, len);
         frame::encode(frame, out);
         Ok(())
+    }
+}
+
+impl WireForm {
+    /// Appends a frame already encoded as protobuf (`encoded`) in this form, if it is at most
+    /// `max_frame_bytes`: TCP and WebSocket binary copy the bytes behind their prefix or header;
+    /// text gets the frame decoded and written as JSON.
+    ///
+    /// The result depends only on the form and the frame, never on the connection (a server's
+    /// WebSocket frames are unmasked), so a fan-out frames a frame once per form and appends the
+    /// same bytes to every connection that reads that form.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::OutboundTooLarge`] or (text) [`TransportError::Unrepresentable`];
+    /// `out` is then unchanged.
+    pub fn encode_prebuilt(
+        self,
+        encoded: &[u8],
+        max_frame_bytes: usize,
+        out: &mut BytesMut,
+    ) -> Result<(), TransportError> {
+        if encoded.len() > max_frame_bytes {
+            return Err(TransportError::OutboundTooLarge {
+                len: encoded.len(),
+                max: max_frame_bytes,
+            });
+        }
+        match self {
+            WireForm::Tcp => FrameCodec::new(max_frame_bytes)
+                .encode_raw(encoded, out)
+                .map_err(TransportError::from),
+            WireForm::WsBinary => {
+                out.reserve(ws::frame::MAX_HEADER_LEN + encoded.len());
+                ws::encode_data_header(out, OpCode::Binary, encoded.len());
+                out.extend_from_slice(encoded);
+                Ok(())
+            }
+            WireForm::WsText => {
+                let frame = frame::decode(Bytes::copy_from_slice(encoded))
+                    .map_err(TransportError::Unrepresentable)?;
+                encode_json_message(&frame, out)
+            }
+        }
     }
 }
 
@@ -684,29 +728,7 @@ impl Transport {
         out: &mut BytesMut,
     ) -> Result<(), TransportError> {
         let form = self.wire_form().ok_or(TransportError::NotOpen)?;
-        let max = self.limits.max_frame_bytes;
-        if encoded.len() > max {
-            return Err(TransportError::OutboundTooLarge {
-                len: encoded.len(),
-                max,
-            });
-        }
-        match form {
-            WireForm::Tcp => FrameCodec::new(max)
-                .encode_raw(encoded, out)
-                .map_err(TransportError::from),
-            WireForm::WsBinary => {
-                out.reserve(ws::frame::MAX_HEADER_LEN + encoded.len());
-                ws::encode_data_header(out, OpCode::Binary, encoded.len());
-                out.extend_from_slice(encoded);
-                Ok(())
-            }
-            WireForm::WsText => {
-                let frame = frame::decode(Bytes::copy_from_slice(encoded))
-                    .map_err(TransportError::Unrepresentable)?;
-                encode_json_message(&frame, out)
-            }
-        }
+        form.encode_prebuilt(encoded, self.limits.max_frame_bytes, out)
     }
 
     /// Closes the connection from the server side because of `code`

@@ -13,6 +13,10 @@
 //! At the end, after the drain, *lost* = still missing + never arrived (the sender's count
 //! beyond the highest seq seen).
 //!
+//! A system that drops messages for a slow receiver *and says so* (parley rooms, at-most-once:
+//! `RoomLag`) is not failed for it: the count it declared ([`Stream::excuse`]) covers the seqs
+//! skipped right before the next arrival, which are then *dropped*, reported, not *lost*.
+//!
 //! Systems that number messages (parley) are also checked per conversation: every seq the
 //! system handed out, seen by the sender's ack or the receiver's delivery, must form an unbroken
 //! run from 1; each hole is a *gap*. A (conversation, seq) delivered twice is a *redelivery*: the
@@ -20,6 +24,7 @@
 //! counted for information and not checked twice.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +49,9 @@ pub struct Verdict {
     pub gaps: u64,
     /// The same (conversation, seq) delivered again (allowed; information only).
     pub redelivered: u64,
+    /// Dropped for a slow receiver, as the system said (at-most-once rooms; information only).
+    #[serde(default)]
+    pub dropped: u64,
 }
 
 impl Verdict {
@@ -64,6 +72,7 @@ impl Verdict {
         self.corrupt += other.corrupt;
         self.gaps += other.gaps;
         self.redelivered += other.redelivered;
+        self.dropped += other.dropped;
     }
 
     /// The failures, worst first, as `name=count` for those that are not zero.
@@ -92,6 +101,11 @@ pub struct Stream {
     duplicated: u64,
     out_of_order: u64,
     corrupt: u64,
+    /// Drops the system declared and no gap has used up yet.
+    credit: u64,
+    dropped: u64,
+    /// The seqs the last arrival skipped that a declared drop covered.
+    excused: Option<Range<u64>>,
 }
 
 /// How one arrival was classified.
@@ -116,7 +130,20 @@ impl Stream {
             duplicated: 0,
             out_of_order: 0,
             corrupt: 0,
+            credit: 0,
+            dropped: 0,
+            excused: None,
         }
+    }
+
+    /// The system said it dropped `count` messages of this stream (before the next arrival).
+    pub fn excuse(&mut self, count: u64) {
+        self.credit += count;
+    }
+
+    /// The seqs the last arrival skipped that a declared drop covered (dropped, not missing).
+    pub fn take_excused(&mut self) -> Option<Range<u64>> {
+        self.excused.take()
     }
 
     /// Classifies the arrival of `body`.
@@ -136,7 +163,13 @@ impl Stream {
                 self.corrupt += 1;
                 return Arrival::Corrupt;
             }
-            self.missing.extend(self.next..seq);
+            let excused = (seq - self.next).min(self.credit);
+            if excused > 0 {
+                self.credit -= excused;
+                self.dropped += excused;
+                self.excused = Some(self.next..self.next + excused);
+            }
+            self.missing.extend(self.next + excused..seq);
             self.next = seq + 1;
         } else if self.missing.remove(&seq) {
             self.out_of_order += 1;
@@ -163,6 +196,7 @@ impl Stream {
             corrupt: self.corrupt,
             gaps: 0,
             redelivered: 0,
+            dropped: self.dropped,
         }
     }
 }
@@ -200,6 +234,11 @@ impl Numberings {
         } else {
             self.unbelievable += 1;
         }
+    }
+
+    /// Records a seq the system said it dropped for a receiver: numbered, so not a gap.
+    pub fn dropped(&mut self, at: ConvSeq) {
+        self.acked(at);
     }
 
     /// Records a seq delivered to a receiver; false if that (conversation, seq) was already
@@ -340,6 +379,29 @@ mod tests {
         let v = n.verdict();
         assert_eq!(v.redelivered, 1);
         assert!(v.passed());
+    }
+
+    #[test]
+    fn a_declared_drop_covers_the_gap_before_the_next_arrival_and_is_not_a_failure() {
+        let mut s = Stream::new(1);
+        s.arrive(&msg(1, 1));
+        s.excuse(2);
+        s.arrive(&msg(1, 4));
+        assert_eq!(s.take_excused(), Some(2..4));
+        s.arrive(&msg(1, 5));
+        let v = s.verdict(5);
+        assert!(v.passed(), "{v:?}");
+        assert_eq!(v.dropped, 2);
+    }
+
+    #[test]
+    fn a_gap_larger_than_the_declared_drop_is_still_lost() {
+        let mut s = Stream::new(1);
+        s.excuse(1);
+        s.arrive(&msg(1, 4));
+        assert_eq!(s.take_excused(), Some(1..2));
+        let v = s.verdict(4);
+        assert_eq!((v.dropped, v.lost), (1, 2));
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub enum Command {
     /// N clients in N/2 chatting pairs; each sends to its partner and checks what it receives.
     /// Closed loop with `--window` sends in flight per client, or open loop at `--rate`.
     Pairs(PairsArgs),
-    /// Groups of one publisher and S subscribers (1→S fan-out); MQTT, Redis and relay only
-    /// (parley rooms are not built yet).
+    /// Groups of one publisher and S subscribers (1→S fan-out): a parley room per publisher
+    /// (messages a room drops for a slow subscriber, as its `RoomLag` says, are reported, not
+    /// failed), an MQTT topic, a Redis channel or a relay channel.
     Fanout(FanoutArgs),
     /// Connect and log in N clients as fast as possible; report logins per second and the
     /// connect and login latency.

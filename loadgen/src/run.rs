@@ -44,13 +44,6 @@ fn shape(cmd: &Command, common: &Common) -> Result<Shape, String> {
             }
         }
         Command::Fanout(a) => {
-            if s == System::Parley {
-                return Err(
-                    "fanout needs rooms or groups, which parley does not have yet; \
-                     run it against --system mqtt, redis or relay"
-                        .into(),
-                );
-            }
             if a.subscribers == 0 || a.publishers == 0 {
                 return Err("fanout needs at least one publisher and one subscriber".into());
             }
@@ -695,8 +688,18 @@ fn print_report(r: &FinalReport, json: bool) {
     ));
     let v = &r.verdict;
     out.push_str(&format!(
-        "  checked       lost {}  duplicated {}  out-of-order {}  corrupt {}  gaps {}  (redelivered {})\n",
-        v.lost, v.duplicated, v.out_of_order, v.corrupt, v.gaps, v.redelivered
+        "  checked       lost {}  duplicated {}  out-of-order {}  corrupt {}  gaps {}  (redelivered {}{})\n",
+        v.lost,
+        v.duplicated,
+        v.out_of_order,
+        v.corrupt,
+        v.gaps,
+        v.redelivered,
+        if v.dropped > 0 {
+            format!(", dropped for slow receivers as the system said {}", v.dropped)
+        } else {
+            String::new()
+        }
     ));
     if r.sent > 0 || r.delivered > 0 {
         out.push_str(&format!(

@@ -19,7 +19,7 @@ use crate::driver::mqtt::MqttDriver;
 use crate::driver::parley::{Framing, ParleyDriver};
 use crate::driver::redis::RedisDriver;
 use crate::driver::relay::RelayDriver;
-use crate::driver::{Driver, Endpoint, Event, Names, Role};
+use crate::driver::{ConvSeq, Driver, Endpoint, Event, Names, Role};
 use crate::engine::{Engine, Happening, State};
 use crate::stats::{Hist, Progress, Tally};
 use crate::token::Minter;
@@ -410,6 +410,15 @@ impl<'a> Worker<'a> {
                     .as_ref()
                     .map(|m| m.mint(&user, "d0"))
                     .unwrap_or_default();
+                // Fan-out over a room named after the publisher (its subscribers listen on it).
+                let room = match self.plan.scenario {
+                    Scenario::Traffic { fanout: true, .. } => Some(
+                        endpoint
+                            .names
+                            .of(endpoint.listen.unwrap_or(endpoint.client)),
+                    ),
+                    _ => None,
+                };
                 let framing = match self.common.transport {
                     Transport::Tcp => Framing::Tcp,
                     Transport::Ws => {
@@ -418,7 +427,11 @@ impl<'a> Worker<'a> {
                         Framing::Ws(Box::new(WsClient::new(&host, "/", &[], self.seed)))
                     }
                 };
-                Box::new(ParleyDriver::new(&endpoint, token, framing))
+                let driver = ParleyDriver::new(&endpoint, token, framing);
+                match room {
+                    Some(room) => Box::new(driver.in_room(room)),
+                    None => Box::new(driver),
+                }
             }
             System::Mqtt => Box::new(MqttDriver::new(
                 endpoint,
@@ -613,8 +626,28 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Handles one happening of a traffic run; returns the sender whose window opened.
-    fn on_happening(&mut self, h: Happening, needs_ack: bool) -> Option<usize> {
+    /// Counts one receiver's copy of message `seq` of client `sender`; whether that was the last
+    /// copy it waited for (its window opened).
+    fn settle_copy(s: &mut Client, seq: u64) -> bool {
+        let Some(p) = seq
+            .checked_sub(s.base)
+            .and_then(|i| s.pending.get_mut(i as usize))
+        else {
+            return false;
+        };
+        if p.waiting > 0 {
+            p.waiting -= 1;
+            if p.waiting == 0 {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Handles one happening of a traffic run; returns the sender whose window opened and by how
+    /// many messages.
+    fn on_happening(&mut self, h: Happening, needs_ack: bool) -> Option<(usize, u32)> {
         let now = self.engine.now_ns();
         match h {
             Happening::Connected { .. } => None,
@@ -631,8 +664,8 @@ impl<'a> Worker<'a> {
                         {
                             return None; // a redelivery the protocol allows
                         }
-                        let arrival = match self.clients[local].stream.as_mut() {
-                            Some(s) => s.arrive(&body),
+                        let (arrival, excused) = match self.clients[local].stream.as_mut() {
+                            Some(s) => (s.arrive(&body), s.take_excused()),
                             None => {
                                 self.tally.verdict.corrupt += 1;
                                 return None;
@@ -652,14 +685,27 @@ impl<'a> Worker<'a> {
                         }
                         let sender = self.local(stamp.sender)?;
                         let s = &mut self.clients[sender];
-                        let i = stamp.seq.checked_sub(s.base)? as usize;
-                        let p = s.pending.get_mut(i)?;
-                        if p.waiting > 0 {
-                            p.waiting -= 1;
-                            if p.waiting == 0 {
-                                s.in_flight = s.in_flight.saturating_sub(1);
-                                Self::pop_settled(s, needs_ack);
-                                return Some(sender);
+                        // Messages the system said it dropped for this receiver are settled
+                        // for it too.
+                        let opened = excused
+                            .into_iter()
+                            .flatten()
+                            .chain(std::iter::once(stamp.seq))
+                            .filter(|&seq| Self::settle_copy(s, seq))
+                            .count() as u32;
+                        if opened == 0 {
+                            return None;
+                        }
+                        Self::pop_settled(s, needs_ack);
+                        Some((sender, opened))
+                    }
+                    Event::Dropped { count, first } => {
+                        if let Some(s) = self.clients[local].stream.as_mut() {
+                            s.excuse(count);
+                        }
+                        if let Some(first) = first {
+                            for seq in first.seq..first.seq.saturating_add(count) {
+                                self.numberings.dropped(ConvSeq { seq, ..first });
                             }
                         }
                         None
@@ -759,11 +805,13 @@ impl<'a> Worker<'a> {
                 .map_err(|e| format!("poll: {e}"))?;
             let mut events = events;
             for h in events.drain(..) {
-                if let Some(sender) = self.on_happening(h, needs_ack)
+                if let Some((sender, opened)) = self.on_happening(h, needs_ack)
                     && gap_ns.is_none()
                     && self.engine.now_ns() < end
                 {
-                    self.send_one(sender, self.engine.now_ns(), body_bytes);
+                    for _ in 0..opened {
+                        self.send_one(sender, self.engine.now_ns(), body_bytes);
+                    }
                 }
             }
             self.engine.recycle(events);

@@ -224,6 +224,7 @@ pub fn body_name(frame: &pb::Frame) -> &'static str {
         Body::GroupResult(_) => "group_result",
         Body::RoomRequest(_) => "room_request",
         Body::RoomResult(_) => "room_result",
+        Body::RoomLag(_) => "room_lag",
         Body::Receipt(_) => "receipt",
         Body::ConversationListRequest(_) => "conversation_list_request",
         Body::ConversationList(_) => "conversation_list",

@@ -119,6 +119,8 @@ pub struct Client<T: Transport = Tcp> {
     /// Errors that matched no pending send (shown in failure messages).
     errors: Vec<pb::Error>,
     behind: usize,
+    /// `RoomLag`s, with the number of arrivals before each.
+    room_lags: Vec<(usize, pb::RoomLag)>,
     closed: Option<String>,
 }
 
@@ -161,6 +163,7 @@ impl<T: Transport> Client<T> {
             pending_sends: HashMap::new(),
             errors: Vec::new(),
             behind: 0,
+            room_lags: Vec::new(),
             closed: None,
         }
     }
@@ -683,10 +686,20 @@ impl<T: Transport> Client<T> {
         to: &str,
         bodies: impl IntoIterator<Item = Bytes>,
         window: usize,
+        on_ack: impl FnMut(&pb::SendAck),
+    ) -> Pipeline {
+        self.pipeline_sends_to(crate::direct(to), bodies, window, on_ack)
+    }
+
+    /// [`Client::pipeline_sends`] to any conversation (e.g. a room).
+    pub fn pipeline_sends_to(
+        &mut self,
+        conversation: pb::Conversation,
+        bodies: impl IntoIterator<Item = Bytes>,
+        window: usize,
         mut on_ack: impl FnMut(&pb::SendAck),
     ) -> Pipeline {
         assert!(window > 0, "a pipeline needs a window of at least one send");
-        let conversation = crate::direct(to);
         let mut run = Pipeline::default();
         let mut in_flight: VecDeque<(u64, Bytes)> = VecDeque::new();
         let mut bodies = bodies.into_iter().peekable();
@@ -755,6 +768,74 @@ impl<T: Transport> Client<T> {
         }
         run.unacked = in_flight.into_iter().map(|(id, _)| id).collect();
         run
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Rooms
+    // ---------------------------------------------------------------------------------------
+
+    /// Sends `RoomRequest{action, room_id}` and returns its `RoomResult`, or the `Error` that
+    /// answered it.
+    pub fn try_room(
+        &mut self,
+        action: pb::RoomAction,
+        room_id: &str,
+    ) -> Result<pb::RoomResult, pb::Error> {
+        let request_id = self.request(Body::RoomRequest(pb::RoomRequest {
+            action: action as i32,
+            room_id: room_id.to_owned(),
+        }));
+        let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+        match frame.body {
+            Some(Body::RoomResult(result)) => Ok(result),
+            Some(Body::Error(error)) => Err(error),
+            other => panic!(
+                "{}: unexpected answer to a RoomRequest: {other:?}",
+                self.label
+            ),
+        }
+    }
+
+    /// Joins room `room_id` on this connection; panics unless the broker answers `RoomResult`.
+    pub fn join_room(&mut self, room_id: &str) -> pb::RoomResult {
+        self.try_room(pb::RoomAction::Join, room_id)
+            .unwrap_or_else(|e| panic!("{}: join of {room_id:?} refused: {e:?}", self.label))
+    }
+
+    /// Leaves room `room_id`; panics unless the broker answers `RoomResult`.
+    pub fn leave_room(&mut self, room_id: &str) -> pb::RoomResult {
+        self.try_room(pb::RoomAction::LeaveRoom, room_id)
+            .unwrap_or_else(|e| panic!("{}: leave of {room_id:?} refused: {e:?}", self.label))
+    }
+
+    /// Sends `body` to room `room_id` and returns its `SendAck`, or the `Error` that refused it.
+    pub fn try_send_to_room(
+        &mut self,
+        room_id: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<pb::SendAck, pb::Error> {
+        let client_msg_id = fresh_client_msg_id();
+        self.start_send_with_id(crate::room(room_id), client_msg_id, body.into());
+        let what = format!("room send {client_msg_id} is answered");
+        self.wait_until(TIMEOUT, &what, |c| {
+            c.send_acks.contains_key(&client_msg_id) || c.send_errors.contains_key(&client_msg_id)
+        });
+        match self.send_errors.get(&client_msg_id) {
+            Some(e) => Err(e.clone()),
+            None => Ok(self.send_acks[&client_msg_id].clone()),
+        }
+    }
+
+    /// Sends `body` to room `room_id` and waits for the `SendAck`; panics if refused.
+    pub fn send_to_room(&mut self, room_id: &str, body: impl Into<Bytes>) -> pb::SendAck {
+        self.try_send_to_room(room_id, body)
+            .unwrap_or_else(|e| panic!("{}: room send refused: {e:?}", self.label))
+    }
+
+    /// Every `RoomLag` received, with the number of message arrivals before it (so
+    /// `arrivals()[i]` is the first message after a lag recorded at `i`).
+    pub fn room_lags(&self) -> &[(usize, pb::RoomLag)] {
+        &self.room_lags
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1053,6 +1134,7 @@ impl<T: Transport> Client<T> {
                 }
             }
             Some(Body::Behind(_)) => self.behind += 1,
+            Some(Body::RoomLag(lag)) => self.room_lags.push((self.arrivals.len(), lag.clone())),
             Some(Body::Ping(ping)) => {
                 // A server ping is answered at once, as any client must; a failed write shows
                 // up as a close on the next read.
@@ -1128,6 +1210,18 @@ impl<T: Transport> Client<T> {
             };
             let _ = self.conn.write_frame(&frame);
         }
+    }
+}
+
+impl Client<Ws> {
+    /// Speaks JSON in WebSocket text messages from now on; the broker answers in JSON too.
+    pub fn use_json(&mut self) {
+        self.conn.use_text();
+    }
+
+    /// How many frames came as JSON text messages.
+    pub fn json_frames_read(&self) -> usize {
+        self.conn.texts_read()
     }
 }
 

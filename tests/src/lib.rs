@@ -54,6 +54,14 @@ pub fn group(id: &str) -> pb::Conversation {
     }
 }
 
+/// The room `id`, as every listener names it.
+pub fn room(id: &str) -> pb::Conversation {
+    pb::Conversation {
+        r#type: pb::ConversationType::Room as i32,
+        id: id.to_owned(),
+    }
+}
+
 /// A `GroupRequest` of `action` on group `id` naming `members`.
 pub fn group_request(action: pb::GroupAction, id: &str, members: &[&str]) -> pb::GroupRequest {
     pb::GroupRequest {

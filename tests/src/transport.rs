@@ -165,19 +165,30 @@ impl Transport for Tcp {
     }
 }
 
-/// WebSocket: one binary message per frame (or, after [`Ws::speaking_json`], one text message of
-/// the frame's proto3 JSON form), through tungstenite.
+/// WebSocket: one binary message per frame (or, after [`Ws::use_text`], one text message with
+/// the frame's JSON form), through tungstenite.
 pub struct Ws {
     ws: WebSocket<TcpStream>,
     buf: BytesMut,
-    json: bool,
+    text: bool,
+    texts_read: usize,
 }
 
 impl Ws {
-    /// This connection, writing every frame as a JSON text message from now on (the broker
-    /// answers in the form the client used last).
+    /// Writes frames as text messages holding their proto3 JSON form from now on (the broker
+    /// then answers in JSON too).
+    pub fn use_text(&mut self) {
+        self.text = true;
+    }
+
+    /// How many text (JSON) messages were read.
+    pub fn texts_read(&self) -> usize {
+        self.texts_read
+    }
+
+    /// This connection, writing every frame as a JSON text message from now on.
     pub fn speaking_json(mut self) -> Self {
-        self.json = true;
+        self.text = true;
         self
     }
 }
@@ -206,19 +217,22 @@ impl Transport for Ws {
         Ok(Self {
             ws,
             buf: BytesMut::new(),
-            json: false,
+            text: false,
+            texts_read: 0,
         })
     }
 
     fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
-        let message = if self.json {
+        if self.text {
             let json = frame::to_json(frame).map_err(io::Error::other)?;
-            Message::Text(json.into())
-        } else {
-            self.buf.clear();
-            frame::encode(frame, &mut self.buf);
-            Message::Binary(self.buf.split().freeze())
-        };
+            return self
+                .ws
+                .send(Message::Text(json.into()))
+                .map_err(io::Error::other);
+        }
+        self.buf.clear();
+        frame::encode(frame, &mut self.buf);
+        let message = Message::Binary(self.buf.split().freeze());
         self.ws.send(message).map_err(io::Error::other)
     }
 
@@ -242,6 +256,7 @@ impl Transport for Ws {
                     };
                 }
                 Ok(Message::Text(text)) => {
+                    self.texts_read += 1;
                     return match frame::from_json(Bytes::from(text).as_ref()) {
                         Ok(frame) => Incoming::Frame(frame),
                         Err(e) => Incoming::Garbage(format!("text message: {e}")),

@@ -44,6 +44,20 @@ pub(crate) struct CoreConfig {
     pub(crate) max_group_members: usize,
     /// Most members one GET_MEMBERS answer lists.
     pub(crate) max_members_page: usize,
+    /// Rooms one connection may be in (`rooms.max_per_connection`).
+    pub(crate) room_max_per_connection: usize,
+    /// Connections one room may have across the node (`rooms.max_listeners`).
+    pub(crate) room_max_listeners: u64,
+    /// Latest messages kept per room for joiners (`rooms.history`).
+    pub(crate) room_history: usize,
+    /// Rooms kept idle for their history per shard (`rooms.max_idle_rooms`).
+    pub(crate) room_max_idle: usize,
+    /// Room messages held per slow listener and room (`rooms.listener_queue`).
+    pub(crate) room_listener_queue: usize,
+    /// Bytes of a connection's queue (and reservations) under which room messages go straight
+    /// to it; over it they wait in the listener's room queue: half of the connection's budget,
+    /// so room traffic alone never reaches the budget (never `Behind`, never a hold).
+    pub(crate) room_share_bytes: usize,
 }
 
 impl CoreConfig {
@@ -79,6 +93,12 @@ impl CoreConfig {
             checkpoint_every_bytes: c.storage.checkpoint_every_bytes.max(1),
             max_group_members: c.groups.max_members.max(1) as usize,
             max_members_page: c.groups.max_members_page.max(1) as usize,
+            room_max_per_connection: c.rooms.max_per_connection.max(1),
+            room_max_listeners: c.rooms.max_listeners.max(1),
+            room_history: c.rooms.history,
+            room_max_idle: c.rooms.max_idle_rooms,
+            room_listener_queue: c.rooms.listener_queue.max(1),
+            room_share_bytes: c.limits.max_outbound_bytes / 2,
         }
     }
 }

@@ -26,6 +26,8 @@
 //! kernel, not in the node's memory. Once the queue drains under the budget the core says so
 //! with [`super::Effect::Resume`]. Per call, at most `limits.frames_per_turn` frames are decoded
 //! ([`Intake::Pending`] says more are buffered), so one busy connection cannot starve the rest.
+//! Room messages are queued only while the queue is under half the budget; past it they wait in
+//! the connection's bounded room lag queues ([`super::room`]), so rooms alone never reach it.
 
 use std::sync::Arc;
 
@@ -38,6 +40,7 @@ use super::conv::{Conv, key_for};
 use super::delivery::Delivery;
 use super::error::Refusal;
 use super::mail::Device;
+use super::room::ConnRooms;
 use super::sync::SyncRun;
 use super::wheel::TimerKey;
 use crate::auth::Identity;
@@ -251,6 +254,8 @@ pub(crate) struct Connection {
     pub(crate) delivery: Delivery,
     /// The sync under way, boxed: rare, and most connections never hold one.
     pub(crate) sync: Option<Box<SyncRun>>,
+    /// The rooms it is in, boxed: most connections are in none.
+    pub(crate) rooms: Option<Box<ConnRooms>>,
     /// The session timer in the shard's wheel and its deadline.
     pub(crate) timer: Option<(TimerKey, u64)>,
     /// Already reported to the driver as having output this turn.
@@ -273,6 +278,7 @@ impl Connection {
             stall_since: NOT_STALLED,
             delivery: Delivery::default(),
             sync: None,
+            rooms: None,
             timer: None,
             transmit_queued: false,
         }

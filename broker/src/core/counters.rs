@@ -70,6 +70,12 @@ pub struct Counters {
     pub receipts: u64,
     /// Conversation lists answered.
     pub conversation_lists: u64,
+    /// Room messages sent by this shard as the room's owner.
+    pub room_messages: u64,
+    /// Room messages written to listeners on this shard (live, held, or history on a join).
+    pub room_deliveries: u64,
+    /// Room messages dropped for slow listeners on this shard (each told with `RoomLag`).
+    pub room_drops: u64,
 }
 
 impl Counters {
@@ -108,5 +114,8 @@ impl Counters {
         self.group_deliveries += other.group_deliveries;
         self.receipts += other.receipts;
         self.conversation_lists += other.conversation_lists;
+        self.room_messages += other.room_messages;
+        self.room_deliveries += other.room_deliveries;
+        self.room_drops += other.room_drops;
     }
 }

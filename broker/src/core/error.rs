@@ -103,6 +103,24 @@ pub(crate) enum Refusal {
     /// A conversation list request while one is being answered on the connection.
     #[error("a conversation list is being answered on this connection; wait for it")]
     ListRunning,
+    /// A room id that is empty or longer than 128 bytes.
+    #[error("room_id must be 1..=128 bytes of UTF-8")]
+    BadRoomId,
+    /// A `RoomRequest` whose action is neither JOIN nor LEAVE_ROOM.
+    #[error("a RoomRequest's action must be JOIN or LEAVE_ROOM")]
+    BadRoomAction,
+    /// A JOIN past `rooms.max_per_connection`.
+    #[error("this connection is in as many rooms as rooms.max_per_connection allows")]
+    TooManyRooms,
+    /// A JOIN of a room that has `rooms.max_listeners` listeners.
+    #[error("the room is full (rooms.max_listeners)")]
+    RoomFull,
+    /// A send to a room the connection did not join.
+    #[error("join the room before sending to it")]
+    NotInRoom,
+    /// A RECALL or EDIT sent to a room (room messages are not stored).
+    #[error("only NORMAL messages may be sent to a room")]
+    RoomKindNotAllowed,
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -139,6 +157,11 @@ impl Refusal {
             Refusal::GroupFull => C::GroupFull,
             Refusal::BadGroupRequest(_) | Refusal::BadReceipt => C::InvalidArgument,
             Refusal::ListRunning => C::UnexpectedFrame,
+            Refusal::BadRoomId
+            | Refusal::BadRoomAction
+            | Refusal::TooManyRooms
+            | Refusal::RoomKindNotAllowed => C::InvalidArgument,
+            Refusal::RoomFull | Refusal::NotInRoom => C::Forbidden,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,
@@ -151,7 +174,7 @@ impl Refusal {
     pub(crate) fn is_clients_fault(&self) -> bool {
         !matches!(
             self,
-            Refusal::IdCollision | Refusal::Storage(_) | Refusal::LogFailed
+            Refusal::IdCollision | Refusal::Storage(_) | Refusal::LogFailed | Refusal::RoomFull
         )
     }
 
@@ -299,6 +322,13 @@ mod tests {
         assert_eq!(Refusal::RefNotFound.code(), pb::ErrorCode::NotFound);
         assert_eq!(Refusal::LogFailed.code(), pb::ErrorCode::StorageFailure);
         assert_eq!(Refusal::SyncRunning.code(), pb::ErrorCode::UnexpectedFrame);
+        assert_eq!(Refusal::NotInRoom.code(), pb::ErrorCode::Forbidden);
+        assert_eq!(Refusal::RoomFull.code(), pb::ErrorCode::Forbidden);
+        assert_eq!(Refusal::TooManyRooms.code(), pb::ErrorCode::InvalidArgument);
+        assert!(
+            !Refusal::RoomFull.is_clients_fault(),
+            "a full room is not the client's error"
+        );
         let f = Refusal::RateLimited { retry_after_ms: 5 }.frame(3, 9);
         let Some(Body::Error(e)) = f.body else {
             panic!("an error frame")

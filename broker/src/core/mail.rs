@@ -266,4 +266,12 @@ pub enum ShardMsg {
     Read(Box<Read>),
     /// The answer to `Read`.
     ReadDone(Box<ReadDone>),
+    /// To a room's owner: a join, leave or query of a room.
+    RoomChange(Box<super::room::RoomChange>),
+    /// To a listener's shard: the owner's answer to a `RoomChange`.
+    RoomAnswer(Box<super::room::RoomAnswer>),
+    /// To a room's owner: a send to the room.
+    RoomPost(Box<super::room::RoomPost>),
+    /// To a shard with listeners of a room: one message for all of them.
+    RoomCast(Box<super::room::RoomCast>),
 }

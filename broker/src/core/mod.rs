@@ -22,6 +22,7 @@
 //! * [`owner`]: conversation owner (de-dup, seq, id, one encode, append, release after flush);
 //! * [`home`]: user home (devices, inbox, live push);
 //! * [`group`]: group members, roles and settings (decided and stored by the group's owner);
+//! * [`room`]: rooms (ephemeral broadcast: membership per connection, owner, fan-out, lag);
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
 //!   [`counters`]: what a shard counts.
@@ -45,6 +46,7 @@ pub(crate) mod ids;
 pub(crate) mod mail;
 pub(crate) mod owner;
 pub(crate) mod receipt;
+pub(crate) mod room;
 mod session;
 pub(crate) mod sync;
 pub(crate) mod timers;
@@ -210,6 +212,8 @@ pub struct ShardCore<B: Backend> {
     timers: Timers,
     owner: Owner<B>,
     home: Home,
+    /// Rooms this shard owns and this shard's listeners.
+    rooms: room::Rooms,
     outgoing: Vec<Vec<ShardMsg>>,
     local: VecDeque<ShardMsg>,
     effects: Vec<CoreEffect<B>>,
@@ -258,6 +262,7 @@ impl<B: Backend> ShardCore<B> {
             timers,
             owner: Owner::new(setup.log, setup.index),
             home: Home::default(),
+            rooms: room::Rooms::default(),
             outgoing: (0..placement.shards()).map(|_| Vec::new()).collect(),
             local: VecDeque::new(),
             effects: Vec::new(),
@@ -380,6 +385,7 @@ impl<B: Backend> ShardCore<B> {
             c.shrink(pool);
         }
         self.pump_sync(conn);
+        self.pump_rooms(conn);
         self.maybe_resume(conn);
         self.arm(conn);
         self.drain_local();
@@ -599,6 +605,9 @@ impl<B: Backend> ShardCore<B> {
         if let Some((key, _)) = c.timer.take() {
             self.timers.cancel(key);
         }
+        if let Some(rooms) = c.rooms.take() {
+            self.leave_rooms(*rooms);
+        }
         self.freed.push(conn.slot);
         self.counters.connections -= 1;
         Some(c)
@@ -797,6 +806,7 @@ impl<B: Backend> ShardCore<B> {
             self.release();
         }
         self.home.shrink();
+        self.rooms.shrink();
         if self.owner.log.written_lsn().0
             - self
                 .owner
@@ -1028,6 +1038,10 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::GroupInbox(gi) => self.on_group_inbox(*gi),
             ShardMsg::Read(r) => self.on_read(*r),
             ShardMsg::ReadDone(d) => self.on_read_done(*d),
+            ShardMsg::RoomChange(c) => self.on_room_change(*c),
+            ShardMsg::RoomAnswer(a) => self.on_room_answer(*a),
+            ShardMsg::RoomPost(p) => self.on_room_post(*p),
+            ShardMsg::RoomCast(c) => self.on_room_cast(*c),
         }
     }
 

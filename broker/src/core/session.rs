@@ -219,9 +219,7 @@ impl<B: Backend> ShardCore<B> {
                 );
             }
             Body::GroupRequest(req) => self.on_group_request(conn, request_id, req),
-            Body::RoomRequest(_) => {
-                self.refuse(conn, request_id, 0, &Refusal::NotAvailable("rooms"));
-            }
+            Body::RoomRequest(req) => self.on_room_request(conn, request_id, req),
             Body::Receipt(r) => self.on_receipt(conn, request_id, r),
             Body::ConversationListRequest(req) => {
                 self.on_conversation_list_request(conn, request_id, req);
@@ -357,6 +355,13 @@ impl<B: Backend> ShardCore<B> {
     }
 
     pub(super) fn on_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send) {
+        if send
+            .to
+            .as_ref()
+            .is_some_and(|v| v.r#type == pb::ConversationType::Room as i32)
+        {
+            return self.on_room_send(conn, request_id, send);
+        }
         let cfg = Arc::clone(&self.cfg);
         let now = self.now;
         let origin = self.origin(conn);

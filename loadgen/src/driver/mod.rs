@@ -52,8 +52,9 @@ pub struct Endpoint {
     pub client: u32,
     /// The channel this connection listens on, as a client number: in `pairs` each client
     /// listens on its own number; in `fanout` every subscriber listens on the publisher's
-    /// number. `None` for a connection that only publishes. Parley ignores it (a parley client
-    /// always receives what is sent to its own user).
+    /// number. `None` for a connection that only publishes. Parley ignores it in `pairs` (a
+    /// parley client always receives what is sent to its own user); in `fanout` it names the
+    /// room (see [`parley::ParleyDriver::in_room`]).
     pub listen: Option<u32>,
     /// What the connection does.
     pub role: Role,
@@ -92,6 +93,16 @@ pub enum Event {
     Synced,
     /// The system said the client reads too slowly and stopped pushing (parley `Behind`).
     Behind,
+    /// The system dropped `count` messages for this connection because it read too slowly, and
+    /// said so (parley `RoomLag`: rooms are at-most-once). Reported, not a failure: the messages
+    /// skipped right before the next arrival are counted as dropped, not lost.
+    Dropped {
+        /// How many.
+        count: u64,
+        /// Where the system numbered the first of them, if it numbers messages (the rest follow
+        /// it, one seq each).
+        first: Option<ConvSeq>,
+    },
     /// The system reported an error. If `fatal`, it is closing the connection.
     Error {
         /// Whether the connection is over.

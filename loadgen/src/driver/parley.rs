@@ -1,12 +1,19 @@
 //! The parley client: log in with a token, send 1:1 messages, ack deliveries cumulatively,
 //! answer `Behind` with a sync, and sync on request; over TCP (varint-delimited frames) or
-//! WebSocket (one binary message per frame).
+//! WebSocket (one binary message per frame). In `fanout` it uses a room instead
+//! ([`ParleyDriver::in_room`]).
 //!
 //! Client `j` is the user [`Names::of`]`(j)` with device `d0`. A message to client `k` is a
 //! `Send` to `{DIRECT, names.of(k)}` with `client_msg_id` = the tag. Both sides of a direct
 //! conversation name it differently (each by the other user), so [`ConvSeq::conversation`] is
 //! the FNV-1a hash of the two user ids in sorted order, joined by a newline: the same number for
 //! the sender's acks and the receiver's deliveries.
+//!
+//! In a room, the publisher and its subscribers join the room `names.of(publisher)` right after
+//! logging in (the connection is ready once the join is answered) and the publisher sends to
+//! `{ROOM, names.of(publisher)}`. Every subscriber gets every seq of the room, so a room's
+//! [`ConvSeq::conversation`] is per receiver ([`room_key`]): each subscriber's seqs must form an
+//! unbroken run from 1, counting the ones a `RoomLag` said were dropped.
 
 use bytes::{BufMut, BytesMut};
 use parley_proto::pb::{self, frame::Body};
@@ -42,6 +49,10 @@ pub struct ParleyDriver {
     scratch: BytesMut,
     /// The last recipient's user id, kept to avoid formatting it per message.
     last_to: Option<(u32, String)>,
+    /// The room this connection joins at start and sends to, if any.
+    room: Option<String>,
+    /// [`Event::Ready`] was emitted.
+    ready: bool,
 }
 
 #[derive(Debug)]
@@ -62,6 +73,15 @@ pub fn direct_key(a: &str, b: &str) -> u64 {
     fnv1a(&s)
 }
 
+/// The conversation key of room `room` as seen by the receiver `me`: one run of seqs per
+/// receiver (every subscriber gets every seq of the room).
+pub fn room_key(room: &str, me: &str) -> u64 {
+    fnv1a(format!("room\n{room}\n{me}").as_bytes())
+}
+
+/// The request id of the room JOIN written at start.
+const JOIN_REQUEST_ID: u64 = 2;
+
 /// Frame field numbers used by the hand-written `Send` encoder (checked against prost in tests).
 const FRAME_SEND: u32 = 20;
 const SEND_TO: u32 = 1;
@@ -77,8 +97,14 @@ fn key_len(tag: u32) -> usize {
     encoded_len_varint(u64::from(tag << 3))
 }
 
-/// Appends the protobuf encoding of `Frame{send: Send{to: {DIRECT, to}, client_msg_id, content_type, body}}`.
-fn encode_send(to: &str, client_msg_id: u64, body: &[u8], out: &mut BytesMut) {
+/// Appends the protobuf encoding of `Frame{send: Send{to: {kind, to}, client_msg_id, content_type, body}}`.
+fn encode_send(
+    kind: pb::ConversationType,
+    to: &str,
+    client_msg_id: u64,
+    body: &[u8],
+    out: &mut BytesMut,
+) {
     let conv_len =
         key_len(CONV_TYPE) + 1 + key_len(CONV_ID) + encoded_len_varint(to.len() as u64) + to.len();
     let send_len = key_len(SEND_TO)
@@ -97,7 +123,7 @@ fn encode_send(to: &str, client_msg_id: u64, body: &[u8], out: &mut BytesMut) {
     encode_key(SEND_TO, WireType::LengthDelimited, out);
     encode_varint(conv_len as u64, out);
     encode_key(CONV_TYPE, WireType::Varint, out);
-    encode_varint(pb::ConversationType::Direct as u64, out);
+    encode_varint(kind as u64, out);
     encode_key(CONV_ID, WireType::LengthDelimited, out);
     encode_varint(to.len() as u64, out);
     out.put_slice(to.as_bytes());
@@ -125,7 +151,17 @@ impl ParleyDriver {
             nonce: 0,
             scratch: BytesMut::new(),
             last_to: None,
+            room: None,
+            ready: false,
         }
+    }
+
+    /// Makes this connection join room `room` right after its login (it is ready once the
+    /// join is answered) and send to that room: [`Driver::send`]'s `to` then names the room's
+    /// client number ([`Names::of`] it is the room id).
+    pub fn in_room(mut self, room: String) -> Self {
+        self.room = Some(room);
+        self
     }
 
     /// Writes `frame` with the connection's framing.
@@ -182,6 +218,21 @@ impl ParleyDriver {
 
     fn messages(&mut self, messages: Vec<pb::Message>, events: &mut Vec<Event>) {
         for m in messages {
+            if let Some(c) = m
+                .conversation
+                .as_ref()
+                .filter(|c| c.r#type == pb::ConversationType::Room as i32)
+            {
+                // Room messages need no ack.
+                events.push(Event::Delivered {
+                    seq: Some(ConvSeq {
+                        conversation: room_key(&c.id, &self.me),
+                        seq: m.seq,
+                    }),
+                    body: m.body,
+                });
+                continue;
+            }
             if m.from_user == self.me {
                 continue; // our own message, echoed by a sync: we hold it already
             }
@@ -209,10 +260,42 @@ impl ParleyDriver {
         events: &mut Vec<Event>,
     ) -> Result<(), DriverError> {
         match frame.body {
-            Some(Body::LoginResult(_)) => events.push(Event::Ready),
+            // In a room the connection is ready once the join pipelined behind the login is
+            // answered.
+            Some(Body::LoginResult(_)) if self.room.is_none() => {
+                self.ready = true;
+                events.push(Event::Ready);
+            }
+            Some(Body::LoginResult(_)) => {}
+            Some(Body::RoomResult(_)) => {
+                if !self.ready {
+                    self.ready = true;
+                    events.push(Event::Ready);
+                }
+            }
+            Some(Body::RoomLag(lag)) => events.push(Event::Dropped {
+                count: lag.dropped,
+                first: Some(ConvSeq {
+                    conversation: room_key(&lag.room_id, &self.me),
+                    seq: lag.next_seq.saturating_sub(lag.dropped),
+                }),
+            }),
+            Some(Body::Error(e)) if frame.request_id == JOIN_REQUEST_ID && !self.ready => {
+                let code = pb::ErrorCode::try_from(e.code)
+                    .map(|c| c.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                return Err(DriverError(format!(
+                    "room join refused: {code}: {}",
+                    e.message
+                )));
+            }
             Some(Body::SendAck(ack)) => {
-                let peer = ack.conversation.map(|c| c.id).unwrap_or_default();
-                let key = direct_key(&self.me, &peer);
+                let conv = ack.conversation.unwrap_or_default();
+                let key = if conv.r#type == pb::ConversationType::Room as i32 {
+                    room_key(&conv.id, &self.me)
+                } else {
+                    direct_key(&self.me, &conv.id)
+                };
                 events.push(Event::Acked {
                     tag: ack.client_msg_id,
                     seq: Some(ConvSeq {
@@ -287,6 +370,16 @@ impl Driver for ParleyDriver {
             })),
         };
         self.write_frame(&login, out);
+        if let Some(room) = &self.room {
+            let join = pb::Frame {
+                request_id: JOIN_REQUEST_ID,
+                body: Some(Body::RoomRequest(pb::RoomRequest {
+                    action: pb::RoomAction::Join as i32,
+                    room_id: room.clone(),
+                })),
+            };
+            self.write_frame(&join, out);
+        }
     }
 
     fn receive(
@@ -324,17 +417,22 @@ impl Driver for ParleyDriver {
             self.last_to = Some((to, self.names.of(to)));
         }
         let to_id = self.last_to.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
+        let kind = if self.room.is_some() {
+            pb::ConversationType::Room
+        } else {
+            pb::ConversationType::Direct
+        };
         match &mut self.framing {
             Framing::Tcp => {
                 let mut frame = std::mem::take(&mut self.scratch);
                 frame.clear();
-                encode_send(to_id, tag, body, &mut frame);
+                encode_send(kind, to_id, tag, body, &mut frame);
                 let _ = self.codec.encode_raw(&frame, out);
                 self.scratch = frame;
             }
             Framing::Ws(ws) => {
                 self.scratch.clear();
-                encode_send(to_id, tag, body, &mut self.scratch);
+                encode_send(kind, to_id, tag, body, &mut self.scratch);
                 ws.write_binary(&self.scratch, out);
             }
         }
@@ -398,7 +496,13 @@ mod tests {
     #[test]
     fn the_hand_written_send_encodes_exactly_as_prost_does() {
         let mut ours = BytesMut::new();
-        encode_send("t-c7", 300, b"hello body", &mut ours);
+        encode_send(
+            pb::ConversationType::Direct,
+            "t-c7",
+            300,
+            b"hello body",
+            &mut ours,
+        );
         let frame = pb::Frame {
             request_id: 0,
             body: Some(Body::Send(pb::Send {
@@ -536,6 +640,114 @@ mod tests {
         d.receive(&mut input, &mut out, &mut events).expect("valid");
         assert_eq!(events.len(), 2);
         assert!(matches!(events[1], Event::Synced));
+    }
+
+    #[test]
+    fn in_a_room_the_join_follows_the_login_and_its_answer_makes_the_connection_ready() {
+        let mut d =
+            ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).in_room("t-c0".into());
+        let mut out = BytesMut::new();
+        d.start(&mut out);
+        let mut codec = FrameCodec::default();
+        let login = codec.decode_frame(&mut out).expect("valid").expect("login");
+        assert!(matches!(login.body, Some(Body::Login(_))));
+        let join = codec.decode_frame(&mut out).expect("valid").expect("join");
+        let Some(Body::RoomRequest(req)) = join.body else {
+            panic!("not a join")
+        };
+        assert_eq!(
+            (req.action, req.room_id.as_str()),
+            (pb::RoomAction::Join as i32, "t-c0")
+        );
+
+        let mut input = server_frames(&[
+            pb::Frame {
+                request_id: 1,
+                body: Some(Body::LoginResult(pb::LoginResult::default())),
+            },
+            pb::Frame {
+                request_id: JOIN_REQUEST_ID,
+                body: Some(Body::RoomResult(pb::RoomResult::default())),
+            },
+        ]);
+        let mut events = Vec::new();
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(events, vec![Event::Ready], "ready once, after the join");
+    }
+
+    #[test]
+    fn a_room_lag_is_reported_as_dropped_messages_numbered_before_the_next_seq() {
+        let mut d =
+            ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).in_room("t-c0".into());
+        let room = pb::Conversation {
+            r#type: pb::ConversationType::Room as i32,
+            id: "t-c0".into(),
+        };
+        let mut input = server_frames(&[
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::RoomLag(pb::RoomLag {
+                    room_id: "t-c0".into(),
+                    dropped: 3,
+                    next_seq: 7,
+                })),
+            },
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(pb::Deliver {
+                    messages: vec![pb::Message {
+                        conversation: Some(room),
+                        seq: 7,
+                        from_user: "t-c0".into(),
+                        body: Bytes::from_static(b"x"),
+                        ..Default::default()
+                    }],
+                })),
+            },
+        ]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        let key = room_key("t-c0", "t-c1");
+        assert_eq!(
+            events,
+            vec![
+                Event::Dropped {
+                    count: 3,
+                    first: Some(ConvSeq {
+                        conversation: key,
+                        seq: 4
+                    })
+                },
+                Event::Delivered {
+                    body: Bytes::from_static(b"x"),
+                    seq: Some(ConvSeq {
+                        conversation: key,
+                        seq: 7
+                    })
+                },
+            ]
+        );
+        d.flush(&mut out);
+        assert!(out.is_empty(), "room messages are not acked");
+    }
+
+    #[test]
+    fn a_refused_room_join_fails_the_connection() {
+        let mut d =
+            ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).in_room("t-c0".into());
+        let mut input = server_frames(&[pb::Frame {
+            request_id: JOIN_REQUEST_ID,
+            body: Some(Body::Error(pb::Error {
+                code: pb::ErrorCode::Forbidden as i32,
+                message: "the room is full".into(),
+                ..Default::default()
+            })),
+        }]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        let e = d
+            .receive(&mut input, &mut out, &mut events)
+            .expect_err("refused");
+        assert!(e.0.contains("room is full"), "{e}");
     }
 
     #[test]

@@ -469,6 +469,15 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
                 })
             })
             .boxed(),
+        (short_text(), any::<u64>(), any::<u64>())
+            .prop_map(|(room_id, dropped, next_seq)| {
+                Body::RoomLag(pb::RoomLag {
+                    room_id,
+                    dropped,
+                    next_seq,
+                })
+            })
+            .boxed(),
         (
             option::of(conversation()),
             enum_value::<pb::ReceiptType>(),
