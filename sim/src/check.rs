@@ -10,7 +10,11 @@
 //!
 //! Checked at the end ([`History::final_check`]), after every client synced once more with no
 //! fault left: every device of every member holds exactly seqs `1..=last` of each of its
-//! conversations, and each acked message sits at the seq its ack named.
+//! direct conversations, and each acked message sits at the seq its ack named. In a group, the
+//! membership windows come from the group's events (every event is seen: the owner, a member
+//! throughout, syncs them all): every device of a user holds every seq of the user's latest
+//! window (from the event that added it to the event that removed it, or to the last seq) and
+//! no seq outside all of its windows; a user never a member holds nothing of the group.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,8 +25,15 @@ use crate::client::Client;
 /// A message's identity: sender user, sender device, client message id.
 pub(crate) type MsgKey = (String, String, u64);
 
-/// The key a checker uses for the direct conversation of `a` and `b`.
+/// What a group's checker key starts with (`#g` is the group `g`).
+pub(crate) const GROUP_MARK: char = '#';
+
+/// The key a checker uses for the conversation `a` has with `b`: the direct conversation of `a`
+/// and `b`, or, if `b` is a group key (`#g`), the group.
 pub(crate) fn conv_key(a: &str, b: &str) -> String {
+    if b.starts_with(GROUP_MARK) {
+        return b.to_owned();
+    }
     if a <= b {
         format!("{a}|{b}")
     } else {
@@ -61,6 +72,8 @@ pub(crate) struct History {
     acks: BTreeMap<MsgKey, (String, u64, u64)>,
     by_seq: BTreeMap<(String, u64), (MsgKey, u64)>,
     by_msg: BTreeMap<MsgKey, (String, u64)>,
+    /// Groups' events by (group, seq), with their message ids.
+    events: BTreeMap<(String, u64), (pb::GroupEvent, u64)>,
 }
 
 impl History {
@@ -132,6 +145,28 @@ impl History {
         live: bool,
         view: &mut ConnView,
     ) {
+        if let Some(e) = m
+            .event
+            .as_ref()
+            .filter(|_| m.kind == pb::MessageKind::System as i32)
+        {
+            match self.events.get(&(conv.to_owned(), m.seq)) {
+                Some((known, id)) if known != e || *id != m.msg_id => {
+                    let what = format!("{conv} seq {} holds two different events", m.seq);
+                    self.fail(now, what);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some((k, _)) = self.by_seq.get(&(conv.to_owned(), m.seq)) {
+                        let what = format!("{conv} seq {} holds an event and {k:?}", m.seq);
+                        self.fail(now, what);
+                    }
+                    self.events
+                        .insert((conv.to_owned(), m.seq), (e.clone(), m.msg_id));
+                }
+            }
+            return self.order(now, conv, m.seq, live, view);
+        }
         let key: MsgKey = (m.from_user.clone(), m.from_device.clone(), m.client_msg_id);
         match self.sent.get(&key) {
             None => self.fail(now, format!("{conv} seq {} was never sent: {key:?}", m.seq)),
@@ -141,29 +176,38 @@ impl History {
             }
             Some(_) => {}
         }
+        if self.events.contains_key(&(conv.to_owned(), m.seq)) {
+            let what = format!("{conv} seq {} holds an event and {key:?}", m.seq);
+            self.fail(now, what);
+        }
         self.place(now, key, conv, m.seq, m.msg_id);
-        let new = view.seen.insert((conv.to_owned(), m.seq));
+        self.order(now, conv, m.seq, live, view);
+    }
+
+    /// The per-connection order checks of a message `seq` of `conv` shown to a client.
+    fn order(&mut self, now: u64, conv: &str, seq: u64, live: bool, view: &mut ConnView) {
+        let new = view.seen.insert((conv.to_owned(), seq));
         if !new {
             return;
         }
         if live {
             if view.sync_running {
-                let what = format!("{conv} seq {} arrived live while a sync ran", m.seq);
+                let what = format!("{conv} seq {} arrived live while a sync ran", seq);
                 self.fail(now, what);
             }
             let last = view.last_live.entry(conv.to_owned()).or_insert(0);
-            if m.seq <= *last {
-                let what = format!("{conv} live seq {} after live seq {}", m.seq, *last);
+            if seq <= *last {
+                let what = format!("{conv} live seq {} after live seq {}", seq, *last);
                 self.fail(now, what);
             }
-            *last = (*last).max(m.seq);
+            *last = (*last).max(seq);
         } else {
             let last = view.last_sync.entry(conv.to_owned()).or_insert(0);
-            if m.seq <= *last {
-                let what = format!("{conv} sync page seq {} after seq {}", m.seq, *last);
+            if seq <= *last {
+                let what = format!("{conv} sync page seq {} after seq {}", seq, *last);
                 self.fail(now, what);
             }
-            *last = (*last).max(m.seq);
+            *last = (*last).max(seq);
         }
     }
 
@@ -171,12 +215,16 @@ impl History {
     /// acked message where its ack said.
     pub(crate) fn final_check(&mut self, now: u64, clients: &[Client]) {
         let mut last: BTreeMap<String, u64> = BTreeMap::new();
-        for (conv, seq) in self.by_seq.keys() {
+        for (conv, seq) in self.by_seq.keys().chain(self.events.keys()) {
             let l = last.entry(conv.clone()).or_insert(0);
             *l = (*l).max(*seq);
         }
         let mut problems = Vec::new();
         for (conv, &upto) in &last {
+            if conv.starts_with(GROUP_MARK) {
+                self.check_group(conv, upto, clients, &mut problems);
+                continue;
+            }
             let (a, b) = members(conv);
             for c in clients.iter().filter(|c| c.user == a || c.user == b) {
                 let held = c.store.get(conv);
@@ -202,6 +250,10 @@ impl History {
             }
         }
         for (key, (conv, seq, id)) in &self.acks {
+            if conv.starts_with(GROUP_MARK) {
+                // Checked with the group's windows.
+                continue;
+            }
             let (a, b) = members(conv);
             for c in clients.iter().filter(|c| c.user == a || c.user == b) {
                 match c.store.get(conv).and_then(|h| h.get(seq)) {
@@ -219,6 +271,119 @@ impl History {
         }
         for p in problems {
             self.fail(now, p);
+        }
+    }
+
+    /// Each user's membership windows of group `conv`, `(from, to)` inclusive (`to` is `upto`
+    /// for a current member), in seq order, from the group's events.
+    fn windows(&self, conv: &str, upto: u64) -> BTreeMap<String, Vec<(u64, u64)>> {
+        use pb::GroupEventType as E;
+        let mut open: BTreeMap<String, u64> = BTreeMap::new();
+        let mut done: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        let events = self
+            .events
+            .range((conv.to_owned(), 0)..=(conv.to_owned(), u64::MAX));
+        for ((_, seq), (e, _)) in events {
+            let seq = *seq;
+            let mut join = |u: &str| {
+                open.entry(u.to_owned()).or_insert(seq);
+            };
+            match E::try_from(e.r#type).unwrap_or(E::Unspecified) {
+                E::Created => {
+                    join(&e.actor);
+                    e.users.iter().for_each(|u| join(u));
+                }
+                E::MembersAdded => e.users.iter().for_each(|u| join(u)),
+                E::MemberJoined => join(&e.actor),
+                E::MembersRemoved | E::MemberLeft | E::Dissolved => {
+                    let gone: Vec<String> = match E::try_from(e.r#type) {
+                        Ok(E::MembersRemoved) => e.users.clone(),
+                        Ok(E::MemberLeft) => vec![e.actor.clone()],
+                        _ => open.keys().cloned().collect(),
+                    };
+                    for u in gone {
+                        if let Some(from) = open.remove(&u) {
+                            done.entry(u).or_default().push((from, seq));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (u, from) in open {
+            done.entry(u).or_default().push((from, upto));
+        }
+        done
+    }
+
+    /// A group at the end: every device of a user holds its latest window whole and nothing
+    /// outside its windows; every acked message is where its ack said.
+    fn check_group(&self, conv: &str, upto: u64, clients: &[Client], problems: &mut Vec<String>) {
+        let windows = self.windows(conv, upto);
+        for c in clients {
+            let held = c.store.get(conv);
+            let Some(ws) = windows.get(&c.user) else {
+                if let Some(h) = held.filter(|h| !h.is_empty()) {
+                    problems.push(format!(
+                        "{}/{} was never a member of {conv} but holds seqs {:?}",
+                        c.user,
+                        c.device,
+                        h.keys().take(8).collect::<Vec<_>>()
+                    ));
+                }
+                continue;
+            };
+            if let Some(&(from, to)) = ws.last() {
+                let missing: Vec<u64> = (from..=to)
+                    .filter(|s| !held.is_some_and(|h| h.contains_key(s)))
+                    .take(8)
+                    .collect();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "{}/{} misses seqs {missing:?} of {conv} within its membership {from}..={to} after its final sync",
+                        c.user, c.device
+                    ));
+                }
+            }
+            if let Some(h) = held {
+                let outside: Vec<u64> = h
+                    .keys()
+                    .copied()
+                    .filter(|s| !ws.iter().any(|&(from, to)| (from..=to).contains(s)))
+                    .take(8)
+                    .collect();
+                if !outside.is_empty() {
+                    problems.push(format!(
+                        "{}/{} holds seqs {outside:?} of {conv} outside its memberships {ws:?}",
+                        c.user, c.device
+                    ));
+                }
+            }
+        }
+        for (key, (c, seq, id)) in &self.acks {
+            if c != conv {
+                continue;
+            }
+            for client in clients {
+                let covered = windows
+                    .get(&client.user)
+                    .and_then(|ws| ws.last())
+                    .is_some_and(|&(from, to)| (from..=to).contains(seq));
+                if !covered {
+                    continue;
+                }
+                match client.store.get(conv).and_then(|h| h.get(seq)) {
+                    Some(held) if held == id => {}
+                    Some(held) => problems.push(format!(
+                        "{}/{} holds id {held} at {conv} seq {seq}, acked to {key:?} as id {id}",
+                        client.user, client.device
+                    )),
+                    None => problems.push(format!(
+                        "acked message {key:?} ({conv} seq {seq}) is missing at {}/{} after sync",
+                        client.user, client.device
+                    )),
+                }
+            }
         }
     }
 }

@@ -8,7 +8,11 @@ use std::collections::{BTreeMap, VecDeque};
 use parley_proto::pb;
 use parley_proto::pb::frame::Body;
 
-use crate::check::{ConnView, History, conv_key};
+use crate::check::{ConnView, GROUP_MARK, History, conv_key};
+
+/// The request id of a client's group request (sends use their client message ids, which
+/// count from 1).
+const GROUP_OP_REQUEST: u64 = 1 << 62;
 
 /// How a client misbehaves (on purpose) until the run quiets down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,13 @@ pub(crate) struct Client {
     pub(crate) next_ping: u64,
     /// Most sends in flight at once.
     pub(crate) window: usize,
+    /// Group requests still to make, one at a time (the group's owner only).
+    pub(crate) ops: VecDeque<pb::GroupRequest>,
+    /// The front of `ops` is sent on the current connection.
+    op_sent: bool,
+    /// Per group: the seq before the event that last added this user (what it holds starts
+    /// above it).
+    bases: BTreeMap<String, u64>,
 }
 
 impl Client {
@@ -79,7 +90,32 @@ impl Client {
             final_sync: Final::NotYet,
             next_ping: 0,
             window,
+            ops: VecDeque::new(),
+            op_sent: false,
+            bases: BTreeMap::new(),
         }
+    }
+
+    /// The next group request, if one is due and none is waiting for its answer.
+    pub(crate) fn next_op(&mut self) -> Option<pb::Frame> {
+        if !self.logged_in || self.op_sent {
+            return None;
+        }
+        let op = self.ops.front()?.clone();
+        self.op_sent = true;
+        Some(pb::Frame {
+            request_id: GROUP_OP_REQUEST,
+            body: Some(Body::GroupRequest(op)),
+        })
+    }
+
+    /// The highest seq of `conv` this client holds with nothing missing below it (from its
+    /// join, for a group).
+    fn cursor(&self, conv: &str) -> u64 {
+        let base = self.bases.get(conv).copied().unwrap_or(0);
+        self.store
+            .get(conv)
+            .map_or(base, |held| contiguous(held, base))
     }
 
     /// The token the simulation's verifier reads.
@@ -92,6 +128,7 @@ impl Client {
         self.sock = None;
         self.logged_in = false;
         self.syncing = false;
+        self.op_sent = false;
         if self.final_sync == Final::Requested {
             self.final_sync = Final::NotYet;
         }
@@ -102,20 +139,26 @@ impl Client {
 
     /// Everything sent and acked.
     pub(crate) fn idle(&self) -> bool {
-        self.plan.is_empty() && self.outbox.is_empty()
+        self.plan.is_empty() && self.outbox.is_empty() && self.ops.is_empty()
     }
 
     fn cursors(&self) -> Vec<pb::AckCursor> {
         self.store
-            .iter()
-            .map(|(conv, held)| pb::AckCursor {
+            .keys()
+            .map(|conv| pb::AckCursor {
                 conversation: Some(self.view(conv)),
-                seq: contiguous(held),
+                seq: self.cursor(conv),
             })
             .collect()
     }
 
     fn view(&self, conv: &str) -> pb::Conversation {
+        if let Some(group) = conv.strip_prefix(GROUP_MARK) {
+            return pb::Conversation {
+                r#type: pb::ConversationType::Group as i32,
+                id: group.to_owned(),
+            };
+        }
         let (a, b) = conv.split_once('|').unwrap_or((conv, conv));
         let other = if a == self.user { b } else { a };
         pb::Conversation {
@@ -232,13 +275,26 @@ impl Client {
                 out.extend(self.sends(history, false));
             }
             Some(Body::Error(e)) => {
-                if !e.fatal
+                if frame.request_id == GROUP_OP_REQUEST {
+                    self.ops.pop_front();
+                    self.op_sent = false;
+                } else if !e.fatal
+                    && e.client_msg_id != 0
+                    && e.code == pb::ErrorCode::Forbidden as i32
+                {
+                    // Not a member of the group (any more): it was not stored; give it up.
+                    self.outbox.remove(&e.client_msg_id);
+                } else if !e.fatal
                     && e.client_msg_id != 0
                     && let Some(o) = self.outbox.get_mut(&e.client_msg_id)
                 {
                     // Retried later with the same id (on the next wake-up).
                     o.sent = false;
                 }
+            }
+            Some(Body::GroupResult(_)) if frame.request_id == GROUP_OP_REQUEST => {
+                self.ops.pop_front();
+                self.op_sent = false;
             }
             Some(Body::Deliver(d)) => {
                 let mut touched = Vec::new();
@@ -286,8 +342,17 @@ impl Client {
         history: &mut History,
         view: &mut ConnView,
     ) -> Option<String> {
-        let peer = m.conversation.as_ref().map(|c| c.id.clone())?;
-        let conv = conv_key(&self.user, &peer);
+        let c = m.conversation.as_ref()?;
+        let conv = if c.r#type == pb::ConversationType::Group as i32 {
+            format!("{GROUP_MARK}{}", c.id)
+        } else {
+            conv_key(&self.user, &c.id)
+        };
+        if adds(m, &self.user) {
+            // What this user may see of the group starts here.
+            let base = self.bases.entry(conv.clone()).or_insert(0);
+            *base = (*base).max(m.seq - 1);
+        }
         history.observed(now, &conv, m, live, view);
         self.store
             .entry(conv.clone())
@@ -305,7 +370,7 @@ impl Client {
             .iter()
             .map(|conv| pb::AckCursor {
                 conversation: Some(self.view(conv)),
-                seq: self.store.get(conv).map_or(0, contiguous),
+                seq: self.cursor(conv),
             })
             .collect();
         pb::Frame {
@@ -315,10 +380,24 @@ impl Client {
     }
 }
 
-/// The highest seq `s` such that `1..=s` are all held.
-fn contiguous(held: &BTreeMap<u64, u64>) -> u64 {
-    let mut s = 0;
-    for &seq in held.keys() {
+/// Whether `m` is the group event that makes `user` a member.
+fn adds(m: &pb::Message, user: &str) -> bool {
+    use pb::GroupEventType as E;
+    let Some(e) = m.event.as_ref() else {
+        return false;
+    };
+    match E::try_from(e.r#type) {
+        Ok(E::Created) => e.actor == user || e.users.iter().any(|u| u == user),
+        Ok(E::MembersAdded) => e.users.iter().any(|u| u == user),
+        Ok(E::MemberJoined) => e.actor == user,
+        _ => false,
+    }
+}
+
+/// The highest seq `s` such that `base+1..=s` are all held.
+fn contiguous(held: &BTreeMap<u64, u64>, base: u64) -> u64 {
+    let mut s = base;
+    for (&seq, _) in held.range(base + 1..) {
         if seq == s + 1 {
             s = seq;
         } else if seq > s + 1 {
@@ -329,13 +408,20 @@ fn contiguous(held: &BTreeMap<u64, u64>) -> u64 {
 }
 
 fn send_frame(cmid: u64, peer: &str, body: &[u8]) -> pb::Frame {
+    let to = match peer.strip_prefix(GROUP_MARK) {
+        Some(group) => pb::Conversation {
+            r#type: pb::ConversationType::Group as i32,
+            id: group.to_owned(),
+        },
+        None => pb::Conversation {
+            r#type: pb::ConversationType::Direct as i32,
+            id: peer.to_owned(),
+        },
+    };
     pb::Frame {
         request_id: cmid,
         body: Some(Body::Send(pb::Send {
-            to: Some(pb::Conversation {
-                r#type: pb::ConversationType::Direct as i32,
-                id: peer.to_owned(),
-            }),
+            to: Some(to),
             client_msg_id: cmid,
             content_type: 1,
             body: bytes::Bytes::copy_from_slice(body),
@@ -352,7 +438,11 @@ mod tests {
     #[test]
     fn the_cursor_is_the_end_of_the_contiguous_prefix() {
         let held: BTreeMap<u64, u64> = [(1, 0), (2, 0), (4, 0)].into_iter().collect();
-        assert_eq!(contiguous(&held), 2);
-        assert_eq!(contiguous(&BTreeMap::new()), 0);
+        assert_eq!(contiguous(&held, 0), 2);
+        assert_eq!(contiguous(&BTreeMap::new(), 0), 0);
+        // A group member's holdings start at its join.
+        let joined: BTreeMap<u64, u64> = [(5, 0), (6, 0), (8, 0)].into_iter().collect();
+        assert_eq!(contiguous(&joined, 4), 6);
+        assert_eq!(contiguous(&joined, 0), 0);
     }
 }

@@ -1,7 +1,7 @@
 //! `parley-sim`: runs the whole-node simulation over many seeds.
 //!
 //! ```text
-//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush] [--trace]
+//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave] [--trace]
 //! ```
 //!
 //! Runs seeds `S..S+N` (default 0..1000) and stops at the first that breaks a promise: it prints
@@ -46,14 +46,17 @@ fn main() -> ExitCode {
             "--trace" => opts.trace = true,
             "--plant" => match args.next().as_deref() {
                 Some("release-before-flush") => opts.plant = Plant::ReleaseBeforeFlush,
+                Some("push-after-leave") => opts.plant = Plant::PushAfterLeave,
                 other => {
-                    eprintln!("unknown bug to plant: {other:?} (known: release-before-flush)");
+                    eprintln!(
+                        "unknown bug to plant: {other:?} (known: release-before-flush, push-after-leave)"
+                    );
                     return ExitCode::from(2);
                 }
             },
             "-h" | "--help" => {
                 println!(
-                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush] [--trace]"
+                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave] [--trace]"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget",
+        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget, {} group events, {} group deliveries",
         counters.logins,
         counters.messages_stored,
         counters.retries_deduplicated,
@@ -108,7 +111,9 @@ fn main() -> ExitCode {
         counters.syncs,
         counters.flushes,
         counters.checkpoints,
-        counters.holds
+        counters.holds,
+        counters.group_events,
+        counters.group_deliveries,
     );
     ExitCode::SUCCESS
 }

@@ -15,11 +15,12 @@ use parley_storage::{
     Timestamp,
 };
 
-use crate::check::{ConnView, History};
+use crate::check::{ConnView, GROUP_MARK, History};
 use crate::client::{Behaviour, Client, Final};
 use crate::rng::Rng;
 use crate::setup::{SimVerifier, sim_config};
 use parley_broker::config::Config;
+use parley_proto::pb;
 
 mod clients;
 
@@ -45,6 +46,8 @@ pub enum Plant {
     None,
     /// Acks and deliveries are released before the flush made the message durable.
     ReleaseBeforeFlush,
+    /// A member removed from a group keeps being pushed its messages.
+    PushAfterLeave,
 }
 
 /// How to run a seed.
@@ -248,6 +251,7 @@ impl World {
         };
         let switches = TestSwitches {
             release_before_flush: opts.plant == Plant::ReleaseBeforeFlush,
+            push_after_leave: opts.plant == Plant::PushAfterLeave,
         };
         World {
             rng,
@@ -314,6 +318,9 @@ impl World {
     fn start(&mut self) {
         let users = self.rng.range(2, 4);
         let names: Vec<String> = (0..users).map(|u| format!("u{u}")).collect();
+        // Half the seeds have a group of every user, owned by u0, whose members are removed
+        // and added again while messages flow.
+        let group = self.rng.chance(500).then(|| format!("{GROUP_MARK}g"));
         for name in &names {
             let devices = self.rng.range(1, 2);
             for d in 0..devices {
@@ -326,13 +333,41 @@ impl World {
                 let mut c = Client::new(name, &format!("d{d}"), behaviour, window);
                 let n = self.rng.range(3, 40);
                 for i in 0..n {
-                    let peer = names[self.rng.below(users) as usize].clone();
+                    let peer = match &group {
+                        Some(g) if self.rng.chance(400) => g.clone(),
+                        _ => names[self.rng.below(users) as usize].clone(),
+                    };
                     let pad = self.rng.below(300) as usize;
                     let mut body = format!("{name}/d{d}#{i}:").into_bytes();
                     body.extend(std::iter::repeat_n(b'x', pad));
                     c.plan.push_back((peer, body));
                 }
                 self.clients.push(c);
+            }
+        }
+        if group.is_some()
+            && let Some(owner) = self.clients.first_mut()
+        {
+            use parley_proto::pb::GroupAction as A;
+            let op = |action: A, members: Vec<String>| pb::GroupRequest {
+                action: action as i32,
+                group_id: "g".into(),
+                members,
+                ..Default::default()
+            };
+            owner
+                .ops
+                .push_back(op(A::Create, names.iter().skip(1).cloned().collect()));
+            let mut out: Vec<bool> = vec![false; names.len()];
+            for _ in 0..self.rng.range(1, 6) {
+                let u = self.rng.range(1, users - 1) as usize;
+                let action = if out[u] {
+                    A::AddMembers
+                } else {
+                    A::RemoveMembers
+                };
+                out[u] = !out[u];
+                owner.ops.push_back(op(action, vec![names[u].clone()]));
             }
         }
         self.restart();

@@ -87,3 +87,29 @@ fn a_planted_release_before_flush_is_caught_and_its_seed_reported() {
     // The same seed without the bug passes.
     assert!(run(out.seed, &Options::default()).failures.is_empty());
 }
+
+#[test]
+fn a_planted_push_after_leave_is_caught_and_its_seed_reported() {
+    let plant = Options {
+        plant: Plant::PushAfterLeave,
+        ..Options::default()
+    };
+    let caught = (0..SEEDS)
+        .map(|seed| run(seed, &plant))
+        .find(|o| !o.failures.is_empty());
+    let Some(out) = caught else {
+        panic!(
+            "a removed member pushed the group's later messages went unnoticed over {SEEDS} seeds"
+        );
+    };
+    assert!(
+        out.failures
+            .iter()
+            .any(|f| f.contains("outside its memberships")),
+        "seed {} failed for the expected reason: {:?}",
+        out.seed,
+        out.failures
+    );
+    // The same seed without the bug passes.
+    assert!(run(out.seed, &Options::default()).failures.is_empty());
+}

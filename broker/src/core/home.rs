@@ -407,7 +407,11 @@ impl<B: Backend> ShardCore<B> {
         }
         self.target_scratch = targets;
         if let Some(change) = &push.change {
+            let keep_pushing = self.test_switches.push_after_leave;
             for user in change.left.iter().filter(|u| placement.home(u) == me) {
+                if keep_pushing {
+                    continue;
+                }
                 self.home.end_membership(user, &d.conv, d.seq);
                 if let Some(e) = self.home.entry_mut(user, d.conv.id) {
                     // What a former member's conversation list shows.

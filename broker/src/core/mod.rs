@@ -142,6 +142,8 @@ pub type CoreEffect<B> = Effect<SyncTicket<SyncOf<B>>, SpareTicketOf<B>>;
 pub struct TestSwitches {
     /// Release acks and deliveries before the flush made them durable.
     pub release_before_flush: bool,
+    /// A member removed from a group keeps being pushed the group's messages.
+    pub push_after_leave: bool,
 }
 
 /// What a shard core starts from.

@@ -58,6 +58,7 @@ impl World {
             return;
         }
         let mut frames = c.sends(&mut self.history, self.quiescing);
+        frames.extend(c.next_op());
         if !self.quiescing && self.rng.chance(30) {
             // A client may send the same message again at any time (same client message id).
             frames.extend(c.resend_one());
