@@ -225,6 +225,7 @@ pub fn body_name(frame: &pb::Frame) -> &'static str {
         Body::RoomRequest(_) => "room_request",
         Body::RoomResult(_) => "room_result",
         Body::Receipt(_) => "receipt",
+        Body::Typing(_) => "typing",
     }
 }
 
