@@ -44,6 +44,17 @@ pub(crate) struct CoreConfig {
     pub(crate) max_group_members: usize,
     /// Most members one GET_MEMBERS answer lists.
     pub(crate) max_members_page: usize,
+    /// The presence coalescing window, ms (`presence.coalesce_ms`).
+    pub(crate) presence_coalesce_ms: u64,
+    /// Most users one presence request names (`presence.max_users_per_request`).
+    pub(crate) presence_max_users: usize,
+    /// Most users one connection watches (`presence.max_subscriptions_per_connection`).
+    pub(crate) presence_max_subscriptions: usize,
+    /// Most subscriber notifications per turn (`presence.max_notifications_per_turn`).
+    pub(crate) presence_notifications_per_turn: usize,
+    /// Least ms between two relayed typing frames of one kind, per connection and conversation
+    /// (`presence.typing_min_interval_ms`).
+    pub(crate) typing_min_interval_ms: u64,
 }
 
 impl CoreConfig {
@@ -79,6 +90,11 @@ impl CoreConfig {
             checkpoint_every_bytes: c.storage.checkpoint_every_bytes.max(1),
             max_group_members: c.groups.max_members.max(1) as usize,
             max_members_page: c.groups.max_members_page.max(1) as usize,
+            presence_coalesce_ms: c.presence.coalesce_ms.max(1),
+            presence_max_users: c.presence.max_users_per_request.max(1) as usize,
+            presence_max_subscriptions: c.presence.max_subscriptions_per_connection.max(1) as usize,
+            presence_notifications_per_turn: c.presence.max_notifications_per_turn.max(1) as usize,
+            typing_min_interval_ms: c.presence.typing_min_interval_ms,
         }
     }
 }
