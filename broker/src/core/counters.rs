@@ -66,6 +66,16 @@ pub struct Counters {
     pub group_events: u64,
     /// Group messages pushed live to a member's device (also counted in `deliveries`).
     pub group_deliveries: u64,
+    /// `PresenceUpdate` pushes to subscribed connections (one per connection per flush turn).
+    pub presence_updates_pushed: u64,
+    /// Presence flush turns (a flush cut by `presence.max_notifications_per_turn` counts once
+    /// per turn).
+    pub presence_flushes: u64,
+    /// Typing frames written to a recipient's connection.
+    pub typing_relayed: u64,
+    /// Typing frames dropped: over `presence.typing_min_interval_ms` from their sender, or for
+    /// a recipient whose queue was at its budget.
+    pub typing_dropped: u64,
 }
 
 impl Counters {
@@ -102,5 +112,9 @@ impl Counters {
         self.log_lines_suppressed += other.log_lines_suppressed;
         self.group_events += other.group_events;
         self.group_deliveries += other.group_deliveries;
+        self.presence_updates_pushed += other.presence_updates_pushed;
+        self.presence_flushes += other.presence_flushes;
+        self.typing_relayed += other.typing_relayed;
+        self.typing_dropped += other.typing_dropped;
     }
 }

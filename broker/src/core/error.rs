@@ -97,6 +97,15 @@ pub(crate) enum Refusal {
     /// A malformed group request.
     #[error("{0}")]
     BadGroupRequest(&'static str),
+    /// A presence request naming more users than `presence.max_users_per_request`.
+    #[error("more users in one request than presence.max_users_per_request")]
+    PresenceTooManyUsers,
+    /// A SUBSCRIBE past `presence.max_subscriptions_per_connection`.
+    #[error("the connection would watch more users than presence.max_subscriptions_per_connection")]
+    PresenceTooManySubscriptions,
+    /// A malformed presence request.
+    #[error("{0}")]
+    BadPresenceRequest(&'static str),
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -132,6 +141,9 @@ impl Refusal {
             Refusal::GroupExists => C::AlreadyExists,
             Refusal::GroupFull => C::GroupFull,
             Refusal::BadGroupRequest(_) => C::InvalidArgument,
+            Refusal::PresenceTooManyUsers
+            | Refusal::PresenceTooManySubscriptions
+            | Refusal::BadPresenceRequest(_) => C::InvalidArgument,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,

@@ -205,4 +205,6 @@ pub enum ShardMsg {
     Read(Box<Read>),
     /// The answer to `Read`.
     ReadDone(Box<ReadDone>),
+    /// Presence and typing (see [`super::presence::Mail`]).
+    Presence(Box<super::presence::Mail>),
 }

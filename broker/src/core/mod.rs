@@ -22,6 +22,7 @@
 //! * [`owner`]: conversation owner (de-dup, seq, id, one encode, append, release after flush);
 //! * [`home`]: user home (devices, inbox, live push);
 //! * [`group`]: group members, roles and settings (decided and stored by the group's owner);
+//! * [`presence`]: presence (coalesced pushes to subscribers, group online counts) and typing;
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
 //!   [`counters`]: what a shard counts.
@@ -43,6 +44,7 @@ pub(crate) mod home;
 pub(crate) mod ids;
 pub(crate) mod mail;
 pub(crate) mod owner;
+pub(crate) mod presence;
 mod session;
 pub(crate) mod sync;
 pub(crate) mod timers;
@@ -224,6 +226,8 @@ pub struct ShardCore<B: Backend> {
     quiet: bool,
     log_limit: LogLimiter,
     test_switches: TestSwitches,
+    /// Presence: the home side of this shard's users, and its connections' subscriptions.
+    presence: presence::Presence,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -270,6 +274,7 @@ impl<B: Backend> ShardCore<B> {
             quiet: setup.quiet,
             log_limit: LogLimiter::default(),
             test_switches: setup.switches,
+            presence: presence::Presence::default(),
         };
         core.rebuild();
         core.drain_local();
@@ -445,6 +450,7 @@ impl<B: Backend> ShardCore<B> {
                 TimerFor::Session(conn) => self.session_deadline(conn),
                 TimerFor::Retransmit { conn, conv } => self.retransmit(conn, conv),
                 TimerFor::Maintenance => self.maintenance(),
+                TimerFor::Presence => self.presence_flush(),
             }
             self.drain_local();
         }
@@ -592,6 +598,9 @@ impl<B: Backend> ShardCore<B> {
             && self.home.unregister(user, conn)
         {
             self.counters.users_freed += 1;
+        }
+        if let Some(user) = c.user().cloned() {
+            self.presence_conn_gone(conn, &user);
         }
         c.delivery.clear(&mut self.timers);
         if let Some((key, _)) = c.timer.take() {
@@ -996,6 +1005,7 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::GroupInbox(gi) => self.on_group_inbox(*gi),
             ShardMsg::Read(r) => self.on_read(*r),
             ShardMsg::ReadDone(d) => self.on_read_done(*d),
+            ShardMsg::Presence(m) => self.on_presence_mail(*m),
         }
     }
 
