@@ -10,8 +10,8 @@
 //!   AWAY flag ([`snapshot`]): ONLINE if a device is connected and not every connected device set
 //!   AWAY; AWAY if every one did; OFFLINE with no device. `last_seen` (the wall-clock time the
 //!   last device left) is kept in memory only: it resets on restart, and a user not seen since
-//!   start has 0. The board keeps one small entry per user seen since start (a user that was
-//!   only ever watched, never seen, is forgotten once nobody watches it).
+//!   start has 0. The board keeps one small entry per user watched or gone offline since start
+//!   (an entry without watchers and without a `last_seen` is forgotten).
 //! * **The watching connection's shard** keeps, per connection ([`ConnPresence`]), the users it
 //!   watches (so the subscriptions end with the connection: its close unsubscribes them at their
 //!   homes), its AWAY flag, its typing stamps, and the answers it waits for ([`Gather`]: one per
@@ -30,8 +30,9 @@
 //! connection carrying every changed user it watches.
 //!
 //! ### Invariants
-//! * A user not dirty has `published` equal to its presence now (every change goes through
-//!   [`Board::changed`], which publishes at once when nobody watches, else marks it dirty).
+//! * A user with an entry and not dirty has `published` equal to its presence now (every change
+//!   goes through [`Board::changed`], which publishes at once when nobody watches, else marks it
+//!   dirty; a new entry starts from the presence then).
 //! * At most one presence deadline is in the wheel ([`Board::armed`]); dirty users are taken
 //!   only by a flush that starts with no job left, so a user is pushed at most once per window.
 //! * A watcher that unsubscribed (or whose connection closed) is never notified after its
@@ -184,7 +185,8 @@ pub(crate) struct Board {
 impl Board {
     /// `user`'s presence may have changed (it is `current` now), at `now`: published at once
     /// if nobody watches, else the user is marked dirty. Returns the deadline to arm, if one is
-    /// needed (`coalesce` ms ahead).
+    /// needed (`coalesce` ms ahead). A user without an entry (never watched, never left) needs
+    /// none: a subscription makes one from its presence then.
     pub(crate) fn changed(
         &mut self,
         user: &Arc<str>,
@@ -192,7 +194,7 @@ impl Board {
         now: u64,
         coalesce: u64,
     ) -> Option<u64> {
-        let e = self.users.entry(Arc::clone(user)).or_default();
+        let e = self.users.get_mut(user)?;
         if e.watchers.is_empty() && e.catchup.is_empty() {
             e.published = current;
             return None;
@@ -234,8 +236,18 @@ impl Board {
         now: u64,
         coalesce: u64,
     ) -> (pb::UserPresence, Option<u64>) {
-        let e = self.users.entry(Arc::clone(user)).or_default();
+        let e = self
+            .users
+            .entry(Arc::clone(user))
+            .or_insert_with(|| Entry {
+                published: current.clone(),
+                ..Entry::default()
+            });
         e.watchers.insert(watcher);
+        debug_assert!(
+            e.dirty || current == e.published,
+            "a user not dirty has its presence published"
+        );
         let answer = current.to_pb(user, e.last_seen);
         if current == e.published {
             return (answer, None);
@@ -254,12 +266,9 @@ impl Board {
         };
         e.watchers.remove(&watcher);
         e.catchup.retain(|w| *w != watcher);
-        // A user only ever watched, never seen, is forgotten once nobody watches it.
-        if e.watchers.is_empty()
-            && !e.dirty
-            && e.last_seen == 0
-            && e.published.status == pb::PresenceStatus::Offline
-        {
+        // Without watchers and a last_seen, the entry holds nothing worth keeping (a user only
+        // ever watched is forgotten once nobody watches it).
+        if e.watchers.is_empty() && !e.dirty && e.last_seen == 0 {
             self.users.remove(user);
         }
     }
@@ -390,6 +399,7 @@ impl ConnPresence {
             }
         }
         self.typing.push((conv, typing, now));
+        debug_assert!(self.typing.len() <= TYPING_STAMPS);
         true
     }
 }
