@@ -236,13 +236,10 @@ impl Board {
         now: u64,
         coalesce: u64,
     ) -> (pb::UserPresence, Option<u64>) {
-        let e = self
-            .users
-            .entry(Arc::clone(user))
-            .or_insert_with(|| Entry {
-                published: current.clone(),
-                ..Entry::default()
-            });
+        let e = self.users.entry(Arc::clone(user)).or_insert_with(|| Entry {
+            published: current.clone(),
+            ..Entry::default()
+        });
         e.watchers.insert(watcher);
         debug_assert!(
             e.dirty || current == e.published,
@@ -1078,47 +1075,51 @@ impl<B: Backend> ShardCore<B> {
             typing,
             users,
         } = relay;
-        let recipients: Vec<Arc<str>> = match conv.kind {
-            ConvKind::Direct => users,
-            ConvKind::Group => self
-                .home
-                .groups
-                .get(&conv.id)
-                .map(|g| g.online.clone())
-                .unwrap_or_default(),
-        };
-        // Encoded once per view (a group has one; a direct conversation one per user).
-        let mut encoded: Option<(pb::Conversation, Vec<u8>)> = None;
-        for user in &recipients {
-            let Some(u) = self.home.users.get(user) else {
-                continue;
+        // The connections to write to, grouped by the view they read the conversation in (a
+        // group has one view; a direct conversation one per user).
+        let mut batches: Vec<(pb::Conversation, Vec<ConnId>)> = Vec::new();
+        let mut add = |home: &Home, user: &Arc<str>, view: pb::Conversation| {
+            let Some(u) = home.users.get(user) else {
+                return;
             };
             let own = **user == *from.user;
-            let targets: Vec<ConnId> = u
+            let conns = u
                 .devices
                 .iter()
                 .filter(|(d, _)| !(own && **d == *from.device))
-                .map(|&(_, c)| c)
-                .collect();
-            if targets.is_empty() {
-                continue;
+                .map(|&(_, c)| c);
+            match batches.last_mut() {
+                Some((v, targets)) if *v == view => targets.extend(conns),
+                _ => batches.push((view, conns.collect())),
             }
-            let view = conv.view_for(user);
-            if encoded.as_ref().is_none_or(|(v, _)| *v != view) {
-                let frame = pb::Frame {
-                    request_id: 0,
-                    body: Some(Body::Typing(pb::Typing {
-                        conversation: Some(view.clone()),
-                        typing,
-                        user: from.user.to_string(),
-                        device: from.device.to_string(),
-                    })),
-                };
-                encoded = Some((view, prost::Message::encode_to_vec(&frame)));
+        };
+        match conv.kind {
+            ConvKind::Direct => {
+                for user in &users {
+                    add(&self.home, user, conv.view_for(user));
+                }
             }
-            let Some((_, bytes)) = encoded.as_ref() else {
-                continue;
+            ConvKind::Group => {
+                if let Some(g) = self.home.groups.get(&conv.id) {
+                    let view = conv.view_for("");
+                    for user in &g.online {
+                        add(&self.home, user, view.clone());
+                    }
+                }
+            }
+        }
+        for (view, targets) in batches {
+            // Encoded once per view.
+            let frame = pb::Frame {
+                request_id: 0,
+                body: Some(Body::Typing(pb::Typing {
+                    conversation: Some(view),
+                    typing,
+                    user: from.user.to_string(),
+                    device: from.device.to_string(),
+                })),
             };
+            let bytes = prost::Message::encode_to_vec(&frame);
             for conn in targets {
                 let cfg = &self.cfg;
                 let room = self
@@ -1128,7 +1129,7 @@ impl<B: Backend> ShardCore<B> {
                     .is_some_and(|c| c.id == conn && !c.over_budget(cfg));
                 if room {
                     self.counters.typing_relayed += 1;
-                    self.write_encoded(conn, bytes);
+                    self.write_encoded(conn, &bytes);
                 } else {
                     self.counters.typing_dropped += 1;
                 }
