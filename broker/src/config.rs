@@ -61,6 +61,8 @@ pub struct Config {
     pub groups: Groups,
     /// Rooms (ephemeral broadcast).
     pub rooms: Rooms,
+    /// Presence and typing indicators.
+    pub presence: Presence,
 }
 
 /// Groups (members, roles, settings: see `GroupRequest` in the .proto).
@@ -81,6 +83,44 @@ impl Default for Groups {
         Self {
             max_members: 10_000,
             max_members_page: 1000,
+        }
+    }
+}
+
+/// Presence and typing indicators (see `PresenceRequest` and `Typing` in the .proto). Presence is
+/// kept in memory only: after a restart every user is OFFLINE with `last_seen` 0 until it connects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Presence {
+    /// The coalescing window, in milliseconds: a user's home pushes at most one update per user
+    /// per window, and none if the user's status and devices at the end of the window are what
+    /// subscribers were last told (a device that drops and reconnects within it causes none).
+    /// Default 1000.
+    pub coalesce_ms: u64,
+    /// Most users one QUERY, SUBSCRIBE or UNSUBSCRIBE may name; past it the request is refused
+    /// with INVALID_ARGUMENT. Default 1000.
+    pub max_users_per_request: u32,
+    /// Most users one connection may be subscribed to at once; a SUBSCRIBE past it is refused
+    /// whole with INVALID_ARGUMENT. Subscriptions end with the connection. Default 5000.
+    pub max_subscriptions_per_connection: u32,
+    /// Most subscriber notifications (one changed user for one watching connection) a shard
+    /// sends per turn of its loop; the rest follow on the next turns, so a user with very many
+    /// subscribers never stalls the shard's other work. Default 10000.
+    pub max_notifications_per_turn: u32,
+    /// Per connection and conversation, at most one `Typing{typing: true}` and one
+    /// `Typing{typing: false}` are relayed per this many milliseconds; more are dropped silently
+    /// (and counted). Default 1000.
+    pub typing_min_interval_ms: u64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self {
+            coalesce_ms: 1000,
+            max_users_per_request: 1000,
+            max_subscriptions_per_connection: 5000,
+            max_notifications_per_turn: 10_000,
+            typing_min_interval_ms: 1000,
         }
     }
 }
@@ -316,6 +356,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             groups: Groups::default(),
             rooms: Rooms::default(),
+            presence: Presence::default(),
         }
     }
 }
@@ -558,6 +599,18 @@ impl Config {
         if self.rooms.history > MAX_ROOM_HISTORY {
             return fail("rooms.history must be at most 10000");
         }
+        if self.presence.coalesce_ms == 0 || self.presence.coalesce_ms > 3_600_000 {
+            return fail("presence.coalesce_ms must be between 1 and 3600000");
+        }
+        if self.presence.max_users_per_request == 0
+            || self.presence.max_subscriptions_per_connection == 0
+            || self.presence.max_notifications_per_turn == 0
+        {
+            return fail(
+                "presence.max_users_per_request, presence.max_subscriptions_per_connection and \
+                 presence.max_notifications_per_turn must be positive",
+            );
+        }
 
         Ok(())
     }
@@ -774,6 +827,32 @@ mod tests {
         assert!(load(&[], &["rooms.listener_queue=0"]).is_err());
         assert!(load(&[], &["rooms.max_per_connection=0"]).is_err());
         assert!(load(&[], &["rooms.history=1000000"]).is_err());
+    }
+
+    #[test]
+    fn presence_settings_have_safe_defaults_are_set_by_flags_and_must_be_positive() {
+        let d = Config::default().presence;
+        assert_eq!(
+            (
+                d.coalesce_ms,
+                d.max_users_per_request,
+                d.max_subscriptions_per_connection,
+                d.max_notifications_per_turn,
+                d.typing_min_interval_ms
+            ),
+            (1000, 1000, 5000, 10_000, 1000)
+        );
+        let c = load(&[], &["presence.coalesce_ms=100"]).expect("valid");
+        assert_eq!(c.presence.coalesce_ms, 100);
+        for bad in [
+            "presence.coalesce_ms=0",
+            "presence.max_users_per_request=0",
+            "presence.max_subscriptions_per_connection=0",
+            "presence.max_notifications_per_turn=0",
+        ] {
+            let e = load(&[], &[bad]).expect_err(bad);
+            assert!(e.to_string().contains("presence."), "{e}");
+        }
     }
 
     #[test]

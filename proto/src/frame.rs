@@ -230,6 +230,7 @@ pub fn body_name(frame: &pb::Frame) -> &'static str {
         Body::ConversationList(_) => "conversation_list",
         Body::ReadCountsRequest(_) => "read_counts_request",
         Body::ReadCounts(_) => "read_counts",
+        Body::Typing(_) => "typing",
     }
 }
 

@@ -122,6 +122,10 @@ pub struct Client<T: Transport = Tcp> {
     /// `RoomLag`s, with the number of arrivals before each.
     room_lags: Vec<(usize, pb::RoomLag)>,
     closed: Option<String>,
+    /// Presence pushes (`PresenceUpdate` frames with request_id 0), in arrival order.
+    presence_pushes: Vec<pb::PresenceUpdate>,
+    /// Typing frames relayed to this client, in arrival order.
+    typings: Vec<pb::Typing>,
 }
 
 impl<T: Transport> fmt::Debug for Client<T> {
@@ -165,6 +169,8 @@ impl<T: Transport> Client<T> {
             behind: 0,
             room_lags: Vec::new(),
             closed: None,
+            presence_pushes: Vec::new(),
+            typings: Vec::new(),
         }
     }
 
@@ -638,6 +644,81 @@ impl<T: Transport> Client<T> {
             Some(Body::Receipt(r)) => r,
             _ => unreachable!("the predicate matched a receipt"),
         }
+    }
+
+    /// Sends a `PresenceRequest` and returns its answer (the frames of an answer split with
+    /// `more` joined into one), or the `Error` that refused it.
+    pub fn try_presence(
+        &mut self,
+        req: pb::PresenceRequest,
+    ) -> Result<pb::PresenceUpdate, pb::Error> {
+        let request_id = self.request(Body::PresenceRequest(req));
+        let mut answer: Option<pb::PresenceUpdate> = None;
+        loop {
+            let frame = self.recv_until(TIMEOUT, |f| f.request_id == request_id);
+            match frame.body {
+                Some(Body::PresenceUpdate(part)) => {
+                    let more = part.more;
+                    match &mut answer {
+                        Some(a) => a.users.extend(part.users),
+                        None => answer = Some(part),
+                    }
+                    if !more {
+                        let mut answer = answer.unwrap_or_default();
+                        answer.more = false;
+                        return Ok(answer);
+                    }
+                }
+                Some(Body::Error(e)) => return Err(e),
+                other => panic!(
+                    "{}: unexpected answer to a PresenceRequest: {other:?}",
+                    self.label
+                ),
+            }
+        }
+    }
+
+    /// Sends a `PresenceRequest` and returns its answer; panics if it is refused.
+    pub fn presence(&mut self, req: pb::PresenceRequest) -> pb::PresenceUpdate {
+        let action = req.action;
+        self.try_presence(req).unwrap_or_else(|e| {
+            panic!(
+                "{}: presence request {action} refused: {} ({:?})",
+                self.label,
+                code_name(e.code),
+                e.message
+            )
+        })
+    }
+
+    /// Sends `Typing{conversation, typing}` (never answered unless refused).
+    pub fn send_typing(&mut self, conversation: &pb::Conversation, typing: bool) -> u64 {
+        self.request(Body::Typing(pb::Typing {
+            conversation: Some(conversation.clone()),
+            typing,
+            user: String::new(),
+            device: String::new(),
+        }))
+    }
+
+    /// The presence pushes received so far (request_id 0), in order.
+    pub fn presence_pushes(&self) -> &[pb::PresenceUpdate] {
+        &self.presence_pushes
+    }
+
+    /// Takes the presence pushes received so far.
+    pub fn take_presence_pushes(&mut self) -> Vec<pb::PresenceUpdate> {
+        std::mem::take(&mut self.presence_pushes)
+    }
+
+    /// The typing frames received so far, in order.
+    pub fn typings(&self) -> &[pb::Typing] {
+        &self.typings
+    }
+
+    /// Takes the typing frames received so far.
+    pub fn take_typings(&mut self) -> Vec<pb::Typing> {
+        std::mem::take(&mut self.typings)
     }
 
     /// Sends `body` to user `to` and waits for the `SendAck`.
@@ -1135,6 +1216,10 @@ impl<T: Transport> Client<T> {
             }
             Some(Body::Behind(_)) => self.behind += 1,
             Some(Body::RoomLag(lag)) => self.room_lags.push((self.arrivals.len(), lag.clone())),
+            Some(Body::PresenceUpdate(u)) if frame.request_id == 0 => {
+                self.presence_pushes.push(u.clone());
+            }
+            Some(Body::Typing(t)) => self.typings.push(t.clone()),
             Some(Body::Ping(ping)) => {
                 // A server ping is answered at once, as any client must; a failed write shows
                 // up as a close on the next read.

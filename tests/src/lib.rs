@@ -72,6 +72,15 @@ pub fn group_request(action: pb::GroupAction, id: &str, members: &[&str]) -> pb:
     }
 }
 
+/// A `PresenceRequest` of `action` naming `users`.
+pub fn presence_request(action: pb::PresenceAction, users: &[&str]) -> pb::PresenceRequest {
+    pb::PresenceRequest {
+        action: action as i32,
+        users: users.iter().map(|u| (*u).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
 /// `DIRECT:bob`, for messages.
 pub fn conv_name(conversation: &pb::Conversation) -> String {
     let kind = pb::ConversationType::try_from(conversation.r#type).map_or_else(

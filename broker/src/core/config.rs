@@ -58,6 +58,17 @@ pub(crate) struct CoreConfig {
     /// to it; over it they wait in the listener's room queue: half of the connection's budget,
     /// so room traffic alone never reaches the budget (never `Behind`, never a hold).
     pub(crate) room_share_bytes: usize,
+    /// The presence coalescing window, ms (`presence.coalesce_ms`).
+    pub(crate) presence_coalesce_ms: u64,
+    /// Most users one presence request names (`presence.max_users_per_request`).
+    pub(crate) presence_max_users: usize,
+    /// Most users one connection watches (`presence.max_subscriptions_per_connection`).
+    pub(crate) presence_max_subscriptions: usize,
+    /// Most subscriber notifications per turn (`presence.max_notifications_per_turn`).
+    pub(crate) presence_notifications_per_turn: usize,
+    /// Least ms between two relayed typing frames of one kind, per connection and conversation
+    /// (`presence.typing_min_interval_ms`).
+    pub(crate) typing_min_interval_ms: u64,
 }
 
 impl CoreConfig {
@@ -99,6 +110,11 @@ impl CoreConfig {
             room_max_idle: c.rooms.max_idle_rooms,
             room_listener_queue: c.rooms.listener_queue.max(1),
             room_share_bytes: c.limits.max_outbound_bytes / 2,
+            presence_coalesce_ms: c.presence.coalesce_ms.max(1),
+            presence_max_users: c.presence.max_users_per_request.max(1) as usize,
+            presence_max_subscriptions: c.presence.max_subscriptions_per_connection.max(1) as usize,
+            presence_notifications_per_turn: c.presence.max_notifications_per_turn.max(1) as usize,
+            typing_min_interval_ms: c.presence.typing_min_interval_ms,
         }
     }
 }

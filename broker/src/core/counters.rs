@@ -76,6 +76,16 @@ pub struct Counters {
     pub room_deliveries: u64,
     /// Room messages dropped for slow listeners on this shard (each told with `RoomLag`).
     pub room_drops: u64,
+    /// `PresenceUpdate` pushes to subscribed connections (one per connection per flush turn).
+    pub presence_updates_pushed: u64,
+    /// Presence flush turns (a flush cut by `presence.max_notifications_per_turn` counts once
+    /// per turn).
+    pub presence_flushes: u64,
+    /// Typing frames written to a recipient's connection.
+    pub typing_relayed: u64,
+    /// Typing frames dropped: over `presence.typing_min_interval_ms` from their sender, or for
+    /// a recipient whose queue was at its budget.
+    pub typing_dropped: u64,
 }
 
 impl Counters {
@@ -117,5 +127,9 @@ impl Counters {
         self.room_messages += other.room_messages;
         self.room_deliveries += other.room_deliveries;
         self.room_drops += other.room_drops;
+        self.presence_updates_pushed += other.presence_updates_pushed;
+        self.presence_flushes += other.presence_flushes;
+        self.typing_relayed += other.typing_relayed;
+        self.typing_dropped += other.typing_dropped;
     }
 }

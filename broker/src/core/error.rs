@@ -58,9 +58,6 @@ pub(crate) enum Refusal {
     /// A frame only the server sends.
     #[error("this frame is sent by the server, not the client")]
     ServerOnlyFrame,
-    /// A feature the schema carries that this node does not serve yet.
-    #[error("{0} are not available yet")]
-    NotAvailable(&'static str),
     /// A `SyncRequest` while a sync runs on the connection (the running one goes on).
     #[error("a sync is already running on this connection; wait for its done page")]
     SyncRunning,
@@ -121,6 +118,15 @@ pub(crate) enum Refusal {
     /// A RECALL or EDIT sent to a room (room messages are not stored).
     #[error("only NORMAL messages may be sent to a room")]
     RoomKindNotAllowed,
+    /// A presence request naming more users than `presence.max_users_per_request`.
+    #[error("more users in one request than presence.max_users_per_request")]
+    PresenceTooManyUsers,
+    /// A SUBSCRIBE past `presence.max_subscriptions_per_connection`.
+    #[error("the connection would watch more users than presence.max_subscriptions_per_connection")]
+    PresenceTooManySubscriptions,
+    /// A malformed presence request.
+    #[error("{0}")]
+    BadPresenceRequest(&'static str),
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -147,10 +153,7 @@ impl Refusal {
             Refusal::RefreshOtherIdentity => C::Forbidden,
             Refusal::RefreshToken(AuthError::Expired) => C::TokenExpired,
             Refusal::RefreshToken(_) | Refusal::RefreshTokenLifetime => C::BadToken,
-            Refusal::NoBody
-            | Refusal::ServerOnlyFrame
-            | Refusal::NotAvailable(_)
-            | Refusal::SyncRunning => C::UnexpectedFrame,
+            Refusal::NoBody | Refusal::ServerOnlyFrame | Refusal::SyncRunning => C::UnexpectedFrame,
             Refusal::RefNotFound | Refusal::GroupNotFound => C::NotFound,
             Refusal::NotMember | Refusal::GroupForbidden(_) => C::Forbidden,
             Refusal::GroupExists => C::AlreadyExists,
@@ -162,6 +165,9 @@ impl Refusal {
             | Refusal::TooManyRooms
             | Refusal::RoomKindNotAllowed => C::InvalidArgument,
             Refusal::RoomFull | Refusal::NotInRoom => C::Forbidden,
+            Refusal::PresenceTooManyUsers
+            | Refusal::PresenceTooManySubscriptions
+            | Refusal::BadPresenceRequest(_) => C::InvalidArgument,
             Refusal::NotSender => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,

@@ -274,4 +274,6 @@ pub enum ShardMsg {
     RoomPost(Box<super::room::RoomPost>),
     /// To a shard with listeners of a room: one message for all of them.
     RoomCast(Box<super::room::RoomCast>),
+    /// Presence and typing (see [`super::presence::Mail`]).
+    Presence(Box<super::presence::Mail>),
 }

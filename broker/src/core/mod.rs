@@ -23,6 +23,7 @@
 //! * [`home`]: user home (devices, inbox, live push);
 //! * [`group`]: group members, roles and settings (decided and stored by the group's owner);
 //! * [`room`]: rooms (ephemeral broadcast: membership per connection, owner, fan-out, lag);
+//! * [`presence`]: presence (coalesced pushes to subscribers, group online counts) and typing;
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
 //!   [`counters`]: what a shard counts.
@@ -45,6 +46,7 @@ pub(crate) mod home;
 pub(crate) mod ids;
 pub(crate) mod mail;
 pub(crate) mod owner;
+pub(crate) mod presence;
 pub(crate) mod receipt;
 pub(crate) mod room;
 mod session;
@@ -232,6 +234,8 @@ pub struct ShardCore<B: Backend> {
     quiet: bool,
     log_limit: LogLimiter,
     test_switches: TestSwitches,
+    /// Presence: the home side of this shard's users, and its connections' subscriptions.
+    presence: presence::Presence,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -279,6 +283,7 @@ impl<B: Backend> ShardCore<B> {
             quiet: setup.quiet,
             log_limit: LogLimiter::default(),
             test_switches: setup.switches,
+            presence: presence::Presence::default(),
         };
         core.rebuild();
         core.drain_local();
@@ -455,6 +460,7 @@ impl<B: Backend> ShardCore<B> {
                 TimerFor::Session(conn) => self.session_deadline(conn),
                 TimerFor::Retransmit { conn, conv } => self.retransmit(conn, conv),
                 TimerFor::Maintenance => self.maintenance(),
+                TimerFor::Presence => self.presence_flush(),
             }
             self.drain_local();
         }
@@ -602,6 +608,9 @@ impl<B: Backend> ShardCore<B> {
             && self.home.unregister(user, conn)
         {
             self.counters.users_freed += 1;
+        }
+        if let Some(user) = c.user().cloned() {
+            self.presence_conn_gone(conn, &user);
         }
         c.delivery.clear(&mut self.timers);
         if let Some((key, _)) = c.timer.take() {
@@ -1044,6 +1053,7 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::RoomAnswer(a) => self.on_room_answer(*a),
             ShardMsg::RoomPost(p) => self.on_room_post(*p),
             ShardMsg::RoomCast(c) => self.on_room_cast(*c),
+            ShardMsg::Presence(m) => self.on_presence_mail(*m),
         }
     }
 

@@ -210,14 +210,7 @@ impl<B: Backend> ShardCore<B> {
             Body::SyncRequest(req) => self.on_sync_request(conn, request_id, req),
             Body::HistoryRequest(req) => self.on_history_request(conn, request_id, req),
             Body::Login(login) => self.refresh(conn, request_id, &login),
-            Body::PresenceRequest(_) => {
-                self.refuse(
-                    conn,
-                    request_id,
-                    0,
-                    &Refusal::NotAvailable("presence queries"),
-                );
-            }
+            Body::PresenceRequest(req) => self.on_presence_request(conn, request_id, req),
             Body::GroupRequest(req) => self.on_group_request(conn, request_id, req),
             Body::RoomRequest(req) => self.on_room_request(conn, request_id, req),
             Body::Receipt(r) => self.on_receipt(conn, request_id, r),
@@ -225,6 +218,7 @@ impl<B: Backend> ShardCore<B> {
                 self.on_conversation_list_request(conn, request_id, req);
             }
             Body::ReadCountsRequest(req) => self.on_read_counts_request(conn, request_id, req),
+            Body::Typing(t) => self.on_typing(conn, request_id, t),
             _ => self.refuse(conn, request_id, 0, &Refusal::ServerOnlyFrame),
         }
     }
@@ -343,8 +337,10 @@ impl<B: Backend> ShardCore<B> {
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
+        let user = Arc::clone(&who.device.user);
         c.activate(who, now);
         self.counters.logins += 1;
+        self.presence_changed(&user);
         self.write_frame(
             conn,
             &pb::Frame {

@@ -5,7 +5,9 @@
 //! * a connection's session deadline (login, idle, write stall): one entry per connection,
 //!   moved only when the deadline moves earlier, checked again when it fires;
 //! * a delivery lane's retransmit deadline: one per (connection, conversation);
-//! * the shard's maintenance tick (log retention, interval flush), owned by the shard itself.
+//! * the shard's maintenance tick (log retention, interval flush), owned by the shard itself;
+//! * the presence flush (at most one in the wheel: the end of a coalescing window, or the next
+//!   turn of a flush cut by its budget), owned by the shard's presence board.
 //!
 //! A deadline names a connection by [`ConnId`] (slot and generation), so a deadline of a closed
 //! connection finds no one and is dropped.
@@ -27,6 +29,8 @@ pub(crate) enum TimerFor {
     },
     /// The shard's periodic maintenance.
     Maintenance,
+    /// A presence flush turn.
+    Presence,
 }
 
 /// The shard's timing wheel.

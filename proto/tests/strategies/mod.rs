@@ -393,17 +393,31 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
             enum_value::<pb::PresenceAction>(),
             vec(short_text(), 0..4),
             enum_value::<pb::PresenceStatus>(),
+            short_text(),
         )
-            .prop_map(|(action, users, status)| {
+            .prop_map(|(action, users, status, group_id)| {
                 Body::PresenceRequest(pb::PresenceRequest {
                     action,
                     users,
                     status,
+                    group_id,
                 })
             })
             .boxed(),
-        vec(user_presence(), 0..3)
-            .prop_map(|users| Body::PresenceUpdate(pb::PresenceUpdate { users }))
+        (
+            vec(user_presence(), 0..3),
+            any::<u64>(),
+            short_text(),
+            any::<bool>(),
+        )
+            .prop_map(|(users, online_count, group_id, more)| {
+                Body::PresenceUpdate(pb::PresenceUpdate {
+                    users,
+                    online_count,
+                    group_id,
+                    more,
+                })
+            })
             .boxed(),
         (
             enum_value::<pb::GroupAction>(),
@@ -533,6 +547,21 @@ pub(crate) fn body() -> impl Strategy<Value = Body> {
                     from_seq,
                     counts,
                     member_count,
+                })
+            })
+            .boxed(),
+        (
+            option::of(conversation()),
+            any::<bool>(),
+            short_text(),
+            short_text(),
+        )
+            .prop_map(|(conversation, typing, user, device)| {
+                Body::Typing(pb::Typing {
+                    conversation,
+                    typing,
+                    user,
+                    device,
                 })
             })
             .boxed(),
