@@ -122,6 +122,8 @@ fn a_user_is_online_while_any_device_is_not_away_away_when_all_are_and_offline_w
     let mut asker = broker.connect_ws_json("asker", "browser");
     let mut phone = broker.connect("alice", "phone");
     let mut laptop = broker.connect("alice", "laptop");
+    // A user the node holds (it has a conversation): its last_seen is kept when it leaves.
+    phone.send("asker", "hi");
 
     assert_eq!(
         summary(&query(&mut asker, &["carol", "alice", "carol"])),

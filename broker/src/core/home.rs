@@ -151,6 +151,8 @@ pub(crate) struct User {
     pub(crate) devices: Vec<(Arc<str>, ConnId)>,
     /// Conversations by id.
     pub(crate) inbox: FastMap<u64, InboxEntry>,
+    /// When its last device left (Unix ms; 0: not since start, or since the home forgot it).
+    pub(crate) last_seen: i64,
 }
 
 /// The home role's state.
@@ -198,6 +200,12 @@ impl Home {
                 None => (None, 0),
             },
         }
+    }
+
+    /// When `user`'s last device left (0: unknown: not since start, or the home forgot the user
+    /// when it had no device and no conversation).
+    pub(crate) fn last_seen(&self, user: &str) -> i64 {
+        self.users.get(user).map_or(0, |u| u.last_seen)
     }
 
     /// The seqs of `e` the user may read: above `floor`, up to `last` (`last <= floor`: none).

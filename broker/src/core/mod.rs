@@ -22,6 +22,8 @@
 //! * [`owner`]: conversation owner (de-dup, seq, id, one encode, append, release after flush);
 //! * [`home`]: user home (devices, inbox, live push);
 //! * [`group`]: group members, roles and settings (decided and stored by the group's owner);
+//! * [`receipt`]: read and delivery cursors, read receipts, group read counts;
+//! * [`convlist`]: the conversation list (by activity, with newest messages and unread counts);
 //! * [`room`]: rooms (ephemeral broadcast: membership per connection, owner, fan-out, lag);
 //! * [`presence`]: presence (coalesced pushes to subscribers, group online counts) and typing;
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;

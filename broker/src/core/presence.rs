@@ -216,14 +216,12 @@ impl Board {
         Some(now.saturating_add(coalesce))
     }
 
-    /// `user`'s last device left at `unix_ms`.
+    /// `user`'s last device left at `unix_ms` (kept here for a watched user; the home keeps
+    /// it for every user it holds).
     pub(crate) fn left(&mut self, user: &Arc<str>, unix_ms: i64) {
-        self.users.entry(Arc::clone(user)).or_default().last_seen = unix_ms;
-    }
-
-    /// When `user`'s last device left (0: not since start).
-    pub(crate) fn last_seen(&self, user: &str) -> i64 {
-        self.users.get(user).map_or(0, |e| e.last_seen)
+        if let Some(e) = self.users.get_mut(user) {
+            e.last_seen = unix_ms;
+        }
     }
 
     /// `watcher` subscribes to `user`, whose presence is `current`: returns the answer (its
@@ -232,12 +230,13 @@ impl Board {
         &mut self,
         user: &Arc<str>,
         watcher: Watcher,
-        current: Snapshot,
+        (current, last_seen): (Snapshot, i64),
         now: u64,
         coalesce: u64,
     ) -> (pb::UserPresence, Option<u64>) {
         let e = self.users.entry(Arc::clone(user)).or_insert_with(|| Entry {
             published: current.clone(),
+            last_seen,
             ..Entry::default()
         });
         e.watchers.insert(watcher);
@@ -263,9 +262,9 @@ impl Board {
         };
         e.watchers.remove(&watcher);
         e.catchup.retain(|w| *w != watcher);
-        // Without watchers and a last_seen, the entry holds nothing worth keeping (a user only
-        // ever watched is forgotten once nobody watches it).
-        if e.watchers.is_empty() && !e.dirty && e.last_seen == 0 {
+        // Without watchers the entry holds nothing worth keeping: a user nobody watches costs
+        // nothing here (its last_seen is kept by its home while the home holds the user).
+        if e.watchers.is_empty() && !e.dirty {
             self.users.remove(user);
         }
     }
@@ -543,7 +542,7 @@ impl<B: Backend> ShardCore<B> {
         self.presence.conns.entry(conn).or_default().away = away;
         self.presence_changed(&me.user);
         let now = snapshot(&self.home, &self.presence.conns, &me.user);
-        let answer = now.to_pb(&me.user, self.presence.board.last_seen(&me.user));
+        let answer = now.to_pb(&me.user, self.home.last_seen(&me.user));
         self.write_presence(conn, request_id, vec![answer]);
     }
 
@@ -791,7 +790,11 @@ impl<B: Backend> ShardCore<B> {
             .get(&**user)
             .is_some_and(|u| !u.devices.is_empty());
         if !online {
-            self.presence.board.left(user, self.now.unix_ms);
+            let unix_ms = self.now.unix_ms;
+            self.presence.board.left(user, unix_ms);
+            if let Some(u) = self.home.users.get_mut(&**user) {
+                u.last_seen = unix_ms;
+            }
         }
         self.presence_changed(user);
     }
@@ -875,15 +878,19 @@ impl<B: Backend> ShardCore<B> {
         for user in users {
             debug_assert_eq!(self.placement.home(&user), self.index, "asked at its home");
             let current = snapshot(&self.home, &self.presence.conns, &user);
+            let last_seen = self.home.last_seen(&user);
             match op {
                 Op::Query => {
-                    answer.push(current.to_pb(&user, self.presence.board.last_seen(&user)));
+                    answer.push(current.to_pb(&user, self.home.last_seen(&user)));
                 }
                 Op::Subscribe => {
-                    let (p, arm) = self
-                        .presence
-                        .board
-                        .subscribe(&user, watcher, current, now, coalesce);
+                    let (p, arm) = self.presence.board.subscribe(
+                        &user,
+                        watcher,
+                        (current, last_seen),
+                        now,
+                        coalesce,
+                    );
                     answer.push(p);
                     if let Some(at) = arm {
                         self.timers.insert(at, TimerFor::Presence);
@@ -1168,7 +1175,7 @@ mod tests {
             "nobody watches yet"
         );
         for x in watchers {
-            let (p, arm) = b.subscribe(user, x, online(&["phone"]), 0, C);
+            let (p, arm) = b.subscribe(user, x, (online(&["phone"]), 0), 0, C);
             assert_eq!(p.status, pb::PresenceStatus::Online as i32);
             assert_eq!(arm, None, "the answer is what is published");
         }
@@ -1248,7 +1255,7 @@ mod tests {
         assert_eq!(out.len(), 10);
         // Meanwhile one watcher leaves and a new one comes (it was answered OFFLINE already).
         b.unsubscribe(&bob, w(20));
-        let (p, _) = b.subscribe(&bob, w(99), off.clone(), 100, C);
+        let (p, _) = b.subscribe(&bob, w(99), (off.clone(), 0), 100, C);
         assert_eq!(p.status, pb::PresenceStatus::Offline as i32);
         // A change during the flush waits for the next window.
         assert_eq!(b.changed(&bob, online(&["phone"]), 100, C), None);
@@ -1274,7 +1281,7 @@ mod tests {
         let bob: Arc<str> = Arc::from("bob");
         let mut b = watched(&bob, [w(1)]);
         assert_eq!(b.changed(&bob, Snapshot::default(), 0, C), Some(C));
-        let (p, arm) = b.subscribe(&bob, w(2), Snapshot::default(), 5, C);
+        let (p, arm) = b.subscribe(&bob, w(2), (Snapshot::default(), 0), 5, C);
         assert_eq!((p.status, arm), (pb::PresenceStatus::Offline as i32, None));
         b.changed(&bob, online(&["phone"]), 10, C);
         let out = flush_all(&mut b, C, &online(&["phone"]));
@@ -1291,7 +1298,8 @@ mod tests {
         b.left(&bob, 77);
         assert_eq!(b.changed(&bob, Snapshot::default(), 1, C), None);
         assert!(!b.armed);
-        let (p, arm) = b.subscribe(&bob, w(1), Snapshot::default(), 2, C);
+        // The home kept bob's last_seen; a subscription takes it from there.
+        let (p, arm) = b.subscribe(&bob, w(1), (Snapshot::default(), 77), 2, C);
         assert_eq!(
             (p.status, p.last_seen, arm),
             (pb::PresenceStatus::Offline as i32, 77, None)
@@ -1299,19 +1307,25 @@ mod tests {
     }
 
     #[test]
-    fn a_user_only_ever_watched_is_forgotten_once_nobody_watches_it() {
+    fn a_user_is_forgotten_once_nobody_watches_it_whatever_it_did() {
         let ghost: Arc<str> = Arc::from("ghost");
         let seen: Arc<str> = Arc::from("seen");
         let mut b = Board::default();
-        b.subscribe(&ghost, w(1), Snapshot::default(), 0, C);
+        b.subscribe(&ghost, w(1), (Snapshot::default(), 0), 0, C);
         b.changed(&seen, online(&["phone"]), 0, C);
         b.left(&seen, 5);
-        b.changed(&seen, Snapshot::default(), 0, C);
-        b.subscribe(&seen, w(1), Snapshot::default(), 0, C);
+        assert!(!b.users.contains_key("seen"), "nobody watches it: no entry");
+        b.subscribe(&seen, w(1), (Snapshot::default(), 5), 0, C);
+        assert_eq!(b.users.get("seen").map(|e| e.last_seen), Some(5));
+        b.left(&seen, 9);
+        assert_eq!(
+            b.users.get("seen").map(|e| e.last_seen),
+            Some(9),
+            "watched: kept current"
+        );
         b.unsubscribe(&ghost, w(1));
         b.unsubscribe(&seen, w(1));
-        assert!(!b.users.contains_key("ghost"));
-        assert_eq!(b.last_seen("seen"), 5, "a user seen keeps its last_seen");
+        assert!(b.users.is_empty(), "a user nobody watches costs nothing");
     }
 
     #[test]
