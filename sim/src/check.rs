@@ -27,11 +27,13 @@ pub(crate) type MsgKey = (String, String, u64);
 
 /// What a group's checker key starts with (`#g` is the group `g`).
 pub(crate) const GROUP_MARK: char = '#';
+/// What a room's checker key starts with (`!r` is the room `r`).
+pub(crate) const ROOM_MARK: char = '!';
 
 /// The key a checker uses for the conversation `a` has with `b`: the direct conversation of `a`
 /// and `b`, or, if `b` is a group key (`#g`), the group.
 pub(crate) fn conv_key(a: &str, b: &str) -> String {
-    if b.starts_with(GROUP_MARK) {
+    if b.starts_with(GROUP_MARK) || b.starts_with(ROOM_MARK) {
         return b.to_owned();
     }
     if a <= b {
@@ -51,6 +53,8 @@ fn members(conv: &str) -> (&str, &str) {
 pub(crate) struct ConnView {
     seen: BTreeSet<(String, u64)>,
     last_live: BTreeMap<String, u64>,
+    /// Per room, the seq of the last room message this connection got.
+    last_room: BTreeMap<String, u64>,
     last_sync: BTreeMap<String, u64>,
     /// Between the summary and the last page of a sync.
     pub(crate) sync_running: bool,
@@ -134,6 +138,40 @@ impl History {
                 self.by_msg.insert(key, (conv.to_owned(), seq));
             }
         }
+    }
+
+    /// A connection got room message `m` of room `conv` (rooms are at-most-once: it must be
+    /// a message some client sent to that room, with its body, and a connection gets a room's
+    /// messages in increasing seq order, each at most once; gaps are allowed).
+    pub(crate) fn observed_room(
+        &mut self,
+        now: u64,
+        conv: &str,
+        m: &pb::Message,
+        live: bool,
+        view: &mut ConnView,
+    ) {
+        if !live {
+            let what = format!("room {conv} seq {} came in a sync page", m.seq);
+            return self.fail(now, what);
+        }
+        let key: MsgKey = (m.from_user.clone(), m.from_device.clone(), m.client_msg_id);
+        match self.sent.get(&key) {
+            Some((c, body)) if c == conv && body[..] == m.body[..] => {}
+            _ => self.fail(
+                now,
+                format!("room {conv} seq {} was never sent: {key:?}", m.seq),
+            ),
+        }
+        let last = view.last_room.entry(conv.to_owned()).or_insert(0);
+        if m.seq <= *last {
+            let what = format!(
+                "room {conv} seq {} after seq {} on one connection",
+                m.seq, *last
+            );
+            self.fail(now, what);
+        }
+        *last = (*last).max(m.seq);
     }
 
     /// A client's connection showed it message `m` of `conv` (live or in a sync page).

@@ -8,11 +8,13 @@ use std::collections::{BTreeMap, VecDeque};
 use parley_proto::pb;
 use parley_proto::pb::frame::Body;
 
-use crate::check::{ConnView, GROUP_MARK, History, conv_key};
+use crate::check::{ConnView, GROUP_MARK, History, ROOM_MARK, conv_key};
 
 /// The request id of a client's group request (sends use their client message ids, which
 /// count from 1).
 const GROUP_OP_REQUEST: u64 = 1 << 62;
+/// The request id of a client's room join.
+const ROOM_JOIN_REQUEST: u64 = (1 << 62) + 1;
 
 /// How a client misbehaves (on purpose) until the run quiets down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,8 @@ pub(crate) struct Client {
     /// Per group: the seq before the event that last added this user (what it holds starts
     /// above it).
     bases: BTreeMap<String, u64>,
+    /// A room this client joins on every connection (membership is per connection).
+    pub(crate) room: Option<String>,
 }
 
 impl Client {
@@ -93,6 +97,7 @@ impl Client {
             ops: VecDeque::new(),
             op_sent: false,
             bases: BTreeMap::new(),
+            room: None,
         }
     }
 
@@ -132,6 +137,8 @@ impl Client {
         if self.final_sync == Final::Requested {
             self.final_sync = Final::NotYet;
         }
+        // Rooms are at-most-once: a room message whose ack was lost is not sent again.
+        self.outbox.retain(|_, o| !o.peer.starts_with(ROOM_MARK));
         for o in self.outbox.values_mut() {
             o.sent = false;
         }
@@ -255,6 +262,15 @@ impl Client {
         match frame.body {
             Some(Body::LoginResult(_)) => {
                 self.logged_in = true;
+                if let Some(room) = self.room.as_ref().and_then(|r| r.strip_prefix(ROOM_MARK)) {
+                    out.push(pb::Frame {
+                        request_id: ROOM_JOIN_REQUEST,
+                        body: Some(Body::RoomRequest(pb::RoomRequest {
+                            action: pb::RoomAction::Join as i32,
+                            room_id: room.to_owned(),
+                        })),
+                    });
+                }
                 // A client that pipelined its sync behind the login does not ask again.
                 if !self.syncing {
                     out.push(self.sync_request());
@@ -262,7 +278,9 @@ impl Client {
                 out.extend(self.sends(history, false));
             }
             Some(Body::SendAck(ack)) => {
-                if let Some(o) = self.outbox.remove(&ack.client_msg_id) {
+                if let Some(o) = self.outbox.remove(&ack.client_msg_id)
+                    && !o.peer.starts_with(ROOM_MARK)
+                {
                     let conv = conv_key(&self.user, &o.peer);
                     history.ack(
                         now,
@@ -343,6 +361,11 @@ impl Client {
         view: &mut ConnView,
     ) -> Option<String> {
         let c = m.conversation.as_ref()?;
+        if c.r#type == pb::ConversationType::Room as i32 {
+            let room = format!("{ROOM_MARK}{}", c.id);
+            history.observed_room(now, &room, m, live, view);
+            return None;
+        }
         let conv = if c.r#type == pb::ConversationType::Group as i32 {
             format!("{GROUP_MARK}{}", c.id)
         } else {
@@ -408,10 +431,15 @@ fn contiguous(held: &BTreeMap<u64, u64>, base: u64) -> u64 {
 }
 
 fn send_frame(cmid: u64, peer: &str, body: &[u8]) -> pb::Frame {
+    let room = peer.strip_prefix(ROOM_MARK);
     let to = match peer.strip_prefix(GROUP_MARK) {
         Some(group) => pb::Conversation {
             r#type: pb::ConversationType::Group as i32,
             id: group.to_owned(),
+        },
+        None if room.is_some() => pb::Conversation {
+            r#type: pb::ConversationType::Room as i32,
+            id: room.unwrap_or_default().to_owned(),
         },
         None => pb::Conversation {
             r#type: pb::ConversationType::Direct as i32,

@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget, {} group events, {} group deliveries",
+        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget, {} group events, {} group deliveries, {} room messages, {} room deliveries, {} room drops",
         counters.logins,
         counters.messages_stored,
         counters.retries_deduplicated,
@@ -114,6 +114,9 @@ fn main() -> ExitCode {
         counters.holds,
         counters.group_events,
         counters.group_deliveries,
+        counters.room_messages,
+        counters.room_deliveries,
+        counters.room_drops,
     );
     ExitCode::SUCCESS
 }

@@ -15,7 +15,7 @@ use parley_storage::{
     Timestamp,
 };
 
-use crate::check::{ConnView, GROUP_MARK, History};
+use crate::check::{ConnView, GROUP_MARK, History, ROOM_MARK};
 use crate::client::{Behaviour, Client, Final};
 use crate::rng::Rng;
 use crate::setup::{SimVerifier, sim_config};
@@ -321,6 +321,8 @@ impl World {
         // Half the seeds have a group of every user, owned by u0, whose members are removed
         // and added again while messages flow.
         let group = self.rng.chance(500).then(|| format!("{GROUP_MARK}g"));
+        // And half have a room some devices listen to and some send to.
+        let room = self.rng.chance(500).then(|| format!("{ROOM_MARK}r"));
         for name in &names {
             let devices = self.rng.range(1, 2);
             for d in 0..devices {
@@ -331,10 +333,14 @@ impl World {
                 };
                 let window = self.rng.range(1, 6) as usize;
                 let mut c = Client::new(name, &format!("d{d}"), behaviour, window);
+                if room.is_some() && self.rng.chance(700) {
+                    c.room.clone_from(&room);
+                }
                 let n = self.rng.range(3, 40);
                 for i in 0..n {
-                    let peer = match &group {
-                        Some(g) if self.rng.chance(400) => g.clone(),
+                    let peer = match (&group, &room) {
+                        (Some(g), _) if self.rng.chance(400) => g.clone(),
+                        (_, Some(r)) if c.room.is_some() && self.rng.chance(300) => r.clone(),
                         _ => names[self.rng.below(users) as usize].clone(),
                     };
                     let pad = self.rng.below(300) as usize;
