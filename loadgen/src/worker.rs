@@ -740,6 +740,11 @@ impl<'a> Worker<'a> {
                         }
                         None
                     }
+                    Event::GroupResult { .. } | Event::GroupMessage { .. } => {
+                        self.tally
+                            .error("a group frame outside the groups scenario");
+                        None
+                    }
                     Event::Ready | Event::Behind => None,
                 }
             }
