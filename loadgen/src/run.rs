@@ -359,9 +359,13 @@ pub struct FinalReport {
     /// Groups (`groups`, `fanout --conversation group`): membership changes made during the
     /// run (the set-up not counted).
     pub membership_changes: Option<u64>,
-    /// Groups: messages that came with the final sync of every member (live push had not
-    /// brought them).
-    pub final_sync_messages: Option<u64>,
+    /// Groups: messages that came in sync pages (after a `Behind`, or in the final sync of
+    /// every member) instead of live.
+    pub synced_messages: Option<u64>,
+    /// Groups: `Behind`s the members received (live push paused, caught up by sync).
+    pub behind: Option<u64>,
+    /// The first few violations, described (groups: which member lacks or holds which seqs).
+    pub violation_samples: Vec<String>,
     /// Errors.
     pub errors: u64,
     /// First error texts.
@@ -755,7 +759,9 @@ fn build_report(
         sync_msgs_per_s: (is_offline && phase_s > 0.0)
             .then(|| tally.synced_messages as f64 / phase_s),
         membership_changes: is_groups.then_some(tally.membership_changes),
-        final_sync_messages: is_groups.then_some(tally.synced_messages),
+        synced_messages: is_groups.then_some(tally.synced_messages),
+        behind: is_groups.then_some(tally.behind),
+        violation_samples: tally.violation_samples.clone(),
         errors: tally.errors,
         error_samples: tally.error_samples.clone(),
         verdict: tally.verdict,
@@ -793,6 +799,9 @@ fn print_report(r: &FinalReport, json: bool) {
         }
         for (name, n) in r.verdict.failures() {
             eprintln!("  {name}: {n}");
+        }
+        for v in &r.violation_samples {
+            eprintln!("    {v}");
         }
     }
     if json {
@@ -857,9 +866,9 @@ fn print_report(r: &FinalReport, json: bool) {
     } else {
         out.push_str(&format!("  errors        {}\n", r.errors));
     }
-    if let (Some(c), Some(s)) = (r.membership_changes, r.final_sync_messages) {
+    if let (Some(c), Some(s), Some(b)) = (r.membership_changes, r.synced_messages, r.behind) {
         out.push_str(&format!(
-            "  groups        membership changes {c}  brought by the final sync {s}\n"
+            "  groups        membership changes {c}  behind {b}  messages by sync {s} (not live)\n"
         ));
     }
     if r.delivered_per_s > 0.0 {

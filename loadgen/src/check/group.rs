@@ -405,6 +405,63 @@ impl GroupCheck {
         }
     }
 
+    /// Up to `limit` lines saying which member lacks what inside its windows, or holds what
+    /// outside them (for the report of a failed run), e.g. `member 12 (windows 1..=40,
+    /// 52..=90): lost 61..=64; outside 41..=41`.
+    pub fn describe(&mut self, limit: usize) -> Vec<String> {
+        let last = self.last_seq();
+        let windows = self.timeline().windows.clone();
+        let mut clients: Vec<(u32, usize)> = self.slots.iter().map(|(&c, &s)| (c, s)).collect();
+        clients.sort_unstable();
+        let mut out = Vec::new();
+        for (client, slot) in clients {
+            if out.len() >= limit {
+                break;
+            }
+            let held = &self.members[slot].held;
+            let windows: Vec<(u64, u64)> = windows[slot]
+                .iter()
+                .map(|&(from, to)| (from, to.unwrap_or(last)))
+                .collect();
+            let inside = |seq: u64| windows.iter().any(|&(a, b)| a <= seq && seq <= b);
+            // Runs of seqs where "held" disagrees with "inside a window".
+            let (mut lost, mut outside) = (Vec::new(), Vec::new());
+            let mut run: Option<(u64, bool)> = None;
+            for seq in 1..=last + 1 {
+                let wrong = seq <= last && has_bit(held, seq) != inside(seq);
+                let kind = wrong.then(|| inside(seq));
+                match (run, kind) {
+                    (Some((_, k)), Some(k2)) if k == k2 => {}
+                    (Some((from, k)), _) => {
+                        let range = format!("{from}..={}", seq - 1);
+                        if k {
+                            lost.push(range)
+                        } else {
+                            outside.push(range)
+                        }
+                        run = kind.map(|k| (seq, k));
+                    }
+                    (None, Some(k)) => run = Some((seq, k)),
+                    (None, None) => {}
+                }
+            }
+            if lost.is_empty() && outside.is_empty() {
+                continue;
+            }
+            let ws: Vec<String> = windows.iter().map(|(a, b)| format!("{a}..={b}")).collect();
+            let mut line = format!("member {client} (windows {})", ws.join(", "));
+            for (name, ranges) in [("lost", &lost), ("outside", &outside)] {
+                if !ranges.is_empty() {
+                    let shown: Vec<&str> = ranges.iter().take(4).map(String::as_str).collect();
+                    let more = if ranges.len() > 4 { ", …" } else { "" };
+                    line.push_str(&format!(": {name} {}{more}", shown.join(", ")));
+                }
+            }
+            out.push(line);
+        }
+        out
+    }
+
     /// Whether member `member` holds seq `seq`.
     pub fn holds(&self, member: u32, seq: u64) -> bool {
         self.slots
@@ -547,6 +604,25 @@ mod tests {
         g.arrived(BOB, 2, msg(OWNER, 1));
         g.arrived(BOB, 3, msg(OWNER, 1));
         assert_eq!(g.verdict().duplicated, 1);
+    }
+
+    #[test]
+    fn a_failed_view_is_described_by_member_windows_and_ranges() {
+        let mut g = history();
+        assert!(g.describe(5).is_empty(), "nothing to say of a clean group");
+        g.arrived(CAROL, 5, msg(OWNER, 3));
+        let mut lacks = GroupCheck::new([OWNER, BOB]);
+        lacks.changed(OWNER, change(GroupAction::Create, &[OWNER, BOB]), 1);
+        lacks.acked(OWNER, 1, 2);
+        lacks.acked(OWNER, 2, 3);
+        assert_eq!(
+            g.describe(5),
+            vec!["member 2 (windows 1..=4, 7..=8): outside 5..=5".to_owned()]
+        );
+        assert_eq!(
+            lacks.describe(5),
+            vec!["member 1 (windows 1..=3): lost 1..=3".to_owned()]
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::check::group::{Change, Content, GroupCheck, Taken};
 use crate::driver::parley::group_key;
 use crate::driver::{Event, GroupAction, GroupEvent, GroupOp};
 use crate::engine::{Happening, State};
+use crate::stats::ERROR_SAMPLES;
 
 /// Most users one group request names: 2,000 user ids stay well under the broker's 64 KiB frame
 /// limit.
@@ -202,7 +203,16 @@ impl Worker<'_> {
         let timeout = load.drain.max(Duration::from_secs(5));
         self.final_sync(&mut gs, timeout)?;
         for run in &mut gs.runs {
-            self.tally.verdict.merge(&run.check.verdict());
+            let verdict = run.check.verdict();
+            self.tally.verdict.merge(&verdict);
+            let room = ERROR_SAMPLES.saturating_sub(self.tally.violation_samples.len());
+            if !verdict.passed() && room > 0 {
+                let lines = run.check.describe(room);
+                let id = &run.id;
+                self.tally
+                    .violation_samples
+                    .extend(lines.into_iter().map(|l| format!("group {id}: {l}")));
+            }
         }
         // Sends never acked: nobody can say where they went.
         for c in &self.clients {
@@ -441,7 +451,11 @@ impl Worker<'_> {
                     .error("a message outside the group in the groups scenario");
                 None
             }
-            Event::Ready | Event::Behind => None,
+            Event::Behind => {
+                self.tally.behind += 1;
+                None
+            }
+            Event::Ready => None,
         }
     }
 
