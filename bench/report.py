@@ -14,7 +14,7 @@ import os
 import sys
 
 # Rows of the main table come from these groups, in this order.
-TRAFFIC_GROUPS = ["pairs", "pairs-w1", "open-mid", "open", "fanout"]
+TRAFFIC_GROUPS = ["pairs", "pairs-w1", "open-mid", "open", "fanout", "groups"]
 RELAY = "relay (ceiling)"
 PARLEY_REF = "parley never"  # what peers (redis, mosquitto) are compared with
 PEERS = ("redis", "mosquitto")
@@ -87,7 +87,8 @@ def result(run, d):
         out = "passed"
     else:
         v = j.get("verdict") or {}
-        bad = [f"{k} {v[k]:,}" for k in ("lost", "duplicated", "out_of_order", "corrupt", "gaps")
+        bad = [f"{k} {v[k]:,}" for k in ("lost", "duplicated", "out_of_order", "corrupt", "gaps",
+                                          "outside_window", "misplaced")
                if v.get(k)]
         if j.get("errors"):
             bad.append(f"errors {j['errors']:,}")
@@ -128,6 +129,8 @@ def group_title(group, runs):
     if group == "fanout":
         subs = j.get("clients", 0) - 1  # bench/run uses one publisher
         return f"fanout 1→{subs}, {mode.replace('closed ', '')}{body}"
+    if group == "groups":
+        return f"groups: {mode.replace('closed ', '')}{body}"
     if group in ("open", "open-mid"):
         return f"pairs {j['clients']:,} clients, {mode.replace('open ', 'open loop ')}{body}"
     return f"pairs {j['clients']:,} clients, {mode.replace('closed ', '')}{body}"

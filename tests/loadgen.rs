@@ -2,7 +2,8 @@
 //! its own relay. Its scenarios run and pass their checks against a correct system, its report
 //! adds up, and (the point of a checker) a relay that drops, reorders, duplicates or corrupts one
 //! message makes the run fail with exactly that counter. A run that cannot start says so with
-//! exit code 2.
+//! exit code 2. Groups (`groups`, `fanout --conversation group`) pass their per-member window
+//! checks against the real broker with membership churn racing the messages.
 //!
 //! Exit codes: 0 = passed, 1 = checks failed, 2 = could not run. Every run is short (a fraction
 //! of a second of warm-up, a second measured) and small (tens of connections).
@@ -19,7 +20,9 @@ const SHORT: [&str; 4] = ["--warmup", "0.2", "--duration", "1"];
 const SMALL_PAIRS: [&str; 4] = ["--conns", "20", "--window", "8"];
 
 /// The scenarios `loadgen --help` must list.
-const SCENARIOS: [&str; 6] = ["pairs", "fanout", "storm", "idle", "offline", "relay"];
+const SCENARIOS: [&str; 7] = [
+    "pairs", "fanout", "groups", "storm", "idle", "offline", "relay",
+];
 
 /// Asserts that a traffic run passed: exit 0, `passed`, no errors, a clean verdict, and every
 /// message sent was delivered (and, when the system acknowledges sends, acknowledged).
@@ -135,6 +138,100 @@ fn a_short_fanout_run_against_the_broker_uses_rooms_and_every_subscriber_gets_ev
         report.u64("conns"),
         2 * (SUBSCRIBERS + 1),
         "one connection per client",
+    );
+}
+
+/// Asserts the group checks of `report` are all clean: no failure counter, nothing outside a
+/// membership window, nothing misplaced.
+fn assert_clean_group_views(report: &Report) {
+    report.check_eq(report.failures(), (0, 0, 0, 0, 0), "a clean verdict");
+    report.check_eq(
+        report.u64("verdict/outside_window"),
+        0,
+        "no member got a message outside its membership windows",
+    );
+    report.check_eq(
+        report.u64("verdict/misplaced"),
+        0,
+        "every member's copy of a seq is what the ack or the change's result named",
+    );
+}
+
+#[test]
+fn a_short_groups_run_with_churn_against_the_broker_passes_its_window_checks() {
+    let broker = Broker::start(&["storage.durability=never"]);
+    let run = Loadgen::against("groups", &broker)
+        .args(["--groups", "3", "--members", "12", "--online", "0.75"])
+        .args(["--publishers", "2", "--churn", "5", "--window", "8"])
+        .args(["--warmup", "0.2", "--duration", "2"])
+        .run();
+    run.assert_code(0, "a groups run whose checks pass exits with 0");
+    let report = run.report();
+    report.check(report.bool("passed"), "the report says passed");
+    report.check_eq(report.u64("errors"), 0, "no errors");
+    assert_clean_group_views(&report);
+    report.check_eq(report.str("scenario"), "groups", "the scenario");
+    report.check_eq(
+        report.u64("conns"),
+        3 * 9,
+        "the online members connect (9 of 12 per group), the others never do",
+    );
+    let sent = report.u64("sent");
+    report.check(sent > 0, "the publishers sent messages");
+    report.check_eq(report.u64("acked"), sent, "every group send is acked");
+    // Each message reaches the other 8 online members, but those removed at its seq.
+    let delivered = report.u64("delivered");
+    report.check(
+        delivered > sent && delivered <= sent * 8,
+        &format!("between 1 and 8 copies per message: {delivered} for {sent} sent"),
+    );
+    let changes = report.u64("membership_changes");
+    report.check(
+        changes >= 10,
+        &format!("5 changes/s per group over 2.2 s race the messages, made {changes}"),
+    );
+}
+
+#[test]
+fn a_group_fanout_gets_every_message_to_every_subscriber() {
+    const SUBSCRIBERS: u64 = 10;
+    let broker = Broker::start(&["storage.durability=never"]);
+    let run = Loadgen::against("fanout", &broker)
+        .args(["--conversation", "group"])
+        .args(["--subscribers", "10", "--publishers", "2", "--window", "8"])
+        .args(SHORT)
+        .run();
+    run.assert_code(0, "a group fan-out whose checks pass exits with 0");
+    let report = run.report();
+    report.check(report.bool("passed"), "the report says passed");
+    report.check_eq(report.u64("errors"), 0, "no errors");
+    assert_clean_group_views(&report);
+    let sent = report.u64("sent");
+    report.check(sent > 0, "the publishers sent messages");
+    report.check_eq(report.u64("acked"), sent, "every group send is acked");
+    report.check_eq(
+        report.u64("delivered"),
+        sent * SUBSCRIBERS,
+        "a group is complete, unlike a room: every subscriber got every message",
+    );
+    report.check_eq(
+        report.u64("membership_changes"),
+        0,
+        "a fan-out makes no changes",
+    );
+}
+
+#[test]
+fn a_groups_run_larger_than_the_brokers_member_limit_says_so_and_exits_with_2() {
+    let broker = Broker::start(&["groups.max_members=5"]);
+    let run = Loadgen::against("groups", &broker)
+        .args(["--groups", "1", "--members", "8", "--churn", "0"])
+        .args(SHORT)
+        .run();
+    run.assert_code(2, "a run that cannot make its groups could not run");
+    assert!(
+        run.stderr.contains("GROUP_FULL") && run.stderr.contains("groups.max_members=8"),
+        "stderr names the refusal and the setting to raise\n{run}"
     );
 }
 

@@ -22,6 +22,11 @@
 //! run from 1; each hole is a *gap*. A (conversation, seq) delivered twice is a *redelivery*: the
 //! protocol allows it (a retransmit after a late ack) and an acking client drops it, so it is
 //! counted for information and not checked twice.
+//!
+//! Groups (parley) are checked per member instead, by seqs and membership windows: see
+//! [`group`].
+
+pub mod group;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -52,6 +57,14 @@ pub struct Verdict {
     /// Dropped for a slow receiver, as the system said (at-most-once rooms; information only).
     #[serde(default)]
     pub dropped: u64,
+    /// Groups: seqs a member received outside its membership windows (after the event that
+    /// ended its membership, before the one that began it again).
+    #[serde(default)]
+    pub outside_window: u64,
+    /// Groups: seqs whose copies disagree (a member got another message or change at a seq
+    /// than the sender's ack or the owner's result named).
+    #[serde(default)]
+    pub misplaced: u64,
 }
 
 impl Verdict {
@@ -62,6 +75,8 @@ impl Verdict {
             && self.out_of_order == 0
             && self.corrupt == 0
             && self.gaps == 0
+            && self.outside_window == 0
+            && self.misplaced == 0
     }
 
     /// Adds another verdict's counters to this one.
@@ -73,6 +88,8 @@ impl Verdict {
         self.gaps += other.gaps;
         self.redelivered += other.redelivered;
         self.dropped += other.dropped;
+        self.outside_window += other.outside_window;
+        self.misplaced += other.misplaced;
     }
 
     /// The failures, worst first, as `name=count` for those that are not zero.
@@ -83,6 +100,8 @@ impl Verdict {
             ("duplicated", self.duplicated),
             ("out_of_order", self.out_of_order),
             ("gaps", self.gaps),
+            ("outside_window", self.outside_window),
+            ("misplaced", self.misplaced),
         ]
         .into_iter()
         .filter(|&(_, n)| n > 0)
@@ -194,9 +213,8 @@ impl Stream {
             duplicated: self.duplicated,
             out_of_order: self.out_of_order,
             corrupt: self.corrupt,
-            gaps: 0,
-            redelivered: 0,
             dropped: self.dropped,
+            ..Verdict::default()
         }
     }
 }

@@ -22,6 +22,8 @@ use crate::relay::RelayOptions;
 ///
 ///   loadgen offline --conns 200 --messages 1000
 ///
+///   loadgen groups --groups 10 --members 100 --online 0.5 --churn 1
+///
 ///   loadgen pairs --system mqtt --qos 1 --addr 127.0.0.1:1883
 ///
 /// Parley tokens are minted from the broker's secret: `--secret`, or the file `secret` in
@@ -42,8 +44,13 @@ pub enum Command {
     Pairs(PairsArgs),
     /// Groups of one publisher and S subscribers (1→S fan-out): a parley room per publisher
     /// (messages a room drops for a slow subscriber, as its `RoomLag` says, are reported, not
-    /// failed), an MQTT topic, a Redis channel or a relay channel.
+    /// failed) or, with `--conversation group`, a parley group (stored, at-least-once: every
+    /// subscriber must get every message), an MQTT topic, a Redis channel or a relay channel.
     Fanout(FanoutArgs),
+    /// Parley groups: G groups of M members, some online, P publishers each, and membership
+    /// churn (the owner removes and adds back members while messages flow). Checks every
+    /// online member's view: every seq of its membership windows, nothing outside them.
+    Groups(GroupsArgs),
     /// Connect and log in N clients as fast as possible; report logins per second and the
     /// connect and login latency.
     Storm(StormArgs),
@@ -189,6 +196,16 @@ pub struct PairsArgs {
     pub common: Common,
 }
 
+/// What a parley fan-out goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FanoutConversation {
+    /// A room: ephemeral broadcast, at-most-once (drops for slow subscribers are declared).
+    Room,
+    /// A group of the publisher and its subscribers: stored, at-least-once, complete.
+    Group,
+}
+
 /// `fanout` options.
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
@@ -198,12 +215,76 @@ pub struct FanoutArgs {
     /// Publishers (each with its own subscribers).
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
+    /// Parley: what each publisher's messages go through.
+    #[arg(long, value_enum, default_value_t = FanoutConversation::Room)]
+    pub conversation: FanoutConversation,
     /// The load.
     #[command(flatten)]
     pub load: Load,
     /// The target and reporting.
     #[command(flatten)]
     pub common: Common,
+}
+
+/// `groups` options.
+#[derive(Debug, Clone, Args)]
+pub struct GroupsArgs {
+    /// Groups.
+    #[arg(long, default_value_t = 10)]
+    pub groups: usize,
+    /// Members per group, the owner included (the broker's `groups.max_members` must allow
+    /// it).
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// The fraction of each group's members that connect; the others are members that never
+    /// do. The owner and the publishers are always online.
+    #[arg(long, default_value_t = 1.0)]
+    pub online: f64,
+    /// Publishers per group (online members; the owner is the first).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Membership changes per second per group, made by its owner while messages flow: an
+    /// online member that does not publish is removed, and later added back.
+    #[arg(long, default_value_t = 0.5)]
+    pub churn: f64,
+    /// Messages in flight per publisher (closed loop: a message is settled once acked and
+    /// received by every online member of the group at its seq); ignored with `--rate`.
+    #[arg(long, default_value_t = 64)]
+    pub window: u32,
+    /// Open loop: messages per second per group (spread over its publishers), sent on schedule
+    /// whatever the replies; latency counts from the scheduled time.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Message body size in bytes (at least 24: the checked header).
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Seconds of load before measuring (the groups are made before this clock starts).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// After sending stops, wait at most this many seconds for every message to arrive (then
+    /// every member syncs once more, and the views are checked).
+    #[arg(long, default_value_t = 10.0)]
+    pub drain: f64,
+    /// The target and reporting.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+impl GroupsArgs {
+    /// The load as the traffic scenarios take it (`rate` there is over all groups).
+    pub fn load(&self) -> Load {
+        Load {
+            window: self.window,
+            rate: self.rate.map(|r| r * self.groups as f64),
+            body_bytes: self.body_bytes,
+            warmup: self.warmup,
+            duration: self.duration,
+            drain: self.drain,
+        }
+    }
 }
 
 /// `storm` options.

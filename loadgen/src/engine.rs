@@ -16,7 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::body::{self, Stamp};
-use crate::driver::{Driver, Event, Role};
+use crate::driver::{Driver, Event, GroupOp, Role};
 
 /// Bytes read from one connection per turn before others get their turn.
 pub const READ_BUDGET: usize = 1 << 20;
@@ -408,6 +408,20 @@ impl Engine {
     pub fn sync(&mut self, conn: usize) -> Result<(), String> {
         let c = &mut self.conns[conn];
         c.driver.sync(&mut c.output).map_err(|e| e.0)?;
+        self.mark_dirty(conn);
+        Ok(())
+    }
+
+    /// Lets `conn`'s driver write group request `op` tagged `request`.
+    ///
+    /// # Errors
+    ///
+    /// The system has no groups, or the request does not fit a frame.
+    pub fn group(&mut self, conn: usize, request: u64, op: &GroupOp) -> Result<(), String> {
+        let c = &mut self.conns[conn];
+        c.driver
+            .group(request, op, &mut c.output)
+            .map_err(|e| e.0)?;
         self.mark_dirty(conn);
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::check::Verdict;
-use crate::cli::{Command, Common, System, Transport};
+use crate::cli::{Command, Common, FanoutConversation, GroupsArgs, System, Transport};
 use crate::driver::Names;
 use crate::procstat::{self, Sample};
 use crate::stats::{Progress, Summary, Tally};
@@ -47,6 +47,9 @@ fn shape(cmd: &Command, common: &Common) -> Result<Shape, String> {
             if a.subscribers == 0 || a.publishers == 0 {
                 return Err("fanout needs at least one publisher and one subscriber".into());
             }
+            if a.conversation == FanoutConversation::Group && s != System::Parley {
+                return Err("fanout --conversation group is parley's (groups)".into());
+            }
             let group = a.subscribers + 1;
             Shape {
                 name: "fanout",
@@ -54,6 +57,15 @@ fn shape(cmd: &Command, common: &Common) -> Result<Shape, String> {
                 group,
                 conns: a.publishers * per(true, false)
                     + a.publishers * a.subscribers * per(false, true),
+            }
+        }
+        Command::Groups(a) => {
+            let online = online_members(a)?;
+            Shape {
+                name: "groups",
+                clients: a.groups * a.members,
+                group: a.members,
+                conns: a.groups * online,
             }
         }
         Command::Storm(a) => Shape {
@@ -84,10 +96,43 @@ fn shape(cmd: &Command, common: &Common) -> Result<Shape, String> {
     })
 }
 
+/// How many members of each group of `a` connect, checking `a` makes sense.
+fn online_members(a: &GroupsArgs) -> Result<usize, String> {
+    if a.common.system != System::Parley {
+        return Err("groups are parley's: use --system parley".into());
+    }
+    if a.groups == 0 || a.members < 2 {
+        return Err("groups needs at least one group of at least 2 members".into());
+    }
+    if !(a.online > 0.0 && a.online <= 1.0) {
+        return Err("--online must be a fraction in (0, 1]".into());
+    }
+    if !(a.churn.is_finite() && a.churn >= 0.0) {
+        return Err("--churn must be a non-negative number of changes per second".into());
+    }
+    if a.publishers == 0 || a.publishers > a.members {
+        return Err("--publishers must be between 1 and --members".into());
+    }
+    let online = ((a.members as f64 * a.online).round() as usize).clamp(1, a.members);
+    if online < a.publishers.max(2) {
+        return Err(format!(
+            "{online} of {} members online: at least the {} publisher(s) and one more member              must be online",
+            a.members, a.publishers
+        ));
+    }
+    if a.churn > 0.0 && online <= a.publishers {
+        return Err(format!(
+            "--churn needs an online member that does not publish to remove and add back, but              all {online} online members publish (lower --publishers, raise --online or use              --churn 0)"
+        ));
+    }
+    Ok(online)
+}
+
 fn common(cmd: &Command) -> Option<&Common> {
     match cmd {
         Command::Pairs(a) => Some(&a.common),
         Command::Fanout(a) => Some(&a.common),
+        Command::Groups(a) => Some(&a.common),
         Command::Storm(a) => Some(&a.common),
         Command::Idle(a) => Some(&a.common),
         Command::Offline(a) => Some(&a.common),
@@ -130,7 +175,29 @@ fn plan(
     };
     let scenario = match cmd {
         Command::Pairs(a) => traffic(&a.load, 2, false, shape.clients / 2, clients.len() / 2)?,
+        Command::Fanout(a) if a.conversation == FanoutConversation::Group => groups(
+            &a.load,
+            GroupShape {
+                members: shape.group as u32,
+                online: shape.group as u32,
+                publishers: 1,
+                churn: 0.0,
+            },
+            a.publishers,
+            hi - lo,
+        )?,
         Command::Fanout(a) => traffic(&a.load, shape.group as u32, true, a.publishers, hi - lo)?,
+        Command::Groups(a) => groups(
+            &a.load(),
+            GroupShape {
+                members: a.members as u32,
+                online: online_members(a)? as u32,
+                publishers: a.publishers as u32,
+                churn: a.churn,
+            },
+            a.groups,
+            hi - lo,
+        )?,
         Command::Storm(_) => Scenario::Storm,
         Command::Idle(a) => Scenario::Idle {
             duration: secs(a.duration, "--duration")?,
@@ -180,6 +247,49 @@ fn traffic(
         warmup: secs(load.warmup, "--warmup")?,
         duration: secs(load.duration, "--duration")?,
         drain: secs(load.drain, "--drain")?,
+    })
+}
+
+/// The groups of a groups scenario.
+#[derive(Debug, Clone, Copy)]
+struct GroupShape {
+    members: u32,
+    online: u32,
+    publishers: u32,
+    churn: f64,
+}
+
+/// The groups scenario for a worker with `local` of `groups` groups (`load.rate` is over all
+/// groups).
+fn groups(
+    load: &crate::cli::Load,
+    shape: GroupShape,
+    groups: usize,
+    local: usize,
+) -> Result<Scenario, String> {
+    let Scenario::Traffic {
+        window,
+        rate,
+        body_bytes,
+        warmup,
+        duration,
+        drain,
+        ..
+    } = traffic(load, shape.members, false, groups, local)?
+    else {
+        return Err("not a traffic load".into());
+    };
+    Ok(Scenario::Groups {
+        members: shape.members,
+        online: shape.online,
+        publishers: shape.publishers,
+        churn: shape.churn,
+        window,
+        rate,
+        body_bytes,
+        warmup,
+        duration,
+        drain,
     })
 }
 
@@ -246,6 +356,16 @@ pub struct FinalReport {
     pub sync_s: Option<f64>,
     /// Offline: messages per second through the catch-up.
     pub sync_msgs_per_s: Option<f64>,
+    /// Groups (`groups`, `fanout --conversation group`): membership changes made during the
+    /// run (the set-up not counted).
+    pub membership_changes: Option<u64>,
+    /// Groups: messages that came in sync pages (after a `Behind`, or in the final sync of
+    /// every member) instead of live.
+    pub synced_messages: Option<u64>,
+    /// Groups: `Behind`s the members received (live push paused, caught up by sync).
+    pub behind: Option<u64>,
+    /// The first few violations, described (groups: which member lacks or holds which seqs).
+    pub violation_samples: Vec<String>,
     /// Errors.
     pub errors: u64,
     /// First error texts.
@@ -459,6 +579,7 @@ fn drive(
     let (measure_from, measure_for) = match cmd {
         Command::Pairs(a) => (a.load.warmup, a.load.duration),
         Command::Fanout(a) => (a.load.warmup, a.load.duration),
+        Command::Groups(a) => (a.warmup, a.duration),
         Command::Idle(a) => (0.0, a.duration),
         _ => (0.0, f64::INFINITY),
     };
@@ -534,6 +655,22 @@ fn build_report(
     let (mode, body_bytes, measured_s) = match cmd {
         Command::Pairs(a) => load_mode(&a.load),
         Command::Fanout(a) => load_mode(&a.load),
+        Command::Groups(a) => {
+            let (mode, body, measured) = load_mode(&a.load());
+            let mode = match a.rate {
+                Some(r) => format!("open rate={r}/s per group"),
+                None => mode,
+            };
+            let online = online_members(a).unwrap_or(0);
+            (
+                format!(
+                    "{} groups × {} members ({online} online, {} publishing), churn {}/s per group, {mode}",
+                    a.groups, a.members, a.publishers, a.churn
+                ),
+                body,
+                measured,
+            )
+        }
         Command::Offline(a) => (format!("window={}", a.window), Some(a.body_bytes), 0.0),
         Command::Idle(a) => (String::new(), None, a.duration),
         _ => (String::new(), None, 0.0),
@@ -546,7 +683,12 @@ fn build_report(
     };
     let is_storm = matches!(cmd, Command::Storm(_));
     let is_offline = matches!(cmd, Command::Offline(_));
-    let is_traffic = matches!(cmd, Command::Pairs(_) | Command::Fanout(_));
+    let is_traffic = matches!(
+        cmd,
+        Command::Pairs(_) | Command::Fanout(_) | Command::Groups(_)
+    );
+    let is_groups = matches!(cmd, Command::Groups(_))
+        || matches!(cmd, Command::Fanout(a) if a.conversation == FanoutConversation::Group);
     let logins_per_s = (is_storm && phase_s > 0.0).then(|| tally.conns as f64 / phase_s);
     let broker = match (common.broker_pid, s_start, s_end) {
         (Some(pid), Some(a), Some(b)) => {
@@ -616,6 +758,10 @@ fn build_report(
         sync_s: is_offline.then_some(phase_s),
         sync_msgs_per_s: (is_offline && phase_s > 0.0)
             .then(|| tally.synced_messages as f64 / phase_s),
+        membership_changes: is_groups.then_some(tally.membership_changes),
+        synced_messages: is_groups.then_some(tally.synced_messages),
+        behind: is_groups.then_some(tally.behind),
+        violation_samples: tally.violation_samples.clone(),
         errors: tally.errors,
         error_samples: tally.error_samples.clone(),
         verdict: tally.verdict,
@@ -654,6 +800,9 @@ fn print_report(r: &FinalReport, json: bool) {
         for (name, n) in r.verdict.failures() {
             eprintln!("  {name}: {n}");
         }
+        for v in &r.violation_samples {
+            eprintln!("    {v}");
+        }
     }
     if json {
         match serde_json::to_string_pretty(r) {
@@ -688,12 +837,20 @@ fn print_report(r: &FinalReport, json: bool) {
     ));
     let v = &r.verdict;
     out.push_str(&format!(
-        "  checked       lost {}  duplicated {}  out-of-order {}  corrupt {}  gaps {}  (redelivered {}{})\n",
+        "  checked       lost {}  duplicated {}  out-of-order {}  corrupt {}  gaps {}{}  (redelivered {}{})\n",
         v.lost,
         v.duplicated,
         v.out_of_order,
         v.corrupt,
         v.gaps,
+        if r.membership_changes.is_some() {
+            format!(
+                "  outside-window {}  misplaced {}",
+                v.outside_window, v.misplaced
+            )
+        } else {
+            String::new()
+        },
         v.redelivered,
         if v.dropped > 0 {
             format!(", dropped for slow receivers as the system said {}", v.dropped)
@@ -708,6 +865,11 @@ fn print_report(r: &FinalReport, json: bool) {
         ));
     } else {
         out.push_str(&format!("  errors        {}\n", r.errors));
+    }
+    if let (Some(c), Some(s), Some(b)) = (r.membership_changes, r.synced_messages, r.behind) {
+        out.push_str(&format!(
+            "  groups        membership changes {c}  behind {b}  messages by sync {s} (not live)\n"
+        ));
     }
     if r.delivered_per_s > 0.0 {
         out.push_str(&format!(

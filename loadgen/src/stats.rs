@@ -133,8 +133,19 @@ pub struct Tally {
     /// Longest phase time of this worker for scenarios timed as a whole (storm: all
     /// connections up; offline: all receivers synced), nanoseconds.
     pub phase_ns: u64,
-    /// Messages carried by the offline catch-up.
+    /// Messages carried by the offline catch-up (groups: by the final sync, i.e. the ones live
+    /// push had not brought).
     pub synced_messages: u64,
+    /// Groups: membership changes made during the run (not counting the set-up).
+    #[serde(default)]
+    pub membership_changes: u64,
+    /// Groups: `Behind`s received (live push paused; the member caught up by sync).
+    #[serde(default)]
+    pub behind: u64,
+    /// The first few violations the checker found, described (groups: which member lacks or
+    /// holds which seqs).
+    #[serde(default)]
+    pub violation_samples: Vec<String>,
 }
 
 /// How many error texts are kept.
@@ -170,6 +181,13 @@ impl Tally {
         self.sync.merge(&o.sync);
         self.phase_ns = self.phase_ns.max(o.phase_ns);
         self.synced_messages += o.synced_messages;
+        self.membership_changes += o.membership_changes;
+        self.behind += o.behind;
+        for v in &o.violation_samples {
+            if self.violation_samples.len() < ERROR_SAMPLES {
+                self.violation_samples.push(v.clone());
+            }
+        }
     }
 }
 

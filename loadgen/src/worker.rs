@@ -3,6 +3,10 @@
 //! The orchestrator (see `run.rs`) starts K workers and talks to each through JSON lines: the
 //! worker prints `{"ready":…}` once its connections are set up, waits for `go` on stdin, prints
 //! `{"progress":…}` every second and `{"done":…}` (its [`Tally`]) at the end.
+//!
+//! The `groups` scenario (and parley's `fanout --conversation group`) lives in [`groups`].
+
+mod groups;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
@@ -89,6 +93,31 @@ pub enum Scenario {
         /// How long.
         duration: Duration,
     },
+    /// Groups with publishers and membership churn (`groups`; parley's `fanout --conversation
+    /// group` is one group per publisher, all online, no churn). The worker holds whole groups:
+    /// group `g` is the clients `g * members ..`, member 0 its owner.
+    Groups {
+        /// Members per group, the owner included.
+        members: u32,
+        /// Members `0..online` of each group connect; the others never do.
+        online: u32,
+        /// Members `0..publishers` send (the owner is the first).
+        publishers: u32,
+        /// Membership changes per second per group.
+        churn: f64,
+        /// In flight per publisher (closed loop).
+        window: u32,
+        /// This worker's share of the open-loop rate.
+        rate: Option<f64>,
+        /// Body size.
+        body_bytes: usize,
+        /// Warm-up.
+        warmup: Duration,
+        /// Measured time.
+        duration: Duration,
+        /// Longest drain (and longest final sync).
+        drain: Duration,
+    },
     /// Offline senders then sync.
     Offline {
         /// Messages per sender.
@@ -149,6 +178,8 @@ struct Client {
     conns: u32,
     synced: bool,
     started_ns: u64,
+    /// The group it is a member of (global number), in `groups`.
+    group: Option<u32>,
 }
 
 impl Client {
@@ -281,6 +312,34 @@ impl<'a> Worker<'a> {
                 wait_for_go()?;
                 self.hold(stdout, duration)
             }
+            Scenario::Groups {
+                members,
+                online,
+                publishers,
+                churn,
+                window,
+                rate,
+                body_bytes,
+                warmup,
+                duration,
+                drain,
+            } => {
+                let shape = groups::Shape {
+                    members,
+                    online,
+                    publishers,
+                    churn,
+                };
+                let load = groups::Load {
+                    window,
+                    rate,
+                    body_bytes,
+                    warmup,
+                    duration,
+                    drain,
+                };
+                self.run_groups(stdout, shape, load)
+            }
             Scenario::Offline {
                 messages,
                 window,
@@ -316,6 +375,7 @@ impl<'a> Worker<'a> {
             conns: 0,
             synced: false,
             started_ns: 0,
+            group: None,
         }
     }
 
@@ -369,6 +429,10 @@ impl<'a> Worker<'a> {
     /// The connections client `local` needs: (role, listen).
     fn roles(&self, local: u32) -> Vec<(Role, Option<u32>)> {
         let c = &self.clients[local as usize];
+        if let Some(group) = c.group {
+            // A group member: one connection that sends (if it publishes) and receives.
+            return vec![(Role::Both, Some(group))];
+        }
         let me = self.global(local);
         // Pairs: a client listens on its own channel; a fan-out subscriber (which sends nothing)
         // on its publisher's. Parley ignores it: a user receives what is sent to it.
@@ -419,6 +483,11 @@ impl<'a> Worker<'a> {
                     ),
                     _ => None,
                 };
+                // Groups: the member's group.
+                let group = match self.plan.scenario {
+                    Scenario::Groups { .. } => endpoint.listen.map(|g| endpoint.names.group(g)),
+                    _ => None,
+                };
                 let framing = match self.common.transport {
                     Transport::Tcp => Framing::Tcp,
                     Transport::Ws => {
@@ -428,9 +497,10 @@ impl<'a> Worker<'a> {
                     }
                 };
                 let driver = ParleyDriver::new(&endpoint, token, framing);
-                match room {
-                    Some(room) => Box::new(driver.in_room(room)),
-                    None => Box::new(driver),
+                match (room, group) {
+                    (Some(room), _) => Box::new(driver.in_room(room)),
+                    (None, Some(group)) => Box::new(driver.in_group(group)),
+                    (None, None) => Box::new(driver),
                 }
             }
             System::Mqtt => Box::new(MqttDriver::new(
@@ -738,6 +808,11 @@ impl<'a> Worker<'a> {
                             let t = now.saturating_sub(c.started_ns);
                             self.tally.sync.record(t);
                         }
+                        None
+                    }
+                    Event::GroupResult { .. } | Event::GroupMessage { .. } => {
+                        self.tally
+                            .error("a group frame outside the groups scenario");
                         None
                     }
                     Event::Ready | Event::Behind => None,

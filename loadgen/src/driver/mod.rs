@@ -41,6 +41,19 @@ impl Names {
     pub fn of(&self, client: u32) -> String {
         format!("{}c{client}", self.prefix)
     }
+
+    /// The client a user id of this run names (the inverse of [`Names::of`]), if it is one.
+    pub fn client(&self, user: &str) -> Option<u32> {
+        user.strip_prefix(self.prefix.as_str())?
+            .strip_prefix('c')?
+            .parse()
+            .ok()
+    }
+
+    /// The id of parley group number `group`: `<prefix>g<group>`.
+    pub fn group(&self, group: u32) -> String {
+        format!("{}g{group}", self.prefix)
+    }
 }
 
 /// Who one connection is, for its driver.
@@ -54,7 +67,8 @@ pub struct Endpoint {
     /// listens on its own number; in `fanout` every subscriber listens on the publisher's
     /// number. `None` for a connection that only publishes. Parley ignores it in `pairs` (a
     /// parley client always receives what is sent to its own user); in `fanout` it names the
-    /// room (see [`parley::ParleyDriver::in_room`]).
+    /// room (see [`parley::ParleyDriver::in_room`]); in `groups` (and `fanout --conversation
+    /// group`) the group's number ([`Names::group`]).
     pub listen: Option<u32>,
     /// What the connection does.
     pub role: Role,
@@ -67,6 +81,44 @@ pub struct ConvSeq {
     pub conversation: u64,
     /// The message's seq in that conversation.
     pub seq: u64,
+}
+
+/// A change of a group's membership (parley groups), as a request asks for it or as the group's
+/// SYSTEM message records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupAction {
+    /// CREATE the group with the requester as owner and the users as members
+    /// (event `CREATED`).
+    Create,
+    /// ADD_MEMBERS (event `MEMBERS_ADDED`).
+    Add,
+    /// REMOVE_MEMBERS (event `MEMBERS_REMOVED`).
+    Remove,
+    /// Any other event (a member left or joined by itself, a rename, a role change, the group
+    /// dissolved): loadgen asks for none of them.
+    Other,
+}
+
+/// A group request loadgen makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOp {
+    /// What to do.
+    pub action: GroupAction,
+    /// The group id.
+    pub group: String,
+    /// The users concerned.
+    pub users: Vec<String>,
+}
+
+/// What a group's SYSTEM message records (parley groups).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupEvent {
+    /// What changed.
+    pub action: GroupAction,
+    /// Who changed it.
+    pub actor: String,
+    /// The users concerned (for `CREATED`: the members besides the actor).
+    pub users: Vec<String>,
 }
 
 /// Something a driver saw on its connection.
@@ -102,6 +154,26 @@ pub enum Event {
         /// Where the system numbered the first of them, if it numbers messages (the rest follow
         /// it, one seq each).
         first: Option<ConvSeq>,
+    },
+    /// The answer to the group request tagged `request` ([`Driver::group`]): the seq of the event
+    /// it stored (0 if it changed nothing), or the system's refusal.
+    GroupResult {
+        /// The tag given to [`Driver::group`].
+        request: u64,
+        /// The event's seq, or the refusal's code and words.
+        result: Result<u64, String>,
+    },
+    /// A message of a group arrived (pushed live or in a sync page), the receiver's own ones
+    /// included (a sync carries them). [`Event::Delivered`] is not used for groups.
+    GroupMessage {
+        /// The group ([`parley::group_key`]) and the message's seq in it.
+        at: ConvSeq,
+        /// A user's message: exactly the body that was sent (empty for a SYSTEM message).
+        body: Bytes,
+        /// A SYSTEM message: the change it records.
+        event: Option<GroupEvent>,
+        /// It came in a sync page, not pushed live.
+        synced: bool,
     },
     /// The system reported an error. If `fatal`, it is closing the connection.
     Error {
@@ -154,6 +226,17 @@ pub trait Driver: Send {
             "this system keeps nothing for offline clients".into(),
         ))
     }
+
+    /// Writes group request `op` tagged `request` (non-zero) into `out`;
+    /// [`Event::GroupResult`] answers it. Systems without groups return an error.
+    fn group(
+        &mut self,
+        _request: u64,
+        _op: &GroupOp,
+        _out: &mut BytesMut,
+    ) -> Result<(), DriverError> {
+        Err(DriverError("this system has no groups".into()))
+    }
 }
 
 /// FNV-1a, 64 bits: a stable hash of a conversation id for [`ConvSeq`].
@@ -164,4 +247,20 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_user_id_names_it_back_and_other_ids_name_no_client() {
+        let names = Names {
+            prefix: "lg1-".into(),
+        };
+        assert_eq!(names.client(&names.of(42)), Some(42));
+        assert_eq!(names.client("lg2-c42"), None, "another run");
+        assert_eq!(names.client(&names.group(3)), None, "a group");
+        assert_eq!(names.client("lg1-cx"), None);
+    }
 }

@@ -14,6 +14,14 @@
 //! `{ROOM, names.of(publisher)}`. Every subscriber gets every seq of the room, so a room's
 //! [`ConvSeq::conversation`] is per receiver ([`room_key`]): each subscriber's seqs must form an
 //! unbroken run from 1, counting the ones a `RoomLag` said were dropped.
+//!
+//! In a group ([`ParleyDriver::in_group`]: `groups`, and `fanout --conversation group`) the
+//! connection is ready at login, sends to `{GROUP, group_id}`, makes the group requests the
+//! scenario asks for ([`Driver::group`]: create, add and remove members) and reports every
+//! message of the group as [`Event::GroupMessage`] (its own ones echoed by a sync and the
+//! SYSTEM messages of membership changes included): every member sees the same seqs, so the
+//! group's [`ConvSeq::conversation`] is one key for all ([`group_key`]), and the scenario's
+//! checker ([`crate::check::group`]) decides what each member should have seen.
 
 use bytes::{BufMut, BytesMut};
 use parley_proto::pb::{self, frame::Body};
@@ -21,7 +29,9 @@ use parley_proto::tcp::FrameCodec;
 use parley_proto::{PROTOCOL_VERSION, frame};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use super::{ConvSeq, Driver, DriverError, Endpoint, Event, Names, fnv1a};
+use super::{
+    ConvSeq, Driver, DriverError, Endpoint, Event, GroupAction, GroupEvent, GroupOp, Names, fnv1a,
+};
 use crate::ws::{WsClient, WsMessage};
 
 /// How frames travel.
@@ -41,7 +51,7 @@ pub struct ParleyDriver {
     token: String,
     framing: Framing,
     codec: FrameCodec,
-    /// Per peer user: (peer id, conversation key, highest seq delivered, ack pending).
+    /// Per conversation: the highest seq delivered and whether an ack is pending.
     cursors: Vec<Cursor>,
     syncing: bool,
     nonce: u64,
@@ -51,15 +61,24 @@ pub struct ParleyDriver {
     last_to: Option<(u32, String)>,
     /// The room this connection joins at start and sends to, if any.
     room: Option<String>,
+    /// The group this connection sends to, if any.
+    group: Option<String>,
+    /// Group requests written and not answered yet (their request ids).
+    group_requests: Vec<u64>,
     /// [`Event::Ready`] was emitted.
     ready: bool,
 }
 
+/// What the connection holds of one conversation.
 #[derive(Debug)]
 struct Cursor {
-    peer: String,
+    /// The conversation, as this client names it.
+    conv: pb::Conversation,
+    /// Its [`ConvSeq::conversation`] key.
     key: u64,
+    /// The highest seq delivered.
     seq: u64,
+    /// `seq` moved since the last ack.
     dirty: bool,
 }
 
@@ -77,6 +96,12 @@ pub fn direct_key(a: &str, b: &str) -> u64 {
 /// receiver (every subscriber gets every seq of the room).
 pub fn room_key(room: &str, me: &str) -> u64 {
     fnv1a(format!("room\n{room}\n{me}").as_bytes())
+}
+
+/// The conversation key of group `group`: the same for every member (they all see the same
+/// seqs).
+pub fn group_key(group: &str) -> u64 {
+    fnv1a(format!("group\n{group}").as_bytes())
 }
 
 /// The request id of the room JOIN written at start.
@@ -152,6 +177,8 @@ impl ParleyDriver {
             scratch: BytesMut::new(),
             last_to: None,
             room: None,
+            group: None,
+            group_requests: Vec::new(),
             ready: false,
         }
     }
@@ -161,6 +188,13 @@ impl ParleyDriver {
     /// client number ([`Names::of`] it is the room id).
     pub fn in_room(mut self, room: String) -> Self {
         self.room = Some(room);
+        self
+    }
+
+    /// Makes this connection send to group `group` (it must be a member; the scenario's owner
+    /// creates the group with [`Driver::group`]): [`Driver::send`]'s `to` is then ignored.
+    pub fn in_group(mut self, group: String) -> Self {
+        self.group = Some(group);
         self
     }
 
@@ -179,13 +213,23 @@ impl ParleyDriver {
         }
     }
 
-    fn cursor(&mut self, peer: &str) -> &mut Cursor {
-        let i = match self.cursors.iter().position(|c| c.peer == peer) {
+    /// The cursor of conversation `conv` (of type DIRECT or GROUP), made on first use.
+    fn cursor(&mut self, conv: &pb::Conversation) -> &mut Cursor {
+        let i = match self
+            .cursors
+            .iter()
+            .position(|c| c.conv.id == conv.id && c.conv.r#type == conv.r#type)
+        {
             Some(i) => i,
             None => {
+                let key = if conv.r#type == pb::ConversationType::Group as i32 {
+                    group_key(&conv.id)
+                } else {
+                    direct_key(&self.me, &conv.id)
+                };
                 self.cursors.push(Cursor {
-                    peer: peer.to_owned(),
-                    key: direct_key(&self.me, peer),
+                    conv: conv.clone(),
+                    key,
                     seq: 0,
                     dirty: false,
                 });
@@ -200,7 +244,7 @@ impl ParleyDriver {
             .cursors
             .iter()
             .map(|c| pb::AckCursor {
-                conversation: Some(direct(&c.peer)),
+                conversation: Some(c.conv.clone()),
                 seq: c.seq,
             })
             .collect();
@@ -216,7 +260,8 @@ impl ParleyDriver {
         self.write_frame(&frame, out);
     }
 
-    fn messages(&mut self, messages: Vec<pb::Message>, events: &mut Vec<Event>) {
+    /// Turns the messages of a `Deliver` (or, if `synced`, a `SyncPage`) into events.
+    fn messages(&mut self, messages: Vec<pb::Message>, events: &mut Vec<Event>, synced: bool) {
         for m in messages {
             if let Some(c) = m
                 .conversation
@@ -233,11 +278,46 @@ impl ParleyDriver {
                 });
                 continue;
             }
+            if let Some(c) = m
+                .conversation
+                .as_ref()
+                .filter(|c| c.r#type == pb::ConversationType::Group as i32)
+            {
+                let cursor = self.cursor(c);
+                let key = cursor.key;
+                if m.seq > cursor.seq {
+                    cursor.seq = m.seq;
+                    cursor.dirty = true;
+                }
+                let event = (m.kind == pb::MessageKind::System as i32).then(|| {
+                    let e = m.event.unwrap_or_default();
+                    GroupEvent {
+                        action: match pb::GroupEventType::try_from(e.r#type) {
+                            Ok(pb::GroupEventType::Created) => GroupAction::Create,
+                            Ok(pb::GroupEventType::MembersAdded) => GroupAction::Add,
+                            Ok(pb::GroupEventType::MembersRemoved) => GroupAction::Remove,
+                            _ => GroupAction::Other,
+                        },
+                        actor: e.actor,
+                        users: e.users,
+                    }
+                });
+                events.push(Event::GroupMessage {
+                    at: ConvSeq {
+                        conversation: key,
+                        seq: m.seq,
+                    },
+                    body: m.body,
+                    event,
+                    synced,
+                });
+                continue;
+            }
             if m.from_user == self.me {
                 continue; // our own message, echoed by a sync: we hold it already
             }
-            let peer = m.conversation.as_ref().map(|c| c.id.as_str()).unwrap_or("");
-            let cursor = self.cursor(peer);
+            let peer = m.conversation.unwrap_or_else(|| direct(&m.from_user));
+            let cursor = self.cursor(&peer);
             let key = cursor.key;
             if m.seq > cursor.seq {
                 cursor.seq = m.seq;
@@ -293,6 +373,8 @@ impl ParleyDriver {
                 let conv = ack.conversation.unwrap_or_default();
                 let key = if conv.r#type == pb::ConversationType::Room as i32 {
                     room_key(&conv.id, &self.me)
+                } else if conv.r#type == pb::ConversationType::Group as i32 {
+                    group_key(&conv.id)
                 } else {
                     direct_key(&self.me, &conv.id)
                 };
@@ -304,9 +386,9 @@ impl ParleyDriver {
                     }),
                 });
             }
-            Some(Body::Deliver(d)) => self.messages(d.messages, events),
+            Some(Body::Deliver(d)) => self.messages(d.messages, events, false),
             Some(Body::SyncPage(p)) => {
-                self.messages(p.messages, events);
+                self.messages(p.messages, events, true);
                 if p.done {
                     self.syncing = false;
                     events.push(Event::Synced);
@@ -328,6 +410,23 @@ impl ParleyDriver {
                 if !self.syncing {
                     self.sync_request(out);
                 }
+            }
+            Some(Body::GroupResult(r)) => {
+                self.group_requests.retain(|&id| id != frame.request_id);
+                events.push(Event::GroupResult {
+                    request: frame.request_id,
+                    result: Ok(r.seq),
+                });
+            }
+            Some(Body::Error(e)) if self.group_requests.contains(&frame.request_id) => {
+                self.group_requests.retain(|&id| id != frame.request_id);
+                let code = pb::ErrorCode::try_from(e.code)
+                    .map(|c| c.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                events.push(Event::GroupResult {
+                    request: frame.request_id,
+                    result: Err(format!("{code}: {}", e.message)),
+                });
             }
             Some(Body::Error(e)) => {
                 let code = pb::ErrorCode::try_from(e.code)
@@ -416,11 +515,14 @@ impl Driver for ParleyDriver {
         if self.last_to.as_ref().is_none_or(|(n, _)| *n != to) {
             self.last_to = Some((to, self.names.of(to)));
         }
-        let to_id = self.last_to.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
-        let kind = if self.room.is_some() {
-            pb::ConversationType::Room
+        let (kind, to_id) = if let Some(group) = &self.group {
+            (pb::ConversationType::Group, group.as_str())
+        } else if self.room.is_some() {
+            let to_id = self.last_to.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
+            (pb::ConversationType::Room, to_id)
         } else {
-            pb::ConversationType::Direct
+            let to_id = self.last_to.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
+            (pb::ConversationType::Direct, to_id)
         };
         match &mut self.framing {
             Framing::Tcp => {
@@ -455,7 +557,7 @@ impl Driver for ParleyDriver {
         for c in self.cursors.iter_mut().filter(|c| c.dirty) {
             c.dirty = false;
             acks.push(pb::AckCursor {
-                conversation: Some(direct(&c.peer)),
+                conversation: Some(c.conv.clone()),
                 seq: c.seq,
             });
         }
@@ -470,8 +572,41 @@ impl Driver for ParleyDriver {
         true
     }
 
+    /// A sync already under way (after a `Behind`) is not asked for again (the broker would
+    /// refuse it): its `done` page, which carries everything stored until then, answers both.
     fn sync(&mut self, out: &mut BytesMut) -> Result<(), DriverError> {
-        self.sync_request(out);
+        if !self.syncing {
+            self.sync_request(out);
+        }
+        Ok(())
+    }
+
+    fn group(&mut self, request: u64, op: &GroupOp, out: &mut BytesMut) -> Result<(), DriverError> {
+        let action = match op.action {
+            GroupAction::Create => pb::GroupAction::Create,
+            GroupAction::Add => pb::GroupAction::AddMembers,
+            GroupAction::Remove => pb::GroupAction::RemoveMembers,
+            GroupAction::Other => {
+                return Err(DriverError("loadgen makes no other group request".into()));
+            }
+        };
+        let frame = pb::Frame {
+            request_id: request,
+            body: Some(Body::GroupRequest(pb::GroupRequest {
+                action: action as i32,
+                group_id: op.group.clone(),
+                members: op.users.clone(),
+                ..Default::default()
+            })),
+        };
+        if frame::encoded_len(&frame) > parley_proto::DEFAULT_MAX_FRAME_BYTES {
+            return Err(DriverError(format!(
+                "a group request of {} users does not fit a frame",
+                op.users.len()
+            )));
+        }
+        self.group_requests.push(request);
+        self.write_frame(&frame, out);
         Ok(())
     }
 }
@@ -748,6 +883,212 @@ mod tests {
             .receive(&mut input, &mut out, &mut events)
             .expect_err("refused");
         assert!(e.0.contains("room is full"), "{e}");
+    }
+
+    fn group(id: &str) -> pb::Conversation {
+        pb::Conversation {
+            r#type: pb::ConversationType::Group as i32,
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn in_a_group_a_send_goes_to_the_group_and_its_ack_carries_the_groups_key() {
+        let mut d =
+            ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).in_group("t-g0".into());
+        let mut out = BytesMut::new();
+        d.send(7, 5, b"body", &mut out);
+        let f = FrameCodec::default()
+            .decode_frame(&mut out)
+            .expect("valid")
+            .expect("a send");
+        let Some(Body::Send(send)) = f.body else {
+            panic!("not a send")
+        };
+        assert_eq!(send.to, Some(group("t-g0")), "`to` is ignored in a group");
+        let mut input = server_frames(&[pb::Frame {
+            request_id: 0,
+            body: Some(Body::SendAck(pb::SendAck {
+                client_msg_id: 5,
+                seq: 9,
+                conversation: Some(group("t-g0")),
+                ..Default::default()
+            })),
+        }]);
+        let mut events = Vec::new();
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(
+            events,
+            vec![Event::Acked {
+                tag: 5,
+                seq: Some(ConvSeq {
+                    conversation: group_key("t-g0"),
+                    seq: 9
+                })
+            }]
+        );
+    }
+
+    #[test]
+    fn group_messages_and_their_changes_become_group_events_acked_per_group() {
+        let mut d =
+            ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).in_group("t-g0".into());
+        let removal = pb::Message {
+            conversation: Some(group("t-g0")),
+            seq: 4,
+            from_user: "t-c0".into(),
+            kind: pb::MessageKind::System as i32,
+            event: Some(pb::GroupEvent {
+                r#type: pb::GroupEventType::MembersRemoved as i32,
+                actor: "t-c0".into(),
+                users: vec!["t-c2".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let own = pb::Message {
+            conversation: Some(group("t-g0")),
+            seq: 5,
+            from_user: "t-c1".into(),
+            body: Bytes::from_static(b"mine"),
+            ..Default::default()
+        };
+        let mut input = server_frames(&[
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(pb::Deliver {
+                    messages: vec![removal],
+                })),
+            },
+            pb::Frame {
+                request_id: 0,
+                body: Some(Body::SyncPage(pb::SyncPage {
+                    messages: vec![own],
+                    done: true,
+                })),
+            },
+        ]);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        let at = |seq| ConvSeq {
+            conversation: group_key("t-g0"),
+            seq,
+        };
+        assert_eq!(
+            events,
+            vec![
+                Event::GroupMessage {
+                    at: at(4),
+                    body: Bytes::new(),
+                    event: Some(GroupEvent {
+                        action: GroupAction::Remove,
+                        actor: "t-c0".into(),
+                        users: vec!["t-c2".into()],
+                    }),
+                    synced: false,
+                },
+                Event::GroupMessage {
+                    at: at(5),
+                    body: Bytes::from_static(b"mine"),
+                    event: None,
+                    synced: true,
+                },
+                Event::Synced,
+            ],
+            "its own messages, echoed by a sync, are reported too"
+        );
+        d.flush(&mut out);
+        let ack = FrameCodec::default()
+            .decode_frame(&mut out)
+            .expect("valid")
+            .expect("an ack");
+        let Some(Body::DeliverAck(ack)) = ack.body else {
+            panic!("not an ack")
+        };
+        assert_eq!(
+            ack.acks,
+            vec![pb::AckCursor {
+                conversation: Some(group("t-g0")),
+                seq: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn a_group_request_is_answered_by_its_result_or_its_refusal() {
+        let mut d =
+            ParleyDriver::new(&endpoint(0), "tok".into(), Framing::Tcp).in_group("t-g0".into());
+        let mut out = BytesMut::new();
+        for (request, action) in [(1000, GroupAction::Create), (1001, GroupAction::Add)] {
+            let op = GroupOp {
+                action,
+                group: "t-g0".into(),
+                users: vec!["t-c1".into(), "t-c2".into()],
+            };
+            d.group(request, &op, &mut out).expect("fits");
+        }
+        let mut codec = FrameCodec::default();
+        let create = codec
+            .decode_frame(&mut out)
+            .expect("valid")
+            .expect("create");
+        let Some(Body::GroupRequest(req)) = create.body else {
+            panic!("not a group request")
+        };
+        assert_eq!(create.request_id, 1000);
+        assert_eq!(
+            (req.action, req.group_id.as_str(), req.members.len()),
+            (pb::GroupAction::Create as i32, "t-g0", 2)
+        );
+        let mut input = server_frames(&[
+            pb::Frame {
+                request_id: 1000,
+                body: Some(Body::GroupResult(pb::GroupResult {
+                    seq: 1,
+                    ..Default::default()
+                })),
+            },
+            pb::Frame {
+                request_id: 1001,
+                body: Some(Body::Error(pb::Error {
+                    code: pb::ErrorCode::GroupFull as i32,
+                    message: "full".into(),
+                    ..Default::default()
+                })),
+            },
+        ]);
+        let mut events = Vec::new();
+        d.receive(&mut input, &mut out, &mut events).expect("valid");
+        assert_eq!(
+            events,
+            vec![
+                Event::GroupResult {
+                    request: 1000,
+                    result: Ok(1)
+                },
+                Event::GroupResult {
+                    request: 1001,
+                    result: Err("GROUP_FULL: full".into())
+                },
+            ]
+        );
+        let other = GroupOp {
+            action: GroupAction::Other,
+            group: "t-g0".into(),
+            users: Vec::new(),
+        };
+        assert!(d.group(1002, &other, &mut out).is_err());
+    }
+
+    #[test]
+    fn a_sync_already_under_way_is_not_asked_for_again() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let mut out = BytesMut::new();
+        d.sync(&mut out).expect("parley syncs");
+        let first = out.len();
+        assert!(first > 0);
+        d.sync(&mut out).expect("parley syncs");
+        assert_eq!(out.len(), first, "the running sync answers both");
     }
 
     #[test]
