@@ -15,7 +15,9 @@
 //! made them.
 //!
 //! The verdict, once every member has done its final sync:
-//! - *lost*: a seq inside one of a member's windows that it does not hold;
+//! - *lost*: a seq inside a member's latest window that it does not hold (the broker serves a
+//!   member who came back from its new join on; what it held of an earlier window is its own,
+//!   and holding it is allowed, but a missing part of an earlier window is not lost);
 //! - *outside_window*: a seq a member holds outside all its windows (after it was removed and
 //!   before it came back);
 //! - *gaps*: a seq below the group's last that nobody ever heard of;
@@ -384,11 +386,13 @@ impl GroupCheck {
         for (m, windows) in self.members.iter().zip(&windows) {
             let held_total = ones_in(&m.held, 1, last.max(1));
             let mut held_inside = 0;
-            for &(from, to) in windows {
+            for (i, &(from, to)) in windows.iter().enumerate() {
                 let to = to.unwrap_or(last);
                 let inside = ones_in(&m.held, from, to);
                 held_inside += inside;
-                lost += (to + 1).saturating_sub(from) - inside;
+                if i + 1 == windows.len() {
+                    lost += (to + 1).saturating_sub(from) - inside;
+                }
             }
             outside += held_total - held_inside;
         }
@@ -424,11 +428,14 @@ impl GroupCheck {
                 .map(|&(from, to)| (from, to.unwrap_or(last)))
                 .collect();
             let inside = |seq: u64| windows.iter().any(|&(a, b)| a <= seq && seq <= b);
-            // Runs of seqs where "held" disagrees with "inside a window".
+            let latest = |seq: u64| windows.last().is_some_and(|&(a, b)| a <= seq && seq <= b);
+            // Runs of seqs held outside every window, or missing from the latest one.
             let (mut lost, mut outside) = (Vec::new(), Vec::new());
             let mut run: Option<(u64, bool)> = None;
             for seq in 1..=last + 1 {
-                let wrong = seq <= last && has_bit(held, seq) != inside(seq);
+                let held_here = has_bit(held, seq);
+                let wrong =
+                    seq <= last && ((held_here && !inside(seq)) || (!held_here && latest(seq)));
                 let kind = wrong.then(|| inside(seq));
                 match (run, kind) {
                     (Some((_, k)), Some(k2)) if k == k2 => {}
@@ -572,6 +579,37 @@ mod tests {
         g.arrived(BOB, 4, msg(OWNER, 3));
         let v = g.verdict();
         assert_eq!(v.failures(), vec![("lost", 1)], "{v:?}");
+    }
+
+    #[test]
+    fn a_member_back_in_the_group_is_held_to_its_latest_window_only() {
+        // Carol missed part of her first window (she was behind when removed): the broker
+        // serves a member who came back from its new join on, so that is not lost; a gap in
+        // her latest window is.
+        let mut g = GroupCheck::new([OWNER, BOB, CAROL]);
+        g.changed(OWNER, change(GroupAction::Create, &[OWNER, BOB, CAROL]), 1);
+        g.acked(OWNER, 1, 2);
+        g.changed(OWNER, change(GroupAction::Remove, &[CAROL]), 3);
+        g.changed(OWNER, change(GroupAction::Add, &[CAROL]), 4);
+        g.acked(OWNER, 2, 5);
+        for (seq, content) in [
+            (1, event(GroupAction::Create, &[OWNER, BOB, CAROL])),
+            (2, msg(OWNER, 1)),
+            (3, event(GroupAction::Remove, &[CAROL])),
+            (4, event(GroupAction::Add, &[CAROL])),
+            (5, msg(OWNER, 2)),
+        ] {
+            g.arrived(BOB, seq, content);
+        }
+        g.arrived(CAROL, 1, event(GroupAction::Create, &[OWNER, BOB, CAROL]));
+        g.arrived(CAROL, 4, event(GroupAction::Add, &[CAROL]));
+        assert_eq!(g.verdict().lost, 1, "seq 5 of her latest window");
+        g.arrived(CAROL, 5, msg(OWNER, 2));
+        let v = g.verdict();
+        assert!(
+            v.passed(),
+            "2 and 3 of the earlier window are not lost: {v:?}"
+        );
     }
 
     #[test]
