@@ -485,3 +485,70 @@ fn memberships_survive_a_restart_and_a_kill_9_in_the_middle_of_changes() {
     let sync = carol.sync_with(Vec::new(), 0);
     assert_eq!(seqs_of(sync.messages(), &team), vec![1, 2, 3]);
 }
+
+#[test]
+fn recalls_and_edits_reach_every_member_as_their_own_records_and_admins_may_recall_any() {
+    let broker = Broker::start(&[]);
+    let team = group("team");
+    let mut alice = broker.connect("alice", "phone");
+    let mut bob = broker.connect("bob", "phone");
+    let mut carol = broker.connect("carol", "phone");
+    create(&mut alice, "team", &["bob", "carol"]);
+    let original = bob.send_to(&team, "typo"); // seq 2
+    let send = |c: &mut Client, kind: pb::MessageKind, ref_seq: u64, body: &str| {
+        let id = parley_tests::client::fresh_client_msg_id();
+        c.request(pb::frame::Body::Send(pb::Send {
+            to: Some(team.clone()),
+            client_msg_id: id,
+            content_type: 1,
+            body: body.as_bytes().to_vec().into(),
+            kind: kind as i32,
+            ref_seq,
+        }));
+        c.wait_send_ack(id, TIMEOUT)
+    };
+    let edit = send(&mut bob, pb::MessageKind::Edit, original.seq, "fixed");
+    assert_eq!(edit.seq, 3, "an edit is a record of its own");
+    for member in [&mut alice, &mut carol] {
+        let m = member.expect_delivery(&team, 3, TIMEOUT);
+        assert_eq!(
+            (m.kind, m.ref_seq, &m.body[..]),
+            (pb::MessageKind::Edit as i32, 2, &b"fixed"[..])
+        );
+    }
+    // Carol (a member) may not recall bob's message; alice (the owner) may.
+    let id = parley_tests::client::fresh_client_msg_id();
+    carol.request(pb::frame::Body::Send(pb::Send {
+        to: Some(team.clone()),
+        client_msg_id: id,
+        content_type: 1,
+        body: Default::default(),
+        kind: pb::MessageKind::Recall as i32,
+        ref_seq: 2,
+    }));
+    assert_eq!(
+        carol.expect_error(TIMEOUT).code,
+        ErrorCode::Forbidden as i32
+    );
+    let recall = send(&mut alice, pb::MessageKind::Recall, 2, "");
+    let m = bob.expect_delivery(&team, recall.seq, TIMEOUT);
+    assert_eq!(
+        (m.kind, m.ref_seq, m.from_user.as_str()),
+        (pb::MessageKind::Recall as i32, 2, "alice")
+    );
+    carol.expect_delivery(&team, recall.seq, TIMEOUT);
+    // The group's own events are neither recalled nor edited.
+    let id = parley_tests::client::fresh_client_msg_id();
+    alice.request(pb::frame::Body::Send(pb::Send {
+        to: Some(team.clone()),
+        client_msg_id: id,
+        content_type: 1,
+        body: Default::default(),
+        kind: pb::MessageKind::Recall as i32,
+        ref_seq: 1,
+    }));
+    assert_eq!(
+        alice.expect_error(TIMEOUT).code,
+        ErrorCode::Forbidden as i32
+    );
+}
