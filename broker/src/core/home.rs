@@ -68,9 +68,17 @@ impl InboxEntry {
     fn new(conv: Arc<Conv>, user: &str) -> Self {
         let view = Bytes::from(splice::view_field(&conv.view_for(user)));
         InboxEntry {
+            view,
+            ..InboxEntry::new_without_view(conv)
+        }
+    }
+
+    /// An entry whose view is to be set by the caller.
+    fn new_without_view(conv: Arc<Conv>) -> Self {
+        InboxEntry {
             conv,
             last_seq: 0,
-            view,
+            view: Bytes::new(),
             window: None,
             cursors: Cursors::default(),
             last: None,
@@ -150,7 +158,9 @@ pub(crate) struct User {
     /// Connected devices and their connections.
     pub(crate) devices: Vec<(Arc<str>, ConnId)>,
     /// Conversations by id.
-    pub(crate) inbox: FastMap<u64, InboxEntry>,
+    /// Boxed: most users have a few conversations, and a small map's slots (at least four)
+    /// then cost a pointer each, not a whole entry.
+    pub(crate) inbox: FastMap<u64, Box<InboxEntry>>,
     /// When its last device left (Unix ms; 0: not since start, or since the home forgot it).
     pub(crate) last_seen: i64,
 }
@@ -178,14 +188,18 @@ impl Home {
         let e = u
             .inbox
             .entry(conv.id)
-            .or_insert_with(|| InboxEntry::new(Arc::clone(conv), user));
+            .or_insert_with(|| Box::new(InboxEntry::new(Arc::clone(conv), user)));
         e.last_seq = e.last_seq.max(last_seq);
         e
     }
 
     /// The user's entry of conversation `conv`, if it has one.
     pub(crate) fn entry_mut(&mut self, user: &str, conv: u64) -> Option<&mut InboxEntry> {
-        self.users.get_mut(user)?.inbox.get_mut(&conv)
+        self.users
+            .get_mut(user)?
+            .inbox
+            .get_mut(&conv)
+            .map(|e| &mut **e)
     }
 
     /// The newest message the user may read of entry `e` (when the home holds it) and when it
@@ -233,12 +247,16 @@ impl Home {
     /// `user` (homed here) may read group `conv` from `from` to `to` (inclusive; `u64::MAX`:
     /// it is a member).
     pub(crate) fn set_membership(&mut self, user: &Arc<str>, conv: &Arc<Conv>, from: u64, to: u64) {
+        // Every member names a group the same way: its entries share the group's view.
+        let view = self.group(conv).view.clone();
         let u = self.users.entry(Arc::clone(user)).or_default();
         let online = !u.devices.is_empty();
-        let e = u
-            .inbox
-            .entry(conv.id)
-            .or_insert_with(|| InboxEntry::new(Arc::clone(conv), user));
+        let e = u.inbox.entry(conv.id).or_insert_with(|| {
+            Box::new(InboxEntry {
+                view,
+                ..InboxEntry::new_without_view(Arc::clone(conv))
+            })
+        });
         e.window = Some((from, to));
         let g = self.group(conv);
         if to == u64::MAX {

@@ -83,7 +83,7 @@ impl<B: Backend> ShardCore<B> {
         let mut entries: Vec<&InboxEntry> = home
             .users
             .get(&*user)
-            .map(|u| u.inbox.values().collect())
+            .map(|u| u.inbox.values().map(|e| &**e).collect())
             .unwrap_or_default();
         entries.sort_by(|a, b| a.conv.key.cmp(&b.conv.key));
         let mut summary = Vec::new();
