@@ -317,19 +317,9 @@ impl<B: Backend> ShardCore<B> {
             kind: send.kind,
             ref_seq: send.ref_seq,
         }));
-        let meta = RecordMeta {
-            kind: KIND_MESSAGE,
-            conversation: id,
-            seq,
-            msg_id,
-            timestamp: Timestamp::from_micros(unix_ms.saturating_mul(1000)),
-        };
-        let lsn = match self.owner.log.append(meta, &stored) {
+        let lsn = match self.append_record(KIND_MESSAGE, id, seq, msg_id, unix_ms, &stored) {
             Ok(lsn) => lsn,
-            Err(e) => {
-                self.log_line(LogKind::Storage, format_args!("append failed: {e}"));
-                return refuse(self, Refusal::Storage(e.to_string()));
-            }
+            Err(r) => return refuse(self, r),
         };
         let remembered = Remembered {
             msg_id,
@@ -369,6 +359,30 @@ impl<B: Backend> ShardCore<B> {
             })),
         });
         self.release_if_not_waiting();
+    }
+
+    /// Appends the record (`kind`) of conversation `id`'s message `seq`; a failure is logged
+    /// and becomes the request's refusal.
+    pub(crate) fn append_record(
+        &mut self,
+        kind: u8,
+        id: u64,
+        seq: u64,
+        msg_id: u64,
+        unix_ms: i64,
+        bytes: &[u8],
+    ) -> Result<Lsn, Refusal> {
+        let meta = RecordMeta {
+            kind,
+            conversation: id,
+            seq,
+            msg_id,
+            timestamp: Timestamp::from_micros(unix_ms.saturating_mul(1000)),
+        };
+        self.owner.log.append(meta, bytes).map_err(|e| {
+            self.log_line(LogKind::Storage, format_args!("append failed: {e}"));
+            Refusal::Storage(e.to_string())
+        })
     }
 
     pub(crate) fn release_if_not_waiting(&mut self) {

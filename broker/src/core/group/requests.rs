@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parley_proto::pb;
-use parley_storage::{Backend, RecordMeta, Timestamp};
+use parley_storage::Backend;
 
 use super::{Decision, Group};
 use crate::core::ShardCore;
@@ -14,7 +14,6 @@ use crate::core::conv::Conv;
 use crate::core::error::Refusal;
 use crate::core::mail::{Device, GroupOp, Origin, ShardMsg};
 use crate::core::owner::{ConvState, KIND_GROUP_EVENT, Pending, Reply, Stored};
-use crate::loglimit::LogKind;
 
 /// The owner's side of groups: requests decided, events stored and applied, answers released
 /// once durable (like send-acks).
@@ -139,24 +138,16 @@ impl<B: Backend> ShardCore<B> {
             ..Default::default()
         };
         let stored = Bytes::from(prost::Message::encode_to_vec(&message));
-        let meta = RecordMeta {
-            kind: KIND_GROUP_EVENT,
-            conversation: id,
-            seq,
-            msg_id,
-            timestamp: Timestamp::from_micros(unix_ms.saturating_mul(1000)),
-        };
-        let lsn = match self.owner.log.append(meta, &stored) {
+        let lsn = match self.append_record(KIND_GROUP_EVENT, id, seq, msg_id, unix_ms, &stored) {
             Ok(lsn) => lsn,
-            Err(e) => {
-                self.log_line(LogKind::Storage, format_args!("append failed: {e}"));
+            Err(refusal) => {
                 return self.route(
                     origin.shard,
                     ShardMsg::Refused {
                         to: origin,
                         request_id,
                         client_msg_id: 0,
-                        refusal: Refusal::Storage(e.to_string()),
+                        refusal,
                     },
                 );
             }
