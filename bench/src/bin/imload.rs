@@ -526,8 +526,8 @@ mod presence {
         printed: u32,
     }
 
-    /// Broker CPU time (user + system) in seconds.
-    fn cpu_secs(pid: u32) -> io::Result<f64> {
+    /// Broker CPU time in seconds: (user, system).
+    fn cpu_secs(pid: u32) -> io::Result<(f64, f64)> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let rest = stat
             .rsplit_once(')')
@@ -542,7 +542,7 @@ mod presence {
         };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Ok((ticks(11)? + ticks(12)?) / hz)
+        Ok((ticks(11)? / hz, ticks(12)? / hz))
     }
 
     fn name(i: usize) -> String {
@@ -816,7 +816,8 @@ mod presence {
                 self.pump(wait.saturating_duration_since(Instant::now()).min(Duration::from_millis(10)))?;
             }
             let elapsed = t0.elapsed().as_secs_f64();
-            let cpu = cpu_secs(o.broker_pid)? - cpu0;
+            let cpu1 = cpu_secs(o.broker_pid)?;
+            let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
             let c = self.counts.clone();
             // The last flaps' pushes come after the phase: count them for the per-flap figure.
             self.settle(Duration::from_millis(2 * o.coalesce_ms + 500))?;
@@ -829,10 +830,12 @@ mod presence {
                 all_entries as f64 / (c.flaps as f64 * o.contacts as f64)
             };
             println!(
-                "RESULT presence phase={label} secs={elapsed:.1} cpu_pct={:.2} flaps_per_s={:.1} \
+                "RESULT presence phase={label} secs={elapsed:.1} cpu_pct={:.2} user_pct={:.2} sys_pct={:.2} flaps_per_s={:.1} \
                  push_frames_per_s={:.0} push_entries_per_s={:.0} entries_per_flap_per_watcher={per_flap:.3} \
                  reconnect_p50_ms={:.2} reconnect_p99_ms={:.2} errors={} unexpected_closes={}",
-                100.0 * cpu / elapsed,
+                100.0 * (user + sys) / elapsed,
+                100.0 * user / elapsed,
+                100.0 * sys / elapsed,
                 c.flaps as f64 / elapsed,
                 c.push_frames as f64 / elapsed,
                 c.push_entries as f64 / elapsed,
