@@ -4,7 +4,7 @@
 # Each scenario runs RUNS times (default 3) on a fresh data dir; the RESULT lines of every run
 # are printed, then the median of each figure.
 #
-#   bench/im.sh [presence|convlist|all]          # default all; about 4 min per presence run
+#   bench/im.sh [presence|convlist|all]          # default all; ~3 min per presence run, ~10 min in all
 #
 # presence: 10,000 users, each subscribed to 100 of the others; 30 s idle, then 30 s with 1% of
 #   the users flapping per second for each of: reconnect after 200 ms, reconnect after 1500 ms,
