@@ -255,3 +255,52 @@ fn a_group_counts_its_readers_per_message_without_telling_every_member() {
         Err(ErrorCode::Forbidden as i32)
     );
 }
+
+#[test]
+fn a_conversation_list_page_never_passes_the_frame_limit_and_the_rest_comes_next() {
+    let broker = Broker::start(&[]);
+    let mut me = broker.connect("me", "phone");
+    let body = "x".repeat(4000);
+    for i in 0..30 {
+        let mut f = broker.connect(&format!("f{i:02}"), "phone");
+        f.send("me", body.clone());
+    }
+    let first = me.conversation_list(0, None);
+    assert!(
+        first.more,
+        "30 newest messages of 4 KB do not fit one 64-KiB frame"
+    );
+    let n = first.conversations.len();
+    assert!(
+        (10..30).contains(&n),
+        "a page as full as the frame allows: {n}"
+    );
+    let last = first.conversations.last().expect("entries");
+    let rest = me.conversation_list(
+        0,
+        Some((last.last_activity, last.conversation.clone().expect("set"))),
+    );
+    let mut seen: Vec<_> = first
+        .conversations
+        .iter()
+        .chain(rest.conversations.iter())
+        .filter_map(|c| c.conversation.as_ref().map(|v| v.id.clone()))
+        .collect();
+    if rest.more {
+        let last = rest.conversations.last().expect("entries");
+        let third = me.conversation_list(
+            0,
+            Some((last.last_activity, last.conversation.clone().expect("set"))),
+        );
+        assert!(!third.more);
+        seen.extend(
+            third
+                .conversations
+                .iter()
+                .filter_map(|c| c.conversation.as_ref().map(|v| v.id.clone())),
+        );
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 30, "every conversation, once, over the pages");
+}

@@ -92,7 +92,11 @@ struct PresenceOpts {
     #[arg(long, default_value_t = 30)]
     phase_secs: u64,
     /// Flapping phases to run, each `MODE:DOWN_MS` (how long a flapping user stays away).
-    #[arg(long, value_delimiter = ',', default_value = "reconnect:200,reconnect:1500,away:1500")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "reconnect:200,reconnect:1500,away:1500"
+    )]
     flaps: Vec<String>,
     /// The broker's `presence.coalesce_ms` (for the settling waits and the check).
     #[arg(long, default_value_t = 1000)]
@@ -241,7 +245,10 @@ mod token {
                 super::HEADER,
                 r#"{"sub":"1234567890","name":"John Doe","iat":1516239022}"#,
             );
-            assert!(t.ends_with(".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"), "{t}");
+            assert!(
+                t.ends_with(".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"),
+                "{t}"
+            );
         }
     }
 }
@@ -302,7 +309,11 @@ mod net {
 
         /// Starts a connection for `user` with `first` queued; returns its slot.
         pub(crate) fn connect(&mut self, user: usize, first: &pb::Frame) -> io::Result<usize> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+            let socket = Socket::new(
+                Domain::IPV4,
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?;
             socket.set_tcp_nodelay(true)?;
             let src = self.sources[self.next_source % self.sources.len()];
             self.next_source += 1;
@@ -356,7 +367,12 @@ mod net {
         }
 
         fn fail(&mut self, slot: usize, why: String) {
-            if let Some(user) = self.conns.get(slot).and_then(Option::as_ref).map(|c| c.user) {
+            if let Some(user) = self
+                .conns
+                .get(slot)
+                .and_then(Option::as_ref)
+                .map(|c| c.user)
+            {
                 self.close(slot);
                 self.out.push((user, Ev::Closed(why)));
             }
@@ -564,7 +580,8 @@ mod presence {
         let mut i = 0;
         while chosen.len() < k && i < n {
             let clash = chosen.iter().any(|&j| {
-                contacts(i, n, c, stride).any(|x| x == j) || contacts(j, n, c, stride).any(|x| x == i)
+                contacts(i, n, c, stride).any(|x| x == j)
+                    || contacts(j, n, c, stride).any(|x| x == i)
             });
             if !clash {
                 chosen.push(i);
@@ -728,8 +745,12 @@ mod presence {
             while self.pings_sent < due {
                 let u = (self.pings_sent % n) as usize;
                 self.pings_sent += 1;
-                if let (Some(slot), Phase::Ready | Phase::Down) = (self.users[u].slot, self.users[u].phase) {
-                    let ping = Body::Ping(pb::Ping { nonce: self.pings_sent });
+                if let (Some(slot), Phase::Ready | Phase::Down) =
+                    (self.users[u].slot, self.users[u].phase)
+                {
+                    let ping = Body::Ping(pb::Ping {
+                        nonce: self.pings_sent,
+                    });
                     self.net.send(slot, &frame(0, ping));
                 }
             }
@@ -751,7 +772,8 @@ mod presence {
                         }
                         // Comes back a second later, as a client would.
                         user.phase = Phase::Down;
-                        self.returns.push_back((Instant::now() + Duration::from_secs(1), u));
+                        self.returns
+                            .push_back((Instant::now() + Duration::from_secs(1), u));
                     }
                 }
             }
@@ -761,7 +783,10 @@ mod presence {
         fn pump_for(&mut self, d: Duration) -> io::Result<()> {
             let end = Instant::now() + d;
             while Instant::now() < end {
-                self.pump(end.saturating_duration_since(Instant::now()).min(Duration::from_millis(5)))?;
+                self.pump(
+                    end.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(5)),
+                )?;
             }
             Ok(())
         }
@@ -773,7 +798,9 @@ mod presence {
         /// Waits (bounded) until every user is Ready again.
         fn settle(&mut self, extra: Duration) -> io::Result<()> {
             let end = Instant::now() + Duration::from_secs(60);
-            while (self.count(Phase::Ready) < self.o.users || !self.returns.is_empty()) && Instant::now() < end {
+            while (self.count(Phase::Ready) < self.o.users || !self.returns.is_empty())
+                && Instant::now() < end
+            {
                 self.pump(Duration::from_millis(5))?;
             }
             self.pump_for(extra)
@@ -813,7 +840,10 @@ mod presence {
                     }
                 }
                 let wait = if down.is_some() { next } else { end }.min(end);
-                self.pump(wait.saturating_duration_since(Instant::now()).min(Duration::from_millis(10)))?;
+                self.pump(
+                    wait.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(10)),
+                )?;
             }
             let elapsed = t0.elapsed().as_secs_f64();
             let cpu1 = cpu_secs(o.broker_pid)?;
@@ -863,7 +893,11 @@ mod presence {
             self.settle(Duration::ZERO)?;
             let entries: u64 = users.iter().map(|&u| u64::from(self.pushed_about[u])).sum();
             let watchers = self.o.contacts as u64 * users.len() as u64;
-            let expect = if down.as_millis() < u128::from(self.o.coalesce_ms) { 0 } else { 2 * watchers };
+            let expect = if down.as_millis() < u128::from(self.o.coalesce_ms) {
+                0
+            } else {
+                2 * watchers
+            };
             println!(
                 "RESULT presence phase=coalesce-{} users={} watchers={watchers} push_entries={entries} \
                  push_frames={} expected_entries={expect}",
@@ -966,8 +1000,13 @@ mod presence {
                 .split_once(':')
                 .ok_or_else(|| other(format!("bad --flaps entry {spec}")))?;
             b.mode = FlapMode::from_str(mode, true).map_err(other)?;
-            let ms: u64 = ms.parse().map_err(|_| other(format!("bad --flaps entry {spec}")))?;
-            b.phase(&format!("flap-{mode}-{ms}"), Some(Duration::from_millis(ms)))?;
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| other(format!("bad --flaps entry {spec}")))?;
+            b.phase(
+                &format!("flap-{mode}-{ms}"),
+                Some(Duration::from_millis(ms)),
+            )?;
         }
         let chosen = independent(o.users, o.contacts, stride, o.check_users);
         b.check(&chosen, Duration::from_millis(200))?;
@@ -1130,7 +1169,11 @@ mod convlist {
             let Some(Body::ConversationList(l)) = a.body else {
                 return Err(other(format!("list answer: {a:?}")));
             };
-            let filled = l.conversations.iter().filter(|s| s.last_message.is_some()).count();
+            let filled = l
+                .conversations
+                .iter()
+                .filter(|s| s.last_message.is_some())
+                .count();
             println!(
                 "RESULT convlist label={} phase=first-{limit} rtt_us={} entries={} with_last_message={filled} more={} bytes={bytes}",
                 o.label,

@@ -191,8 +191,21 @@ impl<B: Backend> ShardCore<B> {
             conversations: run.page,
             more: run.more,
         };
-        while list.conversations.len() > 1 && list.encoded_len() > budget {
-            list.conversations.pop();
+        // Keep the entries that fit one frame (at least one), measuring each entry once.
+        let mut used = 0usize;
+        let fits = list
+            .conversations
+            .iter()
+            .take_while(|c| {
+                let len = c.encoded_len();
+                // The field key and the length prefix of each entry.
+                used += len + 1 + prost::encoding::encoded_len_varint(len as u64);
+                used <= budget
+            })
+            .count()
+            .max(1);
+        if fits < list.conversations.len() {
+            list.conversations.truncate(fits);
             list.more = true;
         }
         self.counters.conversation_lists += 1;
