@@ -10,7 +10,10 @@
 //!
 //! Values from the environment and flags are read as TOML values (`64`, `true`, `"text"`); a bare
 //! word that is not valid TOML is taken as a string. Unknown keys are an error, so a typo never
-//! silently leaves a default in force. [`Config::display_redacted`] prints the effective
+//! silently leaves a default in force — except an environment variable whose first part names no
+//! section or top-level setting at all (`PARLEY_BIN`, `PARLEY_BROKER_LOG`): that one is another
+//! program's, merely sharing the prefix, and is left alone ([`Config::foreign_env`] lists them, so
+//! the node can say so). `PARLEY_STORAGE__DURABILTY` (a typo inside a section) stays an error. [`Config::display_redacted`] prints the effective
 //! configuration without secrets, as the node does at start-up.
 
 use std::fmt;
@@ -502,11 +505,14 @@ impl Config {
                 }
             }
         }
+        let known = Self::top_level_keys();
         let mut env: Vec<(String, String)> = env
             .into_iter()
             .filter_map(|(k, v)| {
                 let key = k.strip_prefix(ENV_PREFIX)?;
-                Some((key.to_ascii_lowercase().replace("__", "."), v))
+                let key = key.to_ascii_lowercase().replace("__", ".");
+                let top = key.split('.').next().unwrap_or_default();
+                known.iter().any(|k| k == top).then_some((key, v))
             })
             .collect();
         env.sort();
@@ -524,6 +530,30 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The names of the top-level settings and sections.
+    fn top_level_keys() -> Vec<String> {
+        match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `PARLEY_*` variables of `env` that name no setting (another program's, sharing the
+    /// prefix): [`Config::load`] leaves them alone.
+    pub fn foreign_env<'a>(env: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let known = Self::top_level_keys();
+        env.into_iter()
+            .filter(|name| {
+                name.strip_prefix(ENV_PREFIX).is_some_and(|key| {
+                    let key = key.to_ascii_lowercase().replace("__", ".");
+                    let top = key.split('.').next().unwrap_or_default();
+                    !known.iter().any(|k| k == top)
+                })
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Checks values that the types alone do not constrain.
@@ -692,6 +722,25 @@ mod tests {
         assert!(c.listen.tcp.is_some_and(|a| a.ip().is_loopback()));
         assert!(c.listen.ws.is_some_and(|a| a.ip().is_loopback()));
         assert_eq!(c.storage.durability, DurabilityPolicy::Always);
+    }
+
+    #[test]
+    fn a_variable_that_merely_shares_the_prefix_is_left_alone_but_a_typo_in_a_section_is_not() {
+        let c = load(&[("PARLEY_BIN", "/usr/bin/x"), ("PARLEY_SHARDS", "3")], &[])
+            .expect("PARLEY_BIN names no setting: not ours");
+        assert_eq!(c.shards, 3);
+        assert_eq!(
+            Config::foreign_env([
+                "PARLEY_BIN",
+                "PARLEY_SHARDS",
+                "HOME",
+                "PARLEY_LIMITS__MAX_PAGE"
+            ]),
+            vec!["PARLEY_BIN".to_owned()]
+        );
+        let e = load(&[("PARLEY_STORAGE__DURABILTY", "never")], &[])
+            .expect_err("a typo inside a section is refused");
+        assert!(e.to_string().contains("durabilty"), "{e}");
     }
 
     #[test]

@@ -166,8 +166,11 @@ fn env_vars() -> Result<Vec<(String, String)>, CliError> {
 
 /// Loads the configuration: defaults, `file`, the `PARLEY_*` environment, then `settings`.
 fn load_config(file: Option<&Path>, settings: &[String]) -> Result<Config, CliError> {
-    Config::load(file, env_vars()?, settings)
-        .map_err(|e| CliError::new(format!("configuration: {e}")))
+    let env = env_vars()?;
+    for name in Config::foreign_env(env.iter().map(|(k, _)| k.as_str())) {
+        eprintln!("note: {name} names no setting; it is left alone");
+    }
+    Config::load(file, env, settings).map_err(|e| CliError::new(format!("configuration: {e}")))
 }
 
 /// Loads the configuration from the shared flags alone (for `token` and `chat`).
