@@ -62,6 +62,9 @@ fn unread_counts_follow_the_read_cursor_on_every_device_and_never_go_back() {
     for i in 1..=3 {
         alice.send("bob", format!("m{i}"));
     }
+    // Lists answer from the home: once bob has the messages, so has his home.
+    bob.wait_for_cursor(&direct("alice"), 3, TIMEOUT);
+    bob_laptop.wait_for_cursor(&direct("alice"), 3, TIMEOUT);
     let list = bob.conversation_list(0, None);
     let e = entry(&list, &direct("alice"));
     assert_eq!(
@@ -145,6 +148,9 @@ fn the_conversation_list_orders_by_activity_with_the_newest_message_in_pages() {
     }
     // f1 speaks again: it is the most recent.
     friends[1].send("me", "f1 again");
+    me.wait_until(TIMEOUT, "holding every friend's messages", |c| {
+        (0..5).all(|i| c.cursor(&direct(&format!("f{i}"))) >= 1) && c.cursor(&direct("f1")) >= 2
+    });
 
     let first = me.conversation_list(2, None);
     let ids: Vec<_> = first
@@ -232,6 +238,9 @@ fn a_group_counts_its_readers_per_message_without_telling_every_member() {
     alice.group(group_request(A::Create, "team", &["bob", "carol"]));
     alice.send_to(&team, "one"); // seq 2
     alice.send_to(&team, "two"); // seq 3
+    // A client marks read what it has: the deliveries first.
+    bob.expect_delivery(&team, 3, TIMEOUT);
+    carol.expect_delivery(&team, 3, TIMEOUT);
     bob.mark_read(&team, 3);
     carol.mark_read(&team, 2);
     // Receipts are not answered: a ping orders them before the count request.
@@ -265,6 +274,9 @@ fn a_conversation_list_page_never_passes_the_frame_limit_and_the_rest_comes_next
         let mut f = broker.connect(&format!("f{i:02}"), "phone");
         f.send("me", body.clone());
     }
+    me.wait_until(TIMEOUT, "holding every friend's message", |c| {
+        (0..30).all(|i| c.cursor(&direct(&format!("f{i:02}"))) >= 1)
+    });
     let first = me.conversation_list(0, None);
     assert!(
         first.more,
