@@ -66,6 +66,56 @@ pub struct Config {
     pub rooms: Rooms,
     /// Presence and typing indicators.
     pub presence: Presence,
+    /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: Admin,
+}
+
+/// The admin HTTP listener: health and readiness probes and Prometheus metrics, on its own
+/// address and threads (see `broker/src/admin`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// Where it listens. Default `127.0.0.1:7402` (loopback); `"none"` disables it.
+    #[serde(deserialize_with = "address_or_none")]
+    pub listen: Option<SocketAddr>,
+    /// The bearer token every endpoint but `/healthz` and `/readyz` requires
+    /// (`Authorization: Bearer <token>`), at least 16 bytes. Default: unset, and then those
+    /// endpoints answer 401 saying to set it.
+    pub token: Option<Secret>,
+    /// Largest request head (request line and headers) read, in bytes; past it the answer is
+    /// 431. Default 8192.
+    pub max_request_bytes: usize,
+    /// Time a client has to send its request head, in milliseconds (408 past it); also the
+    /// bound of writing the answer. Default 5000.
+    pub request_timeout_ms: u64,
+    /// Most admin connections served at once; one more is answered 503 at once. Default 16.
+    pub max_connections: usize,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7402))),
+            token: None,
+            max_request_bytes: 8192,
+            request_timeout_ms: 5000,
+            max_connections: 16,
+        }
+    }
+}
+
+/// Shortest `admin.token` accepted, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+/// Reads an address, or `"none"` / `"off"` for no address.
+fn address_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.trim() {
+        "none" | "off" => Ok(None),
+        t => t.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("{t:?} is not an IP:PORT address nor \"none\""))
+        }),
+    }
 }
 
 /// Groups (members, roles, settings: see `GroupRequest` in the .proto).
@@ -360,6 +410,7 @@ impl Default for Config {
             groups: Groups::default(),
             rooms: Rooms::default(),
             presence: Presence::default(),
+            admin: Admin::default(),
         }
     }
 }
@@ -641,6 +692,23 @@ impl Config {
                  presence.max_notifications_per_turn must be positive",
             );
         }
+        if self
+            .admin
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < MIN_ADMIN_TOKEN_BYTES)
+        {
+            return fail("admin.token must be at least 16 bytes");
+        }
+        if self.admin.max_request_bytes < 256
+            || self.admin.request_timeout_ms == 0
+            || self.admin.max_connections == 0
+        {
+            return fail(
+                "admin: max_request_bytes must be at least 256, request_timeout_ms and \
+                 max_connections positive",
+            );
+        }
 
         Ok(())
     }
@@ -902,6 +970,38 @@ mod tests {
             let e = load(&[], &[bad]).expect_err(bad);
             assert!(e.to_string().contains("presence."), "{e}");
         }
+    }
+
+    #[test]
+    fn admin_listens_on_loopback_by_default_can_be_disabled_and_its_limits_must_be_sane() {
+        let d = Config::default().admin;
+        assert!(
+            d.listen
+                .is_some_and(|a| a.ip().is_loopback() && a.port() == 7402)
+        );
+        assert!(d.token.is_none(), "no token unless configured");
+        assert_eq!(
+            (d.max_request_bytes, d.request_timeout_ms, d.max_connections),
+            (8192, 5000, 16)
+        );
+        let c = load(&[("PARLEY_ADMIN__LISTEN", "none")], &[]).expect("valid");
+        assert_eq!(c.admin.listen, None);
+        let c = load(&[], &["admin.listen=127.0.0.1:0"]).expect("valid");
+        assert_eq!(c.admin.listen, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+        assert!(load(&[], &["admin.listen=nowhere"]).is_err());
+        for bad in [
+            "admin.token=short",
+            "admin.max_request_bytes=10",
+            "admin.request_timeout_ms=0",
+            "admin.max_connections=0",
+        ] {
+            let e = load(&[], &[bad]).expect_err(bad);
+            assert!(e.to_string().contains("admin"), "{e}");
+        }
+        let c = load(&[("PARLEY_ADMIN__TOKEN", "admin-token-0123456789")], &[]).expect("valid");
+        let shown = c.display_redacted();
+        assert!(shown.contains("[admin]"), "printed at start-up");
+        assert!(!shown.contains("admin-token-0123456789"), "{shown}");
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //! * [`config`]: settings (defaults, TOML, environment, flags). [`auth`]: tokens and the
 //!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
 //!
-//! Inside (private): `core` (the sans-IO shard core: sessions, delivery, sync, conversation
+//! Inside (private): `admin` (the admin HTTP listener: probes and Prometheus metrics), `core` (the sans-IO shard core: sessions, delivery, sync, conversation
 //! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket), `loglimit` (log
 //! lines the outside world can cause, rate-limited per kind) and the mio driver under `node`. With the `sim` feature, `core` is public for the simulation crate.
 //!
 //! It depends on `parley-proto` and `parley-storage`, never the other way round.
 
+mod admin;
 pub mod auth;
 pub mod config;
 #[cfg(feature = "sim")]

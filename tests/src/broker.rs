@@ -55,6 +55,8 @@ pub struct Broker {
     child: Option<Child>,
     tcp: SocketAddr,
     ws: SocketAddr,
+    /// The admin listener of the current run, if it printed one.
+    admin: Option<SocketAddr>,
     starts: u32,
     stdout: Arc<Mutex<String>>,
     /// The soft and hard open-file limit (`ulimit -n`) the broker is started under, if not the
@@ -177,6 +179,7 @@ impl Broker {
             child: None,
             tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
             ws: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
             starts: 0,
             stdout: Arc::default(),
             open_file_limit: None,
@@ -200,6 +203,13 @@ impl Broker {
     /// The WebSocket listening address of the current run.
     pub fn ws_addr(&self) -> SocketAddr {
         self.ws
+    }
+
+    /// The admin HTTP listener of the current run (`admin=` of the listening line); panics if
+    /// the broker has none (a test disabled it).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .expect("the broker printed no admin= address (admin.listen disabled?)")
     }
 
     /// The token secret the broker was started with.
@@ -410,6 +420,9 @@ impl Broker {
             .arg("--set")
             // Quoted, so the secret is a string whatever its characters look like.
             .arg(format!("auth.secret=\"{}\"", self.secret))
+            // An ephemeral admin port, so that brokers started in parallel never collide on
+            // the default 7402 (a test's own settings may override it).
+            .args(["--set", "admin.listen=\"127.0.0.1:0\""])
             // The harness's own variable must not reach the broker, which reads PARLEY_* as config.
             .env_remove(BROKER_BIN_ENV);
         for setting in &self.settings {
@@ -461,6 +474,7 @@ impl Broker {
         });
         self.tcp = tcp;
         self.ws = ws;
+        self.admin = parse_admin_address(&line);
     }
 }
 
@@ -515,6 +529,13 @@ fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
         }
     }
     Some((tcp?, ws?))
+}
+
+/// The `admin=ADDR` of a listening line, if it has one.
+fn parse_admin_address(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok())
 }
 
 /// The broker binary: `$PARLEY_BROKER_BIN`, else `broker` in the target directory of this test
@@ -606,6 +627,20 @@ mod tests {
                 .expect("parses");
         assert_eq!(tcp, SocketAddr::from(([127, 0, 0, 1], 4000)));
         assert_eq!(ws, SocketAddr::from(([127, 0, 0, 1], 4001)));
+    }
+
+    #[test]
+    fn listening_line_names_the_admin_address_when_enabled() {
+        let line = "parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001 admin=127.0.0.1:4002";
+        assert!(parse_listening_line(line).is_some());
+        assert_eq!(
+            parse_admin_address(line),
+            Some(SocketAddr::from(([127, 0, 0, 1], 4002)))
+        );
+        assert_eq!(
+            parse_admin_address("parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001"),
+            None
+        );
     }
 
     #[test]

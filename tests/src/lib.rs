@@ -8,6 +8,7 @@
 //! * [`Client`] (TCP) and [`WsClient`] (WebSocket, through tungstenite): clients that log in,
 //!   sync, ack, de-duplicate and record what they were sent.
 //! * [`token`]: HS256 tokens minted independently of the broker.
+//! * [`http`]: a minimal HTTP client for the admin listener.
 //! * [`hostile`]: raw sockets for abuse (partial frames, garbage, floods, many connections)
 //!   and a healthy pair that measures delivery latency beside them.
 //!
@@ -19,6 +20,7 @@
 pub mod broker;
 pub mod client;
 pub mod hostile;
+pub mod http;
 pub mod loadgen;
 pub mod token;
 pub mod transport;

@@ -1,4 +1,4 @@
-//! The command line of the `broker` binary: `serve`, `token` and `chat`.
+//! The command line of the `broker` binary: `serve`, `token`, `chat` and `stats`.
 //!
 //! Every command that needs the configuration loads it the same way: defaults, then `--config
 //! FILE`, then `PARLEY_*` environment variables, then `--set key=value` flags and the named flags
@@ -8,6 +8,7 @@
 
 mod chat;
 mod serve;
+mod stats;
 mod token;
 
 use std::fmt;
@@ -39,7 +40,7 @@ enum Command {
     /// Run a node until SIGINT or SIGTERM.
     ///
     /// Prints the effective configuration to stderr, then one line to stdout:
-    /// `parley listening tcp=ADDR ws=ADDR` (a disabled listener is left out).
+    /// `parley listening tcp=ADDR ws=ADDR admin=ADDR` (a disabled listener is left out).
     Serve(serve::ServeArgs),
     /// Print a signed token for a user and device, for clients to log in with.
     ///
@@ -50,6 +51,9 @@ enum Command {
     /// Each line typed is sent to --to; messages received are printed as
     /// `[seq N] from: text`. Ctrl-D quits.
     Chat(chat::ChatArgs),
+    /// Watch a running node: connections and rates, refreshed every second from its admin
+    /// listener's /metrics (--once: print one snapshot and exit).
+    Stats(stats::StatsArgs),
 }
 
 /// Where the configuration comes from: the flags every command that reads it shares.
@@ -211,6 +215,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Token(args) => token::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Stats(args) => stats::run(args),
     };
     match result {
         Ok(code) => code,
@@ -345,5 +350,9 @@ mod tests {
         assert!(Cli::try_parse_from(["broker", "token", "--user", "u"]).is_err());
         assert!(Cli::try_parse_from(["broker", "chat", "--to", "bob"]).is_err());
         assert!(Cli::try_parse_from(["broker", "chat", "--to", "bob", "--token", "t"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["broker", "stats", "--admin", "127.0.0.1:1", "--once"]).is_ok()
+        );
+        assert!(Cli::try_parse_from(["broker", "stats", "--admin", "nowhere"]).is_err());
     }
 }

@@ -25,6 +25,10 @@ pub(super) struct ServeArgs {
     /// (shorthand for --set listen.ws=ADDR).
     #[arg(long, value_name = "ADDR|none", value_parser = parse_listener)]
     ws: Option<Listener>,
+    /// Admin HTTP listening address (/healthz, /readyz, /metrics), e.g. 127.0.0.1:7402, or `none`
+    /// to disable (shorthand for --set admin.listen=ADDR).
+    #[arg(long, value_name = "ADDR|none", value_parser = parse_listener)]
+    admin: Option<Listener>,
     /// Disable the TCP listener (same as --tcp none).
     #[arg(long, conflicts_with = "tcp")]
     no_tcp: bool,
@@ -82,6 +86,11 @@ impl ServeArgs {
         if self.no_ws || self.ws == Some(Listener::Disabled) {
             config.listen.ws = None;
         }
+        match self.admin {
+            Some(Listener::At(a)) => config.admin.listen = Some(a),
+            Some(Listener::Disabled) => config.admin.listen = None,
+            None => {}
+        }
         config
             .validate()
             .map_err(|e| CliError::new(format!("configuration: {e}")))?;
@@ -91,13 +100,16 @@ impl ServeArgs {
 
 /// The line `broker serve` prints on stdout once it listens: integration tests and scripts read
 /// the actual (ephemeral) ports from it.
-fn listening_line(tcp: Option<SocketAddr>, ws: Option<SocketAddr>) -> String {
+fn listening_line(
+    tcp: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> String {
     let mut line = String::from("parley listening");
-    if let Some(a) = tcp {
-        line.push_str(&format!(" tcp={a}"));
-    }
-    if let Some(a) = ws {
-        line.push_str(&format!(" ws={a}"));
+    for (name, addr) in [("tcp", tcp), ("ws", ws), ("admin", admin)] {
+        if let Some(a) = addr {
+            line.push_str(&format!(" {name}={a}"));
+        }
     }
     line
 }
@@ -135,7 +147,7 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::new(message));
     }
 
-    let line = listening_line(node.tcp_addr(), node.ws_addr());
+    let line = listening_line(node.tcp_addr(), node.ws_addr(), node.admin_addr());
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
         // Whoever started us stopped reading; the node serves on regardless.
@@ -161,16 +173,16 @@ mod tests {
         let tcp = SocketAddr::from(([127, 0, 0, 1], 40001));
         let ws = SocketAddr::from(([127, 0, 0, 1], 40002));
         assert_eq!(
-            listening_line(Some(tcp), Some(ws)),
+            listening_line(Some(tcp), Some(ws), None),
             "parley listening tcp=127.0.0.1:40001 ws=127.0.0.1:40002"
         );
         assert_eq!(
-            listening_line(None, Some(ws)),
+            listening_line(None, Some(ws), None),
             "parley listening ws=127.0.0.1:40002"
         );
         assert_eq!(
-            listening_line(Some(tcp), None),
-            "parley listening tcp=127.0.0.1:40001"
+            listening_line(Some(tcp), None, Some(ws)),
+            "parley listening tcp=127.0.0.1:40001 admin=127.0.0.1:40002"
         );
     }
 
@@ -207,6 +219,14 @@ mod tests {
             .expect("valid");
         assert_eq!(c.listen.tcp, None);
         assert_eq!(c.listen.ws, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+    }
+
+    #[test]
+    fn admin_flag_sets_or_disables_the_admin_listener() {
+        let c = parse(&["--admin", "none"]).load().expect("valid");
+        assert_eq!(c.admin.listen, None);
+        let c = parse(&["--admin", "127.0.0.1:0"]).load().expect("valid");
+        assert_eq!(c.admin.listen, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
     }
 
     #[test]

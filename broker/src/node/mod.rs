@@ -18,6 +18,7 @@ mod socket;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -25,6 +26,7 @@ use crossbeam_channel::Sender;
 use mio::{Poll, Waker};
 use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 
+use crate::admin::{AdminServer, Sources};
 use crate::auth::{Hs256, TokenVerifier};
 use crate::config::{Config, DurabilityPolicy};
 use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
@@ -72,6 +74,7 @@ pub struct Node {
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
     stats: Arc<Mutex<Vec<Counters>>>,
+    admin: Option<AdminServer>,
 }
 
 impl fmt::Debug for Node {
@@ -79,6 +82,7 @@ impl fmt::Debug for Node {
         f.debug_struct("Node")
             .field("tcp", &self.tcp)
             .field("ws", &self.ws)
+            .field("admin", &self.admin_addr())
             .field("shards", &self.threads.len())
             .finish()
     }
@@ -88,6 +92,8 @@ impl fmt::Debug for Node {
 #[derive(Clone)]
 pub struct ShutdownHandle {
     shards: Vec<(Sender<Mail>, Arc<Waker>)>,
+    /// Set by [`ShutdownHandle::shutdown`] (the admin listener's `/readyz` reads it).
+    stopping: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for ShutdownHandle {
@@ -102,6 +108,7 @@ impl ShutdownHandle {
     /// Stops accepting, closes every connection with SHUTTING_DOWN after the acks of everything
     /// stored, flushes the logs. [`Node::join`] returns when that is done.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         for (tx, waker) in &self.shards {
             // A full inbox still drains; block briefly rather than lose the request.
             let _ = tx.send_timeout(Mail::Shutdown, std::time::Duration::from_secs(1));
@@ -179,6 +186,12 @@ impl Node {
         let mut ws_listeners = Vec::new();
         let tcp = bind_all(config.listen.tcp, shards, &mut tcp_listeners)?;
         let ws = bind_all(config.listen.ws, shards, &mut ws_listeners)?;
+        let admin_listener = match config.admin.listen {
+            Some(addr) => {
+                Some(AdminServer::bind(addr).map_err(|source| NodeError::Bind { addr, source })?)
+            }
+            None => None,
+        };
 
         let mut polls = Vec::new();
         let mut peers = Vec::new();
@@ -234,12 +247,39 @@ impl Node {
                 .map_err(|e| NodeError::Thread(e.to_string()))?;
             threads.push(thread);
         }
+        let handle = ShutdownHandle {
+            shards: peers,
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        // Only now, with the logs recovered and the listeners bound, is the node ready.
+        let admin = match admin_listener {
+            None => None,
+            Some(listener) => {
+                let sources = Sources {
+                    counters: Arc::clone(&stats),
+                    stopping: Arc::clone(&handle.stopping),
+                };
+                match AdminServer::start(listener, &config.admin, sources) {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        handle.shutdown();
+                        for t in threads {
+                            let _ = t.join();
+                        }
+                        return Err(NodeError::Thread(format!(
+                            "cannot start the admin listener: {e}"
+                        )));
+                    }
+                }
+            }
+        };
         Ok(Node {
             tcp,
             ws,
-            handle: ShutdownHandle { shards: peers },
+            handle,
             threads,
             stats,
+            admin,
         })
     }
 
@@ -251,6 +291,11 @@ impl Node {
     /// The WebSocket listener's address (port 0 resolved), if enabled.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
         self.ws
+    }
+
+    /// The admin HTTP listener's address (port 0 resolved), if enabled (`admin.listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::addr)
     }
 
     /// A handle that stops the node.
@@ -270,6 +315,10 @@ impl Node {
             if t.join().is_err() {
                 failed += 1;
             }
+        }
+        // The admin listener answers (`/readyz`: 503) until the shards have stopped.
+        if let Some(admin) = self.admin {
+            admin.stop();
         }
         if failed > 0 {
             return Err(NodeError::Thread(format!(

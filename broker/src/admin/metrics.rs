@@ -1,0 +1,400 @@
+//! The `/metrics` exposition: every field of the shards' [`Counters`], per shard (label `shard`)
+//! and for the node, in the Prometheus/OpenMetrics text format written by `prometheus-client`.
+//!
+//! Names: a counter field `x` is exposed as `parley_x_total{shard="i"}` and `parley_node_x_total`
+//! (`flush_ms_total` becomes `parley_flush_ms_total`); a gauge field (`connections`,
+//! `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
+//! largest of any shard's). Each metric's HELP line is the field's doc line.
+
+use std::fmt;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::core::Counters;
+
+/// The media type of the exposition (`prometheus-client` writes OpenMetrics text, which
+/// Prometheus reads).
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metric name prefix.
+const PREFIX: &str = "parley";
+
+/// How a field is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A total since start (`_total` suffix).
+    Counter,
+    /// A value now (or a maximum).
+    Gauge,
+}
+
+/// One field of [`Counters`] as a metric.
+#[derive(Debug)]
+struct Field {
+    /// The field's name in [`Counters`] (checked against the struct by a unit test).
+    field: &'static str,
+    /// The metric's name, without the prefix and the `_total` suffix.
+    metric: &'static str,
+    /// Counter or gauge.
+    kind: Kind,
+    /// The HELP line (the field's doc).
+    help: &'static str,
+    /// Reads the field.
+    get: fn(&Counters) -> u64,
+}
+
+/// A [`Field`] for the field `$f` of [`Counters`].
+macro_rules! field {
+    ($f:ident, $metric:literal, $kind:ident, $help:literal) => {
+        Field {
+            field: stringify!($f),
+            metric: $metric,
+            kind: Kind::$kind,
+            help: $help,
+            get: |c| c.$f,
+        }
+    };
+}
+
+/// Every field of [`Counters`] (a unit test checks that none is missing).
+const FIELDS: &[Field] = &[
+    field!(
+        connections,
+        "connections",
+        Gauge,
+        "Connections open now (a gauge)."
+    ),
+    field!(
+        connections_opened,
+        "connections_opened",
+        Counter,
+        "Connections accepted or adopted."
+    ),
+    field!(logins, "logins", Counter, "Successful logins."),
+    field!(logins_refused, "logins_refused", Counter, "Logins refused."),
+    field!(
+        frames_in,
+        "frames_in",
+        Counter,
+        "Frames decoded from clients."
+    ),
+    field!(
+        frames_out,
+        "frames_out",
+        Counter,
+        "Frames written to clients."
+    ),
+    field!(
+        bytes_in,
+        "bytes_in",
+        Counter,
+        "Bytes received from clients."
+    ),
+    field!(bytes_out, "bytes_out", Counter, "Bytes queued to clients."),
+    field!(
+        messages_stored,
+        "messages_stored",
+        Counter,
+        "Messages stored (appended) by this shard as owner."
+    ),
+    field!(
+        retries_deduplicated,
+        "retries_deduplicated",
+        Counter,
+        "Retried sends answered from the de-dup window."
+    ),
+    field!(
+        deliveries,
+        "deliveries",
+        Counter,
+        "Live deliveries written."
+    ),
+    field!(
+        retransmits,
+        "retransmits",
+        Counter,
+        "Messages re-sent by retransmit deadlines."
+    ),
+    field!(
+        behinds,
+        "behinds",
+        Counter,
+        "Connections told they are Behind."
+    ),
+    field!(syncs, "syncs", Counter, "Syncs started."),
+    field!(
+        flushes,
+        "flushes",
+        Counter,
+        "Group-commit flushes completed."
+    ),
+    field!(
+        flush_ms_total,
+        "flush_ms",
+        Counter,
+        "Sum of flush latencies, ms."
+    ),
+    field!(
+        flush_ms_max,
+        "flush_ms_max",
+        Gauge,
+        "Largest flush latency, ms."
+    ),
+    field!(
+        checkpoints,
+        "checkpoints",
+        Counter,
+        "Start-up checkpoints written."
+    ),
+    field!(
+        holds,
+        "holds",
+        Counter,
+        "Times a connection reached its budget and its input was held."
+    ),
+    field!(
+        rate_limited,
+        "rate_limited",
+        Counter,
+        "Requests refused by a connection's request bucket."
+    ),
+    field!(
+        bad_frames,
+        "bad_frames",
+        Counter,
+        "Undecodable frames from logged-in connections (refused, not fatal)."
+    ),
+    field!(
+        fatal_frames,
+        "fatal_frames",
+        Counter,
+        "Connections ended by a fatal framing error or garbage before login."
+    ),
+    field!(
+        closed_for_errors,
+        "closed_for_errors",
+        Counter,
+        "Connections closed for more errors than limits.max_errors in a window."
+    ),
+    field!(
+        tokens_expired,
+        "tokens_expired",
+        Counter,
+        "Sessions ended because their token expired."
+    ),
+    field!(
+        token_refreshes,
+        "token_refreshes",
+        Counter,
+        "Sessions whose token was refreshed by a fresh Login."
+    ),
+    field!(
+        origins_refused,
+        "origins_refused",
+        Counter,
+        "WebSocket upgrades refused for their Origin."
+    ),
+    field!(
+        refused_at_open,
+        "refused_at_open",
+        Counter,
+        "Connections refused at accept (connection limits)."
+    ),
+    field!(
+        users_freed,
+        "users_freed",
+        Counter,
+        "Users forgotten by their home after their last device left with nothing pending."
+    ),
+    field!(
+        log_lines_suppressed,
+        "log_lines_suppressed",
+        Counter,
+        "Log lines suppressed by the per-kind rate limit."
+    ),
+    field!(
+        group_events,
+        "group_events",
+        Counter,
+        "Group membership and settings events stored."
+    ),
+    field!(
+        group_deliveries,
+        "group_deliveries",
+        Counter,
+        "Group messages pushed live to a member's device (also counted in deliveries)."
+    ),
+    field!(
+        receipts,
+        "receipts",
+        Counter,
+        "READ receipts that moved a read cursor."
+    ),
+    field!(
+        conversation_lists,
+        "conversation_lists",
+        Counter,
+        "Conversation lists answered."
+    ),
+    field!(
+        room_messages,
+        "room_messages",
+        Counter,
+        "Room messages sent by this shard as the room's owner."
+    ),
+    field!(
+        room_deliveries,
+        "room_deliveries",
+        Counter,
+        "Room messages written to listeners on this shard (live, held, or history on a join)."
+    ),
+    field!(
+        room_drops,
+        "room_drops",
+        Counter,
+        "Room messages dropped for slow listeners on this shard (each told with RoomLag)."
+    ),
+    field!(
+        presence_updates_pushed,
+        "presence_updates_pushed",
+        Counter,
+        "PresenceUpdate pushes to subscribed connections (one per connection per flush turn)."
+    ),
+    field!(
+        presence_flushes,
+        "presence_flushes",
+        Counter,
+        "Presence flush turns (a flush cut by presence.max_notifications_per_turn counts once per turn)."
+    ),
+    field!(
+        typing_relayed,
+        "typing_relayed",
+        Counter,
+        "Typing frames written to a recipient's connection."
+    ),
+    field!(
+        typing_dropped,
+        "typing_dropped",
+        Counter,
+        "Typing frames dropped: over presence.typing_min_interval_ms from their sender, or for a recipient whose queue was at its budget."
+    ),
+];
+
+/// The label set of a per-shard metric.
+type ShardLabel = [(&'static str, String); 1];
+
+/// The exposition of `shards` (each shard's counters, in shard order) and their node totals.
+pub(crate) fn encode(shards: &[Counters]) -> Result<String, fmt::Error> {
+    let mut total = Counters::default();
+    for c in shards {
+        total.add(c);
+    }
+    let mut registry = Registry::with_prefix(PREFIX);
+    for f in FIELDS {
+        // `prometheus-client` ends every HELP line with a full stop of its own.
+        let help = f.help.trim_end_matches('.');
+        let node_help = if f.field == "flush_ms_max" {
+            format!("{help}; the largest of any shard")
+        } else {
+            format!("{help}; the node's total")
+        };
+        match f.kind {
+            Kind::Counter => {
+                let family = Family::<ShardLabel, Counter>::default();
+                for (i, c) in shards.iter().enumerate() {
+                    family
+                        .get_or_create(&[("shard", i.to_string())])
+                        .inc_by((f.get)(c));
+                }
+                registry.register(f.metric, help, family);
+                let node = Counter::<u64>::default();
+                node.inc_by((f.get)(&total));
+                registry.register(format!("node_{}", f.metric), node_help, node);
+            }
+            Kind::Gauge => {
+                let family = Family::<ShardLabel, Gauge<i64>>::default();
+                for (i, c) in shards.iter().enumerate() {
+                    family
+                        .get_or_create(&[("shard", i.to_string())])
+                        .set(saturating_i64((f.get)(c)));
+                }
+                registry.register(f.metric, help, family);
+                let node = Gauge::<i64>::default();
+                node.set(saturating_i64((f.get)(&total)));
+                registry.register(format!("node_{}", f.metric), node_help, node);
+            }
+        }
+    }
+    let shard_count = Gauge::<i64>::default();
+    shard_count.set(saturating_i64(shards.len() as u64));
+    registry.register("shards", "Shard threads of this node", shard_count);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// `v` as a gauge value (gauges are signed; a count past `i64::MAX` cannot happen in practice).
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counters_field_is_exposed_once() {
+        let shown = format!("{:?}", Counters::default());
+        let names: Vec<&str> = shown
+            .trim_start_matches("Counters {")
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|kv| kv.split(':').next())
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert_eq!(names.len(), FIELDS.len(), "{names:?}");
+        for (name, f) in names.iter().zip(FIELDS) {
+            assert_eq!(*name, f.field, "FIELDS follows the struct's order");
+        }
+    }
+
+    #[test]
+    fn exposition_has_per_shard_counters_node_totals_and_gauges() {
+        let a = Counters {
+            messages_stored: 3,
+            connections: 2,
+            flush_ms_max: 7,
+            flush_ms_total: 9,
+            ..Counters::default()
+        };
+        let b = Counters {
+            messages_stored: 4,
+            connections: 1,
+            flush_ms_max: 5,
+            ..Counters::default()
+        };
+        let text = encode(&[a, b]).expect("encodes");
+        for line in [
+            "# HELP parley_messages_stored Messages stored (appended) by this shard as owner.",
+            "# TYPE parley_messages_stored counter",
+            "parley_messages_stored_total{shard=\"0\"} 3",
+            "parley_messages_stored_total{shard=\"1\"} 4",
+            "parley_node_messages_stored_total 7",
+            "# TYPE parley_connections gauge",
+            "parley_connections{shard=\"0\"} 2",
+            "parley_node_connections 3",
+            "parley_node_flush_ms_max 7",
+            "parley_flush_ms_total{shard=\"0\"} 9",
+            "parley_shards 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
