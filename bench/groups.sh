@@ -18,7 +18,7 @@ cargo build --release -p parley-broker --bin broker -p parley-loadgen >&2
 run() { # name, loadgen args...
   local name=$1; shift
   local dir; dir=$(mktemp -d /tmp/bench-groups.XXXXXX)
-  taskset -c 0 target/release/broker serve --data-dir "$dir/data" --tcp "127.0.0.1:$PORT" --no-ws \
+  taskset -c 0 target/release/broker serve --data-dir "$dir/data" --tcp "127.0.0.1:$PORT" --no-ws --admin none \
     --set shards=1 --set "storage.durability=$DURABILITY" --set groups.max_members=100000 \
     --set limits.request_rate_per_sec=10000000 --set limits.request_burst=10000000 \
     --set limits.max_connections=30000 --set limits.max_unauthenticated=30000 \

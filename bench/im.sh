@@ -35,7 +35,7 @@ trap 'stop; rm -rf "$TMP"' EXIT
 
 start() { # $1: data dir; sets PID
   : >"$TMP/broker.log"
-  taskset -c 0 "$TARGET/release/broker" serve --data-dir "$1" --tcp "127.0.0.1:$PORT" --no-ws \
+  taskset -c 0 "$TARGET/release/broker" serve --data-dir "$1" --tcp "127.0.0.1:$PORT" --no-ws --admin none \
     --set shards=1 --set storage.durability=never \
     --set limits.request_rate_per_sec=1000000 --set limits.request_burst=1000000 \
     --set limits.max_connections=30000 --set limits.max_unauthenticated=30000 \

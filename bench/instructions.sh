@@ -17,7 +17,7 @@ PORT=17420
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install -y valgrind)" >&2; exit 2; }
 cargo build --release -p parley-loadgen >&2
 DIR=$(mktemp -d /tmp/bench-instr.XXXXXX)
-valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" "$BROKER" serve --data-dir "$DIR/data" \
+valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" "$BROKER" serve --data-dir "$DIR/data" --admin none \
   --tcp "127.0.0.1:$PORT" --no-ws --set shards=1 --set "storage.durability=$DURABILITY" \
   --set limits.request_rate_per_sec=10000000 --set limits.request_burst=10000000 >"$DIR/broker.log" 2>&1 &
 PID=$!

@@ -20,7 +20,7 @@ MS=0
 start() { # sets MS to the ms until listening, PID to the broker
   local t0 t1
   t0=$(date +%s%N)
-  target/release/broker serve --data-dir "$DIR/data" --tcp "127.0.0.1:$PORT" --no-ws --set shards=1 \
+  target/release/broker serve --data-dir "$DIR/data" --tcp "127.0.0.1:$PORT" --no-ws --admin none --set shards=1 \
     --set "storage.durability=${DURABILITY:-never}" --set limits.request_rate_per_sec=10000000 \
     --set limits.request_burst=10000000 >"$DIR/broker.log" 2>&1 &
   PID=$!
