@@ -66,6 +66,8 @@ pub struct Config {
     pub rooms: Rooms,
     /// Presence and typing indicators.
     pub presence: Presence,
+    /// The node's log lines (stderr).
+    pub log: Log,
 }
 
 /// Groups (members, roles, settings: see `GroupRequest` in the .proto).
@@ -124,6 +126,40 @@ impl Default for Presence {
             max_subscriptions_per_connection: 5000,
             max_notifications_per_turn: 10_000,
             typing_min_interval_ms: 1000,
+        }
+    }
+}
+
+/// The node's log lines, written to stderr by `broker serve` (an application that embeds the
+/// broker installs its own `tracing` subscriber and reads neither setting).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// Which lines are written: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a
+    /// `tracing` filter of comma-separated directives, e.g. `info,parley_broker::core=debug`
+    /// (`debug` adds one line per connection opened, logged in and closed). The `RUST_LOG`
+    /// environment variable, when set, replaces it. Default `info`.
+    pub level: String,
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line, with
+    /// `timestamp`, `level`, `target` and `fields`). Default `text`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written (see [`Log::format`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -360,6 +396,7 @@ impl Default for Config {
             groups: Groups::default(),
             rooms: Rooms::default(),
             presence: Presence::default(),
+            log: Log::default(),
         }
     }
 }
