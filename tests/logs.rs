@@ -72,8 +72,10 @@ fn with_json_format_every_log_line_is_one_json_object_with_a_level() {
     let mut broker = Broker::start(&["log.format=json", "log.level=debug"]);
     let body = "json-body-that-must-not-be-logged";
     let (token, forged) = traffic(&broker, body);
-    await_line(&broker, |l| l.contains("connection closed") && l.contains("alice"))
-        .expect("a debug line for alice's connection closing");
+    await_line(&broker, |l| {
+        l.contains("connection closed") && l.contains("alice")
+    })
+    .expect("a debug line for alice's connection closing");
     broker.terminate();
     let lines = event_lines(&broker);
     assert!(
@@ -115,8 +117,10 @@ fn at_debug_a_login_is_a_line_naming_the_user_and_device_and_never_the_token() {
         login.contains("DEBUG") && login.contains("alice") && login.contains("phone"),
         "the login line names its level, user and device: {login}"
     );
-    let closed = await_line(&broker, |l| l.contains("connection closed") && l.contains("alice"))
-        .expect("a debug line for the close");
+    let closed = await_line(&broker, |l| {
+        l.contains("connection closed") && l.contains("alice")
+    })
+    .expect("a debug line for the close");
     assert!(
         closed.contains("closed by the peer"),
         "the close line says why: {closed}"
@@ -160,8 +164,10 @@ fn the_default_level_is_info_without_a_line_per_connection() {
     let broker = Broker::start(&[]);
     let mut alice = broker.connect("alice", "phone");
     alice.ping();
-    await_line(&broker, |l| l.contains("INFO") && l.contains("running with"))
-        .expect("the info line that the node runs");
+    await_line(&broker, |l| {
+        l.contains("INFO") && l.contains("running with")
+    })
+    .expect("the info line that the node runs");
     std::thread::sleep(Duration::from_millis(300));
     let output = broker.output();
     assert!(

@@ -31,7 +31,9 @@ pub(super) fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, S
     }
     let bad = |why: String| format!("log.level {level:?}: {why}");
     if level.trim().is_empty() {
-        return Err(bad("empty (e.g. `info`, or `info,parley_broker::core=debug`)".into()));
+        return Err(bad(
+            "empty (e.g. `info`, or `info,parley_broker::core=debug`)".into(),
+        ));
     }
     for directive in level.split(',').map(str::trim) {
         if !directive.contains('=')
@@ -68,7 +70,13 @@ mod tests {
 
     #[test]
     fn a_level_or_target_directives_are_accepted() {
-        for level in ["info", "debug", "off", "warn,parley_broker::core=debug", " info "] {
+        for level in [
+            "info",
+            "debug",
+            "off",
+            "warn,parley_broker::core=debug",
+            " info ",
+        ] {
             assert!(filter(level, None).is_ok(), "{level}");
         }
     }

@@ -644,7 +644,9 @@ impl<B: Backend> ShardCore<B> {
             }
         }
         if let Some(mut c) = self.remove(conn) {
-            let why = reason.as_ref().map_or("closed by the peer", |r| r.code().as_str_name());
+            let why = reason
+                .as_ref()
+                .map_or("closed by the peer", |r| r.code().as_str_name());
             log_closed(self.index, conn, &c, why);
             let last = std::mem::take(&mut c.out);
             self.effects.push(Effect::Close { conn, last });
