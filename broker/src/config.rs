@@ -942,6 +942,29 @@ mod tests {
     }
 
     #[test]
+    fn log_settings_default_to_info_text_and_are_set_in_every_layer() {
+        let c = load(&[], &[]).expect("valid");
+        assert_eq!(c.log, Log::default());
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("info", LogFormat::Text)
+        );
+        assert!(
+            c.display_redacted().contains("[log]"),
+            "printed at start-up"
+        );
+        let c = load(
+            &[("PARLEY_LOG__LEVEL", "warn,parley_broker::core=debug")],
+            &["log.format=json"],
+        )
+        .expect("valid");
+        assert_eq!(c.log.level, "warn,parley_broker::core=debug");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(load(&[], &["log.format=xml"]).is_err());
+        assert!(load(&[], &["log.colour=true"]).is_err());
+    }
+
+    #[test]
     fn printed_config_never_shows_the_secret() {
         let c = load(&[("PARLEY_AUTH__SECRET", "hunter2-very-secret")], &[]).expect("valid");
         assert_eq!(
