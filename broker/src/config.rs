@@ -68,6 +68,8 @@ pub struct Config {
     pub presence: Presence,
     /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`).
     pub admin: Admin,
+    /// The node's log lines (stderr).
+    pub log: Log,
 }
 
 /// The admin HTTP listener: health and readiness probes and Prometheus metrics, on its own
@@ -174,6 +176,40 @@ impl Default for Presence {
             max_subscriptions_per_connection: 5000,
             max_notifications_per_turn: 10_000,
             typing_min_interval_ms: 1000,
+        }
+    }
+}
+
+/// The node's log lines, written to stderr by `broker serve` (an application that embeds the
+/// broker installs its own `tracing` subscriber and reads neither setting).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// Which lines are written: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a
+    /// `tracing` filter of comma-separated directives, e.g. `info,parley_broker::core=debug`
+    /// (`debug` adds one line per connection opened, logged in and closed). The `RUST_LOG`
+    /// environment variable, when set, replaces it. Default `info`.
+    pub level: String,
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line, with
+    /// `timestamp`, `level`, `target` and `fields`). Default `text`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written (see [`Log::format`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -411,6 +447,7 @@ impl Default for Config {
             rooms: Rooms::default(),
             presence: Presence::default(),
             admin: Admin::default(),
+            log: Log::default(),
         }
     }
 }
@@ -1002,6 +1039,29 @@ mod tests {
         let shown = c.display_redacted();
         assert!(shown.contains("[admin]"), "printed at start-up");
         assert!(!shown.contains("admin-token-0123456789"), "{shown}");
+    }
+
+    #[test]
+    fn log_settings_default_to_info_text_and_are_set_in_every_layer() {
+        let c = load(&[], &[]).expect("valid");
+        assert_eq!(c.log, Log::default());
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("info", LogFormat::Text)
+        );
+        assert!(
+            c.display_redacted().contains("[log]"),
+            "printed at start-up"
+        );
+        let c = load(
+            &[("PARLEY_LOG__LEVEL", "warn,parley_broker::core=debug")],
+            &["log.format=json"],
+        )
+        .expect("valid");
+        assert_eq!(c.log.level, "warn,parley_broker::core=debug");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(load(&[], &["log.format=xml"]).is_err());
+        assert!(load(&[], &["log.colour=true"]).is_err());
     }
 
     #[test]

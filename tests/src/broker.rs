@@ -62,6 +62,8 @@ pub struct Broker {
     /// The soft and hard open-file limit (`ulimit -n`) the broker is started under, if not the
     /// test process's own.
     open_file_limit: Option<u32>,
+    /// Environment variables set for the broker (see [`Broker::start_with_env`]).
+    env: Vec<(String, String)>,
 }
 
 /// How a start of the broker that was expected to fail went (see
@@ -88,6 +90,18 @@ impl Broker {
     pub fn start_with_open_file_limit(nofile: u32, settings: &[&str]) -> Broker {
         let mut broker = Broker::prepare(settings);
         broker.open_file_limit = Some(nofile);
+        broker.spawn();
+        broker
+    }
+
+    /// Starts a broker like [`Broker::start`], with the environment variables `env` set for it
+    /// (e.g. `RUST_LOG`). Restarts keep them.
+    pub fn start_with_env(env: &[(&str, &str)], settings: &[&str]) -> Broker {
+        let mut broker = Broker::prepare(settings);
+        broker.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         broker.spawn();
         broker
     }
@@ -183,6 +197,7 @@ impl Broker {
             starts: 0,
             stdout: Arc::default(),
             open_file_limit: None,
+            env: Vec::new(),
         }
     }
 
@@ -424,7 +439,11 @@ impl Broker {
             // the default 7402 (a test's own settings may override it).
             .args(["--set", "admin.listen=\"127.0.0.1:0\""])
             // The harness's own variable must not reach the broker, which reads PARLEY_* as config.
-            .env_remove(BROKER_BIN_ENV);
+            .env_remove(BROKER_BIN_ENV)
+            // Nor the test run's `RUST_LOG`, which would replace `log.level`: tests that count
+            // the broker's lines need its default level. A test sets it with `start_with_env`.
+            .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         for setting in &self.settings {
             command.arg("--set").arg(setting);
         }

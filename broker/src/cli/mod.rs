@@ -7,6 +7,7 @@
 //! stdout carries only what a script reads (the `listening` line, a token, chat messages).
 
 mod chat;
+mod log;
 mod serve;
 mod stats;
 mod token;

@@ -117,6 +117,11 @@ fn listening_line(
 /// Runs `broker serve`.
 pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     let config = args.load()?;
+    let rust_log = std::env::var(super::log::RUST_LOG).ok();
+    let filter = super::log::filter(&config.log.level, rust_log.as_deref())
+        .map_err(|e| CliError::new(format!("configuration: {e}")))?;
+    super::log::install(&config.log, filter);
+    // The start-up banner is plain text, not log events (see `cli/log.rs`).
     eprintln!("parley: effective configuration (secrets redacted):");
     eprintln!("{}", config.display_redacted().trim_end());
     let secret = load_secret(&config)?;
@@ -131,10 +136,10 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     let asked = AtomicBool::new(false);
     let installed = ctrlc::set_handler(move || {
         if asked.swap(true, Ordering::SeqCst) {
-            eprintln!("parley: second signal, exiting without waiting for the shutdown");
+            tracing::warn!("second signal, exiting without waiting for the shutdown");
             std::process::exit(130);
         }
-        eprintln!("parley: shutting down (signal again to force)");
+        tracing::info!("shutting down (signal again to force)");
         handle.shutdown();
     });
     if let Err(e) = installed {
@@ -151,16 +156,14 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
         // Whoever started us stopped reading; the node serves on regardless.
-        eprintln!("parley: cannot write to stdout ({e}); {line}");
+        tracing::warn!("cannot write to stdout ({e}); {line}");
     }
     drop(stdout);
-    eprintln!(
-        "parley: node {node_name} running with {shards} shard(s); Ctrl-C or SIGTERM stops it"
-    );
+    tracing::info!("node {node_name} running with {shards} shard(s); Ctrl-C or SIGTERM stops it");
 
     node.join()
         .map_err(|e| CliError::new(format!("the node stopped with an error: {e}")))?;
-    eprintln!("parley: stopped");
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 

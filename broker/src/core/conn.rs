@@ -63,6 +63,13 @@ pub struct ConnId {
     pub generation: u32,
 }
 
+impl std::fmt::Display for ConnId {
+    /// `slot.generation`, as log lines name a connection.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.slot, self.generation)
+    }
+}
+
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {

@@ -305,6 +305,12 @@ impl<B: Backend> ShardCore<B> {
         };
         let conn = self.insert(transport, BytesMut::new(), BytesMut::new());
         self.counters.connections_opened += 1;
+        tracing::debug!(
+            shard = self.index,
+            %conn,
+            transport = if websocket { "ws" } else { "tcp" },
+            "connection opened"
+        );
         if let Some(limit) = refused {
             self.counters.refused_at_open += 1;
             self.close(conn, 0, Some(CloseReason::TooManyConnections(limit)));
@@ -371,6 +377,7 @@ impl<B: Backend> ShardCore<B> {
     pub fn handle_reset(&mut self, conn: ConnId, now: Now) {
         self.now = now;
         if let Some(c) = self.remove(conn) {
+            log_closed(self.index, conn, &c, "reset");
             drop(c);
         }
         self.drain_local();
@@ -637,6 +644,10 @@ impl<B: Backend> ShardCore<B> {
             }
         }
         if let Some(mut c) = self.remove(conn) {
+            let why = reason
+                .as_ref()
+                .map_or("closed by the peer", |r| r.code().as_str_name());
+            log_closed(self.index, conn, &c, why);
             let last = std::mem::take(&mut c.out);
             self.effects.push(Effect::Close { conn, last });
         }
@@ -1063,11 +1074,28 @@ impl<B: Backend> ShardCore<B> {
     /// (then it is counted as suppressed; the next line says how many were).
     fn log_line(&mut self, kind: LogKind, args: fmt::Arguments<'_>) {
         match self.log_limit.admit(kind, self.now.ms) {
-            Some(admitted) if !self.quiet => eprintln!("shard {}: {args}{admitted}", self.index),
+            Some(admitted) if !self.quiet => {
+                tracing::warn!(shard = self.index, ?kind, "{args}{admitted}");
+            }
             Some(_) => {}
             None => self.counters.log_lines_suppressed += 1,
         }
     }
+}
+
+/// The debug line of a connection that ended: `why` is the wire code of the reason (never the
+/// reason's text, which may quote what the client sent), `closed by the peer` or `reset`. Names
+/// the user and device if it had logged in.
+fn log_closed(shard: usize, conn: ConnId, c: &Connection, why: &str) {
+    let who = c.who.as_ref().map(|w| &w.device);
+    tracing::debug!(
+        shard,
+        %conn,
+        user = who.map(|d| &*d.user),
+        device = who.map(|d| &*d.device),
+        reason = why,
+        "connection closed"
+    );
 }
 
 fn bad_frame(e: &TransportError) -> Refusal {

@@ -333,11 +333,19 @@ impl<B: Backend> ShardCore<B> {
             }
         }
         let result = self.login_result(&identity);
-        let now = self.now.ms;
+        let (now, shard) = (self.now.ms, self.index);
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
         let user = Arc::clone(&who.device.user);
+        // Who, never the token.
+        tracing::debug!(
+            shard,
+            %conn,
+            user = &*identity.user,
+            device = &*identity.device,
+            "connection logged in"
+        );
         c.activate(who, now);
         self.counters.logins += 1;
         self.presence_changed(&user);

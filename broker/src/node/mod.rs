@@ -175,6 +175,8 @@ impl Node {
         })?;
         // What each user's home must know, before any client is served.
         crate::core::exchange_startup_mail(&mut cores, now);
+        // Plain stderr, not a log event: scripts read this line (bench/restart.sh greps `ready
+        // in`), so its text and stream stay the same whatever `log.format` says.
         eprintln!(
             "parley: ready in {} ms (logs opened in {} ms, state rebuilt in {} ms)",
             started.elapsed().as_millis(),
@@ -210,6 +212,8 @@ impl Node {
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
         if let Some(files) = files {
+            // Plain stderr, not a log event: tests read this line (tests/abuse.rs looks for
+            // `max_connections` and the lowered value), whatever `log.format` says.
             eprintln!(
                 "parley: limits.max_connections {} lowered to {max_connections}: the open-file \
                  limit is {files}, and {} descriptors are kept for the node's own files",
@@ -364,10 +368,11 @@ fn open_logs(
             message: e.to_string(),
         })?;
         if report.torn_tail.is_some() || !report.corruptions.is_empty() {
-            eprintln!(
-                "shard {i}: recovered its log: torn tail {:?}, {} corruption(s) skipped",
-                report.torn_tail,
-                report.corruptions.len()
+            tracing::warn!(
+                shard = i,
+                torn_tail = ?report.torn_tail,
+                corruptions = report.corruptions.len(),
+                "recovered its log (a torn tail cut, corrupt records skipped)"
             );
         }
         logs.push(log);
@@ -427,7 +432,7 @@ fn check_shard_count(dir: &Path, shards: usize) -> Result<usize, NodeError> {
                 .parse()
                 .map_err(|_| err(format!("{} does not hold a shard count", file.display())))?;
             if recorded != shards {
-                eprintln!(
+                tracing::warn!(
                     "data dir was created with {recorded} shards; using {recorded} (conversations are placed by shard count)"
                 );
             }

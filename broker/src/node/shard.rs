@@ -226,7 +226,7 @@ impl Driver {
             }
         }
         for e in failed {
-            eprintln!("shard {}: cannot register listener: {e}", self.index);
+            tracing::error!(shard = self.index, "cannot register listener: {e}");
         }
         let mut events = Events::with_capacity(1024);
         loop {
@@ -248,7 +248,7 @@ impl Driver {
                 .poll(&mut events, Some(Duration::from_millis(timeout)))
                 && e.kind() != io::ErrorKind::Interrupted
             {
-                eprintln!("shard {}: poll failed: {e}", self.index);
+                tracing::error!(shard = self.index, "poll failed: {e}");
                 break;
             }
             // The clock is read once per turn.
@@ -373,7 +373,7 @@ impl Driver {
     fn log(&mut self, kind: LogKind, args: std::fmt::Arguments<'_>) {
         let now = self.clock.now().ms;
         if let Some(admitted) = self.log_limit.admit(kind, now) {
-            eprintln!("shard {}: {args}{admitted}", self.index);
+            tracing::warn!(shard = self.index, ?kind, "{args}{admitted}");
         }
     }
 
