@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod reference;
+
 /// Prefix of the environment variables that configure a node.
 pub const ENV_PREFIX: &str = "PARLEY_";
 
