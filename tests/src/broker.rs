@@ -575,8 +575,9 @@ fn find_or_build_broker() -> Result<PathBuf, String> {
 }
 
 /// The workspace binary `bin` of package `package`: the file named by the environment variable
-/// `env` if set, else `target/<profile>/<bin>` next to the running test (built with cargo, same
-/// profile and target dir, if it is missing).
+/// `env` if set, else `target/<profile>/<bin>` next to the running test, built with cargo (same
+/// profile and target dir) once per test process: `cargo test` does not rebuild another package's
+/// binary, and a stale one would test old code (cargo does nothing if it is up to date).
 pub(crate) fn find_or_build(env: &str, package: &str, bin: &str) -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
@@ -593,9 +594,6 @@ pub(crate) fn find_or_build(env: &str, package: &str, bin: &str) -> Result<PathB
         .and_then(Path::parent)
         .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
     let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
-    if path.is_file() {
-        return Ok(path);
-    }
     let target_dir = profile_dir
         .parent()
         .ok_or_else(|| format!("no target directory above {}", profile_dir.display()))?;
@@ -618,7 +616,9 @@ pub(crate) fn find_or_build(env: &str, package: &str, bin: &str) -> Result<PathB
             command.args(["--profile", profile]);
         }
     }
-    eprintln!("{} is missing; building it: {command:?}", path.display());
+    if !path.is_file() {
+        eprintln!("{} is missing; building it: {command:?}", path.display());
+    }
     let status = command
         .status()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
