@@ -217,3 +217,16 @@ fn broker_stats_once_prints_the_figures_from_metrics() {
     assert!(!refused.status.success(), "no token, no figures");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
 }
+
+#[test]
+fn metrics_count_websocket_connections_apart_from_tcp_ones() {
+    let broker = broker_with_token();
+    let _tcp = broker.connect("alice", "laptop");
+    let ws = broker.connect_ws("bob", "browser");
+    await_metric(&broker, "parley_connections", |v| v == 2.0);
+    let ws_total = await_metric(&broker, "parley_websocket_connections", |v| v >= 1.0);
+    assert_eq!(ws_total, 1.0, "one WebSocket connection of two");
+    drop(ws);
+    await_metric(&broker, "parley_websocket_connections", |v| v == 0.0);
+    await_metric(&broker, "parley_connections", |v| v == 1.0);
+}

@@ -529,6 +529,8 @@ enum State {
 pub struct Transport {
     limits: TransportLimits,
     state: State,
+    /// Made by [`Transport::websocket`] (kept after the state closes).
+    websocket: bool,
 }
 
 impl Transport {
@@ -537,7 +539,13 @@ impl Transport {
         Transport {
             limits,
             state: State::Tcp(FrameCodec::new(limits.max_login_frame_bytes)),
+            websocket: false,
         }
+    }
+
+    /// Whether this is a WebSocket connection (whatever its state now).
+    pub fn is_websocket(&self) -> bool {
+        self.websocket
     }
 
     /// A WebSocket transport, waiting for the client's HTTP upgrade request.
@@ -546,6 +554,7 @@ impl Transport {
         Transport {
             limits,
             state: State::Handshake { examined: 0 },
+            websocket: true,
         }
     }
 

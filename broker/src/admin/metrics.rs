@@ -3,7 +3,7 @@
 //!
 //! Names: a counter field `x` is exposed as `parley_x_total{shard="i"}` and `parley_node_x_total`
 //! (`flush_ms_total` becomes `parley_flush_ms_total`); a gauge field (`connections`,
-//! `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
+//! `websocket_connections`, `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
 //! largest of any shard's). Each metric's HELP line is the field's doc line.
 
 use std::fmt;
@@ -66,6 +66,12 @@ const FIELDS: &[Field] = &[
         "connections",
         Gauge,
         "Connections open now (a gauge)."
+    ),
+    field!(
+        websocket_connections,
+        "websocket_connections",
+        Gauge,
+        "Of those, WebSocket connections (a gauge; the others are TCP)."
     ),
     field!(
         connections_opened,

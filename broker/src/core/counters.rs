@@ -6,6 +6,8 @@
 pub struct Counters {
     /// Connections open now (a gauge).
     pub connections: u64,
+    /// Of those, WebSocket connections (a gauge; the others are TCP).
+    pub websocket_connections: u64,
     /// Connections accepted or adopted.
     pub connections_opened: u64,
     /// Successful logins.
@@ -92,6 +94,7 @@ impl Counters {
     /// Adds `other` into `self` (for node totals; the gauge adds too).
     pub fn add(&mut self, other: &Counters) {
         self.connections += other.connections;
+        self.websocket_connections += other.websocket_connections;
         self.connections_opened += other.connections_opened;
         self.logins += other.logins;
         self.logins_refused += other.logins_refused;

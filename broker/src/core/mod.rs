@@ -601,6 +601,9 @@ impl<B: Backend> ShardCore<B> {
         c.inbuf = inbuf;
         c.out = out;
         debug_assert!(self.conns[slot as usize].is_none(), "a free slot is empty");
+        if c.transport.is_websocket() {
+            self.counters.websocket_connections += 1;
+        }
         self.conns[slot as usize] = Some(Box::new(c));
         self.counters.connections += 1;
         self.arm(id);
@@ -633,6 +636,9 @@ impl<B: Backend> ShardCore<B> {
         }
         self.freed.push(conn.slot);
         self.counters.connections -= 1;
+        if c.transport.is_websocket() {
+            self.counters.websocket_connections -= 1;
+        }
         Some(c)
     }
 
