@@ -14,6 +14,7 @@
 mod admin;
 pub mod auth;
 pub mod config;
+pub mod hooks;
 #[cfg(feature = "sim")]
 pub mod core;
 #[cfg(not(feature = "sim"))]
