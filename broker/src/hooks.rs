@@ -44,12 +44,13 @@ pub enum AuthVerdict {
     Builtin,
     /// The connection is this identity (its `expires_at` bounds the session).
     Accept(Identity),
-    /// Refused (`reason` goes to the client with `UNAUTHORIZED`).
+    /// Refused (`reason` goes to the client with `BAD_TOKEN`, and the connection closes).
     Reject(String),
 }
 
 /// Kind of a conversation, as hooks see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ConversationKind {
     /// Two users.
     Direct,
@@ -57,14 +58,17 @@ pub enum ConversationKind {
     Group,
 }
 
-/// A conversation, as the protocol names it: a direct conversation by its two users
-/// (`"alice:bob"`, sorted), a group by its id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A conversation: a group by its id, a direct conversation by its users.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct ConversationRef {
     /// Its kind.
     pub kind: ConversationKind,
-    /// Its name: the group id, or the two users sorted and joined by `:`.
+    /// Its name: the group id, or the two users sorted and joined by `:` (for display: user ids
+    /// may hold `:`; [`ConversationRef::users`] is exact).
     pub id: String,
+    /// A direct conversation's users, sorted (one if a user writes to itself); empty for a
+    /// group.
+    pub users: Vec<String>,
 }
 
 /// A send, before it is stored.
@@ -89,7 +93,8 @@ pub enum SendVerdict {
     Allow,
     /// Store it with this body instead (checked against `limits.max_body_bytes` again).
     Rewrite(Bytes),
-    /// Refuse it (`reason` goes to the client with `FORBIDDEN`; nothing is stored).
+    /// Refuse it (`reason` goes to the client with `FORBIDDEN`; nothing is stored; a denial
+    /// does not count against the connection's `limits.max_errors`).
     Deny(String),
 }
 
@@ -100,7 +105,9 @@ pub struct GroupAttempt<'a> {
     pub user: &'a str,
     /// The group.
     pub group: &'a str,
-    /// What: `create`, `add`, `remove`, `leave`, `join`, `rename`, `set_role` or `dissolve`.
+    /// What: the action's wire name in lower case (`create`, `add_members`,
+    /// `remove_members`, `leave`, `get_members`, `join_group`, `dissolve`, `rename`,
+    /// `set_role`).
     pub action: &'a str,
     /// The users it names (added, removed, given a role).
     pub members: &'a [String],
@@ -178,7 +185,8 @@ pub struct GroupChange {
     pub seq: u64,
     /// Who made it.
     pub actor: String,
-    /// What: `created`, `joined`, `left`, `removed`, `renamed`, `role_changed` or `dissolved`.
+    /// What: `created`, `members_added`, `members_removed`, `member_left`, `member_joined`,
+    /// `renamed`, `role_changed` or `dissolved`.
     pub what: String,
     /// The users it concerns.
     pub members: Vec<String>,
@@ -392,9 +400,9 @@ impl GateAnswer for Verdict {
 }
 
 /// Which parked request an answer is for: the shard, its connection, and the connection's
-/// park count (a stale answer, for a connection closed meanwhile, is dropped).
+/// park count (a stale answer, for a connection closed meanwhile, is dropped). Opaque.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ticket {
+pub struct Ticket {
     pub(crate) shard: usize,
     pub(crate) slot: u32,
     pub(crate) generation: u32,
@@ -403,7 +411,7 @@ pub(crate) struct Ticket {
 
 /// Where answers given after the gate returned go: the node's driver posts them to the shard
 /// and wakes it; the simulation queues them.
-pub(crate) trait Completions: Send + Sync {
+pub trait Completions: Send + Sync {
     /// An answer for a parked request.
     fn complete(&self, ticket: Ticket, answer: Answer);
 }
@@ -562,6 +570,9 @@ mod tests {
         );
         drop(kept);
         let q = q.0.lock().expect("lock");
-        assert!(matches!(q.as_slice(), [(_, Answer::Auth(AuthVerdict::Reject(_)))]));
+        assert!(matches!(
+            q.as_slice(),
+            [(_, Answer::Auth(AuthVerdict::Reject(_)))]
+        ));
     }
 }

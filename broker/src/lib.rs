@@ -14,15 +14,17 @@
 mod admin;
 pub mod auth;
 pub mod config;
-pub mod hooks;
 #[cfg(feature = "sim")]
 pub mod core;
 #[cfg(not(feature = "sim"))]
 #[allow(unreachable_pub, dead_code)]
 mod core;
+mod embed;
+pub mod hooks;
+mod local;
 #[allow(unreachable_pub)]
 mod loglimit;
-pub mod node;
+mod node;
 pub mod secret;
 #[cfg(feature = "sim")]
 pub mod transport;
@@ -30,4 +32,9 @@ pub mod transport;
 #[allow(unreachable_pub, dead_code)]
 mod transport;
 
-pub use crate::core::Counters;
+pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
+pub use embed::{Broker, ControlError, Handle, SERVICE_DEVICE};
+pub use local::{LOCAL_TIMEOUT, LocalClient, LocalError};
+pub use node::NodeError;
+/// The protocol's types (frames, messages, conversations), as [`LocalClient`] speaks them.
+pub use parley_proto as proto;

@@ -476,7 +476,8 @@ pub fn ws_close_code(code: pb::ErrorCode) -> u16 {
         | E::RetransmitExhausted
         | E::UnexpectedFrame
         | E::AlreadyExists
-        | E::GroupFull => private_close_code(code),
+        | E::GroupFull
+        | E::Kicked => private_close_code(code),
     }
 }
 

@@ -584,6 +584,8 @@ impl World {
                 now,
                 quiet: true,
                 switches: self.switches,
+                hooks: None,
+                completions: None,
             }));
         }
         // What each user's home must know, before any client is served (as the driver does).

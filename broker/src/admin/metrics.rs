@@ -287,6 +287,30 @@ const FIELDS: &[Field] = &[
         Counter,
         "Typing frames dropped: over presence.typing_min_interval_ms from their sender, or for a recipient whose queue was at its budget."
     ),
+    field!(
+        hooks_parked,
+        "hooks_parked",
+        Counter,
+        "Requests parked on a hook that answered after it returned."
+    ),
+    field!(
+        hooks_denied,
+        "hooks_denied",
+        Counter,
+        "Sends and group requests a hook denied."
+    ),
+    field!(
+        kicked,
+        "kicked",
+        Counter,
+        "Connections ended by the application (admin API or embedding)."
+    ),
+    field!(
+        local_connections_opened,
+        "local_connections_opened",
+        Counter,
+        "In-process connections opened by the application."
+    ),
 ];
 
 /// The label set of a per-shard metric.

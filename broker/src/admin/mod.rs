@@ -38,6 +38,9 @@ pub(crate) struct Sources {
     pub(crate) counters: Arc<Mutex<Vec<Counters>>>,
     /// Set once the node was asked to shut down.
     pub(crate) stopping: Arc<AtomicBool>,
+    /// The node's shards, for the JSON endpoints.
+    #[allow(dead_code)] // read by the JSON endpoints (next step)
+    pub(crate) control: crate::node::control::Control,
 }
 
 /// The settings and sources every connection's thread shares.
@@ -363,9 +366,18 @@ mod tests {
             timeout: Duration::from_millis(200),
             max_connections: 2,
             active: AtomicUsize::new(0),
-            sources: Sources {
-                counters: Arc::new(Mutex::new(vec![Counters::default()])),
-                stopping: Arc::new(AtomicBool::new(false)),
+            sources: {
+                let counters = Arc::new(Mutex::new(vec![Counters::default()]));
+                let stopping = Arc::new(AtomicBool::new(false));
+                Sources {
+                    control: crate::node::control::Control::new(
+                        Vec::new(),
+                        Arc::clone(&stopping),
+                        Arc::clone(&counters),
+                    ),
+                    counters,
+                    stopping,
+                }
             },
         }
     }

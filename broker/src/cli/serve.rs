@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
+use parley_broker::Broker;
 use parley_broker::config::Config;
-use parley_broker::node::Node;
 
 use super::{CliError, ConfigArgs, DurabilityArg, SettingFlags, load_config, load_secret};
 
@@ -127,12 +127,14 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     let secret = load_secret(&config)?;
     let node_name = config.node.clone();
     let shards = config.shard_count();
-    let node = Node::start(config, secret)
+    let node = Broker::new(config)
+        .secret(secret)
+        .start()
         .map_err(|e| CliError::new(format!("cannot start the node: {e}")))?;
 
     // The handler must be in place before the `listening` line: whoever reads it may send
     // SIGTERM at once.
-    let handle = node.shutdown_handle();
+    let handle = node.shutdown_fn();
     let asked = AtomicBool::new(false);
     let installed = ctrlc::set_handler(move || {
         if asked.swap(true, Ordering::SeqCst) {
@@ -140,10 +142,10 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
             std::process::exit(130);
         }
         tracing::info!("shutting down (signal again to force)");
-        handle.shutdown();
+        handle();
     });
     if let Err(e) = installed {
-        node.shutdown_handle().shutdown();
+        node.shutdown();
         let joined = node.join();
         let mut message = format!("cannot install the SIGINT/SIGTERM handler: {e}");
         if let Err(e) = joined {

@@ -112,6 +112,12 @@ pub(crate) struct Who {
     pub(crate) expires_ms: u64,
     /// A conversation list waiting for messages read from their owners.
     pub(crate) list: Option<Box<super::convlist::ListRun>>,
+    /// An in-process connection of the embedding application: it may send SYSTEM messages,
+    /// and no gate asks about its requests.
+    pub(crate) trusted: bool,
+    /// A service connection (the application acting as a user): not one of the user's
+    /// devices, so it is not delivered to, counts for no presence and is observed by no hook.
+    pub(crate) service: bool,
 }
 
 /// Most conversations of each kind a connection remembers by the name it used for them.
@@ -140,6 +146,8 @@ impl Who {
             errors_since: now,
             expires_ms: expiry_ms(identity.expires_at, now, unix_ms),
             list: None,
+            trusted: false,
+            service: false,
         }
     }
 
@@ -235,6 +243,9 @@ pub(crate) enum Input {
     Backlog,
     /// At the budget: nothing is decoded or read until the queue drains.
     Held,
+    /// A request waits for a hook's answer: nothing is decoded or read until it comes
+    /// ([`super::gate`]).
+    Parked,
 }
 
 /// One client connection.
@@ -332,7 +343,7 @@ impl Connection {
         match self.input {
             Input::Open => Intake::Read,
             Input::Backlog => Intake::Pending,
-            Input::Held => Intake::Hold,
+            Input::Held | Input::Parked => Intake::Hold,
         }
     }
 
@@ -421,7 +432,7 @@ impl Connection {
 }
 
 /// Checks a send's fields (the rate limit is checked before).
-pub(crate) fn check_send(send: &pb::Send, cfg: &CoreConfig) -> Result<(), Refusal> {
+pub(crate) fn check_send(send: &pb::Send, cfg: &CoreConfig, trusted: bool) -> Result<(), Refusal> {
     if send.client_msg_id == 0 {
         return Err(Refusal::ClientMsgIdZero);
     }
@@ -430,6 +441,7 @@ pub(crate) fn check_send(send: &pb::Send, cfg: &CoreConfig) -> Result<(), Refusa
     }
     match pb::MessageKind::try_from(send.kind) {
         Ok(pb::MessageKind::Normal) => Ok(()),
+        Ok(pb::MessageKind::System) if trusted => Ok(()),
         Ok(pb::MessageKind::Recall | pb::MessageKind::Edit) if send.ref_seq > 0 => Ok(()),
         Ok(pb::MessageKind::Recall | pb::MessageKind::Edit) => Err(Refusal::RefSeqMissing),
         _ => Err(Refusal::KindNotAllowed),

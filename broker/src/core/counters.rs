@@ -88,6 +88,14 @@ pub struct Counters {
     /// Typing frames dropped: over `presence.typing_min_interval_ms` from their sender, or for
     /// a recipient whose queue was at its budget.
     pub typing_dropped: u64,
+    /// Requests parked on a hook that answered after it returned.
+    pub hooks_parked: u64,
+    /// Sends and group requests a hook denied.
+    pub hooks_denied: u64,
+    /// Connections ended by the application (admin API or embedding).
+    pub kicked: u64,
+    /// In-process connections opened by the application.
+    pub local_connections_opened: u64,
 }
 
 impl Counters {
@@ -134,5 +142,9 @@ impl Counters {
         self.presence_flushes += other.presence_flushes;
         self.typing_relayed += other.typing_relayed;
         self.typing_dropped += other.typing_dropped;
+        self.hooks_parked += other.hooks_parked;
+        self.hooks_denied += other.hooks_denied;
+        self.kicked += other.kicked;
+        self.local_connections_opened += other.local_connections_opened;
     }
 }

@@ -127,6 +127,9 @@ pub(crate) enum Refusal {
     /// A malformed presence request.
     #[error("{0}")]
     BadPresenceRequest(&'static str),
+    /// A hook of the application denied the request.
+    #[error("denied: {0}")]
+    Denied(String),
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -168,7 +171,7 @@ impl Refusal {
             Refusal::PresenceTooManyUsers
             | Refusal::PresenceTooManySubscriptions
             | Refusal::BadPresenceRequest(_) => C::InvalidArgument,
-            Refusal::NotSender => C::Forbidden,
+            Refusal::NotSender | Refusal::Denied(_) => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,
             Refusal::BadFrame { code, .. } => *code,
@@ -180,7 +183,11 @@ impl Refusal {
     pub(crate) fn is_clients_fault(&self) -> bool {
         !matches!(
             self,
-            Refusal::IdCollision | Refusal::Storage(_) | Refusal::LogFailed | Refusal::RoomFull
+            Refusal::IdCollision
+                | Refusal::Storage(_)
+                | Refusal::LogFailed
+                | Refusal::RoomFull
+                | Refusal::Denied(_)
         )
     }
 
@@ -264,6 +271,12 @@ pub(crate) enum CloseReason {
     /// Before login, a frame that could not be decoded: not a client of ours.
     #[error("{0}")]
     Garbage(TransportError),
+    /// The login hook refused the login.
+    #[error("login refused: {0}")]
+    HookRejected(String),
+    /// The application ended the session (admin API or embedding).
+    #[error("the session was ended by the server: {0}")]
+    Kicked(String),
 }
 
 impl CloseReason {
@@ -285,6 +298,8 @@ impl CloseReason {
             CloseReason::ShuttingDown => C::ShuttingDown,
             CloseReason::TooManyConnections(_) => C::TooManyConnections,
             CloseReason::Garbage(e) => e.code(),
+            CloseReason::HookRejected(_) => C::BadToken,
+            CloseReason::Kicked(_) => C::Kicked,
         }
     }
 

@@ -357,6 +357,21 @@ impl<B: Backend> ShardCore<B> {
         if let Some(push) = d.group.clone() {
             return self.on_group_deliver(d, push);
         }
+        if self.gate.offline {
+            let offline: Vec<String> = d
+                .recipients
+                .iter()
+                .filter(|r| r.exclude.is_none())
+                .filter(|r| {
+                    self.home
+                        .users
+                        .get(&*r.user)
+                        .is_none_or(|u| u.devices.is_empty())
+                })
+                .map(|r| r.user.to_string())
+                .collect();
+            self.observe_offline(&d, offline);
+        }
         let mut targets = std::mem::take(&mut self.target_scratch);
         for r in &d.recipients {
             targets.clear();
@@ -432,6 +447,18 @@ impl<B: Backend> ShardCore<B> {
             }
         }
         self.target_scratch = targets;
+        if self.gate.offline
+            && let Some(g) = self.home.groups.get(&d.conv.id)
+        {
+            let mut offline: Vec<String> = g
+                .members
+                .iter()
+                .filter(|&(u, &at)| at == OFFLINE && **u != *push.sender.user)
+                .map(|(u, _)| u.to_string())
+                .collect();
+            offline.sort();
+            self.observe_offline(&d, offline);
+        }
         if let Some(change) = &push.change {
             let keep_pushing = self.test_switches.push_after_leave;
             for user in change.left.iter().filter(|u| placement.home(u) == me) {
@@ -456,6 +483,28 @@ impl<B: Backend> ShardCore<B> {
                 }
             }
         }
+    }
+
+    /// Tells the offline observer that `users` were offline for `d`'s message (if any were).
+    fn observe_offline(&self, d: &Delivery, users: Vec<String>) {
+        let Some(h) = self.gate.observer() else {
+            return;
+        };
+        if users.is_empty() {
+            return;
+        }
+        let sender = match &d.group {
+            Some(push) => push.sender.user.to_string(),
+            None => parley_proto::splice::peek_message(&d.stored)
+                .map(|h| h.from_user.to_owned())
+                .unwrap_or_default(),
+        };
+        h.stored_for_offline(&crate::hooks::OfflineDelivery {
+            conversation: super::gate::conversation_ref(&d.conv),
+            seq: d.seq,
+            sender,
+            users,
+        });
     }
 
     /// Start-up: a group's users homed here and what they may read.

@@ -45,9 +45,11 @@ pub(crate) mod convlist;
 mod counters;
 pub(crate) mod delivery;
 pub(crate) mod error;
+pub(crate) mod gate;
 pub(crate) mod group;
 pub(crate) mod home;
 pub(crate) mod ids;
+mod inspect;
 pub(crate) mod mail;
 mod outbound;
 pub(crate) mod owner;
@@ -80,6 +82,7 @@ pub use counters::Counters;
 pub use error::ConnLimit;
 use error::{CloseReason, Refusal};
 use home::Home;
+pub use inspect::{ConversationInfo, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 use mail::Origin;
 pub use mail::{Adoption, ShardMsg};
 use owner::Owner;
@@ -171,6 +174,10 @@ pub struct CoreSetup<B: Backend> {
     pub quiet: bool,
     /// Planted bugs (tests only).
     pub switches: TestSwitches,
+    /// The embedding application's hooks, if any.
+    pub hooks: Option<Arc<dyn crate::hooks::Hooks>>,
+    /// Where a gate's late answers go (without one, a gate must answer before it returns).
+    pub completions: Option<Arc<dyn crate::hooks::Completions>>,
 }
 
 impl<B: Backend> fmt::Debug for CoreSetup<B> {
@@ -241,6 +248,8 @@ pub struct ShardCore<B: Backend> {
     test_switches: TestSwitches,
     /// Presence: the home side of this shard's users, and its connections' subscriptions.
     presence: presence::Presence,
+    /// The application's hooks and the requests parked on them.
+    gate: gate::Gatekeeper,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -289,6 +298,7 @@ impl<B: Backend> ShardCore<B> {
             log_limit: LogLimiter::default(),
             test_switches: setup.switches,
             presence: presence::Presence::default(),
+            gate: gate::Gatekeeper::new(setup.hooks, setup.completions),
         };
         core.rebuild();
         core.drain_local();
@@ -322,6 +332,82 @@ impl<B: Backend> ShardCore<B> {
         }
         self.drain_local();
         conn
+    }
+
+    /// An in-process connection of the embedding application, logged in as `identity` (no
+    /// token: the application vouches for it). It speaks the TCP framing over the driver's
+    /// in-memory link and may send SYSTEM messages; no gate asks about its requests. A
+    /// `service` connection acts as the user without being one of its devices: it is not
+    /// delivered to and changes no presence. Open it on the user's home shard.
+    pub fn handle_open_local(
+        &mut self,
+        identity: crate::auth::Identity,
+        service: bool,
+        now: Now,
+    ) -> ConnId {
+        self.now = now;
+        let conn = self.insert(
+            Transport::tcp(self.limits),
+            BytesMut::new(),
+            BytesMut::new(),
+        );
+        self.counters.local_connections_opened += 1;
+        self.mark_dirty(conn);
+        if self.shutting_down {
+            self.close(conn, 0, Some(CloseReason::ShuttingDown));
+        } else {
+            self.activate_as(conn, identity, 0, true, service);
+        }
+        self.drain_local();
+        conn
+    }
+
+    /// Ends every connection of `user` (only `device`'s, if given) with KICKED and `reason`;
+    /// returns how many. Call it on the user's home shard.
+    pub fn kick(&mut self, user: &str, device: Option<&str>, reason: &str, now: Now) -> usize {
+        self.now = now;
+        let conns: Vec<ConnId> = self
+            .home
+            .users
+            .get(user)
+            .map(|u| {
+                u.devices
+                    .iter()
+                    .filter(|(d, _)| device.is_none_or(|want| **d == *want))
+                    .map(|&(_, c)| c)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for &conn in &conns {
+            self.counters.kicked += 1;
+            self.close(conn, 0, Some(CloseReason::Kicked(reason.to_owned())));
+        }
+        self.drain_local();
+        conns.len()
+    }
+
+    /// The devices of this shard's users online now, `(user, devices)` sorted by user, from
+    /// `after` (exclusive), at most `limit` users.
+    pub fn online_users(&self, after: &str, limit: usize) -> Vec<(String, Vec<String>)> {
+        let mut users: Vec<(String, Vec<String>)> = self
+            .home
+            .users
+            .iter()
+            .filter(|(u, e)| !e.devices.is_empty() && &***u > after)
+            .map(|(u, e)| {
+                let mut d: Vec<String> = e.devices.iter().map(|(d, _)| d.to_string()).collect();
+                d.sort();
+                (u.to_string(), d)
+            })
+            .collect();
+        users.sort();
+        users.truncate(limit);
+        users
+    }
+
+    /// The shard that is `user`'s home.
+    pub fn home_of(&self, user: &str) -> usize {
+        self.placement.home(user)
     }
 
     /// Bytes read on `conn` (read only while [`ShardCore::intake`] says [`Intake::Read`]). At
@@ -619,13 +705,25 @@ impl<B: Backend> ShardCore<B> {
             _ => return None,
         }
         let mut c = self.conns[slot].take()?;
-        if let Some(user) = c.user()
+        self.gate.forget(conn);
+        let service = c.who.as_ref().is_some_and(|w| w.service);
+        if !service
+            && let Some(user) = c.user()
             && self.home.unregister(user, conn)
         {
             self.counters.users_freed += 1;
         }
         if let Some(user) = c.user().cloned() {
-            self.presence_conn_gone(conn, &user);
+            self.presence_conn_gone(conn, &user, service);
+        }
+        if !service
+            && let Some(who) = c.who.as_ref()
+            && let Some(h) = self.gate.observer()
+        {
+            h.disconnected(&crate::hooks::DeviceEvent {
+                user: who.device.user.to_string(),
+                device: who.device.device.to_string(),
+            });
         }
         c.delivery.clear(&mut self.timers);
         if let Some((key, _)) = c.timer.take() {

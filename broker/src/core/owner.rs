@@ -280,7 +280,9 @@ impl<B: Backend> ShardCore<B> {
         let conv = Arc::clone(&st.conv);
         // Only a message's sender may recall or edit it (and a group's owner and admins may
         // recall any); the server's own messages are neither recalled nor edited.
-        if send.kind != pb::MessageKind::Normal as i32 {
+        // (A SYSTEM send comes only from the application's trusted connections.)
+        if send.kind == pb::MessageKind::Recall as i32 || send.kind == pb::MessageKind::Edit as i32
+        {
             let moderator = send.kind == pb::MessageKind::Recall as i32
                 && sender_role.is_some_and(|r| r >= Role::Admin);
             let target = self
@@ -417,6 +419,9 @@ impl<B: Backend> ShardCore<B> {
             let Some(stored) = p.deliver else {
                 continue;
             };
+            if let Some(h) = self.gate.observer() {
+                observe_stored(h, &stored);
+            }
             let Stored {
                 conv,
                 seq,
@@ -884,6 +889,37 @@ fn group_from(e: GroupEntry, placement: &Placement) -> Group {
 }
 
 /// The send-ack of a stored message.
+/// Tells the observers of a message stored durably (and, for a group event, of the change).
+fn observe_stored(h: &dyn crate::hooks::Hooks, stored: &Stored) {
+    let Ok(m) = pb::Message::decode(stored.bytes.clone()) else {
+        return;
+    };
+    let conversation = super::gate::conversation_ref(&stored.conv);
+    if let Some(e) = &m.event {
+        let what = pb::GroupEventType::try_from(e.r#type).map_or_else(
+            |_| "unknown".to_owned(),
+            |t| t.as_str_name().to_ascii_lowercase(),
+        );
+        h.group_changed(&crate::hooks::GroupChange {
+            group: conversation.id.clone(),
+            seq: m.seq,
+            actor: e.actor.clone(),
+            what,
+            members: e.users.clone(),
+        });
+    }
+    h.message_stored(&crate::hooks::StoredMessage {
+        conversation,
+        seq: m.seq,
+        msg_id: m.msg_id,
+        sender: m.from_user,
+        device: m.from_device,
+        time_ms: m.server_time,
+        system: m.kind == pb::MessageKind::System as i32,
+        body: m.body,
+    });
+}
+
 fn send_ack(
     client_msg_id: u64,
     r: &Remembered,

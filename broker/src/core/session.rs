@@ -11,10 +11,15 @@ use parley_storage::Backend;
 
 use super::config::cost;
 use super::conn::{self, ConnId, Phase, Who};
+use super::conv::Conv;
 use super::error::{CloseReason, Refusal};
+use super::gate::{Gated, Parked};
 use super::mail::{self, Adoption, ShardMsg};
 use super::{Effect, ShardCore, bad_frame};
 use crate::auth::Identity;
+use crate::hooks::{
+    AuthVerdict, GroupAttempt, Hooks, LoginAttempt, Reply, SendAttempt, SendVerdict, Verdict,
+};
 use crate::transport::{Inbound, Transport};
 
 /// Bytes of a connection's budget a send holds until its ack (or refusal) comes back.
@@ -32,7 +37,8 @@ impl<B: Backend> ShardCore<B> {
             let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
                 return;
             };
-            if c.id != conn {
+            if c.id != conn || c.input == conn::Input::Parked {
+                // A parked request holds everything behind it until its hook answers.
                 return;
             }
             if c.over_budget(cfg) {
@@ -209,7 +215,7 @@ impl<B: Backend> ShardCore<B> {
             Body::DeliverAck(ack) => self.on_deliver_ack(conn, ack),
             Body::SyncRequest(req) => self.on_sync_request(conn, request_id, req),
             Body::HistoryRequest(req) => self.on_history_request(conn, request_id, req),
-            Body::Login(login) => self.refresh(conn, request_id, &login),
+            Body::Login(login) => self.refresh(conn, request_id, login),
             Body::PresenceRequest(req) => self.on_presence_request(conn, request_id, req),
             Body::GroupRequest(req) => self.on_group_request(conn, request_id, req),
             Body::RoomRequest(req) => self.on_room_request(conn, request_id, req),
@@ -223,14 +229,40 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    /// Verifies a login: activates the connection here, or hands it to its user's home shard.
+    /// Verifies a login (asking the login gate first, if hooks gate logins): activates the
+    /// connection here, or hands it to its user's home shard.
     pub(super) fn login(&mut self, conn: ConnId, request_id: u64, login: pb::Login) {
-        let verdict = if login.protocol_version != 0
-            && login.protocol_version != parley_proto::PROTOCOL_VERSION
+        if login.protocol_version != 0 && login.protocol_version != parley_proto::PROTOCOL_VERSION {
+            self.counters.logins_refused += 1;
+            return self.close(conn, request_id, Some(CloseReason::UnsupportedVersion));
+        }
+        if !self.gate.gates.authenticate {
+            return self.login_verdict(conn, request_id, &login, AuthVerdict::Builtin);
+        }
+        let parked = Parked::Login {
+            request_id,
+            login,
+            refresh: false,
+        };
+        if let Gated::Now(v, Parked::Login { login, .. }) =
+            self.call_gate(conn, parked, authenticate)
         {
-            Err(CloseReason::UnsupportedVersion)
-        } else {
-            self.verify(&login.token)
+            self.login_verdict(conn, request_id, &login, v);
+        }
+    }
+
+    /// Goes on with a login the gate (or no gate) answered.
+    pub(super) fn login_verdict(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        login: &pb::Login,
+        verdict: AuthVerdict,
+    ) {
+        let verdict = match verdict {
+            AuthVerdict::Builtin => self.verify(&login.token),
+            AuthVerdict::Accept(identity) => accepted(identity),
+            AuthVerdict::Reject(reason) => Err(CloseReason::HookRejected(reason)),
         };
         let identity = match verdict {
             Ok(identity) => identity,
@@ -276,11 +308,42 @@ impl<B: Backend> ShardCore<B> {
     /// A fresh `Login` on a logged-in connection: with a valid token for the same user and
     /// device, the session's expiry moves to the new token's; otherwise it is refused and the
     /// session goes on as it was.
-    fn refresh(&mut self, conn: ConnId, request_id: u64, login: &pb::Login) {
-        let identity = match self.verify(&login.token) {
+    fn refresh(&mut self, conn: ConnId, request_id: u64, login: pb::Login) {
+        if !self.gate.gates.authenticate {
+            return self.refresh_verdict(conn, request_id, &login, AuthVerdict::Builtin);
+        }
+        let parked = Parked::Login {
+            request_id,
+            login,
+            refresh: true,
+        };
+        if let Gated::Now(v, Parked::Login { login, .. }) =
+            self.call_gate(conn, parked, authenticate)
+        {
+            self.refresh_verdict(conn, request_id, &login, v);
+        }
+    }
+
+    /// Goes on with a refresh the gate (or no gate) answered.
+    pub(super) fn refresh_verdict(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        login: &pb::Login,
+        verdict: AuthVerdict,
+    ) {
+        let verdict = match verdict {
+            AuthVerdict::Builtin => self.verify(&login.token),
+            AuthVerdict::Accept(identity) => accepted(identity),
+            AuthVerdict::Reject(reason) => Err(CloseReason::HookRejected(reason)),
+        };
+        let identity = match verdict {
             Ok(identity) => identity,
             Err(CloseReason::Auth(e)) => {
                 return self.refuse(conn, request_id, 0, &Refusal::RefreshToken(e));
+            }
+            Err(CloseReason::HookRejected(reason)) => {
+                return self.refuse(conn, request_id, 0, &Refusal::Denied(reason));
             }
             Err(_) => return self.refuse(conn, request_id, 0, &Refusal::RefreshTokenLifetime),
         };
@@ -325,11 +388,46 @@ impl<B: Backend> ShardCore<B> {
     }
 
     pub(super) fn activate(&mut self, conn: ConnId, identity: Identity, request_id: u64) {
-        let who = Who::new(&identity, &self.cfg, self.now.ms, self.now.unix_ms);
-        // The same user and device logging in again replaces the old connection.
-        for old in self.home.register(&who.device, conn) {
-            if old != conn {
-                self.close(old, 0, Some(CloseReason::Replaced));
+        self.activate_as(conn, identity, request_id, false, false);
+    }
+
+    /// Logs `conn` in as `identity`; `trusted`: an in-process connection of the application;
+    /// `service`: one that is not among the user's devices (see
+    /// [`ShardCore::handle_open_local`]).
+    pub(super) fn activate_as(
+        &mut self,
+        conn: ConnId,
+        identity: Identity,
+        request_id: u64,
+        trusted: bool,
+        service: bool,
+    ) {
+        let mut who = Who::new(&identity, &self.cfg, self.now.ms, self.now.unix_ms);
+        who.trusted = trusted;
+        who.service = service;
+        if !service {
+            // The same user and device logging in again replaces the old connection.
+            for old in self.home.register(&who.device, conn) {
+                if old != conn {
+                    self.close(old, 0, Some(CloseReason::Replaced));
+                }
+            }
+            if let Some(h) = self.gate.observer() {
+                h.connected(&crate::hooks::DeviceEvent {
+                    user: identity.user.clone(),
+                    device: identity.device.clone(),
+                });
+                let first = self
+                    .home
+                    .users
+                    .get(identity.user.as_str())
+                    .is_some_and(|u| u.devices.len() == 1);
+                if first {
+                    h.presence_changed(&crate::hooks::PresenceChange {
+                        user: identity.user.clone(),
+                        online: true,
+                    });
+                }
             }
         }
         let result = self.login_result(&identity);
@@ -348,7 +446,9 @@ impl<B: Backend> ShardCore<B> {
         );
         c.activate(who, now);
         self.counters.logins += 1;
-        self.presence_changed(&user);
+        if !service {
+            self.presence_changed(&user);
+        }
         self.write_frame(
             conn,
             &pb::Frame {
@@ -367,12 +467,12 @@ impl<B: Backend> ShardCore<B> {
             return self.on_room_send(conn, request_id, send);
         }
         let cfg = Arc::clone(&self.cfg);
-        let now = self.now;
-        let origin = self.origin(conn);
+        let gate_sends = self.gate.gates.send;
         let Some(c) = self.live_conn_mut(conn) else {
             return;
         };
-        let checked = conn::check_send(&send, &cfg);
+        let trusted = c.who.as_ref().is_some_and(|w| w.trusted);
+        let checked = conn::check_send(&send, &cfg, trusted);
         let conv = checked.and_then(|()| {
             c.who
                 .as_mut()
@@ -382,6 +482,80 @@ impl<B: Backend> ShardCore<B> {
         let conv = match conv {
             Ok(conv) => conv,
             Err(r) => return self.refuse(conn, request_id, send.client_msg_id, &r),
+        };
+        if !gate_sends || trusted {
+            return self.route_send(conn, request_id, send, conv);
+        }
+        let Some(device) = self
+            .live_conn_mut(conn)
+            .and_then(|c| c.who.as_ref().map(|w| w.device.clone()))
+        else {
+            return;
+        };
+        let parked = Parked::Send {
+            request_id,
+            send,
+            conv,
+        };
+        let gated = self.call_gate(conn, parked, |h, p, reply| {
+            if let Parked::Send { send, conv, .. } = p {
+                let cref = super::gate::conversation_ref(conv);
+                let attempt = SendAttempt {
+                    user: &device.user,
+                    device: &device.device,
+                    conversation: &cref,
+                    body: &send.body,
+                    client_msg_id: send.client_msg_id,
+                };
+                h.check_send(&attempt, reply);
+            }
+        });
+        if let Gated::Now(v, Parked::Send { send, conv, .. }) = gated {
+            self.send_verdict(conn, request_id, send, conv, v);
+        }
+    }
+
+    /// Goes on with a send the gate answered.
+    pub(super) fn send_verdict(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        mut send: pb::Send,
+        conv: Arc<Conv>,
+        verdict: SendVerdict,
+    ) {
+        match verdict {
+            SendVerdict::Allow => {}
+            SendVerdict::Rewrite(body) => {
+                if body.len() > self.cfg.max_body_bytes {
+                    return self.refuse(
+                        conn,
+                        request_id,
+                        send.client_msg_id,
+                        &Refusal::BodyTooLarge,
+                    );
+                }
+                send.body = body;
+            }
+            SendVerdict::Deny(reason) => {
+                self.counters.hooks_denied += 1;
+                return self.refuse(
+                    conn,
+                    request_id,
+                    send.client_msg_id,
+                    &Refusal::Denied(reason),
+                );
+            }
+        }
+        self.route_send(conn, request_id, send, conv);
+    }
+
+    /// Sends a checked send to its conversation's owner.
+    fn route_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send, conv: Arc<Conv>) {
+        let now = self.now;
+        let origin = self.origin(conn);
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
         };
         let Some(sender) = c.who.as_ref().map(|w| w.device.clone()) else {
             return;
@@ -409,6 +583,58 @@ impl<B: Backend> ShardCore<B> {
         request_id: u64,
         req: pb::GroupRequest,
     ) {
+        let gate_groups = self.gate.gates.group;
+        let Some(c) = self.live_conn_mut(conn) else {
+            return;
+        };
+        let Some(who) = c.who.as_mut() else {
+            return;
+        };
+        if gate_groups && !who.trusted {
+            let device = who.device.clone();
+            let parked = Parked::Group { request_id, req };
+            let gated = self.call_gate(conn, parked, |h, p, reply| {
+                if let Parked::Group { req, .. } = p {
+                    let action = pb::GroupAction::try_from(req.action).map_or_else(
+                        |_| String::from("unknown"),
+                        |a| a.as_str_name().to_ascii_lowercase(),
+                    );
+                    let attempt = GroupAttempt {
+                        user: &device.user,
+                        group: &req.group_id,
+                        action: &action,
+                        members: &req.members,
+                    };
+                    h.check_group(&attempt, reply);
+                }
+            });
+            if let Gated::Now(v, Parked::Group { req, .. }) = gated {
+                self.group_verdict(conn, request_id, req, v);
+            }
+            return;
+        }
+        self.route_group_request(conn, request_id, req);
+    }
+
+    /// Goes on with a group request the gate answered.
+    pub(super) fn group_verdict(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        req: pb::GroupRequest,
+        verdict: Verdict,
+    ) {
+        match verdict {
+            Verdict::Allow => self.route_group_request(conn, request_id, req),
+            Verdict::Deny(reason) => {
+                self.counters.hooks_denied += 1;
+                self.refuse(conn, request_id, 0, &Refusal::Denied(reason));
+            }
+        }
+    }
+
+    /// Sends a group request to the group's owner.
+    fn route_group_request(&mut self, conn: ConnId, request_id: u64, req: pb::GroupRequest) {
         let unix_ms = self.now.unix_ms;
         let origin = self.origin(conn);
         let Some(c) = self.live_conn_mut(conn) else {
@@ -465,4 +691,34 @@ impl<B: Backend> ShardCore<B> {
             }
         }
     }
+}
+
+/// The login gate, for a parked login.
+fn authenticate(h: &dyn Hooks, p: &Parked, reply: Reply<AuthVerdict>) {
+    if let Parked::Login { login, .. } = p {
+        let attempt = LoginAttempt {
+            token: &login.token,
+            client_name: &login.client_name,
+        };
+        h.authenticate(&attempt, reply);
+    }
+}
+
+/// An identity a login gate accepted, held to the limits a token's would be (an `expires_at` of
+/// 0: the session does not expire).
+fn accepted(mut identity: Identity) -> Result<Identity, CloseReason> {
+    use crate::auth::{MAX_DEVICE_BYTES, MAX_USER_BYTES};
+    if identity.user.is_empty()
+        || identity.user.len() > MAX_USER_BYTES
+        || identity.device.is_empty()
+        || identity.device.len() > MAX_DEVICE_BYTES
+    {
+        return Err(CloseReason::HookRejected(
+            "the login hook accepted an identity with an empty or too long user or device".into(),
+        ));
+    }
+    if identity.expires_at == 0 {
+        identity.expires_at = u64::MAX / 1000;
+    }
+    Ok(identity)
 }

@@ -11,8 +11,10 @@
 //! (`<data_dir>/shards`) and must not change: conversations are placed by `id % shards`.
 
 mod admission;
+pub(crate) mod control;
 mod listener;
-mod shard;
+pub(crate) mod local;
+pub(crate) mod shard;
 mod socket;
 
 use std::fmt;
@@ -27,9 +29,11 @@ use mio::{Poll, Waker};
 use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 
 use crate::admin::{AdminServer, Sources};
-use crate::auth::{Hs256, TokenVerifier};
+use crate::auth::TokenVerifier;
 use crate::config::{Config, DurabilityPolicy};
 use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
+use crate::hooks::Hooks;
+use control::{Completer, Control};
 use shard::{Clock, Driver, DriverSetup, Mail};
 
 /// Why a node could not start or stopped badly.
@@ -68,13 +72,13 @@ pub enum NodeError {
 }
 
 /// A running node.
-pub struct Node {
+pub(crate) struct Node {
     tcp: Option<SocketAddr>,
     ws: Option<SocketAddr>,
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
-    stats: Arc<Mutex<Vec<Counters>>>,
     admin: Option<AdminServer>,
+    control: Control,
 }
 
 impl fmt::Debug for Node {
@@ -90,7 +94,7 @@ impl fmt::Debug for Node {
 
 /// Asks a node to stop (cloneable, sendable: e.g. into a signal handler).
 #[derive(Clone)]
-pub struct ShutdownHandle {
+pub(crate) struct ShutdownHandle {
     shards: Vec<(Sender<Mail>, Arc<Waker>)>,
     /// Set by [`ShutdownHandle::shutdown`] (the admin listener's `/readyz` reads it).
     stopping: Arc<AtomicBool>,
@@ -107,7 +111,7 @@ impl fmt::Debug for ShutdownHandle {
 impl ShutdownHandle {
     /// Stops accepting, closes every connection with SHUTTING_DOWN after the acks of everything
     /// stored, flushes the logs. [`Node::join`] returns when that is done.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         for (tx, waker) in &self.shards {
             // A full inbox still drains; block briefly rather than lose the request.
@@ -118,16 +122,12 @@ impl ShutdownHandle {
 }
 
 impl Node {
-    /// Starts a node with the HS256 token `secret`.
-    pub fn start(config: Config, secret: Vec<u8>) -> Result<Node, NodeError> {
-        Self::start_with_verifier(config, Arc::new(Hs256::new(secret)))
-    }
-
     /// Starts a node that authenticates connections with `verifier` (an embedding
-    /// application's own).
-    pub fn start_with_verifier(
+    /// application's own) and calls `hooks`.
+    pub(crate) fn start_with(
         config: Config,
         verifier: Arc<dyn TokenVerifier>,
+        hooks: Option<Arc<dyn Hooks>>,
     ) -> Result<Node, NodeError> {
         config
             .validate()
@@ -146,6 +146,28 @@ impl Node {
         let logs = open_logs(&config, shards, now.unix_ms)?;
         let opened = started.elapsed();
 
+        // The shards' polls, wakers and inboxes first: the cores' hooks answer through them.
+        let mut polls = Vec::new();
+        let mut peers = Vec::new();
+        let mut inboxes = Vec::new();
+        let mut answers = Vec::new();
+        let mut answer_rx = Vec::new();
+        for _ in 0..shards {
+            let poll = Poll::new().map_err(|e| NodeError::Thread(e.to_string()))?;
+            let waker = Arc::new(
+                Waker::new(poll.registry(), shard::WAKER)
+                    .map_err(|e| NodeError::Thread(e.to_string()))?,
+            );
+            let (tx, rx) = crossbeam_channel::bounded(shard::INBOX_MAILS);
+            let (atx, arx) = crossbeam_channel::unbounded();
+            answers.push((atx, Arc::clone(&waker)));
+            answer_rx.push(arx);
+            peers.push((tx, waker));
+            inboxes.push(rx);
+            polls.push(poll);
+        }
+        let completions: Arc<dyn crate::hooks::Completions> = Arc::new(Completer { answers });
+
         // Build every core (rebuilding its state from its log), shards in parallel.
         let mut cores: Vec<ShardCore<MmapBackend>> = std::thread::scope(|s| {
             let handles: Vec<_> = logs
@@ -161,6 +183,8 @@ impl Node {
                         now,
                         quiet: false,
                         switches: TestSwitches::default(),
+                        hooks: hooks.clone(),
+                        completions: Some(Arc::clone(&completions)),
                     };
                     s.spawn(move || ShardCore::new(setup))
                 })
@@ -195,20 +219,6 @@ impl Node {
             None => None,
         };
 
-        let mut polls = Vec::new();
-        let mut peers = Vec::new();
-        let mut inboxes = Vec::new();
-        for _ in 0..shards {
-            let poll = Poll::new().map_err(|e| NodeError::Thread(e.to_string()))?;
-            let waker = Arc::new(
-                Waker::new(poll.registry(), shard::WAKER)
-                    .map_err(|e| NodeError::Thread(e.to_string()))?,
-            );
-            let (tx, rx) = crossbeam_channel::bounded(shard::INBOX_MAILS);
-            peers.push((tx, waker));
-            inboxes.push(rx);
-            polls.push(poll);
-        }
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
         if let Some(files) = files {
@@ -226,8 +236,12 @@ impl Node {
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
         let mut threads = Vec::new();
+        let mut answer_rx = answer_rx.into_iter();
         for (index, ((poll, inbox), core)) in polls.into_iter().zip(inboxes).zip(cores).enumerate()
         {
+            let answers = answer_rx
+                .next()
+                .ok_or_else(|| NodeError::Thread("no answer channel".into()))?;
             let setup = DriverSetup {
                 index,
                 core,
@@ -243,6 +257,7 @@ impl Node {
                 close_discard_bytes: config.limits.close_discard_bytes,
                 clock,
                 stats: Arc::clone(&stats),
+                answers,
             };
             let driver = Driver::new(setup).map_err(|e| NodeError::Thread(e.to_string()))?;
             let thread = std::thread::Builder::new()
@@ -251,9 +266,11 @@ impl Node {
                 .map_err(|e| NodeError::Thread(e.to_string()))?;
             threads.push(thread);
         }
+        let stopping = Arc::new(AtomicBool::new(false));
+        let control = Control::new(peers.clone(), Arc::clone(&stopping), Arc::clone(&stats));
         let handle = ShutdownHandle {
             shards: peers,
-            stopping: Arc::new(AtomicBool::new(false)),
+            stopping,
         };
         // Only now, with the logs recovered and the listeners bound, is the node ready.
         let admin = match admin_listener {
@@ -262,6 +279,7 @@ impl Node {
                 let sources = Sources {
                     counters: Arc::clone(&stats),
                     stopping: Arc::clone(&handle.stopping),
+                    control: control.clone(),
                 };
                 match AdminServer::start(listener, &config.admin, sources) {
                     Ok(server) => Some(server),
@@ -282,38 +300,38 @@ impl Node {
             ws,
             handle,
             threads,
-            stats,
             admin,
+            control,
         })
     }
 
+    /// The application's way into the node.
+    pub(crate) fn control(&self) -> &Control {
+        &self.control
+    }
+
     /// The TCP listener's address (port 0 resolved), if TCP is enabled.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp
     }
 
     /// The WebSocket listener's address (port 0 resolved), if enabled.
-    pub fn ws_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn ws_addr(&self) -> Option<SocketAddr> {
         self.ws
     }
 
     /// The admin HTTP listener's address (port 0 resolved), if enabled (`admin.listen`).
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminServer::addr)
     }
 
     /// A handle that stops the node.
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
+    pub(crate) fn shutdown_handle(&self) -> ShutdownHandle {
         self.handle.clone()
     }
 
-    /// Each shard's counters, as of at most ~100 ms ago.
-    pub fn counters(&self) -> Vec<Counters> {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
     /// Waits until every shard has stopped.
-    pub fn join(self) -> Result<(), NodeError> {
+    pub(crate) fn join(self) -> Result<(), NodeError> {
         let mut failed = 0;
         for t in self.threads {
             if t.join().is_err() {

@@ -12,11 +12,12 @@
 //! `limits.frames_per_turn` frames handled per turn; one with more waiting goes on the `ready`
 //! list and is served again next turn, after everyone else had their turn.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -24,10 +25,13 @@ use parley_storage::{Lsn, MmapBackend, MmapSegment, SpareDone, SpareTicketOf, Sy
 
 use super::admission::{Admission, AnonSlot, Verdict};
 use super::listener;
+use super::local::{LocalEnd, LocalPipe};
 use super::socket::{self, CloseStep, Closing};
+use crate::auth::Identity;
 use crate::core::{
     Adoption, ConnId, CoreEffect, Counters, Effect, Intake, Now, ShardCore, ShardMsg,
 };
+use crate::hooks::{Answer, Ticket};
 use crate::loglimit::{LogKind, LogLimiter};
 
 pub(crate) const WAKER: Token = Token(0);
@@ -56,6 +60,59 @@ pub(crate) enum Mail {
     Adopt(TcpStream, Box<Adoption>),
     /// Stop.
     Shutdown,
+    /// Open an in-process connection (on its user's home shard).
+    LocalOpen {
+        /// The link's id.
+        id: u64,
+        /// Who it is logged in as.
+        identity: Identity,
+        /// Not one of the user's devices (see `ShardCore::handle_open_local`).
+        service: bool,
+        /// Its way back to the client.
+        end: LocalEnd,
+    },
+    /// Bytes from a local client.
+    LocalInput {
+        /// The link's id.
+        id: u64,
+        /// The bytes (TCP framing).
+        bytes: Bytes,
+    },
+    /// The local client took output: write more if some waits.
+    LocalDrained {
+        /// The link's id.
+        id: u64,
+    },
+    /// The local client is gone.
+    LocalClose {
+        /// The link's id.
+        id: u64,
+    },
+    /// A question from the application about this shard's state.
+    Query(Query),
+}
+
+/// The application's questions to one shard (answered on the channel each carries).
+#[derive(Debug)]
+pub(crate) enum Query {
+    /// End `user`'s connections (one device's, if given) with KICKED; answers how many.
+    Kick {
+        user: String,
+        device: Option<String>,
+        reason: String,
+        reply: Sender<usize>,
+    },
+    /// Users of this shard online now (after `after`, at most `limit`).
+    Online {
+        after: String,
+        limit: usize,
+        reply: Sender<Vec<(String, Vec<String>)>>,
+    },
+    /// A conversation this shard owns, as it stands.
+    Inspect {
+        key: String,
+        reply: Sender<Option<crate::core::ConversationInfo>>,
+    },
 }
 
 /// Storage work the flusher thread does for the shard.
@@ -122,6 +179,8 @@ pub(crate) struct DriverSetup {
     pub(crate) close_discard_bytes: usize,
     pub(crate) clock: Clock,
     pub(crate) stats: Arc<Mutex<Vec<Counters>>>,
+    /// Hooks' late answers for this shard.
+    pub(crate) answers: Receiver<(Ticket, Answer)>,
 }
 
 /// One shard's driver; [`Driver::run`] is its thread.
@@ -142,6 +201,8 @@ pub(crate) struct Driver {
     closing_more: Vec<usize>,
     flush_tx: Sender<Job>,
     flush_rx: Receiver<Done>,
+    /// The flusher thread (joined at exit: its tickets hold the log's files).
+    flusher: Option<std::thread::JoinHandle<()>>,
     read_scratch: Box<[u8]>,
     ready: Vec<ConnId>,
     writable: Vec<ConnId>,
@@ -156,6 +217,11 @@ pub(crate) struct Driver {
     shutdown_deadline: Option<u64>,
     stats: Arc<Mutex<Vec<Counters>>>,
     stats_at: u64,
+    answers: Receiver<(Ticket, Answer)>,
+    /// In-process connections, by core slot.
+    locals: Vec<Option<LocalPipe>>,
+    /// In-process connections, by link id.
+    local_ids: HashMap<u64, ConnId>,
 }
 
 impl Driver {
@@ -164,7 +230,7 @@ impl Driver {
         let (flush_tx, flush_jobs) = crossbeam_channel::bounded::<Job>(2);
         let (done_tx, flush_rx) = crossbeam_channel::bounded(2);
         let waker = Arc::clone(&setup.waker);
-        std::thread::Builder::new()
+        let flusher = std::thread::Builder::new()
             .name(format!("parley-flush-{}", setup.index))
             .spawn(move || {
                 for job in flush_jobs {
@@ -195,6 +261,7 @@ impl Driver {
             closing_more: Vec::new(),
             flush_tx,
             flush_rx,
+            flusher: Some(flusher),
             read_scratch: vec![0; socket::READ_MAX].into_boxed_slice(),
             ready: Vec::new(),
             writable: Vec::new(),
@@ -209,6 +276,9 @@ impl Driver {
             shutdown_deadline: None,
             stats: setup.stats,
             stats_at: 0,
+            answers: setup.answers,
+            locals: Vec::new(),
+            local_ids: HashMap::new(),
         })
     }
 
@@ -283,6 +353,9 @@ impl Driver {
                 self.service(conn, now);
             }
             self.drain_inbox(now);
+            while let Ok((ticket, answer)) = self.answers.try_recv() {
+                self.core.handle_hook_answer(ticket, answer, now);
+            }
             self.core.handle_timeout(now);
             if self.accept_retry_at.is_some_and(|at| now.ms >= at) {
                 self.accept_retry_at = None;
@@ -314,6 +387,13 @@ impl Driver {
             }
         }
         self.core.finish();
+        // The flusher ends when its channel closes; wait for it, so that once the shard
+        // threads are joined nothing holds the log (a restart in the same process opens it).
+        let (closed, _) = crossbeam_channel::bounded(0);
+        drop(std::mem::replace(&mut self.flush_tx, closed));
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
     }
 
     fn conn_at(&self, slot: usize) -> Option<ConnId> {
@@ -450,6 +530,9 @@ impl Driver {
     /// Serves one connection's input for this turn: what the core has buffered first, then
     /// reads (within the byte budget) while the core takes input.
     fn service(&mut self, conn: ConnId, now: Now) {
+        if self.local(conn).is_some() {
+            return self.service_local(conn, now);
+        }
         let budget = self.read_budget;
         let mut total = 0;
         let mut handled = false;
@@ -504,6 +587,108 @@ impl Driver {
         }
     }
 
+    /// The local pipe of `conn`, if it is an in-process connection.
+    fn local(&self, conn: ConnId) -> Option<&LocalPipe> {
+        self.locals
+            .get(conn.slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|p| p.generation == conn.generation)
+    }
+
+    fn local_mut(&mut self, conn: ConnId) -> Option<&mut LocalPipe> {
+        self.locals
+            .get_mut(conn.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|p| p.generation == conn.generation)
+    }
+
+    fn take_local(&mut self, conn: ConnId) -> Option<LocalPipe> {
+        self.local(conn)?;
+        let pipe = self.locals.get_mut(conn.slot as usize)?.take()?;
+        self.local_ids.remove(&pipe.id);
+        Some(pipe)
+    }
+
+    /// Feeds a local connection's input to the core while it takes input, within the turn's
+    /// byte budget (the rest waits for the next turn, after everyone else).
+    fn service_local(&mut self, conn: ConnId, now: Now) {
+        let budget = self.read_budget;
+        let mut total = 0;
+        let mut handled = false;
+        loop {
+            match self.core.intake(conn) {
+                None => return self.apply_effects(now),
+                Some(Intake::Hold) => return,
+                Some(Intake::Pending) if handled => return self.ready.push(conn),
+                Some(Intake::Pending) => {
+                    self.core.handle_continue(conn, now);
+                    handled = true;
+                }
+                Some(Intake::Read) if total >= budget => return self.ready.push(conn),
+                Some(Intake::Read) => {
+                    let Some(chunk) = self.local_mut(conn).and_then(|p| p.input.pop_front()) else {
+                        return;
+                    };
+                    total += chunk.len();
+                    self.core.handle_bytes(conn, &chunk, now);
+                    handled = true;
+                }
+            }
+        }
+    }
+
+    /// Hands a local connection's queued output to its client, within the window.
+    fn transmit_local(&mut self, conn: ConnId, now: Now) {
+        let Some(pipe) = self
+            .locals
+            .get(conn.slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|p| p.generation == conn.generation)
+        else {
+            return;
+        };
+        let Some(buf) = self.core.outbound(conn) else {
+            return;
+        };
+        if buf.is_empty() {
+            return;
+        }
+        match pipe.write(buf) {
+            Some(n) => self.core.handle_written(conn, n > 0, now),
+            None => {
+                // The client is gone.
+                self.take_local(conn);
+                self.core.handle_reset(conn, now);
+            }
+        }
+    }
+
+    /// Answers the application's question.
+    fn answer(&mut self, q: Query, now: Now) {
+        match q {
+            Query::Kick {
+                user,
+                device,
+                reason,
+                reply,
+            } => {
+                let n = self.core.kick(&user, device.as_deref(), &reason, now);
+                self.apply_effects(now);
+                let _ = reply.send(n);
+            }
+            Query::Online {
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.core.online_users(&after, limit));
+            }
+            Query::Inspect { key, reply } => {
+                let _ = reply.send(self.core.inspect(&key));
+            }
+        }
+    }
+
     fn reset(&mut self, conn: ConnId, now: Now) {
         if let Some(mut sock) = self.take_sock(conn) {
             let _ = self.poll.registry().deregister(&mut sock.stream);
@@ -514,6 +699,9 @@ impl Driver {
 
     /// Writes a connection's queued bytes.
     fn transmit(&mut self, conn: ConnId, now: Now) {
+        if self.local(conn).is_some() {
+            return self.transmit_local(conn, now);
+        }
         let Some(Some(sock)) = self.socks.get_mut(conn.slot as usize) else {
             return;
         };
@@ -550,6 +738,46 @@ impl Driver {
                     self.apply_effects(now);
                 }
                 Ok(Mail::Shutdown) => self.shutdown(now),
+                Ok(Mail::LocalOpen {
+                    id,
+                    identity,
+                    service,
+                    end,
+                }) => {
+                    let conn = self.core.handle_open_local(identity, service, now);
+                    let slot = conn.slot as usize;
+                    if self.locals.len() <= slot {
+                        self.locals.resize_with(slot + 1, || None);
+                    }
+                    self.locals[slot] = Some(LocalPipe {
+                        generation: conn.generation,
+                        id,
+                        end,
+                        input: VecDeque::new(),
+                    });
+                    self.local_ids.insert(id, conn);
+                    self.apply_effects(now);
+                }
+                Ok(Mail::LocalInput { id, bytes }) => {
+                    if let Some(&conn) = self.local_ids.get(&id)
+                        && let Some(pipe) = self.local_mut(conn)
+                    {
+                        pipe.input.push_back(bytes);
+                        self.service_local(conn, now);
+                    }
+                }
+                Ok(Mail::LocalDrained { id }) => {
+                    if let Some(&conn) = self.local_ids.get(&id) {
+                        self.writable.push(conn);
+                    }
+                }
+                Ok(Mail::LocalClose { id }) => {
+                    if let Some(&conn) = self.local_ids.get(&id) {
+                        self.core.handle_eof(conn, now);
+                        self.apply_effects(now);
+                    }
+                }
+                Ok(Mail::Query(q)) => self.answer(q, now),
                 Err(_) => break,
             }
         }
@@ -576,7 +804,12 @@ impl Driver {
             for effect in std::mem::take(&mut self.effects) {
                 match effect {
                     Effect::Transmit(conn) => self.transmit(conn, now),
-                    Effect::Close { conn, last } => {
+                    Effect::Close { conn, mut last } => {
+                        if let Some(pipe) = self.take_local(conn) {
+                            // Its last words, then the channel closes with the pipe.
+                            pipe.write_last(std::mem::take(&mut last));
+                            continue;
+                        }
                         if let Some(mut sock) = self.take_sock(conn) {
                             if sock.refused {
                                 // Refused at accept: one write of its last words, then gone

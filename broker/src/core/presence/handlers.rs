@@ -293,13 +293,18 @@ impl<B: Backend> ShardCore<B> {
 
     /// `conn` of `user` is gone: its subscriptions end, its AWAY flag goes, and the user's
     /// presence is looked at again (its last device may have left).
-    pub(crate) fn presence_conn_gone(&mut self, conn: ConnId, user: &Arc<str>) {
+    /// A service connection (`service`) only ends its subscriptions: it was never one of the
+    /// user's devices.
+    pub(crate) fn presence_conn_gone(&mut self, conn: ConnId, user: &Arc<str>, service: bool) {
         if let Some(p) = self.presence.conns.remove(&conn) {
             let from = self.origin(conn);
             let watching: Vec<Arc<str>> = p.watching.into_iter().collect();
             if !watching.is_empty() {
                 self.presence_route_users(from, 0, Op::Unsubscribe, watching);
             }
+        }
+        if service {
+            return;
         }
         let online = self
             .home
@@ -311,6 +316,12 @@ impl<B: Backend> ShardCore<B> {
             self.presence.board.left(user, unix_ms);
             if let Some(u) = self.home.users.get_mut(&**user) {
                 u.last_seen = unix_ms;
+            }
+            if let Some(h) = self.gate.observer() {
+                h.presence_changed(&crate::hooks::PresenceChange {
+                    user: user.to_string(),
+                    online: false,
+                });
             }
         }
         self.presence_changed(user);

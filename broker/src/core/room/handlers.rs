@@ -73,7 +73,7 @@ impl<B: Backend> ShardCore<B> {
     pub(crate) fn on_room_send(&mut self, conn: ConnId, request_id: u64, send: pb::Send) {
         let cmid = send.client_msg_id;
         let room = send.to.as_ref().map(|v| v.id.as_str()).unwrap_or_default();
-        let refusal = match crate::core::conn::check_send(&send, &self.cfg) {
+        let refusal = match crate::core::conn::check_send(&send, &self.cfg, false) {
             Err(r) => Some(r),
             Ok(()) if send.kind != pb::MessageKind::Normal as i32 => {
                 Some(Refusal::RoomKindNotAllowed)
