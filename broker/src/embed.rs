@@ -25,19 +25,17 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use parley_proto::pb;
-use parley_proto::pb::frame::Body;
 
-use crate::auth::{Hs256, Identity, TokenVerifier};
+use crate::auth::{Hs256, TokenVerifier};
 use crate::config::Config;
 use crate::core::{ConversationInfo, Counters};
 use crate::hooks::{ConversationRef, Hooks};
-use crate::local::{LOCAL_TIMEOUT, LocalClient, LocalError};
+use crate::local::{LocalClient, LocalError};
 use crate::node::control::Control;
 pub use crate::node::control::ControlError;
 use crate::node::{Node, NodeError, ShutdownHandle};
 
-/// The device name of [`Handle::act_as`] connections (they are not among the user's devices).
-pub const SERVICE_DEVICE: &str = "parley-service";
+pub use crate::node::control::SERVICE_DEVICE;
 
 /// Builds a node: its configuration, how it authenticates, its hooks.
 pub struct Broker {
@@ -195,7 +193,7 @@ impl Handle {
     /// is replaced, as with any login). `expires_at` of the identity is ignored: it lasts until
     /// dropped or kicked.
     pub fn connect(&self, user: &str, device: &str) -> Result<LocalClient, LocalError> {
-        self.control.open_local(identity(user, device), false)
+        self.control.connect(user, device)
     }
 
     /// An in-process connection through which the application acts as `user` without being
@@ -203,8 +201,7 @@ impl Handle {
     /// device. Use it to send as the user, read its conversation list or history, manage its
     /// groups.
     pub fn act_as(&self, user: &str) -> Result<LocalClient, LocalError> {
-        self.control
-            .open_local(identity(user, SERVICE_DEVICE), true)
+        self.control.act_as(user)
     }
 
     /// Stores a message from `from` to `to` (as `from` names it: a direct conversation by the
@@ -217,8 +214,7 @@ impl Handle {
         body: impl Into<Bytes>,
         system: bool,
     ) -> Result<pb::SendAck, LocalError> {
-        let mut client = self.act_as(from)?;
-        client.send_message(to, body, fresh_client_msg_id(), system)
+        self.control.post(from, to, body.into(), system)
     }
 
     /// Ends `user`'s connections (only `device`'s, if given) with KICKED and `reason`; returns
@@ -244,21 +240,7 @@ impl Handle {
 
     /// The presence of `users` (status, devices online, last seen), as any user would see it.
     pub fn presence(&self, users: &[String]) -> Result<Vec<pb::UserPresence>, LocalError> {
-        let mut client = self.act_as(SERVICE_DEVICE)?;
-        let req = pb::PresenceRequest {
-            action: pb::PresenceAction::Query as i32,
-            users: users.to_vec(),
-            ..Default::default()
-        };
-        match client
-            .request(Body::PresenceRequest(req), LOCAL_TIMEOUT)?
-            .body
-        {
-            Some(Body::PresenceUpdate(u)) => Ok(u.users),
-            _ => Err(LocalError::Invalid(
-                "a presence query answered otherwise".into(),
-            )),
-        }
+        self.control.presence(users)
     }
 
     /// `user`'s conversation list: the most recently active first, at most `limit`.
@@ -267,20 +249,7 @@ impl Handle {
         user: &str,
         limit: u32,
     ) -> Result<pb::ConversationList, LocalError> {
-        let mut client = self.act_as(user)?;
-        let req = pb::ConversationListRequest {
-            limit,
-            ..Default::default()
-        };
-        match client
-            .request(Body::ConversationListRequest(req), LOCAL_TIMEOUT)?
-            .body
-        {
-            Some(Body::ConversationList(l)) => Ok(l),
-            _ => Err(LocalError::Invalid(
-                "a conversation list answered otherwise".into(),
-            )),
-        }
+        self.control.conversations(user, limit)
     }
 
     /// A conversation as its owner holds it: newest seq, a group's members and settings
@@ -299,37 +268,6 @@ impl Handle {
         user: &str,
         request: pb::GroupRequest,
     ) -> Result<pb::GroupResult, LocalError> {
-        let mut client = self.act_as(user)?;
-        match client
-            .request(Body::GroupRequest(request), LOCAL_TIMEOUT)?
-            .body
-        {
-            Some(Body::GroupResult(r)) => Ok(r),
-            _ => Err(LocalError::Invalid(
-                "a group request answered otherwise".into(),
-            )),
-        }
+        self.control.group(user, request)
     }
-}
-
-fn identity(user: &str, device: &str) -> Identity {
-    Identity {
-        user: user.to_owned(),
-        device: device.to_owned(),
-        // Never expires (see `Handle::connect`).
-        expires_at: u64::MAX / 1000,
-    }
-}
-
-/// A client message id no earlier `post` used: random, never 0.
-fn fresh_client_msg_id() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        // No entropy: the clock's nanoseconds are unique enough for one process.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        return nanos.max(1);
-    }
-    u64::from_le_bytes(b).max(1)
 }

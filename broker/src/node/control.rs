@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_channel::Sender;
+use parley_proto::pb;
+use parley_proto::pb::frame::Body;
 
 use super::local::LocalEnd;
 use super::shard::{Mail, Peer, Query};
@@ -15,7 +18,11 @@ use crate::auth::Identity;
 use crate::core::conv::{Conv, Placement, direct_key};
 use crate::core::{ConversationInfo, Counters};
 use crate::hooks::{Answer, Completions, ConversationKind, ConversationRef, Ticket};
-use crate::local::{Link, LocalClient, LocalError};
+use crate::local::{LOCAL_TIMEOUT, Link, LocalClient, LocalError};
+
+/// The device name of service connections ([`crate::Handle::act_as`]: they are not among the
+/// user's devices).
+pub const SERVICE_DEVICE: &str = "parley-service";
 
 /// How long a question to the shards may take before it counts as unanswered.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,7 +74,7 @@ impl Control {
         }
     }
 
-    fn post(&self, shard: usize, mail: Mail) -> Result<(), ControlError> {
+    fn mail(&self, shard: usize, mail: Mail) -> Result<(), ControlError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ControlError::ShuttingDown);
         }
@@ -86,7 +93,7 @@ impl Control {
         query: impl FnOnce(Sender<T>) -> Query,
     ) -> Result<T, ControlError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.post(shard, Mail::Query(query(tx)))?;
+        self.mail(shard, Mail::Query(query(tx)))?;
         rx.recv_timeout(QUERY_TIMEOUT).map_err(|e| match e {
             crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout(QUERY_TIMEOUT),
             crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::ShuttingDown,
@@ -110,7 +117,7 @@ impl Control {
             to_client,
             queued: Arc::clone(&queued),
         };
-        self.post(
+        self.mail(
             shard,
             Mail::LocalOpen {
                 id,
@@ -193,6 +200,87 @@ impl Control {
         self.ask(owner, |reply| Query::Inspect { key, reply })
     }
 
+    /// An in-process device connection (see [`crate::Handle::connect`]).
+    pub(crate) fn connect(&self, user: &str, device: &str) -> Result<LocalClient, LocalError> {
+        self.open_local(identity(user, device), false)
+    }
+
+    /// An in-process service connection (see [`crate::Handle::act_as`]).
+    pub(crate) fn act_as(&self, user: &str) -> Result<LocalClient, LocalError> {
+        self.open_local(identity(user, SERVICE_DEVICE), true)
+    }
+
+    /// Stores a message from `from` (see [`crate::Handle::post`]).
+    pub(crate) fn post(
+        &self,
+        from: &str,
+        to: pb::Conversation,
+        body: Bytes,
+        system: bool,
+    ) -> Result<pb::SendAck, LocalError> {
+        let mut client = self.act_as(from)?;
+        client.send_message(to, body, fresh_client_msg_id(), system)
+    }
+
+    /// The presence of `users` (see [`crate::Handle::presence`]).
+    pub(crate) fn presence(&self, users: &[String]) -> Result<Vec<pb::UserPresence>, LocalError> {
+        let mut client = self.act_as(SERVICE_DEVICE)?;
+        let req = pb::PresenceRequest {
+            action: pb::PresenceAction::Query as i32,
+            users: users.to_vec(),
+            ..Default::default()
+        };
+        match client
+            .request(Body::PresenceRequest(req), LOCAL_TIMEOUT)?
+            .body
+        {
+            Some(Body::PresenceUpdate(u)) => Ok(u.users),
+            _ => Err(LocalError::Invalid(
+                "a presence query answered otherwise".into(),
+            )),
+        }
+    }
+
+    /// `user`'s conversation list (see [`crate::Handle::conversations`]).
+    pub(crate) fn conversations(
+        &self,
+        user: &str,
+        limit: u32,
+    ) -> Result<pb::ConversationList, LocalError> {
+        let mut client = self.act_as(user)?;
+        let req = pb::ConversationListRequest {
+            limit,
+            ..Default::default()
+        };
+        match client
+            .request(Body::ConversationListRequest(req), LOCAL_TIMEOUT)?
+            .body
+        {
+            Some(Body::ConversationList(l)) => Ok(l),
+            _ => Err(LocalError::Invalid(
+                "a conversation list answered otherwise".into(),
+            )),
+        }
+    }
+
+    /// A group request made by `user` (see [`crate::Handle::group`]).
+    pub(crate) fn group(
+        &self,
+        user: &str,
+        request: pb::GroupRequest,
+    ) -> Result<pb::GroupResult, LocalError> {
+        let mut client = self.act_as(user)?;
+        match client
+            .request(Body::GroupRequest(request), LOCAL_TIMEOUT)?
+            .body
+        {
+            Some(Body::GroupResult(r)) => Ok(r),
+            _ => Err(LocalError::Invalid(
+                "a group request answered otherwise".into(),
+            )),
+        }
+    }
+
     /// The node's counters (summed over shards, as of at most ~100 ms ago).
     pub(crate) fn counters(&self) -> Counters {
         let mut total = Counters::default();
@@ -223,6 +311,28 @@ impl Completions for Completer {
             let _ = waker.wake();
         }
     }
+}
+
+fn identity(user: &str, device: &str) -> Identity {
+    Identity {
+        user: user.to_owned(),
+        device: device.to_owned(),
+        // Never expires (see `Handle::connect`).
+        expires_at: u64::MAX / 1000,
+    }
+}
+
+/// A client message id no earlier `post` used: random, never 0.
+fn fresh_client_msg_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy: the clock's nanoseconds are unique enough for one process.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        return nanos.max(1);
+    }
+    u64::from_le_bytes(b).max(1)
 }
 
 fn check_id(what: &str, id: &str, max: usize) -> Result<(), ControlError> {
