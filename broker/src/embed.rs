@@ -33,7 +33,7 @@ use crate::hooks::{ConversationRef, Hooks};
 use crate::local::{LocalClient, LocalError};
 use crate::node::control::Control;
 pub use crate::node::control::ControlError;
-use crate::node::{Node, NodeError, ShutdownHandle};
+use crate::node::{Node, NodeError, ShutdownHandle, StartupReport};
 
 pub use crate::node::control::SERVICE_DEVICE;
 
@@ -98,6 +98,7 @@ impl Broker {
         Ok(Handle {
             control: node.control().clone(),
             shutdown: node.shutdown_handle(),
+            report: node.report(),
             addrs: Addrs {
                 tcp: node.tcp_addr(),
                 ws: node.ws_addr(),
@@ -122,6 +123,7 @@ pub struct Handle {
     control: Control,
     shutdown: ShutdownHandle,
     addrs: Addrs,
+    report: StartupReport,
     node: Arc<Mutex<Option<Node>>>,
 }
 
@@ -149,6 +151,11 @@ impl Handle {
     /// The admin HTTP listener's address (port 0 resolved), if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.addrs.admin
+    }
+
+    /// How the start went (recovery time, limits lowered to fit the machine).
+    pub fn startup_report(&self) -> StartupReport {
+        self.report
     }
 
     /// The node's counters, summed over its shards (as of at most ~100 ms ago).

@@ -35,6 +35,6 @@ mod transport;
 pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 pub use embed::{Broker, ControlError, Handle, SERVICE_DEVICE};
 pub use local::{LOCAL_TIMEOUT, LocalClient, LocalError};
-pub use node::NodeError;
+pub use node::{Lowered, NodeError, StartupReport};
 /// The protocol's types (frames, messages, conversations), as [`LocalClient`] speaks them.
 pub use parley_proto as proto;

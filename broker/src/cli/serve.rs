@@ -132,6 +132,25 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         .start()
         .map_err(|e| CliError::new(format!("cannot start the node: {e}")))?;
 
+    // Plain stderr, not log events: scripts and tests read these lines (bench/restart.sh greps
+    // `ready in`; tests/abuse.rs looks for `max_connections` and the lowered value), so their
+    // text and stream stay the same whatever `log.format` says.
+    let report = node.startup_report();
+    eprintln!(
+        "parley: ready in {} ms (logs opened in {} ms, state rebuilt in {} ms)",
+        report.ready_ms, report.logs_opened_ms, report.rebuilt_ms
+    );
+    if let Some(l) = report.max_connections_lowered {
+        eprintln!(
+            "parley: limits.max_connections {} lowered to {}: the open-file limit is {}, and {} \
+             descriptors are kept for the node's own files",
+            l.configured,
+            l.effective,
+            l.open_files,
+            l.open_files.saturating_sub(l.effective as u64),
+        );
+    }
+
     // The handler must be in place before the `listening` line: whoever reads it may send
     // SIGTERM at once.
     let handle = node.shutdown_fn();

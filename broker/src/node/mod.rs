@@ -79,6 +79,31 @@ pub(crate) struct Node {
     threads: Vec<JoinHandle<()>>,
     admin: Option<AdminServer>,
     control: Control,
+    report: StartupReport,
+}
+
+/// How a node's start went (the binary prints it; scripts and tests read those lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartupReport {
+    /// From the start to serving, in ms.
+    pub ready_ms: u64,
+    /// Of which opening (recovering) the logs.
+    pub logs_opened_ms: u64,
+    /// Of which rebuilding the state from checkpoints and log tails.
+    pub rebuilt_ms: u64,
+    /// `limits.max_connections` was lowered to fit the open-file limit.
+    pub max_connections_lowered: Option<Lowered>,
+}
+
+/// `limits.max_connections` lowered to fit the process's open-file limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lowered {
+    /// As configured.
+    pub configured: usize,
+    /// In force.
+    pub effective: usize,
+    /// The open-file limit.
+    pub open_files: u64,
 }
 
 impl fmt::Debug for Node {
@@ -199,14 +224,12 @@ impl Node {
         })?;
         // What each user's home must know, before any client is served.
         crate::core::exchange_startup_mail(&mut cores, now);
-        // Plain stderr, not a log event: scripts read this line (bench/restart.sh greps `ready
-        // in`), so its text and stream stay the same whatever `log.format` says.
-        eprintln!(
-            "parley: ready in {} ms (logs opened in {} ms, state rebuilt in {} ms)",
-            started.elapsed().as_millis(),
-            opened.as_millis(),
-            (started.elapsed() - opened).as_millis()
-        );
+        let mut report = StartupReport {
+            ready_ms: started.elapsed().as_millis() as u64,
+            logs_opened_ms: opened.as_millis() as u64,
+            rebuilt_ms: (started.elapsed() - opened).as_millis() as u64,
+            max_connections_lowered: None,
+        };
         // Ready: now the listeners.
         let mut tcp_listeners = Vec::new();
         let mut ws_listeners = Vec::new();
@@ -222,14 +245,11 @@ impl Node {
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
         if let Some(files) = files {
-            // Plain stderr, not a log event: tests read this line (tests/abuse.rs looks for
-            // `max_connections` and the lowered value), whatever `log.format` says.
-            eprintln!(
-                "parley: limits.max_connections {} lowered to {max_connections}: the open-file \
-                 limit is {files}, and {} descriptors are kept for the node's own files",
-                config.limits.max_connections,
-                files.saturating_sub(max_connections as u64),
-            );
+            report.max_connections_lowered = Some(Lowered {
+                configured: config.limits.max_connections,
+                effective: max_connections,
+                open_files: files,
+            });
         }
         let admission = Arc::new(admission::Admission::new(&config.limits, max_connections));
         let stats = Arc::new(Mutex::new(vec![Counters::default(); shards]));
@@ -302,7 +322,13 @@ impl Node {
             threads,
             admin,
             control,
+            report,
         })
+    }
+
+    /// How the start went.
+    pub(crate) fn report(&self) -> StartupReport {
+        self.report
     }
 
     /// The application's way into the node.
