@@ -73,6 +73,8 @@ pub struct Config {
     pub admin: Admin,
     /// The node's log lines (stderr).
     pub log: Log,
+    /// Webhooks: events POSTed to an application's HTTP endpoint.
+    pub webhooks: WebhookConfig,
 }
 
 /// The admin HTTP listener: health and readiness probes and Prometheus metrics, on its own
@@ -215,6 +217,217 @@ impl Default for Log {
             format: LogFormat::Text,
         }
     }
+}
+
+/// Webhooks: what happens on the node (messages stored for offline users, logins, group
+/// changes...) POSTed as signed JSON to an application's HTTP endpoint, so that applications not
+/// written in Rust can react (offline pushes, audit, analytics). Off unless `url` is set. Events
+/// wait in a bounded queue and are sent by their own threads, never the shards'; delivery is
+/// at-least-once, de-duplicable by each event's `id`. `docs/WEBHOOKS.md` describes the requests,
+/// the events and how to check their signature.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events are POSTed, an `http://` or `https://` URL. Default: unset, webhooks off. The
+    /// URL is printed at start-up like every setting: put no credential in it (one with a user or
+    /// password is refused); the endpoint authenticates the node by `secret`.
+    pub url: Option<String>,
+    /// The key of the `X-Parley-Signature` header (hex HMAC-SHA256 of the body), at least 16 bytes;
+    /// required when `url` is set. Default: unset.
+    pub secret: Option<Secret>,
+    /// Which events are sent: any of `message.offline` (a message stored for users with no device
+    /// online), `message.stored` (every stored message, its body in base64), `login`, `logout`,
+    /// `presence` (a user online or offline), `group` (a group change). Default
+    /// `["message.offline", "login", "logout", "group"]`.
+    pub events: Vec<WebhookEvent>,
+    /// Most events waiting to be sent; an event that finds the queue full is dropped and counted
+    /// (`parley_webhook_dropped_queue_full_total`): the shards never wait for the endpoint. With
+    /// `message.stored` on, a full queue holds as many message bodies (each up to
+    /// `limits.max_body_bytes`). Default 10000.
+    pub queue_capacity: usize,
+    /// Most events in one POST (the body is `{"events":[...]}`, also for one event). Default 100.
+    pub max_batch: usize,
+    /// Largest body of one POST, in bytes: a batch stops growing before it would pass this (an
+    /// event larger than this on its own is sent alone). Default 1048576 (1 MiB).
+    pub max_batch_bytes: usize,
+    /// Time to connect to the endpoint, in milliseconds. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Time for one whole POST (resolve, connect, TLS, send, answer), in milliseconds; past it the
+    /// attempt failed and is retried. Default 10000.
+    pub timeout_ms: u64,
+    /// Attempts per batch, the first included: after a network error, a timeout, 408, 429 or a 5xx
+    /// the batch is tried again, and after the last attempt its events are counted failed and
+    /// dropped. Any other answer but a 2xx fails at once. Default 5.
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds; it doubles with every further attempt, up to
+    /// `backoff_max_ms`, and each delay is drawn between half of it and all of it (jitter). Default
+    /// 500.
+    pub backoff_base_ms: u64,
+    /// Longest delay between two attempts, in milliseconds; a longer `Retry-After` from the
+    /// endpoint is cut to it. Default 30000.
+    pub backoff_max_ms: u64,
+    /// Sender threads, each with one POST in flight at most. With one, events are sent in the order
+    /// they were observed; with more, a slow or retried batch no longer holds up the others, but
+    /// events may arrive out of order. Default 1.
+    pub threads: usize,
+    /// At shutdown, how long the senders may go on delivering what is queued, in milliseconds; what
+    /// is still queued then is dropped and counted (`parley_webhook_dropped_shutdown_total`).
+    /// Default 5000.
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            secret: None,
+            events: vec![
+                WebhookEvent::MessageOffline,
+                WebhookEvent::Login,
+                WebhookEvent::Logout,
+                WebhookEvent::Group,
+            ],
+            queue_capacity: 10_000,
+            max_batch: 100,
+            max_batch_bytes: 1 << 20,
+            connect_timeout_ms: 5_000,
+            timeout_ms: 10_000,
+            max_attempts: 5,
+            backoff_base_ms: 500,
+            backoff_max_ms: 30_000,
+            threads: 1,
+            shutdown_drain_ms: 5_000,
+        }
+    }
+}
+
+/// Shortest `webhooks.secret` accepted, in bytes.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+/// A kind of webhook event (see [`WebhookConfig::events`]); its name is the event's `type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WebhookEvent {
+    /// `message.offline`: a message was stored for recipients with no device online.
+    #[serde(rename = "message.offline")]
+    MessageOffline,
+    /// `message.stored`: a message was stored (body included).
+    #[serde(rename = "message.stored")]
+    MessageStored,
+    /// `login`: a device logged in.
+    #[serde(rename = "login")]
+    Login,
+    /// `logout`: a logged-in device left.
+    #[serde(rename = "logout")]
+    Logout,
+    /// `presence`: a user came online (first device) or went offline (last device).
+    #[serde(rename = "presence")]
+    Presence,
+    /// `group`: a group changed.
+    #[serde(rename = "group")]
+    Group,
+}
+
+impl WebhookEvent {
+    /// Every kind.
+    pub const ALL: [WebhookEvent; 6] = [
+        WebhookEvent::MessageOffline,
+        WebhookEvent::MessageStored,
+        WebhookEvent::Login,
+        WebhookEvent::Logout,
+        WebhookEvent::Presence,
+        WebhookEvent::Group,
+    ];
+
+    /// The event's `type` in its payload (and its name in `webhooks.events`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WebhookEvent::MessageOffline => "message.offline",
+            WebhookEvent::MessageStored => "message.stored",
+            WebhookEvent::Login => "login",
+            WebhookEvent::Logout => "logout",
+            WebhookEvent::Presence => "presence",
+            WebhookEvent::Group => "group",
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// Checks the section (called by [`Config::validate`]).
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.url {
+            check_webhook_url(url)?;
+            match &self.secret {
+                None => return Err("webhooks.secret must be set when webhooks.url is".into()),
+                Some(s) if s.expose().len() < MIN_WEBHOOK_SECRET_BYTES => {
+                    return Err("webhooks.secret must be at least 16 bytes".into());
+                }
+                Some(_) => {}
+            }
+            if self.events.is_empty() {
+                return Err(
+                    "webhooks.events is empty: name at least one event, or unset webhooks.url"
+                        .into(),
+                );
+            }
+        }
+        if self.queue_capacity == 0 || self.queue_capacity > MAX_WEBHOOK_QUEUE {
+            return Err("webhooks.queue_capacity must be between 1 and 10000000".into());
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_WEBHOOK_BATCH {
+            return Err("webhooks.max_batch must be between 1 and 10000".into());
+        }
+        if self.max_batch_bytes < 1024 {
+            return Err("webhooks.max_batch_bytes must be at least 1024".into());
+        }
+        if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
+            return Err(
+                "webhooks.connect_timeout_ms and webhooks.timeout_ms must be positive".into(),
+            );
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_WEBHOOK_ATTEMPTS {
+            return Err("webhooks.max_attempts must be between 1 and 100".into());
+        }
+        if self.backoff_base_ms == 0 || self.backoff_max_ms < self.backoff_base_ms {
+            return Err("webhooks: need 0 < backoff_base_ms <= backoff_max_ms".into());
+        }
+        if self.threads == 0 || self.threads > MAX_WEBHOOK_THREADS {
+            return Err("webhooks.threads must be between 1 and 64".into());
+        }
+        Ok(())
+    }
+}
+
+/// Largest `webhooks.queue_capacity` (each queued event holds its strings, and the body of a
+/// `message.stored`, in memory).
+const MAX_WEBHOOK_QUEUE: usize = 10_000_000;
+/// Largest `webhooks.max_batch`.
+const MAX_WEBHOOK_BATCH: usize = 10_000;
+/// Largest `webhooks.max_attempts`.
+const MAX_WEBHOOK_ATTEMPTS: u32 = 100;
+/// Largest `webhooks.threads`.
+const MAX_WEBHOOK_THREADS: usize = 64;
+
+/// Refuses a `webhooks.url` that is not an absolute `http://` or `https://` URL with a host, or
+/// that carries a user or password.
+fn check_webhook_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("webhooks.url {url:?} {why}"));
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return bad("is not a URL");
+    };
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return bad("must start with http:// or https://");
+    }
+    let Some(authority) = uri.authority() else {
+        return bad("has no host");
+    };
+    if authority.as_str().contains('@') {
+        // Printed at start-up: credentials belong in webhooks.secret.
+        return Err("webhooks.url must not carry a user or password (it is printed at start-up; the endpoint checks webhooks.secret)".into());
+    }
+    if authority.host().is_empty() {
+        return bad("has no host");
+    }
+    Ok(())
 }
 
 /// Listening addresses. A node listens on loopback unless configured otherwise.
@@ -451,6 +664,7 @@ impl Default for Config {
             presence: Presence::default(),
             admin: Admin::default(),
             log: Log::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -749,6 +963,7 @@ impl Config {
                  max_connections positive",
             );
         }
+        self.webhooks.validate().map_err(ConfigError::Invalid)?;
 
         Ok(())
     }
@@ -1065,6 +1280,79 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Json);
         assert!(load(&[], &["log.format=xml"]).is_err());
         assert!(load(&[], &["log.colour=true"]).is_err());
+    }
+
+    #[test]
+    fn webhooks_are_off_by_default_set_in_every_layer_and_checked() {
+        let d = Config::default().webhooks;
+        assert_eq!(d.url, None, "off unless a url is set");
+        assert_eq!(
+            d.events,
+            [
+                WebhookEvent::MessageOffline,
+                WebhookEvent::Login,
+                WebhookEvent::Logout,
+                WebhookEvent::Group
+            ]
+        );
+        assert_eq!(
+            (d.queue_capacity, d.max_batch, d.max_attempts, d.threads),
+            (10_000, 100, 5, 1)
+        );
+        let c = load(
+            &[
+                ("PARLEY_WEBHOOKS__URL", "https://hooks.example.com/parley"),
+                ("PARLEY_WEBHOOKS__SECRET", "webhook-secret-0123456789"),
+            ],
+            &[
+                r#"webhooks.events=["login", "message.stored"]"#,
+                "webhooks.threads=2",
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.webhooks.url.as_deref(),
+            Some("https://hooks.example.com/parley")
+        );
+        assert_eq!(
+            c.webhooks.events,
+            [WebhookEvent::Login, WebhookEvent::MessageStored]
+        );
+        assert_eq!(c.webhooks.threads, 2);
+        let shown = c.display_redacted();
+        assert!(shown.contains("[webhooks]"), "printed at start-up");
+        assert!(
+            shown.contains(r#"events = ["login", "message.stored"]"#),
+            "{shown}"
+        );
+        assert!(!shown.contains("webhook-secret-0123456789"), "{shown}");
+
+        let url = "webhooks.url=http://127.0.0.1:9000/hook";
+        let secret = "webhooks.secret=webhook-secret-0123456789";
+        assert!(load(&[], &[url, secret]).is_ok());
+        for (bad, says) in [
+            (vec![url], "webhooks.secret must be set"),
+            (vec![url, "webhooks.secret=short"], "16 bytes"),
+            (vec!["webhooks.url=ftp://x/y", secret], "http://"),
+            (vec!["webhooks.url=not a url", secret], "webhooks.url"),
+            (
+                vec!["webhooks.url=https://user:pw@x.example/", secret],
+                "user or password",
+            ),
+            (vec![url, secret, "webhooks.events=[]"], "webhooks.events"),
+            (vec![url, secret, r#"webhooks.events=["logins"]"#], "logins"),
+            (vec!["webhooks.queue_capacity=0"], "queue_capacity"),
+            (vec!["webhooks.max_batch=0"], "max_batch"),
+            (vec!["webhooks.max_batch_bytes=10"], "max_batch_bytes"),
+            (vec!["webhooks.timeout_ms=0"], "timeout_ms"),
+            (vec!["webhooks.max_attempts=0"], "max_attempts"),
+            (vec!["webhooks.backoff_base_ms=0"], "backoff_base_ms"),
+            (vec!["webhooks.backoff_max_ms=10"], "backoff_max_ms"),
+            (vec!["webhooks.threads=0"], "threads"),
+        ] {
+            let e = load(&[], &bad).expect_err(&format!("{bad:?}"));
+            assert!(e.to_string().contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]
