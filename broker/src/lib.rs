@@ -31,6 +31,9 @@ pub mod transport;
 #[cfg(not(feature = "sim"))]
 #[allow(unreachable_pub, dead_code)]
 mod transport;
+// Started by the node from `[webhooks]`; until that wiring lands only the tests start it.
+#[cfg_attr(not(test), allow(dead_code))]
+mod webhook;
 
 pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 pub use embed::{Broker, ControlError, Handle, SERVICE_DEVICE};
