@@ -5,6 +5,9 @@
 //! (`flush_ms_total` becomes `parley_flush_ms_total`); a gauge field (`connections`,
 //! `websocket_connections`, `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
 //! largest of any shard's). Each metric's HELP line is the field's doc line.
+//!
+//! With webhooks on, their node-wide counters follow (`parley_webhook_*`, see
+//! [`register_webhooks`]).
 
 use std::fmt;
 
@@ -14,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::core::Counters;
+use crate::webhook::WebhookCounts;
 
 /// The media type of the exposition (`prometheus-client` writes OpenMetrics text, which
 /// Prometheus reads).
@@ -316,8 +320,12 @@ const FIELDS: &[Field] = &[
 /// The label set of a per-shard metric.
 type ShardLabel = [(&'static str, String); 1];
 
-/// The exposition of `shards` (each shard's counters, in shard order) and their node totals.
-pub(crate) fn encode(shards: &[Counters]) -> Result<String, fmt::Error> {
+/// The exposition of `shards` (each shard's counters, in shard order) and their node totals, and
+/// of the webhook counters if webhooks are on.
+pub(crate) fn encode(
+    shards: &[Counters],
+    webhooks: Option<&WebhookCounts>,
+) -> Result<String, fmt::Error> {
     let mut total = Counters::default();
     for c in shards {
         total.add(c);
@@ -361,9 +369,58 @@ pub(crate) fn encode(shards: &[Counters]) -> Result<String, fmt::Error> {
     let shard_count = Gauge::<i64>::default();
     shard_count.set(saturating_i64(shards.len() as u64));
     registry.register("shards", "Shard threads of this node", shard_count);
+    if let Some(w) = webhooks {
+        register_webhooks(&mut registry, w);
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     Ok(out)
+}
+
+/// Registers the webhook counters: one counter per [`WebhookCounts`] total
+/// (`parley_webhook_<name>_total`, counted in events, not POSTs) and the queue's length now (a
+/// gauge).
+fn register_webhooks(registry: &mut Registry, w: &WebhookCounts) {
+    let counters: [(&str, &str, u64); 6] = [
+        ("queued", "Webhook events queued for sending", w.queued),
+        (
+            "delivered",
+            "Webhook events the endpoint accepted (a 2xx)",
+            w.delivered,
+        ),
+        (
+            "retried",
+            "Webhook event deliveries attempted again (an event retried twice counts 2)",
+            w.retried,
+        ),
+        (
+            "failed",
+            "Webhook events given up: a final answer, or no success after webhooks.max_attempts",
+            w.failed,
+        ),
+        (
+            "dropped_queue_full",
+            "Webhook events dropped because the queue (webhooks.queue_capacity) was full",
+            w.dropped_queue_full,
+        ),
+        (
+            "dropped_shutdown",
+            "Webhook events dropped by a shutdown (not delivered within webhooks.shutdown_drain_ms)",
+            w.dropped_shutdown,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(format!("webhook_{name}"), help, counter);
+    }
+    let queue = Gauge::<i64>::default();
+    queue.set(saturating_i64(w.queue_len));
+    registry.register(
+        "webhook_queue_length",
+        "Webhook events waiting in the queue now",
+        queue,
+    );
 }
 
 /// `v` as a gauge value (gauges are signed; a count past `i64::MAX` cannot happen in practice).
@@ -407,7 +464,7 @@ mod tests {
             flush_ms_max: 5,
             ..Counters::default()
         };
-        let text = encode(&[a, b]).expect("encodes");
+        let text = encode(&[a, b], None).expect("encodes");
         for line in [
             "# HELP parley_messages_stored Messages stored (appended) by this shard as owner.",
             "# TYPE parley_messages_stored counter",
@@ -420,6 +477,41 @@ mod tests {
             "parley_node_flush_ms_max 7",
             "parley_flush_ms_total{shard=\"0\"} 9",
             "parley_shards 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("webhook"),
+            "no webhook metrics when they are off"
+        );
+    }
+
+    #[test]
+    fn webhook_counters_are_exposed_when_webhooks_are_on() {
+        let w = WebhookCounts {
+            queued: 10,
+            delivered: 7,
+            retried: 3,
+            failed: 1,
+            dropped_queue_full: 4,
+            dropped_shutdown: 2,
+            queue_len: 2,
+        };
+        let text = encode(&[Counters::default()], Some(&w)).expect("encodes");
+        for line in [
+            "# TYPE parley_webhook_queued counter",
+            "parley_webhook_queued_total 10",
+            "parley_webhook_delivered_total 7",
+            "parley_webhook_retried_total 3",
+            "parley_webhook_failed_total 1",
+            "parley_webhook_dropped_queue_full_total 4",
+            "parley_webhook_dropped_shutdown_total 2",
+            "# TYPE parley_webhook_queue_length gauge",
+            "parley_webhook_queue_length 2",
+            "# EOF",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Admin, Secret};
 use crate::core::Counters;
+use crate::webhook::WebhookStats;
 
 /// Most headers a request may have (431 past it).
 const MAX_HEADERS: usize = 32;
@@ -58,6 +59,8 @@ struct Shared {
     active: AtomicUsize,
     /// What the endpoints report.
     sources: Sources,
+    /// The webhook counters, when webhooks are on.
+    webhooks: Option<WebhookStats>,
 }
 
 /// The running admin listener.
@@ -84,6 +87,17 @@ impl AdminServer {
         config: &Admin,
         sources: Sources,
     ) -> io::Result<AdminServer> {
+        Self::start_with_webhooks(listener, config, sources, None)
+    }
+
+    /// [`AdminServer::start`], also reporting the webhook counters (`parley_webhook_*`) when
+    /// `webhooks` is given.
+    pub(crate) fn start_with_webhooks(
+        listener: TcpListener,
+        config: &Admin,
+        sources: Sources,
+        webhooks: Option<WebhookStats>,
+    ) -> io::Result<AdminServer> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
@@ -93,6 +107,7 @@ impl AdminServer {
             max_connections: config.max_connections,
             active: AtomicUsize::new(0),
             sources,
+            webhooks,
         });
         let thread = std::thread::Builder::new()
             .name("parley-admin".into())
@@ -308,7 +323,8 @@ fn route(request: &httparse::Request<'_, '_>, shared: &Shared) -> Response {
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_default();
-            match metrics::encode(&shards) {
+            let webhooks = shared.webhooks.as_ref().map(WebhookStats::snapshot);
+            match metrics::encode(&shards, webhooks.as_ref()) {
                 Ok(body) => Response {
                     status: 200,
                     content_type: metrics::CONTENT_TYPE,
@@ -379,6 +395,7 @@ mod tests {
                     stopping,
                 }
             },
+            webhooks: None,
         }
     }
 

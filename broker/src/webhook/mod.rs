@@ -75,7 +75,7 @@ use self::event::{Data, Event, Ids};
 use self::retry::{Backoff, Jitter};
 use self::sender::{Quiet, Sender, Settings, Shared};
 use self::stats::Counts;
-pub(crate) use self::stats::WebhookStats;
+pub(crate) use self::stats::{WebhookCounts, WebhookStats};
 
 /// How long [`Webhooks::shutdown`] waits for its threads past the deadline (a POST in flight was
 /// given no more time than was left, so they are normally done by then) before it leaves them.
