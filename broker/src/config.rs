@@ -243,36 +243,37 @@ pub struct WebhookConfig {
     /// Most events waiting to be sent; an event that finds the queue full is dropped and counted
     /// (`parley_webhook_dropped_queue_full_total`): the shards never wait for the endpoint. With
     /// `message.stored` on, a full queue holds as many message bodies (each up to
-    /// `limits.max_body_bytes`). Default 10000.
+    /// `limits.max_body_bytes`). At most 10000000. Default 10000.
     pub queue_capacity: usize,
-    /// Most events in one POST (the body is `{"events":[...]}`, also for one event). Default 100.
+    /// Most events in one POST (the body is `{"events":[...]}`, also for one event), 1 to 10000.
+    /// Default 100.
     pub max_batch: usize,
     /// Largest body of one POST, in bytes: a batch stops growing before it would pass this (an
     /// event larger than this on its own is sent alone). Default 1048576 (1 MiB).
     pub max_batch_bytes: usize,
-    /// Time to connect to the endpoint, in milliseconds. Default 5000.
+    /// Time to connect to the endpoint, in milliseconds (at most 3600000). Default 5000.
     pub connect_timeout_ms: u64,
     /// Time for one whole POST (resolve, connect, TLS, send, answer), in milliseconds; past it the
-    /// attempt failed and is retried. Default 10000.
+    /// attempt failed and is retried. At most 3600000. Default 10000.
     pub timeout_ms: u64,
     /// Attempts per batch, the first included: after a network error, a timeout, 408, 429 or a 5xx
     /// the batch is tried again, and after the last attempt its events are counted failed and
-    /// dropped. Any other answer but a 2xx fails at once. Default 5.
+    /// dropped. Any other answer but a 2xx fails at once. 1 to 100. Default 5.
     pub max_attempts: u32,
     /// Delay before the first retry, in milliseconds; it doubles with every further attempt, up to
     /// `backoff_max_ms`, and each delay is drawn between half of it and all of it (jitter). Default
     /// 500.
     pub backoff_base_ms: u64,
     /// Longest delay between two attempts, in milliseconds; a longer `Retry-After` from the
-    /// endpoint is cut to it. Default 30000.
+    /// endpoint is cut to it. At most 3600000. Default 30000.
     pub backoff_max_ms: u64,
     /// Sender threads, each with one POST in flight at most. With one, events are sent in the order
     /// they were observed; with more, a slow or retried batch no longer holds up the others, but
-    /// events may arrive out of order. Default 1.
+    /// events may arrive out of order. 1 to 64. Default 1.
     pub threads: usize,
     /// At shutdown, how long the senders may go on delivering what is queued, in milliseconds; what
-    /// is still queued then is dropped and counted (`parley_webhook_dropped_shutdown_total`).
-    /// Default 5000.
+    /// is still queued then is dropped and counted (`parley_webhook_dropped_shutdown_total`). At
+    /// most 3600000. Default 5000.
     pub shutdown_drain_ms: u64,
 }
 
@@ -379,16 +380,24 @@ impl WebhookConfig {
         if self.max_batch_bytes < 1024 {
             return Err("webhooks.max_batch_bytes must be at least 1024".into());
         }
-        if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
+        let within_an_hour = |ms: u64| (1..=MAX_WEBHOOK_WAIT_MS).contains(&ms);
+        if !within_an_hour(self.connect_timeout_ms) || !within_an_hour(self.timeout_ms) {
             return Err(
-                "webhooks.connect_timeout_ms and webhooks.timeout_ms must be positive".into(),
+                "webhooks.connect_timeout_ms and webhooks.timeout_ms must be between 1 and 3600000"
+                    .into(),
             );
         }
         if self.max_attempts == 0 || self.max_attempts > MAX_WEBHOOK_ATTEMPTS {
             return Err("webhooks.max_attempts must be between 1 and 100".into());
         }
-        if self.backoff_base_ms == 0 || self.backoff_max_ms < self.backoff_base_ms {
-            return Err("webhooks: need 0 < backoff_base_ms <= backoff_max_ms".into());
+        if self.backoff_base_ms == 0
+            || self.backoff_max_ms < self.backoff_base_ms
+            || self.backoff_max_ms > MAX_WEBHOOK_WAIT_MS
+        {
+            return Err("webhooks: need 0 < backoff_base_ms <= backoff_max_ms <= 3600000".into());
+        }
+        if self.shutdown_drain_ms > MAX_WEBHOOK_WAIT_MS {
+            return Err("webhooks.shutdown_drain_ms must be at most 3600000".into());
         }
         if self.threads == 0 || self.threads > MAX_WEBHOOK_THREADS {
             return Err("webhooks.threads must be between 1 and 64".into());
@@ -406,6 +415,8 @@ const MAX_WEBHOOK_BATCH: usize = 10_000;
 const MAX_WEBHOOK_ATTEMPTS: u32 = 100;
 /// Largest `webhooks.threads`.
 const MAX_WEBHOOK_THREADS: usize = 64;
+/// Longest timeout, back-off delay or drain of `[webhooks]`, in milliseconds (an hour).
+const MAX_WEBHOOK_WAIT_MS: u64 = 3_600_000;
 
 /// Refuses a `webhooks.url` that is not an absolute `http://` or `https://` URL with a host, or
 /// that carries a user or password.
@@ -1348,6 +1359,12 @@ mod tests {
             (vec!["webhooks.max_attempts=0"], "max_attempts"),
             (vec!["webhooks.backoff_base_ms=0"], "backoff_base_ms"),
             (vec!["webhooks.backoff_max_ms=10"], "backoff_max_ms"),
+            (vec!["webhooks.backoff_max_ms=3600001"], "backoff_max_ms"),
+            (vec!["webhooks.timeout_ms=3600001"], "timeout_ms"),
+            (
+                vec!["webhooks.shutdown_drain_ms=3600001"],
+                "shutdown_drain_ms",
+            ),
             (vec!["webhooks.threads=0"], "threads"),
         ] {
             let e = load(&[], &bad).expect_err(&format!("{bad:?}"));

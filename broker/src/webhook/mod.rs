@@ -247,7 +247,10 @@ impl Webhooks {
         if threads.is_empty() {
             return;
         }
-        match self.done.recv_deadline(deadline + JOIN_GRACE) {
+        match self
+            .done
+            .recv_deadline(deadline.checked_add(JOIN_GRACE).unwrap_or(deadline))
+        {
             Err(RecvTimeoutError::Disconnected) | Ok(()) => {
                 for t in threads {
                     let _ = t.join();

@@ -235,7 +235,8 @@ impl Sender {
     /// Waits `delay` before the next attempt: `false` if shutdown's deadline comes first (the
     /// wait is then cut short).
     fn pause(&mut self, delay: Duration) -> bool {
-        let wake = Instant::now() + delay;
+        let now = Instant::now();
+        let wake = now.checked_add(delay).unwrap_or(now);
         loop {
             if let Some(deadline) = self.deadline() {
                 if wake > deadline {
