@@ -5,7 +5,7 @@
 //! * [`config`]: settings (defaults, TOML, environment, flags). [`auth`]: tokens and the
 //!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
 //!
-//! Inside (private): `admin` (the admin HTTP listener: probes and Prometheus metrics), `core` (the sans-IO shard core: sessions, delivery, sync, conversation
+//! Inside (private): `webhook` (signed HTTP POSTs of chosen events, `[webhooks]`), `admin` (the admin HTTP listener: probes and Prometheus metrics), `core` (the sans-IO shard core: sessions, delivery, sync, conversation
 //! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket), `loglimit` (log
 //! lines the outside world can cause, rate-limited per kind) and the mio driver under `node`. With the `sim` feature, `core` is public for the simulation crate.
 //!
@@ -31,8 +31,6 @@ pub mod transport;
 #[cfg(not(feature = "sim"))]
 #[allow(unreachable_pub, dead_code)]
 mod transport;
-// Started by the node from `[webhooks]`; until that wiring lands only the tests start it.
-#[cfg_attr(not(test), allow(dead_code))]
 mod webhook;
 
 pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};

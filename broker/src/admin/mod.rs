@@ -81,17 +81,8 @@ impl AdminServer {
         TcpListener::bind(addr)
     }
 
-    /// Starts serving `listener` with `config`'s bounds, reporting `sources`.
-    pub(crate) fn start(
-        listener: TcpListener,
-        config: &Admin,
-        sources: Sources,
-    ) -> io::Result<AdminServer> {
-        Self::start_with_webhooks(listener, config, sources, None)
-    }
-
-    /// [`AdminServer::start`], also reporting the webhook counters (`parley_webhook_*`) when
-    /// `webhooks` is given.
+    /// Starts serving `listener` with `config`'s bounds, reporting `sources`, and the webhook
+    /// counters (`parley_webhook_*`) when `webhooks` is given.
     pub(crate) fn start_with_webhooks(
         listener: TcpListener,
         config: &Admin,

@@ -32,7 +32,8 @@ use crate::admin::{AdminServer, Sources};
 use crate::auth::TokenVerifier;
 use crate::config::{Config, DurabilityPolicy};
 use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, Tee};
+use crate::webhook::{Error as WebhookError, Webhooks};
 use control::{Completer, Control};
 use shard::{Clock, Driver, DriverSetup, Mail};
 
@@ -80,6 +81,8 @@ pub(crate) struct Node {
     admin: Option<AdminServer>,
     control: Control,
     report: StartupReport,
+    /// The webhook senders, drained at the end (after the shards' last events).
+    webhooks: Option<(Arc<Webhooks>, std::time::Duration)>,
 }
 
 /// How a node's start went (the binary prints it; scripts and tests read those lines).
@@ -170,6 +173,20 @@ impl Node {
         let started = std::time::Instant::now();
         let logs = open_logs(&config, shards, now.unix_ms)?;
         let opened = started.elapsed();
+
+        // Webhooks are observers like the application's hooks (which gate first).
+        let hooks_started =
+            Webhooks::start(&config.webhooks, &config.node).map_err(|e| match e {
+                WebhookError::Thread(_) => NodeError::Thread(e.to_string()),
+                _ => NodeError::Config(e.to_string()),
+            })?;
+        let (webhooks, webhook_stats) =
+            hooks_started.map_or((None, None), |(w, s)| (Some(w), Some(s)));
+        let hooks: Option<Arc<dyn Hooks>> = match (hooks, &webhooks) {
+            (h, None) => h,
+            (None, Some(w)) => Some(Arc::clone(w) as Arc<dyn Hooks>),
+            (Some(app), Some(w)) => Some(Arc::new(Tee(vec![app, Arc::clone(w) as Arc<dyn Hooks>]))),
+        };
 
         // The shards' polls, wakers and inboxes first: the cores' hooks answer through them.
         let mut polls = Vec::new();
@@ -301,7 +318,12 @@ impl Node {
                     stopping: Arc::clone(&handle.stopping),
                     control: control.clone(),
                 };
-                match AdminServer::start(listener, &config.admin, sources) {
+                match AdminServer::start_with_webhooks(
+                    listener,
+                    &config.admin,
+                    sources,
+                    webhook_stats,
+                ) {
                     Ok(server) => Some(server),
                     Err(e) => {
                         handle.shutdown();
@@ -323,6 +345,10 @@ impl Node {
             admin,
             control,
             report,
+            webhooks: webhooks.map(|w| {
+                let drain = std::time::Duration::from_millis(config.webhooks.shutdown_drain_ms);
+                (w, drain)
+            }),
         })
     }
 
@@ -363,6 +389,10 @@ impl Node {
             if t.join().is_err() {
                 failed += 1;
             }
+        }
+        // The shards' last events (the logouts of shutdown) are queued: drain them, bounded.
+        if let Some((webhooks, drain)) = &self.webhooks {
+            webhooks.shutdown(std::time::Instant::now() + *drain);
         }
         // The admin listener answers (`/readyz`: 503) until the shards have stopped.
         if let Some(admin) = self.admin {
