@@ -409,6 +409,13 @@ pub struct Ticket {
     pub(crate) serial: u64,
 }
 
+impl Ticket {
+    /// The shard that parked the request (hand the answer to its core).
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+}
+
 /// Where answers given after the gate returned go: the node's driver posts them to the shard
 /// and wakes it; the simulation queues them.
 pub trait Completions: Send + Sync {

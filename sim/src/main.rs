@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget, {} group events, {} group deliveries, {} room messages, {} room deliveries, {} room drops",
+        "the cores: {} logins, {} stored, {} retries answered from the de-dup ring, {} deliveries, {} retransmits, {} behinds, {} syncs, {} flushes, {} checkpoints, {} holds at the budget, {} group events, {} group deliveries, {} room messages, {} room deliveries, {} room drops, {} sends parked on the hook",
         counters.logins,
         counters.messages_stored,
         counters.retries_deduplicated,
@@ -117,6 +117,7 @@ fn main() -> ExitCode {
         counters.room_messages,
         counters.room_deliveries,
         counters.room_drops,
+        counters.hooks_parked,
     );
     ExitCode::SUCCESS
 }

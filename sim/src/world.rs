@@ -2,7 +2,7 @@
 //! scheduler that orders everything by (virtual time, arrival order).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use parley_broker::core::{
@@ -20,7 +20,48 @@ use crate::client::{Behaviour, Client, Final};
 use crate::rng::Rng;
 use crate::setup::{SimVerifier, sim_config};
 use parley_broker::config::Config;
+use parley_broker::hooks::{
+    Answer, Completions, Gates, Hooks, Reply, SendAttempt, SendVerdict, Ticket as HookTicket,
+};
 use parley_proto::pb;
+
+/// The simulation's hooks (in half the seeds): every send is gated, and a third of them are
+/// answered later, at a random time, so parked requests meet pipelining, budgets, crashes and
+/// restarts. Every send is allowed in the end: the checker's promises stay as they are.
+#[derive(Default)]
+struct SimGate {
+    held: Mutex<Vec<Reply<SendVerdict>>>,
+}
+
+impl Hooks for SimGate {
+    fn gates(&self) -> Gates {
+        Gates {
+            send: true,
+            ..Gates::default()
+        }
+    }
+    fn check_send(&self, send: &SendAttempt<'_>, reply: Reply<SendVerdict>) {
+        if send.client_msg_id % 3 == 0 {
+            if let Ok(mut held) = self.held.lock() {
+                held.push(reply);
+            }
+        } else {
+            reply.send(SendVerdict::Allow);
+        }
+    }
+}
+
+/// Where the gate's late answers land, for the world to hand to their shard.
+#[derive(Default)]
+struct SimAnswers(Mutex<Vec<(HookTicket, Answer)>>);
+
+impl Completions for SimAnswers {
+    fn complete(&self, ticket: HookTicket, answer: Answer) {
+        if let Ok(mut q) = self.0.lock() {
+            q.push((ticket, answer));
+        }
+    }
+}
 
 mod clients;
 
@@ -116,6 +157,11 @@ enum Ev {
     Stop,
     Restart,
     Quiesce,
+    /// The gate answers a parked send.
+    Answer {
+        epoch: u64,
+        reply: Reply<SendVerdict>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +220,9 @@ struct World {
     bound: usize,
     /// Most bytes a server read takes from a socket (`limits.read_budget_bytes`).
     read_budget: usize,
+    /// The send gate, in half the seeds.
+    gate: Option<Arc<SimGate>>,
+    answers: Arc<SimAnswers>,
 }
 
 /// Runs one seed.
@@ -237,6 +286,7 @@ impl World {
     fn new(seed: u64, opts: &Options) -> Self {
         let mut rng = Rng::new(seed);
         let shards = rng.range(1, 3) as usize;
+        let gate = rng.chance(500).then(|| Arc::new(SimGate::default()));
         let config = sim_config();
         let read_budget = config.limits.read_budget_bytes;
         // The budget, overshot by at most one frame written past it, plus one read's input.
@@ -278,6 +328,68 @@ impl World {
             counters: Counters::default(),
             bound,
             read_budget,
+            gate,
+            answers: Arc::new(SimAnswers::default()),
+        }
+    }
+
+    /// Schedules the answers of the sends the gate parked (at a random later time).
+    fn schedule_answers(&mut self) {
+        let held: Vec<Reply<SendVerdict>> = match self.gate.as_ref() {
+            Some(g) => g
+                .held
+                .lock()
+                .map(|mut h| h.drain(..).collect())
+                .unwrap_or_default(),
+            None => return,
+        };
+        for reply in held {
+            let t = self.now + self.rng.range(1, 60);
+            let epoch = self.epoch;
+            self.at(t, Ev::Answer { epoch, reply });
+        }
+    }
+
+    /// The gate answers a parked send: the answer goes to its shard's core.
+    fn answer(&mut self, epoch: u64, reply: Reply<SendVerdict>) {
+        if epoch != self.epoch {
+            // Its node died: dropping the reply answers nobody.
+            drop(reply);
+            self.forget_answers();
+            return;
+        }
+        self.note(17, epoch, 0, || "the send gate answers".into());
+        reply.send(SendVerdict::Allow);
+        let answers: Vec<(HookTicket, Answer)> = self
+            .answers
+            .0
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default();
+        let now = self.now();
+        for (ticket, answer) in answers {
+            let shard = ticket.shard();
+            if let Some(n) = self.node.as_mut()
+                && let Some(core) = n.cores.get_mut(shard)
+            {
+                core.handle_hook_answer(ticket, answer, now);
+            }
+            self.apply(shard);
+        }
+    }
+
+    /// The node died: what its gate held and the answers on their way are gone with it.
+    fn forget_answers(&mut self) {
+        if let Some(g) = self.gate.as_ref() {
+            let held: Vec<Reply<SendVerdict>> = g
+                .held
+                .lock()
+                .map(|mut h| h.drain(..).collect())
+                .unwrap_or_default();
+            drop(held);
+        }
+        if let Ok(mut q) = self.answers.0.lock() {
+            q.clear();
         }
     }
 
@@ -496,6 +608,7 @@ impl World {
                 }
             }
             Ev::Crash => self.crash(),
+            Ev::Answer { epoch, reply } => self.answer(epoch, reply),
             Ev::Stop => self.stop(),
             Ev::Restart => self.restart(),
             Ev::Quiesce => {
@@ -521,6 +634,7 @@ impl World {
         });
         self.count_cores();
         self.node = None;
+        self.forget_answers();
         let rng = &mut self.rng;
         for disk in &mut self.disks {
             *disk = disk.crash_image_with(|_, _| rng.chance(300));
@@ -551,6 +665,7 @@ impl World {
         }
         self.count_cores();
         self.node = None;
+        self.forget_answers();
         self.epoch += 1;
         for s in 0..self.socks.len() {
             if !self.socks[s].closed && self.socks[s].host != Host::Gone {
@@ -584,8 +699,8 @@ impl World {
                 now,
                 quiet: true,
                 switches: self.switches,
-                hooks: None,
-                completions: None,
+                hooks: self.gate.clone().map(|g| g as Arc<dyn Hooks>),
+                completions: Some(Arc::clone(&self.answers) as Arc<dyn Completions>),
             }));
         }
         // What each user's home must know, before any client is served (as the driver does).
@@ -601,6 +716,7 @@ impl World {
 
     /// Carries out a shard's effects until it has none.
     fn apply(&mut self, shard: usize) {
+        self.schedule_answers();
         let mut effects: Vec<CoreEffect<MemoryBackend>> = Vec::new();
         for _ in 0..64 {
             let Some(n) = self.node.as_mut() else {
