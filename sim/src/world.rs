@@ -41,7 +41,7 @@ impl Hooks for SimGate {
         }
     }
     fn check_send(&self, send: &SendAttempt<'_>, reply: Reply<SendVerdict>) {
-        if send.client_msg_id % 3 == 0 {
+        if send.client_msg_id.is_multiple_of(3) {
             if let Ok(mut held) = self.held.lock() {
                 held.push(reply);
             }
