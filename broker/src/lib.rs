@@ -30,3 +30,4 @@ pub mod transport;
 mod transport;
 
 pub use crate::core::Counters;
+pub use crate::core::histogram::{self, Histogram, Latencies};

@@ -30,7 +30,7 @@
 //! * [`outbound`]: frames out (encoded once per connection's wire form, counted, held to the
 //!   budget; a refusal counts against the client's errors; past the queue bound, `Behind`);
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
-//!   [`counters`]: what a shard counts.
+//!   [`counters`]: what a shard counts; [`histogram`]: the latencies it measures.
 //!
 //! ### Invariants
 //! * A connection's state is in exactly one shard's table; a slot freed by an effect (close,
@@ -46,6 +46,7 @@ mod counters;
 pub(crate) mod delivery;
 pub(crate) mod error;
 pub(crate) mod group;
+pub mod histogram;
 pub(crate) mod home;
 pub(crate) mod ids;
 pub(crate) mod mail;
