@@ -78,8 +78,10 @@ use conn::Connection;
 pub use conn::{ConnId, Intake};
 use conv::Placement;
 pub use counters::Counters;
+pub(crate) use counters::ShardStats;
 pub use error::ConnLimit;
 use error::{CloseReason, Refusal};
+pub use histogram::{Histogram, Latencies};
 use home::Home;
 use mail::Origin;
 pub use mail::{Adoption, ShardMsg};
@@ -95,6 +97,9 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 pub struct Now {
     /// Monotonic milliseconds since the node started: every deadline is in these.
     pub ms: u64,
+    /// The same monotonic time in microseconds (`ms` is `us / 1000`): latencies are measured
+    /// in these ([`Latencies`]).
+    pub us: u64,
     /// Wall-clock milliseconds since the Unix epoch: message times, ids, token expiry.
     pub unix_ms: i64,
 }
@@ -233,6 +238,8 @@ pub struct ShardCore<B: Backend> {
     /// Emptied outbound buffers, for the next connection that writes.
     pool: Vec<BytesMut>,
     counters: Counters,
+    /// Latency histograms (published with the counters).
+    latencies: Latencies,
     shutting_down: bool,
     /// A spare-segment ticket is out.
     spare_out: bool,
@@ -283,6 +290,7 @@ impl<B: Backend> ShardCore<B> {
             target_scratch: Vec::new(),
             pool: Vec::new(),
             counters: Counters::default(),
+            latencies: Latencies::default(),
             shutting_down: false,
             spare_out: false,
             now: setup.now,
@@ -445,9 +453,14 @@ impl<B: Backend> ShardCore<B> {
         conn
     }
 
-    /// A flush the core asked for ([`Effect::Flush`]) finished.
-    pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, now: Now) {
+    /// A flush the core asked for ([`Effect::Flush`]) finished. `ran_us`: how long the flush
+    /// itself took, as the driver measured it around the `fsync` (`None`: it did not run, e.g.
+    /// the flusher thread is gone); recorded in [`Latencies::flush`].
+    pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, ran_us: Option<u64>, now: Now) {
         self.now = now;
+        if let Some(us) = ran_us {
+            self.latencies.flush.record(us);
+        }
         self.on_flushed(result);
         self.drain_local();
     }
@@ -565,6 +578,19 @@ impl<B: Backend> ShardCore<B> {
     /// The shard's counters.
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// The shard's latency histograms.
+    pub fn latencies(&self) -> &Latencies {
+        &self.latencies
+    }
+
+    /// What the driver publishes: the counters and the latency histograms.
+    pub(crate) fn stats(&self) -> ShardStats {
+        ShardStats {
+            counters: self.counters,
+            latencies: self.latencies,
+        }
     }
 
     /// Bytes queued on `conn`, if it is open (for tests and the simulation's memory bound).

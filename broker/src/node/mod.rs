@@ -29,7 +29,7 @@ use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 use crate::admin::{AdminServer, Sources};
 use crate::auth::{Hs256, TokenVerifier};
 use crate::config::{Config, DurabilityPolicy};
-use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
+use crate::core::{CoreSetup, Counters, Latencies, ShardCore, ShardStats, TestSwitches};
 use shard::{Clock, Driver, DriverSetup, Mail};
 
 /// Why a node could not start or stopped badly.
@@ -73,7 +73,7 @@ pub struct Node {
     ws: Option<SocketAddr>,
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
-    stats: Arc<Mutex<Vec<Counters>>>,
+    stats: Arc<Mutex<Vec<ShardStats>>>,
     admin: Option<AdminServer>,
 }
 
@@ -222,7 +222,7 @@ impl Node {
             );
         }
         let admission = Arc::new(admission::Admission::new(&config.limits, max_connections));
-        let stats = Arc::new(Mutex::new(vec![Counters::default(); shards]));
+        let stats = Arc::new(Mutex::new(vec![ShardStats::default(); shards]));
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
         let mut threads = Vec::new();
@@ -260,7 +260,7 @@ impl Node {
             None => None,
             Some(listener) => {
                 let sources = Sources {
-                    counters: Arc::clone(&stats),
+                    stats: Arc::clone(&stats),
                     stopping: Arc::clone(&handle.stopping),
                 };
                 match AdminServer::start(listener, &config.admin, sources) {
@@ -309,7 +309,19 @@ impl Node {
 
     /// Each shard's counters, as of at most ~100 ms ago.
     pub fn counters(&self) -> Vec<Counters> {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        self.stats
+            .lock()
+            .map(|s| s.iter().map(|s| s.counters).collect())
+            .unwrap_or_default()
+    }
+
+    /// Each shard's latency histograms (send to live delivery, log flushes), as of at most
+    /// ~100 ms ago; [`Latencies::add`] sums them for the node.
+    pub fn latencies(&self) -> Vec<Latencies> {
+        self.stats
+            .lock()
+            .map(|s| s.iter().map(|s| s.latencies).collect())
+            .unwrap_or_default()
     }
 
     /// Waits until every shard has stopped.
