@@ -419,7 +419,7 @@ pub(crate) fn encode(shards: &[ShardStats]) -> Result<String, fmt::Error> {
         );
         registry.register(
             format!("node_{}", h.metric),
-            format!("{}; every shard's", h.help),
+            format!("{}; the node's, every shard's buckets merged", h.help),
             Exposed {
                 series: node,
                 per_shard: false,
