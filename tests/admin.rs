@@ -1,6 +1,6 @@
 //! The admin listener (issue 11): `/healthz` and `/readyz` answer anyone, `/metrics` needs the
-//! admin bearer token and is Prometheus text that an independent parser reads, its counters move
-//! as traffic flows, and `broker stats --once` prints the same figures.
+//! admin bearer token and is Prometheus text that an independent parser reads, its counters and
+//! latency histograms move as traffic flows, and `broker stats --once` prints the same figures.
 
 use std::process::Command;
 use std::time::Instant;
@@ -229,4 +229,119 @@ fn metrics_count_websocket_connections_apart_from_tcp_ones() {
     drop(ws);
     await_metric(&broker, "parley_websocket_connections", |v| v == 0.0);
     await_metric(&broker, "parley_connections", |v| v == 1.0);
+}
+
+/// The per-shard series of histogram `metric`, parsed: (shard, cumulative buckets as
+/// `(le, count)`).
+fn shard_histograms(scrape: &Scrape, metric: &str) -> Vec<(String, Vec<(f64, f64)>)> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter_map(|s| {
+            let shard = s.labels.get("shard")?.to_owned();
+            match &s.value {
+                Value::Histogram(buckets) => Some((
+                    shard,
+                    buckets.iter().map(|b| (b.less_than, b.count)).collect(),
+                )),
+                other => panic!("{metric} is not a histogram: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn latency_histograms_count_live_deliveries_and_flushes() {
+    let broker = Broker::start(&[
+        &format!("admin.token=\"{TOKEN}\""),
+        "storage.durability=\"always\"",
+    ]);
+    let mut alice = broker.connect("alice", "laptop");
+    let mut bob = broker.connect("bob", "phone");
+    await_metric(&broker, "parley_connections", |v| v == 2.0);
+
+    // Both ways, so that both home shards push (two shards: the users may live on either).
+    const EACH: u64 = 6;
+    for i in 0..EACH {
+        let ack = alice.send("bob", format!("to bob {i}"));
+        bob.expect_delivery(&direct("alice"), ack.seq, TIMEOUT);
+        let ack = bob.send("alice", format!("to alice {i}"));
+        alice.expect_delivery(&direct("bob"), ack.seq, TIMEOUT);
+    }
+    let delivered = (2 * EACH) as f64;
+    // The shards publish about every 100 ms, each on its own.
+    await_metric(&broker, "parley_send_to_deliver_seconds_count", |v| {
+        v >= delivered
+    });
+    await_metric(&broker, "parley_flush_seconds_count", |v| v > 0.0);
+    let s = scrape(&broker);
+    let node_count = total(&s, "parley_node_send_to_deliver_seconds_count");
+    assert_eq!(
+        node_count,
+        total(&s, "parley_send_to_deliver_seconds_count"),
+        "the node's count is the sum of the shards'"
+    );
+    assert!(node_count >= Some(delivered), "{node_count:?}");
+    assert_eq!(
+        node_count,
+        total(&s, "parley_node_deliveries_total"),
+        "every live push of a send is timed (one scrape: the same snapshots)"
+    );
+    assert!(total(&s, "parley_node_flush_seconds_count") > Some(0.0));
+    assert!(total(&s, "parley_node_send_to_deliver_seconds_sum").is_some());
+    for metric in ["parley_send_to_deliver_seconds", "parley_flush_seconds"] {
+        assert!(
+            s.docs.get(metric).is_some_and(|d| d.starts_with("Seconds")),
+            "{metric} has its HELP line: {:?}",
+            s.docs.get(metric)
+        );
+        let shards = shard_histograms(&s, metric);
+        assert_eq!(shards.len(), 2, "one {metric} series per shard");
+        for (shard, buckets) in shards {
+            assert!(
+                buckets
+                    .windows(2)
+                    .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+                "{metric}{{shard={shard}}} buckets are ascending and cumulative: {buckets:?}"
+            );
+            let inf = buckets.last().filter(|b| b.0.is_infinite()).map(|b| b.1);
+            let count = s
+                .samples
+                .iter()
+                .find(|x| {
+                    x.metric == format!("{metric}_count")
+                        && x.labels.get("shard") == Some(shard.as_str())
+                })
+                .map(|x| x.value.clone());
+            assert_eq!(
+                count,
+                inf.map(Value::Untyped),
+                "{metric}{{shard={shard}}}: the +Inf bucket holds every value"
+            );
+        }
+    }
+
+    let out = Command::new(broker_bin())
+        .args(["stats", "--once", "--admin"])
+        .arg(broker.admin_addr().to_string())
+        .env("PARLEY_ADMIN__TOKEN", TOKEN)
+        .output()
+        .expect("run broker stats");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for name in [
+        "send_to_deliver_p50_ms",
+        "send_to_deliver_p99_ms",
+        "flush_p99_ms",
+    ] {
+        let value = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(
+            value.is_some_and(|v| v >= 0.0),
+            "{name} is a latency in ms in\n{stdout}"
+        );
+    }
 }

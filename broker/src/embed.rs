@@ -168,8 +168,14 @@ impl Handle {
         self.control
             .stats
             .lock()
-            .map(|s| s.clone())
+            .map(|s| s.iter().map(|s| s.counters).collect())
             .unwrap_or_default()
+    }
+
+    /// The node's latency histograms: send to live delivery, and log flushes (all shards'
+    /// merged; [`crate::Histogram::quantile`] reads a percentile).
+    pub fn latencies(&self) -> crate::Latencies {
+        self.control.latencies()
     }
 
     /// Stops the node gracefully: no new connections; what was stored is made durable and

@@ -4,6 +4,9 @@
 //!   [`node::ShutdownHandle`].
 //! * [`config`]: settings (defaults, TOML, environment, flags). [`auth`]: tokens and the
 //!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
+//! * [`Counters`] and [`Latencies`] (send-to-deliver and flush [`Histogram`]s, [`histogram`]):
+//!   what each shard counts and measures, as [`node::Node::counters`] and
+//!   [`node::Node::latencies`] read them.
 //!
 //! Inside (private): `webhook` (signed HTTP POSTs of chosen events, `[webhooks]`), `admin` (the admin HTTP listener: probes and Prometheus metrics), `core` (the sans-IO shard core: sessions, delivery, sync, conversation
 //! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket), `loglimit` (log
@@ -33,6 +36,7 @@ pub mod transport;
 mod transport;
 mod webhook;
 
+pub use crate::core::histogram::{self, Histogram, Latencies};
 pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 pub use embed::{Broker, ControlError, Handle, SERVICE_DEVICE};
 pub use local::{LOCAL_TIMEOUT, LocalClient, LocalError};

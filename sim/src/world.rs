@@ -147,6 +147,8 @@ enum Ev {
         epoch: u64,
         shard: usize,
         ticket: Ticket,
+        /// How long the flush "ran" (virtual ms), for the core's flush histogram.
+        took_ms: u64,
     },
     Spared {
         epoch: u64,
@@ -404,6 +406,7 @@ impl World {
     fn now(&self) -> Now {
         Now {
             ms: self.now,
+            us: self.now * 1000,
             unix_ms: UNIX_BASE_MS + self.now as i64,
         }
     }
@@ -577,6 +580,7 @@ impl World {
                 epoch,
                 shard,
                 ticket,
+                took_ms,
             } => {
                 if epoch == self.epoch {
                     self.note(7, shard as u64, ticket.lsn().0, || {
@@ -585,7 +589,7 @@ impl World {
                     let result = ticket.run();
                     let now = self.now();
                     if let Some(n) = self.node.as_mut() {
-                        n.cores[shard].handle_flushed(result, now);
+                        n.cores[shard].handle_flushed(result, Some(took_ms * 1000), now);
                     }
                     self.apply(shard);
                 }
@@ -787,14 +791,15 @@ impl World {
                     }
                     Effect::Flush(ticket) => {
                         // A flush takes what an fsync takes: a few to tens of milliseconds.
-                        let t = self.now + self.rng.range(1, 40);
+                        let took_ms = self.rng.range(1, 40);
                         let epoch = self.epoch;
                         self.at(
-                            t,
+                            self.now + took_ms,
                             Ev::Flushed {
                                 epoch,
                                 shard,
                                 ticket,
+                                took_ms,
                             },
                         );
                     }

@@ -6,17 +6,24 @@
 //! `websocket_connections`, `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
 //! largest of any shard's). Each metric's HELP line is the field's doc line.
 //!
+//! The shards' [`Latencies`] are Prometheus histograms in seconds, per shard and for the node
+//! (all shards' buckets merged): `parley_send_to_deliver_seconds{shard="i"}` and
+//! `parley_node_send_to_deliver_seconds`, `parley_flush_seconds{shard="i"}` and
+//! `parley_node_flush_seconds`, each as `_bucket{le="…"}` (cumulative, the buckets of
+//! [`crate::core::histogram`]), `_sum` and `_count` series.
 //! With webhooks on, their node-wide counters follow (`parley_webhook_*`, see
 //! [`register_webhooks`]).
 
 use std::fmt;
 
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::core::Counters;
+use crate::core::{Counters, Histogram, Latencies, ShardStats};
 use crate::webhook::WebhookCounts;
 
 /// The media type of the exposition (`prometheus-client` writes OpenMetrics text, which
@@ -317,18 +324,81 @@ const FIELDS: &[Field] = &[
     ),
 ];
 
+/// One histogram of [`Latencies`] as a metric.
+#[derive(Debug)]
+struct HistogramField {
+    /// The metric's name, without the prefix (the unit, seconds, is part of it).
+    metric: &'static str,
+    /// The HELP line.
+    help: &'static str,
+    /// Reads the histogram.
+    get: fn(&Latencies) -> &Histogram,
+}
+
+/// Every histogram of [`Latencies`].
+const HISTOGRAMS: &[HistogramField] = &[
+    HistogramField {
+        metric: "send_to_deliver_seconds",
+        help: "Seconds from a send's arrival at its sender's shard to its live push to a \
+               recipient's connection, once per connection pushed (measured at the shards' turn \
+               starts; retransmits, sync pages and group events are not counted)",
+        get: |l| &l.send_to_deliver,
+    },
+    HistogramField {
+        metric: "flush_seconds",
+        help: "Seconds each log flush (fsync) took on the shard's flusher thread",
+        get: |l| &l.flush,
+    },
+];
+
+/// Histograms as one Prometheus histogram metric: one series per shard (label `shard`), or
+/// the node's one series.
+#[derive(Debug)]
+struct Exposed {
+    /// Each shard's histogram in shard order, or the node's alone.
+    series: Vec<Histogram>,
+    /// `series` are the shards' (labelled), not the node's.
+    per_shard: bool,
+}
+
+impl EncodeMetric for Exposed {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        for (i, h) in self.series.iter().enumerate() {
+            if self.per_shard {
+                let label: ShardLabel = [("shard", i.to_string())];
+                encode_histogram(h, &mut encoder.encode_family(&label)?)?;
+            } else {
+                encode_histogram(h, &mut encoder)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Writes one histogram's `_sum`, `_count` and `_bucket` series, in seconds.
+fn encode_histogram(h: &Histogram, encoder: &mut MetricEncoder<'_>) -> Result<(), fmt::Error> {
+    let buckets: Vec<(f64, u64)> = h.buckets().map(|(le, n)| (le / 1e6, n)).collect();
+    encoder.encode_histogram::<NoLabelSet>(h.sum_us() as f64 / 1e6, h.count(), &buckets, None)
+}
+
 /// The label set of a per-shard metric.
 type ShardLabel = [(&'static str, String); 1];
 
-/// The exposition of `shards` (each shard's counters, in shard order) and their node totals, and
-/// of the webhook counters if webhooks are on.
+/// The exposition of `shards` (each shard's counters and histograms, in shard order) and their
+/// node totals, and of the webhook counters if webhooks are on.
 pub(crate) fn encode(
-    shards: &[Counters],
+    shards: &[ShardStats],
     webhooks: Option<&WebhookCounts>,
 ) -> Result<String, fmt::Error> {
     let mut total = Counters::default();
-    for c in shards {
-        total.add(c);
+    let mut latencies = Latencies::default();
+    for s in shards {
+        total.add(&s.counters);
+        latencies.add(&s.latencies);
     }
     let mut registry = Registry::with_prefix(PREFIX);
     for f in FIELDS {
@@ -342,10 +412,10 @@ pub(crate) fn encode(
         match f.kind {
             Kind::Counter => {
                 let family = Family::<ShardLabel, Counter>::default();
-                for (i, c) in shards.iter().enumerate() {
+                for (i, s) in shards.iter().enumerate() {
                     family
                         .get_or_create(&[("shard", i.to_string())])
-                        .inc_by((f.get)(c));
+                        .inc_by((f.get)(&s.counters));
                 }
                 registry.register(f.metric, help, family);
                 let node = Counter::<u64>::default();
@@ -354,10 +424,10 @@ pub(crate) fn encode(
             }
             Kind::Gauge => {
                 let family = Family::<ShardLabel, Gauge<i64>>::default();
-                for (i, c) in shards.iter().enumerate() {
+                for (i, s) in shards.iter().enumerate() {
                     family
                         .get_or_create(&[("shard", i.to_string())])
-                        .set(saturating_i64((f.get)(c)));
+                        .set(saturating_i64((f.get)(&s.counters)));
                 }
                 registry.register(f.metric, help, family);
                 let node = Gauge::<i64>::default();
@@ -365,6 +435,26 @@ pub(crate) fn encode(
                 registry.register(format!("node_{}", f.metric), node_help, node);
             }
         }
+    }
+    for h in HISTOGRAMS {
+        let per_shard = shards.iter().map(|s| *(h.get)(&s.latencies)).collect();
+        let node = vec![*(h.get)(&latencies)];
+        registry.register(
+            h.metric,
+            h.help,
+            Exposed {
+                series: per_shard,
+                per_shard: true,
+            },
+        );
+        registry.register(
+            format!("node_{}", h.metric),
+            format!("{}; the node's, every shard's buckets merged", h.help),
+            Exposed {
+                series: node,
+                per_shard: false,
+            },
+        );
     }
     let shard_count = Gauge::<i64>::default();
     shard_count.set(saturating_i64(shards.len() as u64));
@@ -464,7 +554,11 @@ mod tests {
             flush_ms_max: 5,
             ..Counters::default()
         };
-        let text = encode(&[a, b], None).expect("encodes");
+        let stats = |counters| ShardStats {
+            counters,
+            latencies: Latencies::default(),
+        };
+        let text = encode(&[stats(a), stats(b)], None).expect("encodes");
         for line in [
             "# HELP parley_messages_stored Messages stored (appended) by this shard as owner.",
             "# TYPE parley_messages_stored counter",
@@ -500,7 +594,7 @@ mod tests {
             dropped_shutdown: 2,
             queue_len: 2,
         };
-        let text = encode(&[Counters::default()], Some(&w)).expect("encodes");
+        let text = encode(&[ShardStats::default()], Some(&w)).expect("encodes");
         for line in [
             "# TYPE parley_webhook_queued counter",
             "parley_webhook_queued_total 10",
@@ -518,5 +612,48 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn latencies_are_histograms_in_seconds_per_shard_and_for_the_node() {
+        let mut a = ShardStats::default();
+        a.latencies.send_to_deliver.record(50);
+        a.latencies.send_to_deliver.record(1_000);
+        a.latencies.flush.record(3_000);
+        let mut b = ShardStats::default();
+        b.latencies.send_to_deliver.record(100);
+        let text = encode(&[a, b], None).expect("encodes");
+        for line in [
+            "# TYPE parley_send_to_deliver_seconds histogram",
+            "# TYPE parley_node_send_to_deliver_seconds histogram",
+            "# TYPE parley_flush_seconds histogram",
+            "parley_send_to_deliver_seconds_count{shard=\"0\"} 2",
+            "parley_send_to_deliver_seconds_count{shard=\"1\"} 1",
+            "parley_send_to_deliver_seconds_sum{shard=\"0\"} 0.00105",
+            "parley_send_to_deliver_seconds_bucket{le=\"0.000064\",shard=\"0\"} 1",
+            "parley_send_to_deliver_seconds_bucket{le=\"+Inf\",shard=\"0\"} 2",
+            "parley_node_send_to_deliver_seconds_count 3",
+            "parley_node_send_to_deliver_seconds_bucket{le=\"0.000064\"} 1",
+            "parley_node_send_to_deliver_seconds_bucket{le=\"0.000128\"} 2",
+            "parley_node_send_to_deliver_seconds_bucket{le=\"+Inf\"} 3",
+            "parley_flush_seconds_count{shard=\"0\"} 1",
+            "parley_flush_seconds_count{shard=\"1\"} 0",
+            "parley_node_flush_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let help = "# HELP parley_send_to_deliver_seconds Seconds from a send's arrival";
+        assert!(text.lines().any(|l| l.starts_with(help)), "{text}");
+        // Buckets are cumulative and end at +Inf.
+        let node: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with("parley_node_send_to_deliver_seconds_bucket"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(node.len(), crate::core::histogram::BUCKETS);
+        assert!(node.windows(2).all(|w| w[0] <= w[1]), "{node:?}");
     }
 }

@@ -3,8 +3,8 @@
 //! It runs on its own threads, never on a shard's: one thread accepts, and each admitted
 //! connection is served by a short-lived thread of its own, at most `admin.max_connections` at
 //! once (one more is answered 503 by the accepting thread and closed). It only reads what the
-//! shards already publish: their [`Counters`] snapshots (refreshed about every 100 ms) and the
-//! node's shutdown flag.
+//! shards already publish: their [`ShardStats`] snapshots (counters and latency histograms,
+//! refreshed about every 100 ms) and the node's shutdown flag.
 //!
 //! Every request is bounded: its head (request line and headers) may be at most
 //! `admin.max_request_bytes` (431 past it), it must arrive within `admin.request_timeout_ms`
@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::{Admin, Secret};
-use crate::core::Counters;
+use crate::core::ShardStats;
 use crate::webhook::WebhookStats;
 
 /// Most headers a request may have (431 past it).
@@ -35,8 +35,8 @@ const MAX_HEADERS: usize = 32;
 /// What the admin threads read: what the shards publish, and whether the node is stopping.
 #[derive(Debug, Clone)]
 pub(crate) struct Sources {
-    /// Each shard's counters, as the shards last published them.
-    pub(crate) counters: Arc<Mutex<Vec<Counters>>>,
+    /// Each shard's counters and histograms, as the shards last published them.
+    pub(crate) stats: Arc<Mutex<Vec<ShardStats>>>,
     /// Set once the node was asked to shut down.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The node's shards, for the JSON endpoints.
@@ -310,7 +310,7 @@ fn route(request: &httparse::Request<'_, '_>, shared: &Shared) -> Response {
         "/metrics" => {
             let shards = shared
                 .sources
-                .counters
+                .stats
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_default();
@@ -374,15 +374,15 @@ mod tests {
             max_connections: 2,
             active: AtomicUsize::new(0),
             sources: {
-                let counters = Arc::new(Mutex::new(vec![Counters::default()]));
+                let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
                 let stopping = Arc::new(AtomicBool::new(false));
                 Sources {
                     control: crate::node::control::Control::new(
                         Vec::new(),
                         Arc::clone(&stopping),
-                        Arc::clone(&counters),
+                        Arc::clone(&stats),
                     ),
-                    counters,
+                    stats,
                     stopping,
                 }
             },

@@ -1,6 +1,18 @@
 //! What a shard counts: plain integers in the core, read as a snapshot by the driver (the admin
 //! and metrics endpoint reads these).
 
+use super::histogram::Latencies;
+
+/// What a shard's driver publishes (about every 100 ms) for the admin listener and
+/// `Node::counters`: a copy of the core's counters and latency histograms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ShardStats {
+    /// The counters.
+    pub(crate) counters: Counters,
+    /// The latency histograms.
+    pub(crate) latencies: Latencies,
+}
+
 /// A shard's counters. Totals since start unless noted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {

@@ -395,7 +395,7 @@ impl<B: Backend> ShardCore<B> {
                     .map(|&(_, c)| c),
             );
             for &conn in targets.iter() {
-                self.push_live(conn, d.conv.id, &view, d.seq, &d.stored);
+                self.push_live(conn, d.conv.id, &view, d.seq, &d.stored, d.sent_us);
             }
         }
         self.target_scratch = targets;
@@ -442,7 +442,7 @@ impl<B: Backend> ShardCore<B> {
             );
         }
         for &conn in &targets {
-            if self.push_live(conn, d.conv.id, &view, d.seq, &d.stored) {
+            if self.push_live(conn, d.conv.id, &view, d.seq, &d.stored, d.sent_us) {
                 self.counters.group_deliveries += 1;
             }
         }
@@ -519,7 +519,9 @@ impl<B: Backend> ShardCore<B> {
     }
 
     /// Pushes one live message to one connection, unless it is behind, syncing, or has it;
-    /// returns whether it was pushed.
+    /// returns whether it was pushed. A push records the send-to-deliver latency from `sent_us`
+    /// (the send's arrival at its sender's shard, [`super::Latencies::send_to_deliver`]);
+    /// retransmits and sync pages do not come here and are not recorded.
     fn push_live(
         &mut self,
         conn: ConnId,
@@ -527,6 +529,7 @@ impl<B: Backend> ShardCore<B> {
         view: &Bytes,
         seq: u64,
         stored: &Bytes,
+        sent_us: Option<u64>,
     ) -> bool {
         let now = self.now.ms;
         let (cfg, timers) = (&self.cfg, &mut self.timers);
@@ -541,6 +544,11 @@ impl<B: Backend> ShardCore<B> {
             return false;
         }
         self.counters.deliveries += 1;
+        if let Some(sent) = sent_us {
+            self.latencies
+                .send_to_deliver
+                .record(self.now.us.saturating_sub(sent));
+        }
         let m = [splice::Spliced { stored, view }];
         self.write_spliced(conn, |out| {
             splice::encode_deliver(0, &m, out);

@@ -41,6 +41,10 @@ pub(crate) struct Append {
     pub(crate) send: pb::Send,
     /// Wall-clock time at the sender's shard when the send arrived.
     pub(crate) unix_ms: i64,
+    /// Monotonic time (µs, [`super::Now::us`]) at the sender's shard when the send was routed to
+    /// its owner (after the send gate, if a hook parked it): the start of its send-to-deliver
+    /// latency.
+    pub(crate) arrived_us: u64,
 }
 
 /// A stored message's acknowledgement, for the sender's connection.
@@ -68,6 +72,9 @@ pub(crate) struct Delivery {
     pub(crate) stored: Bytes,
     /// When it was stored (ms since the Unix epoch).
     pub(crate) time: i64,
+    /// A send's [`Append::arrived_us`] (`None` for a group membership event, not a send): live
+    /// pushes record their send-to-deliver latency from it.
+    pub(crate) sent_us: Option<u64>,
     /// A direct conversation's recipients (empty for a group).
     pub(crate) recipients: Vec<Recipient>,
     /// A group message: the home pushes it to its members online.

@@ -30,7 +30,7 @@
 //! * [`outbound`]: frames out (encoded once per connection's wire form, counted, held to the
 //!   budget; a refusal counts against the client's errors; past the queue bound, `Behind`);
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
-//!   [`counters`]: what a shard counts.
+//!   [`counters`]: what a shard counts; [`histogram`]: the latencies it measures.
 //!
 //! ### Invariants
 //! * A connection's state is in exactly one shard's table; a slot freed by an effect (close,
@@ -47,6 +47,7 @@ pub(crate) mod delivery;
 pub(crate) mod error;
 pub(crate) mod gate;
 pub(crate) mod group;
+pub mod histogram;
 pub(crate) mod home;
 pub(crate) mod ids;
 mod inspect;
@@ -79,8 +80,10 @@ use conn::Connection;
 pub use conn::{ConnId, Intake};
 use conv::Placement;
 pub use counters::Counters;
+pub(crate) use counters::ShardStats;
 pub use error::ConnLimit;
 use error::{CloseReason, Refusal};
+pub use histogram::{Histogram, Latencies};
 use home::Home;
 pub use inspect::{ConversationInfo, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 use mail::Origin;
@@ -97,6 +100,9 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 pub struct Now {
     /// Monotonic milliseconds since the node started: every deadline is in these.
     pub ms: u64,
+    /// The same monotonic time in microseconds (`ms` is `us / 1000`): latencies are measured
+    /// in these ([`Latencies`]).
+    pub us: u64,
     /// Wall-clock milliseconds since the Unix epoch: message times, ids, token expiry.
     pub unix_ms: i64,
 }
@@ -239,6 +245,8 @@ pub struct ShardCore<B: Backend> {
     /// Emptied outbound buffers, for the next connection that writes.
     pool: Vec<BytesMut>,
     counters: Counters,
+    /// Latency histograms (published with the counters).
+    latencies: Latencies,
     shutting_down: bool,
     /// A spare-segment ticket is out.
     spare_out: bool,
@@ -291,6 +299,7 @@ impl<B: Backend> ShardCore<B> {
             target_scratch: Vec::new(),
             pool: Vec::new(),
             counters: Counters::default(),
+            latencies: Latencies::default(),
             shutting_down: false,
             spare_out: false,
             now: setup.now,
@@ -530,9 +539,14 @@ impl<B: Backend> ShardCore<B> {
         conn
     }
 
-    /// A flush the core asked for ([`Effect::Flush`]) finished.
-    pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, now: Now) {
+    /// A flush the core asked for ([`Effect::Flush`]) finished. `ran_us`: how long the flush
+    /// itself took, as the driver measured it around the `fsync` (`None`: it did not run, e.g.
+    /// the flusher thread is gone); recorded in [`Latencies::flush`].
+    pub fn handle_flushed(&mut self, result: std::io::Result<Lsn>, ran_us: Option<u64>, now: Now) {
         self.now = now;
+        if let Some(us) = ran_us {
+            self.latencies.flush.record(us);
+        }
         self.on_flushed(result);
         self.drain_local();
     }
@@ -650,6 +664,19 @@ impl<B: Backend> ShardCore<B> {
     /// The shard's counters.
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// The shard's latency histograms.
+    pub fn latencies(&self) -> &Latencies {
+        &self.latencies
+    }
+
+    /// What the driver publishes: the counters and the latency histograms.
+    pub(crate) fn stats(&self) -> ShardStats {
+        ShardStats {
+            counters: self.counters,
+            latencies: self.latencies,
+        }
     }
 
     /// Bytes queued on `conn`, if it is open (for tests and the simulation's memory bound).

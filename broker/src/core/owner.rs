@@ -155,6 +155,8 @@ pub(crate) struct Stored {
     pub(crate) seq: u64,
     pub(crate) bytes: Bytes,
     pub(crate) time: i64,
+    /// The send's arrival ([`super::mail::Delivery::sent_us`]).
+    pub(crate) sent_us: Option<u64>,
     pub(crate) sender: Device,
     /// A group's message: the home shards with members when it was stored (and with members
     /// it removed), and the membership change it records.
@@ -218,6 +220,7 @@ impl<B: Backend> ShardCore<B> {
             conv,
             send,
             unix_ms,
+            arrived_us,
         } = a;
         let client_msg_id = send.client_msg_id;
         let refuse = |core: &mut Self, refusal: Refusal| {
@@ -356,6 +359,7 @@ impl<B: Backend> ShardCore<B> {
                 seq,
                 bytes: stored,
                 time: unix_ms,
+                sent_us: Some(arrived_us),
                 sender,
                 group,
             })),
@@ -427,6 +431,7 @@ impl<B: Backend> ShardCore<B> {
                 seq,
                 bytes: stored,
                 time,
+                sent_us,
                 sender,
                 group,
             } = *stored;
@@ -440,6 +445,7 @@ impl<B: Backend> ShardCore<B> {
                             seq,
                             stored: stored.clone(),
                             time,
+                            sent_us,
                             recipients: Vec::new(),
                             group: Some(GroupPush {
                                 sender: sender.clone(),
@@ -472,6 +478,7 @@ impl<B: Backend> ShardCore<B> {
                         seq,
                         stored: stored.clone(),
                         time,
+                        sent_us,
                         recipients,
                         group: None,
                     })),

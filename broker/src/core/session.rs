@@ -572,6 +572,7 @@ impl<B: Backend> ShardCore<B> {
                 conv,
                 send,
                 unix_ms: now.unix_ms,
+                arrived_us: now.us,
             })),
         );
     }

@@ -16,7 +16,7 @@ use super::local::LocalEnd;
 use super::shard::{Mail, Peer, Query};
 use crate::auth::Identity;
 use crate::core::conv::{Conv, Placement, direct_key};
-use crate::core::{ConversationInfo, Counters};
+use crate::core::{ConversationInfo, Counters, Latencies, ShardStats};
 use crate::hooks::{Answer, Completions, ConversationKind, ConversationRef, Ticket};
 use crate::local::{LOCAL_TIMEOUT, Link, LocalClient, LocalError};
 
@@ -47,7 +47,7 @@ pub(crate) struct Control {
     pub(crate) shards: Vec<Peer>,
     pub(crate) placement: Placement,
     pub(crate) stopping: Arc<AtomicBool>,
-    pub(crate) stats: Arc<Mutex<Vec<Counters>>>,
+    pub(crate) stats: Arc<Mutex<Vec<ShardStats>>>,
     next_link: Arc<AtomicU64>,
 }
 
@@ -63,7 +63,7 @@ impl Control {
     pub(crate) fn new(
         shards: Vec<Peer>,
         stopping: Arc<AtomicBool>,
-        stats: Arc<Mutex<Vec<Counters>>>,
+        stats: Arc<Mutex<Vec<ShardStats>>>,
     ) -> Self {
         Control {
             placement: Placement::new(shards.len()),
@@ -286,7 +286,18 @@ impl Control {
         let mut total = Counters::default();
         if let Ok(s) = self.stats.lock() {
             for c in s.iter() {
-                total.add(c);
+                total.add(&c.counters);
+            }
+        }
+        total
+    }
+
+    /// The node's latency histograms (all shards' merged, as of at most ~100 ms ago).
+    pub(crate) fn latencies(&self) -> Latencies {
+        let mut total = Latencies::default();
+        if let Ok(s) = self.stats.lock() {
+            for c in s.iter() {
+                total.add(&c.latencies);
             }
         }
         total

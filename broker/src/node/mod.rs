@@ -31,7 +31,7 @@ use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 use crate::admin::{AdminServer, Sources};
 use crate::auth::TokenVerifier;
 use crate::config::{Config, DurabilityPolicy};
-use crate::core::{CoreSetup, Counters, ShardCore, TestSwitches};
+use crate::core::{CoreSetup, ShardCore, ShardStats, TestSwitches};
 use crate::hooks::{Hooks, Tee};
 use crate::webhook::{Error as WebhookError, Webhooks};
 use control::{Completer, Control};
@@ -269,7 +269,7 @@ impl Node {
             });
         }
         let admission = Arc::new(admission::Admission::new(&config.limits, max_connections));
-        let stats = Arc::new(Mutex::new(vec![Counters::default(); shards]));
+        let stats = Arc::new(Mutex::new(vec![ShardStats::default(); shards]));
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
         let mut threads = Vec::new();
@@ -314,7 +314,7 @@ impl Node {
             None => None,
             Some(listener) => {
                 let sources = Sources {
-                    counters: Arc::clone(&stats),
+                    stats: Arc::clone(&stats),
                     stopping: Arc::clone(&handle.stopping),
                     control: control.clone(),
                 };

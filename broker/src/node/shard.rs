@@ -29,7 +29,7 @@ use super::local::{LocalEnd, LocalPipe};
 use super::socket::{self, CloseStep, Closing};
 use crate::auth::Identity;
 use crate::core::{
-    Adoption, ConnId, CoreEffect, Counters, Effect, Intake, Now, ShardCore, ShardMsg,
+    Adoption, ConnId, CoreEffect, Effect, Intake, Now, ShardCore, ShardMsg, ShardStats,
 };
 use crate::hooks::{Answer, Ticket};
 use crate::loglimit::{LogKind, LogLimiter};
@@ -123,7 +123,8 @@ enum Job {
 
 /// What the flusher thread reports back.
 enum Done {
-    Flushed(io::Result<Lsn>),
+    /// A flush's result and how long it ran, µs.
+    Flushed(io::Result<Lsn>, u64),
     Spare(SpareDone<MmapSegment>),
 }
 
@@ -145,8 +146,10 @@ impl Clock {
 
     /// The time now.
     pub(crate) fn now(&self) -> Now {
+        let elapsed = self.start.elapsed();
         Now {
-            ms: self.start.elapsed().as_millis() as u64,
+            ms: elapsed.as_millis() as u64,
+            us: elapsed.as_micros() as u64,
             unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
@@ -178,7 +181,7 @@ pub(crate) struct DriverSetup {
     pub(crate) close_linger_ms: u64,
     pub(crate) close_discard_bytes: usize,
     pub(crate) clock: Clock,
-    pub(crate) stats: Arc<Mutex<Vec<Counters>>>,
+    pub(crate) stats: Arc<Mutex<Vec<ShardStats>>>,
     /// Hooks' late answers for this shard.
     pub(crate) answers: Receiver<(Ticket, Answer)>,
 }
@@ -215,7 +218,7 @@ pub(crate) struct Driver {
     clock: Clock,
     accept_retry_at: Option<u64>,
     shutdown_deadline: Option<u64>,
-    stats: Arc<Mutex<Vec<Counters>>>,
+    stats: Arc<Mutex<Vec<ShardStats>>>,
     stats_at: u64,
     answers: Receiver<(Ticket, Answer)>,
     /// In-process connections, by core slot.
@@ -235,7 +238,13 @@ impl Driver {
             .spawn(move || {
                 for job in flush_jobs {
                     let done = match job {
-                        Job::Flush(ticket) => Done::Flushed(ticket.run()),
+                        Job::Flush(ticket) => {
+                            // The flush's own duration, for the core's histogram (it reads no
+                            // clock).
+                            let started = Instant::now();
+                            let result = ticket.run();
+                            Done::Flushed(result, started.elapsed().as_micros() as u64)
+                        }
                         Job::Spare(ticket) => Done::Spare(ticket.run()),
                     };
                     if done_tx.send(done).is_err() {
@@ -326,7 +335,9 @@ impl Driver {
             // Finished flushes first: their acks go out with this turn's writes.
             while let Ok(done) = self.flush_rx.try_recv() {
                 match done {
-                    Done::Flushed(result) => self.core.handle_flushed(result, now),
+                    Done::Flushed(result, ran_us) => {
+                        self.core.handle_flushed(result, Some(ran_us), now)
+                    }
                     Done::Spare(done) => self.core.handle_spare(done, now),
                 }
             }
@@ -374,7 +385,7 @@ impl Driver {
                 if let Ok(mut s) = self.stats.lock()
                     && let Some(slot) = s.get_mut(self.index)
                 {
-                    *slot = self.core.counters();
+                    *slot = self.core.stats();
                 }
             }
             if let Some(deadline) = self.shutdown_deadline {
@@ -836,6 +847,7 @@ impl Driver {
                         if self.flush_tx.send(Job::Flush(ticket)).is_err() {
                             self.core.handle_flushed(
                                 Err(io::Error::other("the flusher thread is gone")),
+                                None,
                                 now,
                             );
                         }

@@ -92,6 +92,7 @@ impl World {
         let shard = self.rng.below(self.shards as u64) as usize;
         let now = Now {
             ms: self.now,
+            us: self.now * 1000,
             unix_ms: UNIX_BASE_MS + self.now as i64,
         };
         let conn = n.cores[shard].handle_open(false, None, now);

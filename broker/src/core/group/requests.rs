@@ -182,6 +182,7 @@ impl<B: Backend> ShardCore<B> {
                 seq,
                 bytes: stored,
                 time: unix_ms,
+                sent_us: None,
                 sender: actor,
                 group: Some((homes, Some(Arc::new(change)))),
             })),
