@@ -320,7 +320,7 @@ impl Node {
                 };
                 match AdminServer::start_with_webhooks(
                     listener,
-                    &config.admin,
+                    &config,
                     sources,
                     webhook_stats,
                 ) {
