@@ -20,7 +20,7 @@
 //! Protocol messages (`Conversation`, `GroupRequest`, `SendAck`, `UserPresence`,
 //! `ConversationList`, `GroupResult`) are written in the protocol's JSON mapping, as WebSocket
 //! JSON clients see them: field names in lowerCamelCase (snake_case is read too), enums by name,
-//! 64-bit integers as strings. The API's own objects use snake_case. Query lists are
+//! 64-bit integers as strings, bytes (message bodies) as base64. The API's own objects use snake_case. Query lists are
 //! comma-separated; a comma inside an item is sent as `%2C`.
 //!
 //! Errors are `{"error": {"code", "message"}}`: `code` is the node's wire error code
