@@ -199,9 +199,10 @@ impl<'s> Request<'s> {
         stream: Option<&'s TcpStream>,
         deadline: Instant,
     ) -> Request<'s> {
-        let body_read = early.is_empty()
-            && head.values("content-length").next().is_none()
-            && head.values("transfer-encoding").next().is_none();
+        let declared = head.values("content-length").next().is_some()
+            || head.values("transfer-encoding").next().is_some();
+        // Nothing declared, or an empty body (`Content-Length: 0`): nothing left to drain.
+        let body_read = early.is_empty() && (!declared || body_length(&head, 0) == Ok(0));
         Request {
             head,
             early,
@@ -653,6 +654,12 @@ mod tests {
         assert!(!r.body_unread());
         let r = Request::from_bytes(b"GET / HTTP/1.1\r\n\r\n").expect("parses");
         assert!(!r.body_unread(), "no body declared, none to drain");
+        let r =
+            Request::from_bytes(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").expect("parses");
+        assert!(!r.body_unread(), "an empty body, none to drain");
+        let r =
+            Request::from_bytes(b"GET / HTTP/1.1\r\nContent-Length: 9\r\n\r\n").expect("parses");
+        assert!(r.body_unread(), "a body no endpoint reads is drained");
     }
 
     #[test]
