@@ -69,7 +69,7 @@ pub struct Config {
     pub rooms: Rooms,
     /// Presence and typing indicators.
     pub presence: Presence,
-    /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`).
+    /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`, the JSON API under `/v1/`).
     pub admin: Admin,
     /// The node's log lines (stderr).
     pub log: Log,
@@ -77,8 +77,9 @@ pub struct Config {
     pub webhooks: WebhookConfig,
 }
 
-/// The admin HTTP listener: health and readiness probes and Prometheus metrics, on its own
-/// address and threads (see `broker/src/admin`).
+/// The admin HTTP listener: health and readiness probes, Prometheus metrics and the JSON API
+/// (post, kick, online, presence, conversations, groups), on its own address and threads (see
+/// `broker/src/admin`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
@@ -87,13 +88,17 @@ pub struct Admin {
     pub listen: Option<SocketAddr>,
     /// The bearer token every endpoint but `/healthz` and `/readyz` requires
     /// (`Authorization: Bearer <token>`), at least 16 bytes. Default: unset, and then those
-    /// endpoints answer 401 saying to set it.
+    /// endpoints, `/metrics` and the whole JSON API, answer 401 saying to set it.
     pub token: Option<Secret>,
     /// Largest request head (request line and headers) read, in bytes; past it the answer is
     /// 431. Default 8192.
     pub max_request_bytes: usize,
-    /// Time a client has to send its request head, in milliseconds (408 past it); also the
-    /// bound of writing the answer. Default 5000.
+    /// Largest request body the JSON API reads, in bytes; a larger `Content-Length` is
+    /// answered 413 without reading the body. 256 to 67108864 (64 MiB); default 1048576
+    /// (1 MiB).
+    pub max_body_bytes: usize,
+    /// Time a client has to send its whole request (head and body), in milliseconds (408 past
+    /// it); also the bound of writing the answer. Default 5000.
     pub request_timeout_ms: u64,
     /// Most admin connections served at once; one more is answered 503 at once. Default 16.
     pub max_connections: usize,
@@ -105,11 +110,15 @@ impl Default for Admin {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 7402))),
             token: None,
             max_request_bytes: 8192,
+            max_body_bytes: 1 << 20,
             request_timeout_ms: 5000,
             max_connections: 16,
         }
     }
 }
+
+/// Largest `admin.max_body_bytes` accepted (a body is held in memory while it is served).
+pub const MAX_ADMIN_BODY_BYTES: usize = 64 << 20;
 
 /// Shortest `admin.token` accepted, in bytes.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
@@ -974,6 +983,9 @@ impl Config {
                  max_connections positive",
             );
         }
+        if self.admin.max_body_bytes < 256 || self.admin.max_body_bytes > MAX_ADMIN_BODY_BYTES {
+            return fail("admin.max_body_bytes must be between 256 and 67108864 (64 MiB)");
+        }
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
 
         Ok(())
@@ -1247,9 +1259,16 @@ mod tests {
         );
         assert!(d.token.is_none(), "no token unless configured");
         assert_eq!(
-            (d.max_request_bytes, d.request_timeout_ms, d.max_connections),
-            (8192, 5000, 16)
+            (
+                d.max_request_bytes,
+                d.max_body_bytes,
+                d.request_timeout_ms,
+                d.max_connections
+            ),
+            (8192, 1 << 20, 5000, 16)
         );
+        let c = load(&[("PARLEY_ADMIN__MAX_BODY_BYTES", "4096")], &[]).expect("valid");
+        assert_eq!(c.admin.max_body_bytes, 4096);
         let c = load(&[("PARLEY_ADMIN__LISTEN", "none")], &[]).expect("valid");
         assert_eq!(c.admin.listen, None);
         let c = load(&[], &["admin.listen=127.0.0.1:0"]).expect("valid");
@@ -1258,6 +1277,8 @@ mod tests {
         for bad in [
             "admin.token=short",
             "admin.max_request_bytes=10",
+            "admin.max_body_bytes=10",
+            "admin.max_body_bytes=1000000000",
             "admin.request_timeout_ms=0",
             "admin.max_connections=0",
         ] {

@@ -1,5 +1,7 @@
-//! A minimal HTTP/1.1 client for the broker's admin listener: one `GET`, `Connection: close`,
-//! bounded by [`crate::TIMEOUT`]. Written here so the tests share no code with the broker's.
+//! Minimal HTTP/1.1 for the tests: a client for the broker's admin listener (one request, `GET`,
+//! or `POST` with a body, per connection, `Connection: close`, bounded by [`crate::TIMEOUT`]) and
+//! a [`Receiver`] that records the broker's webhook requests. Written here so the tests share no
+//! code with the broker's.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -27,9 +29,43 @@ impl Answer {
     }
 }
 
+impl Answer {
+    /// The body as JSON. Panics if it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("the answer is not JSON ({e}): {self:?}"))
+    }
+
+    /// `error.code` of a JSON error answer. Panics if it has none.
+    pub fn error_code(&self) -> String {
+        match self.json()["error"]["code"].as_str() {
+            Some(code) => code.to_owned(),
+            None => panic!("not a JSON error answer: {self:?}"),
+        }
+    }
+}
+
 /// `GET path` from `addr`, with `Authorization: Bearer <token>` if given. Panics on an I/O
 /// error or an answer that is not HTTP.
 pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
+    request(addr, "GET", path, token, None)
+}
+
+/// `POST path` to `addr` with `json` as its body (and its `Content-Length`), with the bearer
+/// `token` if given. Panics as [`get`] does.
+pub fn post(addr: SocketAddr, path: &str, token: Option<&str>, json: &str) -> Answer {
+    request(addr, "POST", path, token, Some(json.as_bytes()))
+}
+
+/// `method path` on `addr`, with the bearer `token` and `body` (sent with its `Content-Length`)
+/// if given. Panics on an I/O error or an answer that is not HTTP.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> Answer {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
         .unwrap_or_else(|e| panic!("cannot connect to the admin listener {addr}: {e}"));
     stream
@@ -39,25 +75,34 @@ pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
         .set_write_timeout(Some(TIMEOUT))
         .expect("write timeout");
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let length = body.map_or(String::new(), |b| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )
+    });
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{length}Connection: close\r\n\r\n"
     )
     .expect("send the request");
+    if let Some(body) = body {
+        stream.write_all(body).expect("send the body");
+    }
     let mut raw = String::new();
     stream
         .read_to_string(&mut raw)
-        .unwrap_or_else(|e| panic!("GET {path}: cannot read the answer: {e}"));
+        .unwrap_or_else(|e| panic!("{method} {path}: cannot read the answer: {e}"));
     let (head, body) = raw
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: not an HTTP answer: {raw:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {raw:?}"));
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: bad status line {status_line:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: bad status line {status_line:?}"));
     Answer {
         status,
         headers: lines.map(str::to_owned).collect(),

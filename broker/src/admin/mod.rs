@@ -1,36 +1,43 @@
-//! The admin HTTP listener (`[admin]` settings): `/healthz`, `/readyz` and `/metrics`.
+//! The admin HTTP listener (`[admin]` settings): `/healthz`, `/readyz`, `/metrics`, and the JSON
+//! API under `/v1/` ([`api`]).
 //!
 //! It runs on its own threads, never on a shard's: one thread accepts, and each admitted
 //! connection is served by a short-lived thread of its own, at most `admin.max_connections` at
-//! once (one more is answered 503 by the accepting thread and closed). It only reads what the
-//! shards already publish: their [`ShardStats`] snapshots (counters and latency histograms,
-//! refreshed about every 100 ms) and the node's shutdown flag.
+//! once (one more is answered 503 by the accepting thread and closed). The probes and `/metrics`
+//! only read what the shards already publish: their [`ShardStats`] snapshots (counters and
+//! latency histograms, refreshed about every 100 ms) and the node's shutdown flag. The JSON API
+//! asks the shards through the node's [`Control`](crate::node::control::Control), blocking the
+//! connection's thread (never a shard's) until they answer, within the control's timeouts.
 //!
-//! Every request is bounded: its head (request line and headers) may be at most
-//! `admin.max_request_bytes` (431 past it), it must arrive within `admin.request_timeout_ms`
-//! (408 past it), and a request body is never read. One request per connection
-//! (`Connection: close`). The request is parsed by `httparse`; the HTTP server crates we looked at
+//! Every request is bounded ([`http`]): its head (request line and headers) may be at most
+//! `admin.max_request_bytes` (431 past it); a body is read only by an endpoint that takes one,
+//! after the token is checked, and only with a `Content-Length` (411 without one; chunked bodies
+//! are not read) of at most `admin.max_body_bytes` (413 past it); the whole request must arrive
+//! within `admin.request_timeout_ms` (408 past it). One request per connection
+//! (`Connection: close`). The head is parsed by `httparse`; the HTTP server crates we looked at
 //! (`tiny_http` 0.12) bound neither the head's size, nor the time to send it, nor their threads.
 //!
 //! Authorization: `/healthz` and `/readyz` answer anyone (load balancers and orchestrators
-//! probe them); everything else needs `Authorization: Bearer <admin.token>`. With no
-//! `admin.token` configured, everything else answers 401 saying to set one.
+//! probe them); everything else, `/metrics` and the whole JSON API, needs
+//! `Authorization: Bearer <admin.token>`. With no `admin.token` configured, everything else
+//! answers 401 saying to set one: the JSON API is off.
 
+mod api;
+mod http;
 mod metrics;
 
-use std::io::{self, Read as _, Write as _};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::config::{Admin, Secret};
+use http::{Head, Request, Response};
+
+use crate::config::{Config, Secret};
 use crate::core::ShardStats;
 use crate::webhook::WebhookStats;
-
-/// Most headers a request may have (431 past it).
-const MAX_HEADERS: usize = 32;
 
 /// What the admin threads read: what the shards publish, and whether the node is stopping.
 #[derive(Debug, Clone)]
@@ -40,7 +47,6 @@ pub(crate) struct Sources {
     /// Set once the node was asked to shut down.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The node's shards, for the JSON endpoints.
-    #[allow(dead_code)] // read by the JSON endpoints (next step)
     pub(crate) control: crate::node::control::Control,
 }
 
@@ -51,6 +57,10 @@ struct Shared {
     token: Option<Secret>,
     /// `admin.max_request_bytes`.
     max_request_bytes: usize,
+    /// `admin.max_body_bytes`.
+    max_body_bytes: usize,
+    /// `presence.max_users_per_request`: most users `GET /v1/presence` may name.
+    max_presence_users: usize,
     /// `admin.request_timeout_ms`.
     timeout: Duration,
     /// `admin.max_connections`.
@@ -81,21 +91,26 @@ impl AdminServer {
         TcpListener::bind(addr)
     }
 
-    /// Starts serving `listener` with `config`'s bounds, reporting `sources`, and the webhook
-    /// counters (`parley_webhook_*`) when `webhooks` is given.
+    /// Starts serving `listener` with the bounds of `config` (its `[admin]` section, and the
+    /// presence limit), reporting `sources`, and the webhook counters (`parley_webhook_*`) when
+    /// `webhooks` is given.
     pub(crate) fn start_with_webhooks(
         listener: TcpListener,
-        config: &Admin,
+        config: &Config,
         sources: Sources,
         webhooks: Option<WebhookStats>,
     ) -> io::Result<AdminServer> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let admin = &config.admin;
         let shared = Arc::new(Shared {
-            token: config.token.clone(),
-            max_request_bytes: config.max_request_bytes,
-            timeout: Duration::from_millis(config.request_timeout_ms),
-            max_connections: config.max_connections,
+            token: admin.token.clone(),
+            max_request_bytes: admin.max_request_bytes,
+            max_body_bytes: admin.max_body_bytes,
+            max_presence_users: usize::try_from(config.presence.max_users_per_request)
+                .unwrap_or(usize::MAX),
+            timeout: Duration::from_millis(admin.request_timeout_ms),
+            max_connections: admin.max_connections,
             active: AtomicUsize::new(0),
             sources,
             webhooks,
@@ -149,7 +164,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
             shared.active.fetch_sub(1, Ordering::SeqCst);
             // A fresh socket's send buffer takes this small answer without blocking.
             let _ = stream.set_nonblocking(true);
-            let _ = write_response(
+            let _ = http::write_response(
                 &stream,
                 &Response::text(503, "too many admin connections; retry\n"),
             );
@@ -169,144 +184,65 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
     }
 }
 
-/// An answer.
-#[derive(Debug)]
-struct Response {
-    /// The status code.
-    status: u16,
-    /// `Content-Type`.
-    content_type: &'static str,
-    /// Extra header lines, each ending in CRLF.
-    extra_headers: &'static str,
-    /// The body.
-    body: String,
-}
-
-impl Response {
-    /// A plain-text answer.
-    fn text(status: u16, body: impl Into<String>) -> Response {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            extra_headers: "",
-            body: body.into(),
-        }
-    }
-}
-
-/// The reason phrase of the status codes used here.
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
-/// Writes `response` and closes the writing side.
-fn write_response(mut stream: &TcpStream, response: &Response) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
-         Connection: close\r\n{}\r\n",
-        response.status,
-        reason(response.status),
-        response.content_type,
-        response.body.len(),
-        response.extra_headers,
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(response.body.as_bytes())?;
-    stream.flush()?;
-    stream.shutdown(std::net::Shutdown::Write)
-}
-
 /// Serves one request on `stream`, within the bounds.
 fn serve(stream: &TcpStream, shared: &Shared) {
     let _ = stream.set_read_timeout(Some(shared.timeout));
     let _ = stream.set_write_timeout(Some(shared.timeout));
-    let response = read_and_answer(stream, shared);
-    let _ = write_response(stream, &response);
-}
-
-/// Reads the request head (bounded in size and time) and answers it.
-fn read_and_answer(mut stream: &TcpStream, shared: &Shared) -> Response {
-    let deadline = Instant::now() + shared.timeout;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => return route(&request, shared),
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Response::text(431, format!("at most {MAX_HEADERS} headers\n"));
+    let limits = http::Limits {
+        max_head_bytes: shared.max_request_bytes,
+        timeout: shared.timeout,
+    };
+    match http::read_request(stream, limits) {
+        Ok(mut request) => {
+            let response = route(&mut request, shared);
+            let _ = http::write_response(stream, &response);
+            if request.body_unread() {
+                http::linger(stream, shared.timeout);
             }
-            Err(e) => return Response::text(400, format!("bad request: {e}\n")),
         }
-        if buf.len() >= shared.max_request_bytes {
-            return Response::text(
-                431,
-                format!(
-                    "the request head exceeds admin.max_request_bytes ({})\n",
-                    shared.max_request_bytes
-                ),
-            );
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Response::text(
-                408,
-                "request not received within admin.request_timeout_ms\n",
-            );
-        }
-        let _ = stream.set_read_timeout(Some(deadline - now));
-        let room = (shared.max_request_bytes - buf.len()).min(chunk.len());
-        match stream.read(&mut chunk[..room]) {
-            Ok(0) => return Response::text(400, "connection closed mid-request\n"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                return Response::text(
-                    408,
-                    "request not received within admin.request_timeout_ms\n",
-                );
+        Err(e) => {
+            let _ = http::write_response(stream, &Response::text(e.status, e.message + "\n"));
+            if e.status != 408 {
+                // The client may be mid-request: let it finish, so that it reads this answer.
+                http::linger(stream, shared.timeout);
             }
         }
     }
 }
 
-/// Answers a complete request.
-fn route(request: &httparse::Request<'_, '_>, shared: &Shared) -> Response {
-    let path = request.path.unwrap_or("/").split('?').next().unwrap_or("/");
-    if request.method != Some("GET") {
-        return Response {
-            extra_headers: "Allow: GET\r\n",
-            ..Response::text(405, "only GET is served\n")
+/// Answers a request (reading its body only if the endpoint takes one).
+fn route(request: &mut Request<'_>, shared: &Shared) -> Response {
+    let path = request.head.path.clone();
+    let api = path == "/v1" || path.starts_with("/v1/");
+    if !api {
+        let get_only = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+        if get_only && request.head.method != "GET" {
+            return Response::text(405, "only GET is served here\n").with_header("Allow", "GET");
+        }
+        match path.as_str() {
+            "/healthz" => return Response::text(200, "ok\n"),
+            "/readyz" => {
+                return if shared.sources.stopping.load(Ordering::SeqCst) {
+                    Response::text(503, "shutting down\n")
+                } else {
+                    Response::text(200, "ready\n")
+                };
+            }
+            _ => {}
+        }
+    }
+    if let Err(refused) = authorize(&request.head, shared.token.as_ref()) {
+        let response = if api {
+            api::ApiError::http(401, refused).response()
+        } else {
+            Response::text(401, refused + "\n")
         };
+        return response.with_header("WWW-Authenticate", "Bearer realm=\"parley-admin\"");
     }
-    match path {
-        "/healthz" => return Response::text(200, "ok\n"),
-        "/readyz" => {
-            return if shared.sources.stopping.load(Ordering::SeqCst) {
-                Response::text(503, "shutting down\n")
-            } else {
-                Response::text(200, "ready\n")
-            };
-        }
-        _ => {}
+    if api {
+        return api::handle(request, shared);
     }
-    if let Some(refused) = authorize(request, shared.token.as_ref()) {
-        return refused;
-    }
-    match path {
+    match path.as_str() {
         "/metrics" => {
             let shards = shared
                 .sources
@@ -319,38 +255,34 @@ fn route(request: &httparse::Request<'_, '_>, shared: &Shared) -> Response {
                 Ok(body) => Response {
                     status: 200,
                     content_type: metrics::CONTENT_TYPE,
-                    extra_headers: "",
+                    headers: Vec::new(),
                     body,
                 },
                 Err(_) => Response::text(500, "cannot encode the metrics\n"),
             }
         }
-        _ => Response::text(404, "not found: try /healthz, /readyz or /metrics\n"),
+        _ => Response::text(
+            404,
+            "not found: try /healthz, /readyz, /metrics or the JSON API under /v1/\n",
+        ),
     }
 }
-
-/// `None` if `request` carries the bearer `token`; else the 401 to answer.
-fn authorize(request: &httparse::Request<'_, '_>, token: Option<&Secret>) -> Option<Response> {
+/// `Ok` if `head` carries the bearer `token`; else why not.
+fn authorize(head: &Head, token: Option<&Secret>) -> Result<(), String> {
     let Some(token) = token else {
-        return Some(Response::text(
-            401,
+        return Err(
             "the admin API has no token: set admin.token (e.g. PARLEY_ADMIN__TOKEN) and send \
-             `Authorization: Bearer <token>`\n",
-        ));
+             `Authorization: Bearer <token>`"
+                .to_owned(),
+        );
     };
-    let presented = request
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
+    let presented = head
+        .header("authorization")
         .and_then(|v| v.trim().strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) => None,
-        _ => Some(Response {
-            extra_headers: "WWW-Authenticate: Bearer realm=\"parley-admin\"\r\n",
-            ..Response::text(401, "missing or wrong bearer token\n")
-        }),
+        Some(p) if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) => Ok(()),
+        _ => Err("missing or wrong bearer token".to_owned()),
     }
 }
 
@@ -364,12 +296,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::time::Instant;
+
     use super::*;
+
+    /// The token of the tests that configure one.
+    const TOKEN: &str = "sesame-sesame-sesame";
 
     fn shared(token: Option<&str>) -> Shared {
         Shared {
             token: token.map(Secret::new),
             max_request_bytes: 512,
+            max_body_bytes: 300,
+            max_presence_users: 2,
             timeout: Duration::from_millis(200),
             max_connections: 2,
             active: AtomicUsize::new(0),
@@ -377,6 +317,7 @@ mod tests {
                 let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
                 let stopping = Arc::new(AtomicBool::new(false));
                 Sources {
+                    // A node without shards: every question to one fails as ShuttingDown.
                     control: crate::node::control::Control::new(
                         Vec::new(),
                         Arc::clone(&stopping),
@@ -391,13 +332,56 @@ mod tests {
     }
 
     fn answer(raw: &str, shared: &Shared) -> Response {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        assert!(matches!(
-            request.parse(raw.as_bytes()),
-            Ok(httparse::Status::Complete(_))
-        ));
-        route(&request, shared)
+        let mut request = Request::from_bytes(raw.as_bytes()).expect("a complete request");
+        route(&mut request, shared)
+    }
+
+    /// `method path` with the token and `body` (with its Content-Length unless `headers` has one).
+    fn call(method: &str, path: &str, headers: &str, body: &str, shared: &Shared) -> Response {
+        let length = if headers.to_ascii_lowercase().contains("content-length")
+            || headers.to_ascii_lowercase().contains("transfer-encoding")
+            || method == "GET"
+        {
+            String::new()
+        } else {
+            format!("Content-Length: {}\r\n", body.len())
+        };
+        answer(
+            &format!(
+                "{method} {path} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n{headers}{length}\r\n{body}"
+            ),
+            shared,
+        )
+    }
+
+    /// The `error.code` of a JSON error answer.
+    fn error_code(r: &Response) -> String {
+        assert_eq!(r.content_type, http::JSON, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        v["error"]["code"].as_str().expect("a code").to_owned()
+    }
+
+    /// Runs `serve` on one connection whose client writes each of `parts` in turn (then closes
+    /// its writing side) and returns what the client read.
+    fn over_a_socket(parts: Vec<Vec<u8>>, shared: &Shared) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut out = Vec::new();
+            for part in parts {
+                let _ = c.write_all(&part);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = c.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        });
+        let (stream, _) = listener.accept().expect("accept");
+        serve(&stream, shared);
+        drop(stream);
+        client.join().expect("client")
     }
 
     #[test]
@@ -414,35 +398,192 @@ mod tests {
         let none = answer("GET /metrics HTTP/1.1\r\n\r\n", &shared(None));
         assert_eq!(none.status, 401);
         assert!(none.body.contains("admin.token"), "{}", none.body);
-        let s = shared(Some("sesame-sesame-sesame"));
+        let s = shared(Some(TOKEN));
         assert_eq!(answer("GET /metrics HTTP/1.1\r\n\r\n", &s).status, 401);
         let wrong = "GET /metrics HTTP/1.1\r\nAuthorization: Bearer nope\r\n\r\n";
         assert_eq!(answer(wrong, &s).status, 401);
-        let right = "GET /metrics HTTP/1.1\r\nauthorization: Bearer sesame-sesame-sesame\r\n\r\n";
-        let ok = answer(right, &s);
+        let right = format!("GET /metrics HTTP/1.1\r\nauthorization: Bearer {TOKEN}\r\n\r\n");
+        let ok = answer(&right, &s);
         assert_eq!(ok.status, 200);
         assert!(ok.body.contains("parley_node_messages_stored_total 0"));
-        assert_eq!(answer("POST /healthz HTTP/1.1\r\n\r\n", &s).status, 405);
+        let post = answer("POST /healthz HTTP/1.1\r\n\r\n", &s);
+        assert_eq!((post.status, post.header("Allow")), (405, Some("GET")));
+    }
+
+    #[test]
+    fn the_json_api_is_off_without_a_token_and_refuses_a_wrong_one_in_json() {
+        let off = answer("GET /v1/online HTTP/1.1\r\n\r\n", &shared(None));
+        assert_eq!(
+            (off.status, error_code(&off).as_str()),
+            (401, "UNAUTHORIZED")
+        );
+        assert!(off.body.contains("admin.token"), "{}", off.body);
+        let s = shared(Some(TOKEN));
+        let wrong = answer(
+            "GET /v1/online HTTP/1.1\r\nAuthorization: Bearer sesame-sesame-sesamE\r\n\r\n",
+            &s,
+        );
+        assert_eq!(wrong.status, 401);
+        assert!(wrong.header("WWW-Authenticate").is_some());
+        let unknown = answer("GET /v1/nothing HTTP/1.1\r\n\r\n", &s);
+        assert_eq!(
+            unknown.status, 401,
+            "paths are not told apart before the token"
+        );
+    }
+
+    #[test]
+    fn api_paths_are_routed_by_path_then_method() {
+        let s = shared(Some(TOKEN));
+        let online = call("GET", "/v1/online", "", "", &s);
+        assert_eq!(online.status, 200, "{}", online.body);
+        assert_eq!(online.body, r#"{"users":[],"next":null}"#);
+        let unknown = call("GET", "/v1/nothing", "", "", &s);
+        assert_eq!(
+            (unknown.status, error_code(&unknown).as_str()),
+            (404, "NOT_FOUND")
+        );
+        let wrong = call("POST", "/v1/online", "", "{}", &s);
+        assert_eq!((wrong.status, wrong.header("Allow")), (405, Some("GET")));
+        assert_eq!(error_code(&wrong), "METHOD_NOT_ALLOWED");
+        let text = call("GET", "/nothing", "", "", &s);
+        assert_eq!(
+            (text.status, text.content_type),
+            (404, "text/plain; charset=utf-8")
+        );
+    }
+
+    #[test]
+    fn bad_query_parameters_are_400() {
+        let s = shared(Some(TOKEN));
+        for path in [
+            "/v1/online?limit=0",
+            "/v1/online?limt=5",
+            "/v1/online?after=a&after=b",
+            "/v1/online?after=%zz",
+            "/v1/presence",
+            "/v1/presence?users=a,b,c",
+            "/v1/conversations?limit=5",
+            "/v1/conversation?type=room&id=x",
+            "/v1/messages?x=1",
+        ] {
+            let method = if path.starts_with("/v1/messages") {
+                "POST"
+            } else {
+                "GET"
+            };
+            let r = call(method, path, "", "", &s);
+            assert_eq!(
+                (r.status, error_code(&r).as_str()),
+                (400, "BAD_REQUEST"),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_post_body_needs_a_content_length_within_max_body_bytes_and_valid_json() {
+        let s = shared(Some(TOKEN));
+        let no_length = answer(
+            &format!("POST /v1/kick HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"),
+            &s,
+        );
+        assert_eq!(
+            (no_length.status, error_code(&no_length).as_str()),
+            (411, "LENGTH_REQUIRED")
+        );
+        let chunked = call("POST", "/v1/kick", "Transfer-Encoding: chunked\r\n", "", &s);
+        assert_eq!(chunked.status, 411);
+        let big = call("POST", "/v1/kick", "Content-Length: 301\r\n", "", &s);
+        assert_eq!(
+            (big.status, error_code(&big).as_str()),
+            (413, "PAYLOAD_TOO_LARGE")
+        );
+        assert!(big.body.contains("admin.max_body_bytes"), "{}", big.body);
+        let not_json = call("POST", "/v1/kick", "", "{\"user\":", &s);
+        assert_eq!(
+            (not_json.status, error_code(&not_json).as_str()),
+            (400, "BAD_REQUEST")
+        );
+        let wrong_shape = call("POST", "/v1/kick", "", r#"{"user":"bob","why":"x"}"#, &s);
+        assert_eq!(wrong_shape.status, 400, "{}", wrong_shape.body);
+        let long_reason = format!(r#"{{"user":"bob","reason":"{}"}}"#, "x".repeat(257));
+        assert!(long_reason.len() <= 300);
+        assert_eq!(call("POST", "/v1/kick", "", &long_reason, &s).status, 400);
+        let bad_body = call(
+            "POST",
+            "/v1/messages",
+            "",
+            r#"{"from":"a","to":{"type":"DIRECT","id":"b"}}"#,
+            &s,
+        );
+        assert_eq!(bad_body.status, 400, "neither body nor body_base64");
+    }
+
+    #[test]
+    fn without_the_token_a_body_is_not_considered() {
+        let r = answer(
+            "POST /v1/kick HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            &shared(Some(TOKEN)),
+        );
+        assert_eq!(r.status, 401);
+    }
+
+    #[test]
+    fn a_stopping_node_answers_503_with_retry_after() {
+        let s = shared(Some(TOKEN));
+        s.sources.stopping.store(true, Ordering::SeqCst);
+        let r = call(
+            "POST",
+            "/v1/kick",
+            "",
+            r#"{"user":"bob","device":null}"#,
+            &s,
+        );
+        assert_eq!((r.status, error_code(&r).as_str()), (503, "SHUTTING_DOWN"));
+        assert_eq!(r.header("Retry-After"), Some("1"));
+        let r = call("GET", "/v1/conversation?type=group&id=team", "", "", &s);
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
+    fn a_body_sent_after_the_head_is_read_from_the_socket() {
+        let s = shared(Some(TOKEN));
+        s.sources.stopping.store(true, Ordering::SeqCst);
+        let body = r#"{"user":"bob"}"#;
+        let head = format!(
+            "POST /v1/kick HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\n\r\n",
+            body.len()
+        );
+        let out = over_a_socket(vec![head.into_bytes(), body.as_bytes().to_vec()], &s);
+        assert!(
+            out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503"),
+            "{out}"
+        );
+        assert!(
+            out.contains("SHUTTING_DOWN"),
+            "the body was read and parsed: {out}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_body_is_answered_413_and_the_client_reads_it() {
+        let s = shared(Some(TOKEN));
+        let body = vec![b'x'; 64 * 1024];
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let out = over_a_socket(vec![head.into_bytes(), body], &s);
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     }
 
     #[test]
     fn a_request_head_past_max_request_bytes_is_refused_with_431() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let s = shared(None);
-        let client = std::thread::spawn(move || {
-            let mut c = TcpStream::connect(addr).expect("connect");
-            let _ = c.write_all(
-                format!("GET /healthz HTTP/1.1\r\nX: {}\r\n", "a".repeat(600)).as_bytes(),
-            );
-            let mut out = String::new();
-            let _ = c.read_to_string(&mut out);
-            out
-        });
-        let (stream, _) = listener.accept().expect("accept");
-        serve(&stream, &s);
-        drop(stream);
-        let out = client.join().expect("client");
+        let head = format!("GET /healthz HTTP/1.1\r\nX: {}\r\n", "a".repeat(600));
+        let out = over_a_socket(vec![head.into_bytes()], &s);
         assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     }
 
@@ -454,6 +595,33 @@ mod tests {
         let client = std::thread::spawn(move || {
             let mut c = TcpStream::connect(addr).expect("connect");
             let _ = c.write_all(b"GET /heal");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        });
+        let (stream, _) = listener.accept().expect("accept");
+        let started = Instant::now();
+        serve(&stream, &s);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(stream);
+        let out = client.join().expect("client");
+        assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    }
+
+    #[test]
+    fn a_body_not_sent_in_time_is_answered_408() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = shared(Some(TOKEN));
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            let _ = c.write_all(
+                format!(
+                    "POST /v1/kick HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+                     Content-Length: 50\r\n\r\n{{\"user\""
+                )
+                .as_bytes(),
+            );
             let mut out = String::new();
             let _ = c.read_to_string(&mut out);
             out

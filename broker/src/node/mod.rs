@@ -318,12 +318,7 @@ impl Node {
                     stopping: Arc::clone(&handle.stopping),
                     control: control.clone(),
                 };
-                match AdminServer::start_with_webhooks(
-                    listener,
-                    &config.admin,
-                    sources,
-                    webhook_stats,
-                ) {
+                match AdminServer::start_with_webhooks(listener, &config, sources, webhook_stats) {
                     Ok(server) => Some(server),
                     Err(e) => {
                         handle.shutdown();
