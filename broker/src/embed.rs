@@ -173,7 +173,7 @@ impl Handle {
     }
 
     /// The node's latency histograms: send to live delivery, and log flushes (all shards'
-    /// merged; [`crate::Histogram::quantile`] reads a percentile).
+    /// merged; [`crate::Histogram::quantile_us`] reads a percentile).
     pub fn latencies(&self) -> crate::Latencies {
         self.control.latencies()
     }

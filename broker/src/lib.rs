@@ -1,16 +1,27 @@
-//! The parley broker: a node of sharded, sans-IO cores driven by mio event loops.
+//! The parley broker: a node of sharded, sans-IO cores driven by mio event loops, as a library
+//! an application embeds (the `broker` binary is one such application).
 //!
-//! * [`node`]: a running node. Start one with [`node::Node::start`]; stop it with its
-//!   [`node::ShutdownHandle`].
+//! * [`Broker`]: builds and starts a node (configuration, token verification, [`hooks`]) and
+//!   returns its [`Handle`]: post messages (also SYSTEM ones) as any user, kick, list who is
+//!   online, query presence and conversation lists, inspect conversations, manage groups, read
+//!   [`Counters`] and [`Latencies`], shut down gracefully. [`StartupReport`]: how the start went.
+//! * [`LocalClient`]: an in-process connection, with no socket ([`Handle::connect`],
+//!   [`Handle::act_as`]); it speaks the protocol's frames ([`proto`]).
+//! * [`hooks`]: gates (login, send, group request; answered at once or later, parking only the
+//!   asking connection) and observers (stored messages, offline recipients, logins, presence,
+//!   group changes).
 //! * [`config`]: settings (defaults, TOML, environment, flags). [`auth`]: tokens and the
 //!   [`auth::TokenVerifier`] an embedding application may plug in. [`secret`]: the token secret.
-//! * [`Counters`] and [`Latencies`] (send-to-deliver and flush [`Histogram`]s, [`histogram`]):
-//!   what each shard counts and measures, as [`node::Node::counters`] and
-//!   [`node::Node::latencies`] read them.
+//! * [`histogram`]: the latency [`Histogram`]s behind [`Latencies`].
 //!
-//! Inside (private): `webhook` (signed HTTP POSTs of chosen events, `[webhooks]`), `admin` (the admin HTTP listener: probes and Prometheus metrics), `core` (the sans-IO shard core: sessions, delivery, sync, conversation
-//! owner, user home, timers), `transport` (bytes to frames: TCP, WebSocket), `loglimit` (log
-//! lines the outside world can cause, rate-limited per kind) and the mio driver under `node`. With the `sim` feature, `core` is public for the simulation crate.
+//! Inside (private): `core` (the sans-IO shard core: sessions, delivery, sync, conversation
+//! owner, user home, groups, rooms, presence, gates, timers), `node` (the mio driver: shard
+//! threads, listeners, sockets, flushers, in-process links, the application's control),
+//! `transport` (bytes to frames: TCP, WebSocket), `admin` (the admin HTTP listener: probes,
+//! Prometheus metrics, the JSON API), `webhook` (signed HTTP POSTs of chosen events,
+//! `[webhooks]`), `embed` and `local` (the front above), `loglimit` (log lines the outside world
+//! can cause, rate-limited per kind). With the `sim` feature, `core` and `transport` are public
+//! for the simulation crate.
 //!
 //! It depends on `parley-proto` and `parley-storage`, never the other way round.
 
