@@ -74,6 +74,9 @@ const UNIX_BASE_MS: i64 = 1_767_225_600_000;
 const QUIESCE_AT: u64 = 8_000;
 /// A run that has not converged by then fails.
 const HARD_LIMIT: u64 = 180_000;
+/// Most events one seed may run: a few thousand is usual; past this the run is stuck in one
+/// instant (a livelock) and fails rather than hang.
+const MAX_EVENTS: u64 = 5_000_000;
 /// A client's receive window (bytes the server may have in flight to it).
 const WINDOW: usize = 32 * 1024;
 /// A slow client's receive window.
@@ -256,6 +259,13 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
             break;
         }
         if w.quiescing && w.clients.iter().all(|c| c.final_sync == Final::Done) {
+            break;
+        }
+        if w.events_run > MAX_EVENTS {
+            w.history.fail(
+                w.now,
+                format!("more than {MAX_EVENTS} events without settling (a livelock)"),
+            );
             break;
         }
         if !w.step() {

@@ -416,12 +416,16 @@ impl<B: Backend> ShardCore<B> {
                 run.in_flight = false;
                 let range = run.ranges.pop_front();
                 let last = d.messages.last().map(|m| m.0);
-                if let Some((k, _, end)) = range {
-                    let end = end.min(d.to_seq);
+                if let Some((k, _, want)) = range {
+                    let end = want.min(d.to_seq);
                     match last {
                         Some(last) if d.more && last < end => {
                             run.ranges.push_front((k, last + 1, end));
                         }
+                        // Nothing at all up to what was asked: the range is done as asked (if
+                        // the owner held the reader to less than this home thought, asking again
+                        // would get nothing again, forever).
+                        None if !d.more => c.delivery.mark_synced(k.id, &view, want),
                         // The range is done, even if retention dropped part of it.
                         _ => c.delivery.mark_synced(k.id, &view, end),
                     }
