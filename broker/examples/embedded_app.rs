@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use parley_broker::auth::Identity;
 use parley_broker::config::Config;
 use parley_broker::hooks::{
-    AuthVerdict, Gates, Hooks, LoginAttempt, OfflineDelivery, Reply, StoredMessage,
+    AuthVerdict, Gates, Hooks, LoginAttempt, Observes, OfflineDelivery, Reply, StoredMessage,
 };
 use parley_broker::proto::pb::{self, frame::Body};
 use parley_broker::proto::tcp::FrameCodec;
@@ -43,8 +43,11 @@ impl Hooks for App {
         }
     }
 
-    fn wants_offline(&self) -> bool {
-        true
+    fn observes(&self) -> Observes {
+        Observes {
+            stored: true,
+            offline: true,
+        }
     }
 
     fn authenticate(&self, login: &LoginAttempt<'_>, reply: Reply<AuthVerdict>) {

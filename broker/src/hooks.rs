@@ -18,8 +18,8 @@
 //!   change. They run on the shard thread that saw the event, so they must return quickly: hand
 //!   the event to a queue or a channel (as the webhook sender does) and do the work elsewhere.
 //!
-//! Gates are only called when [`Hooks::gates`] says so, and the offline observer only when
-//! [`Hooks::wants_offline`] does, so a broker whose hooks gate nothing pays nothing per message.
+//! Gates are only called when [`Hooks::gates`] says so, and the per-message observers only when
+//! [`Hooks::observes`] does, so hooks that want neither cost nothing per message.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -192,6 +192,15 @@ pub struct GroupChange {
     pub members: Vec<String>,
 }
 
+/// Which per-message observers a [`Hooks`] wants called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Observes {
+    /// Call [`Hooks::message_stored`] for every stored message.
+    pub stored: bool,
+    /// Compute and call [`Hooks::stored_for_offline`].
+    pub offline: bool,
+}
+
 /// Which gates a [`Hooks`] wants called.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Gates {
@@ -220,10 +229,14 @@ pub trait Hooks: Send + Sync + 'static {
         Gates::default()
     }
 
-    /// Whether to compute [`Hooks::stored_for_offline`] (default: no; it walks a group's
-    /// members per message).
-    fn wants_offline(&self) -> bool {
-        false
+    /// Which per-message observers to call (default: [`Hooks::message_stored`] only;
+    /// [`Hooks::stored_for_offline`] walks a group's members per message). The others (devices,
+    /// presence, groups) are always called: they are rare.
+    fn observes(&self) -> Observes {
+        Observes {
+            stored: true,
+            offline: false,
+        }
     }
 
     /// Decides a login. Default: the built-in verifier decides.
@@ -250,7 +263,7 @@ pub trait Hooks: Send + Sync + 'static {
     }
 
     /// A message was stored for recipients with no device online (only if
-    /// [`Hooks::wants_offline`]).
+    /// [`Hooks::observes`] says `offline`).
     fn stored_for_offline(&self, delivery: &OfflineDelivery) {
         let _ = delivery;
     }
@@ -297,8 +310,14 @@ impl Hooks for Tee {
     fn gates(&self) -> Gates {
         self.gate().map(|h| h.gates()).unwrap_or_default()
     }
-    fn wants_offline(&self) -> bool {
-        self.0.iter().any(|h| h.wants_offline())
+    fn observes(&self) -> Observes {
+        self.0.iter().fold(Observes::default(), |a, h| {
+            let o = h.observes();
+            Observes {
+                stored: a.stored || o.stored,
+                offline: a.offline || o.offline,
+            }
+        })
     }
     fn authenticate(&self, login: &LoginAttempt<'_>, reply: Reply<AuthVerdict>) {
         match self.gate() {
@@ -319,12 +338,15 @@ impl Hooks for Tee {
         }
     }
     fn message_stored(&self, message: &StoredMessage) {
-        self.0.iter().for_each(|h| h.message_stored(message));
+        self.0
+            .iter()
+            .filter(|h| h.observes().stored)
+            .for_each(|h| h.message_stored(message));
     }
     fn stored_for_offline(&self, delivery: &OfflineDelivery) {
         self.0
             .iter()
-            .filter(|h| h.wants_offline())
+            .filter(|h| h.observes().offline)
             .for_each(|h| h.stored_for_offline(delivery));
     }
     fn connected(&self, device: &DeviceEvent) {

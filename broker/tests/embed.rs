@@ -12,7 +12,8 @@ use parley_broker::auth::{Hs256, Identity};
 use parley_broker::config::Config;
 use parley_broker::hooks::{
     AuthVerdict, ConversationKind, ConversationRef, DeviceEvent, Gates, GroupAttempt, Hooks,
-    LoginAttempt, OfflineDelivery, Reply, SendAttempt, SendVerdict, StoredMessage, Verdict,
+    LoginAttempt, Observes, OfflineDelivery, Reply, SendAttempt, SendVerdict, StoredMessage,
+    Verdict,
 };
 use parley_broker::proto::pb;
 use parley_broker::proto::pb::frame::Body;
@@ -417,8 +418,11 @@ impl Hooks for Moderator {
             ..Gates::default()
         }
     }
-    fn wants_offline(&self) -> bool {
-        true
+    fn observes(&self) -> Observes {
+        Observes {
+            stored: true,
+            offline: true,
+        }
     }
     fn check_send(&self, send: &SendAttempt<'_>, reply: Reply<SendVerdict>) {
         let body = String::from_utf8_lossy(send.body).into_owned();

@@ -53,6 +53,8 @@ pub(crate) struct Gatekeeper {
     pub(crate) gates: Gates,
     /// Whether the offline observer wants its (costly) calls.
     pub(crate) offline: bool,
+    /// Whether the stored-message observer wants its calls.
+    pub(crate) stored: bool,
     sink: Option<Arc<dyn Completions>>,
     parked: FastMap<ConnId, (u64, Parked)>,
     serial: u64,
@@ -73,11 +75,13 @@ impl Gatekeeper {
     /// gate must answer before it returns: one that does not denies).
     pub(crate) fn new(hooks: Option<Arc<dyn Hooks>>, sink: Option<Arc<dyn Completions>>) -> Self {
         let gates = hooks.as_ref().map(|h| h.gates()).unwrap_or_default();
-        let offline = hooks.as_ref().is_some_and(|h| h.wants_offline());
+        let observes = hooks.as_ref().map(|h| h.observes()).unwrap_or_default();
+        let (offline, stored) = (observes.offline, observes.stored);
         Gatekeeper {
             hooks,
             gates,
             offline,
+            stored,
             sink,
             parked: FastMap::default(),
             serial: 0,

@@ -407,6 +407,7 @@ impl<B: Backend> ShardCore<B> {
             let Some(p) = self.owner.pending.pop_front() else {
                 break;
             };
+            let is_event = matches!(p.reply, Reply::Group(_));
             let msg = match p.reply {
                 Reply::Send(ack) => ShardMsg::Acked(Acked {
                     to: p.origin,
@@ -423,8 +424,10 @@ impl<B: Backend> ShardCore<B> {
             let Some(stored) = p.deliver else {
                 continue;
             };
-            if let Some(h) = self.gate.observer() {
-                observe_stored(h, &stored);
+            if let Some(h) = self.gate.observer()
+                && (self.gate.stored || is_event)
+            {
+                observe_stored(h, &stored, self.gate.stored);
             }
             let Stored {
                 conv,
@@ -896,8 +899,9 @@ fn group_from(e: GroupEntry, placement: &Placement) -> Group {
 }
 
 /// The send-ack of a stored message.
-/// Tells the observers of a message stored durably (and, for a group event, of the change).
-fn observe_stored(h: &dyn crate::hooks::Hooks, stored: &Stored) {
+/// Tells the observers of a message stored durably (`message_stored`: if they want every
+/// message) and, for a group event, of the change.
+fn observe_stored(h: &dyn crate::hooks::Hooks, stored: &Stored, message_stored: bool) {
     let Ok(m) = pb::Message::decode(stored.bytes.clone()) else {
         return;
     };
@@ -914,6 +918,9 @@ fn observe_stored(h: &dyn crate::hooks::Hooks, stored: &Stored) {
             what,
             members: e.users.clone(),
         });
+    }
+    if !message_stored {
+        return;
     }
     h.message_stored(&crate::hooks::StoredMessage {
         conversation,

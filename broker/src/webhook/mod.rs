@@ -68,7 +68,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TrySendError};
 
 use crate::config::{WebhookConfig, WebhookEvent};
 use crate::hooks::{
-    DeviceEvent, GroupChange, Hooks, OfflineDelivery, PresenceChange, StoredMessage,
+    DeviceEvent, GroupChange, Hooks, Observes, OfflineDelivery, PresenceChange, StoredMessage,
 };
 
 use self::event::{Data, Event, Ids};
@@ -327,8 +327,11 @@ impl Drop for Webhooks {
 }
 
 impl Hooks for Webhooks {
-    fn wants_offline(&self) -> bool {
-        self.wants(WebhookEvent::MessageOffline)
+    fn observes(&self) -> Observes {
+        Observes {
+            stored: self.wants(WebhookEvent::MessageStored),
+            offline: self.wants(WebhookEvent::MessageOffline),
+        }
     }
 
     fn message_stored(&self, message: &StoredMessage) {

@@ -545,7 +545,8 @@ fn only_the_configured_kinds_are_sent_and_offline_is_asked_for_only_if_configure
     let mut config = settings(&server.url());
     config.events = vec![WebhookEvent::Group, WebhookEvent::MessageOffline];
     let (hooks, stats) = start(&config);
-    assert!(hooks.wants_offline());
+    assert!(hooks.observes().offline);
+    assert!(!hooks.observes().stored);
     assert_eq!(
         hooks.gates(),
         crate::hooks::Gates::default(),
@@ -591,6 +592,6 @@ fn only_the_configured_kinds_are_sent_and_offline_is_asked_for_only_if_configure
     let mut no_offline = settings(&server.url());
     no_offline.events = vec![WebhookEvent::Login];
     let (hooks, _) = start(&no_offline);
-    assert!(!hooks.wants_offline());
+    assert!(!hooks.observes().offline);
     hooks.shutdown(Instant::now());
 }
