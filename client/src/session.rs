@@ -803,3 +803,365 @@ pub fn direct(user: &str) -> pb::Conversation {
 pub fn same(a: &pb::Conversation, b: &pb::Conversation) -> bool {
     inbox::key(a) == inbox::key(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login_result() -> Body {
+        Body::LoginResult(pb::LoginResult {
+            protocol_version: 1,
+            user: "alice".into(),
+            device: "d".into(),
+            heartbeat_interval_ms: 1000,
+            max_frame_bytes: 65536,
+            ..pb::LoginResult::default()
+        })
+    }
+
+    fn msg(peer: &str, seq: u64) -> pb::Message {
+        pb::Message {
+            conversation: Some(direct(peer)),
+            seq,
+            from_user: peer.into(),
+            body: Bytes::from(format!("m{seq}")),
+            ..pb::Message::default()
+        }
+    }
+
+    fn frame(request_id: u64, body: Body) -> pb::Frame {
+        pb::Frame {
+            request_id,
+            body: Some(body),
+        }
+    }
+
+    /// A session logged in on a connection; returns it with the frames it sent after login.
+    fn ready(now: Instant) -> (Session, Vec<pb::Frame>) {
+        let mut s = Session::new(SessionConfig::default(), now);
+        let sent = login(&mut s, now);
+        assert!(matches!(events(&mut s)[..], [Event::Connected(_)]));
+        (s, sent)
+    }
+
+    /// Connects and logs `s` in; returns the frames sent after the Login.
+    fn login(s: &mut Session, now: Instant) -> Vec<pb::Frame> {
+        s.connected(now, "tok".into());
+        let login = s.poll_transmit().expect("login");
+        assert!(matches!(login.body, Some(Body::Login(ref l)) if l.token == "tok"));
+        s.handle_frame(now, frame(login.request_id, login_result()));
+        drain(s)
+    }
+
+    fn drain(s: &mut Session) -> Vec<pb::Frame> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn shown(events: &[Event]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sync_id(frames: &[pb::Frame]) -> u64 {
+        frames
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::SyncRequest(_))))
+            .expect("a sync request")
+            .request_id
+    }
+
+    #[test]
+    fn login_resends_the_outbox_in_order_with_the_same_ids_then_syncs() {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), now);
+        let a = s.send_text("bob", "one").expect("send");
+        let b = s.send_text("bob", "two").expect("send");
+        assert!(s.poll_transmit().is_none(), "nothing goes out before login");
+        let sent = login(&mut s, now);
+        let ids: Vec<u64> = sent
+            .iter()
+            .filter_map(|f| match &f.body {
+                Some(Body::Send(send)) => Some(send.client_msg_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [a, b]);
+        assert!(matches!(sent[2].body, Some(Body::SyncRequest(_))));
+        assert!(matches!(events(&mut s)[0], Event::Connected(_)));
+
+        // The first is acked; the connection drops; the second goes again, same id.
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: a,
+                    seq: 1,
+                    conversation: Some(direct("bob")),
+                    ..pb::SendAck::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(events(&mut s)[..], [Event::Acked { client_msg_id, seq: 1, .. }] if client_msg_id == a)
+        );
+        s.disconnected(now, DisconnectReason::Closed);
+        let sent = login(&mut s, now);
+        assert!(matches!(&sent[0].body, Some(Body::Send(send)) if send.client_msg_id == b));
+        // The sync starts from the own message's seq.
+        let Some(Body::SyncRequest(req)) = &sent[1].body else {
+            panic!("expected a sync, got {sent:?}");
+        };
+        assert_eq!(req.cursors[0].seq, 1);
+        // A retried ack (the server's de-dup) for the first changes nothing.
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: a,
+                    seq: 1,
+                    conversation: Some(direct("bob")),
+                    ..pb::SendAck::default()
+                }),
+            ),
+        );
+        assert!(
+            !events(&mut s)
+                .iter()
+                .any(|e| matches!(e, Event::Acked { .. }))
+        );
+        assert_eq!(s.unacked(), vec![b]);
+    }
+
+    #[test]
+    fn deliveries_are_deduplicated_ordered_and_acked_cumulatively_in_one_frame() {
+        let now = Instant::now();
+        let (mut s, sent) = ready(now);
+        let sync = sync_id(&sent);
+        s.handle_frame(
+            now,
+            frame(
+                sync,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1)],
+                    done: true,
+                }),
+            ),
+        );
+        let mut bytes = BytesMut::new();
+        let codec = FrameCodec::default();
+        for seqs in [[2, 4], [2, 3]] {
+            let d = pb::Deliver {
+                messages: seqs.iter().map(|&q| msg("bob", q)).collect(),
+            };
+            codec
+                .encode(&frame(0, Body::Deliver(d)), &mut bytes)
+                .expect("encode");
+        }
+        s.handle_bytes(now, &bytes);
+        assert_eq!(shown(&events(&mut s)), [1, 2, 3, 4]);
+        let acks = drain(&mut s);
+        assert_eq!(acks.len(), 1, "one ack for the whole batch: {acks:?}");
+        let Some(Body::DeliverAck(ack)) = &acks.last().and_then(|f| f.body.clone()) else {
+            panic!("expected an ack, got {acks:?}");
+        };
+        assert_eq!(ack.acks[0].seq, 4);
+    }
+
+    #[test]
+    fn a_lasting_gap_starts_a_sync_whose_pages_fill_it() {
+        let now = Instant::now();
+        let (mut s, sent) = ready(now);
+        let first = sync_id(&sent);
+        s.handle_frame(
+            now,
+            frame(
+                first,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1)],
+                    done: true,
+                }),
+            ),
+        );
+        s.handle_frame(
+            now,
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    messages: vec![msg("bob", 3)],
+                }),
+            ),
+        );
+        s.flush_acks();
+        let acked = drain(&mut s);
+        assert!(matches!(&acked[0].body, Some(Body::DeliverAck(a)) if a.acks[0].seq == 1));
+        assert_eq!(shown(&events(&mut s)), [1]);
+        // Before the gap timeout: nothing.
+        s.handle_timeout(now + Duration::from_millis(100));
+        assert!(drain(&mut s).is_empty());
+        let later = now + SessionConfig::default().gap_timeout;
+        assert!(s.poll_timeout().is_some_and(|t| t <= later));
+        s.handle_timeout(later);
+        let sent = drain(&mut s);
+        let Some(Body::SyncRequest(req)) = &sent[0].body else {
+            panic!("expected a sync, got {sent:?}");
+        };
+        assert_eq!(req.cursors[0].seq, 1);
+        s.handle_frame(
+            later,
+            frame(
+                sent[0].request_id,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 2)],
+                    done: true,
+                }),
+            ),
+        );
+        let ev = events(&mut s);
+        assert_eq!(shown(&ev), [2, 3]);
+        assert!(matches!(ev.last(), Some(Event::Synced)));
+    }
+
+    #[test]
+    fn heartbeats_go_out_at_half_the_interval_and_a_silent_server_is_dropped() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let half = now + Duration::from_millis(500);
+        assert_eq!(s.poll_timeout(), Some(half));
+        s.handle_timeout(half);
+        assert!(matches!(
+            drain(&mut s)[..],
+            [pb::Frame {
+                body: Some(Body::Ping(_)),
+                ..
+            }]
+        ));
+        // A server ping is answered with its nonce.
+        s.handle_frame(half, frame(9, Body::Ping(pb::Ping { nonce: 7 })));
+        let pong = drain(&mut s);
+        assert!(
+            matches!(&pong[0], pb::Frame { request_id: 9, body: Some(Body::Pong(p)) } if p.nonce == 7)
+        );
+        // Nothing heard for the dead time (5 s at least): closed.
+        s.handle_timeout(half + Duration::from_secs(5));
+        assert!(s.take_close());
+        assert_eq!(s.state(), State::Disconnected);
+        assert!(events(&mut s).contains(&Event::Disconnected {
+            reason: DisconnectReason::Timeout
+        }));
+    }
+
+    #[test]
+    fn refusals_leave_the_outbox_and_passing_errors_are_retried_with_the_same_id() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let a = s.send_text("bob", "x").expect("send");
+        let b = s.send_text("nobody", "y").expect("send");
+        drain(&mut s);
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::RateLimited as i32,
+                    retry_after_ms: 300,
+                    client_msg_id: a,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        s.handle_frame(
+            now,
+            frame(
+                b,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::InvalidArgument as i32,
+                    client_msg_id: b,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(events(&mut s)[..], [Event::Refused { client_msg_id, .. }] if client_msg_id == b)
+        );
+        assert_eq!(s.unacked(), vec![a]);
+        s.handle_timeout(now + Duration::from_millis(299));
+        assert!(drain(&mut s).is_empty());
+        s.handle_timeout(now + Duration::from_millis(300));
+        let again = drain(&mut s);
+        assert!(matches!(&again[0].body, Some(Body::Send(send)) if send.client_msg_id == a));
+    }
+
+    #[test]
+    fn a_fatal_error_closes_and_history_and_garbage_are_handled() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let h = s.history(direct("bob"), 0, None, 10);
+        let sent = drain(&mut s);
+        assert!(
+            matches!(&sent[0], pb::Frame { request_id, body: Some(Body::HistoryRequest(_)) } if *request_id == h)
+        );
+        s.handle_frame(
+            now,
+            frame(
+                h,
+                Body::HistoryPage(pb::HistoryPage {
+                    messages: vec![msg("bob", 1)],
+                    ..pb::HistoryPage::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(&events(&mut s)[..], [Event::HistoryPage { request_id, .. }] if *request_id == h)
+        );
+        // A delimited frame that is not protobuf is skipped.
+        s.handle_bytes(now, &[3, 0xff, 0xff, 0xff]);
+        assert_eq!(s.state(), State::Ready);
+        s.handle_frame(
+            now,
+            frame(
+                0,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::ShuttingDown as i32,
+                    fatal: true,
+                    retry_after_ms: 2000,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        assert!(s.take_close());
+        let ev = events(&mut s);
+        let Some(Event::Disconnected { reason }) = ev.last() else {
+            panic!("expected a disconnect, got {ev:?}");
+        };
+        assert_eq!(reason.retry_after_ms(), Some(2000));
+        assert!(!reason.is_permanent());
+        // A desynchronised stream closes.
+        login(&mut s, now);
+        s.handle_bytes(now, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert!(s.take_close());
+    }
+
+    #[test]
+    fn oversized_and_empty_sends_are_refused_locally() {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), now);
+        assert_eq!(s.send_text("", "x"), Err(SendError::EmptyRecipient));
+        let big = "x".repeat(DEFAULT_MAX_FRAME_BYTES);
+        assert!(matches!(
+            s.send_text("bob", &big),
+            Err(SendError::TooLarge { .. })
+        ));
+        assert!(s.unacked().is_empty());
+    }
+}
