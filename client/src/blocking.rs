@@ -164,7 +164,7 @@ impl Connector for TcpConnector {
 }
 
 /// Settings of a [`Client`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientConfig {
     /// The session's settings (its `id_seed` is replaced by a random one unless
     /// `keep_id_seed`).
@@ -173,16 +173,6 @@ pub struct ClientConfig {
     pub keep_id_seed: bool,
     /// Reconnect back-off.
     pub backoff: BackoffConfig,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        Self {
-            session: SessionConfig::default(),
-            keep_id_seed: false,
-            backoff: BackoffConfig::default(),
-        }
-    }
 }
 
 /// What the driver thread is told.

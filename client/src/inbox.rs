@@ -54,7 +54,7 @@ pub fn is_room(c: &pb::Conversation) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Released {
     /// A message, for the application.
-    Message(pb::Message),
+    Message(Box<pb::Message>),
     /// Seqs that will never come (the server has nothing readable for this client there).
     Skipped {
         /// The conversation.
@@ -68,7 +68,7 @@ pub enum Released {
 #[derive(Debug, Clone)]
 enum Held {
     /// A received message.
-    Message(pb::Message),
+    Message(Box<pb::Message>),
     /// A seq this device sent itself (known from its send-ack): settled without a message.
     Own,
 }
@@ -164,11 +164,11 @@ impl Inbox {
         out: &mut Vec<Released>,
     ) {
         let Some(c) = m.conversation.clone() else {
-            out.push(Released::Message(m));
+            out.push(Released::Message(Box::new(m)));
             return;
         };
         if m.seq == 0 || is_room(&c) {
-            out.push(Released::Message(m));
+            out.push(Released::Message(Box::new(m)));
             return;
         }
         let seq = m.seq;
@@ -183,10 +183,8 @@ impl Inbox {
         if source == Source::Sync {
             lane.skip_below(seq, &c, out);
         }
-        if seq == lane.cursor + 1 || (!lane.known && lane.pending.is_empty() && seq == 1) {
-            lane.pending.insert(seq, Held::Message(m));
-        } else if lane.pending.len() < max_held {
-            lane.pending.insert(seq, Held::Message(m));
+        if seq == lane.cursor + 1 || lane.pending.len() < max_held {
+            lane.pending.insert(seq, Held::Message(Box::new(m)));
         } else {
             // Too many held: drop it unacked; a sync fetches it again.
             lane.gap_since.get_or_insert(now);

@@ -667,7 +667,7 @@ impl Session {
     fn release(&mut self, out: Vec<Released>) {
         for r in out {
             self.events.push_back(match r {
-                Released::Message(m) => Event::Message(m),
+                Released::Message(m) => Event::Message(*m),
                 Released::Skipped { conversation, seqs } => Event::Skipped { conversation, seqs },
             });
         }
