@@ -64,6 +64,9 @@ pub struct Broker {
     open_file_limit: Option<u32>,
     /// Environment variables set for the broker (see [`Broker::start_with_env`]).
     env: Vec<(String, String)>,
+    /// The TCP and WebSocket addresses to listen on (see [`Broker::restart_on_same_ports`]);
+    /// None: ephemeral ports.
+    fixed_ports: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// How a start of the broker that was expected to fail went (see
@@ -198,6 +201,7 @@ impl Broker {
             stdout: Arc::default(),
             open_file_limit: None,
             env: Vec::new(),
+            fixed_ports: None,
         }
     }
 
@@ -392,6 +396,18 @@ impl Broker {
         self.spawn();
     }
 
+    /// Starts the broker again like [`Broker::restart`], but listening on the same TCP and
+    /// WebSocket addresses as the run before (so clients that reconnect to the address they
+    /// know find it again). The listeners set `SO_REUSEADDR`, so a port left in `TIME_WAIT` by
+    /// the killed run can be bound again.
+    pub fn restart_on_same_ports(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        self.fixed_ports = Some((self.tcp, self.ws));
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         self.starts += 1;
         let mut stderr = OpenOptions::new()
@@ -431,7 +447,15 @@ impl Broker {
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .args(match self.fixed_ports {
+                Some((tcp, ws)) => [
+                    "--tcp".to_owned(),
+                    tcp.to_string(),
+                    "--ws".to_owned(),
+                    ws.to_string(),
+                ],
+                None => ["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"].map(str::to_owned),
+            })
             .arg("--set")
             // Quoted, so the secret is a string whatever its characters look like.
             .arg(format!("auth.secret=\"{}\"", self.secret))

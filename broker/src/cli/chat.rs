@@ -1,42 +1,40 @@
-//! `broker chat`: a small interactive terminal client over TCP.
+//! `broker chat`: a small interactive terminal client over TCP, a thin user of the client
+//! library (`parley-client`).
 //!
 //! It logs in, syncs (so the conversation's history and anything missed print first), then sends
 //! each line of stdin as a text message to `--to` and prints what arrives:
 //!
-//! * stdout: messages as `[seq N] from: text` (messages of other conversations as
-//!   `[dm carol seq N] carol: text`, `[group g seq N] ...`), and `(sent #N)` for each message of
-//!   ours the server stored;
+//! * stdout: messages as `[seq N] from: text` (messages of other conversations, once the first
+//!   sync is done, as `[dm carol seq N] carol: text`, `[group g seq N] ...`), and `(sent #N)` for
+//!   each message of ours the server stored;
 //! * stderr: status and errors.
 //!
-//! Deliveries are acknowledged (per conversation, the highest seq of each Deliver) and
-//! de-duplicated by (conversation, seq), so a retransmitted message prints once. Server Pings are
-//! answered, and the client pings every half heartbeat interval so the idle timeout never trips.
-//! End of stdin (Ctrl-D) waits briefly for the acknowledgements of messages still in flight and
-//! quits; so does the server closing the connection. Nothing the server sends can make it panic:
-//! unreadable frames are reported and skipped, a desynchronised stream ends the session.
-//!
-//! Threads: the main thread logs in, then handles events (stdin lines, acknowledgements, the
-//! connection ending); a reader thread decodes and prints server frames and answers them; a writer
-//! thread owns the socket's sending side and sends the heartbeats; a thread reads stdin.
+//! The library keeps the client's side of exactly-once: every line stays in its outbox until the
+//! server acknowledges it, and is resent with the same client message id after a reconnect, so a
+//! line typed while the broker is down (or restarting after `kill -9`) is sent once it is back,
+//! and stored once; deliveries are acknowledged and de-duplicated by (conversation, seq), and a
+//! sync after each reconnect fetches what was missed, so each message prints once, in order.
+//! When the connection drops the client reconnects with back-off and jitter (and a token minted
+//! from the node's secret is minted afresh for each connection). Only a failure to connect or log
+//! in at the start, or a permanent refusal (another login of the same device, no common protocol
+//! version), ends the session; end of stdin (Ctrl-D) waits briefly for the acknowledgements of
+//! lines still in flight and quits.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
-use std::io::{self, BufRead, Read as _, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use clap::Args;
 use parley_broker::auth::MAX_USER_BYTES;
-use parley_proto::frame::{FrameError, body_name};
-use parley_proto::pb::{self, frame::Body};
-use parley_proto::tcp::{FrameCodec, TcpFrameError};
-use parley_proto::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use parley_client::backoff::BackoffConfig;
+use parley_client::{
+    Client, ClientConfig, Connector, DisconnectReason, Event, SendError, SessionConfig,
+    TcpConnector, TokenProvider, pb,
+};
 
 use super::token::{DEFAULT_TTL_SECS, check_claims, mint};
 use super::{CliError, ConfigArgs, load_config_from, load_secret};
@@ -57,7 +55,7 @@ pub(super) struct ChatArgs {
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
     /// The token to log in with. Without it, one is minted from the node's secret, read from the
-    /// configuration or data dir as `broker token` does.
+    /// configuration or data dir as `broker token` does (and minted again on every reconnect).
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
     /// Where the configuration (and so the secret and default address) comes from.
@@ -65,31 +63,17 @@ pub(super) struct ChatArgs {
     config: ConfigArgs,
 }
 
-/// How long to try connecting to one address.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A write blocked this long means the server stopped reading: the session ends.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest frame accepted from the server (it may send frames up to its own limit, which
-/// `LoginResult.max_frame_bytes` states; this bounds memory whatever it says).
-const MAX_READ_FRAME_BYTES: usize = 4 << 20;
-/// Heartbeat used when the server does not state one.
-const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
-/// Request id of the Login frame.
-const LOGIN_REQUEST_ID: u64 = 1;
-/// Request id of the SyncRequest sent after login.
-const SYNC_REQUEST_ID: u64 = 2;
-/// Content type of a text message.
-const TEXT: u32 = 1;
-
 /// How long the session waits at each step.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
-    /// For the answer to Login.
+    /// For the first login (connect and answer) before giving up.
     login: Duration,
     /// For the sync after login to finish before stdin is read.
     sync: Duration,
     /// After end of input, for the acknowledgements of messages in flight.
     drain: Duration,
+    /// Longest wait between reconnect attempts.
+    max_backoff: Duration,
 }
 
 impl Default for Timing {
@@ -98,6 +82,7 @@ impl Default for Timing {
             login: Duration::from_secs(15),
             sync: Duration::from_secs(15),
             drain: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(2),
         }
     }
 }
@@ -133,26 +118,34 @@ pub(super) fn run(args: ChatArgs) -> Result<ExitCode, CliError> {
             }
         },
     };
-    let token = match &args.token {
-        Some(token) => token.clone(),
+    let tokens: TokenProvider = match &args.token {
+        Some(token) => {
+            let token = token.clone();
+            Box::new(move || Ok(token.clone()))
+        }
         None => {
             let user = args
                 .user
-                .as_deref()
+                .clone()
                 .ok_or_else(|| CliError::new("--user is required unless --token is given"))?;
-            check_claims(user, &args.device, DEFAULT_TTL_SECS)?;
-            mint(
-                load_secret(need_config()?)?,
-                user,
-                &args.device,
-                DEFAULT_TTL_SECS,
-            )
+            check_claims(&user, &args.device, DEFAULT_TTL_SECS)?;
+            let secret = load_secret(need_config()?)?;
+            let device = args.device.clone();
+            // A fresh token for every connection, so a long chat outlives a token's expiry.
+            Box::new(move || Ok(mint(secret.clone(), &user, &device, DEFAULT_TTL_SECS)))
         }
     };
-    let stream = connect(&addr)?;
     let input: Box<dyn BufRead + Send> = Box::new(io::BufReader::new(io::stdin()));
     let output: Output = Arc::new(Mutex::new(Box::new(io::stdout())));
-    session(stream, &token, &args.to, input, output, Timing::default())
+    session(
+        TcpConnector::new(addr.clone()),
+        &addr,
+        tokens,
+        &args.to,
+        input,
+        output,
+        Timing::default(),
+    )
 }
 
 /// The address to connect to for a listening address: a wildcard (0.0.0.0, ::) means this host.
@@ -168,289 +161,163 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Connects to `addr` (`host:port`), trying each address it resolves to.
-fn connect(addr: &str) -> Result<TcpStream, CliError> {
-    let addrs = addr
-        .to_socket_addrs()
-        .map_err(|e| CliError::new(format!("bad address {addr:?}: {e}")))?;
-    let mut last = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(CliError::new(match last {
-        Some(e) => format!("cannot connect to {addr}: {e} (is `broker serve` running?)"),
-        None => format!("address {addr:?} resolves to nothing"),
-    }))
-}
-
-/// What the other threads tell the main thread.
+/// A line of input, or its end.
 #[derive(Debug)]
-enum Event {
-    /// A line of input (without its line ending).
+enum Input {
+    /// A line (without its line ending).
     Line(Vec<u8>),
     /// The input ended (with the error, if reading failed).
-    InputEnd(Option<io::Error>),
-    /// The sync after login finished.
-    SyncDone,
-    /// The request with this id was answered (SendAck or Error).
-    Answered(u64),
-    /// The connection ended.
-    Closed(Closed),
+    End(Option<io::Error>),
 }
 
-/// How the connection ended.
-#[derive(Debug)]
-enum Closed {
-    /// The server closed it.
-    ByServer,
-    /// The server closed it after a fatal Error (already printed).
-    AfterFatalError,
-    /// Reading or writing failed, or the stream made no sense.
-    Broken(String),
-}
+/// How often the main loop looks at the input between events.
+const TICK: Duration = Duration::from_millis(20);
 
-/// What the writer thread is asked to do.
-#[derive(Debug)]
-enum Out {
-    /// Send this frame.
-    Frame(pb::Frame),
-    /// Stop.
-    Close,
-}
-
-/// Runs a chat session on a connected stream until the input ends or the connection does.
+/// Runs a chat session until the input ends or the client stops for good.
 fn session(
-    stream: TcpStream,
-    token: &str,
+    connector: impl Connector,
+    addr: &str,
+    tokens: TokenProvider,
     peer: &str,
     input: Box<dyn BufRead + Send>,
     output: Output,
     timing: Timing,
 ) -> Result<ExitCode, CliError> {
-    let io_err = |what: &str| {
-        let what = what.to_owned();
-        move |e: io::Error| CliError::new(format!("{what}: {e}"))
-    };
-    // Best effort: a socket without these options still works, only less promptly.
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    stream
-        .set_read_timeout(Some(timing.login))
-        .map_err(io_err("socket"))?;
-    let mut reader = FrameReader::new(
-        stream.try_clone().map_err(io_err("socket"))?,
-        FrameCodec::new(MAX_READ_FRAME_BYTES),
-    );
-    let mut send_stream = stream.try_clone().map_err(io_err("socket"))?;
-
-    let login = pb::Frame {
-        request_id: LOGIN_REQUEST_ID,
-        body: Some(Body::Login(pb::Login {
-            protocol_version: PROTOCOL_VERSION,
-            token: token.to_owned(),
+    let config = ClientConfig {
+        session: SessionConfig {
             client_name: "broker-chat".into(),
-        })),
+            ..SessionConfig::default()
+        },
+        backoff: BackoffConfig {
+            max: timing.max_backoff,
+            ..BackoffConfig::default()
+        },
+        ..ClientConfig::default()
     };
-    write_frame(&mut send_stream, &FrameCodec::default(), &login)
-        .map_err(|e| CliError::new(format!("cannot send the login: {e}")))?;
-    let welcome = loop {
-        match reader.read_frame() {
-            Ok(Some(pb::Frame {
-                body: Some(Body::LoginResult(r)),
-                ..
-            })) => break r,
-            Ok(Some(pb::Frame {
-                body: Some(Body::Error(e)),
-                ..
-            })) => {
-                return Err(CliError::new(format!(
-                    "login refused: {}",
-                    describe_error(&e)
-                )));
+    let client = Client::start(connector, tokens, config);
+    let mut chat = Chat {
+        peer: parley_client::direct(peer),
+        output,
+        synced_once: false,
+    };
+
+    // The first login: a failure to connect or a refusal ends the session at once.
+    let deadline = Instant::now() + timing.login;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(left) {
+            Some(Event::Connected(welcome)) => {
+                if welcome.protocol_version != parley_proto::PROTOCOL_VERSION {
+                    eprintln!(
+                        "chat: the server speaks protocol version {}, this client {}",
+                        welcome.protocol_version,
+                        parley_proto::PROTOCOL_VERSION
+                    );
+                }
+                eprintln!(
+                    "chat: logged in as {}/{} on node {}; chatting with {peer}",
+                    welcome.user, welcome.device, welcome.node
+                );
+                break;
             }
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                return Err(CliError::new(
-                    "the server closed the connection without answering the login",
-                ));
+            Some(Event::Disconnected { reason }) => {
+                return Err(CliError::new(match reason {
+                    DisconnectReason::Io(e) => {
+                        format!("cannot reach {addr}: {e} (is `broker serve` running?)")
+                    }
+                    DisconnectReason::Server(e) => format!("login refused: {}", describe_error(&e)),
+                    DisconnectReason::Timeout => {
+                        format!("no answer to the login within {} s", timing.login.as_secs())
+                    }
+                    other => format!("login: {other}"),
+                }));
             }
-            Err(ReadError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Some(_) => {}
+            None => {
                 return Err(CliError::new(format!(
                     "no answer to the login within {} s",
                     timing.login.as_secs()
                 )));
             }
-            Err(e) => return Err(CliError::new(format!("login: {e}"))),
         }
-    };
-    stream.set_read_timeout(None).map_err(io_err("socket"))?;
-    if welcome.protocol_version != PROTOCOL_VERSION {
-        eprintln!(
-            "chat: the server speaks protocol version {}, this client {PROTOCOL_VERSION}",
-            welcome.protocol_version
-        );
     }
-    eprintln!(
-        "chat: logged in as {}/{} on node {}; chatting with {peer}",
-        welcome.user, welcome.device, welcome.node
-    );
-
-    let send_codec = match welcome.max_frame_bytes {
-        0 => FrameCodec::default(),
-        n => FrameCodec::new(usize::try_from(n).unwrap_or(DEFAULT_MAX_FRAME_BYTES)),
-    };
-    let heartbeat = match welcome.heartbeat_interval_ms {
-        0 => DEFAULT_HEARTBEAT,
-        ms => Duration::from_millis(u64::from(ms)),
-    };
-    let ping_every = (heartbeat / 2).max(Duration::from_millis(100));
-
-    let (out_tx, out_rx) = mpsc::channel::<Out>();
-    let (ev_tx, ev_rx) = mpsc::channel::<Event>();
-    let quitting = Arc::new(AtomicBool::new(false));
-    let next_request = Arc::new(AtomicU64::new(SYNC_REQUEST_ID + 1));
-
-    let writer = {
-        let ev = ev_tx.clone();
-        thread::Builder::new()
-            .name("chat-writer".into())
-            .spawn(move || write_loop(send_stream, send_codec, &out_rx, ping_every, &ev))
-            .map_err(io_err("cannot start a thread"))?
-    };
-    let _ = out_tx.send(Out::Frame(pb::Frame {
-        request_id: SYNC_REQUEST_ID,
-        body: Some(Body::SyncRequest(pb::SyncRequest::default())),
-    }));
-    let reader = {
-        let state = ReaderState {
-            peer: direct(peer),
-            held: HashMap::new(),
-            fatal: false,
-            out: out_tx.clone(),
-            events: ev_tx.clone(),
-            output,
-            next_request: Arc::clone(&next_request),
-        };
-        let quitting = Arc::clone(&quitting);
-        thread::Builder::new()
-            .name("chat-reader".into())
-            .spawn(move || read_loop(reader, state, &quitting))
-            .map_err(io_err("cannot start a thread"))?
-    };
-    let mut ending = Ending {
-        stream,
-        out: out_tx.clone(),
-        quitting,
-        writer: Some(writer),
-        reader: Some(reader),
-    };
 
     // History first: stdin is read only once the sync has finished (or taken too long).
     let deadline = Instant::now() + timing.sync;
-    loop {
-        match ev_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Event::SyncDone) => break,
-            Ok(Event::Closed(c)) => return ending.closed(c, 0),
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                eprintln!("chat: the sync did not finish in time; going on");
-                break;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return ending.closed(Closed::Broken("internal: threads gone".into()), 0);
-            }
+    while !chat.synced_once {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            eprintln!("chat: the sync did not finish in time; going on");
+            break;
+        }
+        if let Some(event) = client.next_event(left)
+            && let Some(code) = chat.handle(event)
+        {
+            return Ok(code);
         }
     }
     eprintln!("chat: type a message and press Enter; Ctrl-D quits");
 
-    {
-        let ev = ev_tx.clone();
-        thread::Builder::new()
-            .name("chat-input".into())
-            .spawn(move || input_loop(input, &ev))
-            .map_err(io_err("cannot start a thread"))?;
-    }
-    drop(ev_tx);
-
-    let mut next_msg_id = client_msg_id_seed();
-    let mut pending: HashSet<u64> = HashSet::new();
-    let mut draining: Option<Instant> = None;
+    let lines =
+        spawn_input(input).map_err(|e| CliError::new(format!("cannot start a thread: {e}")))?;
     let mut input_failed = false;
     loop {
-        let event = match draining {
-            None => ev_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(deadline) => {
-                ev_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            }
-        };
-        match event {
-            Ok(Event::Line(line)) if draining.is_none() => {
+        match lines.try_recv() {
+            Ok(Input::Line(line)) => {
                 if line.is_empty() {
                     continue;
                 }
-                let frame = pb::Frame {
-                    request_id: next_request.fetch_add(1, Ordering::Relaxed),
-                    body: Some(Body::Send(pb::Send {
-                        to: Some(direct(peer)),
-                        client_msg_id: next_msg_id,
-                        content_type: TEXT,
-                        body: Bytes::from(line),
-                        kind: pb::MessageKind::Normal as i32,
-                        ref_seq: 0,
-                    })),
-                };
-                next_msg_id = next_msg_id.wrapping_add(1).max(1);
-                let len = parley_proto::frame::encoded_len(&frame);
-                if len > send_codec.max_frame_bytes() {
-                    eprintln!(
-                        "chat: message too long ({len} bytes encoded; the server takes at most {})",
-                        send_codec.max_frame_bytes()
-                    );
-                    continue;
+                let text = String::from_utf8_lossy(&line);
+                match client.send(
+                    chat.peer.clone(),
+                    parley_client::TEXT,
+                    bytes::Bytes::from(line.clone()),
+                ) {
+                    Ok(_) => {}
+                    Err(e @ SendError::TooLarge { .. }) => eprintln!("chat: {e}"),
+                    Err(e) => eprintln!("chat: cannot send {text:?}: {e}"),
                 }
-                pending.insert(frame.request_id);
-                let _ = out_tx.send(Out::Frame(frame));
+                continue;
             }
-            Ok(Event::Line(_) | Event::SyncDone) => {}
-            Ok(Event::InputEnd(error)) => {
+            Ok(Input::End(error)) => {
                 if let Some(e) = error {
                     eprintln!("chat: cannot read the input: {e}");
                     input_failed = true;
                 }
-                if pending.is_empty() {
-                    break;
-                }
-                draining = Some(Instant::now() + timing.drain);
-            }
-            Ok(Event::Answered(id)) => {
-                pending.remove(&id);
-                if draining.is_some() && pending.is_empty() {
-                    break;
-                }
-            }
-            Ok(Event::Closed(c)) => return ending.closed(c, pending.len()),
-            Err(RecvTimeoutError::Timeout) => {
-                eprintln!(
-                    "chat: gave up waiting for {} acknowledgement(s); those messages may not \
-                     have been stored",
-                    pending.len()
-                );
                 break;
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return ending.closed(Closed::Broken("internal: threads gone".into()), 0);
-            }
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {}
+        }
+        if let Some(event) = client.next_event(TICK)
+            && let Some(code) = chat.handle(event)
+        {
+            return Ok(code);
         }
     }
-    ending.quit();
+
+    // End of input: wait for the acknowledgements of lines in flight, printing them.
+    let deadline = Instant::now() + timing.drain;
+    while !client.unacked().is_empty() && Instant::now() < deadline {
+        if let Some(event) = client.next_event(TICK)
+            && let Some(code) = chat.handle(event)
+        {
+            return Ok(code);
+        }
+    }
+    while let Some(event) = client.next_event(Duration::ZERO) {
+        if let Some(code) = chat.handle(event) {
+            return Ok(code);
+        }
+    }
+    let unacked = client.close(Duration::ZERO);
+    if !unacked.is_empty() {
+        eprintln!(
+            "chat: gave up waiting for {} acknowledgement(s); those messages may not have been \
+             stored",
+            unacked.len()
+        );
+    }
     Ok(if input_failed {
         ExitCode::FAILURE
     } else {
@@ -458,408 +325,100 @@ fn session(
     })
 }
 
-/// Stops the session's threads and closes the connection.
-struct Ending {
-    /// The connection (a handle to shut it down).
-    stream: TcpStream,
-    /// To the writer thread.
-    out: Sender<Out>,
-    /// Set when the client is closing the connection itself (so its end is not reported).
-    quitting: Arc<AtomicBool>,
-    /// The writer thread.
-    writer: Option<thread::JoinHandle<()>>,
-    /// The reader thread.
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl Ending {
-    /// The client ends the session: flushes what is queued, closes, waits for the threads.
-    fn quit(&mut self) {
-        self.quitting.store(true, Ordering::SeqCst);
-        let _ = self.out.send(Out::Close);
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-    }
-
-    /// The connection ended by itself: reports how, with `unacked` messages still in flight.
-    fn closed(&mut self, how: Closed, unacked: usize) -> Result<ExitCode, CliError> {
-        self.quitting.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
-        let _ = self.out.send(Out::Close);
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        if unacked > 0 {
-            eprintln!(
-                "chat: {unacked} message(s) were not acknowledged and may not have been stored"
-            );
-        }
-        match how {
-            Closed::ByServer => {
-                eprintln!("chat: the server closed the connection");
-                Ok(ExitCode::SUCCESS)
-            }
-            Closed::AfterFatalError => {
-                eprintln!("chat: the server closed the connection after an error");
-                Ok(ExitCode::FAILURE)
-            }
-            Closed::Broken(why) => Err(CliError::new(why)),
-        }
-    }
-}
-
-/// The conversation with user `peer`.
-fn direct(peer: &str) -> pb::Conversation {
-    pb::Conversation {
-        r#type: pb::ConversationType::Direct as i32,
-        id: peer.to_owned(),
-    }
-}
-
-/// A starting client message id: random, so ids of successive runs on one device do not collide
-/// within the server's de-duplication window. Never 0.
-fn client_msg_id_seed() -> u64 {
-    let seed = getrandom::u64().unwrap_or_else(|_| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        // Truncation intended: the low bits of the clock vary most.
-        (nanos as u64) ^ (u64::from(std::process::id()) << 32)
-    });
-    // Leave room to count up without wrapping to 0 soon.
-    (seed >> 1).max(1)
-}
-
-/// Reads lines from `input` until it ends, as events.
-fn input_loop(mut input: Box<dyn BufRead + Send>, events: &Sender<Event>) {
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) => {
-                let _ = events.send(Event::InputEnd(None));
-                return;
-            }
-            Ok(_) => {
-                while matches!(line.last(), Some(b'\n' | b'\r')) {
-                    line.pop();
-                }
-                if events.send(Event::Line(line.clone())).is_err() {
-                    return;
+/// Reads lines from `input` on a thread until it ends.
+fn spawn_input(mut input: Box<dyn BufRead + Send>) -> io::Result<Receiver<Input>> {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("chat-input".into())
+        .spawn(move || {
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match input.read_until(b'\n', &mut line) {
+                    Ok(0) => {
+                        let _ = tx.send(Input::End(None));
+                        return;
+                    }
+                    Ok(_) => {
+                        while matches!(line.last(), Some(b'\n' | b'\r')) {
+                            line.pop();
+                        }
+                        if tx.send(Input::Line(line.clone())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Input::End(Some(e)));
+                        return;
+                    }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let _ = events.send(Event::InputEnd(Some(e)));
-                return;
-            }
-        }
-    }
+        })?;
+    Ok(rx)
 }
 
-/// Encodes `frame` and writes it.
-fn write_frame(stream: &mut TcpStream, codec: &FrameCodec, frame: &pb::Frame) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    codec
-        .encode(frame, &mut buf)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    stream.write_all(&buf)
-}
-
-/// The writer thread: sends what it is given, and a Ping whenever nothing was sent for
-/// `ping_every`.
-fn write_loop(
-    mut stream: TcpStream,
-    codec: FrameCodec,
-    frames: &Receiver<Out>,
-    ping_every: Duration,
-    events: &Sender<Event>,
-) {
-    let mut next_ping = Instant::now() + ping_every;
-    let mut nonce = 0u64;
-    loop {
-        let frame = match frames.recv_timeout(next_ping.saturating_duration_since(Instant::now())) {
-            Ok(Out::Frame(f)) => f,
-            Ok(Out::Close) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                nonce = nonce.wrapping_add(1);
-                pb::Frame {
-                    request_id: 0,
-                    body: Some(Body::Ping(pb::Ping { nonce })),
-                }
-            }
-        };
-        match write_frame(&mut stream, &codec, &frame) {
-            Ok(()) => next_ping = Instant::now() + ping_every,
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                eprintln!("chat: cannot send a {} frame: {e}", body_name(&frame));
-            }
-            Err(e) => {
-                let _ = stream.shutdown(Shutdown::Both);
-                let _ = events.send(Event::Closed(Closed::Broken(format!(
-                    "cannot write to the server: {e}"
-                ))));
-                return;
-            }
-        }
-    }
-}
-
-/// Why no frame could be read.
-#[derive(Debug)]
-enum ReadError {
-    /// The socket failed.
-    Io(io::Error),
-    /// The stream is not length-delimited frames the client accepts; it cannot go on.
-    Desync(TcpFrameError),
-    /// The connection ended in the middle of a frame.
-    Truncated,
-}
-
-impl fmt::Display for ReadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReadError::Io(e) => write!(f, "cannot read from the server: {e}"),
-            ReadError::Desync(e) => write!(f, "the server sent an unreadable stream: {e}"),
-            ReadError::Truncated => f.write_str("the server closed the connection mid-frame"),
-        }
-    }
-}
-
-/// Reads frames from a blocking stream.
-struct FrameReader {
-    /// The socket.
-    stream: TcpStream,
-    /// Bytes read and not yet decoded.
-    buf: BytesMut,
-    /// The framing.
-    codec: FrameCodec,
-}
-
-impl FrameReader {
-    /// A reader of `stream` with `codec`'s size limit.
-    fn new(stream: TcpStream, codec: FrameCodec) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::with_capacity(16 << 10),
-            codec,
-        }
-    }
-
-    /// The next frame the client understands, `None` at a clean end of the stream. A frame that
-    /// is delimited but not understood is reported (unless it is merely of a newer kind) and
-    /// skipped.
-    fn read_frame(&mut self) -> Result<Option<pb::Frame>, ReadError> {
-        let mut chunk = [0u8; 16 << 10];
-        loop {
-            match self.codec.decode_frame(&mut self.buf) {
-                Ok(Some(frame)) => return Ok(Some(frame)),
-                Ok(None) => {}
-                // A body case from a newer schema: nothing this client needs.
-                Err(TcpFrameError::Frame(FrameError::MissingBody)) => continue,
-                Err(TcpFrameError::Frame(e)) => {
-                    eprintln!("chat: skipping an unreadable frame from the server: {e}");
-                    continue;
-                }
-                Err(e) => return Err(ReadError::Desync(e)),
-            }
-            let n = match self.stream.read(&mut chunk) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ReadError::Io(e)),
-            };
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Truncated)
-                };
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
-/// What the reader thread knows and whom it tells.
-struct ReaderState {
+/// What the chat shows.
+struct Chat {
     /// The conversation with `--to`.
     peer: pb::Conversation,
-    /// Per conversation (type, id): the seqs held, for de-duplication and re-sync.
-    held: HashMap<(i32, String), Held>,
-    /// Whether the server sent a fatal Error.
-    fatal: bool,
-    /// To the writer thread.
-    out: Sender<Out>,
-    /// To the main thread.
-    events: Sender<Event>,
     /// Where messages are printed.
     output: Output,
-    /// Request ids for requests the reader makes.
-    next_request: Arc<AtomicU64>,
+    /// Whether the first sync finished (messages of other conversations print from then on).
+    synced_once: bool,
 }
 
-/// The reader thread: handles every frame until the connection ends.
-fn read_loop(mut reader: FrameReader, mut state: ReaderState, quitting: &AtomicBool) {
-    let closed = loop {
-        match reader.read_frame() {
-            Ok(Some(frame)) => state.handle(frame),
-            Ok(None) if state.fatal => break Closed::AfterFatalError,
-            Ok(None) => break Closed::ByServer,
-            Err(_) if state.fatal => break Closed::AfterFatalError,
-            Err(e) => break Closed::Broken(e.to_string()),
-        }
-    };
-    if !quitting.load(Ordering::SeqCst) {
-        let _ = state.events.send(Event::Closed(closed));
-    }
-}
-
-impl ReaderState {
-    /// Handles one frame from the server.
-    fn handle(&mut self, frame: pb::Frame) {
-        let request_id = frame.request_id;
-        let Some(body) = frame.body else { return };
-        match body {
-            Body::Deliver(d) => {
-                let mut acks: Vec<pb::AckCursor> = Vec::new();
-                for m in &d.messages {
-                    let conversation = m.conversation.clone().unwrap_or_default();
-                    if self.hold(&conversation, m.seq) {
-                        let line = format_message(m, &self.peer);
-                        self.print(&line);
-                    }
-                    match acks
-                        .iter_mut()
-                        .find(|a| a.conversation.as_ref() == Some(&conversation))
-                    {
-                        Some(a) => a.seq = a.seq.max(m.seq),
-                        None => acks.push(pb::AckCursor {
-                            conversation: Some(conversation),
-                            seq: m.seq,
-                        }),
-                    }
-                }
-                // Every Deliver is acked, duplicates too: a retransmit means our ack was late.
-                acks.retain(|a| a.seq > 0);
-                if !acks.is_empty() {
-                    self.send(0, Body::DeliverAck(pb::DeliverAck { acks }));
+impl Chat {
+    /// Shows one event; `Some(exit code)` if the session is over.
+    fn handle(&mut self, event: Event) -> Option<ExitCode> {
+        match event {
+            Event::Message(m) => {
+                let mine = m.conversation.as_ref() == Some(&self.peer);
+                if mine || self.synced_once {
+                    self.print(&format_message(&m, &self.peer));
                 }
             }
-            Body::SyncPage(p) => {
-                for m in &p.messages {
-                    let conversation = m.conversation.clone().unwrap_or_default();
-                    // Other conversations' history is held (so it is not printed when it comes
-                    // again) but only the chat with --to is shown.
-                    if self.hold(&conversation, m.seq) && conversation == self.peer {
-                        let line = format_message(m, &self.peer);
-                        self.print(&line);
-                    }
-                }
-                if p.done {
-                    let _ = self.events.send(Event::SyncDone);
-                }
-            }
-            Body::SyncSummary(s) => {
-                if s.total_messages > 0 {
-                    eprintln!("chat: catching up on {} message(s)", s.total_messages);
-                } else if request_id == SYNC_REQUEST_ID {
-                    let _ = self.events.send(Event::SyncDone);
-                }
-            }
-            Body::SendAck(a) => {
-                let conversation = a.conversation.clone().unwrap_or_else(|| self.peer.clone());
-                self.hold(&conversation, a.seq);
+            Event::Acked {
+                seq, conversation, ..
+            } => {
                 let line = if conversation == self.peer {
-                    format!("(sent #{})", a.seq)
+                    format!("(sent #{seq})")
                 } else {
-                    format!("(sent #{} to {})", a.seq, conversation_label(&conversation))
+                    format!("(sent #{seq} to {})", conversation_label(&conversation))
                 };
                 self.print(&line);
-                let _ = self.events.send(Event::Answered(request_id));
             }
-            Body::Error(e) => {
-                if e.client_msg_id != 0 {
-                    eprintln!("chat: message not stored: {}", describe_error(&e));
-                } else {
-                    eprintln!("chat: server error: {}", describe_error(&e));
-                }
-                self.fatal |= e.fatal;
-                if request_id == SYNC_REQUEST_ID {
-                    let _ = self.events.send(Event::SyncDone);
-                }
-                if request_id != 0 {
-                    let _ = self.events.send(Event::Answered(request_id));
-                }
+            Event::Refused { error, .. } => {
+                eprintln!("chat: message not stored: {}", describe_error(&error));
             }
-            Body::Ping(p) => {
-                let time = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                self.send(
-                    request_id,
-                    Body::Pong(pb::Pong {
-                        nonce: p.nonce,
-                        time,
-                    }),
-                );
-            }
-            Body::Behind(b) => {
+            Event::Synced => self.synced_once = true,
+            Event::Connected(w) => {
                 eprintln!(
-                    "chat: the server paused live messages ({}); catching up",
-                    sanitize(b.reason.as_bytes())
-                );
-                let cursors = self
-                    .held
-                    .iter()
-                    .filter(|(_, h)| h.contiguous > 0)
-                    .map(|((kind, id), h)| pb::AckCursor {
-                        conversation: Some(pb::Conversation {
-                            r#type: *kind,
-                            id: id.clone(),
-                        }),
-                        seq: h.contiguous,
-                    })
-                    .collect();
-                let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-                self.send(
-                    id,
-                    Body::SyncRequest(pb::SyncRequest {
-                        cursors,
-                        ..pb::SyncRequest::default()
-                    }),
+                    "chat: reconnected as {}/{} on node {}",
+                    w.user, w.device, w.node
                 );
             }
-            // Nothing this client asks for or shows.
+            Event::Disconnected { reason } => eprintln!("chat: connection lost: {reason}"),
+            Event::Reconnecting { delay } => {
+                eprintln!("chat: reconnecting in {} ms", delay.as_millis());
+            }
+            Event::Skipped { conversation, seqs } => eprintln!(
+                "chat: {} messages {}..={} are not available",
+                conversation_label(&conversation),
+                seqs.start(),
+                seqs.end()
+            ),
+            Event::Other(pb::Frame {
+                body: Some(pb::frame::Body::Error(e)),
+                ..
+            }) => eprintln!("chat: server error: {}", describe_error(&e)),
+            Event::Stopped { reason } => {
+                eprintln!("chat: stopped: {reason}");
+                return Some(ExitCode::FAILURE);
+            }
             _ => {}
         }
-    }
-
-    /// Records that (conversation, seq) is held; false if it already was.
-    fn hold(&mut self, conversation: &pb::Conversation, seq: u64) -> bool {
-        if seq == 0 {
-            // Not a stored message's seq; show it, remember nothing.
-            return true;
-        }
-        self.held
-            .entry((conversation.r#type, conversation.id.clone()))
-            .or_default()
-            .insert(seq)
-    }
-
-    /// Queues a frame for the writer.
-    fn send(&self, request_id: u64, body: Body) {
-        let _ = self.out.send(Out::Frame(pb::Frame {
-            request_id,
-            body: Some(body),
-        }));
+        None
     }
 
     /// Prints a line to the output.
@@ -870,29 +429,6 @@ impl ReaderState {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A closed stdout must not stop the session; there is nowhere to report it anyway.
         let _ = writeln!(out, "{line}").and_then(|()| out.flush());
-    }
-}
-
-/// The seqs of one conversation held by the client: every seq up to `contiguous`, and `above`.
-#[derive(Debug, Default)]
-struct Held {
-    /// Every seq in 1..=contiguous is held.
-    contiguous: u64,
-    /// Held seqs above `contiguous + 1` (there is a gap below each).
-    above: BTreeSet<u64>,
-}
-
-impl Held {
-    /// Records `seq`; false if it was already held.
-    fn insert(&mut self, seq: u64) -> bool {
-        if seq <= self.contiguous || !self.above.insert(seq) {
-            return false;
-        }
-        while self.above.first() == Some(&(self.contiguous + 1)) {
-            self.above.pop_first();
-            self.contiguous += 1;
-        }
-        true
     }
 }
 
@@ -959,23 +495,13 @@ fn sanitize(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+
+    use bytes::{Bytes, BytesMut};
+    use parley_proto::pb::frame::Body;
+    use parley_proto::tcp::FrameCodec;
 
     use super::*;
-
-    #[test]
-    fn held_deduplicates_and_tracks_the_contiguous_prefix() {
-        let mut h = Held::default();
-        assert!(h.insert(1));
-        assert!(h.insert(3));
-        assert!(!h.insert(3));
-        assert!(!h.insert(1));
-        assert_eq!(h.contiguous, 1);
-        assert!(h.insert(2));
-        assert_eq!(h.contiguous, 3);
-        assert!(h.above.is_empty());
-        assert!(!h.insert(2));
-    }
 
     #[test]
     fn sanitize_keeps_text_on_one_line_and_escapes_terminal_controls() {
@@ -986,7 +512,7 @@ mod tests {
 
     fn message(conv: &str, seq: u64, from: &str, body: &'static [u8]) -> pb::Message {
         pb::Message {
-            conversation: Some(direct(conv)),
+            conversation: Some(parley_client::direct(conv)),
             seq,
             from_user: from.into(),
             body: Bytes::from_static(body),
@@ -996,7 +522,7 @@ mod tests {
 
     #[test]
     fn messages_format_with_seq_and_sender() {
-        let peer = direct("bob");
+        let peer = parley_client::direct("bob");
         assert_eq!(
             format_message(&message("bob", 7, "bob", b"hi"), &peer),
             "[seq 7] bob: hi"
@@ -1049,8 +575,9 @@ mod tests {
 
     /// A scripted fake server on one accepted connection.
     struct Fake {
-        reader: FrameReader,
         stream: TcpStream,
+        buf: BytesMut,
+        codec: FrameCodec,
     }
 
     impl Fake {
@@ -1060,30 +587,47 @@ mod tests {
                 .set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
             Self {
-                reader: FrameReader::new(stream.try_clone().expect("clone"), FrameCodec::default()),
                 stream,
+                buf: BytesMut::new(),
+                codec: FrameCodec::default(),
             }
         }
 
+        /// The next frame that is not a Ping or a DeliverAck.
         fn recv(&mut self) -> pb::Frame {
             loop {
-                let f = self.reader.read_frame().expect("read").expect("a frame");
-                if !matches!(f.body, Some(Body::Ping(_))) {
+                let f = self.next();
+                if !matches!(f.body, Some(Body::Ping(_) | Body::DeliverAck(_))) {
                     return f;
                 }
             }
         }
 
+        fn next(&mut self) -> pb::Frame {
+            use std::io::Read as _;
+            loop {
+                if let Some(f) = self.codec.decode_frame(&mut self.buf).expect("a frame") {
+                    return f;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).expect("read");
+                assert!(n > 0, "the client closed the connection");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
         fn send(&mut self, request_id: u64, body: Body) {
-            write_frame(
-                &mut self.stream,
-                &FrameCodec::default(),
-                &pb::Frame {
-                    request_id,
-                    body: Some(body),
-                },
-            )
-            .expect("write");
+            let mut buf = BytesMut::new();
+            self.codec
+                .encode(
+                    &pb::Frame {
+                        request_id,
+                        body: Some(body),
+                    },
+                    &mut buf,
+                )
+                .expect("encode");
+            self.stream.write_all(&buf).expect("write");
         }
 
         fn login(&mut self) {
@@ -1092,7 +636,6 @@ mod tests {
                 panic!("expected login, got {f:?}");
             };
             assert_eq!(login.token, "tok");
-            assert_eq!(login.protocol_version, PROTOCOL_VERSION);
             self.send(
                 f.request_id,
                 Body::LoginResult(pb::LoginResult {
@@ -1100,7 +643,7 @@ mod tests {
                     user: "alice".into(),
                     device: "cli".into(),
                     node: "n1".into(),
-                    heartbeat_interval_ms: 200,
+                    heartbeat_interval_ms: 2000,
                     max_frame_bytes: 65536,
                     ..pb::LoginResult::default()
                 }),
@@ -1131,120 +674,104 @@ mod tests {
     fn run_session(
         listener: &TcpListener,
         input: Box<dyn BufRead + Send>,
-        timing: Timing,
     ) -> (thread::JoinHandle<Result<ExitCode, String>>, Captured) {
-        let addr = listener.local_addr().expect("addr");
+        let addr = listener.local_addr().expect("addr").to_string();
         let captured = Captured::default();
         let output: Output = Arc::new(Mutex::new(Box::new(captured.clone())));
+        let timing = Timing {
+            max_backoff: Duration::from_millis(50),
+            ..Timing::default()
+        };
         let client = thread::spawn(move || {
-            let stream = connect(&addr.to_string()).map_err(|e| e.to_string())?;
-            session(stream, "tok", "bob", input, output, timing).map_err(|e| e.to_string())
+            session(
+                TcpConnector::new(addr.clone()),
+                &addr,
+                Box::new(|| Ok("tok".into())),
+                "bob",
+                input,
+                output,
+                timing,
+            )
+            .map_err(|e| e.to_string())
         });
         (client, captured)
     }
 
     #[test]
-    fn session_syncs_sends_acks_deduplicates_and_quits_at_end_of_input() {
+    fn chat_syncs_sends_deduplicates_and_resends_after_the_server_drops() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let (client, out) = run_session(
-            &listener,
-            Box::new(io::Cursor::new(&b"hello bob\r\n\nsecond\n"[..])),
-            Timing::default(),
-        );
+        let (pipe_out, mut pipe_in) = io::pipe().expect("pipe");
+        let (client, out) = run_session(&listener, Box::new(io::BufReader::new(pipe_out)));
         let mut fake = Fake::accept(&listener);
         fake.login();
-
         let sync = fake.recv();
-        assert_eq!(sync.request_id, SYNC_REQUEST_ID);
         assert!(matches!(sync.body, Some(Body::SyncRequest(_))));
-        fake.send(
-            sync.request_id,
-            Body::SyncSummary(pb::SyncSummary {
-                total_messages: 2,
-                ..pb::SyncSummary::default()
-            }),
-        );
-        // A server ping is answered with a pong of the same nonce.
-        fake.send(9, Body::Ping(pb::Ping { nonce: 77 }));
-        let pong = fake.recv();
-        assert_eq!(pong.request_id, 9);
-        assert!(matches!(
-            pong.body,
-            Some(Body::Pong(pb::Pong { nonce: 77, .. }))
-        ));
-
-        // Live messages during the sync, sent twice (a retransmit): printed once, acked each time
-        // with the highest seq.
+        // A live message sent twice (a retransmit) prints once.
         for _ in 0..2 {
             fake.send(
                 0,
                 Body::Deliver(pb::Deliver {
-                    messages: vec![
-                        message("bob", 1, "bob", b"old news"),
-                        message("bob", 2, "bob", b"live\x1b!"),
-                    ],
+                    messages: vec![message("bob", 2, "bob", b"live\x1b!")],
                 }),
             );
-            let ack = fake.recv();
-            let Some(Body::DeliverAck(ack)) = ack.body else {
-                panic!("expected an ack, got {ack:?}");
-            };
-            assert_eq!(
-                ack.acks,
-                [pb::AckCursor {
-                    conversation: Some(direct("bob")),
-                    seq: 2
-                }]
-            );
         }
-
-        // The end of the sync (its messages already held are not printed again); stdin is read
-        // only after it.
         fake.send(
             sync.request_id,
             Body::SyncPage(pb::SyncPage {
-                messages: vec![
-                    message("bob", 1, "bob", b"old news"),
-                    message("carol", 1, "carol", b"not shown"),
-                ],
+                messages: vec![message("bob", 1, "bob", b"old news")],
                 done: true,
             }),
         );
-
-        // The input's lines become Sends (the empty line is skipped), each acked.
-        for (text, seq) in [(&b"hello bob"[..], 3), (b"second", 4)] {
-            let f = fake.recv();
-            let Some(Body::Send(send)) = f.body else {
-                panic!("expected a send, got {f:?}");
-            };
-            assert_eq!(send.to, Some(direct("bob")));
-            assert_eq!(&send.body[..], text);
-            assert_eq!(send.content_type, TEXT);
-            assert_ne!(send.client_msg_id, 0);
-            fake.send(
-                f.request_id,
-                Body::SendAck(pb::SendAck {
-                    client_msg_id: send.client_msg_id,
-                    seq,
-                    conversation: Some(direct("bob")),
-                    ..pb::SendAck::default()
-                }),
-            );
-        }
+        pipe_in.write_all(b"hello bob\r\n\n").expect("type");
+        let f = fake.recv();
+        let Some(Body::Send(send)) = f.body else {
+            panic!("expected a send, got {f:?}");
+        };
+        assert_eq!(&send.body[..], b"hello bob");
+        // The server drops the connection before acking: the client reconnects and resends
+        // the same message with the same id.
+        fake.stream.shutdown(Shutdown::Both).expect("close");
+        let mut fake = Fake::accept(&listener);
+        fake.login();
+        let again = fake.recv();
+        let Some(Body::Send(resent)) = again.body else {
+            panic!("expected the resend, got {again:?}");
+        };
+        assert_eq!(resent.client_msg_id, send.client_msg_id);
+        let sync = fake.recv();
+        let Some(Body::SyncRequest(req)) = sync.body else {
+            panic!("expected a sync, got {sync:?}");
+        };
+        assert_eq!(req.cursors[0].seq, 2);
+        fake.send(
+            again.request_id,
+            Body::SendAck(pb::SendAck {
+                client_msg_id: send.client_msg_id,
+                seq: 3,
+                conversation: Some(parley_client::direct("bob")),
+                ..pb::SendAck::default()
+            }),
+        );
+        fake.send(
+            sync.request_id,
+            Body::SyncPage(pb::SyncPage {
+                messages: vec![message("bob", 2, "bob", b"live\x1b!")],
+                done: true,
+            }),
+        );
+        drop(pipe_in);
         let code = client.join().expect("thread").expect("session ok");
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(
             out.text(),
-            "[seq 1] bob: old news\n[seq 2] bob: live\\u{1b}!\n(sent #3)\n(sent #4)\n"
+            "[seq 1] bob: old news\n[seq 2] bob: live\\u{1b}!\n(sent #3)\n"
         );
-        // The client closed the connection.
-        assert!(fake.reader.read_frame().expect("clean end").is_none());
     }
 
     #[test]
     fn refused_login_is_an_error_with_the_code() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let (client, _) = run_session(&listener, no_input(), Timing::default());
+        let (client, _) = run_session(&listener, Box::new(io::Cursor::new(&b""[..])));
         let mut fake = Fake::accept(&listener);
         let login = fake.recv();
         fake.send(
@@ -1260,76 +787,24 @@ mod tests {
         assert_eq!(err, "login refused: BAD_TOKEN: bad token signature (fatal)");
     }
 
-    fn no_input() -> Box<dyn BufRead + Send> {
-        Box::new(io::Cursor::new(&b""[..]))
-    }
-
     #[test]
-    fn server_closing_after_a_fatal_error_ends_the_session_and_garbage_does_not_panic() {
+    fn an_unreachable_server_at_the_start_is_an_error() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let timing = Timing {
-            sync: Duration::from_millis(200),
-            ..Timing::default()
-        };
-        // Input that stays open until the test ends, so only the server can end the session.
-        let (pipe_out, pipe_in) = io::pipe().expect("pipe");
-        let (client, _) = run_session(&listener, Box::new(io::BufReader::new(pipe_out)), timing);
-        let mut fake = Fake::accept(&listener);
-        fake.login();
-        let _sync = fake.recv();
-        // A delimited frame that is not protobuf is skipped; the session goes on.
-        fake.stream
-            .write_all(&[3, 0xff, 0xff, 0xff])
-            .expect("write");
-        fake.send(
-            0,
-            Body::Error(pb::Error {
-                code: pb::ErrorCode::ShuttingDown as i32,
-                fatal: true,
-                ..pb::Error::default()
-            }),
-        );
-        fake.stream.shutdown(Shutdown::Both).expect("close");
-        let code = client.join().expect("thread").expect("no error");
-        assert_eq!(code, ExitCode::FAILURE);
-        drop(pipe_in);
-    }
-
-    #[test]
-    fn server_closing_plainly_is_a_clean_end() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let (pipe_out, pipe_in) = io::pipe().expect("pipe");
-        let (client, _) = run_session(
-            &listener,
-            Box::new(io::BufReader::new(pipe_out)),
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let output: Output = Arc::new(Mutex::new(Box::new(Captured::default())));
+        let err = session(
+            TcpConnector::new(addr.to_string()),
+            &addr.to_string(),
+            Box::new(|| Ok("tok".into())),
+            "bob",
+            Box::new(io::Cursor::new(&b""[..])),
+            output,
             Timing::default(),
-        );
-        let mut fake = Fake::accept(&listener);
-        fake.login();
-        let sync = fake.recv();
-        fake.send(
-            sync.request_id,
-            Body::SyncSummary(pb::SyncSummary::default()),
-        );
-        fake.stream.shutdown(Shutdown::Both).expect("close");
-        let code = client.join().expect("thread").expect("no error");
-        assert_eq!(code, ExitCode::SUCCESS);
-        drop(pipe_in);
-    }
-
-    #[test]
-    fn desynchronised_stream_is_an_error_not_a_panic() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let (client, _) = run_session(&listener, no_input(), Timing::default());
-        let mut fake = Fake::accept(&listener);
-        let _login = fake.recv();
-        // A length prefix of more than 5 bytes.
-        fake.stream
-            .write_all(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01])
-            .expect("write");
-        let err = client.join().expect("thread").expect_err("desync");
+        )
+        .expect_err("unreachable");
         assert!(
-            err.starts_with("login: the server sent an unreadable stream"),
+            err.to_string().contains("is `broker serve` running?"),
             "{err}"
         );
     }

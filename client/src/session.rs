@@ -1,0 +1,1167 @@
+//! The sans-IO session: the client's side of the protocol as a state machine.
+//!
+//! It owns no socket, thread, clock or randomness. The driver tells it that a connection is up
+//! ([`Session::connected`]), hands it what the server sent ([`Session::handle_bytes`] for the
+//! TCP stream framing, or [`Session::handle_frame`]), that the connection ended
+//! ([`Session::disconnected`]) and the time ([`Session::handle_timeout`] at
+//! [`Session::poll_timeout`]); it takes out frames to send ([`Session::poll_transmit`]), whether
+//! to close the connection ([`Session::take_close`]) and events for the application
+//! ([`Session::poll_event`]). Every input takes `now`.
+//!
+//! What it does, per connection:
+//!
+//! 1. sends `Login` (with the token the driver got), and waits for `LoginResult` (at most
+//!    [`SessionConfig::login_timeout`]);
+//! 2. sends the whole [outbox](crate::outbox) again, in order, with the same client message ids;
+//! 3. sends a `SyncRequest` with the [inbox](crate::inbox)'s cursor per conversation, takes the
+//!    pages until `done` ([`Event::Synced`]);
+//! 4. then: new sends go out at once; deliveries are de-duplicated and ordered by the inbox and
+//!    acknowledged with one cumulative `DeliverAck` per batch of frames; a gap that lasts
+//!    [`SessionConfig::gap_timeout`] (or a `Behind`) starts another sync; a `Ping` goes out when
+//!    nothing was sent for half the server's heartbeat interval, and a connection from which
+//!    nothing was heard for [`SessionConfig::dead_after`] (default: twice the heartbeat
+//!    interval, at least 5 s) is closed.
+//!
+//! The outbox and the inbox outlive connections (not the process: they are in memory).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parley_proto::pb::{self, frame::Body};
+use parley_proto::tcp::{FrameCodec, TcpFrameError};
+use parley_proto::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+
+use crate::event::{DisconnectReason, Event};
+use crate::ids::{ClientMsgIds, RequestIds};
+use crate::inbox::{self, Inbox, Released, Source};
+use crate::outbox::{MIN_RETRY, Outbox};
+
+/// Largest frame accepted from the server, whatever it announces (bounds memory).
+pub const MAX_READ_FRAME_BYTES: usize = 4 << 20;
+
+/// Content type of UTF-8 text (an application convention the `chat` command uses).
+pub const TEXT: u32 = 1;
+
+/// Settings of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Sent in `Login.client_name` (at most 64 bytes), for the operator's logs.
+    pub client_name: String,
+    /// Seed of the client message ids (see [`crate::ids`]); use a random value.
+    pub id_seed: u64,
+    /// How long to wait for the answer to `Login`.
+    pub login_timeout: Duration,
+    /// How long a gap in a conversation may stay open before a sync is started to fill it.
+    pub gap_timeout: Duration,
+    /// The most messages held above a gap per conversation.
+    pub max_held: usize,
+    /// `SyncRequest.page_size` (0: the server's default).
+    pub sync_page_size: u32,
+    /// A connection from which nothing was heard this long is closed (None: twice the server's
+    /// heartbeat interval, at least 5 s).
+    pub dead_after: Option<Duration>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            client_name: "parley-client".into(),
+            id_seed: 1,
+            login_timeout: Duration::from_secs(10),
+            gap_timeout: Duration::from_millis(500),
+            max_held: 10_000,
+            sync_page_size: 0,
+            dead_after: None,
+        }
+    }
+}
+
+/// Heartbeat used when the server does not state one.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// The shortest time without news after which a connection counts as dead.
+const MIN_DEAD_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a send was not accepted by the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The recipient is empty.
+    EmptyRecipient,
+    /// The encoded frame would be larger than the server accepts.
+    TooLarge {
+        /// Its encoded size.
+        bytes: usize,
+        /// The server's limit.
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::EmptyRecipient => f.write_str("the recipient is empty"),
+            SendError::TooLarge { bytes, max } => write!(
+                f,
+                "message too long ({bytes} bytes encoded; the server takes at most {max})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Where the session stands with its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No connection.
+    Disconnected,
+    /// Connected, `Login` sent, no answer yet.
+    LoggingIn,
+    /// Logged in.
+    Ready,
+}
+
+/// What a request of the session's own was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// The Login.
+    Login,
+    /// A SyncRequest.
+    Sync,
+    /// A HistoryRequest.
+    History,
+    /// A request made with [`Session::request`].
+    Other,
+}
+
+/// The client's side of the protocol (see the module docs).
+#[derive(Debug)]
+pub struct Session {
+    /// Settings.
+    config: SessionConfig,
+    /// Connection state.
+    state: State,
+    /// Client message ids.
+    ids: ClientMsgIds,
+    /// Request ids.
+    request_ids: RequestIds,
+    /// Requests awaiting their answer on this connection.
+    requests: HashMap<u64, Request>,
+    /// Unacknowledged sends.
+    outbox: Outbox,
+    /// De-duplication and order of received messages.
+    inbox: Inbox,
+    /// Frames to send.
+    transmit: VecDeque<pb::Frame>,
+    /// Events for the application.
+    events: VecDeque<Event>,
+    /// The TCP framing (inbound).
+    codec: FrameCodec,
+    /// Inbound bytes not yet decoded.
+    buf: BytesMut,
+    /// The largest frame the server accepts.
+    max_frame_bytes: usize,
+    /// Half the heartbeat interval: a Ping goes out when nothing was sent this long.
+    ping_every: Duration,
+    /// Close a connection silent this long.
+    dead_after: Duration,
+    /// When the current connection started (login deadline).
+    connected_at: Option<Instant>,
+    /// When something was last sent.
+    last_sent: Instant,
+    /// When something was last heard.
+    last_heard: Instant,
+    /// The running sync's request id.
+    sync: Option<u64>,
+    /// The session asks the driver to close the connection.
+    close: bool,
+    /// Ping nonces.
+    nonce: u64,
+}
+
+impl Session {
+    /// A session with no connection yet.
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig};
+    /// let session = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// assert_eq!(session.state(), parley_client::State::Disconnected);
+    /// ```
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        Self {
+            ids: ClientMsgIds::new(config.id_seed),
+            inbox: Inbox::new(config.max_held),
+            config,
+            state: State::Disconnected,
+            request_ids: RequestIds::default(),
+            requests: HashMap::new(),
+            outbox: Outbox::default(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            codec: FrameCodec::new(MAX_READ_FRAME_BYTES),
+            buf: BytesMut::new(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            ping_every: DEFAULT_HEARTBEAT / 2,
+            dead_after: DEFAULT_HEARTBEAT * 2,
+            connected_at: None,
+            last_sent: now,
+            last_heard: now,
+            sync: None,
+            close: false,
+            nonce: 0,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The application's calls
+    // -----------------------------------------------------------------------------------------
+
+    /// Queues a text message to user `to` (a direct conversation); returns its client message
+    /// id. It goes out now if logged in, else after the next login; it stays in the outbox until
+    /// acknowledged ([`Event::Acked`]) or refused ([`Event::Refused`]).
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig};
+    /// let mut s = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// let id = s.send_text("bob", "hi").expect("valid");
+    /// assert_eq!(s.unacked(), vec![id]);
+    /// ```
+    pub fn send_text(&mut self, to: &str, text: &str) -> Result<u64, SendError> {
+        self.send(direct(to), TEXT, Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    /// Queues a message of `content_type` to conversation `to`; returns its client message id
+    /// (see [`Session::send_text`]).
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig, direct};
+    /// let mut s = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// assert!(s.send(direct("bob"), 2, bytes::Bytes::from_static(b"{}")).is_ok());
+    /// ```
+    pub fn send(
+        &mut self,
+        to: pb::Conversation,
+        content_type: u32,
+        body: Bytes,
+    ) -> Result<u64, SendError> {
+        self.send_message(pb::Send {
+            to: Some(to),
+            content_type,
+            body,
+            ..pb::Send::default()
+        })
+    }
+
+    /// Queues `send` as it is (a RECALL or EDIT, say), with a fresh client message id (any id
+    /// it carries is replaced); returns that id.
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig, direct, pb};
+    /// let mut s = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// let recall = pb::Send { to: Some(direct("bob")), kind: pb::MessageKind::Recall as i32,
+    ///                         ref_seq: 3, ..pb::Send::default() };
+    /// assert!(s.send_message(recall).is_ok());
+    /// ```
+    pub fn send_message(&mut self, mut send: pb::Send) -> Result<u64, SendError> {
+        if send.to.as_ref().is_none_or(|c| c.id.is_empty()) {
+            return Err(SendError::EmptyRecipient);
+        }
+        send.client_msg_id = self.ids.next_id();
+        let frame = send_frame(send.clone());
+        let bytes = parley_proto::frame::encoded_len(&frame);
+        if bytes > self.max_frame_bytes {
+            return Err(SendError::TooLarge {
+                bytes,
+                max: self.max_frame_bytes,
+            });
+        }
+        let id = send.client_msg_id;
+        self.outbox.push(send);
+        if self.state == State::Ready {
+            // Not `now`-dependent: a fresh send has no retry time.
+            self.flush_outbox(self.last_sent);
+        }
+        Ok(id)
+    }
+
+    /// Asks for a page of a conversation's history; the answer comes as
+    /// [`Event::HistoryPage`] (or [`Event::RequestFailed`]) with the returned request id.
+    /// `before_seq` pages backwards (0: from the newest), `after_seq` forwards (it wins if set).
+    /// History pages bypass the inbox: they are shown as they are, whatever was shown before.
+    /// Made while not logged in, the request is lost with the connection: ask again after
+    /// [`Event::Connected`] if no answer came.
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig, direct};
+    /// let mut s = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// let id = s.history(direct("bob"), 0, None, 50);
+    /// assert_ne!(id, 0);
+    /// ```
+    pub fn history(
+        &mut self,
+        conversation: pb::Conversation,
+        before_seq: u64,
+        after_seq: Option<u64>,
+        limit: u32,
+    ) -> u64 {
+        self.start_request(
+            Request::History,
+            Body::HistoryRequest(pb::HistoryRequest {
+                conversation: Some(conversation),
+                before_seq,
+                after_seq,
+                limit,
+            }),
+        )
+    }
+
+    /// Sends any other request (group, presence, room, receipt ...); its answer comes as
+    /// [`Event::Response`] (or [`Event::RequestFailed`]) with the returned request id. Only sent
+    /// when logged in: returns None otherwise.
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig, pb};
+    /// let mut s = Session::new(SessionConfig::default(), std::time::Instant::now());
+    /// let ask = pb::frame::Body::PresenceRequest(pb::PresenceRequest::default());
+    /// assert_eq!(s.request(ask), None); // not logged in
+    /// ```
+    pub fn request(&mut self, body: Body) -> Option<u64> {
+        (self.state == State::Ready).then(|| self.start_request(Request::Other, body))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The driver's inputs
+    // -----------------------------------------------------------------------------------------
+
+    /// A new connection is up: queues the `Login` with `token`. Any previous connection is
+    /// taken as ended.
+    ///
+    /// ```
+    /// use parley_client::{Session, SessionConfig, State};
+    /// let now = std::time::Instant::now();
+    /// let mut s = Session::new(SessionConfig::default(), now);
+    /// s.connected(now, "token".into());
+    /// assert_eq!(s.state(), State::LoggingIn);
+    /// assert!(s.poll_transmit().is_some()); // the Login
+    /// ```
+    pub fn connected(&mut self, now: Instant, token: String) {
+        if self.state != State::Disconnected {
+            self.disconnected(now, DisconnectReason::Closed);
+        }
+        self.state = State::LoggingIn;
+        self.close = false;
+        self.buf.clear();
+        self.codec = FrameCodec::new(MAX_READ_FRAME_BYTES);
+        self.connected_at = Some(now);
+        self.last_heard = now;
+        self.last_sent = now;
+        let id = self.request_ids.next_id();
+        self.requests.insert(id, Request::Login);
+        self.push_frame(
+            id,
+            Body::Login(pb::Login {
+                protocol_version: PROTOCOL_VERSION,
+                token,
+                client_name: self.config.client_name.clone(),
+            }),
+        );
+    }
+
+    /// The connection ended (the driver saw end of stream or an error). Does nothing if the
+    /// session already considers itself disconnected.
+    pub fn disconnected(&mut self, _now: Instant, reason: DisconnectReason) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        self.state = State::Disconnected;
+        self.transmit.clear();
+        self.requests.clear();
+        self.sync = None;
+        self.connected_at = None;
+        self.outbox.reset();
+        self.events.push_back(Event::Disconnected { reason });
+    }
+
+    /// Bytes read from a TCP stream (length-delimited frames). A stream that is not frames
+    /// disconnects the session (see [`Session::take_close`]).
+    pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+        loop {
+            match self.codec.decode_frame(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    self.handle_frame(now, frame);
+                    if self.state == State::Disconnected {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                // A frame of a newer schema, or one that does not decode: skipped.
+                Err(TcpFrameError::Frame(_)) => {}
+                Err(e) => {
+                    self.close_with(now, DisconnectReason::Protocol(e.to_string()));
+                    return;
+                }
+            }
+        }
+        self.flush_acks();
+    }
+
+    /// One frame from the server. (After a batch of frames from [`Session::handle_frame`], the
+    /// driver should call [`Session::flush_acks`]; [`Session::handle_bytes`] does.)
+    pub fn handle_frame(&mut self, now: Instant, frame: pb::Frame) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        self.last_heard = now;
+        let request_id = frame.request_id;
+        let Some(body) = frame.body else { return };
+        match body {
+            Body::LoginResult(r) => self.on_login(now, request_id, r),
+            Body::Error(e) => self.on_error(now, request_id, e),
+            Body::Ping(p) => self.push_frame(
+                request_id,
+                Body::Pong(pb::Pong {
+                    nonce: p.nonce,
+                    time: 0,
+                }),
+            ),
+            Body::Pong(_) => {
+                self.requests.remove(&request_id);
+            }
+            Body::SendAck(a) => self.on_send_ack(now, a),
+            Body::Deliver(d) => {
+                let mut out = Vec::new();
+                for m in d.messages {
+                    self.inbox.receive(m, Source::Deliver, now, &mut out);
+                }
+                self.release(out);
+            }
+            Body::SyncSummary(_) => {}
+            Body::SyncPage(p) => {
+                let mut out = Vec::new();
+                for m in p.messages {
+                    self.inbox.receive(m, Source::Sync, now, &mut out);
+                }
+                if p.done && self.sync == Some(request_id) {
+                    self.inbox.sync_done(&mut out);
+                    self.release(out);
+                    self.requests.remove(&request_id);
+                    self.sync = None;
+                    self.events.push_back(Event::Synced);
+                } else {
+                    self.release(out);
+                }
+            }
+            Body::Behind(_) => self.start_sync(),
+            Body::HistoryPage(page) => {
+                if self.requests.remove(&request_id).is_some() {
+                    self.events
+                        .push_back(Event::HistoryPage { request_id, page });
+                }
+            }
+            body => {
+                let frame = pb::Frame {
+                    request_id,
+                    body: Some(body),
+                };
+                if request_id != 0 && self.requests.get(&request_id) == Some(&Request::Other) {
+                    // Presence answers may come in several frames (`more`): keep the request
+                    // until the last.
+                    let more = matches!(
+                        &frame.body,
+                        Some(Body::PresenceUpdate(p)) if p.more
+                    );
+                    if !more {
+                        self.requests.remove(&request_id);
+                    }
+                    self.events.push_back(Event::Response(frame));
+                } else {
+                    self.events.push_back(Event::Other(frame));
+                }
+            }
+        }
+    }
+
+    /// Sends one cumulative `DeliverAck` for the deliveries taken since the last one, if any.
+    pub fn flush_acks(&mut self) {
+        if self.state == State::Disconnected || !self.inbox.ack_due() {
+            return;
+        }
+        let acks = self.inbox.take_acks();
+        if !acks.is_empty() {
+            self.push_frame(0, Body::DeliverAck(pb::DeliverAck { acks }));
+        }
+    }
+
+    /// The time passed: heartbeats, the login and liveness deadlines, retries, lasting gaps.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Disconnected => {}
+            State::LoggingIn => {
+                if self
+                    .connected_at
+                    .is_some_and(|t| now >= t + self.config.login_timeout)
+                {
+                    self.close_with(now, DisconnectReason::Timeout);
+                }
+            }
+            State::Ready => {
+                if now >= self.last_heard + self.dead_after {
+                    self.close_with(now, DisconnectReason::Timeout);
+                    return;
+                }
+                self.flush_outbox(now);
+                if self.sync.is_none()
+                    && self
+                        .inbox
+                        .oldest_gap()
+                        .is_some_and(|t| now >= t + self.config.gap_timeout)
+                {
+                    self.start_sync();
+                }
+                if now >= self.last_sent + self.ping_every {
+                    self.nonce += 1;
+                    let id = self.request_ids.next_id();
+                    self.push_frame(id, Body::Ping(pb::Ping { nonce: self.nonce }));
+                    self.last_sent = now;
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The driver's outputs
+    // -----------------------------------------------------------------------------------------
+
+    /// The next frame to send, if any. (The driver encodes it; for TCP with
+    /// `parley_proto::tcp::FrameCodec`.)
+    pub fn poll_transmit(&mut self) -> Option<pb::Frame> {
+        self.transmit.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should be called next (None: only after some input).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Disconnected => None,
+            State::LoggingIn => self.connected_at.map(|t| t + self.config.login_timeout),
+            State::Ready => {
+                let mut next =
+                    (self.last_sent + self.ping_every).min(self.last_heard + self.dead_after);
+                if let Some(t) = self.outbox.next_retry() {
+                    next = next.min(t);
+                }
+                if self.sync.is_none()
+                    && let Some(t) = self.inbox.oldest_gap()
+                {
+                    next = next.min(t + self.config.gap_timeout);
+                }
+                Some(next)
+            }
+        }
+    }
+
+    /// The next event for the application, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether the session wants the driver to close the connection (once: the flag clears).
+    /// The session has then already counted itself disconnected.
+    pub fn take_close(&mut self) -> bool {
+        std::mem::take(&mut self.close)
+    }
+
+    /// The driver sent a frame at `now` (for the heartbeat clock).
+    pub fn sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Getters
+    // -----------------------------------------------------------------------------------------
+
+    /// Where the session stands.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The client message ids of the sends not acknowledged yet, in order.
+    pub fn unacked(&self) -> Vec<u64> {
+        self.outbox.ids()
+    }
+
+    /// Every seq of conversation `c` up to this one was shown (or skipped, or sent by this
+    /// device).
+    pub fn cursor(&self, c: &pb::Conversation) -> u64 {
+        self.inbox.cursor(c)
+    }
+
+    /// Whether a sync is running.
+    pub fn syncing(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// How many messages are held above gaps.
+    pub fn held(&self) -> usize {
+        self.inbox.held()
+    }
+
+    /// The largest frame the server accepts (its `LoginResult`, else the protocol default).
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Inside
+    // -----------------------------------------------------------------------------------------
+
+    /// Queues a frame.
+    fn push_frame(&mut self, request_id: u64, body: Body) {
+        self.transmit.push_back(pb::Frame {
+            request_id,
+            body: Some(body),
+        });
+    }
+
+    /// Sends a request of the session's own; returns its id.
+    fn start_request(&mut self, kind: Request, body: Body) -> u64 {
+        let id = self.request_ids.next_id();
+        if self.state == State::Ready {
+            self.requests.insert(id, kind);
+            self.push_frame(id, body);
+        }
+        id
+    }
+
+    /// Starts a sync from the inbox's cursors, unless one runs.
+    fn start_sync(&mut self) {
+        if self.sync.is_some() || self.state != State::Ready {
+            return;
+        }
+        let body = Body::SyncRequest(pb::SyncRequest {
+            cursors: self.inbox.cursors(),
+            page_size: self.config.sync_page_size,
+            max_per_conversation: 0,
+        });
+        let id = self.start_request(Request::Sync, body);
+        self.sync = Some(id);
+    }
+
+    /// Sends the outbox's due sends.
+    fn flush_outbox(&mut self, now: Instant) {
+        for send in self.outbox.due(now) {
+            self.transmit.push_back(send_frame(send));
+        }
+    }
+
+    /// Ends the connection from this side.
+    fn close_with(&mut self, now: Instant, reason: DisconnectReason) {
+        self.disconnected(now, reason);
+        self.close = true;
+    }
+
+    /// Hands what the inbox released to the application.
+    fn release(&mut self, out: Vec<Released>) {
+        for r in out {
+            self.events.push_back(match r {
+                Released::Message(m) => Event::Message(*m),
+                Released::Skipped { conversation, seqs } => Event::Skipped { conversation, seqs },
+            });
+        }
+    }
+
+    /// The answer to Login.
+    fn on_login(&mut self, now: Instant, request_id: u64, r: pb::LoginResult) {
+        if self.state != State::LoggingIn
+            || self.requests.remove(&request_id) != Some(Request::Login)
+        {
+            return;
+        }
+        self.state = State::Ready;
+        if r.max_frame_bytes > 0 {
+            self.max_frame_bytes = usize::try_from(r.max_frame_bytes).unwrap_or(usize::MAX);
+        }
+        let heartbeat = match r.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        self.ping_every = (heartbeat / 2).max(Duration::from_millis(50));
+        self.dead_after = self
+            .config
+            .dead_after
+            .unwrap_or_else(|| (heartbeat * 2).max(MIN_DEAD_AFTER));
+        self.events.push_back(Event::Connected(r));
+        // The outbox first, in order, then the sync.
+        self.outbox.reset();
+        self.flush_outbox(now);
+        self.start_sync();
+    }
+
+    /// A SendAck: the send leaves the outbox; its seq is this device's own.
+    fn on_send_ack(&mut self, now: Instant, a: pb::SendAck) {
+        let sent = self.outbox.remove(a.client_msg_id);
+        let conversation = a
+            .conversation
+            .clone()
+            .or_else(|| sent.as_ref().and_then(|s| s.to.clone()));
+        let Some(conversation) = conversation else {
+            return;
+        };
+        let mut out = Vec::new();
+        self.inbox.own(&conversation, a.seq, now, &mut out);
+        if sent.is_some() {
+            self.events.push_back(Event::Acked {
+                client_msg_id: a.client_msg_id,
+                seq: a.seq,
+                conversation,
+                msg_id: a.msg_id,
+            });
+        }
+        self.release(out);
+    }
+
+    /// An Error: for a send, a request, or the connection.
+    fn on_error(&mut self, now: Instant, request_id: u64, e: pb::Error) {
+        let code = pb::ErrorCode::try_from(e.code).ok();
+        let send_id = if e.client_msg_id != 0 {
+            Some(e.client_msg_id)
+        } else if request_id != 0 && !RequestIds::is_request_id(request_id) {
+            Some(request_id)
+        } else {
+            None
+        };
+        if let Some(id) = send_id {
+            let passing = matches!(
+                code,
+                Some(
+                    pb::ErrorCode::RateLimited
+                        | pb::ErrorCode::StorageFailure
+                        | pb::ErrorCode::Internal
+                        | pb::ErrorCode::ShuttingDown
+                )
+            );
+            if passing {
+                let wait = Duration::from_millis(u64::from(e.retry_after_ms)).max(MIN_RETRY);
+                self.outbox.retry_at(id, now + wait);
+            } else if self.outbox.remove(id).is_some() {
+                self.events.push_back(Event::Refused {
+                    client_msg_id: id,
+                    error: e.clone(),
+                });
+            }
+        } else if let Some(kind) = self.requests.remove(&request_id) {
+            match kind {
+                Request::Sync => {
+                    // The sync failed (e.g. refused); a lasting gap starts another.
+                    self.sync = None;
+                }
+                Request::History | Request::Other => {
+                    self.events.push_back(Event::RequestFailed {
+                        request_id,
+                        error: e.clone(),
+                    });
+                }
+                Request::Login => {}
+            }
+        } else if !e.fatal {
+            self.events.push_back(Event::Other(pb::Frame {
+                request_id,
+                body: Some(Body::Error(e.clone())),
+            }));
+        }
+        if e.fatal {
+            self.close_with(now, DisconnectReason::Server(e));
+        }
+    }
+}
+
+/// A Send frame, with the client message id as its request id.
+fn send_frame(send: pb::Send) -> pb::Frame {
+    pb::Frame {
+        request_id: send.client_msg_id,
+        body: Some(Body::Send(send)),
+    }
+}
+
+/// The direct conversation with user `user`.
+///
+/// ```
+/// let c = parley_client::direct("bob");
+/// assert_eq!(c.id, "bob");
+/// ```
+pub fn direct(user: &str) -> pb::Conversation {
+    pb::Conversation {
+        r#type: pb::ConversationType::Direct as i32,
+        id: user.to_owned(),
+    }
+}
+
+/// Whether two conversations are the same.
+pub fn same(a: &pb::Conversation, b: &pb::Conversation) -> bool {
+    inbox::key(a) == inbox::key(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login_result() -> Body {
+        Body::LoginResult(pb::LoginResult {
+            protocol_version: 1,
+            user: "alice".into(),
+            device: "d".into(),
+            heartbeat_interval_ms: 1000,
+            max_frame_bytes: 65536,
+            ..pb::LoginResult::default()
+        })
+    }
+
+    fn msg(peer: &str, seq: u64) -> pb::Message {
+        pb::Message {
+            conversation: Some(direct(peer)),
+            seq,
+            from_user: peer.into(),
+            body: Bytes::from(format!("m{seq}")),
+            ..pb::Message::default()
+        }
+    }
+
+    fn frame(request_id: u64, body: Body) -> pb::Frame {
+        pb::Frame {
+            request_id,
+            body: Some(body),
+        }
+    }
+
+    /// A session logged in on a connection; returns it with the frames it sent after login.
+    fn ready(now: Instant) -> (Session, Vec<pb::Frame>) {
+        let mut s = Session::new(SessionConfig::default(), now);
+        let sent = login(&mut s, now);
+        assert!(matches!(events(&mut s)[..], [Event::Connected(_)]));
+        (s, sent)
+    }
+
+    /// Connects and logs `s` in; returns the frames sent after the Login.
+    fn login(s: &mut Session, now: Instant) -> Vec<pb::Frame> {
+        s.connected(now, "tok".into());
+        let login = s.poll_transmit().expect("login");
+        assert!(matches!(login.body, Some(Body::Login(ref l)) if l.token == "tok"));
+        s.handle_frame(now, frame(login.request_id, login_result()));
+        drain(s)
+    }
+
+    fn drain(s: &mut Session) -> Vec<pb::Frame> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn shown(events: &[Event]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sync_id(frames: &[pb::Frame]) -> u64 {
+        frames
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::SyncRequest(_))))
+            .expect("a sync request")
+            .request_id
+    }
+
+    #[test]
+    fn login_resends_the_outbox_in_order_with_the_same_ids_then_syncs() {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), now);
+        let a = s.send_text("bob", "one").expect("send");
+        let b = s.send_text("bob", "two").expect("send");
+        assert!(s.poll_transmit().is_none(), "nothing goes out before login");
+        let sent = login(&mut s, now);
+        let ids: Vec<u64> = sent
+            .iter()
+            .filter_map(|f| match &f.body {
+                Some(Body::Send(send)) => Some(send.client_msg_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [a, b]);
+        assert!(matches!(sent[2].body, Some(Body::SyncRequest(_))));
+        assert!(matches!(events(&mut s)[0], Event::Connected(_)));
+
+        // The first is acked; the connection drops; the second goes again, same id.
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: a,
+                    seq: 1,
+                    conversation: Some(direct("bob")),
+                    ..pb::SendAck::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(events(&mut s)[..], [Event::Acked { client_msg_id, seq: 1, .. }] if client_msg_id == a)
+        );
+        s.disconnected(now, DisconnectReason::Closed);
+        let sent = login(&mut s, now);
+        assert!(matches!(&sent[0].body, Some(Body::Send(send)) if send.client_msg_id == b));
+        // The sync starts from the own message's seq.
+        let Some(Body::SyncRequest(req)) = &sent[1].body else {
+            panic!("expected a sync, got {sent:?}");
+        };
+        assert_eq!(req.cursors[0].seq, 1);
+        // A retried ack (the server's de-dup) for the first changes nothing.
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: a,
+                    seq: 1,
+                    conversation: Some(direct("bob")),
+                    ..pb::SendAck::default()
+                }),
+            ),
+        );
+        assert!(
+            !events(&mut s)
+                .iter()
+                .any(|e| matches!(e, Event::Acked { .. }))
+        );
+        assert_eq!(s.unacked(), vec![b]);
+    }
+
+    #[test]
+    fn deliveries_are_deduplicated_ordered_and_acked_cumulatively_in_one_frame() {
+        let now = Instant::now();
+        let (mut s, sent) = ready(now);
+        let sync = sync_id(&sent);
+        s.handle_frame(
+            now,
+            frame(
+                sync,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1)],
+                    done: true,
+                }),
+            ),
+        );
+        let mut bytes = BytesMut::new();
+        let codec = FrameCodec::default();
+        for seqs in [[2, 4], [2, 3]] {
+            let d = pb::Deliver {
+                messages: seqs.iter().map(|&q| msg("bob", q)).collect(),
+            };
+            codec
+                .encode(&frame(0, Body::Deliver(d)), &mut bytes)
+                .expect("encode");
+        }
+        s.handle_bytes(now, &bytes);
+        assert_eq!(shown(&events(&mut s)), [1, 2, 3, 4]);
+        let acks = drain(&mut s);
+        assert_eq!(acks.len(), 1, "one ack for the whole batch: {acks:?}");
+        let Some(Body::DeliverAck(ack)) = &acks.last().and_then(|f| f.body.clone()) else {
+            panic!("expected an ack, got {acks:?}");
+        };
+        assert_eq!(ack.acks[0].seq, 4);
+    }
+
+    #[test]
+    fn a_lasting_gap_starts_a_sync_whose_pages_fill_it() {
+        let now = Instant::now();
+        let (mut s, sent) = ready(now);
+        let first = sync_id(&sent);
+        s.handle_frame(
+            now,
+            frame(
+                first,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1)],
+                    done: true,
+                }),
+            ),
+        );
+        s.handle_frame(
+            now,
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    messages: vec![msg("bob", 3)],
+                }),
+            ),
+        );
+        s.flush_acks();
+        let acked = drain(&mut s);
+        assert!(matches!(&acked[0].body, Some(Body::DeliverAck(a)) if a.acks[0].seq == 1));
+        assert_eq!(shown(&events(&mut s)), [1]);
+        // Before the gap timeout: nothing.
+        s.handle_timeout(now + Duration::from_millis(100));
+        assert!(drain(&mut s).is_empty());
+        let later = now + SessionConfig::default().gap_timeout;
+        assert!(s.poll_timeout().is_some_and(|t| t <= later));
+        s.handle_timeout(later);
+        let sent = drain(&mut s);
+        let Some(Body::SyncRequest(req)) = &sent[0].body else {
+            panic!("expected a sync, got {sent:?}");
+        };
+        assert_eq!(req.cursors[0].seq, 1);
+        s.handle_frame(
+            later,
+            frame(
+                sent[0].request_id,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 2)],
+                    done: true,
+                }),
+            ),
+        );
+        let ev = events(&mut s);
+        assert_eq!(shown(&ev), [2, 3]);
+        assert!(matches!(ev.last(), Some(Event::Synced)));
+    }
+
+    #[test]
+    fn heartbeats_go_out_at_half_the_interval_and_a_silent_server_is_dropped() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let half = now + Duration::from_millis(500);
+        assert_eq!(s.poll_timeout(), Some(half));
+        s.handle_timeout(half);
+        assert!(matches!(
+            drain(&mut s)[..],
+            [pb::Frame {
+                body: Some(Body::Ping(_)),
+                ..
+            }]
+        ));
+        // A server ping is answered with its nonce.
+        s.handle_frame(half, frame(9, Body::Ping(pb::Ping { nonce: 7 })));
+        let pong = drain(&mut s);
+        assert!(
+            matches!(&pong[0], pb::Frame { request_id: 9, body: Some(Body::Pong(p)) } if p.nonce == 7)
+        );
+        // Nothing heard for the dead time (5 s at least): closed.
+        s.handle_timeout(half + Duration::from_secs(5));
+        assert!(s.take_close());
+        assert_eq!(s.state(), State::Disconnected);
+        assert!(events(&mut s).contains(&Event::Disconnected {
+            reason: DisconnectReason::Timeout
+        }));
+    }
+
+    #[test]
+    fn refusals_leave_the_outbox_and_passing_errors_are_retried_with_the_same_id() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let a = s.send_text("bob", "x").expect("send");
+        let b = s.send_text("nobody", "y").expect("send");
+        drain(&mut s);
+        s.handle_frame(
+            now,
+            frame(
+                a,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::RateLimited as i32,
+                    retry_after_ms: 300,
+                    client_msg_id: a,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        s.handle_frame(
+            now,
+            frame(
+                b,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::InvalidArgument as i32,
+                    client_msg_id: b,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(events(&mut s)[..], [Event::Refused { client_msg_id, .. }] if client_msg_id == b)
+        );
+        assert_eq!(s.unacked(), vec![a]);
+        s.handle_timeout(now + Duration::from_millis(299));
+        assert!(drain(&mut s).is_empty());
+        s.handle_timeout(now + Duration::from_millis(300));
+        let again = drain(&mut s);
+        assert!(matches!(&again[0].body, Some(Body::Send(send)) if send.client_msg_id == a));
+    }
+
+    #[test]
+    fn a_fatal_error_closes_and_history_and_garbage_are_handled() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let h = s.history(direct("bob"), 0, None, 10);
+        let sent = drain(&mut s);
+        assert!(
+            matches!(&sent[0], pb::Frame { request_id, body: Some(Body::HistoryRequest(_)) } if *request_id == h)
+        );
+        s.handle_frame(
+            now,
+            frame(
+                h,
+                Body::HistoryPage(pb::HistoryPage {
+                    messages: vec![msg("bob", 1)],
+                    ..pb::HistoryPage::default()
+                }),
+            ),
+        );
+        assert!(
+            matches!(&events(&mut s)[..], [Event::HistoryPage { request_id, .. }] if *request_id == h)
+        );
+        // A delimited frame that is not protobuf is skipped.
+        s.handle_bytes(now, &[3, 0xff, 0xff, 0xff]);
+        assert_eq!(s.state(), State::Ready);
+        s.handle_frame(
+            now,
+            frame(
+                0,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::ShuttingDown as i32,
+                    fatal: true,
+                    retry_after_ms: 2000,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        assert!(s.take_close());
+        let ev = events(&mut s);
+        let Some(Event::Disconnected { reason }) = ev.last() else {
+            panic!("expected a disconnect, got {ev:?}");
+        };
+        assert_eq!(reason.retry_after_ms(), Some(2000));
+        assert!(!reason.is_permanent());
+        // A desynchronised stream closes.
+        login(&mut s, now);
+        s.handle_bytes(now, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert!(s.take_close());
+    }
+
+    #[test]
+    fn oversized_and_empty_sends_are_refused_locally() {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), now);
+        assert_eq!(s.send_text("", "x"), Err(SendError::EmptyRecipient));
+        let big = "x".repeat(DEFAULT_MAX_FRAME_BYTES);
+        assert!(matches!(
+            s.send_text("bob", &big),
+            Err(SendError::TooLarge { .. })
+        ));
+        assert!(s.unacked().is_empty());
+    }
+}
