@@ -329,3 +329,99 @@ fn tls_sessions_survive_the_handover_to_their_users_home_shard() {
         assert_eq!(message.body.as_ref(), body.as_bytes());
     }
 }
+
+/// The broker's CPU time so far (user + system), from `/proc/PID/stat`.
+fn broker_cpu(broker: &Broker) -> Duration {
+    let pid = broker.pid();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// The figures of issue 9's TLS part: handshakes (connect, handshake, login, close) per broker
+/// CPU-second and the broker's memory per idle logged-in connection, TLS against plain TCP in the
+/// same run. A measurement, not a promise: run it on a release build, alone:
+///
+/// `cargo test --release -p parley-tests --test tls -- --ignored --nocapture measure`
+/// (`PARLEY_MEASURE_CONNS` sets the idle connections per transport, default 5000).
+#[test]
+#[ignore = "a measurement: run on a release build (see its doc)"]
+fn measure_handshakes_per_cpu_second_and_memory_per_idle_connection() {
+    let cert = TestCert::new();
+    let (broker, _certs) = tls_broker(
+        &cert,
+        &[
+            "storage.durability=\"never\"",
+            "limits.max_unauthenticated_per_source=100000",
+        ],
+    );
+    let trust = tls_client_config(std::slice::from_ref(&cert.der));
+    let rounds = 2000;
+    let rate = |tls: bool| {
+        let cpu = broker_cpu(&broker);
+        let start = Instant::now();
+        for i in 0..rounds {
+            let user = format!("hs{}{i}", if tls { "t" } else { "p" });
+            if tls {
+                tls_client(&broker, &trust).login(&user, "d");
+            } else {
+                broker.tcp().login(&user, "d");
+            }
+        }
+        let wall = start.elapsed();
+        let cpu = broker_cpu(&broker).saturating_sub(cpu);
+        let per_cpu_s = f64::from(rounds) / cpu.as_secs_f64().max(1e-3);
+        println!(
+            "{}: {rounds} connect+handshake+login+close in {wall:?}, broker CPU {cpu:?}: \
+             {per_cpu_s:.0} per broker CPU-s, {:.0} per wall-s",
+            if tls { "tls" } else { "tcp" },
+            f64::from(rounds) / wall.as_secs_f64()
+        );
+    };
+    rate(false);
+    rate(true);
+    rate(false);
+    rate(true);
+
+    let conns: usize = std::env::var("PARLEY_MEASURE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    // Let the closed connections' lingers end before the baseline.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = |tls: bool| -> Vec<Box<dyn std::any::Any>> {
+        let before = broker.rss_kib();
+        let mut held: Vec<Box<dyn std::any::Any>> = Vec::with_capacity(conns);
+        for i in 0..conns {
+            let user = format!("idle{}{i}", if tls { "t" } else { "p" });
+            if tls {
+                let mut c = tls_client(&broker, &trust);
+                c.login(&user, "d");
+                held.push(Box::new(c));
+            } else {
+                let mut c = broker.tcp();
+                c.login(&user, "d");
+                held.push(Box::new(c));
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let after = broker.rss_kib();
+        println!(
+            "{}: {conns} idle logged-in connections: broker RSS {before} KiB -> {after} KiB, \
+             {:.0} B per connection",
+            if tls { "tls" } else { "tcp" },
+            (after.saturating_sub(before) as f64 * 1024.0) / conns as f64
+        );
+        held
+    };
+    let plain = idle(false);
+    let secure = idle(true);
+    drop((plain, secure));
+}
