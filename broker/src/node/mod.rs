@@ -7,7 +7,8 @@
 //! must know is handed between the cores before any thread runs. Only then are the listeners
 //! bound (shard 0 binds the configured address, possibly port 0; the other shards bind the port
 //! it got, with `SO_REUSEPORT`), so a client never waits in a backlog while the node recovers: it
-//! is refused and retries. The shard count of a data dir is recorded at its first start
+//! is refused and retries. The TLS listeners (`listen.tls`, `listen.wss`) bind the same way; their
+//! certificate is loaded before anything else, so a bad one stops the start at once. The shard count of a data dir is recorded at its first start
 //! (`<data_dir>/shards`) and must not change: conversations are placed by `id % shards`.
 
 mod admission;
