@@ -55,6 +55,8 @@ pub struct Config {
     pub shards: usize,
     /// Listening addresses.
     pub listen: Listen,
+    /// TLS for `listen.tls` and `listen.wss`: the certificate and the handshake's limits.
+    pub tls: Tls,
     /// Authentication.
     pub auth: Auth,
     /// The message logs.
@@ -450,7 +452,10 @@ fn check_webhook_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Listening addresses. A node listens on loopback unless configured otherwise.
+/// Listening addresses. A node listens on loopback unless configured otherwise: the plain
+/// listeners (`tcp`, `ws`) default to 127.0.0.1, and the TLS ones (`tls`, `wss`), which are the
+/// ones to expose beyond the machine, are off until given an address (and `tls.cert_path`,
+/// `tls.key_path`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
@@ -458,11 +463,56 @@ pub struct Listen {
     pub tcp: Option<SocketAddr>,
     /// WebSocket. Default `127.0.0.1:7401`; unset to disable.
     pub ws: Option<SocketAddr>,
+    /// Raw TCP inside TLS (same framing as `tcp`), e.g. `0.0.0.0:7443`. Default none (off);
+    /// needs `tls.cert_path` and `tls.key_path`.
+    pub tls: Option<SocketAddr>,
+    /// WebSocket inside TLS (`wss://`), e.g. `0.0.0.0:7444`. Default none (off); needs
+    /// `tls.cert_path` and `tls.key_path`.
+    #[serde(deserialize_with = "address_or_none")]
+    pub wss: Option<SocketAddr>,
     /// Origins a browser may open a WebSocket from (the upgrade request's `Origin` header,
     /// compared exactly, e.g. `"https://chat.example.com"`). Default empty: any origin. When set,
     /// an upgrade whose `Origin` is not in the list is refused with HTTP 403; a request without
     /// an `Origin` (not a browser) is served.
     pub ws_allowed_origins: Vec<String>,
+}
+
+/// TLS for the `listen.tls` and `listen.wss` listeners (rustls; TLS 1.2 and 1.3, no client
+/// certificates). The certificate is read at start and again on SIGHUP (`broker serve`) or
+/// `Handle::reload_tls`: new connections get the new one, open connections keep theirs, and a
+/// reload that fails keeps the old one. `broker devcert --out DIR` makes a self-signed pair for
+/// local use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// The certificate chain, PEM (end-entity certificate first). Default none; required when
+    /// `listen.tls` or `listen.wss` is set.
+    pub cert_path: Option<PathBuf>,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1). Default none; required when `listen.tls`
+    /// or `listen.wss` is set.
+    pub key_path: Option<PathBuf>,
+    /// A connection that has not finished its TLS handshake this long after it was accepted is
+    /// dropped (counted in `tls_failures`). `timeouts.login_ms` also runs from the accept, so
+    /// the login timeout bounds a stalled handshake too; this one drops it without the close
+    /// linger, and may be set shorter. Default 10000.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            cert_path: None,
+            key_path: None,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Tls {
+    /// Whether any TLS listener is on in `listen`.
+    pub fn enabled(listen: &Listen) -> bool {
+        listen.tls.is_some() || listen.wss.is_some()
+    }
 }
 
 /// A secret value: never printed, never logged.
@@ -675,6 +725,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             shards: 0,
             listen: Listen::default(),
+            tls: Tls::default(),
             auth: Auth::default(),
             storage: Storage::default(),
             limits: Limits::default(),
@@ -694,6 +745,8 @@ impl Default for Listen {
         Self {
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             ws: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            tls: None,
+            wss: None,
             ws_allowed_origins: Vec::new(),
         }
     }
@@ -884,8 +937,18 @@ impl Config {
     /// Checks values that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if self.listen.tcp.is_none() && self.listen.ws.is_none() {
-            return fail("listen: at least one of tcp and ws must be set");
+        let l = &self.listen;
+        if l.tcp.is_none() && l.ws.is_none() && l.tls.is_none() && l.wss.is_none() {
+            return fail("listen: at least one of tcp, ws, tls and wss must be set");
+        }
+        if Tls::enabled(l) && (self.tls.cert_path.is_none() || self.tls.key_path.is_none()) {
+            return fail(
+                "tls.cert_path and tls.key_path must be set when listen.tls or listen.wss is on \
+                 (PEM files; `broker devcert --out DIR` makes a pair for local use)",
+            );
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            return fail("tls.handshake_timeout_ms must be positive");
         }
         if self.limits.max_frame_bytes < 256 {
             return fail("limits.max_frame_bytes must be at least 256");
@@ -1067,7 +1130,37 @@ mod tests {
         assert_eq!(c, Config::default());
         assert!(c.listen.tcp.is_some_and(|a| a.ip().is_loopback()));
         assert!(c.listen.ws.is_some_and(|a| a.ip().is_loopback()));
+        // The TLS listeners (the ones to expose) are off until configured.
+        assert_eq!((c.listen.tls, c.listen.wss), (None, None));
         assert_eq!(c.storage.durability, DurabilityPolicy::Always);
+    }
+
+    #[test]
+    fn a_tls_listener_needs_a_certificate_and_key() {
+        let e = load(&[], &["listen.tls=127.0.0.1:0"]).expect_err("no cert");
+        assert!(
+            e.to_string().contains("tls.cert_path and tls.key_path"),
+            "{e}"
+        );
+        let e = load(&[], &["listen.wss=127.0.0.1:0", "tls.cert_path=/x.pem"]).expect_err("no key");
+        assert!(e.to_string().contains("tls.key_path"), "{e}");
+        let c = load(
+            &[("PARLEY_TLS__KEY_PATH", "/k.pem")],
+            &["listen.tls=0.0.0.0:7443", "tls.cert_path=/c.pem"],
+        )
+        .expect("valid");
+        assert_eq!(c.listen.tls, Some(SocketAddr::from(([0, 0, 0, 0], 7443))));
+        assert_eq!(c.tls.key_path.as_deref(), Some(Path::new("/k.pem")));
+        assert_eq!(c.tls.handshake_timeout_ms, 10_000);
+        assert!(load(&[], &["tls.handshake_timeout_ms=0"]).is_err());
+        // TLS alone is a listener.
+        let mut c = Config::default();
+        c.listen.tcp = None;
+        c.listen.ws = None;
+        c.listen.tls = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.tls.cert_path = Some(PathBuf::from("/c.pem"));
+        c.tls.key_path = Some(PathBuf::from("/k.pem"));
+        assert!(c.validate().is_ok());
     }
 
     #[test]

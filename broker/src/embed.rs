@@ -34,6 +34,7 @@ use crate::local::{LocalClient, LocalError};
 use crate::node::control::Control;
 pub use crate::node::control::ControlError;
 use crate::node::{Node, NodeError, ShutdownHandle, StartupReport};
+use crate::tls::{Certificate, TlsError};
 
 pub use crate::node::control::SERVICE_DEVICE;
 
@@ -102,8 +103,11 @@ impl Broker {
             addrs: Addrs {
                 tcp: node.tcp_addr(),
                 ws: node.ws_addr(),
+                tls: node.tls_addr(),
+                wss: node.wss_addr(),
                 admin: node.admin_addr(),
             },
+            certificate: node.certificate(),
             node: Arc::new(Mutex::new(Some(node))),
         })
     }
@@ -113,6 +117,8 @@ impl Broker {
 struct Addrs {
     tcp: Option<SocketAddr>,
     ws: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
     admin: Option<SocketAddr>,
 }
 
@@ -124,6 +130,8 @@ pub struct Handle {
     shutdown: ShutdownHandle,
     addrs: Addrs,
     report: StartupReport,
+    /// The TLS listeners' certificate, if TLS is on.
+    certificate: Option<Arc<Certificate>>,
     node: Arc<Mutex<Option<Node>>>,
 }
 
@@ -132,6 +140,8 @@ impl std::fmt::Debug for Handle {
         f.debug_struct("Handle")
             .field("tcp", &self.addrs.tcp)
             .field("ws", &self.addrs.ws)
+            .field("tls", &self.addrs.tls)
+            .field("wss", &self.addrs.wss)
             .field("admin", &self.addrs.admin)
             .finish()
     }
@@ -156,6 +166,31 @@ impl Handle {
     /// How the start went (recovery time, limits lowered to fit the machine).
     pub fn startup_report(&self) -> StartupReport {
         self.report
+    }
+
+    /// The TLS listener's address (`listen.tls`, port 0 resolved), if enabled.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.addrs.tls
+    }
+
+    /// The WebSocket-over-TLS listener's address (`listen.wss`, port 0 resolved), if enabled.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.addrs.wss
+    }
+
+    /// Reads `tls.cert_path` and `tls.key_path` again (as `broker serve` does on SIGHUP):
+    /// handshakes from now on present the new certificate; connections already open keep
+    /// theirs.
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::NotEnabled`] if no TLS listener is on; otherwise why the files do not load,
+    /// and then the old certificate stays in force.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        self.certificate
+            .as_ref()
+            .ok_or(TlsError::NotEnabled)?
+            .reload()
     }
 
     /// The node's counters, summed over its shards (as of at most ~100 ms ago).

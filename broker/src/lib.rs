@@ -40,6 +40,7 @@ mod local;
 mod loglimit;
 mod node;
 pub mod secret;
+mod tls;
 #[cfg(feature = "sim")]
 pub mod transport;
 #[cfg(not(feature = "sim"))]
@@ -54,3 +55,4 @@ pub use local::{LOCAL_TIMEOUT, LocalClient, LocalError};
 pub use node::{Lowered, NodeError, StartupReport};
 /// The protocol's types (frames, messages, conversations), as [`LocalClient`] speaks them.
 pub use parley_proto as proto;
+pub use tls::TlsError;

@@ -22,10 +22,12 @@ pub enum LogKind {
     Accept,
     /// Registering a socket with the poller failed.
     Register,
+    /// A TLS connection failed (a protocol error, a handshake past its timeout).
+    Tls,
 }
 
 impl LogKind {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
 
     fn index(self) -> usize {
         match self {
@@ -33,6 +35,7 @@ impl LogKind {
             LogKind::Encode => 1,
             LogKind::Accept => 2,
             LogKind::Register => 3,
+            LogKind::Tls => 4,
         }
     }
 }

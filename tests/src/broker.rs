@@ -57,6 +57,9 @@ pub struct Broker {
     ws: SocketAddr,
     /// The admin listener of the current run, if it printed one.
     admin: Option<SocketAddr>,
+    /// The TLS listeners of the current run (`listen.tls`, `listen.wss`), if it printed them.
+    tls: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
     starts: u32,
     stdout: Arc<Mutex<String>>,
     /// The soft and hard open-file limit (`ulimit -n`) the broker is started under, if not the
@@ -197,6 +200,8 @@ impl Broker {
             tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
             ws: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: None,
+            tls: None,
+            wss: None,
             starts: 0,
             stdout: Arc::default(),
             open_file_limit: None,
@@ -229,6 +234,27 @@ impl Broker {
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
             .expect("the broker printed no admin= address (admin.listen disabled?)")
+    }
+
+    /// The TLS listener (`tls=` of the listening line); panics if the broker has none.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls
+            .expect("the broker printed no tls= address (listen.tls not set?)")
+    }
+
+    /// The WebSocket-over-TLS listener (`wss=` of the listening line); panics if it has none.
+    pub fn wss_addr(&self) -> SocketAddr {
+        self.wss
+            .expect("the broker printed no wss= address (listen.wss not set?)")
+    }
+
+    /// Sends the running broker SIGHUP (it reloads its TLS certificate).
+    pub fn hangup(&self) {
+        let child = self
+            .child
+            .as_ref()
+            .expect("hangup: the broker is not running");
+        signal(child, libc::SIGHUP);
     }
 
     /// The token secret the broker was started with.
@@ -517,7 +543,9 @@ impl Broker {
         });
         self.tcp = tcp;
         self.ws = ws;
-        self.admin = parse_admin_address(&line);
+        self.admin = parse_named_address(&line, "admin");
+        self.tls = parse_named_address(&line, "tls");
+        self.wss = parse_named_address(&line, "wss");
     }
 }
 
@@ -574,10 +602,10 @@ fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     Some((tcp?, ws?))
 }
 
-/// The `admin=ADDR` of a listening line, if it has one.
-fn parse_admin_address(line: &str) -> Option<SocketAddr> {
+/// The `NAME=ADDR` of a listening line (`admin`, `tls`, `wss`), if it has one.
+fn parse_named_address(line: &str, name: &str) -> Option<SocketAddr> {
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
         .and_then(|a| a.parse().ok())
 }
 
@@ -677,11 +705,14 @@ mod tests {
         let line = "parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001 admin=127.0.0.1:4002";
         assert!(parse_listening_line(line).is_some());
         assert_eq!(
-            parse_admin_address(line),
+            parse_named_address(line, "admin"),
             Some(SocketAddr::from(([127, 0, 0, 1], 4002)))
         );
         assert_eq!(
-            parse_admin_address("parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001"),
+            parse_named_address(
+                "parley listening tcp=127.0.0.1:4000 ws=127.0.0.1:4001",
+                "admin"
+            ),
             None
         );
     }

@@ -22,6 +22,12 @@ use crate::{PROTOCOL_VERSION, TIMEOUT, conv_name, token};
 /// A test client over WebSocket.
 pub type WsClient = Client<Ws>;
 
+/// A client over TLS (TCP framing inside TLS, see [`crate::transport::connect_tls`]).
+pub type TlsClient = Client<crate::transport::Tcp<crate::transport::TlsStream>>;
+
+/// A client over WebSocket inside TLS (wss).
+pub type WssClient = Client<Ws<crate::transport::TlsStream>>;
+
 /// Client message ids are unique across the whole test process, so that no two sends of one
 /// device ever share one by accident (the broker would take the second for a retry).
 static NEXT_CLIENT_MSG_ID: AtomicU64 = AtomicU64::new(1);

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use parley_proto::pb;
 
 pub use broker::Broker;
-pub use client::{Arrival, Client, Pipeline, SyncResult, Via, WsClient};
+pub use client::{Arrival, Client, Pipeline, SyncResult, TlsClient, Via, WsClient, WssClient};
 pub use parley_proto::pb::ErrorCode;
 
 /// The default bound of one operation (a login, an ack, a delivery, a close).

@@ -1,19 +1,24 @@
-//! The two ways a test client reaches the broker: raw TCP with varint-delimited frames
-//! ([`Tcp`], through `parley_proto::tcp::FrameCodec`) and WebSocket binary messages ([`Ws`],
-//! through tungstenite, an implementation independent of the broker's).
+//! The ways a test client reaches the broker: raw TCP with varint-delimited frames ([`Tcp`],
+//! through `parley_proto::tcp::FrameCodec`) and WebSocket binary messages ([`Ws`], through
+//! tungstenite, an implementation independent of the broker's), each over a plain socket or
+//! over TLS ([`TlsStream`]: a rustls client session, see [`connect_tls`]).
 //!
-//! Both are blocking `std::net` sockets whose every read and write is bounded by a timeout.
+//! All are blocking `std::net` sockets whose every read and write is bounded by a timeout.
 
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use parley_proto::frame;
 use parley_proto::pb;
 use parley_proto::tcp::FrameCodec;
-use socket2::{Domain, Socket, Type};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use socket2::{Domain, Socket as RawSocket, Type};
 use tungstenite::{Message, WebSocket};
 
 use crate::TIMEOUT;
@@ -62,7 +67,7 @@ fn is_timeout(e: &io::Error) -> bool {
 /// Connects a TCP stream with the harness's timeouts, optionally with a small receive buffer
 /// (set before connecting, so the kernel does not grow the window past it).
 pub fn connect_tcp(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    let socket = RawSocket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if let Some(bytes) = recv_buffer {
         socket.set_recv_buffer_size(bytes)?;
     }
@@ -74,29 +79,104 @@ pub fn connect_tcp(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<T
     Ok(stream)
 }
 
-/// Raw TCP: each frame preceded by its length as a protobuf varint.
+/// A TCP connection to the broker inside a rustls client session.
+pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+
+/// The byte stream under a transport: a plain socket or a TLS session over one.
+pub trait Socket: Read + Write + Send + fmt::Debug + Sized {
+    /// Whether this is TLS (for messages: `tls`, `wss`).
+    const TLS: bool;
+    /// Connects to `addr` (a TLS stream cannot: it needs its trust roots, see [`connect_tls`]).
+    fn open(addr: SocketAddr) -> io::Result<Self>;
+    /// The TCP socket underneath (for timeouts and addresses).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    const TLS: bool = false;
+
+    fn open(addr: SocketAddr) -> io::Result<Self> {
+        connect_tcp(addr, None)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for TlsStream {
+    const TLS: bool = true;
+
+    fn open(_addr: SocketAddr) -> io::Result<Self> {
+        Err(io::Error::new(
+            ErrorKind::Unsupported,
+            "a TLS connection needs its trust roots: open it with transport::connect_tls",
+        ))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// A client configuration (ring provider, TLS 1.2 and 1.3) that trusts exactly `roots`.
+pub fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<ClientConfig> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store
+            .add(root.clone())
+            .unwrap_or_else(|e| panic!("not a usable root certificate: {e}"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| panic!("rustls refuses its own defaults: {e}"))
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Connects to `addr` and completes a TLS handshake for the name `localhost` under `config`
+/// (every step bounded by the harness's timeouts).
+pub fn connect_tls(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TlsStream> {
+    let tcp = connect_tcp(addr, None)?;
+    let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+    let session = ClientConnection::new(config, name).map_err(io::Error::other)?;
+    let mut stream = StreamOwned::new(session, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+/// The certificate the server presented on `stream` (its end-entity certificate).
+pub fn peer_certificate(stream: &TlsStream) -> Option<CertificateDer<'static>> {
+    stream
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.clone().into_owned())
+}
+
+/// Raw TCP: each frame preceded by its length as a protobuf varint; over TLS if `S` is
+/// [`TlsStream`].
 #[derive(Debug)]
-pub struct Tcp {
-    stream: TcpStream,
+pub struct Tcp<S: Socket = TcpStream> {
+    stream: S,
     codec: FrameCodec,
     input: BytesMut,
     output: BytesMut,
 }
 
-impl Tcp {
+impl<S: Socket> Tcp<S> {
     /// Wraps a connected stream.
-    pub fn from_stream(stream: TcpStream) -> Self {
+    pub fn from_stream(stream: S) -> Self {
         Self {
             stream,
             codec: FrameCodec::new(CLIENT_MAX_FRAME_BYTES),
             input: BytesMut::with_capacity(64 << 10),
             output: BytesMut::new(),
         }
-    }
-
-    /// Connects with a receive buffer of `recv_buffer` bytes (see [`connect_tcp`]).
-    pub fn open_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> io::Result<Self> {
-        connect_tcp(addr, Some(recv_buffer)).map(Self::from_stream)
     }
 
     /// Writes `frames` with one `write` call, so that they reach the broker together (in one
@@ -116,11 +196,23 @@ impl Tcp {
         self.stream.write_all(bytes)?;
         self.stream.flush()
     }
+
+    /// The stream underneath (e.g. to look at a TLS session).
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
 }
 
-impl Transport for Tcp {
+impl Tcp<TcpStream> {
+    /// Connects with a receive buffer of `recv_buffer` bytes (see [`connect_tcp`]).
+    pub fn open_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> io::Result<Self> {
+        connect_tcp(addr, Some(recv_buffer)).map(Self::from_stream)
+    }
+}
+
+impl<S: Socket> Transport for Tcp<S> {
     fn open(addr: SocketAddr, _token: Option<&str>) -> io::Result<Self> {
-        connect_tcp(addr, None).map(Self::from_stream)
+        S::open(addr).map(Self::from_stream)
     }
 
     fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
@@ -128,7 +220,8 @@ impl Transport for Tcp {
         self.codec
             .encode(frame, &mut self.output)
             .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-        self.stream.write_all(&self.output)
+        self.stream.write_all(&self.output)?;
+        self.stream.flush()
     }
 
     fn read_frame(&mut self, deadline: Instant) -> Incoming {
@@ -142,7 +235,11 @@ impl Transport for Tcp {
             if Instant::now() >= deadline {
                 return Incoming::TimedOut;
             }
-            if let Err(e) = self.stream.set_read_timeout(Some(remaining(deadline))) {
+            if let Err(e) = self
+                .stream
+                .tcp()
+                .set_read_timeout(Some(remaining(deadline)))
+            {
                 return Incoming::Closed(format!("cannot set a read timeout: {e}"));
             }
             match self.stream.read(&mut chunk) {
@@ -161,20 +258,47 @@ impl Transport for Tcp {
     }
 
     fn name(&self) -> &'static str {
-        "tcp"
+        if S::TLS { "tls" } else { "tcp" }
     }
 }
 
 /// WebSocket: one binary message per frame (or, after [`Ws::use_text`], one text message with
-/// the frame's JSON form), through tungstenite.
-pub struct Ws {
-    ws: WebSocket<TcpStream>,
+/// the frame's JSON form), through tungstenite; over TLS (wss) if `S` is [`TlsStream`].
+pub struct Ws<S: Socket = TcpStream> {
+    ws: WebSocket<S>,
     buf: BytesMut,
     text: bool,
     texts_read: usize,
 }
 
-impl Ws {
+impl<S: Socket> Ws<S> {
+    /// Performs the WebSocket upgrade over `stream` (connected to `addr`), with `token` in the
+    /// URL if given.
+    pub fn over(stream: S, addr: SocketAddr, token: Option<&str>) -> io::Result<Self> {
+        let scheme = if S::TLS { "wss" } else { "ws" };
+        let url = match token {
+            Some(token) => format!("{scheme}://{addr}/?token={token}"),
+            None => format!("{scheme}://{addr}/"),
+        };
+        let (ws, _response) = tungstenite::client(url.as_str(), stream).map_err(|e| {
+            io::Error::new(
+                ErrorKind::ConnectionRefused,
+                format!("WebSocket upgrade failed: {e}"),
+            )
+        })?;
+        Ok(Self {
+            ws,
+            buf: BytesMut::new(),
+            text: false,
+            texts_read: 0,
+        })
+    }
+
+    /// The stream underneath (e.g. to look at a TLS session).
+    pub fn stream(&self) -> &S {
+        self.ws.get_ref()
+    }
+
     /// Writes frames as text messages holding their proto3 JSON form from now on (the broker
     /// then answers in JSON too).
     pub fn use_text(&mut self) {
@@ -193,33 +317,17 @@ impl Ws {
     }
 }
 
-impl fmt::Debug for Ws {
+impl<S: Socket> fmt::Debug for Ws<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ws")
-            .field("peer", &self.ws.get_ref().peer_addr().ok())
+            .field("peer", &self.ws.get_ref().tcp().peer_addr().ok())
             .finish_non_exhaustive()
     }
 }
 
-impl Transport for Ws {
+impl<S: Socket> Transport for Ws<S> {
     fn open(addr: SocketAddr, token: Option<&str>) -> io::Result<Self> {
-        let stream = connect_tcp(addr, None)?;
-        let url = match token {
-            Some(token) => format!("ws://{addr}/?token={token}"),
-            None => format!("ws://{addr}/"),
-        };
-        let (ws, _response) = tungstenite::client(url.as_str(), stream).map_err(|e| {
-            io::Error::new(
-                ErrorKind::ConnectionRefused,
-                format!("WebSocket upgrade failed: {e}"),
-            )
-        })?;
-        Ok(Self {
-            ws,
-            buf: BytesMut::new(),
-            text: false,
-            texts_read: 0,
-        })
+        Self::over(S::open(addr)?, addr, token)
     }
 
     fn write_frame(&mut self, frame: &pb::Frame) -> io::Result<()> {
@@ -243,7 +351,8 @@ impl Transport for Ws {
             }
             if let Err(e) = self
                 .ws
-                .get_mut()
+                .get_ref()
+                .tcp()
                 .set_read_timeout(Some(remaining(deadline)))
             {
                 return Incoming::Closed(format!("cannot set a read timeout: {e}"));
@@ -278,6 +387,6 @@ impl Transport for Ws {
     }
 
     fn name(&self) -> &'static str {
-        "ws"
+        if S::TLS { "wss" } else { "ws" }
     }
 }

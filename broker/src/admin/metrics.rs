@@ -3,7 +3,7 @@
 //!
 //! Names: a counter field `x` is exposed as `parley_x_total{shard="i"}` and `parley_node_x_total`
 //! (`flush_ms_total` becomes `parley_flush_ms_total`); a gauge field (`connections`,
-//! `websocket_connections`, `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
+//! `websocket_connections`, `tls_connections`, `flush_ms_max`) as `parley_x{shard="i"}` and `parley_node_x` (the node's `flush_ms_max` is the
 //! largest of any shard's). Each metric's HELP line is the field's doc line.
 //!
 //! The shards' [`Latencies`] are Prometheus histograms in seconds, per shard and for the node
@@ -321,6 +321,24 @@ const FIELDS: &[Field] = &[
         "local_connections_opened",
         Counter,
         "In-process connections opened by the application."
+    ),
+    field!(
+        tls_connections,
+        "tls_connections",
+        Gauge,
+        "TLS connections open now (a gauge; counted by the driver, which owns TLS)."
+    ),
+    field!(
+        tls_handshakes,
+        "tls_handshakes",
+        Counter,
+        "TLS handshakes completed (counted by the driver)."
+    ),
+    field!(
+        tls_failures,
+        "tls_failures",
+        Counter,
+        "TLS connections ended by a TLS error or a handshake past tls.handshake_timeout_ms."
     ),
 ];
 

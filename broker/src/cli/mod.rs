@@ -1,4 +1,4 @@
-//! The command line of the `broker` binary: `serve`, `token`, `chat` and `stats`.
+//! The command line of the `broker` binary: `serve`, `token`, `chat`, `stats` and `devcert`.
 //!
 //! Every command that needs the configuration loads it the same way: defaults, then `--config
 //! FILE`, then `PARLEY_*` environment variables, then `--set key=value` flags and the named flags
@@ -7,6 +7,7 @@
 //! stdout carries only what a script reads (the `listening` line, a token, chat messages).
 
 mod chat;
+mod devcert;
 mod log;
 mod serve;
 mod stats;
@@ -38,10 +39,11 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node until SIGINT or SIGTERM.
+    /// Run a node until SIGINT or SIGTERM (SIGHUP reloads the TLS certificate).
     ///
     /// Prints the effective configuration to stderr, then one line to stdout:
-    /// `parley listening tcp=ADDR ws=ADDR admin=ADDR` (a disabled listener is left out).
+    /// `parley listening tcp=ADDR ws=ADDR tls=ADDR wss=ADDR admin=ADDR` (a disabled listener is
+    /// left out).
     Serve(serve::ServeArgs),
     /// Print a signed token for a user and device, for clients to log in with.
     ///
@@ -55,6 +57,9 @@ enum Command {
     /// Watch a running node: connections and rates, refreshed every second from its admin
     /// listener's /metrics (--once: print one snapshot and exit).
     Stats(stats::StatsArgs),
+    /// Write a self-signed certificate and key for localhost (development only) and print the
+    /// settings that turn TLS on with them.
+    Devcert(devcert::DevcertArgs),
 }
 
 /// Where the configuration comes from: the flags every command that reads it shares.
@@ -217,6 +222,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Token(args) => token::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Devcert(args) => devcert::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,13 +1,14 @@
-//! `broker serve`: run a node until SIGINT or SIGTERM.
+//! `broker serve`: run a node until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
-use parley_broker::Broker;
 use parley_broker::config::Config;
+use parley_broker::{Broker, Handle, TlsError};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use super::{CliError, ConfigArgs, DurabilityArg, SettingFlags, load_config, load_secret};
 
@@ -100,13 +101,20 @@ impl ServeArgs {
 
 /// The line `broker serve` prints on stdout once it listens: integration tests and scripts read
 /// the actual (ephemeral) ports from it.
-fn listening_line(
-    tcp: Option<SocketAddr>,
-    ws: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
-) -> String {
+fn listening_line(node: &Handle) -> String {
+    listening_line_of(&[
+        ("tcp", node.tcp_addr()),
+        ("ws", node.ws_addr()),
+        ("tls", node.tls_addr()),
+        ("wss", node.wss_addr()),
+        ("admin", node.admin_addr()),
+    ])
+}
+
+/// The listening line for these (name, address) pairs, the disabled ones left out.
+fn listening_line_of(listeners: &[(&str, Option<SocketAddr>)]) -> String {
     let mut line = String::from("parley listening");
-    for (name, addr) in [("tcp", tcp), ("ws", ws), ("admin", admin)] {
+    for &(name, addr) in listeners {
         if let Some(a) = addr {
             line.push_str(&format!(" {name}={a}"));
         }
@@ -151,41 +159,69 @@ pub(super) fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         );
     }
 
-    // The handler must be in place before the `listening` line: whoever reads it may send
-    // SIGTERM at once.
-    let handle = node.shutdown_fn();
-    let asked = AtomicBool::new(false);
-    let installed = ctrlc::set_handler(move || {
-        if asked.swap(true, Ordering::SeqCst) {
-            tracing::warn!("second signal, exiting without waiting for the shutdown");
-            std::process::exit(130);
-        }
-        tracing::info!("shutting down (signal again to force)");
-        handle();
-    });
-    if let Err(e) = installed {
+    // The handlers must be in place before the `listening` line: whoever reads it may send
+    // SIGTERM (or SIGHUP) at once.
+    if let Err(e) = watch_signals(node.clone()) {
         node.shutdown();
         let joined = node.join();
-        let mut message = format!("cannot install the SIGINT/SIGTERM handler: {e}");
+        let mut message = format!("cannot install the signal handlers: {e}");
         if let Err(e) = joined {
             message.push_str(&format!("; the node then failed to stop cleanly: {e}"));
         }
         return Err(CliError::new(message));
     }
 
-    let line = listening_line(node.tcp_addr(), node.ws_addr(), node.admin_addr());
+    let line = listening_line(&node);
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
         // Whoever started us stopped reading; the node serves on regardless.
         tracing::warn!("cannot write to stdout ({e}); {line}");
     }
     drop(stdout);
-    tracing::info!("node {node_name} running with {shards} shard(s); Ctrl-C or SIGTERM stops it");
+    tracing::info!(
+        "node {node_name} running with {shards} shard(s); Ctrl-C or SIGTERM stops it, SIGHUP \
+         reloads the TLS certificate"
+    );
 
     node.join()
         .map_err(|e| CliError::new(format!("the node stopped with an error: {e}")))?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the thread that handles the process's signals: SIGINT and SIGTERM stop the node
+/// gracefully (a second one exits at once, status 130); SIGHUP reloads the TLS certificate
+/// (a failed reload keeps the old one and says why).
+fn watch_signals(node: Handle) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("parley-signals".into())
+        .spawn(move || {
+            let mut asked = false;
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    reload(&node);
+                    continue;
+                }
+                if asked {
+                    tracing::warn!("second signal, exiting without waiting for the shutdown");
+                    std::process::exit(130);
+                }
+                asked = true;
+                tracing::info!("shutting down (signal again to force)");
+                node.shutdown();
+            }
+        })?;
+    Ok(())
+}
+
+/// SIGHUP: reloads the TLS certificate and says how it went.
+fn reload(node: &Handle) {
+    match node.reload_tls() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections use it"),
+        Err(TlsError::NotEnabled) => tracing::info!("SIGHUP: TLS is off, nothing to reload"),
+        Err(e) => tracing::warn!("SIGHUP: TLS reload failed, the old certificate stays: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -197,16 +233,16 @@ mod tests {
         let tcp = SocketAddr::from(([127, 0, 0, 1], 40001));
         let ws = SocketAddr::from(([127, 0, 0, 1], 40002));
         assert_eq!(
-            listening_line(Some(tcp), Some(ws), None),
+            listening_line_of(&[("tcp", Some(tcp)), ("ws", Some(ws)), ("admin", None)]),
             "parley listening tcp=127.0.0.1:40001 ws=127.0.0.1:40002"
         );
         assert_eq!(
-            listening_line(None, Some(ws), None),
+            listening_line_of(&[("tcp", None), ("ws", Some(ws)), ("tls", None)]),
             "parley listening ws=127.0.0.1:40002"
         );
         assert_eq!(
-            listening_line(Some(tcp), None, Some(ws)),
-            "parley listening tcp=127.0.0.1:40001 admin=127.0.0.1:40002"
+            listening_line_of(&[("tcp", Some(tcp)), ("tls", Some(ws))]),
+            "parley listening tcp=127.0.0.1:40001 tls=127.0.0.1:40002"
         );
     }
 
@@ -256,6 +292,10 @@ mod tests {
     #[test]
     fn disabling_both_listeners_is_an_error() {
         let e = parse(&["--no-tcp", "--no-ws"]).load().expect_err("invalid");
-        assert!(e.to_string().contains("at least one of tcp and ws"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("at least one of tcp, ws, tls and wss"),
+            "{e}"
+        );
     }
 }

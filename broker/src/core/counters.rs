@@ -108,6 +108,13 @@ pub struct Counters {
     pub kicked: u64,
     /// In-process connections opened by the application.
     pub local_connections_opened: u64,
+    /// TLS connections open now (a gauge; counted by the driver, which owns TLS).
+    pub tls_connections: u64,
+    /// TLS handshakes completed (counted by the driver).
+    pub tls_handshakes: u64,
+    /// TLS connections ended by a TLS error (e.g. garbage instead of a ClientHello) or by a
+    /// handshake not done within `tls.handshake_timeout_ms` (counted by the driver).
+    pub tls_failures: u64,
 }
 
 impl Counters {
@@ -158,5 +165,8 @@ impl Counters {
         self.hooks_denied += other.hooks_denied;
         self.kicked += other.kicked;
         self.local_connections_opened += other.local_connections_opened;
+        self.tls_connections += other.tls_connections;
+        self.tls_handshakes += other.tls_handshakes;
+        self.tls_failures += other.tls_failures;
     }
 }

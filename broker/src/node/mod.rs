@@ -7,7 +7,8 @@
 //! must know is handed between the cores before any thread runs. Only then are the listeners
 //! bound (shard 0 binds the configured address, possibly port 0; the other shards bind the port
 //! it got, with `SO_REUSEPORT`), so a client never waits in a backlog while the node recovers: it
-//! is refused and retries. The shard count of a data dir is recorded at its first start
+//! is refused and retries. The TLS listeners (`listen.tls`, `listen.wss`) bind the same way; their
+//! certificate is loaded before anything else, so a bad one stops the start at once. The shard count of a data dir is recorded at its first start
 //! (`<data_dir>/shards`) and must not change: conversations are placed by `id % shards`.
 
 mod admission;
@@ -16,6 +17,7 @@ mod listener;
 pub(crate) mod local;
 pub(crate) mod shard;
 mod socket;
+mod stream;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use crate::auth::TokenVerifier;
 use crate::config::{Config, DurabilityPolicy};
 use crate::core::{CoreSetup, ShardCore, ShardStats, TestSwitches};
 use crate::hooks::{Hooks, Tee};
+use crate::tls::{Certificate, TlsError};
 use crate::webhook::{Error as WebhookError, Webhooks};
 use control::{Completer, Control};
 use shard::{Clock, Driver, DriverSetup, Mail};
@@ -70,12 +73,19 @@ pub enum NodeError {
     /// A thread could not be started or died.
     #[error("shard thread: {0}")]
     Thread(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A running node.
 pub(crate) struct Node {
     tcp: Option<SocketAddr>,
     ws: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
+    /// The certificate of the TLS listeners, if any (reloaded by [`Node::reload_tls`]).
+    certificate: Option<Arc<Certificate>>,
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
     admin: Option<AdminServer>,
@@ -114,6 +124,8 @@ impl fmt::Debug for Node {
         f.debug_struct("Node")
             .field("tcp", &self.tcp)
             .field("ws", &self.ws)
+            .field("tls", &self.tls)
+            .field("wss", &self.wss)
             .field("admin", &self.admin_addr())
             .field("shards", &self.threads.len())
             .finish()
@@ -167,6 +179,12 @@ impl Node {
                 crate::core::ids::MAX_SHARDS
             )));
         }
+        // The certificate before anything else: a missing or bad file stops the start at once.
+        let certificate = if crate::config::Tls::enabled(&config.listen) {
+            Some(Arc::new(Certificate::load(&config.tls)?))
+        } else {
+            None
+        };
         let shards = check_shard_count(&config.data_dir, shards)?;
         let clock = Clock::new();
         let now = clock.now();
@@ -252,6 +270,10 @@ impl Node {
         let mut ws_listeners = Vec::new();
         let tcp = bind_all(config.listen.tcp, shards, &mut tcp_listeners)?;
         let ws = bind_all(config.listen.ws, shards, &mut ws_listeners)?;
+        let mut tls_listeners = Vec::new();
+        let mut wss_listeners = Vec::new();
+        let tls = bind_all(config.listen.tls, shards, &mut tls_listeners)?;
+        let wss = bind_all(config.listen.wss, shards, &mut wss_listeners)?;
         let admin_listener = match config.admin.listen {
             Some(addr) => {
                 Some(AdminServer::bind(addr).map_err(|source| NodeError::Bind { addr, source })?)
@@ -272,6 +294,8 @@ impl Node {
         let stats = Arc::new(Mutex::new(vec![ShardStats::default(); shards]));
         let mut tcp_iter = tcp_listeners.into_iter();
         let mut ws_iter = ws_listeners.into_iter();
+        let mut tls_iter = tls_listeners.into_iter();
+        let mut wss_iter = wss_listeners.into_iter();
         let mut threads = Vec::new();
         let mut answer_rx = answer_rx.into_iter();
         for (index, ((poll, inbox), core)) in polls.into_iter().zip(inboxes).zip(cores).enumerate()
@@ -286,6 +310,10 @@ impl Node {
                 waker: Arc::clone(&peers[index].1),
                 tcp: tcp_iter.next(),
                 ws: ws_iter.next(),
+                tls: tls_iter.next(),
+                wss: wss_iter.next(),
+                certificate: certificate.clone(),
+                handshake_timeout_ms: config.tls.handshake_timeout_ms,
                 inbox,
                 peers: peers.clone(),
                 admission: Arc::clone(&admission),
@@ -335,6 +363,9 @@ impl Node {
         Ok(Node {
             tcp,
             ws,
+            tls,
+            wss,
+            certificate,
             handle,
             threads,
             admin,
@@ -365,6 +396,21 @@ impl Node {
     /// The WebSocket listener's address (port 0 resolved), if enabled.
     pub(crate) fn ws_addr(&self) -> Option<SocketAddr> {
         self.ws
+    }
+
+    /// The TLS listener's address (port 0 resolved), if enabled (`listen.tls`).
+    pub(crate) fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    /// The WebSocket-over-TLS listener's address (port 0 resolved), if enabled (`listen.wss`).
+    pub(crate) fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss
+    }
+
+    /// The certificate the TLS listeners serve, if any.
+    pub(crate) fn certificate(&self) -> Option<Arc<Certificate>> {
+        self.certificate.clone()
     }
 
     /// The admin HTTP listener's address (port 0 resolved), if enabled (`admin.listen`).

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use parley_storage::{Lsn, MmapBackend, MmapSegment, SpareDone, SpareTicketOf, SyncOf, SyncTicket};
 
@@ -27,17 +27,21 @@ use super::admission::{Admission, AnonSlot, Verdict};
 use super::listener;
 use super::local::{LocalEnd, LocalPipe};
 use super::socket::{self, CloseStep, Closing};
+use super::stream::{ReadError, ReadOutcome, Stream};
 use crate::auth::Identity;
 use crate::core::{
     Adoption, ConnId, CoreEffect, Effect, Intake, Now, ShardCore, ShardMsg, ShardStats,
 };
 use crate::hooks::{Answer, Ticket};
 use crate::loglimit::{LogKind, LogLimiter};
+use crate::tls::Certificate;
 
 pub(crate) const WAKER: Token = Token(0);
 const TCP_LISTENER: Token = Token(1);
 const WS_LISTENER: Token = Token(2);
-const FIRST_CONN: usize = 3;
+const TLS_LISTENER: Token = Token(3);
+const WSS_LISTENER: Token = Token(4);
+const FIRST_CONN: usize = 5;
 /// Tokens of closing sockets carry this bit (their index is not a core slot).
 const CLOSING_BIT: usize = 1 << 40;
 /// Bound of each shard's inbox, in mails.
@@ -56,8 +60,9 @@ const INBOX_BUDGET: usize = 256;
 pub(crate) enum Mail {
     /// Messages from another shard's core.
     Batch(Vec<ShardMsg>),
-    /// A logged-in connection moving here: its socket and its state.
-    Adopt(TcpStream, Box<Adoption>),
+    /// A logged-in connection moving here: its socket (with its TLS session, if any) and its
+    /// state.
+    Adopt(Stream, Box<Adoption>),
     /// Stop.
     Shutdown,
     /// Open an in-process connection (on its user's home shard).
@@ -158,7 +163,7 @@ impl Clock {
 }
 
 struct Sock {
-    stream: TcpStream,
+    stream: Stream,
     generation: u32,
     /// The anonymous slot it holds until it logs in or closes.
     anon: Option<AnonSlot>,
@@ -174,6 +179,12 @@ pub(crate) struct DriverSetup {
     pub(crate) waker: Arc<Waker>,
     pub(crate) tcp: Option<TcpListener>,
     pub(crate) ws: Option<TcpListener>,
+    /// The TLS listeners (raw TCP framing, WebSocket) and the certificate they serve.
+    pub(crate) tls: Option<TcpListener>,
+    pub(crate) wss: Option<TcpListener>,
+    pub(crate) certificate: Option<Arc<Certificate>>,
+    /// `tls.handshake_timeout_ms`.
+    pub(crate) handshake_timeout_ms: u64,
     pub(crate) inbox: Receiver<Mail>,
     pub(crate) peers: Vec<Peer>,
     pub(crate) admission: Arc<Admission>,
@@ -193,6 +204,15 @@ pub(crate) struct Driver {
     poll: Poll,
     tcp: Option<TcpListener>,
     ws: Option<TcpListener>,
+    tls: Option<TcpListener>,
+    wss: Option<TcpListener>,
+    certificate: Option<Arc<Certificate>>,
+    handshake_timeout_ms: u64,
+    /// TLS connections accepted and the time by which their handshake must be done, oldest
+    /// first (one timeout for all, so in deadline order).
+    handshakes: VecDeque<(u64, ConnId)>,
+    /// The driver's TLS counters (published with the core's).
+    tls_counts: TlsCounts,
     inbox: Receiver<Mail>,
     peers: Vec<Peer>,
     /// Mails that did not fit a peer's inbox yet, per peer, in order.
@@ -260,6 +280,12 @@ impl Driver {
             poll: setup.poll,
             tcp: setup.tcp,
             ws: setup.ws,
+            tls: setup.tls,
+            wss: setup.wss,
+            certificate: setup.certificate,
+            handshake_timeout_ms: setup.handshake_timeout_ms,
+            handshakes: VecDeque::new(),
+            tls_counts: TlsCounts::default(),
             inbox: setup.inbox,
             backlog: (0..peers.len()).map(|_| VecDeque::new()).collect(),
             peers,
@@ -297,6 +323,8 @@ impl Driver {
         for (token, listener) in [
             (TCP_LISTENER, self.tcp.as_mut()),
             (WS_LISTENER, self.ws.as_mut()),
+            (TLS_LISTENER, self.tls.as_mut()),
+            (WSS_LISTENER, self.wss.as_mut()),
         ] {
             if let Some(l) = listener
                 && let Err(e) = self.poll.registry().register(l, token, Interest::READABLE)
@@ -344,8 +372,10 @@ impl Driver {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
-                    TCP_LISTENER => self.accept(false, now),
-                    WS_LISTENER => self.accept(true, now),
+                    TCP_LISTENER => self.accept(Listener::Tcp, now),
+                    WS_LISTENER => self.accept(Listener::Ws, now),
+                    TLS_LISTENER => self.accept(Listener::Tls, now),
+                    WSS_LISTENER => self.accept(Listener::Wss, now),
                     Token(t) if t & CLOSING_BIT != 0 => self.step_closing(t & !CLOSING_BIT),
                     Token(t) => {
                         let Some(conn) = self.conn_at(t - FIRST_CONN) else {
@@ -370,9 +400,11 @@ impl Driver {
             self.core.handle_timeout(now);
             if self.accept_retry_at.is_some_and(|at| now.ms >= at) {
                 self.accept_retry_at = None;
-                self.accept(false, now);
-                self.accept(true, now);
+                for listener in Listener::ALL {
+                    self.accept(listener, now);
+                }
             }
+            self.expire_handshakes(now);
             self.apply_effects(now);
             for conn in std::mem::take(&mut self.writable) {
                 self.transmit(conn, now);
@@ -385,7 +417,9 @@ impl Driver {
                 if let Ok(mut s) = self.stats.lock()
                     && let Some(slot) = s.get_mut(self.index)
                 {
-                    *slot = self.core.stats();
+                    let mut stats = self.core.stats();
+                    self.tls_counts.publish(&mut stats.counters);
+                    *slot = stats;
                 }
             }
             if let Some(deadline) = self.shutdown_deadline {
@@ -433,6 +467,9 @@ impl Driver {
         if let Some(anon) = sock.anon {
             self.admission.release(anon);
         }
+        if sock.stream.is_tls() {
+            self.tls_counts.open = self.tls_counts.open.saturating_sub(1);
+        }
         Some(sock)
     }
 
@@ -442,7 +479,7 @@ impl Driver {
             self.socks.resize_with(slot + 1, || None);
         }
         if let Err(e) = self.poll.registry().register(
-            &mut sock.stream,
+            sock.stream.tcp_mut(),
             Token(FIRST_CONN + slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -456,6 +493,9 @@ impl Driver {
             }
             self.admission.closed();
             return;
+        }
+        if sock.stream.is_tls() {
+            self.tls_counts.open += 1;
         }
         self.socks[slot] = Some(sock);
     }
@@ -482,27 +522,48 @@ impl Driver {
         }
     }
 
-    fn accept(&mut self, websocket: bool, now: Now) {
+    fn accept(&mut self, kind: Listener, now: Now) {
         if self.shutdown_deadline.is_some() {
             return;
         }
         loop {
-            let listener = if websocket {
-                self.tcp_or_ws(true)
-            } else {
-                self.tcp_or_ws(false)
+            let listener = match kind {
+                Listener::Tcp => self.tcp.as_ref(),
+                Listener::Ws => self.ws.as_ref(),
+                Listener::Tls => self.tls.as_ref(),
+                Listener::Wss => self.wss.as_ref(),
             };
             let Some(listener) = listener else {
                 return;
             };
             match listener::accept(listener) {
-                Ok(Some((stream, addr))) => {
+                Ok(Some((tcp, addr))) => {
+                    let stream = if kind.is_tls() {
+                        let Some(config) = self.certificate.as_ref().map(|c| c.current()) else {
+                            // A TLS listener is bound only with a certificate.
+                            continue;
+                        };
+                        match rustls::ServerConnection::new(config) {
+                            Ok(session) => Stream::tls(tcp, session),
+                            Err(e) => {
+                                self.tls_counts.failures += 1;
+                                self.log(
+                                    LogKind::Tls,
+                                    format_args!("cannot start a TLS session: {e}"),
+                                );
+                                continue;
+                            }
+                        }
+                    } else {
+                        Stream::Plain(tcp)
+                    };
                     let (anon, limit) = match self.admission.admit(addr.ip()) {
                         Verdict::Admit(slot) => (Some(slot), None),
                         Verdict::Refuse(limit) => (None, Some(limit)),
                     };
                     let refused = limit.is_some();
-                    let conn = self.core.handle_open(websocket, limit, now);
+                    let tls = stream.is_tls();
+                    let conn = self.core.handle_open(kind.is_websocket(), limit, now);
                     let sock = Sock {
                         stream,
                         generation: conn.generation,
@@ -510,6 +571,10 @@ impl Driver {
                         refused,
                     };
                     self.put_sock(conn, sock);
+                    if tls && !refused {
+                        self.handshakes
+                            .push_back((now.ms + self.handshake_timeout_ms, conn));
+                    }
                     // A close the core decided at once must see the socket.
                     self.apply_effects(now);
                 }
@@ -530,11 +595,28 @@ impl Driver {
         }
     }
 
-    fn tcp_or_ws(&self, ws: bool) -> Option<&TcpListener> {
-        if ws {
-            self.ws.as_ref()
-        } else {
-            self.tcp.as_ref()
+    /// Drops the TLS connections whose handshake is not done by its deadline
+    /// (`tls.handshake_timeout_ms`).
+    fn expire_handshakes(&mut self, now: Now) {
+        while let Some(&(deadline, conn)) = self.handshakes.front() {
+            if now.ms < deadline {
+                return;
+            }
+            self.handshakes.pop_front();
+            let stalled = self
+                .socks
+                .get(conn.slot as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.generation == conn.generation && s.stream.is_handshaking());
+            if stalled {
+                self.tls_counts.failures += 1;
+                let ms = self.handshake_timeout_ms;
+                self.log(
+                    LogKind::Tls,
+                    format_args!("a TLS handshake did not finish within {ms} ms: dropped"),
+                );
+                self.reset(conn, now);
+            }
         }
     }
 
@@ -572,26 +654,38 @@ impl Driver {
                 Some(Intake::Read) => {
                     let want = (budget - total).min(socket::READ_MAX);
                     let scratch = &mut self.read_scratch;
-                    let stream = match self.socks.get_mut(conn.slot as usize) {
-                        Some(Some(s)) if s.generation == conn.generation => &mut s.stream,
+                    let sock = match self.socks.get_mut(conn.slot as usize) {
+                        Some(Some(s)) if s.generation == conn.generation => s,
                         _ => return,
                     };
-                    match socket::read_once(stream, scratch, want) {
+                    let read = sock.stream.read(scratch, want);
+                    if sock.stream.take_handshake_news() {
+                        self.tls_counts.handshakes += 1;
+                    }
+                    match read {
                         // Drained: the next arrival raises a new event.
-                        Ok(None) => return,
-                        Ok(Some(0)) => return self.core.handle_eof(conn, now),
-                        Ok(Some(n)) => {
-                            total += n;
-                            let bytes = self.read_scratch.get(..n).unwrap_or_default();
+                        Ok(ReadOutcome::Drained) => return,
+                        Ok(ReadOutcome::Eof) => return self.core.handle_eof(conn, now),
+                        Ok(ReadOutcome::Data { len, more }) => {
+                            total += len;
+                            let bytes = self.read_scratch.get(..len).unwrap_or_default();
                             self.core.handle_bytes(conn, bytes, now);
                             handled = true;
                             self.note_login(conn);
-                            if n < want && self.core.intake(conn) == Some(Intake::Read) {
+                            if !more && self.core.intake(conn) == Some(Intake::Read) {
                                 // A short read: the socket is drained.
                                 return;
                             }
                         }
-                        Err(_) => return self.reset(conn, now),
+                        Err(ReadError::Io) => return self.reset(conn, now),
+                        Err(ReadError::Tls(e)) => {
+                            self.tls_counts.failures += 1;
+                            self.log(
+                                LogKind::Tls,
+                                format_args!("TLS error, connection dropped: {e}"),
+                            );
+                            return self.reset(conn, now);
+                        }
                     }
                 }
             }
@@ -702,7 +796,7 @@ impl Driver {
 
     fn reset(&mut self, conn: ConnId, now: Now) {
         if let Some(mut sock) = self.take_sock(conn) {
-            let _ = self.poll.registry().deregister(&mut sock.stream);
+            let _ = self.poll.registry().deregister(sock.stream.tcp_mut());
             self.admission.closed();
         }
         self.core.handle_reset(conn, now);
@@ -723,9 +817,17 @@ impl Driver {
             return;
         };
         if buf.is_empty() {
+            // A TLS session may still hold its own output (a handshake reply that met a full
+            // socket): out with it; the core has nothing to hear about.
+            if sock.stream.has_pending_output() {
+                let mut none = bytes::BytesMut::new();
+                if sock.stream.write_out(&mut none).is_err() {
+                    self.reset(conn, now);
+                }
+            }
             return;
         }
-        match socket::write_out(&mut sock.stream, buf) {
+        match sock.stream.write_out(buf) {
             Ok((written, _)) => self.core.handle_written(conn, written > 0, now),
             Err(_) => self.reset(conn, now),
         }
@@ -799,7 +901,13 @@ impl Driver {
             return;
         }
         self.shutdown_deadline = Some(now.ms + self.close_linger_ms + SHUTDOWN_SLACK_MS);
-        for mut l in [self.tcp.take(), self.ws.take()].into_iter().flatten() {
+        let listeners = [
+            self.tcp.take(),
+            self.ws.take(),
+            self.tls.take(),
+            self.wss.take(),
+        ];
+        for mut l in listeners.into_iter().flatten() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         self.core.handle_shutdown(now);
@@ -825,7 +933,7 @@ impl Driver {
                             if sock.refused {
                                 // Refused at accept: one write of its last words, then gone
                                 // (a flood past the limit must not hold descriptors).
-                                let _ = self.poll.registry().deregister(&mut sock.stream);
+                                let _ = self.poll.registry().deregister(sock.stream.tcp_mut());
                                 socket::close_now(sock.stream, last);
                                 self.admission.closed();
                             } else {
@@ -836,7 +944,7 @@ impl Driver {
                     }
                     Effect::Handover { conn, to, adoption } => {
                         if let Some(mut sock) = self.take_sock(conn) {
-                            let _ = self.poll.registry().deregister(&mut sock.stream);
+                            let _ = self.poll.registry().deregister(sock.stream.tcp_mut());
                             self.post(to, Mail::Adopt(sock.stream, adoption));
                         }
                     }
@@ -898,7 +1006,7 @@ impl Driver {
         }
     }
 
-    fn begin_closing(&mut self, mut stream: TcpStream, last: bytes::BytesMut, now: Now) {
+    fn begin_closing(&mut self, mut stream: Stream, last: bytes::BytesMut, now: Now) {
         let idx = self.closing_free.pop().unwrap_or_else(|| {
             self.closing.push(None);
             self.closing.len() - 1
@@ -907,7 +1015,7 @@ impl Driver {
             .poll
             .registry()
             .reregister(
-                &mut stream,
+                stream.tcp_mut(),
                 Token(CLOSING_BIT | idx),
                 Interest::READABLE | Interest::WRITABLE,
             )
@@ -942,7 +1050,7 @@ impl Driver {
 
     fn end_closing(&mut self, idx: usize) {
         if let Some(Some(mut c)) = self.closing.get_mut(idx).map(Option::take) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = self.poll.registry().deregister(c.stream.tcp_mut());
             self.closing_free.push(idx);
             // The descriptor closes here: the connection stops counting.
             self.admission.closed();
@@ -967,5 +1075,54 @@ impl Driver {
                 self.end_closing(idx);
             }
         }
+    }
+}
+
+/// The listeners of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// Plain TCP.
+    Tcp,
+    /// Plain WebSocket.
+    Ws,
+    /// TCP framing inside TLS.
+    Tls,
+    /// WebSocket inside TLS.
+    Wss,
+}
+
+impl Listener {
+    /// Every listener, in the order accepting is retried.
+    const ALL: [Listener; 4] = [Listener::Tcp, Listener::Ws, Listener::Tls, Listener::Wss];
+
+    /// Whether its connections speak WebSocket (inside TLS or not).
+    fn is_websocket(self) -> bool {
+        matches!(self, Listener::Ws | Listener::Wss)
+    }
+
+    /// Whether its connections start with a TLS handshake.
+    fn is_tls(self) -> bool {
+        matches!(self, Listener::Tls | Listener::Wss)
+    }
+}
+
+/// What the driver counts about TLS (the core sees plaintext only), published into the shard's
+/// [`crate::core::Counters`].
+#[derive(Debug, Clone, Copy, Default)]
+struct TlsCounts {
+    /// Handshakes completed.
+    handshakes: u64,
+    /// Connections ended by a TLS error or a handshake past `tls.handshake_timeout_ms`.
+    failures: u64,
+    /// TLS connections open on this shard now.
+    open: u64,
+}
+
+impl TlsCounts {
+    /// Writes these into the counters the shard publishes.
+    fn publish(&self, counters: &mut crate::core::Counters) {
+        counters.tls_handshakes = self.handshakes;
+        counters.tls_failures = self.failures;
+        counters.tls_connections = self.open;
     }
 }

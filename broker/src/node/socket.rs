@@ -5,61 +5,25 @@
 //! edge comes only after the socket was drained, so a read that stops at the fairness budget puts
 //! the connection on the "come back next turn" list. A read that returns fewer bytes than asked
 //! counts as drained (a TCP socket hands over everything it holds; the next arrival raises a new
-//! edge), which saves the extra `read` that would only return `WouldBlock`.
+//! edge), which saves the extra `read` that would only return `WouldBlock`. That holds for plain
+//! sockets only: a TLS stream reads until `WouldBlock` (see `stream`).
 
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io;
 
-use bytes::{Buf, BytesMut};
-use mio::net::TcpStream;
+use bytes::BytesMut;
+
+use super::stream::Stream;
 
 /// Most bytes one `read` call asks for.
 pub(crate) const READ_MAX: usize = 64 * 1024;
 
-/// One `read` into `scratch` (at most `want` bytes): `Ok(None)` when nothing was there.
-pub(crate) fn read_once(
-    stream: &mut TcpStream,
-    scratch: &mut [u8],
-    want: usize,
-) -> io::Result<Option<usize>> {
-    let want = want.clamp(1, scratch.len().max(1));
-    loop {
-        let Some(space) = scratch.get_mut(..want) else {
-            return Ok(None);
-        };
-        match stream.read(space) {
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Writes as much of `buf` as the socket takes, advancing past it; returns (bytes written,
-/// whether the socket is full).
-pub(crate) fn write_out(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
-    let mut written = 0;
-    while !buf.is_empty() {
-        match stream.write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                buf.advance(n.min(buf.len()));
-                written += n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, true)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((written, false))
-}
-
 /// Closes a connection at once: one write of its last bytes (a fresh socket's buffer takes a
-/// small error frame whole), shut the write side, drop. For connections refused at accept.
-pub(crate) fn close_now(mut stream: TcpStream, mut last: BytesMut) {
-    let _ = write_out(&mut stream, &mut last);
-    let _ = stream.shutdown(Shutdown::Write);
+/// small error frame whole), shut the write side, drop. For connections refused at accept (a
+/// TLS one has not shaken hands yet: its peer sees only the end).
+pub(crate) fn close_now(mut stream: Stream, mut last: BytesMut) {
+    stream.finish(&mut last);
+    let _ = stream.write_out(&mut last);
+    let _ = stream.shutdown_write();
 }
 
 /// A connection being closed: its last bytes go out, its write side is shut (the peer sees EOF
@@ -67,10 +31,11 @@ pub(crate) fn close_now(mut stream: TcpStream, mut last: BytesMut) {
 /// at close would make the kernel send a RST, which can destroy the last bytes in flight) — up
 /// to `discard_max` bytes (`limits.close_discard_bytes`) and the linger deadline, whichever comes
 /// first: a peer that goes on sending after a fatal error gets cut off, not served megabytes of
-/// reads.
+/// reads. A TLS connection's last bytes are encrypted and followed by a close_notify; what its
+/// peer sends meanwhile is discarded undecrypted.
 #[derive(Debug)]
 pub(crate) struct Closing {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     last: BytesMut,
     write_shut: bool,
     /// Bytes read and thrown away so far, and the most that will be.
@@ -95,11 +60,12 @@ impl Closing {
     /// A close of `stream` with `last` to write, given up at `deadline` (ms) or once
     /// `discard_max` bytes were read from the peer meanwhile.
     pub(crate) fn new(
-        stream: TcpStream,
-        last: BytesMut,
+        mut stream: Stream,
+        mut last: BytesMut,
         deadline: u64,
         discard_max: usize,
     ) -> Self {
+        stream.finish(&mut last);
         Closing {
             stream,
             last,
@@ -117,7 +83,7 @@ impl Closing {
         let mut total = 0;
         let mut eof = false;
         while total < budget.max(1) {
-            match self.stream.read(&mut sink) {
+            match self.stream.discard(&mut sink) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -135,7 +101,7 @@ impl Closing {
         }
         let more = !eof && total >= budget.max(1);
         if !self.write_shut {
-            match write_out(&mut self.stream, &mut self.last) {
+            match self.stream.write_out(&mut self.last) {
                 Ok((_, true)) => {
                     return if more {
                         CloseStep::More
@@ -147,7 +113,7 @@ impl Closing {
                 Err(_) => return CloseStep::Done,
             }
             self.last = BytesMut::new();
-            if self.stream.shutdown(Shutdown::Write).is_err() {
+            if self.stream.shutdown_write().is_err() {
                 return CloseStep::Done;
             }
             self.write_shut = true;
