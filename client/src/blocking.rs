@@ -252,9 +252,10 @@ impl Client {
     /// [`Session::send_text`]). It is resent after every reconnect until acknowledged.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// let id = client.send_text("bob", "hello")?;
-    /// # Ok::<(), parley_client::SendError>(())
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn send_text(&self, to: &str, text: &str) -> Result<u64, SendError> {
         let id = self.lock().send_text(to, text)?;
@@ -265,10 +266,11 @@ impl Client {
     /// Sends a message of `content_type` to conversation `to` (see [`Session::send`]).
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// let group = parley_client::pb::Conversation { r#type: 2, id: "team".into() };
     /// client.send(group, 1, bytes::Bytes::from_static(b"hi all"))?;
-    /// # Ok::<(), parley_client::SendError>(())
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn send(
         &self,
@@ -285,8 +287,10 @@ impl Client {
     /// [`Event::HistoryPage`] with the returned request id.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// let id = client.history(parley_client::direct("bob"), 0, None, 50);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn history(
         &self,
@@ -305,11 +309,13 @@ impl Client {
     /// Sends any other request (see [`Session::request`]); None if not logged in right now.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// use parley_client::pb;
     /// let ask = pb::frame::Body::PresenceRequest(pb::PresenceRequest {
     ///     action: pb::PresenceAction::Query as i32, users: vec!["bob".into()], ..Default::default() });
     /// let id = client.request(ask);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn request(&self, body: Body) -> Option<u64> {
         let id = self.lock().request(body);
@@ -321,10 +327,12 @@ impl Client {
     /// every event was taken).
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// if let Some(event) = client.next_event(std::time::Duration::from_millis(100)) {
     ///     println!("{event:?}");
     /// }
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn next_event(&self, timeout: Duration) -> Option<Event> {
         self.events.recv_timeout(timeout).ok()
@@ -333,8 +341,10 @@ impl Client {
     /// The client message ids of the sends not acknowledged yet, in order.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// assert!(client.unacked().is_empty());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn unacked(&self) -> Vec<u64> {
         self.lock().unacked()
@@ -343,8 +353,10 @@ impl Client {
     /// Whether the session is logged in right now.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: &parley_client::Client) -> Result<(), parley_client::SendError> {
     /// let up = client.is_connected();
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn is_connected(&self) -> bool {
         self.lock().state() == State::Ready
@@ -356,9 +368,11 @@ impl Client {
     /// are dropped.
     ///
     /// ```no_run
-    /// # let client: parley_client::Client = unimplemented!();
+    /// # fn demo(client: parley_client::Client) -> Result<(), parley_client::SendError> {
     /// let lost = client.close(std::time::Duration::from_secs(5));
     /// assert!(lost.is_empty());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn close(mut self, drain: Duration) -> Vec<u64> {
         let deadline = Instant::now() + drain;

@@ -313,6 +313,75 @@ impl Delivery {
     }
 }
 
+impl<B: parley_storage::Backend> super::ShardCore<B> {
+    /// A connection's retransmit deadline for `conv`: re-sends what it has not acknowledged (in
+    /// as few frames as the frame limit allows), or gives up on it.
+    pub(super) fn retransmit(&mut self, conn: ConnId, conv: u64) {
+        let now = self.now.ms;
+        let (cfg, timers) = (&self.cfg, &mut self.timers);
+        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
+            return;
+        };
+        if c.id != conn {
+            return;
+        }
+        if !c.out.is_empty() {
+            // The last copy has not even left: re-sending would only pile up copies behind it
+            // (a reader that stopped is the write-stall timeout's business).
+            c.delivery.postpone(conv, now, cfg, timers, conn);
+            return;
+        }
+        match c.delivery.retransmit(conv, now, cfg, timers, conn) {
+            Retransmit::Nothing => {}
+            Retransmit::Exhausted => {
+                self.close(
+                    conn,
+                    0,
+                    Some(super::error::CloseReason::RetransmitExhausted),
+                );
+            }
+            Retransmit::Resend => {
+                let budget = self.cfg.page_budget;
+                let Some(lane) = c.delivery.lane(conv) else {
+                    return;
+                };
+                // Re-sent together, in as few frames as the frame limit allows.
+                let mut frames: Vec<bytes::BytesMut> = Vec::new();
+                let mut batch: Vec<parley_proto::splice::Spliced<'_>> = Vec::new();
+                let mut bytes = 0;
+                let mut count = 0u64;
+                for (_, stored) in &lane.unacked {
+                    let m = parley_proto::splice::Spliced {
+                        stored,
+                        view: &lane.view,
+                    };
+                    let size = m.len() + parley_proto::splice::PER_MESSAGE_OVERHEAD;
+                    if !batch.is_empty() && bytes + size > budget {
+                        let mut f = bytes::BytesMut::new();
+                        parley_proto::splice::encode_deliver(0, &batch, &mut f);
+                        frames.push(f);
+                        batch.clear();
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    count += 1;
+                    batch.push(m);
+                }
+                if !batch.is_empty() {
+                    let mut f = bytes::BytesMut::new();
+                    parley_proto::splice::encode_deliver(0, &batch, &mut f);
+                    frames.push(f);
+                }
+                self.counters.retransmits += count;
+                for f in frames {
+                    self.write_encoded(conn, &f);
+                }
+                self.check_backlog(conn);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

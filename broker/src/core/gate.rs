@@ -206,13 +206,7 @@ impl<B: Backend> ShardCore<B> {
                     refresh,
                 },
                 Answer::Auth(v),
-            ) => {
-                if refresh {
-                    self.refresh_verdict(conn, request_id, &login, v);
-                } else {
-                    self.login_verdict(conn, request_id, &login, v);
-                }
-            }
+            ) => self.auth_verdict(conn, request_id, &login, refresh, v),
             (
                 Parked::Send {
                     request_id,

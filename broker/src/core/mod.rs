@@ -29,6 +29,9 @@
 //! * [`timers`]: every deadline and its owner; [`conv`]: conversation kind and placement;
 //! * [`outbound`]: frames out (encoded once per connection's wire form, counted, held to the
 //!   budget; a refusal counts against the client's errors; past the queue bound, `Behind`);
+//! * [`gate`]: the application's hooks (gates that may park a request, observers);
+//!   [`app`]: what the application asks of a shard directly (in-process connections, kicks, who
+//!   is online); [`inspect`]: a conversation as its owner holds it;
 //! * [`mail`]: what shards tell each other; [`error`]: typed errors and their wire codes;
 //!   [`counters`]: what a shard counts; [`histogram`]: the latencies it measures.
 //!
@@ -37,6 +40,7 @@
 //!   handover) is reused only after [`ShardCore::take_effects`] handed that effect out.
 //! * Frames reach a connection in the order the core wrote them ([`Connection::out`] is FIFO).
 
+mod app;
 mod checkpoint;
 mod config;
 pub(crate) mod conn;
@@ -341,82 +345,6 @@ impl<B: Backend> ShardCore<B> {
         }
         self.drain_local();
         conn
-    }
-
-    /// An in-process connection of the embedding application, logged in as `identity` (no
-    /// token: the application vouches for it). It speaks the TCP framing over the driver's
-    /// in-memory link and may send SYSTEM messages; no gate asks about its requests. A
-    /// `service` connection acts as the user without being one of its devices: it is not
-    /// delivered to and changes no presence. Open it on the user's home shard.
-    pub fn handle_open_local(
-        &mut self,
-        identity: crate::auth::Identity,
-        service: bool,
-        now: Now,
-    ) -> ConnId {
-        self.now = now;
-        let conn = self.insert(
-            Transport::tcp(self.limits),
-            BytesMut::new(),
-            BytesMut::new(),
-        );
-        self.counters.local_connections_opened += 1;
-        self.mark_dirty(conn);
-        if self.shutting_down {
-            self.close(conn, 0, Some(CloseReason::ShuttingDown));
-        } else {
-            self.activate_as(conn, identity, 0, true, service);
-        }
-        self.drain_local();
-        conn
-    }
-
-    /// Ends every connection of `user` (only `device`'s, if given) with KICKED and `reason`;
-    /// returns how many. Call it on the user's home shard.
-    pub fn kick(&mut self, user: &str, device: Option<&str>, reason: &str, now: Now) -> usize {
-        self.now = now;
-        let conns: Vec<ConnId> = self
-            .home
-            .users
-            .get(user)
-            .map(|u| {
-                u.devices
-                    .iter()
-                    .filter(|(d, _)| device.is_none_or(|want| **d == *want))
-                    .map(|&(_, c)| c)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for &conn in &conns {
-            self.counters.kicked += 1;
-            self.close(conn, 0, Some(CloseReason::Kicked(reason.to_owned())));
-        }
-        self.drain_local();
-        conns.len()
-    }
-
-    /// The devices of this shard's users online now, `(user, devices)` sorted by user, from
-    /// `after` (exclusive), at most `limit` users.
-    pub fn online_users(&self, after: &str, limit: usize) -> Vec<(String, Vec<String>)> {
-        let mut users: Vec<(String, Vec<String>)> = self
-            .home
-            .users
-            .iter()
-            .filter(|(u, e)| !e.devices.is_empty() && &***u > after)
-            .map(|(u, e)| {
-                let mut d: Vec<String> = e.devices.iter().map(|(d, _)| d.to_string()).collect();
-                d.sort();
-                (u.to_string(), d)
-            })
-            .collect();
-        users.sort();
-        users.truncate(limit);
-        users
-    }
-
-    /// The shard that is `user`'s home.
-    pub fn home_of(&self, user: &str) -> usize {
-        self.placement.home(user)
     }
 
     /// Bytes read on `conn` (read only while [`ShardCore::intake`] says [`Intake::Read`]). At
@@ -876,67 +804,6 @@ impl<B: Backend> ShardCore<B> {
                 self.close(conn, 0, Some(reason));
             }
             None => self.arm(conn),
-        }
-    }
-
-    fn retransmit(&mut self, conn: ConnId, conv: u64) {
-        let now = self.now.ms;
-        let (cfg, timers) = (&self.cfg, &mut self.timers);
-        let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
-            return;
-        };
-        if c.id != conn {
-            return;
-        }
-        if !c.out.is_empty() {
-            // The last copy has not even left: re-sending would only pile up copies behind it
-            // (a reader that stopped is the write-stall timeout's business).
-            c.delivery.postpone(conv, now, cfg, timers, conn);
-            return;
-        }
-        match c.delivery.retransmit(conv, now, cfg, timers, conn) {
-            delivery::Retransmit::Nothing => {}
-            delivery::Retransmit::Exhausted => {
-                self.close(conn, 0, Some(CloseReason::RetransmitExhausted));
-            }
-            delivery::Retransmit::Resend => {
-                let budget = self.cfg.page_budget;
-                let Some(lane) = c.delivery.lane(conv) else {
-                    return;
-                };
-                // Re-sent together, in as few frames as the frame limit allows.
-                let mut frames: Vec<BytesMut> = Vec::new();
-                let mut batch: Vec<parley_proto::splice::Spliced<'_>> = Vec::new();
-                let mut bytes = 0;
-                let mut count = 0u64;
-                for (_, stored) in &lane.unacked {
-                    let m = parley_proto::splice::Spliced {
-                        stored,
-                        view: &lane.view,
-                    };
-                    let size = m.len() + parley_proto::splice::PER_MESSAGE_OVERHEAD;
-                    if !batch.is_empty() && bytes + size > budget {
-                        let mut f = BytesMut::new();
-                        parley_proto::splice::encode_deliver(0, &batch, &mut f);
-                        frames.push(f);
-                        batch.clear();
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    count += 1;
-                    batch.push(m);
-                }
-                if !batch.is_empty() {
-                    let mut f = BytesMut::new();
-                    parley_proto::splice::encode_deliver(0, &batch, &mut f);
-                    frames.push(f);
-                }
-                self.counters.retransmits += count;
-                for f in frames {
-                    self.write_encoded(conn, &f);
-                }
-                self.check_backlog(conn);
-            }
         }
     }
 

@@ -236,35 +236,66 @@ impl<B: Backend> ShardCore<B> {
             self.counters.logins_refused += 1;
             return self.close(conn, request_id, Some(CloseReason::UnsupportedVersion));
         }
+        self.gate_login(conn, request_id, login, false);
+    }
+
+    /// Asks the login gate about a login (or a `refresh`), if hooks gate logins, and goes on
+    /// with its answer (now, or when it comes: [`super::gate`]).
+    fn gate_login(&mut self, conn: ConnId, request_id: u64, login: pb::Login, refresh: bool) {
         if !self.gate.gates.authenticate {
-            return self.login_verdict(conn, request_id, &login, AuthVerdict::Builtin);
+            return self.auth_verdict(conn, request_id, &login, refresh, AuthVerdict::Builtin);
         }
         let parked = Parked::Login {
             request_id,
             login,
-            refresh: false,
+            refresh,
         };
         if let Gated::Now(v, Parked::Login { login, .. }) =
             self.call_gate(conn, parked, authenticate)
         {
-            self.login_verdict(conn, request_id, &login, v);
+            self.auth_verdict(conn, request_id, &login, refresh, v);
+        }
+    }
+
+    /// Goes on with a login or refresh the gate (or no gate) answered.
+    pub(super) fn auth_verdict(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        login: &pb::Login,
+        refresh: bool,
+        verdict: AuthVerdict,
+    ) {
+        if refresh {
+            self.refresh_verdict(conn, request_id, login, verdict);
+        } else {
+            self.login_verdict(conn, request_id, login, verdict);
+        }
+    }
+
+    /// Who a gate's answer (or the built-in verifier, for [`AuthVerdict::Builtin`]) says the
+    /// connection is.
+    fn identity_of(
+        &self,
+        login: &pb::Login,
+        verdict: AuthVerdict,
+    ) -> Result<Identity, CloseReason> {
+        match verdict {
+            AuthVerdict::Builtin => self.verify(&login.token),
+            AuthVerdict::Accept(identity) => accepted(identity),
+            AuthVerdict::Reject(reason) => Err(CloseReason::HookRejected(reason)),
         }
     }
 
     /// Goes on with a login the gate (or no gate) answered.
-    pub(super) fn login_verdict(
+    fn login_verdict(
         &mut self,
         conn: ConnId,
         request_id: u64,
         login: &pb::Login,
         verdict: AuthVerdict,
     ) {
-        let verdict = match verdict {
-            AuthVerdict::Builtin => self.verify(&login.token),
-            AuthVerdict::Accept(identity) => accepted(identity),
-            AuthVerdict::Reject(reason) => Err(CloseReason::HookRejected(reason)),
-        };
-        let identity = match verdict {
+        let identity = match self.identity_of(login, verdict) {
             Ok(identity) => identity,
             Err(reason) => {
                 self.counters.logins_refused += 1;
@@ -309,35 +340,18 @@ impl<B: Backend> ShardCore<B> {
     /// device, the session's expiry moves to the new token's; otherwise it is refused and the
     /// session goes on as it was.
     fn refresh(&mut self, conn: ConnId, request_id: u64, login: pb::Login) {
-        if !self.gate.gates.authenticate {
-            return self.refresh_verdict(conn, request_id, &login, AuthVerdict::Builtin);
-        }
-        let parked = Parked::Login {
-            request_id,
-            login,
-            refresh: true,
-        };
-        if let Gated::Now(v, Parked::Login { login, .. }) =
-            self.call_gate(conn, parked, authenticate)
-        {
-            self.refresh_verdict(conn, request_id, &login, v);
-        }
+        self.gate_login(conn, request_id, login, true);
     }
 
     /// Goes on with a refresh the gate (or no gate) answered.
-    pub(super) fn refresh_verdict(
+    fn refresh_verdict(
         &mut self,
         conn: ConnId,
         request_id: u64,
         login: &pb::Login,
         verdict: AuthVerdict,
     ) {
-        let verdict = match verdict {
-            AuthVerdict::Builtin => self.verify(&login.token),
-            AuthVerdict::Accept(identity) => accepted(identity),
-            AuthVerdict::Reject(reason) => Err(CloseReason::HookRejected(reason)),
-        };
-        let identity = match verdict {
+        let identity = match self.identity_of(login, verdict) {
             Ok(identity) => identity,
             Err(CloseReason::Auth(e)) => {
                 return self.refuse(conn, request_id, 0, &Refusal::RefreshToken(e));

@@ -36,6 +36,9 @@ use crate::hooks::{Answer, Ticket};
 use crate::loglimit::{LogKind, LogLimiter};
 use crate::tls::Certificate;
 
+mod closing;
+mod links;
+
 pub(crate) const WAKER: Token = Token(0);
 const TCP_LISTENER: Token = Token(1);
 const WS_LISTENER: Token = Token(2);
@@ -692,108 +695,6 @@ impl Driver {
         }
     }
 
-    /// The local pipe of `conn`, if it is an in-process connection.
-    fn local(&self, conn: ConnId) -> Option<&LocalPipe> {
-        self.locals
-            .get(conn.slot as usize)
-            .and_then(Option::as_ref)
-            .filter(|p| p.generation == conn.generation)
-    }
-
-    fn local_mut(&mut self, conn: ConnId) -> Option<&mut LocalPipe> {
-        self.locals
-            .get_mut(conn.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|p| p.generation == conn.generation)
-    }
-
-    fn take_local(&mut self, conn: ConnId) -> Option<LocalPipe> {
-        self.local(conn)?;
-        let pipe = self.locals.get_mut(conn.slot as usize)?.take()?;
-        self.local_ids.remove(&pipe.id);
-        Some(pipe)
-    }
-
-    /// Feeds a local connection's input to the core while it takes input, within the turn's
-    /// byte budget (the rest waits for the next turn, after everyone else).
-    fn service_local(&mut self, conn: ConnId, now: Now) {
-        let budget = self.read_budget;
-        let mut total = 0;
-        let mut handled = false;
-        loop {
-            match self.core.intake(conn) {
-                None => return self.apply_effects(now),
-                Some(Intake::Hold) => return,
-                Some(Intake::Pending) if handled => return self.ready.push(conn),
-                Some(Intake::Pending) => {
-                    self.core.handle_continue(conn, now);
-                    handled = true;
-                }
-                Some(Intake::Read) if total >= budget => return self.ready.push(conn),
-                Some(Intake::Read) => {
-                    let Some(chunk) = self.local_mut(conn).and_then(|p| p.input.pop_front()) else {
-                        return;
-                    };
-                    total += chunk.len();
-                    self.core.handle_bytes(conn, &chunk, now);
-                    handled = true;
-                }
-            }
-        }
-    }
-
-    /// Hands a local connection's queued output to its client, within the window.
-    fn transmit_local(&mut self, conn: ConnId, now: Now) {
-        let Some(pipe) = self
-            .locals
-            .get(conn.slot as usize)
-            .and_then(Option::as_ref)
-            .filter(|p| p.generation == conn.generation)
-        else {
-            return;
-        };
-        let Some(buf) = self.core.outbound(conn) else {
-            return;
-        };
-        if buf.is_empty() {
-            return;
-        }
-        match pipe.write(buf) {
-            Some(n) => self.core.handle_written(conn, n > 0, now),
-            None => {
-                // The client is gone.
-                self.take_local(conn);
-                self.core.handle_reset(conn, now);
-            }
-        }
-    }
-
-    /// Answers the application's question.
-    fn answer(&mut self, q: Query, now: Now) {
-        match q {
-            Query::Kick {
-                user,
-                device,
-                reason,
-                reply,
-            } => {
-                let n = self.core.kick(&user, device.as_deref(), &reason, now);
-                self.apply_effects(now);
-                let _ = reply.send(n);
-            }
-            Query::Online {
-                after,
-                limit,
-                reply,
-            } => {
-                let _ = reply.send(self.core.online_users(&after, limit));
-            }
-            Query::Inspect { key, reply } => {
-                let _ = reply.send(self.core.inspect(&key));
-            }
-        }
-    }
-
     fn reset(&mut self, conn: ConnId, now: Now) {
         if let Some(mut sock) = self.take_sock(conn) {
             let _ = self.poll.registry().deregister(sock.stream.tcp_mut());
@@ -1003,77 +904,6 @@ impl Driver {
         }
         if sent {
             let _ = waker.wake();
-        }
-    }
-
-    fn begin_closing(&mut self, mut stream: Stream, last: bytes::BytesMut, now: Now) {
-        let idx = self.closing_free.pop().unwrap_or_else(|| {
-            self.closing.push(None);
-            self.closing.len() - 1
-        });
-        if self
-            .poll
-            .registry()
-            .reregister(
-                stream.tcp_mut(),
-                Token(CLOSING_BIT | idx),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            self.closing_free.push(idx);
-            self.admission.closed();
-            return;
-        }
-        let deadline = now.ms + self.close_linger_ms;
-        self.closing[idx] = Some(Closing::new(
-            stream,
-            last,
-            deadline,
-            self.close_discard_bytes,
-        ));
-        self.closing_order.push_back((deadline, idx));
-        self.step_closing(idx);
-    }
-
-    fn step_closing(&mut self, idx: usize) {
-        let budget = self.read_budget;
-        let Some(Some(c)) = self.closing.get_mut(idx) else {
-            return;
-        };
-        match c.step(budget) {
-            CloseStep::Pending => {}
-            CloseStep::More => self.closing_more.push(idx),
-            CloseStep::Done => self.end_closing(idx),
-        }
-    }
-
-    fn end_closing(&mut self, idx: usize) {
-        if let Some(Some(mut c)) = self.closing.get_mut(idx).map(Option::take) {
-            let _ = self.poll.registry().deregister(c.stream.tcp_mut());
-            self.closing_free.push(idx);
-            // The descriptor closes here: the connection stops counting.
-            self.admission.closed();
-        }
-    }
-
-    fn step_closings(&mut self, now: Now) {
-        for idx in std::mem::take(&mut self.closing_more) {
-            self.step_closing(idx);
-        }
-        while let Some(&(deadline, idx)) = self.closing_order.front() {
-            let live = self
-                .closing
-                .get(idx)
-                .and_then(Option::as_ref)
-                .is_some_and(|c| c.deadline == deadline);
-            if live && now.ms < deadline {
-                break;
-            }
-            self.closing_order.pop_front();
-            if live {
-                self.end_closing(idx);
-            }
         }
     }
 }
