@@ -1,0 +1,172 @@
+//! The browser page (`admin.web = true`) in two real headless Chromium pages: they log in with
+//! dev tokens, chat, reconnect by themselves across a broker restart (a line typed meanwhile is
+//! sent once it is back), every message arrives exactly once and in order, and a freshly opened
+//! page sees the history.
+//!
+//! Needs Debian's `chromium` (`.ci/run` installs it; `PARLEY_CHROMIUM` names another binary).
+
+use std::time::{Duration, Instant};
+
+use parley_tests::broker::Broker;
+use parley_tests::chromium::{Chromium, Page};
+use serde_json::Value;
+
+/// How long a page may take to show what the test waits for.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The bodies of `page`'s open chat, in order, and checks their seqs are 1, 2, 3, ...
+fn bodies(chrome: &mut Chromium, page: &Page) -> Vec<String> {
+    let messages = chrome.eval(page, "window.parley.messages()");
+    let list = messages.as_array().expect("messages() gives an array");
+    for (i, m) in list.iter().enumerate() {
+        assert_eq!(
+            m["seq"].as_u64(),
+            Some(i as u64 + 1),
+            "seqs in order without gaps or repeats: {messages}"
+        );
+    }
+    list.iter()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["from"].as_str().unwrap_or("?"),
+                m["body"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// Waits until `page` shows exactly `expected`.
+fn wait_for(chrome: &mut Chromium, page: &Page, expected: &[&str]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = bodies(chrome, page);
+        if got == expected {
+            return;
+        }
+        assert!(
+            got.len() <= expected.len() && got[..] == expected[..got.len()],
+            "the page shows more or other than expected:\n  got {got:?}\n  expected {expected:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the page did not show {expected:?} within {WAIT:?}; it shows {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Logs `page` in as `user` on `device` and opens the chat with `peer`.
+fn login(chrome: &mut Chromium, page: &Page, user: &str, device: &str, peer: &str) {
+    chrome.wait_until(
+        page,
+        "typeof window.parley === 'object'",
+        WAIT,
+        "document.readyState",
+    );
+    chrome.eval(
+        page,
+        &format!("window.parley.login({user:?}, {device:?}).then(() => true)"),
+    );
+    chrome.eval(page, &format!("window.parley.pick({peer:?}); true"));
+}
+
+#[test]
+fn two_pages_chat_survive_a_restart_and_a_fresh_page_sees_the_history() {
+    let started = Instant::now();
+    let mut broker = Broker::start(&["admin.web=true", "admin.listen=127.0.0.1:0"]);
+    let mut chrome = match Chromium::start() {
+        Ok(c) => c,
+        Err(e) => panic!("Chromium cannot run here: {e}"),
+    };
+    let url = format!("http://{}/chat/", broker.admin_addr());
+    let alice = chrome.open(&url);
+    let bob = chrome.open(&url);
+    login(&mut chrome, &alice, "alice", "web", "bob");
+    login(&mut chrome, &bob, "bob", "web", "alice");
+
+    chrome.eval(&alice, "window.parley.send('hello bob')");
+    wait_for(&mut chrome, &bob, &["alice: hello bob"]);
+    chrome.eval(&bob, "window.parley.send('hi alice')");
+    let both = ["alice: hello bob", "bob: hi alice"];
+    wait_for(&mut chrome, &alice, &both);
+    wait_for(&mut chrome, &bob, &both);
+
+    // The broker goes away; a line typed meanwhile waits in alice's outbox.
+    broker.kill9();
+    chrome.wait_until(
+        &alice,
+        "window.parley.state() !== 'ready'",
+        WAIT,
+        "window.parley.state()",
+    );
+    let queued = chrome.eval(&alice, "window.parley.send('typed while down')");
+    assert!(queued.is_string(), "a client message id: {queued}");
+    assert_eq!(
+        chrome.eval(&alice, "window.parley.unacked().length"),
+        Value::from(1)
+    );
+    broker.restart_on_same_ports();
+    let down = Instant::now();
+    for page in [&alice, &bob] {
+        chrome.wait_until(
+            page,
+            "window.parley.state() === 'ready'",
+            WAIT,
+            "window.parley.state()",
+        );
+    }
+    eprintln!(
+        "both pages reconnected {:?} after the restart",
+        down.elapsed()
+    );
+    let after_restart = [
+        "alice: hello bob",
+        "bob: hi alice",
+        "alice: typed while down",
+    ];
+    wait_for(&mut chrome, &bob, &after_restart);
+    wait_for(&mut chrome, &alice, &after_restart);
+    chrome.eval(&bob, "window.parley.send('after the restart')");
+    chrome.eval(&alice, "window.parley.send('me too')");
+    let all = [
+        "alice: hello bob",
+        "bob: hi alice",
+        "alice: typed while down",
+        "bob: after the restart",
+        "alice: me too",
+    ];
+    // The two last sends race: each page shows them in the broker's (seq) order.
+    for page in [&alice, &bob] {
+        let deadline = Instant::now() + WAIT;
+        while bodies(&mut chrome, page).len() < all.len() {
+            assert!(Instant::now() < deadline, "{:?}", bodies(&mut chrome, page));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let seen_by_alice = bodies(&mut chrome, &alice);
+    assert_eq!(seen_by_alice, bodies(&mut chrome, &bob));
+    let mut sorted = seen_by_alice.clone();
+    sorted.sort();
+    let mut expected: Vec<String> = all.iter().map(|s| (*s).to_owned()).collect();
+    expected.sort();
+    assert_eq!(sorted, expected, "every message exactly once");
+    assert_eq!(
+        chrome.eval(&alice, "window.parley.unacked().length"),
+        Value::from(0)
+    );
+
+    // A fresh page (bob on another device, served by the restarted broker) sees the history.
+    let url = format!("http://{}/chat/", broker.admin_addr());
+    let fresh = chrome.open(&url);
+    login(&mut chrome, &fresh, "bob", "laptop", "alice");
+    let wanted: Vec<&str> = seen_by_alice.iter().map(String::as_str).collect();
+    wait_for(&mut chrome, &fresh, &wanted);
+    // Nothing arrives twice later on (late sync pages, retransmits).
+    std::thread::sleep(Duration::from_millis(700));
+    for page in [&alice, &bob, &fresh] {
+        assert_eq!(bodies(&mut chrome, page), seen_by_alice);
+    }
+    drop(chrome);
+    eprintln!("tests/browser.rs took {:?}", started.elapsed());
+}
