@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use parley_tests::broker::Broker;
 use parley_tests::chromium::{Chromium, Page};
+use parley_tests::http;
 use serde_json::Value;
 
 /// How long a page may take to show what the test waits for.
@@ -169,4 +170,67 @@ fn two_pages_chat_survive_a_restart_and_a_fresh_page_sees_the_history() {
     }
     drop(chrome);
     eprintln!("tests/browser.rs took {:?}", started.elapsed());
+}
+
+#[test]
+fn the_page_and_dev_tokens_are_served_only_with_admin_web_and_the_tokens_log_in() {
+    // Off by default: the routes do not exist (and without an admin token, everything but the
+    // probes is refused).
+    let off = Broker::start(&["admin.listen=127.0.0.1:0"]);
+    for path in ["/chat/", "/chat/parley.js", "/dev/token?user=mallory"] {
+        let a = http::get(off.admin_addr(), path, None);
+        assert_eq!(a.status, 401, "{path}: {a:?}");
+        assert!(!a.body.contains("token\":"), "{path}: {a:?}");
+    }
+    drop(off);
+
+    let broker = Broker::start(&["admin.web=true", "admin.listen=127.0.0.1:0"]);
+    assert!(
+        broker.output().contains("admin.web is on: DEV ONLY"),
+        "a warning at start: {}",
+        broker.output()
+    );
+    let admin = broker.admin_addr();
+    let page = http::get(admin, "/chat/", None);
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(
+        page.header("Content-Type"),
+        Some("text/html; charset=utf-8")
+    );
+    let js = http::get(admin, "/chat/parley.js", None);
+    assert_eq!(js.status, 200);
+    assert_eq!(
+        js.header("Content-Type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert!(js.body.contains("export class Client"));
+    let config = http::get(admin, "/chat/config.json", None);
+    assert_eq!(config.header("Content-Type"), Some("application/json"));
+    assert_eq!(
+        config.json()["ws"],
+        Value::from(format!("ws://{}", broker.ws_addr()))
+    );
+    for path in [
+        "/chat/../secret",
+        "/chat/%2e%2e/secret",
+        "/chat/index.htm",
+        "/dev/tokens",
+    ] {
+        let a = http::get(admin, path, None);
+        assert_eq!(a.status, 401, "{path}: not a route: {a:?}");
+    }
+    let minted = http::get(admin, "/dev/token?user=carol&device=tab", None);
+    assert_eq!(minted.status, 200, "{minted:?}");
+    let token = minted.json()["token"].as_str().expect("a token").to_owned();
+    let mut client = broker.ws();
+    let result = client.try_login(&token).expect("the dev token logs in");
+    assert_eq!(
+        (result.user.as_str(), result.device.as_str()),
+        ("carol", "tab")
+    );
+    assert_eq!(
+        http::get(admin, "/dev/token?device=tab", None).status,
+        400,
+        "a user is required"
+    );
 }
