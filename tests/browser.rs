@@ -234,3 +234,86 @@ fn the_page_and_dev_tokens_are_served_only_with_admin_web_and_the_tokens_log_in(
         "a user is required"
     );
 }
+
+/// The JavaScript client's inbox and outbox, fed frames directly (no broker connection): it
+/// shows each message once and in order, acks cumulatively, resends the outbox with the same
+/// id at login before syncing, and a sync page settles a gap.
+const CLIENT_SCENARIO: &str = r#"(async () => {
+  const m = await import('/chat/parley.js');
+  const out = [];
+  const c = new m.Client({ url: 'ws://127.0.0.1:9', token: 't', onEvent: (e) => out.push(e) });
+  c.stop();
+  const sent = [];
+  c.transmit = (id, body) => sent.push(Object.assign(id ? { requestId: id } : {}, body));
+  const conv = { type: 'DIRECT', id: 'bob' };
+  const msg = (seq, text) =>
+    ({ conversation: conv, seq: String(seq), fromUser: 'bob', body: m.textToBase64(text) });
+  const id = c.sendText('bob', 'queued é');
+  c.state = 'logging-in';
+  c.requests.set('L', 'login');
+  c.handleFrame({ requestId: 'L', loginResult: { user: 'alice', device: 'web' } });
+  const afterLogin = sent.map((f) => Object.keys(f).filter((k) => k !== 'requestId')[0]);
+  const resent = sent[0].send.clientMsgId === id && sent[0].requestId === id;
+  c.handleFrame({ requestId: c.sync, syncPage: { done: true } });
+  for (const batch of [[msg(2, 'two')], [msg(1, 'one'), msg(1, 'one')], [msg(2, 'two')]]) {
+    c.handleFrame({ deliver: { messages: batch } });
+    c.flushAcks();
+  }
+  c.handleFrame({ sendAck: { clientMsgId: id, seq: '3', conversation: conv } });
+  c.handleFrame({ deliver: { messages: [msg(5, 'five')] } });
+  c.flushAcks();
+  c.startSync();
+  c.handleFrame({ requestId: c.sync, syncPage: { messages: [msg(5, 'five'), msg(6, 'six')], done: true } });
+  c.handleFrame({ deliver: { messages: [msg(8, 'eight')] } });
+  c.flushAcks();
+  c.startSync();
+  c.handleFrame({ requestId: c.sync, syncPage: { done: true } });
+  return {
+    afterLogin,
+    resent,
+    shown: out.filter((e) => e.type === 'message').map((e) => e.seq + ':' + e.from + ':' + e.body),
+    acks: sent.filter((f) => f.deliverAck).map((f) => f.deliverAck.acks.map((a) => a.seq).join(',')),
+    synced: out.filter((e) => e.type === 'synced').length,
+    unacked: c.unacked().length,
+  };
+})()"#;
+
+#[test]
+fn the_javascript_client_dedups_orders_acks_and_resends_with_the_same_id() {
+    let broker = Broker::start(&["admin.web=true", "admin.listen=127.0.0.1:0"]);
+    let mut chrome = match Chromium::start() {
+        Ok(c) => c,
+        Err(e) => panic!("Chromium cannot run here: {e}"),
+    };
+    let page = chrome.open(&format!("http://{}/chat/", broker.admin_addr()));
+    chrome.wait_until(
+        &page,
+        "typeof window.parley === 'object'",
+        WAIT,
+        "document.readyState",
+    );
+    let r = chrome.eval(&page, CLIENT_SCENARIO);
+    assert_eq!(
+        r["afterLogin"],
+        serde_json::json!(["send", "syncRequest"]),
+        "{r}"
+    );
+    assert_eq!(r["resent"], Value::Bool(true), "{r}");
+    assert_eq!(
+        r["shown"],
+        serde_json::json!([
+            "1:bob:one",
+            "2:bob:two",
+            "3:alice:queued é",
+            "5:bob:five",
+            "6:bob:six",
+            "8:bob:eight"
+        ]),
+        "{r}"
+    );
+    // Nothing settled after the first batch (seq 2 is above a gap); then cumulative cursors; a
+    // delivery above a gap acks only what is settled; a finished sync skips the gaps left.
+    assert_eq!(r["acks"], serde_json::json!(["2", "2", "3", "6"]), "{r}");
+    assert_eq!(r["synced"], Value::from(3), "{r}");
+    assert_eq!(r["unacked"], Value::from(0), "{r}");
+}

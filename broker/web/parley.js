@@ -253,11 +253,12 @@ export class Client {
     }
   }
 
+  // The lane of a conversation (created on first use).
   lane(conversation) {
     const key = conversationKey(conversation);
     let lane = this.lanes.get(key);
     if (!lane) {
-      lane = new Lane({ type: conversationKey(conversation).split(":")[0], id: conversation.id || "" });
+      lane = new Lane({ type: key.split(":")[0], id: conversation.id || "" });
       this.lanes.set(key, lane);
     }
     return lane;
@@ -289,9 +290,16 @@ export class Client {
 
   // Releases messages to the application.
   release(out) {
-    for (const m of out) {
-      if (m.skipped) continue;
-      this.emit(m);
+    for (const m of out) this.emit(m);
+  }
+
+  // A sync finished: the server sent all it had for this client, so every gap left is skipped,
+  // releasing everything held.
+  syncDone(out) {
+    for (const lane of this.lanes.values()) {
+      if (lane.pending.size === 0) continue;
+      lane.skipBelow(Math.max(...lane.pending.keys()) + 1, out);
+      lane.gapSince = null;
     }
   }
 
@@ -341,11 +349,14 @@ export class Client {
       const out = [];
       const messages = (frame.syncPage.messages || []).slice().sort((a, b) => num(a.seq) - num(b.seq));
       for (const m of messages) this.receive(m, "page", out);
-      this.release(out);
       if (frame.syncPage.done && this.sync === requestId) {
+        this.syncDone(out);
+        this.release(out);
         this.sync = null;
         this.requests.delete(requestId);
         this.emit({ type: "synced" });
+      } else {
+        this.release(out);
       }
       return;
     }
