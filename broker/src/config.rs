@@ -104,6 +104,12 @@ pub struct Admin {
     pub request_timeout_ms: u64,
     /// Most admin connections served at once; one more is answered 503 at once. Default 16.
     pub max_connections: usize,
+    /// DEV ONLY. Serves the browser chat page at `/chat/` and, without the bearer token, a
+    /// token minting endpoint `/dev/token?user=U&device=D` that signs a token for ANY user with
+    /// the node's secret: whoever reaches the admin listener can then log in as anyone. Never
+    /// turn it on where the admin listener is reachable by others (it listens on loopback by
+    /// default). The node logs a warning at start while it is on. Default false.
+    pub web: bool,
 }
 
 impl Default for Admin {
@@ -115,6 +121,7 @@ impl Default for Admin {
             max_body_bytes: 1 << 20,
             request_timeout_ms: 5000,
             max_connections: 16,
+            web: false,
         }
     }
 }
@@ -1378,6 +1385,12 @@ mod tests {
             let e = load(&[], &[bad]).expect_err(bad);
             assert!(e.to_string().contains("admin"), "{e}");
         }
+        assert!(
+            !d.web,
+            "the dev-only browser page and token endpoint are off by default"
+        );
+        let c = load(&[("PARLEY_ADMIN__WEB", "true")], &[]).expect("valid");
+        assert!(c.admin.web);
         let c = load(&[("PARLEY_ADMIN__TOKEN", "admin-token-0123456789")], &[]).expect("valid");
         let shown = c.display_redacted();
         assert!(shown.contains("[admin]"), "printed at start-up");

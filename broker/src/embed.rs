@@ -43,6 +43,9 @@ pub struct Broker {
     config: Config,
     verifier: Option<Arc<dyn TokenVerifier>>,
     hooks: Vec<Arc<dyn Hooks>>,
+    /// The HS256 secret given with [`Broker::secret`], kept to sign the dev tokens of
+    /// `admin.web` (none with an application's own verifier).
+    minter: Option<Hs256>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -61,18 +64,22 @@ impl Broker {
             config,
             verifier: None,
             hooks: Vec::new(),
+            minter: None,
         }
     }
 
     /// Tokens are HS256 JWTs signed with `secret` (at least 32 bytes).
     pub fn secret(mut self, secret: Vec<u8>) -> Self {
-        self.verifier = Some(Arc::new(Hs256::new(secret)));
+        let hs256 = Hs256::new(secret);
+        self.verifier = Some(Arc::new(hs256.clone()));
+        self.minter = Some(hs256);
         self
     }
 
     /// Tokens are verified by `verifier` (the application's own scheme).
     pub fn verifier(mut self, verifier: Arc<dyn TokenVerifier>) -> Self {
         self.verifier = Some(verifier);
+        self.minter = None;
         self
     }
 
@@ -95,7 +102,7 @@ impl Broker {
             1 => self.hooks.into_iter().next(),
             _ => Some(Arc::new(crate::hooks::Tee(self.hooks))),
         };
-        let node = Node::start_with(self.config, verifier, hooks)?;
+        let node = Node::start_with(self.config, verifier, hooks, self.minter)?;
         Ok(Handle {
             control: node.control().clone(),
             shutdown: node.shutdown_handle(),

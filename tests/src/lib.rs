@@ -18,6 +18,7 @@
 //! The test files (`tests/*.rs` beside this crate) are grouped by promise; see each file's docs.
 
 pub mod broker;
+pub mod chromium;
 pub mod client;
 pub mod hostile;
 pub mod http;

@@ -21,10 +21,14 @@
 //! probe them); everything else, `/metrics` and the whole JSON API, needs
 //! `Authorization: Bearer <admin.token>`. With no `admin.token` configured, everything else
 //! answers 401 saying to set one: the JSON API is off.
+//!
+//! DEV ONLY, with `admin.web = true` ([`web`]): the browser chat page under `/chat/` and a token
+//! minting endpoint `/dev/token` answer anyone, without the bearer token.
 
 mod api;
 mod http;
 mod metrics;
+mod web;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,6 +52,11 @@ pub(crate) struct Sources {
     pub(crate) stopping: Arc<AtomicBool>,
     /// The node's shards, for the JSON endpoints.
     pub(crate) control: crate::node::control::Control,
+    /// The node's WebSocket listener, which the browser page connects to (`admin.web`).
+    pub(crate) ws: Option<SocketAddr>,
+    /// Signs the dev tokens of `/dev/token` (`admin.web`): the node's HS256 secret, when the
+    /// node verifies tokens with one (not with an application's own verifier).
+    pub(crate) minter: Option<crate::auth::Hs256>,
 }
 
 /// The settings and sources every connection's thread shares.
@@ -65,6 +74,8 @@ struct Shared {
     timeout: Duration,
     /// `admin.max_connections`.
     max_connections: usize,
+    /// `admin.web`: the dev-only browser page and token endpoint are served.
+    web: bool,
     /// Connections being served now.
     active: AtomicUsize,
     /// What the endpoints report.
@@ -111,6 +122,7 @@ impl AdminServer {
                 .unwrap_or(usize::MAX),
             timeout: Duration::from_millis(admin.request_timeout_ms),
             max_connections: admin.max_connections,
+            web: admin.web,
             active: AtomicUsize::new(0),
             sources,
             webhooks,
@@ -230,6 +242,11 @@ fn route(request: &mut Request<'_>, shared: &Shared) -> Response {
             }
             _ => {}
         }
+        if shared.web
+            && let Some(response) = web::route(&request.head, &shared.sources)
+        {
+            return response;
+        }
     }
     if let Err(refused) = authorize(&request.head, shared.token.as_ref()) {
         let response = if api {
@@ -312,6 +329,7 @@ mod tests {
             max_presence_users: 2,
             timeout: Duration::from_millis(200),
             max_connections: 2,
+            web: false,
             active: AtomicUsize::new(0),
             sources: {
                 let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
@@ -325,6 +343,8 @@ mod tests {
                     ),
                     stats,
                     stopping,
+                    ws: None,
+                    minter: None,
                 }
             },
             webhooks: None,

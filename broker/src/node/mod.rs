@@ -163,11 +163,13 @@ impl ShutdownHandle {
 
 impl Node {
     /// Starts a node that authenticates connections with `verifier` (an embedding
-    /// application's own) and calls `hooks`.
+    /// application's own) and calls `hooks`; `minter` (the node's HS256 secret, if it has one)
+    /// signs the dev tokens of `admin.web`.
     pub(crate) fn start_with(
         config: Config,
         verifier: Arc<dyn TokenVerifier>,
         hooks: Option<Arc<dyn Hooks>>,
+        minter: Option<crate::auth::Hs256>,
     ) -> Result<Node, NodeError> {
         config
             .validate()
@@ -345,9 +347,22 @@ impl Node {
                     stats: Arc::clone(&stats),
                     stopping: Arc::clone(&handle.stopping),
                     control: control.clone(),
+                    ws,
+                    minter,
                 };
                 match AdminServer::start_with_webhooks(listener, &config, sources, webhook_stats) {
-                    Ok(server) => Some(server),
+                    Ok(server) => {
+                        if config.admin.web {
+                            tracing::warn!(
+                                admin = %server.addr(),
+                                "admin.web is on: DEV ONLY. http://{}/chat/ serves the browser \
+                                 page and /dev/token mints a token for ANY user without \
+                                 authentication; never expose this listener",
+                                server.addr()
+                            );
+                        }
+                        Some(server)
+                    }
                     Err(e) => {
                         handle.shutdown();
                         for t in threads {
