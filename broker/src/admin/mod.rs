@@ -59,6 +59,27 @@ pub(crate) struct Sources {
     pub(crate) minter: Option<crate::auth::Hs256>,
 }
 
+#[cfg(test)]
+impl Sources {
+    /// Sources of a node without shards (every question to one fails as ShuttingDown), for
+    /// tests of the listener alone.
+    pub(crate) fn detached(ws: Option<SocketAddr>, minter: Option<crate::auth::Hs256>) -> Self {
+        let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
+        let stopping = Arc::new(AtomicBool::new(false));
+        Sources {
+            control: crate::node::control::Control::new(
+                Vec::new(),
+                Arc::clone(&stopping),
+                Arc::clone(&stats),
+            ),
+            stats,
+            stopping,
+            ws,
+            minter,
+        }
+    }
+}
+
 /// The settings and sources every connection's thread shares.
 #[derive(Debug)]
 struct Shared {
@@ -331,22 +352,7 @@ mod tests {
             max_connections: 2,
             web: false,
             active: AtomicUsize::new(0),
-            sources: {
-                let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
-                let stopping = Arc::new(AtomicBool::new(false));
-                Sources {
-                    // A node without shards: every question to one fails as ShuttingDown.
-                    control: crate::node::control::Control::new(
-                        Vec::new(),
-                        Arc::clone(&stopping),
-                        Arc::clone(&stats),
-                    ),
-                    stats,
-                    stopping,
-                    ws: None,
-                    minter: None,
-                }
-            },
+            sources: Sources::detached(None, None),
             webhooks: None,
         }
     }

@@ -151,27 +151,12 @@ fn token(head: &Head, sources: &Sources) -> Result<Response, HttpError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::auth::{Hs256, TokenVerifier as _};
-    use crate::core::ShardStats;
 
     fn sources(ws: Option<SocketAddr>, minter: Option<Hs256>) -> Sources {
-        let stats = Arc::new(Mutex::new(vec![ShardStats::default()]));
-        let stopping = Arc::new(AtomicBool::new(false));
-        Sources {
-            control: crate::node::control::Control::new(
-                Vec::new(),
-                Arc::clone(&stopping),
-                Arc::clone(&stats),
-            ),
-            stats,
-            stopping,
-            ws,
-            minter,
-        }
+        Sources::detached(ws, minter)
     }
 
     fn get(raw: &str, s: &Sources) -> Option<Response> {
