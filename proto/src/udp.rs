@@ -8,8 +8,9 @@
 //! ```text
 //!  offset      size  field
 //!  0           1     magic and envelope version: MAGIC = 0xA1 (0xA_: parley, _1: version 1)
-//!  1           1     type: 1 LOGIN, 2 LOGIN_REPLY, 3 CLIENT_DATA, 4 SERVER_DATA
-//!  2           8     session id (u64 BE): 0 in LOGIN; never 0 in CLIENT_DATA / SERVER_DATA
+//!  1           1     type: 1 LOGIN, 2 LOGIN_REPLY, 3 CLIENT_DATA, 4 SERVER_DATA, 5 RETRY
+//!  2           8     session id (u64 BE): never 0 in CLIENT_DATA / SERVER_DATA;
+//!                    in LOGIN and RETRY the retry cookie (0 in a first LOGIN)
 //!  10          8     packet number (u64 BE): see below
 //!  18          n     frames: (varint length, protobuf Frame)+
 //!  18+n        16    tag, CLIENT_DATA and SERVER_DATA only:
@@ -24,8 +25,16 @@
 //!   sides may number from 0 under the one key.
 //! * **LOGIN** (client to server) is the only unauthenticated datagram the broker accepts. It
 //!   carries exactly one frame (the `Login`), then zero bytes of padding up to at least
-//!   [`MIN_LOGIN_DATAGRAM_BYTES`] (1200, like a QUIC Initial). Session id 0, no tag; the packet
-//!   number is a nonce the client draws at random, echoed in the reply.
+//!   [`MIN_LOGIN_DATAGRAM_BYTES`] (1200, like a QUIC Initial). No tag; the packet number is a
+//!   nonce the client draws at random, echoed in the reply; the session id field carries the
+//!   retry cookie (0 in a client's first LOGIN).
+//! * **RETRY** (server to client, unauthenticated, exactly [`HEADER_LEN`] bytes) answers a LOGIN
+//!   whose cookie is missing, stale or wrong: it carries a fresh cookie (never 0) in the session id
+//!   field and the LOGIN's nonce. The client sends the same LOGIN again with that cookie. The
+//!   cookie is a MAC the broker computes over the client's address and nonce and a coarse time
+//!   (its secret is the broker's own), so checking it needs no state: a LOGIN with a valid cookie
+//!   proves the sender receives datagrams at its source address (the QUIC Retry idea), and only
+//!   then does the broker keep anything or answer with more than a RETRY.
 //! * **LOGIN_REPLY** (server to client) answers a LOGIN: the session id of the new session (0 if
 //!   login failed), the LOGIN's nonce, exactly one frame (`LoginResult` or `Error`), no tag, at
 //!   most as many bytes as the LOGIN it answers. It is the only unauthenticated datagram a client
@@ -62,7 +71,9 @@
 //! # Receiving, step by step (broker)
 //!
 //! 1. [`peek_header`] to learn the type and session id; drop on error.
-//! 2. LOGIN: [`open_login`], [`frame::decode`] the frame, verify the token, answer with
+//! 2. LOGIN: [`open_login`]; if the cookie in its session id field is not one the broker made
+//!    for this source address and nonce lately, answer [`seal_retry`] with a fresh one and keep
+//!    nothing. Otherwise [`frame::decode`] the frame, verify the token, answer with
 //!    [`seal_login_reply`] bounded by the LOGIN's size.
 //! 3. CLIENT_DATA: find the session by id (drop if unknown), [`open`] with its key and
 //!    [`Direction::ClientToServer`], then [`ReplayWindow::accept`] the packet number, then decode
@@ -92,6 +103,8 @@ pub const HEADER_LEN: usize = 18;
 pub const TAG_LEN: usize = 16;
 /// Bytes of a session key.
 pub const SESSION_KEY_LEN: usize = 32;
+/// Bytes of a RETRY datagram: its header and nothing else.
+pub const RETRY_LEN: usize = HEADER_LEN;
 /// Default largest datagram, in bytes of UDP payload: fits any path MTU of 1280 (IPv6 minimum).
 pub const DEFAULT_MAX_DATAGRAM_BYTES: usize = 1200;
 /// Smallest LOGIN datagram the broker accepts: the client pads its login to at least this, so
@@ -113,6 +126,8 @@ pub enum DatagramType {
     ClientData,
     /// Server to client, authenticated: frames of a session.
     ServerData,
+    /// Server to client, unauthenticated: a retry cookie for a LOGIN, nothing else.
+    Retry,
 }
 
 impl DatagramType {
@@ -123,6 +138,7 @@ impl DatagramType {
             DatagramType::LoginReply => 2,
             DatagramType::ClientData => 3,
             DatagramType::ServerData => 4,
+            DatagramType::Retry => 5,
         }
     }
 
@@ -133,6 +149,7 @@ impl DatagramType {
             2 => Some(DatagramType::LoginReply),
             3 => Some(DatagramType::ClientData),
             4 => Some(DatagramType::ServerData),
+            5 => Some(DatagramType::Retry),
             _ => None,
         }
     }
@@ -146,7 +163,9 @@ impl DatagramType {
     pub const fn direction(self) -> Direction {
         match self {
             DatagramType::Login | DatagramType::ClientData => Direction::ClientToServer,
-            DatagramType::LoginReply | DatagramType::ServerData => Direction::ServerToClient,
+            DatagramType::LoginReply | DatagramType::ServerData | DatagramType::Retry => {
+                Direction::ServerToClient
+            }
         }
     }
 }
@@ -175,7 +194,8 @@ impl Direction {
 pub struct Header {
     /// The datagram's type.
     pub kind: DatagramType,
-    /// The session (0 in LOGIN, and in the LOGIN_REPLY of a failed login).
+    /// The session (0 in the LOGIN_REPLY of a failed login); in LOGIN and RETRY, the retry
+    /// cookie (0 in a first LOGIN).
     pub session_id: u64,
     /// The sender's packet number (data), or the client's login nonce (LOGIN, LOGIN_REPLY).
     pub packet_number: u64,
@@ -207,7 +227,7 @@ pub enum UdpError {
     /// The type byte names no datagram type.
     #[error("unknown datagram type {0}")]
     UnknownType(u8),
-    /// The session id breaks its type's rule: LOGIN carries 0, data datagrams never do.
+    /// The session id breaks its type's rule: data datagrams and RETRY never carry 0.
     #[error("session id {session_id} is not allowed in a {kind:?} datagram")]
     BadSessionId {
         /// The datagram's type.
@@ -255,9 +275,12 @@ pub enum UdpError {
         /// [`MIN_LOGIN_DATAGRAM_BYTES`].
         min: usize,
     },
-    /// A LOGIN_REPLY does not echo the nonce of the client's LOGIN: stale or forged.
+    /// A LOGIN_REPLY or RETRY does not echo the nonce of the client's LOGIN: stale or forged.
     #[error("login reply does not answer this login")]
     NonceMismatch,
+    /// A RETRY is not exactly [`RETRY_LEN`] bytes.
+    #[error("retry datagram of {0} bytes, expected {expected}", expected = RETRY_LEN)]
+    BadRetry(usize),
     /// The frame does not fit in the space left in this datagram; it fits in an empty one, so
     /// send it in the next. The datagram being built is unchanged.
     #[error("frame needs {needed} bytes, {available} left in the datagram")]
@@ -314,7 +337,8 @@ impl WireError for UdpError {
             | UdpError::NoFrames
             | UdpError::BadLoginPayload
             | UdpError::LoginTooShort { .. }
-            | UdpError::NonceMismatch => pb::ErrorCode::BadFrame,
+            | UdpError::NonceMismatch
+            | UdpError::BadRetry(_) => pb::ErrorCode::BadFrame,
             UdpError::UnexpectedType { .. } => pb::ErrorCode::UnexpectedFrame,
             UdpError::DatagramFull { .. }
             | UdpError::FrameTooLarge { .. }
@@ -419,8 +443,8 @@ pub fn peek_header(datagram: &[u8]) -> Result<Header, UdpError> {
         packet_number: u64::from_be_bytes(*packet_number),
     };
     let session_id_ok = match kind {
-        DatagramType::Login => header.session_id == 0,
-        DatagramType::LoginReply => true,
+        DatagramType::Login | DatagramType::LoginReply => true,
+        DatagramType::Retry => header.session_id != 0,
         DatagramType::ClientData | DatagramType::ServerData => header.session_id != 0,
     };
     if !session_id_ok {
@@ -583,7 +607,8 @@ pub fn seal<'f>(
 }
 
 /// Appends a LOGIN datagram of exactly `pad_to` bytes carrying `login` (the client's `Login`
-/// frame) and the client's random `nonce`, zero-padded.
+/// frame), the client's random `nonce` and the retry `cookie` (0 until a RETRY gave one),
+/// zero-padded.
 ///
 /// # Errors
 ///
@@ -591,6 +616,7 @@ pub fn seal<'f>(
 /// [`UdpError::BadDatagramSize`] if above [`MAX_DATAGRAM_BYTES`]; [`UdpError::FrameTooLarge`] if
 /// the frame does not fit in `pad_to` bytes. On error nothing is appended.
 pub fn seal_login(
+    cookie: u64,
     nonce: u64,
     login: &pb::Frame,
     pad_to: usize,
@@ -607,7 +633,7 @@ pub fn seal_login(
     }
     let header = Header {
         kind: DatagramType::Login,
-        session_id: 0,
+        session_id: cookie,
         packet_number: nonce,
     };
     let len = write_single(&header, login, pad_to, out).map_err(|_| UdpError::FrameTooLarge {
@@ -640,6 +666,47 @@ pub fn seal_login_reply(
     write_single(&header, reply, limit, out)
         .map_err(|len| UdpError::ReplyTooLarge { len, limit })?;
     Ok(())
+}
+
+/// Appends the RETRY answering a LOGIN without a valid cookie: `cookie` (never 0) and the
+/// LOGIN's `nonce`, [`RETRY_LEN`] bytes in all (smaller than any LOGIN the broker answers).
+///
+/// # Errors
+///
+/// [`UdpError::BadSessionId`] if `cookie` is 0; nothing is appended then.
+pub fn seal_retry(cookie: u64, nonce: u64, out: &mut BytesMut) -> Result<(), UdpError> {
+    if cookie == 0 {
+        return Err(UdpError::BadSessionId {
+            kind: DatagramType::Retry,
+            session_id: cookie,
+        });
+    }
+    Header {
+        kind: DatagramType::Retry,
+        session_id: cookie,
+        packet_number: nonce,
+    }
+    .write(out);
+    Ok(())
+}
+
+/// Opens a RETRY at the client, which sent its LOGIN with `nonce`: the cookie to send the LOGIN
+/// again with.
+///
+/// # Errors
+///
+/// As [`peek_header`]; [`UdpError::UnexpectedType`] if it is not a RETRY;
+/// [`UdpError::NonceMismatch`] if it answers another login; [`UdpError::BadRetry`] if it is
+/// not exactly [`RETRY_LEN`] bytes.
+pub fn open_retry(datagram: &[u8], nonce: u64) -> Result<u64, UdpError> {
+    let header = expect_type(datagram, DatagramType::Retry)?;
+    if header.packet_number != nonce {
+        return Err(UdpError::NonceMismatch);
+    }
+    if datagram.len() != RETRY_LEN {
+        return Err(UdpError::BadRetry(datagram.len()));
+    }
+    Ok(header.session_id)
 }
 
 /// Packs frames into one authenticated datagram in a caller's buffer, up to a maximum size:
@@ -1479,7 +1546,7 @@ mod tests {
     #[test]
     fn login_datagram_is_padded_and_opens_to_its_frame() {
         let mut out = BytesMut::new();
-        seal_login(0xfeed, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
+        seal_login(0, 0xfeed, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
         assert_eq!(out.len(), MIN_LOGIN_DATAGRAM_BYTES);
         let opened = open_login(&out).expect("opens");
         assert_eq!(opened.header.packet_number, 0xfeed);
@@ -1495,10 +1562,10 @@ mod tests {
     fn login_shorter_than_the_minimum_is_refused_both_ways() {
         let mut out = BytesMut::new();
         assert!(matches!(
-            seal_login(1, &login(), 100, &mut out),
+            seal_login(0, 1, &login(), 100, &mut out),
             Err(UdpError::LoginTooShort { .. })
         ));
-        seal_login(1, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
+        seal_login(0, 1, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
         assert!(matches!(
             open_login(&out[..MIN_LOGIN_DATAGRAM_BYTES - 1]),
             Err(UdpError::LoginTooShort { .. })
@@ -1508,20 +1575,63 @@ mod tests {
     #[test]
     fn login_with_garbage_after_the_frame_is_refused() {
         let mut out = BytesMut::new();
-        seal_login(1, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
+        seal_login(0, 1, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
         let last = out.len() - 1;
         out[last] = 1;
         assert!(matches!(open_login(&out), Err(UdpError::BadLoginPayload)));
     }
 
     #[test]
-    fn login_with_a_session_id_is_refused() {
+    fn login_carries_its_retry_cookie_in_the_session_id_field() {
         let mut out = BytesMut::new();
-        seal_login(1, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
-        out[9] = 1;
+        seal_login(0xc00c1e, 7, &login(), MIN_LOGIN_DATAGRAM_BYTES, &mut out).expect("fits");
+        let opened = open_login(&out).expect("opens");
+        assert_eq!(opened.header.session_id, 0xc00c1e);
+        assert_eq!(opened.header.packet_number, 7);
+    }
+
+    #[test]
+    fn retry_is_a_bare_header_that_echoes_the_nonce() {
+        let mut out = BytesMut::new();
+        seal_retry(0xc00c1e, 7, &mut out).expect("seals");
+        assert_eq!(out.len(), RETRY_LEN);
+        assert!(RETRY_LEN < MIN_LOGIN_DATAGRAM_BYTES);
+        assert_eq!(open_retry(&out, 7).expect("opens"), 0xc00c1e);
+        assert!(matches!(open_retry(&out, 8), Err(UdpError::NonceMismatch)));
+        let mut longer = out.clone();
+        longer.put_u8(0);
+        assert!(matches!(open_retry(&longer, 7), Err(UdpError::BadRetry(19))));
+    }
+
+    #[test]
+    fn retry_without_a_cookie_is_refused_both_ways() {
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            seal_retry(0, 7, &mut out),
+            Err(UdpError::BadSessionId { .. })
+        ));
+        assert!(out.is_empty());
+        out.put_u8(MAGIC);
+        out.put_u8(DatagramType::Retry.to_byte());
+        out.put_u64(0);
+        out.put_u64(7);
+        assert!(matches!(
+            open_retry(&out, 7),
+            Err(UdpError::BadSessionId { .. })
+        ));
+    }
+
+    #[test]
+    fn retry_is_not_a_login_reply() {
+        let mut out = BytesMut::new();
+        seal_retry(1, 7, &mut out).expect("seals");
+        assert!(matches!(
+            open_login_reply(&out, 7),
+            Err(UdpError::UnexpectedType { .. })
+        ));
         assert!(matches!(
             open_login(&out),
-            Err(UdpError::BadSessionId { .. })
+            Err(UdpError::UnexpectedType { .. })
         ));
     }
 

@@ -140,7 +140,7 @@ proptest! {
         nonce in any::<u64>(),
     ) {
         let mut out = BytesMut::new();
-        match udp::seal_login(nonce, &login, udp::MIN_LOGIN_DATAGRAM_BYTES, &mut out) {
+        match udp::seal_login(0, nonce, &login, udp::MIN_LOGIN_DATAGRAM_BYTES, &mut out) {
             Err(UdpError::FrameTooLarge { .. }) => prop_assert!(out.is_empty()),
             Err(e) => return Err(e.into()),
             Ok(()) => {

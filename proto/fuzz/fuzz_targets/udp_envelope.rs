@@ -49,8 +49,11 @@ fn open_everything(key: &SessionKey, datagram: &[u8]) {
     }
     if let Ok(login) = udp::open_login(datagram) {
         assert!(login.datagram_len >= udp::MIN_LOGIN_DATAGRAM_BYTES);
-        assert_eq!(login.header.session_id, 0);
         let _ = frame::decode(Bytes::copy_from_slice(login.frame));
+    }
+    if let Ok(cookie) = udp::open_retry(datagram, 1) {
+        assert_ne!(cookie, 0);
+        assert_eq!(datagram.len(), udp::RETRY_LEN);
     }
     if let Ok(reply) = udp::open_login_reply(datagram, 1) {
         assert_eq!(reply.header.packet_number, 1);
