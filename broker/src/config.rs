@@ -57,6 +57,8 @@ pub struct Config {
     pub listen: Listen,
     /// TLS for `listen.tls` and `listen.wss`: the certificate and the handshake's limits.
     pub tls: Tls,
+    /// UDP sessions (`listen.udp`): datagram size, pacing, session limit.
+    pub udp: Udp,
     /// Authentication.
     pub auth: Auth,
     /// The message logs.
@@ -477,6 +479,11 @@ pub struct Listen {
     /// `tls.cert_path` and `tls.key_path`.
     #[serde(deserialize_with = "address_or_none")]
     pub wss: Option<SocketAddr>,
+    /// UDP sessions (the authenticated datagram envelope of `proto/src/udp.rs`), e.g.
+    /// `127.0.0.1:7403` (7402 is the admin listener). Default none (off). Every shard binds its own socket on this address
+    /// (`SO_REUSEPORT`); a session holds no file descriptor. See `[udp]`.
+    #[serde(deserialize_with = "address_or_none")]
+    pub udp: Option<SocketAddr>,
     /// Origins a browser may open a WebSocket from (the upgrade request's `Origin` header,
     /// compared exactly, e.g. `"https://chat.example.com"`). Default empty: any origin. When set,
     /// an upgrade whose `Origin` is not in the list is refused with HTTP 403; a request without
@@ -519,6 +526,52 @@ impl Tls {
     /// Whether any TLS listener is on in `listen`.
     pub fn enabled(listen: &Listen) -> bool {
         listen.tls.is_some() || listen.wss.is_some()
+    }
+}
+
+/// UDP sessions on `listen.udp`. A login is answered first with a stateless retry cookie, so
+/// the node keeps nothing and sends nothing larger than what it received for an address that has
+/// not shown it can receive; every later datagram is authenticated with the session's key and
+/// checked against replay; a session follows its client to a new address (NAT rebinding) only
+/// on an authenticated, newest datagram. Deliveries are retransmitted until acked as on every
+/// transport; clients retry their own requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Udp {
+    /// Largest datagram the node sends, in bytes of UDP payload: frames are packed into
+    /// datagrams up to this size (the path MTU setting). A frame larger than fits goes alone in
+    /// a datagram of its own size (the IP layer fragments it); one larger than a datagram can
+    /// carry at all (64 KiB less the envelope) ends the session with FRAME_TOO_LARGE. Default
+    /// 1200 (safe on any path); up to 65507.
+    pub max_datagram_bytes: usize,
+    /// UDP sessions the node holds at most (they hold no file descriptor, so this is apart from
+    /// `limits.max_connections`); a login past it is answered with CONNECTION_LIMIT. Default
+    /// 1000000.
+    pub max_sessions: usize,
+    /// Pacing: bytes per second the node sends one session at most, so that a burst (a sync, a
+    /// busy group) does not overflow the client's socket buffer; what waits stays in the
+    /// connection's bounded queue (`limits.max_outbound_bytes`). Default 8388608 (8 MiB/s).
+    pub pacing_rate_bytes_per_sec: u64,
+    /// Pacing: bytes one session may be sent at once after being quiet. Default 262144.
+    pub pacing_burst_bytes: u64,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of each shard's UDP socket (the kernel may cap them at
+    /// `net.core.rmem_max` / `wmem_max`). Default 4194304.
+    pub socket_buffer_bytes: usize,
+    /// How long a retry cookie stays good, ms: a LOGIN must come back with it within this.
+    /// Default 10000.
+    pub cookie_lifetime_ms: u64,
+}
+
+impl Default for Udp {
+    fn default() -> Self {
+        Self {
+            max_datagram_bytes: parley_proto::udp::DEFAULT_MAX_DATAGRAM_BYTES,
+            max_sessions: 1_000_000,
+            pacing_rate_bytes_per_sec: 8 << 20,
+            pacing_burst_bytes: 256 << 10,
+            socket_buffer_bytes: 4 << 20,
+            cookie_lifetime_ms: 10_000,
+        }
     }
 }
 
@@ -733,6 +786,7 @@ impl Default for Config {
             shards: 0,
             listen: Listen::default(),
             tls: Tls::default(),
+            udp: Udp::default(),
             auth: Auth::default(),
             storage: Storage::default(),
             limits: Limits::default(),
@@ -754,6 +808,7 @@ impl Default for Listen {
             ws: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             tls: None,
             wss: None,
+            udp: None,
             ws_allowed_origins: Vec::new(),
         }
     }
@@ -945,8 +1000,29 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         let l = &self.listen;
-        if l.tcp.is_none() && l.ws.is_none() && l.tls.is_none() && l.wss.is_none() {
-            return fail("listen: at least one of tcp, ws, tls and wss must be set");
+        if l.tcp.is_none()
+            && l.ws.is_none()
+            && l.tls.is_none()
+            && l.wss.is_none()
+            && l.udp.is_none()
+        {
+            return fail("listen: at least one of tcp, ws, tls, wss and udp must be set");
+        }
+        let u = &self.udp;
+        if !(parley_proto::udp::MIN_DATAGRAM_BYTES + 64..=parley_proto::udp::MAX_DATAGRAM_BYTES)
+            .contains(&u.max_datagram_bytes)
+        {
+            return fail("udp.max_datagram_bytes must be between 99 and 65507");
+        }
+        if u.max_sessions == 0
+            || u.pacing_rate_bytes_per_sec == 0
+            || u.pacing_burst_bytes < u.max_datagram_bytes as u64
+            || u.cookie_lifetime_ms == 0
+        {
+            return fail(
+                "udp.max_sessions, udp.pacing_rate_bytes_per_sec and udp.cookie_lifetime_ms \
+                 must be positive, and udp.pacing_burst_bytes at least udp.max_datagram_bytes",
+            );
         }
         if Tls::enabled(l) && (self.tls.cert_path.is_none() || self.tls.key_path.is_none()) {
             return fail(

@@ -1600,7 +1600,10 @@ mod tests {
         assert!(matches!(open_retry(&out, 8), Err(UdpError::NonceMismatch)));
         let mut longer = out.clone();
         longer.put_u8(0);
-        assert!(matches!(open_retry(&longer, 7), Err(UdpError::BadRetry(19))));
+        assert!(matches!(
+            open_retry(&longer, 7),
+            Err(UdpError::BadRetry(19))
+        ));
     }
 
     #[test]

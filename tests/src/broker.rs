@@ -60,6 +60,8 @@ pub struct Broker {
     /// The TLS listeners of the current run (`listen.tls`, `listen.wss`), if it printed them.
     tls: Option<SocketAddr>,
     wss: Option<SocketAddr>,
+    /// The UDP listener of the current run (`listen.udp`), if it printed one.
+    udp: Option<SocketAddr>,
     starts: u32,
     stdout: Arc<Mutex<String>>,
     /// The soft and hard open-file limit (`ulimit -n`) the broker is started under, if not the
@@ -202,6 +204,7 @@ impl Broker {
             admin: None,
             tls: None,
             wss: None,
+            udp: None,
             starts: 0,
             stdout: Arc::default(),
             open_file_limit: None,
@@ -246,6 +249,12 @@ impl Broker {
     pub fn wss_addr(&self) -> SocketAddr {
         self.wss
             .expect("the broker printed no wss= address (listen.wss not set?)")
+    }
+
+    /// The UDP listener (`udp=` of the listening line); panics if the broker has none.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp
+            .expect("the broker printed no udp= address (listen.udp not set?)")
     }
 
     /// Sends the running broker SIGHUP (it reloads its TLS certificate).
@@ -546,6 +555,7 @@ impl Broker {
         self.admin = parse_named_address(&line, "admin");
         self.tls = parse_named_address(&line, "tls");
         self.wss = parse_named_address(&line, "wss");
+        self.udp = parse_named_address(&line, "udp");
     }
 }
 
