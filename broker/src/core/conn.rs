@@ -615,17 +615,3 @@ mod tests {
         assert_eq!(&*a.key, "d5:alicebob");
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn print_sizes() {
-        eprintln!("Connection {}", std::mem::size_of::<super::Connection>());
-        eprintln!(
-            "Transport {}",
-            std::mem::size_of::<crate::transport::Transport>()
-        );
-        eprintln!("Who {}", std::mem::size_of::<super::Who>());
-        eprintln!("Delivery {}", std::mem::size_of::<super::Delivery>());
-        eprintln!("User {}", std::mem::size_of::<crate::core::home::User>());
-    }
-}
