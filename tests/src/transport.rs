@@ -613,11 +613,14 @@ impl Udp {
         Ok(())
     }
 
-    /// Moves the session to a new socket (a new source port, as after a NAT rebinding): the
-    /// old one is closed; the key and packet numbers go on. Returns the new address.
-    pub fn rebind(&mut self) -> io::Result<SocketAddr> {
-        self.socket = bind_udp_for(self.server)?;
-        self.socket.local_addr()
+    /// Moves the session to a new socket (a new source port, as after a NAT rebinding); the
+    /// key and packet numbers go on. Returns the old socket (still open, to check what it is
+    /// sent); the client reads from the new one.
+    pub fn rebind(&mut self) -> io::Result<UdpSocket> {
+        Ok(std::mem::replace(
+            &mut self.socket,
+            bind_udp_for(self.server)?,
+        ))
     }
 
     /// Logs in with the `Login` frame `login` (see the type's docs).
