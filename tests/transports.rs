@@ -16,14 +16,16 @@
 
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parley_proto::pb;
 use parley_proto::pb::frame::Body;
 use parley_proto::udp as envelope;
 use parley_tests::client::{code_name, fresh_client_msg_id};
-use parley_tests::transport::{Tcp, TlsStream, Transport, Udp, Ws, connect_tls, tls_client_config};
+use parley_tests::transport::{
+    Tcp, TlsStream, Transport, Udp, Ws, connect_tls, recv_datagram, tls_client_config,
+};
 use parley_tests::{
     Broker, Client, ErrorCode, PROTOCOL_VERSION, TIMEOUT, assert_pair_still_talks, assert_seqs,
     direct, numbered_body, token,
@@ -82,6 +84,10 @@ trait Way: Transport {
     /// framing: behind a TCP length prefix, as one WebSocket binary message, in an
     /// authenticated UDP datagram.
     fn write_malformed_frame(client: &mut Client<Self>, frame: &[u8]);
+
+    /// Checks that a connection the broker ended with a fatal error stays ended (streams: the
+    /// close already said so; UDP: a datagram of the old session gets nothing back).
+    fn stays_closed(_client: &mut Client<Self>) {}
 
     /// Writes input the transport drops without an answer and checks that none comes (UDP:
     /// garbage and forged datagrams, whose source may be forged). Streams have none.
@@ -170,6 +176,27 @@ impl Way for Udp {
             .seal_encoded(&[frame])
             .expect("seal a datagram");
         client.write_raw(&datagram);
+    }
+
+    fn stays_closed(client: &mut Client<Self>) {
+        let datagram = client
+            .transport_mut()
+            .seal_frames(&[pb::Frame {
+                request_id: 1,
+                body: Some(Body::Ping(pb::Ping { nonce: 1 })),
+            }])
+            .expect("seal");
+        client.write_raw(&datagram);
+        let socket = client.transport().socket();
+        if let Some((answer, _)) = recv_datagram(socket, Instant::now() + SILENCE).expect("receive")
+        {
+            panic!(
+                "a session ended by a fatal error is gone: a Ping on it gets nothing, got {} \
+                 bytes ({:?})",
+                answer.len(),
+                envelope::peek_header(&answer)
+            );
+        }
     }
 
     fn unauthenticated_input_is_dropped(client: &mut Client<Self>) {
@@ -513,6 +540,7 @@ fn a_frame_over_max_frame_bytes_gets_frame_too_large<T: Way>() {
     let body = Bytes::from(vec![b'x'; MAX_FRAME + 1000]);
     mallory.start_send_with_id(direct("bob"), fresh_client_msg_id(), body);
     mallory.expect_fatal_error(&[ErrorCode::FrameTooLarge], TIMEOUT);
+    T::stays_closed(&mut mallory);
     assert_pair_still_talks(&mut alice, &mut bob);
     assert!(
         bob.held_seqs(&direct("mallory")).is_empty(),

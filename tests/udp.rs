@@ -418,6 +418,22 @@ fn a_refused_login_gets_an_error_in_a_login_reply_no_larger_than_the_login() {
     assert_eq!(sessions_after_retries(&broker, 1.0), 0.0);
 }
 
+#[test]
+fn the_test_client_logs_in_with_login_retry_login_and_its_session_works() {
+    let broker = udp_broker(&[]);
+    let mut bob: UdpClient = broker.udp();
+    let result = bob.login("bob", "phone");
+    assert_eq!(
+        bob.transport().login_datagrams(),
+        (2, 1),
+        "one LOGIN, one RETRY, the LOGIN again with its cookie"
+    );
+    assert_eq!(bob.transport().session_id(), Some(result.udp_session_id));
+    assert_eq!(result.udp_session_key.len(), SESSION_KEY_LEN);
+    bob.sync();
+    bob.ping();
+}
+
 // ---------------------------------------------------------------------------------------------
 // No hijacking
 // ---------------------------------------------------------------------------------------------

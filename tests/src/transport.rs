@@ -534,6 +534,11 @@ impl Udp {
             .unwrap_or_else(|e| panic!("a bound UDP socket has an address: {e}"))
     }
 
+    /// The socket datagrams go from and come to (e.g. to wait for a datagram by hand).
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
     /// The packet number the next sealed datagram gets.
     pub fn next_packet_number(&self) -> u64 {
         self.next_packet_number
