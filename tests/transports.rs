@@ -14,7 +14,7 @@
 //! `limits.max_frame_bytes` refused with FRAME_TOO_LARGE; requests over the rate refused with
 //! RATE_LIMITED.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,8 +77,11 @@ trait Way: Transport {
     /// Settings the broker needs for this transport.
     const SETTINGS: &'static [&'static str];
 
-    /// Opens a connection (not logged in) to the broker's listener for this transport.
-    fn open_on(net: &Net) -> Self;
+    /// The broker's listener for this transport.
+    fn listener(net: &Net) -> SocketAddr;
+
+    /// Opens a connection (not logged in) to `addr`, the broker's listener for this transport.
+    fn open_at(net: &Net, addr: SocketAddr) -> Self;
 
     /// Writes `frame`, bytes that are no protobuf `Frame`, well delimited in the transport's
     /// framing: behind a TCP length prefix, as one WebSocket binary message, in an
@@ -100,8 +103,11 @@ const MALFORMED_FRAME: [u8; 8] = [0xff; 8];
 impl Way for Tcp<TcpStream> {
     const SETTINGS: &'static [&'static str] = &[];
 
-    fn open_on(net: &Net) -> Self {
-        let addr = net.broker.tcp_addr();
+    fn listener(net: &Net) -> SocketAddr {
+        net.broker.tcp_addr()
+    }
+
+    fn open_at(_net: &Net, addr: SocketAddr) -> Self {
         <Self as Transport>::open(addr, None).unwrap_or_else(|e| panic!("tcp to {addr}: {e}"))
     }
 
@@ -113,8 +119,11 @@ impl Way for Tcp<TcpStream> {
 impl Way for Tcp<TlsStream> {
     const SETTINGS: &'static [&'static str] = &[];
 
-    fn open_on(net: &Net) -> Self {
-        let addr = net.broker.tls_addr();
+    fn listener(net: &Net) -> SocketAddr {
+        net.broker.tls_addr()
+    }
+
+    fn open_at(net: &Net, addr: SocketAddr) -> Self {
         let stream = connect_tls(addr, net.trust.clone())
             .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
         Tcp::from_stream(stream)
@@ -137,8 +146,11 @@ fn length_prefixed(frame: &[u8]) -> Vec<u8> {
 impl Way for Ws<TcpStream> {
     const SETTINGS: &'static [&'static str] = &[];
 
-    fn open_on(net: &Net) -> Self {
-        let addr = net.broker.ws_addr();
+    fn listener(net: &Net) -> SocketAddr {
+        net.broker.ws_addr()
+    }
+
+    fn open_at(_net: &Net, addr: SocketAddr) -> Self {
         <Self as Transport>::open(addr, None).unwrap_or_else(|e| panic!("ws to {addr}: {e}"))
     }
 
@@ -150,8 +162,11 @@ impl Way for Ws<TcpStream> {
 impl Way for Ws<TlsStream> {
     const SETTINGS: &'static [&'static str] = &[];
 
-    fn open_on(net: &Net) -> Self {
-        let addr = net.broker.wss_addr();
+    fn listener(net: &Net) -> SocketAddr {
+        net.broker.wss_addr()
+    }
+
+    fn open_at(net: &Net, addr: SocketAddr) -> Self {
         let stream = connect_tls(addr, net.trust.clone())
             .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
         Ws::over(stream, addr, None).unwrap_or_else(|e| panic!("wss upgrade at {addr}: {e}"))
@@ -165,8 +180,11 @@ impl Way for Ws<TlsStream> {
 impl Way for Udp {
     const SETTINGS: &'static [&'static str] = &["listen.udp=\"127.0.0.1:0\""];
 
-    fn open_on(net: &Net) -> Self {
-        let addr = net.broker.udp_addr();
+    fn listener(net: &Net) -> SocketAddr {
+        net.broker.udp_addr()
+    }
+
+    fn open_at(_net: &Net, addr: SocketAddr) -> Self {
         <Self as Transport>::open(addr, None).unwrap_or_else(|e| panic!("udp to {addr}: {e}"))
     }
 
@@ -260,9 +278,15 @@ impl Way for Udp {
     }
 }
 
+/// A connection of transport `T` to the broker, not logged in.
+fn client<T: Way>(net: &Net) -> Client<T> {
+    let addr = T::listener(net);
+    Client::with_conn(T::open_at(net, addr), addr, net.broker.secret())
+}
+
 /// A connection of transport `T`, logged in as `user` on `device` (not synced).
 fn logged_in<T: Way>(net: &Net, user: &str, device: &str) -> Client<T> {
-    let mut client = Client::with_conn(T::open_on(net), net.broker.tcp_addr(), net.broker.secret());
+    let mut client = client::<T>(net);
     client.login(user, device);
     client
 }
@@ -280,8 +304,7 @@ fn connect<T: Way>(net: &Net, user: &str, device: &str) -> Client<T> {
 
 fn a_good_token_logs_in<T: Way>() {
     let net = start::<T>(&[]);
-    let mut client: Client<T> =
-        Client::with_conn(T::open_on(&net), net.broker.tcp_addr(), net.broker.secret());
+    let mut client = client::<T>(&net);
     let result = client.login("alice", "phone");
     assert_eq!(
         (result.user.as_str(), result.device.as_str()),
@@ -295,8 +318,7 @@ fn a_good_token_logs_in<T: Way>() {
 
 fn a_bad_token_is_refused_with_a_clear_error<T: Way>() {
     let net = start::<T>(&[]);
-    let mut client: Client<T> =
-        Client::with_conn(T::open_on(&net), net.broker.tcp_addr(), net.broker.secret());
+    let mut client = client::<T>(&net);
     let forged = token::mint_valid(b"not the broker's secret", "alice", "phone");
     let error = client
         .try_login(&forged)
