@@ -570,12 +570,7 @@ impl Driver {
     }
 
     /// The core hands a UDP session in login to its user's home shard.
-    pub(super) fn handover_udp(
-        &mut self,
-        conn: ConnId,
-        to: usize,
-        adoption: Box<Adoption>,
-    ) -> bool {
+    pub(super) fn handover_udp(&mut self, conn: ConnId, to: usize, adoption: Box<Adoption>) {
         let Some(session) = self.take_udp_session(conn) else {
             return;
         };
