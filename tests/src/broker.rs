@@ -72,6 +72,8 @@ pub struct Broker {
     /// The TCP and WebSocket addresses to listen on (see [`Broker::restart_on_same_ports`]);
     /// None: ephemeral ports.
     fixed_ports: Option<(SocketAddr, SocketAddr)>,
+    /// The UDP address to listen on again (see [`Broker::restart_on_same_ports`]).
+    fixed_udp: Option<SocketAddr>,
 }
 
 /// How a start of the broker that was expected to fail went (see
@@ -205,6 +207,7 @@ impl Broker {
             tls: None,
             wss: None,
             udp: None,
+            fixed_udp: None,
             starts: 0,
             stdout: Arc::default(),
             open_file_limit: None,
@@ -446,8 +449,8 @@ impl Broker {
         self.spawn();
     }
 
-    /// Starts the broker again like [`Broker::restart`], but listening on the same TCP and
-    /// WebSocket addresses as the run before (so clients that reconnect to the address they
+    /// Starts the broker again like [`Broker::restart`], but listening on the same TCP,
+    /// WebSocket and UDP addresses as the run before (so clients that reconnect to the address they
     /// know find it again). The listeners set `SO_REUSEADDR`, so a port left in `TIME_WAIT` by
     /// the killed run can be bound again.
     pub fn restart_on_same_ports(&mut self) {
@@ -455,6 +458,7 @@ impl Broker {
             self.terminate();
         }
         self.fixed_ports = Some((self.tcp, self.ws));
+        self.fixed_udp = self.udp;
         self.spawn();
     }
 
@@ -520,6 +524,10 @@ impl Broker {
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         for setting in &self.settings {
             command.arg("--set").arg(setting);
+        }
+        if let Some(udp) = self.fixed_udp {
+            // After the test's own settings, which may ask for an ephemeral port.
+            command.arg("--set").arg(format!("listen.udp=\"{udp}\""));
         }
         command
     }
