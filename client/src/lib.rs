@@ -41,8 +41,14 @@ pub mod ids;
 pub mod inbox;
 pub mod outbox;
 pub mod session;
+#[cfg(feature = "tls")]
+pub mod tls;
+pub mod udp;
 
 pub use blocking::{Client, ClientConfig, Connection, Connector, TcpConnector, TokenProvider};
 pub use event::{DisconnectReason, Event, describe_error};
 pub use parley_proto::pb;
-pub use session::{SendError, Session, SessionConfig, State, TEXT, direct};
+pub use session::{RetryConfig, SendError, Session, SessionConfig, State, TEXT, direct};
+#[cfg(feature = "tls")]
+pub use tls::TlsConnector;
+pub use udp::UdpConnector;

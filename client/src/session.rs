@@ -22,6 +22,16 @@
 //!    nothing was heard for [`SessionConfig::dead_after`] (default: twice the heartbeat
 //!    interval, at least 5 s) is closed.
 //!
+//! Over a transport that loses, duplicates and reorders frames (UDP: the broker retransmits
+//! `Deliver` until acked, and nothing else), set [`SessionConfig::retry`] (the blocking driver
+//! does for a [datagram connector](crate::Connector::is_datagram)): then a `Send` whose
+//! `SendAck` has not come within the retry timeout is sent again with the same client message id
+//! (the broker stores it once and answers the same `SendAck`), a sync whose next page has not
+//! come is started again from the inbox's cursors, and a history request whose page has not come
+//! is sent again with the same request id, each with a doubling timeout. Duplicated answers are
+//! harmless (acks and pages are matched to what is outstanding, messages de-duplicated by seq).
+//! Requests made with [`Session::request`] are not retried (they need not be idempotent).
+//!
 //! The outbox and the inbox outlive connections (not the process: they are in memory).
 
 use std::collections::{HashMap, VecDeque};
@@ -61,6 +71,47 @@ pub struct SessionConfig {
     /// A connection from which nothing was heard this long is closed (None: twice the server's
     /// heartbeat interval, at least 5 s).
     pub dead_after: Option<Duration>,
+    /// Retry sends, syncs and history requests whose answer does not come (None: never, as a
+    /// stream transport needs; the blocking driver sets it for a datagram connector).
+    pub retry: Option<RetryConfig>,
+}
+
+/// How long to wait for an answer before asking again over a lossy transport: `initial` after
+/// the first try, twice as long after each further one, at most `max`.
+///
+/// ```
+/// use std::time::Duration;
+/// use parley_client::RetryConfig;
+/// let r = RetryConfig::default();
+/// assert_eq!(r.delay(1), r.initial);
+/// assert_eq!(r.delay(2), r.initial * 2);
+/// assert_eq!(r.delay(50), r.max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// The wait after the first try.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    /// 1 s, doubling up to 8 s.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait for an answer after the `tries`-th try (1 for the first).
+    pub fn delay(&self, tries: u32) -> Duration {
+        self.initial
+            .saturating_mul(1u32 << tries.saturating_sub(1).min(20))
+            .min(self.max)
+    }
 }
 
 impl Default for SessionConfig {
@@ -73,8 +124,35 @@ impl Default for SessionConfig {
             max_held: 10_000,
             sync_page_size: 0,
             dead_after: None,
+            retry: None,
         }
     }
+}
+
+impl SessionConfig {
+    /// The default settings with [`SessionConfig::retry`] on: for a transport that loses frames.
+    ///
+    /// ```
+    /// let config = parley_client::SessionConfig::lossy();
+    /// assert!(config.retry.is_some());
+    /// ```
+    pub fn lossy() -> Self {
+        Self {
+            retry: Some(RetryConfig::default()),
+            ..Self::default()
+        }
+    }
+}
+
+/// A request of the session's own sent again if its answer does not come (lossy transports).
+#[derive(Debug, Clone)]
+struct Retrying {
+    /// The frame's body, as sent.
+    body: Body,
+    /// When it was last sent (None: sent, time not known yet).
+    sent_at: Option<Instant>,
+    /// How often it was sent.
+    tries: u32,
 }
 
 /// Heartbeat used when the server does not state one.
@@ -173,6 +251,12 @@ pub struct Session {
     last_heard: Instant,
     /// The running sync's request id.
     sync: Option<u64>,
+    /// When the running sync was sent or last made progress (None: time not known yet).
+    sync_at: Option<Instant>,
+    /// How often the running sync was (re)started without completing.
+    sync_tries: u32,
+    /// History requests awaiting their page, to send again (with [`SessionConfig::retry`]).
+    retrying: HashMap<u64, Retrying>,
     /// The session asks the driver to close the connection.
     close: bool,
     /// Ping nonces.
@@ -207,6 +291,9 @@ impl Session {
             last_sent: now,
             last_heard: now,
             sync: None,
+            sync_at: None,
+            sync_tries: 0,
+            retrying: HashMap::new(),
             close: false,
             nonce: 0,
         }
@@ -278,8 +365,9 @@ impl Session {
         let id = send.client_msg_id;
         self.outbox.push(send);
         if self.state == State::Ready {
-            // Not `now`-dependent: a fresh send has no retry time.
-            self.flush_outbox(self.last_sent);
+            // Not `now`-dependent: a fresh send has no retry time; it is stamped when the
+            // driver reports it sent.
+            self.flush_outbox_unstamped();
         }
         Ok(id)
     }
@@ -304,15 +392,24 @@ impl Session {
         after_seq: Option<u64>,
         limit: u32,
     ) -> u64 {
-        self.start_request(
-            Request::History,
-            Body::HistoryRequest(pb::HistoryRequest {
-                conversation: Some(conversation),
-                before_seq,
-                after_seq,
-                limit,
-            }),
-        )
+        let body = Body::HistoryRequest(pb::HistoryRequest {
+            conversation: Some(conversation),
+            before_seq,
+            after_seq,
+            limit,
+        });
+        let id = self.start_request(Request::History, body.clone());
+        if self.config.retry.is_some() && self.requests.contains_key(&id) {
+            self.retrying.insert(
+                id,
+                Retrying {
+                    body,
+                    sent_at: None,
+                    tries: 1,
+                },
+            );
+        }
+        id
     }
 
     /// Sends any other request (group, presence, room, receipt ...); its answer comes as
@@ -376,7 +473,10 @@ impl Session {
         self.state = State::Disconnected;
         self.transmit.clear();
         self.requests.clear();
+        self.retrying.clear();
         self.sync = None;
+        self.sync_at = None;
+        self.sync_tries = 0;
         self.connected_at = None;
         self.outbox.reset();
         self.events.push_back(Event::Disconnected { reason });
@@ -450,13 +550,21 @@ impl Session {
                     self.release(out);
                     self.requests.remove(&request_id);
                     self.sync = None;
+                    self.sync_at = None;
+                    self.sync_tries = 0;
                     self.events.push_back(Event::Synced);
                 } else {
+                    if self.sync == Some(request_id) {
+                        // Progress: the next page has a whole timeout again.
+                        self.sync_at = Some(now);
+                        self.sync_tries = 1;
+                    }
                     self.release(out);
                 }
             }
-            Body::Behind(_) => self.start_sync(),
+            Body::Behind(_) => self.start_sync(Some(now)),
             Body::HistoryPage(page) => {
+                self.retrying.remove(&request_id);
                 if self.requests.remove(&request_id).is_some() {
                     self.events
                         .push_back(Event::HistoryPage { request_id, page });
@@ -513,6 +621,9 @@ impl Session {
                     self.close_with(now, DisconnectReason::Timeout);
                     return;
                 }
+                if let Some(retry) = self.config.retry {
+                    self.retry_due(now, &retry);
+                }
                 self.flush_outbox(now);
                 if self.sync.is_none()
                     && self
@@ -520,7 +631,7 @@ impl Session {
                         .oldest_gap()
                         .is_some_and(|t| now >= t + self.config.gap_timeout)
                 {
-                    self.start_sync();
+                    self.start_sync(Some(now));
                 }
                 if now >= self.last_sent + self.ping_every {
                     self.nonce += 1;
@@ -558,6 +669,11 @@ impl Session {
                 {
                     next = next.min(t + self.config.gap_timeout);
                 }
+                if let Some(retry) = self.config.retry
+                    && let Some(t) = self.next_retry(&retry)
+                {
+                    next = next.min(t);
+                }
                 Some(next)
             }
         }
@@ -574,9 +690,11 @@ impl Session {
         std::mem::take(&mut self.close)
     }
 
-    /// The driver sent a frame at `now` (for the heartbeat clock).
+    /// The driver sent what [`Session::poll_transmit`] gave at `now` (for the heartbeat clock,
+    /// and the retry timers of [`SessionConfig::retry`]).
     pub fn sent(&mut self, now: Instant) {
         self.last_sent = now;
+        self.stamp(now);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -636,11 +754,14 @@ impl Session {
         id
     }
 
-    /// Starts a sync from the inbox's cursors, unless one runs.
-    fn start_sync(&mut self) {
+    /// Starts a sync from the inbox's cursors, unless one runs; `now` is when it goes out, if
+    /// known.
+    fn start_sync(&mut self, now: Option<Instant>) {
         if self.sync.is_some() || self.state != State::Ready {
             return;
         }
+        self.sync_at = now;
+        self.sync_tries = self.sync_tries.saturating_add(1);
         let body = Body::SyncRequest(pb::SyncRequest {
             cursors: self.inbox.cursors(),
             page_size: self.config.sync_page_size,
@@ -650,10 +771,81 @@ impl Session {
         self.sync = Some(id);
     }
 
-    /// Sends the outbox's due sends.
+    /// Sends the outbox's due sends (going out at `now`).
     fn flush_outbox(&mut self, now: Instant) {
-        for send in self.outbox.due(now) {
+        for send in self.outbox.due(now, Some(now)) {
             self.transmit.push_back(send_frame(send));
+        }
+    }
+
+    /// Sends the outbox's due sends, at a time not known yet (see [`Session::stamp`]).
+    fn flush_outbox_unstamped(&mut self) {
+        for send in self.outbox.due(self.last_sent, None) {
+            self.transmit.push_back(send_frame(send));
+        }
+    }
+
+    /// What went out without a known time went out at `now`.
+    fn stamp(&mut self, now: Instant) {
+        self.outbox.stamp(now);
+        if self.sync.is_some() {
+            self.sync_at.get_or_insert(now);
+        }
+        for r in self.retrying.values_mut() {
+            r.sent_at.get_or_insert(now);
+        }
+    }
+
+    /// When the next unanswered request times out (`last_sent`, in the past, if one went out at
+    /// a time not known yet: handle the timeout now, which stamps it).
+    fn next_retry(&self, retry: &RetryConfig) -> Option<Instant> {
+        let unstamped = self.outbox.unstamped()
+            || (self.sync.is_some() && self.sync_at.is_none())
+            || self.retrying.values().any(|r| r.sent_at.is_none());
+        if unstamped {
+            return Some(self.last_sent);
+        }
+        let sync = self
+            .sync
+            .and(self.sync_at)
+            .map(|t| t + retry.delay(self.sync_tries));
+        let history = self
+            .retrying
+            .values()
+            .filter_map(|r| r.sent_at.map(|t| t + retry.delay(r.tries)))
+            .min();
+        [self.outbox.next_expiry(retry), sync, history]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Sends again what was not answered in time (lossy transports).
+    fn retry_due(&mut self, now: Instant, retry: &RetryConfig) {
+        self.stamp(now);
+        // Sends: due again, flushed by the caller.
+        self.outbox.expire(now, retry);
+        // The sync: given up, and started again from the inbox's cursors (late pages of the
+        // old one are still taken as messages; its `done` no longer counts).
+        if let (Some(id), Some(at)) = (self.sync, self.sync_at)
+            && now >= at + retry.delay(self.sync_tries)
+        {
+            self.requests.remove(&id);
+            self.sync = None;
+            self.start_sync(Some(now));
+        }
+        // History requests: the same request again, same id.
+        let mut again = Vec::new();
+        for (id, r) in &mut self.retrying {
+            if r.sent_at.is_some_and(|t| now >= t + retry.delay(r.tries)) {
+                r.sent_at = Some(now);
+                r.tries = r.tries.saturating_add(1);
+                again.push((*id, r.body.clone()));
+            }
+        }
+        again.sort_by_key(|(id, _)| *id);
+        for (id, body) in again {
+            self.push_frame(id, body);
         }
     }
 
@@ -697,7 +889,7 @@ impl Session {
         // The outbox first, in order, then the sync.
         self.outbox.reset();
         self.flush_outbox(now);
-        self.start_sync();
+        self.start_sync(Some(now));
     }
 
     /// A SendAck: the send leaves the outbox; its seq is this device's own.
@@ -753,10 +945,13 @@ impl Session {
                 });
             }
         } else if let Some(kind) = self.requests.remove(&request_id) {
+            self.retrying.remove(&request_id);
             match kind {
                 Request::Sync => {
                     // The sync failed (e.g. refused); a lasting gap starts another.
                     self.sync = None;
+                    self.sync_at = None;
+                    self.sync_tries = 0;
                 }
                 Request::History | Request::Other => {
                     self.events.push_back(Event::RequestFailed {
