@@ -55,8 +55,7 @@ fn send_all(from: &Client, to: &str, tag: &str, n: usize) -> Vec<u64> {
 fn settle(c: &Client, ids: &[u64], peer: &str, n: usize) -> Vec<Event> {
     let want: BTreeSet<u64> = ids.iter().copied().collect();
     let mut events = until(c, |e| {
-        acked(e).iter().copied().collect::<BTreeSet<_>>() == want
-            && bodies_from(e, peer).len() >= n
+        acked(e).iter().copied().collect::<BTreeSet<_>>() == want && bodies_from(e, peer).len() >= n
     });
     events.extend(drain(c, Duration::from_millis(700)));
     events
@@ -84,7 +83,10 @@ fn two_clients_chat_over_udp_both_ways_exactly_once_and_in_order() {
             panic!("expected Connected first, got {events:?}");
         };
         assert_ne!(r.udp_session_id, 0, "a UDP session");
-        assert!(r.udp_session_key.is_empty(), "the key stays in the transport");
+        assert!(
+            r.udp_session_key.is_empty(),
+            "the key stays in the transport"
+        );
     }
     let a_ids = send_all(&alice, "bob", "a", 25);
     let b_ids = send_all(&bob, "alice", "b", 25);
@@ -104,7 +106,11 @@ fn two_clients_chat_over_udp_both_ways_exactly_once_and_in_order() {
             "each message shown once, in order"
         );
         let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, acked_seqs(own_events), "shown with the seqs the sender was acked");
+        assert_eq!(
+            seqs,
+            acked_seqs(own_events),
+            "shown with the seqs the sender was acked"
+        );
     }
     // Together the two sides hold seqs 1..=50 of the conversation, each once.
     let mut all: Vec<u64> = acked_seqs(&a_events);
@@ -260,8 +266,14 @@ fn a_refused_udp_login_reaches_the_application() {
         "not a token".into(),
     );
     let events = until(&c, |e| {
-        e.iter()
-            .any(|e| matches!(e, Event::Disconnected { reason: DisconnectReason::Server(_) }))
+        e.iter().any(|e| {
+            matches!(
+                e,
+                Event::Disconnected {
+                    reason: DisconnectReason::Server(_)
+                }
+            )
+        })
     });
     let code = events.iter().find_map(|e| match e {
         Event::Disconnected { reason } => reason.code(),
