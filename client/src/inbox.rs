@@ -143,6 +143,9 @@ pub enum Source {
     Deliver,
     /// Returned by a sync (`SyncPage`): its seq also says the gap below it cannot be filled.
     Sync,
+    /// Returned by a sync over a transport that may lose or reorder its pages: held like a
+    /// delivery, saying nothing of the gap below it (see [`Inbox::skip_up_to`]).
+    SyncUnordered,
 }
 
 impl Inbox {
@@ -207,6 +210,29 @@ impl Inbox {
         lane.pending.insert(seq, Held::Own);
         lane.release(c, out);
         lane.update_gap(now);
+    }
+
+    /// A sync whose every page arrived finished (over a lossy transport): the gaps up to
+    /// `tops` (per conversation, the highest seq its pages carried) are skipped, releasing what
+    /// was held up to there; gaps above (live pushes overtaking the sync's end) stay open.
+    pub fn skip_up_to(
+        &mut self,
+        tops: &HashMap<ConversationKey, u64>,
+        now: Instant,
+        out: &mut Vec<Released>,
+    ) {
+        let mut keys: Vec<&ConversationKey> = tops.keys().collect();
+        keys.sort();
+        for k in keys {
+            let (Some(lane), Some(&top)) = (self.lanes.get_mut(k), tops.get(k)) else {
+                continue;
+            };
+            let c = conversation(k);
+            lane.skip_below(top.saturating_add(1), &c, out);
+            lane.release(&c, out);
+            lane.gap_since = None;
+            lane.update_gap(now);
+        }
     }
 
     /// A sync finished: every gap left is skipped (the server sent all it had for this client),

@@ -123,7 +123,7 @@ impl LossyProxy {
             let mut ups: HashMap<SocketAddr, UdpSocket> = HashMap::new();
             let (mut up_count, mut down_count) = (0u64, 0u64);
             let mut buf = vec![0u8; 65_536];
-            let hit = |n: u64, every: u64| every != 0 && n % every == 0;
+            let hit = |n: u64, every: u64| every != 0 && n.is_multiple_of(every);
             while !stop2.load(Ordering::SeqCst) {
                 let mut idle = true;
                 // Client to broker.
