@@ -85,19 +85,42 @@ impl Outbox {
     }
 
     /// The sends that went out without a known time went out at `now`.
+    ///
+    /// ```
+    /// use parley_client::{outbox::Outbox, pb};
+    /// let now = std::time::Instant::now();
+    /// let mut o = Outbox::default();
+    /// o.push(pb::Send { client_msg_id: 7, ..Default::default() });
+    /// o.due(now, None);
+    /// assert!(o.unstamped());
+    /// o.stamp(now);
+    /// assert!(!o.unstamped());
+    /// ```
     pub fn stamp(&mut self, now: Instant) {
         for e in self.entries.values_mut().filter(|e| e.sent) {
             e.sent_at.get_or_insert(now);
         }
     }
 
-    /// Whether a send went out without a known time (see [`Outbox::stamp`]).
+    /// Whether a send went out without a known time (see [`Outbox::stamp`] for an example).
     pub fn unstamped(&self) -> bool {
         self.entries.values().any(|e| e.sent && e.sent_at.is_none())
     }
 
     /// Sends unanswered for their retry timeout at `now` are due again (same id); returns how
     /// many.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use parley_client::{RetryConfig, outbox::Outbox, pb};
+    /// let (now, retry) = (Instant::now(), RetryConfig::default());
+    /// let mut o = Outbox::default();
+    /// o.push(pb::Send { client_msg_id: 7, ..Default::default() });
+    /// o.due(now, Some(now));
+    /// assert_eq!(o.next_expiry(&retry), Some(now + retry.initial));
+    /// assert_eq!(o.expire(now + retry.initial, &retry), 1);
+    /// assert_eq!(o.due(now + retry.initial, None)[0].client_msg_id, 7);
+    /// ```
     pub fn expire(&mut self, now: Instant, retry: &RetryConfig) -> usize {
         let mut n = 0;
         for e in self.entries.values_mut().filter(|e| e.sent) {
@@ -110,7 +133,7 @@ impl Outbox {
         n
     }
 
-    /// When the earliest unanswered send times out (see [`Outbox::expire`]).
+    /// When the earliest unanswered send times out (see [`Outbox::expire`] for an example).
     pub fn next_expiry(&self, retry: &RetryConfig) -> Option<Instant> {
         self.entries
             .values()

@@ -13,7 +13,7 @@
 //! 1. sends `Login` (with the token the driver got), and waits for `LoginResult` (at most
 //!    [`SessionConfig::login_timeout`]);
 //! 2. sends the whole [outbox](crate::outbox) again, in order, with the same client message ids;
-//! 3. sends a `SyncRequest` with the [inbox](crate::inbox)'s cursor per conversation, takes the
+//! 3. sends a `SyncRequest` with the [inbox]'s cursor per conversation, takes the
 //!    pages until `done` ([`Event::Synced`]);
 //! 4. then: new sends go out at once; deliveries are de-duplicated and ordered by the inbox and
 //!    acknowledged with one cumulative `DeliverAck` per batch of frames; a gap that lasts
@@ -107,6 +107,13 @@ impl Default for RetryConfig {
 
 impl RetryConfig {
     /// The wait for an answer after the `tries`-th try (1 for the first).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = parley_client::RetryConfig { initial: Duration::from_millis(300), max: Duration::from_secs(1) };
+    /// assert_eq!(r.delay(2), Duration::from_millis(600));
+    /// assert_eq!(r.delay(3), Duration::from_secs(1));
+    /// ```
     pub fn delay(&self, tries: u32) -> Duration {
         self.initial
             .saturating_mul(1u32 << tries.saturating_sub(1).min(20))
