@@ -1,8 +1,13 @@
-//! A minimal chat with the client library: `chat ADDR TOKEN PEER`, then type lines.
+//! A minimal chat with the client library: `chat [--udp | --tls CA_PEM] ADDR TOKEN PEER`, then
+//! type lines.
 //!
 //! ```text
 //! TOKEN=$(broker token --user alice)
 //! cargo run -p parley-client --example chat -- 127.0.0.1:7400 "$TOKEN" bob
+//! # over UDP (broker serve --set listen.udp=127.0.0.1:7405):
+//! cargo run -p parley-client --example chat -- --udp 127.0.0.1:7405 "$TOKEN" bob
+//! # over TLS (broker devcert --out certs; broker serve --set listen.tls=127.0.0.1:7443 ...):
+//! cargo run -p parley-client --example chat -- --tls certs/cert.pem 127.0.0.1:7443 "$TOKEN" bob
 //! ```
 //!
 //! It keeps chatting across broker restarts: lines typed meanwhile are sent once it is back.
@@ -10,20 +15,45 @@
 use std::io::BufRead;
 use std::time::Duration;
 
-use parley_client::{Client, ClientConfig, Event, TcpConnector};
+use parley_client::{Client, ClientConfig, Event, TcpConnector, TokenProvider, UdpConnector};
+
+const USAGE: &str = "usage: chat [--udp | --tls CA_PEM [--server-name NAME]] ADDR TOKEN PEER";
+
+/// Starts the client over the transport the flags name.
+fn start(flags: &[String], addr: &str, tokens: TokenProvider) -> Result<Client, String> {
+    let config = ClientConfig::default();
+    match flags {
+        [] => Ok(Client::start(TcpConnector::new(addr), tokens, config)),
+        [udp] if udp == "--udp" => Ok(Client::start(UdpConnector::new(addr), tokens, config)),
+        #[cfg(feature = "tls")]
+        [tls, ca, rest @ ..] if tls == "--tls" => {
+            let name = match rest {
+                [] => "localhost",
+                [flag, name] if flag == "--server-name" => name.as_str(),
+                _ => return Err(USAGE.into()),
+            };
+            let connector = parley_client::TlsConnector::with_ca_file(addr, name, ca)
+                .map_err(|e| format!("{ca}: {e}"))?;
+            Ok(Client::start(connector, tokens, config))
+        }
+        _ => Err(USAGE.into()),
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [addr, token, peer] = args.as_slice() else {
-        eprintln!("usage: chat ADDR TOKEN PEER");
+    let Some((flags, [addr, token, peer])) = args.split_last_chunk::<3>() else {
+        eprintln!("{USAGE}");
         std::process::exit(2);
     };
     let token = token.clone();
-    let client = Client::start(
-        TcpConnector::new(addr.clone()),
-        Box::new(move || Ok(token.clone())),
-        ClientConfig::default(),
-    );
+    let client = match start(flags, addr, Box::new(move || Ok(token.clone()))) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {

@@ -44,7 +44,7 @@ use parley_proto::tcp::FrameCodec;
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::event::{DisconnectReason, Event};
 use crate::ids::random_seed;
-use crate::session::{SendError, Session, SessionConfig, State};
+use crate::session::{RetryConfig, SendError, Session, SessionConfig, State};
 
 /// Hands out the token for the next login (asked on every connection). An `Err` counts as a
 /// failed connection attempt (retried after the back-off).
@@ -112,10 +112,30 @@ impl Connection {
     }
 }
 
-/// Opens connections to the server: the seam for other transports.
+/// Opens connections to the server: the seam for other transports ([`TcpConnector`],
+/// [`UdpConnector`](crate::UdpConnector), `TlsConnector` with the `tls` feature, or your own).
+///
+/// ```
+/// use parley_client::{Connection, Connector};
+/// /// A transport of one's own: here, nothing but an empty stream.
+/// struct Nowhere;
+/// impl Connector for Nowhere {
+///     fn connect(&mut self) -> std::io::Result<Connection> {
+///         Ok(Connection::new(Box::new(std::io::empty()), Box::new(std::io::sink()), Box::new(|| {})))
+///     }
+/// }
+/// assert!(!Nowhere.is_datagram());
+/// ```
 pub trait Connector: Send + 'static {
     /// Opens a new connection (called for the first connection and every reconnect).
     fn connect(&mut self) -> io::Result<Connection>;
+
+    /// Whether its connections may lose, duplicate or reorder frames (UDP): then
+    /// [`Client::start`] turns on [`SessionConfig::retry`] (with its defaults) unless the
+    /// configuration sets it. False by default (a byte stream).
+    fn is_datagram(&self) -> bool {
+        false
+    }
 }
 
 /// A write blocked this long means the server stopped reading: the connection is dropped.
@@ -167,7 +187,8 @@ impl Connector for TcpConnector {
 #[derive(Debug, Clone, Default)]
 pub struct ClientConfig {
     /// The session's settings (its `id_seed` is replaced by a random one unless
-    /// `keep_id_seed`).
+    /// `keep_id_seed`; its `retry` is set for a [datagram](Connector::is_datagram) connector
+    /// unless given).
     pub session: SessionConfig,
     /// Use `session.id_seed` as given (tests), instead of a random seed.
     pub keep_id_seed: bool,
@@ -218,6 +239,9 @@ impl Client {
     ) -> Client {
         if !config.keep_id_seed {
             config.session.id_seed = random_seed();
+        }
+        if connector.is_datagram() && config.session.retry.is_none() {
+            config.session.retry = Some(RetryConfig::default());
         }
         let now = Instant::now();
         let session = Arc::new(Mutex::new(Session::new(config.session.clone(), now)));

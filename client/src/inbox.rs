@@ -143,6 +143,9 @@ pub enum Source {
     Deliver,
     /// Returned by a sync (`SyncPage`): its seq also says the gap below it cannot be filled.
     Sync,
+    /// Returned by a sync over a transport that may lose or reorder its pages: held like a
+    /// delivery, saying nothing of the gap below it (see [`Inbox::skip_up_to`]).
+    SyncUnordered,
 }
 
 impl Inbox {
@@ -207,6 +210,44 @@ impl Inbox {
         lane.pending.insert(seq, Held::Own);
         lane.release(c, out);
         lane.update_gap(now);
+    }
+
+    /// A sync whose every page arrived finished (over a lossy transport): the gaps up to
+    /// `tops` (per conversation, the highest seq its pages carried) are skipped, releasing what
+    /// was held up to there; gaps above (live pushes overtaking the sync's end) stay open.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use parley_client::inbox::{Inbox, Released, Source, key};
+    /// let (now, c) = (std::time::Instant::now(), parley_client::direct("bob"));
+    /// let m = |seq| parley_client::pb::Message { conversation: Some(c.clone()), seq, ..Default::default() };
+    /// let mut inbox = Inbox::new(100);
+    /// let mut out = Vec::new();
+    /// inbox.receive(m(1), Source::Deliver, now, &mut out);
+    /// inbox.receive(m(3), Source::SyncUnordered, now, &mut out); // 2 missing: held
+    /// inbox.receive(m(5), Source::Deliver, now, &mut out);       // 4 missing: held
+    /// inbox.skip_up_to(&HashMap::from([(key(&c), 3)]), now, &mut out);
+    /// assert_eq!(inbox.cursor(&c), 3); // 2 skipped; 4 may still come
+    /// assert!(out.iter().any(|r| matches!(r, Released::Skipped { seqs, .. } if *seqs == (2..=2))));
+    /// ```
+    pub fn skip_up_to(
+        &mut self,
+        tops: &HashMap<ConversationKey, u64>,
+        now: Instant,
+        out: &mut Vec<Released>,
+    ) {
+        let mut keys: Vec<&ConversationKey> = tops.keys().collect();
+        keys.sort();
+        for k in keys {
+            let (Some(lane), Some(&top)) = (self.lanes.get_mut(k), tops.get(k)) else {
+                continue;
+            };
+            let c = conversation(k);
+            lane.skip_below(top.saturating_add(1), &c, out);
+            lane.release(&c, out);
+            lane.gap_since = None;
+            lane.update_gap(now);
+        }
     }
 
     /// A sync finished: every gap left is skipped (the server sent all it had for this client),

@@ -5,8 +5,11 @@
 //!   unacknowledged send, resent with the same client message id on every new connection),
 //!   the [`inbox`] (de-duplication by (conversation, seq) and seq order per conversation, with
 //!   cumulative acks), sync after (re)connect and on gaps, heartbeats, history paging.
-//! * [`Client`] ([`blocking`]): a blocking driver over TCP (or any byte stream through a
-//!   [`Connector`]) with a reader thread and automatic reconnect with [`backoff`] and jitter.
+//! * [`Client`] ([`blocking`]): a blocking driver with a reader thread and automatic reconnect
+//!   with [`backoff`] and jitter, over a [`Connector`]: [`TcpConnector`], `TlsConnector`
+//!   (module `tls`, cargo feature `tls`, on by default: the TCP framing inside rustls),
+//!   [`UdpConnector`] ([`udp`]: the broker's UDP sessions; the session then retries what lost
+//!   datagrams took, [`SessionConfig::retry`]), or a transport of your own.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -31,8 +34,7 @@
 //!
 //! What it does not do (yet): keep the outbox and the inbox's cursors across restarts of the
 //! process (they are in memory: a restarted client syncs from the start and shows history
-//! again), UDP and WebSocket transports (the [`Connector`] seam takes any byte stream with the
-//! TCP framing, e.g. TLS), an async driver.
+//! again), a WebSocket transport, an async driver.
 
 pub mod backoff;
 pub mod blocking;
@@ -41,8 +43,14 @@ pub mod ids;
 pub mod inbox;
 pub mod outbox;
 pub mod session;
+#[cfg(feature = "tls")]
+pub mod tls;
+pub mod udp;
 
 pub use blocking::{Client, ClientConfig, Connection, Connector, TcpConnector, TokenProvider};
 pub use event::{DisconnectReason, Event, describe_error};
 pub use parley_proto::pb;
-pub use session::{SendError, Session, SessionConfig, State, TEXT, direct};
+pub use session::{RetryConfig, SendError, Session, SessionConfig, State, TEXT, direct};
+#[cfg(feature = "tls")]
+pub use tls::TlsConnector;
+pub use udp::UdpConnector;

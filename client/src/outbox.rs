@@ -7,11 +7,17 @@
 //! not stored twice. A send refused for a passing reason (RATE_LIMITED, STORAGE_FAILURE,
 //! INTERNAL, SHUTTING_DOWN) waits `retry_after_ms` (at least [`MIN_RETRY`]) and is sent again;
 //! a later send may then be stored before it.
+//!
+//! Over a transport that loses datagrams (UDP), a send whose answer has not come within a
+//! [`RetryConfig`] timeout is sent again on the same connection, with the same id, the timeout
+//! doubling up to its maximum: [`Outbox::expire`]. (Then too a later send may be stored first.)
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use parley_proto::pb;
+
+use crate::session::RetryConfig;
 
 /// The shortest wait before a send refused for a passing reason is tried again.
 pub const MIN_RETRY: Duration = Duration::from_millis(100);
@@ -25,6 +31,11 @@ struct Entry {
     sent: bool,
     /// Not to be sent again before this time (after a passing refusal).
     not_before: Option<Instant>,
+    /// When it was last sent on this connection (None: sent, time not known yet, see
+    /// [`Outbox::stamp`]).
+    sent_at: Option<Instant>,
+    /// How often it was sent on this connection (for the retry back-off).
+    tries: u32,
 }
 
 /// The unacknowledged sends, by order of creation.
@@ -50,28 +61,93 @@ impl Outbox {
                 send,
                 sent: false,
                 not_before: None,
+                sent_at: None,
+                tries: 0,
             },
         );
     }
 
     /// The sends to transmit now, in order, marking them sent: those not sent on this
     /// connection and not waiting for a retry time after `now`.
-    pub fn due(&mut self, now: Instant) -> Vec<pb::Send> {
+    /// `stamp` is the time they go out, if known (else [`Outbox::stamp`] sets it later).
+    pub fn due(&mut self, now: Instant, stamp: Option<Instant>) -> Vec<pb::Send> {
         self.entries
             .values_mut()
             .filter(|e| !e.sent && e.not_before.is_none_or(|t| t <= now))
             .map(|e| {
                 e.sent = true;
                 e.not_before = None;
+                e.sent_at = stamp;
+                e.tries = e.tries.saturating_add(1);
                 e.send.clone()
             })
             .collect()
+    }
+
+    /// The sends that went out without a known time went out at `now`.
+    ///
+    /// ```
+    /// use parley_client::{outbox::Outbox, pb};
+    /// let now = std::time::Instant::now();
+    /// let mut o = Outbox::default();
+    /// o.push(pb::Send { client_msg_id: 7, ..Default::default() });
+    /// o.due(now, None);
+    /// assert!(o.unstamped());
+    /// o.stamp(now);
+    /// assert!(!o.unstamped());
+    /// ```
+    pub fn stamp(&mut self, now: Instant) {
+        for e in self.entries.values_mut().filter(|e| e.sent) {
+            e.sent_at.get_or_insert(now);
+        }
+    }
+
+    /// Whether a send went out without a known time (see [`Outbox::stamp`] for an example).
+    pub fn unstamped(&self) -> bool {
+        self.entries.values().any(|e| e.sent && e.sent_at.is_none())
+    }
+
+    /// Sends unanswered for their retry timeout at `now` are due again (same id); returns how
+    /// many.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use parley_client::{RetryConfig, outbox::Outbox, pb};
+    /// let (now, retry) = (Instant::now(), RetryConfig::default());
+    /// let mut o = Outbox::default();
+    /// o.push(pb::Send { client_msg_id: 7, ..Default::default() });
+    /// o.due(now, Some(now));
+    /// assert_eq!(o.next_expiry(&retry), Some(now + retry.initial));
+    /// assert_eq!(o.expire(now + retry.initial, &retry), 1);
+    /// assert_eq!(o.due(now + retry.initial, None)[0].client_msg_id, 7);
+    /// ```
+    pub fn expire(&mut self, now: Instant, retry: &RetryConfig) -> usize {
+        let mut n = 0;
+        for e in self.entries.values_mut().filter(|e| e.sent) {
+            if e.sent_at.is_some_and(|t| now >= t + retry.delay(e.tries)) {
+                e.sent = false;
+                e.sent_at = None;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// When the earliest unanswered send times out (see [`Outbox::expire`] for an example).
+    pub fn next_expiry(&self, retry: &RetryConfig) -> Option<Instant> {
+        self.entries
+            .values()
+            .filter(|e| e.sent)
+            .filter_map(|e| e.sent_at.map(|t| t + retry.delay(e.tries)))
+            .min()
     }
 
     /// A new connection: everything is to be sent again.
     pub fn reset(&mut self) {
         for e in self.entries.values_mut() {
             e.sent = false;
+            e.sent_at = None;
+            e.tries = 0;
         }
     }
 
@@ -89,6 +165,7 @@ impl Outbox {
         match self.entries.get_mut(order) {
             Some(e) => {
                 e.sent = false;
+                e.sent_at = None;
                 e.not_before = Some(at);
                 true
             }
@@ -143,15 +220,46 @@ mod tests {
             o.push(send(id));
         }
         let ids = |v: Vec<pb::Send>| v.iter().map(|s| s.client_msg_id).collect::<Vec<_>>();
-        assert_eq!(ids(o.due(now)), [5, 3, 9]);
-        assert!(o.due(now).is_empty());
+        assert_eq!(ids(o.due(now, Some(now))), [5, 3, 9]);
+        assert!(o.due(now, Some(now)).is_empty());
         assert!(o.remove(3).is_some());
         assert!(o.retry_at(5, now + Duration::from_secs(1)));
-        assert!(o.due(now).is_empty());
+        assert!(o.due(now, Some(now)).is_empty());
         assert_eq!(o.next_retry(), Some(now + Duration::from_secs(1)));
-        assert_eq!(ids(o.due(now + Duration::from_secs(1))), [5]);
+        assert_eq!(ids(o.due(now + Duration::from_secs(1), None)), [5]);
         o.reset();
-        assert_eq!(ids(o.due(now)), [5, 9]);
+        assert_eq!(ids(o.due(now, None)), [5, 9]);
         assert_eq!(o.ids(), [5, 9]);
+    }
+
+    #[test]
+    fn unanswered_sends_expire_with_a_doubling_timeout() {
+        let now = Instant::now();
+        let retry = RetryConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(3),
+        };
+        let mut o = Outbox::default();
+        o.push(send(1));
+        let ids = |v: Vec<pb::Send>| v.iter().map(|s| s.client_msg_id).collect::<Vec<_>>();
+        assert_eq!(ids(o.due(now, None)), [1]);
+        assert!(o.unstamped());
+        assert_eq!(o.next_expiry(&retry), None, "no time, no expiry");
+        o.stamp(now);
+        assert_eq!(o.next_expiry(&retry), Some(now + Duration::from_secs(1)));
+        assert_eq!(o.expire(now + Duration::from_millis(999), &retry), 0);
+        assert_eq!(o.expire(now + Duration::from_secs(1), &retry), 1);
+        let t1 = now + Duration::from_secs(1);
+        assert_eq!(ids(o.due(t1, Some(t1))), [1]);
+        // Second try: twice the wait; third: capped at the maximum.
+        assert_eq!(o.next_expiry(&retry), Some(t1 + Duration::from_secs(2)));
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(o.expire(t2, &retry), 1);
+        assert_eq!(ids(o.due(t2, Some(t2))), [1]);
+        assert_eq!(o.next_expiry(&retry), Some(t2 + Duration::from_secs(3)));
+        // A new connection starts the count again.
+        o.reset();
+        assert_eq!(ids(o.due(t2, Some(t2))), [1]);
+        assert_eq!(o.next_expiry(&retry), Some(t2 + Duration::from_secs(1)));
     }
 }

@@ -13,7 +13,7 @@
 //! 1. sends `Login` (with the token the driver got), and waits for `LoginResult` (at most
 //!    [`SessionConfig::login_timeout`]);
 //! 2. sends the whole [outbox](crate::outbox) again, in order, with the same client message ids;
-//! 3. sends a `SyncRequest` with the [inbox](crate::inbox)'s cursor per conversation, takes the
+//! 3. sends a `SyncRequest` with the [inbox]'s cursor per conversation, takes the
 //!    pages until `done` ([`Event::Synced`]);
 //! 4. then: new sends go out at once; deliveries are de-duplicated and ordered by the inbox and
 //!    acknowledged with one cumulative `DeliverAck` per batch of frames; a gap that lasts
@@ -21,6 +21,16 @@
 //!    nothing was sent for half the server's heartbeat interval, and a connection from which
 //!    nothing was heard for [`SessionConfig::dead_after`] (default: twice the heartbeat
 //!    interval, at least 5 s) is closed.
+//!
+//! Over a transport that loses, duplicates and reorders frames (UDP: the broker retransmits
+//! `Deliver` until acked, and nothing else), set [`SessionConfig::retry`] (the blocking driver
+//! does for a [datagram connector](crate::Connector::is_datagram)): then a `Send` whose
+//! `SendAck` has not come within the retry timeout is sent again with the same client message id
+//! (the broker stores it once and answers the same `SendAck`), a sync whose next page has not
+//! come is started again from the inbox's cursors, and a history request whose page has not come
+//! is sent again with the same request id, each with a doubling timeout. Duplicated answers are
+//! harmless (acks and pages are matched to what is outstanding, messages de-duplicated by seq).
+//! Requests made with [`Session::request`] are not retried (they need not be idempotent).
 //!
 //! The outbox and the inbox outlive connections (not the process: they are in memory).
 
@@ -34,7 +44,7 @@ use parley_proto::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
 use crate::event::{DisconnectReason, Event};
 use crate::ids::{ClientMsgIds, RequestIds};
-use crate::inbox::{self, Inbox, Released, Source};
+use crate::inbox::{self, ConversationKey, Inbox, Released, Source};
 use crate::outbox::{MIN_RETRY, Outbox};
 
 /// Largest frame accepted from the server, whatever it announces (bounds memory).
@@ -61,6 +71,54 @@ pub struct SessionConfig {
     /// A connection from which nothing was heard this long is closed (None: twice the server's
     /// heartbeat interval, at least 5 s).
     pub dead_after: Option<Duration>,
+    /// Retry sends, syncs and history requests whose answer does not come (None: never, as a
+    /// stream transport needs; the blocking driver sets it for a datagram connector).
+    pub retry: Option<RetryConfig>,
+}
+
+/// How long to wait for an answer before asking again over a lossy transport: `initial` after
+/// the first try, twice as long after each further one, at most `max`.
+///
+/// ```
+/// use std::time::Duration;
+/// use parley_client::RetryConfig;
+/// let r = RetryConfig::default();
+/// assert_eq!(r.delay(1), r.initial);
+/// assert_eq!(r.delay(2), r.initial * 2);
+/// assert_eq!(r.delay(50), r.max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// The wait after the first try.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    /// 1 s, doubling up to 8 s.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait for an answer after the `tries`-th try (1 for the first).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = parley_client::RetryConfig { initial: Duration::from_millis(300), max: Duration::from_secs(1) };
+    /// assert_eq!(r.delay(2), Duration::from_millis(600));
+    /// assert_eq!(r.delay(3), Duration::from_secs(1));
+    /// ```
+    pub fn delay(&self, tries: u32) -> Duration {
+        self.initial
+            .saturating_mul(1u32 << tries.saturating_sub(1).min(20))
+            .min(self.max)
+    }
 }
 
 impl Default for SessionConfig {
@@ -73,8 +131,49 @@ impl Default for SessionConfig {
             max_held: 10_000,
             sync_page_size: 0,
             dead_after: None,
+            retry: None,
         }
     }
+}
+
+impl SessionConfig {
+    /// The default settings with [`SessionConfig::retry`] on: for a transport that loses frames.
+    ///
+    /// ```
+    /// let config = parley_client::SessionConfig::lossy();
+    /// assert!(config.retry.is_some());
+    /// ```
+    pub fn lossy() -> Self {
+        Self {
+            retry: Some(RetryConfig::default()),
+            ..Self::default()
+        }
+    }
+}
+
+/// What the pages of one sync request brought (lossy transports: a sync's pages may be lost or
+/// come out of order, so its end may skip gaps only if every page came).
+#[derive(Debug, Clone, Default)]
+struct SyncStats {
+    /// The cursors it was asked from.
+    cursors: Vec<(ConversationKey, u64)>,
+    /// The summary's count of the messages its pages carry.
+    total: Option<u64>,
+    /// The (conversation, seq) its pages carried.
+    seen: std::collections::BTreeSet<(ConversationKey, u64)>,
+    /// Per conversation, the highest seq its pages carried.
+    tops: HashMap<ConversationKey, u64>,
+}
+
+/// A request of the session's own sent again if its answer does not come (lossy transports).
+#[derive(Debug, Clone)]
+struct Retrying {
+    /// The frame's body, as sent.
+    body: Body,
+    /// When it was last sent (None: sent, time not known yet).
+    sent_at: Option<Instant>,
+    /// How often it was sent.
+    tries: u32,
 }
 
 /// Heartbeat used when the server does not state one.
@@ -173,6 +272,20 @@ pub struct Session {
     last_heard: Instant,
     /// The running sync's request id.
     sync: Option<u64>,
+    /// When the running sync was sent or last made progress (None: time not known yet).
+    sync_at: Option<Instant>,
+    /// How often the running sync was (re)started without completing.
+    sync_tries: u32,
+    /// Every request id of the running sync (it is asked again over a lossy transport; the
+    /// broker refuses a second one while the first runs, whose pages then still count).
+    sync_ids: Vec<u64>,
+    /// What each of them brought (lossy transports only).
+    sync_stats: HashMap<u64, SyncStats>,
+    /// The cursors and seqs of the last sync that ended with fewer messages than its summary
+    /// announced (lossy transports): a second one alike confirms the gaps are for good.
+    last_incomplete: Option<SyncStats>,
+    /// History requests awaiting their page, to send again (with [`SessionConfig::retry`]).
+    retrying: HashMap<u64, Retrying>,
     /// The session asks the driver to close the connection.
     close: bool,
     /// Ping nonces.
@@ -207,6 +320,12 @@ impl Session {
             last_sent: now,
             last_heard: now,
             sync: None,
+            sync_at: None,
+            sync_tries: 0,
+            sync_ids: Vec::new(),
+            sync_stats: HashMap::new(),
+            last_incomplete: None,
+            retrying: HashMap::new(),
             close: false,
             nonce: 0,
         }
@@ -278,8 +397,9 @@ impl Session {
         let id = send.client_msg_id;
         self.outbox.push(send);
         if self.state == State::Ready {
-            // Not `now`-dependent: a fresh send has no retry time.
-            self.flush_outbox(self.last_sent);
+            // Not `now`-dependent: a fresh send has no retry time; it is stamped when the
+            // driver reports it sent.
+            self.flush_outbox_unstamped();
         }
         Ok(id)
     }
@@ -304,15 +424,24 @@ impl Session {
         after_seq: Option<u64>,
         limit: u32,
     ) -> u64 {
-        self.start_request(
-            Request::History,
-            Body::HistoryRequest(pb::HistoryRequest {
-                conversation: Some(conversation),
-                before_seq,
-                after_seq,
-                limit,
-            }),
-        )
+        let body = Body::HistoryRequest(pb::HistoryRequest {
+            conversation: Some(conversation),
+            before_seq,
+            after_seq,
+            limit,
+        });
+        let id = self.start_request(Request::History, body.clone());
+        if self.config.retry.is_some() && self.requests.contains_key(&id) {
+            self.retrying.insert(
+                id,
+                Retrying {
+                    body,
+                    sent_at: None,
+                    tries: 1,
+                },
+            );
+        }
+        id
     }
 
     /// Sends any other request (group, presence, room, receipt ...); its answer comes as
@@ -376,7 +505,9 @@ impl Session {
         self.state = State::Disconnected;
         self.transmit.clear();
         self.requests.clear();
-        self.sync = None;
+        self.retrying.clear();
+        self.end_sync();
+        self.last_incomplete = None;
         self.connected_at = None;
         self.outbox.reset();
         self.events.push_back(Event::Disconnected { reason });
@@ -439,24 +570,54 @@ impl Session {
                 }
                 self.release(out);
             }
-            Body::SyncSummary(_) => {}
+            Body::SyncSummary(summary) => {
+                if let Some(stats) = self.sync_stats.get_mut(&request_id) {
+                    stats.total = Some(summary.total_messages);
+                }
+            }
             Body::SyncPage(p) => {
                 let mut out = Vec::new();
+                let lossy = self.config.retry.is_some();
+                let current = self.sync_ids.contains(&request_id);
                 for m in p.messages {
-                    self.inbox.receive(m, Source::Sync, now, &mut out);
+                    if let (Some(stats), Some(c)) = (
+                        self.sync_stats.get_mut(&request_id),
+                        m.conversation.as_ref(),
+                    ) {
+                        let k = inbox::key(c);
+                        let top = stats.tops.entry(k.clone()).or_default();
+                        *top = (*top).max(m.seq);
+                        stats.seen.insert((k, m.seq));
+                    }
+                    let source = if lossy {
+                        Source::SyncUnordered
+                    } else {
+                        Source::Sync
+                    };
+                    self.inbox.receive(m, source, now, &mut out);
                 }
-                if p.done && self.sync == Some(request_id) {
-                    self.inbox.sync_done(&mut out);
+                if p.done && current {
+                    if lossy {
+                        let stats = self.sync_stats.remove(&request_id).unwrap_or_default();
+                        self.lossy_sync_done(stats, now, &mut out);
+                    } else {
+                        self.inbox.sync_done(&mut out);
+                    }
                     self.release(out);
-                    self.requests.remove(&request_id);
-                    self.sync = None;
+                    self.end_sync();
                     self.events.push_back(Event::Synced);
                 } else {
+                    if current {
+                        // Progress: the next page has a whole timeout again.
+                        self.sync_at = Some(now);
+                        self.sync_tries = 1;
+                    }
                     self.release(out);
                 }
             }
-            Body::Behind(_) => self.start_sync(),
+            Body::Behind(_) => self.start_sync(Some(now)),
             Body::HistoryPage(page) => {
+                self.retrying.remove(&request_id);
                 if self.requests.remove(&request_id).is_some() {
                     self.events
                         .push_back(Event::HistoryPage { request_id, page });
@@ -513,6 +674,9 @@ impl Session {
                     self.close_with(now, DisconnectReason::Timeout);
                     return;
                 }
+                if let Some(retry) = self.config.retry {
+                    self.retry_due(now, &retry);
+                }
                 self.flush_outbox(now);
                 if self.sync.is_none()
                     && self
@@ -520,7 +684,7 @@ impl Session {
                         .oldest_gap()
                         .is_some_and(|t| now >= t + self.config.gap_timeout)
                 {
-                    self.start_sync();
+                    self.start_sync(Some(now));
                 }
                 if now >= self.last_sent + self.ping_every {
                     self.nonce += 1;
@@ -558,6 +722,11 @@ impl Session {
                 {
                     next = next.min(t + self.config.gap_timeout);
                 }
+                if let Some(retry) = self.config.retry
+                    && let Some(t) = self.next_retry(&retry)
+                {
+                    next = next.min(t);
+                }
                 Some(next)
             }
         }
@@ -574,9 +743,11 @@ impl Session {
         std::mem::take(&mut self.close)
     }
 
-    /// The driver sent a frame at `now` (for the heartbeat clock).
+    /// The driver sent what [`Session::poll_transmit`] gave at `now` (for the heartbeat clock,
+    /// and the retry timers of [`SessionConfig::retry`]).
     pub fn sent(&mut self, now: Instant) {
         self.last_sent = now;
+        self.stamp(now);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -636,24 +807,151 @@ impl Session {
         id
     }
 
-    /// Starts a sync from the inbox's cursors, unless one runs.
-    fn start_sync(&mut self) {
+    /// Starts a sync from the inbox's cursors, unless one runs; `now` is when it goes out, if
+    /// known.
+    fn start_sync(&mut self, now: Option<Instant>) {
         if self.sync.is_some() || self.state != State::Ready {
             return;
         }
+        self.send_sync_request(now);
+    }
+
+    /// Sends a `SyncRequest` from the inbox's cursors as (another attempt of) the running sync.
+    fn send_sync_request(&mut self, now: Option<Instant>) {
+        self.sync_at = now;
+        self.sync_tries = self.sync_tries.saturating_add(1);
+        let cursors = self.inbox.cursors();
+        let stats = SyncStats {
+            cursors: cursors
+                .iter()
+                .filter_map(|c| c.conversation.as_ref().map(|v| (inbox::key(v), c.seq)))
+                .collect(),
+            ..SyncStats::default()
+        };
         let body = Body::SyncRequest(pb::SyncRequest {
-            cursors: self.inbox.cursors(),
+            cursors,
             page_size: self.config.sync_page_size,
             max_per_conversation: 0,
         });
         let id = self.start_request(Request::Sync, body);
         self.sync = Some(id);
+        self.sync_ids.push(id);
+        if self.config.retry.is_some() {
+            self.sync_stats.insert(id, stats);
+        }
+        // Only the latest attempts are worth waiting for.
+        while self.sync_ids.len() > 4 {
+            let old = self.sync_ids.remove(0);
+            self.requests.remove(&old);
+            self.sync_stats.remove(&old);
+        }
     }
 
-    /// Sends the outbox's due sends.
+    /// The running sync ended (done, failed, or the connection ended).
+    fn end_sync(&mut self) {
+        for id in self.sync_ids.drain(..) {
+            self.requests.remove(&id);
+        }
+        self.sync_stats.clear();
+        self.sync = None;
+        self.sync_at = None;
+        self.sync_tries = 0;
+    }
+
+    /// The last page of a sync over a lossy transport: its gaps are skipped (up to the highest
+    /// seq its pages carried) only if every message its summary announced came, or if it
+    /// brought exactly what the previous incomplete sync from the same cursors brought (the gaps
+    /// are then holes for good, e.g. expired messages, not lost pages).
+    fn lossy_sync_done(&mut self, stats: SyncStats, now: Instant, out: &mut Vec<Released>) {
+        let complete = stats
+            .total
+            .is_some_and(|t| u64::try_from(stats.seen.len()).unwrap_or(u64::MAX) >= t);
+        let confirmed = self
+            .last_incomplete
+            .as_ref()
+            .is_some_and(|last| last.cursors == stats.cursors && last.seen == stats.seen);
+        if complete || confirmed {
+            self.inbox.skip_up_to(&stats.tops, now, out);
+            self.last_incomplete = None;
+        } else {
+            self.last_incomplete = Some(stats);
+        }
+    }
+
+    /// Sends the outbox's due sends (going out at `now`).
     fn flush_outbox(&mut self, now: Instant) {
-        for send in self.outbox.due(now) {
+        for send in self.outbox.due(now, Some(now)) {
             self.transmit.push_back(send_frame(send));
+        }
+    }
+
+    /// Sends the outbox's due sends, at a time not known yet (see [`Session::stamp`]).
+    fn flush_outbox_unstamped(&mut self) {
+        for send in self.outbox.due(self.last_sent, None) {
+            self.transmit.push_back(send_frame(send));
+        }
+    }
+
+    /// What went out without a known time went out at `now`.
+    fn stamp(&mut self, now: Instant) {
+        self.outbox.stamp(now);
+        if self.sync.is_some() {
+            self.sync_at.get_or_insert(now);
+        }
+        for r in self.retrying.values_mut() {
+            r.sent_at.get_or_insert(now);
+        }
+    }
+
+    /// When the next unanswered request times out (`last_sent`, in the past, if one went out at
+    /// a time not known yet: handle the timeout now, which stamps it).
+    fn next_retry(&self, retry: &RetryConfig) -> Option<Instant> {
+        let unstamped = self.outbox.unstamped()
+            || (self.sync.is_some() && self.sync_at.is_none())
+            || self.retrying.values().any(|r| r.sent_at.is_none());
+        if unstamped {
+            return Some(self.last_sent);
+        }
+        let sync = self
+            .sync
+            .and(self.sync_at)
+            .map(|t| t + retry.delay(self.sync_tries));
+        let history = self
+            .retrying
+            .values()
+            .filter_map(|r| r.sent_at.map(|t| t + retry.delay(r.tries)))
+            .min();
+        [self.outbox.next_expiry(retry), sync, history]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Sends again what was not answered in time (lossy transports).
+    fn retry_due(&mut self, now: Instant, retry: &RetryConfig) {
+        self.stamp(now);
+        // Sends: due again, flushed by the caller.
+        self.outbox.expire(now, retry);
+        // The sync: given up, and started again from the inbox's cursors (late pages of the
+        // old one are still taken as messages; its `done` no longer counts).
+        if self.sync.is_some()
+            && let Some(at) = self.sync_at
+            && now >= at + retry.delay(self.sync_tries)
+        {
+            self.send_sync_request(Some(now));
+        }
+        // History requests: the same request again, same id.
+        let mut again = Vec::new();
+        for (id, r) in &mut self.retrying {
+            if r.sent_at.is_some_and(|t| now >= t + retry.delay(r.tries)) {
+                r.sent_at = Some(now);
+                r.tries = r.tries.saturating_add(1);
+                again.push((*id, r.body.clone()));
+            }
+        }
+        again.sort_by_key(|(id, _)| *id);
+        for (id, body) in again {
+            self.push_frame(id, body);
         }
     }
 
@@ -697,7 +995,7 @@ impl Session {
         // The outbox first, in order, then the sync.
         self.outbox.reset();
         self.flush_outbox(now);
-        self.start_sync();
+        self.start_sync(Some(now));
     }
 
     /// A SendAck: the send leaves the outbox; its seq is this device's own.
@@ -753,10 +1051,17 @@ impl Session {
                 });
             }
         } else if let Some(kind) = self.requests.remove(&request_id) {
+            self.retrying.remove(&request_id);
             match kind {
                 Request::Sync => {
-                    // The sync failed (e.g. refused); a lasting gap starts another.
-                    self.sync = None;
+                    // This attempt failed (e.g. refused: over a lossy transport, because an
+                    // earlier attempt still runs, whose pages count); with none left, the sync
+                    // failed, and a lasting gap starts another.
+                    self.sync_ids.retain(|&id| id != request_id);
+                    self.sync_stats.remove(&request_id);
+                    if self.sync_ids.is_empty() {
+                        self.end_sync();
+                    }
                 }
                 Request::History | Request::Other => {
                     self.events.push_back(Event::RequestFailed {
@@ -1150,6 +1455,224 @@ mod tests {
         login(&mut s, now);
         s.handle_bytes(now, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
         assert!(s.take_close());
+    }
+
+    /// A lossy session (retry after 1 s, doubling up to 8 s) logged in; the frames after login.
+    fn lossy_ready(now: Instant) -> (Session, Vec<pb::Frame>) {
+        let mut s = Session::new(SessionConfig::lossy(), now);
+        let sent = login(&mut s, now);
+        s.sent(now);
+        events(&mut s);
+        (s, sent)
+    }
+
+    fn sends(frames: &[pb::Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.body {
+                Some(Body::Send(send)) => Some(send.client_msg_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(id: u64, seq: u64) -> pb::Frame {
+        frame(
+            id,
+            Body::SendAck(pb::SendAck {
+                client_msg_id: id,
+                seq,
+                conversation: Some(direct("bob")),
+                ..pb::SendAck::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn lossy_an_unacked_send_goes_again_with_the_same_id_backing_off_and_one_ack_counts() {
+        let now = Instant::now();
+        let (mut s, _) = lossy_ready(now);
+        let id = s.send_text("bob", "x").expect("send");
+        assert_eq!(sends(&drain(&mut s)), [id]);
+        s.sent(now);
+        let ms = |n| now + Duration::from_millis(n);
+        s.handle_timeout(ms(999));
+        assert!(sends(&drain(&mut s)).is_empty());
+        assert!(s.poll_timeout().is_some_and(|t| t <= ms(1000)));
+        s.handle_timeout(ms(1000));
+        assert_eq!(sends(&drain(&mut s)), [id], "the same id again");
+        s.sent(ms(1000));
+        // The second wait is twice as long.
+        s.handle_timeout(ms(2999));
+        assert!(sends(&drain(&mut s)).is_empty());
+        s.handle_timeout(ms(3000));
+        assert_eq!(sends(&drain(&mut s)), [id]);
+        s.sent(ms(3000));
+        // Both copies are answered: one Acked, nothing sent again.
+        s.handle_frame(ms(3001), ack(id, 1));
+        s.handle_frame(ms(3002), ack(id, 1));
+        let acked: Vec<Event> = events(&mut s)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Acked { .. }))
+            .collect();
+        assert_eq!(acked.len(), 1);
+        s.handle_timeout(ms(20_000));
+        assert!(sends(&drain(&mut s)).is_empty());
+        assert!(s.unacked().is_empty());
+    }
+
+    #[test]
+    fn without_retry_a_send_is_not_repeated_on_the_same_connection() {
+        let now = Instant::now();
+        let (mut s, _) = ready(now);
+        let id = s.send_text("bob", "x").expect("send");
+        assert_eq!(sends(&drain(&mut s)), [id]);
+        s.sent(now);
+        for step in 1..=8 {
+            let t = now + Duration::from_millis(500 * step);
+            s.handle_frame(t, frame(0, Body::Pong(pb::Pong::default())));
+            s.handle_timeout(t);
+            assert!(sends(&drain(&mut s)).is_empty());
+        }
+        assert_eq!(s.unacked(), [id]);
+    }
+
+    #[test]
+    fn lossy_a_sync_without_answer_is_asked_again_and_a_late_page_of_the_first_still_counts() {
+        let now = Instant::now();
+        let (mut s, sent) = lossy_ready(now);
+        let first = sync_id(&sent);
+        let later = now + Duration::from_secs(1);
+        s.handle_timeout(later);
+        let again = drain(&mut s);
+        let second = sync_id(&again);
+        assert_ne!(first, second);
+        // The broker refuses the second (the first still runs there) ...
+        s.handle_frame(
+            later,
+            frame(
+                second,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::UnexpectedFrame as i32,
+                    ..pb::Error::default()
+                }),
+            ),
+        );
+        assert!(s.syncing());
+        // ... and the first's pages come, out of order: the last first.
+        s.handle_frame(
+            later,
+            frame(
+                first,
+                Body::SyncSummary(pb::SyncSummary {
+                    total_messages: 3,
+                    ..pb::SyncSummary::default()
+                }),
+            ),
+        );
+        s.handle_frame(
+            later,
+            frame(
+                first,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 3)],
+                    done: false,
+                }),
+            ),
+        );
+        assert!(shown(&events(&mut s)).is_empty(), "3 waits for 1 and 2");
+        s.handle_frame(
+            later,
+            frame(
+                first,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1), msg("bob", 2)],
+                    done: true,
+                }),
+            ),
+        );
+        let ev = events(&mut s);
+        assert_eq!(shown(&ev), [1, 2, 3]);
+        assert!(matches!(ev.last(), Some(Event::Synced)));
+        assert!(!s.syncing());
+    }
+
+    #[test]
+    fn lossy_a_sync_whose_page_was_lost_skips_nothing() {
+        let now = Instant::now();
+        let (mut s, sent) = lossy_ready(now);
+        let id = sync_id(&sent);
+        s.handle_frame(
+            now,
+            frame(
+                id,
+                Body::SyncSummary(pb::SyncSummary {
+                    total_messages: 4,
+                    ..pb::SyncSummary::default()
+                }),
+            ),
+        );
+        // The page with 1 and 2 is lost; the last one (3, 4) comes.
+        s.handle_frame(
+            now,
+            frame(
+                id,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 3), msg("bob", 4)],
+                    done: true,
+                }),
+            ),
+        );
+        let ev = events(&mut s);
+        assert!(shown(&ev).is_empty(), "nothing skipped: {ev:?}");
+        assert_eq!(s.held(), 2);
+        // The gap starts another sync, which brings them.
+        let t = now + SessionConfig::default().gap_timeout;
+        s.handle_timeout(t);
+        let next = sync_id(&drain(&mut s));
+        s.handle_frame(
+            t,
+            frame(
+                next,
+                Body::SyncPage(pb::SyncPage {
+                    messages: vec![msg("bob", 1), msg("bob", 2), msg("bob", 3), msg("bob", 4)],
+                    done: true,
+                }),
+            ),
+        );
+        assert_eq!(shown(&events(&mut s)), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn lossy_a_history_request_without_answer_goes_again_with_the_same_id() {
+        let now = Instant::now();
+        let (mut s, _) = lossy_ready(now);
+        let h = s.history(direct("bob"), 0, None, 10);
+        let first = drain(&mut s);
+        assert!(first.iter().any(|f| f.request_id == h));
+        s.sent(now);
+        let later = now + Duration::from_secs(1);
+        s.handle_timeout(later);
+        let again = drain(&mut s);
+        assert!(
+            again
+                .iter()
+                .any(|f| f.request_id == h && matches!(f.body, Some(Body::HistoryRequest(_))))
+        );
+        let page = frame(h, Body::HistoryPage(pb::HistoryPage::default()));
+        s.handle_frame(later, page.clone());
+        s.handle_frame(later, page);
+        let pages = events(&mut s)
+            .into_iter()
+            .filter(|e| matches!(e, Event::HistoryPage { .. }))
+            .count();
+        assert_eq!(pages, 1, "a duplicated answer is shown once");
+        s.handle_timeout(now + Duration::from_secs(10));
+        assert!(
+            !drain(&mut s)
+                .iter()
+                .any(|f| matches!(f.body, Some(Body::HistoryRequest(_))))
+        );
     }
 
     #[test]
