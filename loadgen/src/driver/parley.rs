@@ -22,8 +22,18 @@
 //! SYSTEM messages of membership changes included): every member sees the same seqs, so the
 //! group's [`ConvSeq::conversation`] is one key for all ([`group_key`]), and the scenario's
 //! checker ([`crate::check::group`]) decides what each member should have seen.
+//!
+//! Over UDP ([`ParleyDriver::reordering`]) datagrams may be lost or come late, so the driver does
+//! what any UDP client must: it hands direct messages on in seq order, holding back those that
+//! come after a hole until the hole is filled (by the broker's retransmit), counts the seqs of
+//! its own sends (their `SendAck`s) as held, acks per conversation only the unbroken run of seqs
+//! it holds, and acks again whenever a message arrives (so a lost `DeliverAck` is made good by the
+//! retransmit it causes). A message arriving again below that run is still reported (with its
+//! seq, so the checker counts it as a redelivery, not a duplicate).
 
-use bytes::{BufMut, BytesMut};
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use parley_proto::pb::{self, frame::Body};
 use parley_proto::tcp::FrameCodec;
 use parley_proto::{PROTOCOL_VERSION, frame};
@@ -67,6 +77,8 @@ pub struct ParleyDriver {
     group_requests: Vec<u64>,
     /// [`Event::Ready`] was emitted.
     ready: bool,
+    /// Direct messages are handed on in seq order and acked without holes (UDP).
+    reorder: bool,
 }
 
 /// What the connection holds of one conversation.
@@ -78,8 +90,49 @@ struct Cursor {
     key: u64,
     /// The highest seq delivered.
     seq: u64,
-    /// `seq` moved since the last ack.
+    /// `seq` moved since the last ack (or, re-ordering, a message arrived).
     dirty: bool,
+    /// Re-ordering: seqs above `seq + 1` already held, with the message's body (`None`: one of
+    /// this client's own sends, acked).
+    ahead: BTreeMap<u64, Option<Bytes>>,
+}
+
+impl Cursor {
+    /// Re-ordering: seq `seq` is held (delivered with `body`, or an own send if `None`); pushes
+    /// the deliveries that are now in order. Returns whether `seq` was new.
+    fn hold(&mut self, seq: u64, body: Option<Bytes>, events: &mut Vec<Event>) -> bool {
+        if seq <= self.seq || self.ahead.contains_key(&seq) {
+            return false;
+        }
+        if seq > self.seq + 1 {
+            self.ahead.insert(seq, body);
+            return true;
+        }
+        self.seq = seq;
+        self.dirty = true;
+        let key = self.key;
+        let mut release = |seq: u64, body: Option<Bytes>| {
+            if let Some(body) = body {
+                events.push(Event::Delivered {
+                    body,
+                    seq: Some(ConvSeq {
+                        conversation: key,
+                        seq,
+                    }),
+                });
+            }
+        };
+        release(seq, body);
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() != self.seq + 1 {
+                break;
+            }
+            let body = entry.remove();
+            self.seq += 1;
+            release(self.seq, body);
+        }
+        true
+    }
 }
 
 /// The conversation key of the direct conversation between users `a` and `b`.
@@ -180,7 +233,16 @@ impl ParleyDriver {
             group: None,
             group_requests: Vec::new(),
             ready: false,
+            reorder: false,
         }
+    }
+
+    /// Makes this connection hand direct messages on in seq order and ack only the unbroken run
+    /// of seqs it holds, acking again on every arrival: for transports that may lose or reorder
+    /// (UDP). Rooms and groups are not re-ordered.
+    pub fn reordering(mut self) -> Self {
+        self.reorder = true;
+        self
     }
 
     /// Makes this connection join room `room` right after its login (it is ready once the
@@ -232,6 +294,7 @@ impl ParleyDriver {
                     key,
                     seq: 0,
                     dirty: false,
+                    ahead: BTreeMap::new(),
                 });
                 self.cursors.len() - 1
             }
@@ -317,8 +380,26 @@ impl ParleyDriver {
                 continue; // our own message, echoed by a sync: we hold it already
             }
             let peer = m.conversation.unwrap_or_else(|| direct(&m.from_user));
+            let reorder = self.reorder;
             let cursor = self.cursor(&peer);
             let key = cursor.key;
+            if reorder {
+                // Ack again whatever came: a retransmit means the broker lacks our ack.
+                cursor.dirty = true;
+                if m.seq <= cursor.seq {
+                    // Again, below what we hold: reported, so the checker counts a redelivery.
+                    events.push(Event::Delivered {
+                        body: m.body,
+                        seq: Some(ConvSeq {
+                            conversation: key,
+                            seq: m.seq,
+                        }),
+                    });
+                } else {
+                    cursor.hold(m.seq, Some(m.body), events);
+                }
+                continue;
+            }
             if m.seq > cursor.seq {
                 cursor.seq = m.seq;
                 cursor.dirty = true;
@@ -371,6 +452,10 @@ impl ParleyDriver {
             }
             Some(Body::SendAck(ack)) => {
                 let conv = ack.conversation.unwrap_or_default();
+                if self.reorder && conv.r#type == pb::ConversationType::Direct as i32 {
+                    // Our own message holds its seq: deliveries after it may now go on.
+                    self.cursor(&conv).hold(ack.seq, None, events);
+                }
                 let key = if conv.r#type == pb::ConversationType::Room as i32 {
                     room_key(&conv.id, &self.me)
                 } else if conv.r#type == pb::ConversationType::Group as i32 {
