@@ -112,6 +112,7 @@ impl Broker {
                 ws: node.ws_addr(),
                 tls: node.tls_addr(),
                 wss: node.wss_addr(),
+                udp: node.udp_addr(),
                 admin: node.admin_addr(),
             },
             certificate: node.certificate(),
@@ -126,6 +127,7 @@ struct Addrs {
     ws: Option<SocketAddr>,
     tls: Option<SocketAddr>,
     wss: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
     admin: Option<SocketAddr>,
 }
 
@@ -183,6 +185,11 @@ impl Handle {
     /// The WebSocket-over-TLS listener's address (`listen.wss`, port 0 resolved), if enabled.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         self.addrs.wss
+    }
+
+    /// The UDP address (`listen.udp`, port 0 resolved), if enabled.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.addrs.udp
     }
 
     /// Reads `tls.cert_path` and `tls.key_path` again (as `broker serve` does on SIGHUP):

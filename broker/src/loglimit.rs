@@ -24,10 +24,12 @@ pub enum LogKind {
     Register,
     /// A TLS connection failed (a protocol error, a handshake past its timeout).
     Tls,
+    /// A UDP session failed (e.g. a frame too large for any datagram).
+    Udp,
 }
 
 impl LogKind {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
 
     fn index(self) -> usize {
         match self {
@@ -36,6 +38,7 @@ impl LogKind {
             LogKind::Accept => 2,
             LogKind::Register => 3,
             LogKind::Tls => 4,
+            LogKind::Udp => 5,
         }
     }
 }

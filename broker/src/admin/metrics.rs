@@ -340,6 +340,48 @@ const FIELDS: &[Field] = &[
         Counter,
         "TLS connections ended by a TLS error or a handshake past tls.handshake_timeout_ms."
     ),
+    field!(
+        udp_sessions,
+        "udp_sessions",
+        Gauge,
+        "UDP sessions open now."
+    ),
+    field!(
+        udp_datagrams_received,
+        "udp_datagrams_received",
+        Counter,
+        "UDP datagrams received."
+    ),
+    field!(
+        udp_datagrams_sent,
+        "udp_datagrams_sent",
+        Counter,
+        "UDP datagrams sent."
+    ),
+    field!(
+        udp_datagrams_dropped,
+        "udp_datagrams_dropped",
+        Counter,
+        "UDP datagrams dropped unanswered: malformed, unauthenticated, replayed, for no session, or while their session took no input."
+    ),
+    field!(
+        udp_retries,
+        "udp_retries",
+        Counter,
+        "RETRY datagrams sent (UDP logins without a good cookie)."
+    ),
+    field!(
+        udp_migrations,
+        "udp_migrations",
+        Counter,
+        "UDP sessions that moved to a new client address (NAT rebinding)."
+    ),
+    field!(
+        udp_forwarded,
+        "udp_forwarded",
+        Counter,
+        "UDP datagrams passed to the shard that owns their session."
+    ),
 ];
 
 /// One histogram of [`Latencies`] as a metric.

@@ -42,7 +42,7 @@ enum Command {
     /// Run a node until SIGINT or SIGTERM (SIGHUP reloads the TLS certificate).
     ///
     /// Prints the effective configuration to stderr, then one line to stdout:
-    /// `parley listening tcp=ADDR ws=ADDR tls=ADDR wss=ADDR admin=ADDR` (a disabled listener is
+    /// `parley listening tcp=ADDR ws=ADDR tls=ADDR wss=ADDR udp=ADDR admin=ADDR` (a disabled one is
     /// left out).
     Serve(serve::ServeArgs),
     /// Print a signed token for a user and device, for clients to log in with.

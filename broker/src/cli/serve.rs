@@ -107,6 +107,7 @@ fn listening_line(node: &Handle) -> String {
         ("ws", node.ws_addr()),
         ("tls", node.tls_addr()),
         ("wss", node.wss_addr()),
+        ("udp", node.udp_addr()),
         ("admin", node.admin_addr()),
     ])
 }

@@ -115,6 +115,21 @@ pub struct Counters {
     /// TLS connections ended by a TLS error (e.g. garbage instead of a ClientHello) or by a
     /// handshake not done within `tls.handshake_timeout_ms` (counted by the driver).
     pub tls_failures: u64,
+    /// UDP sessions open now (a gauge; counted by the driver, which owns the UDP sockets).
+    pub udp_sessions: u64,
+    /// UDP datagrams received.
+    pub udp_datagrams_received: u64,
+    /// UDP datagrams sent.
+    pub udp_datagrams_sent: u64,
+    /// UDP datagrams dropped unanswered: malformed, unauthenticated, replayed, for no session,
+    /// or arriving while their session could take no input.
+    pub udp_datagrams_dropped: u64,
+    /// RETRY datagrams sent (UDP logins without a good cookie).
+    pub udp_retries: u64,
+    /// UDP sessions that moved to a new client address (NAT rebinding).
+    pub udp_migrations: u64,
+    /// UDP datagrams passed to the shard that owns their session.
+    pub udp_forwarded: u64,
 }
 
 impl Counters {
@@ -168,5 +183,12 @@ impl Counters {
         self.tls_connections += other.tls_connections;
         self.tls_handshakes += other.tls_handshakes;
         self.tls_failures += other.tls_failures;
+        self.udp_sessions += other.udp_sessions;
+        self.udp_datagrams_received += other.udp_datagrams_received;
+        self.udp_datagrams_sent += other.udp_datagrams_sent;
+        self.udp_datagrams_dropped += other.udp_datagrams_dropped;
+        self.udp_retries += other.udp_retries;
+        self.udp_migrations += other.udp_migrations;
+        self.udp_forwarded += other.udp_forwarded;
     }
 }

@@ -18,6 +18,7 @@ pub(crate) mod local;
 pub(crate) mod shard;
 mod socket;
 mod stream;
+mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -84,6 +85,7 @@ pub(crate) struct Node {
     ws: Option<SocketAddr>,
     tls: Option<SocketAddr>,
     wss: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
     /// The certificate of the TLS listeners, if any (reloaded by [`Node::reload_tls`]).
     certificate: Option<Arc<Certificate>>,
     handle: ShutdownHandle,
@@ -126,6 +128,7 @@ impl fmt::Debug for Node {
             .field("ws", &self.ws)
             .field("tls", &self.tls)
             .field("wss", &self.wss)
+            .field("udp", &self.udp)
             .field("admin", &self.admin_addr())
             .field("shards", &self.threads.len())
             .finish()
@@ -276,6 +279,8 @@ impl Node {
         let mut wss_listeners = Vec::new();
         let tls = bind_all(config.listen.tls, shards, &mut tls_listeners)?;
         let wss = bind_all(config.listen.wss, shards, &mut wss_listeners)?;
+        let mut udp_sockets = Vec::new();
+        let udp = bind_udp(&config, shards, &mut udp_sockets)?;
         let admin_listener = match config.admin.listen {
             Some(addr) => {
                 Some(AdminServer::bind(addr).map_err(|source| NodeError::Bind { addr, source })?)
@@ -298,6 +303,7 @@ impl Node {
         let mut ws_iter = ws_listeners.into_iter();
         let mut tls_iter = tls_listeners.into_iter();
         let mut wss_iter = wss_listeners.into_iter();
+        let mut udp_iter = udp_sockets.into_iter();
         let mut threads = Vec::new();
         let mut answer_rx = answer_rx.into_iter();
         for (index, ((poll, inbox), core)) in polls.into_iter().zip(inboxes).zip(cores).enumerate()
@@ -316,6 +322,7 @@ impl Node {
                 wss: wss_iter.next(),
                 certificate: certificate.clone(),
                 handshake_timeout_ms: config.tls.handshake_timeout_ms,
+                udp: udp_iter.next(),
                 inbox,
                 peers: peers.clone(),
                 admission: Arc::clone(&admission),
@@ -380,6 +387,7 @@ impl Node {
             ws,
             tls,
             wss,
+            udp,
             certificate,
             handle,
             threads,
@@ -421,6 +429,11 @@ impl Node {
     /// The WebSocket-over-TLS listener's address (port 0 resolved), if enabled (`listen.wss`).
     pub(crate) fn wss_addr(&self) -> Option<SocketAddr> {
         self.wss
+    }
+
+    /// The UDP address (port 0 resolved), if enabled (`listen.udp`).
+    pub(crate) fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp
     }
 
     /// The certificate the TLS listeners serve, if any.
@@ -543,6 +556,48 @@ fn bind_all(
                 source,
             })?,
         );
+    }
+    Ok(Some(bound))
+}
+
+/// Binds one UDP socket per shard on `listen.udp` (the first decides the port, the rest share
+/// it with `SO_REUSEPORT`), each with its endpoint; the shards share one cookie secret, drawn
+/// here.
+fn bind_udp(
+    config: &Config,
+    shards: usize,
+    out: &mut Vec<udp::Endpoint>,
+) -> Result<Option<SocketAddr>, NodeError> {
+    let Some(addr) = config.listen.udp else {
+        return Ok(None);
+    };
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| NodeError::Thread(format!("no randomness for the UDP cookie secret: {e}")))?;
+    let u = &config.udp;
+    let shared = udp::Shared {
+        cookies: Arc::new(udp::Cookies::new(&secret, u.cookie_lifetime_ms)),
+        open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        max_sessions: u.max_sessions,
+        pacing: udp::Pacing {
+            rate_per_sec: u.pacing_rate_bytes_per_sec,
+            burst: u32::try_from(u.pacing_burst_bytes).unwrap_or(u32::MAX),
+        },
+        max_datagram: u.max_datagram_bytes,
+        login_ms: config.timeouts.login_ms,
+    };
+    let buffer = u.socket_buffer_bytes;
+    let first = udp::bind(addr, buffer).map_err(|source| NodeError::Bind { addr, source })?;
+    let bound = first
+        .local_addr()
+        .map_err(|source| NodeError::Bind { addr, source })?;
+    out.push(udp::Endpoint::new(first, shared.clone()));
+    for _ in 1..shards {
+        let socket = udp::bind(bound, buffer).map_err(|source| NodeError::Bind {
+            addr: bound,
+            source,
+        })?;
+        out.push(udp::Endpoint::new(socket, shared.clone()));
     }
     Ok(Some(bound))
 }

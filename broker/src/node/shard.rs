@@ -38,13 +38,15 @@ use crate::tls::Certificate;
 
 mod closing;
 mod links;
+mod udp;
 
 pub(crate) const WAKER: Token = Token(0);
 const TCP_LISTENER: Token = Token(1);
 const WS_LISTENER: Token = Token(2);
 const TLS_LISTENER: Token = Token(3);
 const WSS_LISTENER: Token = Token(4);
-const FIRST_CONN: usize = 5;
+const UDP_SOCKET: Token = Token(5);
+const FIRST_CONN: usize = 6;
 /// Tokens of closing sockets carry this bit (their index is not a core slot).
 const CLOSING_BIT: usize = 1 << 40;
 /// Bound of each shard's inbox, in mails.
@@ -66,6 +68,15 @@ pub(crate) enum Mail {
     /// A logged-in connection moving here: its socket (with its TLS session, if any) and its
     /// state.
     Adopt(Stream, Box<Adoption>),
+    /// A UDP session in login moving to its user's home shard.
+    AdoptUdp(Box<udp::Moving>, Box<Adoption>),
+    /// A datagram for a UDP session that lives here, received by another shard's socket.
+    Datagram {
+        /// The datagram, unopened.
+        bytes: Bytes,
+        /// Its source address.
+        from: std::net::SocketAddr,
+    },
     /// Stop.
     Shutdown,
     /// Open an in-process connection (on its user's home shard).
@@ -188,6 +199,8 @@ pub(crate) struct DriverSetup {
     pub(crate) certificate: Option<Arc<Certificate>>,
     /// `tls.handshake_timeout_ms`.
     pub(crate) handshake_timeout_ms: u64,
+    /// The shard's UDP socket and sessions (`listen.udp`).
+    pub(crate) udp: Option<super::udp::Endpoint>,
     pub(crate) inbox: Receiver<Mail>,
     pub(crate) peers: Vec<Peer>,
     pub(crate) admission: Arc<Admission>,
@@ -248,6 +261,8 @@ pub(crate) struct Driver {
     locals: Vec<Option<LocalPipe>>,
     /// In-process connections, by link id.
     local_ids: HashMap<u64, ConnId>,
+    /// UDP sessions and their socket.
+    udp: Option<super::udp::Endpoint>,
 }
 
 impl Driver {
@@ -317,6 +332,7 @@ impl Driver {
             answers: setup.answers,
             locals: Vec::new(),
             local_ids: HashMap::new(),
+            udp: setup.udp,
         })
     }
 
@@ -335,6 +351,15 @@ impl Driver {
                 failed.push(e);
             }
         }
+        if let Some(udp) = self.udp.as_mut()
+            && let Err(e) = self.poll.registry().register(
+                &mut udp.socket,
+                UDP_SOCKET,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        {
+            failed.push(e);
+        }
         for e in failed {
             tracing::error!(shard = self.index, "cannot register listener: {e}");
         }
@@ -342,14 +367,19 @@ impl Driver {
         loop {
             let now = self.clock.now();
             let busy = self.core.has_work()
+                || self.udp.as_ref().is_some_and(|u| u.more)
                 || !self.ready.is_empty()
                 || !self.closing_more.is_empty()
                 || self.backlog.iter().any(|b| !b.is_empty());
             let timeout = if busy {
                 0
             } else {
+                let paced = self.udp.as_ref().and_then(|u| u.next_deadline());
                 self.core
                     .next_deadline()
+                    .into_iter()
+                    .chain(paced)
+                    .min()
                     .map_or(MAX_WAIT_MS, |d| d.saturating_sub(now.ms))
                     .min(MAX_WAIT_MS)
             };
@@ -379,6 +409,14 @@ impl Driver {
                     WS_LISTENER => self.accept(Listener::Ws, now),
                     TLS_LISTENER => self.accept(Listener::Tls, now),
                     WSS_LISTENER => self.accept(Listener::Wss, now),
+                    UDP_SOCKET => {
+                        if ev.is_writable() {
+                            self.udp_writable(now);
+                        }
+                        if ev.is_readable() {
+                            self.udp_read(now);
+                        }
+                    }
                     Token(t) if t & CLOSING_BIT != 0 => self.step_closing(t & !CLOSING_BIT),
                     Token(t) => {
                         let Some(conn) = self.conn_at(t - FIRST_CONN) else {
@@ -393,6 +431,9 @@ impl Driver {
                     }
                 }
             }
+            if self.udp.as_ref().is_some_and(|u| u.more) {
+                self.udp_read(now);
+            }
             for conn in std::mem::take(&mut self.ready) {
                 self.service(conn, now);
             }
@@ -401,6 +442,7 @@ impl Driver {
                 self.core.handle_hook_answer(ticket, answer, now);
             }
             self.core.handle_timeout(now);
+            self.udp_paced(now);
             if self.accept_retry_at.is_some_and(|at| now.ms >= at) {
                 self.accept_retry_at = None;
                 for listener in Listener::ALL {
@@ -422,6 +464,9 @@ impl Driver {
                 {
                     let mut stats = self.core.stats();
                     self.tls_counts.publish(&mut stats.counters);
+                    if let Some(udp) = &self.udp {
+                        udp.counts.publish(&mut stats.counters);
+                    }
                     *slot = stats;
                 }
             }
@@ -629,6 +674,9 @@ impl Driver {
         if self.local(conn).is_some() {
             return self.service_local(conn, now);
         }
+        if self.udp_session(conn).is_some() {
+            return self.service_udp(conn, now);
+        }
         let budget = self.read_budget;
         let mut total = 0;
         let mut handled = false;
@@ -708,6 +756,9 @@ impl Driver {
         if self.local(conn).is_some() {
             return self.transmit_local(conn, now);
         }
+        if self.udp_session(conn).is_some() {
+            return self.transmit_udp(conn, now);
+        }
         let Some(Some(sock)) = self.socks.get_mut(conn.slot as usize) else {
             return;
         };
@@ -751,6 +802,8 @@ impl Driver {
                     self.ready.push(conn);
                     self.apply_effects(now);
                 }
+                Ok(Mail::AdoptUdp(moving, adoption)) => self.adopt_udp(*moving, *adoption, now),
+                Ok(Mail::Datagram { bytes, from }) => self.udp_datagram(&bytes, from, now),
                 Ok(Mail::Shutdown) => self.shutdown(now),
                 Ok(Mail::LocalOpen {
                     id,
@@ -830,6 +883,9 @@ impl Driver {
                             pipe.write_last(std::mem::take(&mut last));
                             continue;
                         }
+                        if self.close_udp(conn, std::mem::take(&mut last)) {
+                            continue;
+                        }
                         if let Some(mut sock) = self.take_sock(conn) {
                             if sock.refused {
                                 // Refused at accept: one write of its last words, then gone
@@ -844,7 +900,9 @@ impl Driver {
                         }
                     }
                     Effect::Handover { conn, to, adoption } => {
-                        if let Some(mut sock) = self.take_sock(conn) {
+                        if self.udp_session(conn).is_some() {
+                            self.handover_udp(conn, to, adoption);
+                        } else if let Some(mut sock) = self.take_sock(conn) {
                             let _ = self.poll.registry().deregister(sock.stream.tcp_mut());
                             self.post(to, Mail::Adopt(sock.stream, adoption));
                         }
