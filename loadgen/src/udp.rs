@@ -16,7 +16,10 @@
 //!    frames back to the driver in TCP framing;
 //! 4. since UDP may lose datagrams, keeps every `Send` until its `SendAck` comes and sends it again
 //!    (same bytes, same `client_msg_id`: the broker stores it once and answers the same ack)
-//!    after [`SEND_RTO_NS`], doubling up to [`MAX_SEND_RTO_NS`]; the broker retransmits its
+//!    after a timeout of at least [`SEND_RTO_NS`], adapted to the acks' round trip as TCP does
+//!    (RFC 6298, timing only sends never sent again), doubling per copy up to
+//!    [`MAX_SEND_RTO_NS`], so a broker that is merely slow is not sent every message twice;
+//!    the broker retransmits its
 //!    `Deliver`s until acked, and the driver (in its re-ordering mode) acks only the unbroken
 //!    run of seqs it holds, so a lost delivery is sent again;
 //! 5. sends a `Ping` when nothing else was sent for most of `LoginResult.heartbeat_interval_ms`.
@@ -43,7 +46,8 @@ pub const LOGIN_RESEND_NS: u64 = 500_000_000;
 pub const LOGIN_ATTEMPTS: u32 = 8;
 /// RETRY datagrams accepted for one login (each answered by the LOGIN with its cookie).
 pub const MAX_RETRIES: u32 = 8;
-/// First wait for a `SendAck` before the `Send` goes again.
+/// Least wait for a `SendAck` before the `Send` goes again (the first one, before any round
+/// trip was measured).
 pub const SEND_RTO_NS: u64 = 1_000_000_000;
 /// Longest wait between two copies of a `Send`.
 pub const MAX_SEND_RTO_NS: u64 = 8_000_000_000;
@@ -81,6 +85,8 @@ struct Unacked {
     frame: Bytes,
     due_ns: u64,
     rto_ns: u64,
+    /// When it was first sent; `None` once sent again (its ack then times nothing: Karn).
+    first_ns: Option<u64>,
 }
 
 /// One client's UDP session.
@@ -103,6 +109,11 @@ pub struct UdpSession {
     last_sent_ns: u64,
     heartbeat_ns: u64,
     ping_nonce: u64,
+    /// Smoothed round trip of sends and its variation (RFC 6298), once measured.
+    srtt_ns: Option<u64>,
+    rttvar_ns: u64,
+    /// The timeout of a new send.
+    rto_ns: u64,
     retransmits: u64,
     dropped: u64,
     /// The login's nonce (drawn by the caller, so this stays sans-IO).
@@ -133,6 +144,9 @@ impl UdpSession {
             last_sent_ns: 0,
             heartbeat_ns: DEFAULT_HEARTBEAT_NS,
             ping_nonce: 0,
+            srtt_ns: None,
+            rttvar_ns: 0,
+            rto_ns: SEND_RTO_NS,
             retransmits: 0,
             dropped: 0,
             nonce,
@@ -210,14 +224,15 @@ impl UdpSession {
                 && let Some(id) =
                     field_in(&raw, FRAME_SEND).and_then(|s| varint_in(s, SEND_CLIENT_MSG_ID))
             {
-                let due_ns = now_ns.saturating_add(SEND_RTO_NS);
+                let due_ns = now_ns.saturating_add(self.rto_ns);
                 self.next_due_ns = self.next_due_ns.min(due_ns);
                 self.sends.insert(
                     id,
                     Unacked {
                         frame: raw.clone(),
                         due_ns,
-                        rto_ns: SEND_RTO_NS,
+                        rto_ns: self.rto_ns,
+                        first_ns: Some(now_ns),
                     },
                 );
             }
@@ -274,7 +289,7 @@ impl UdpSession {
                         self.queue.pop_front();
                     }
                     Err(UdpError::DatagramFull { .. }) => break,
-                    Err(UdpError::FrameTooLarge { .. }) if builder.is_empty() => break,
+                    Err(UdpError::FrameTooLarge { .. }) => break,
                     Err(e) => return Err(fatal("packing a frame", e)),
                 }
             }
@@ -419,8 +434,22 @@ impl UdpSession {
                     if body_field(raw) == Some(FRAME_SEND_ACK)
                         && let Some(id) = field_in(raw, FRAME_SEND_ACK)
                             .and_then(|a| varint_in(a, SEND_ACK_CLIENT_MSG_ID))
+                        && let Some(u) = self.sends.remove(&id)
+                        && let Some(first) = u.first_ns
                     {
-                        self.sends.remove(&id);
+                        let sample = now_ns.saturating_sub(first);
+                        let (srtt, rttvar) = match self.srtt_ns {
+                            None => (sample, sample / 2),
+                            Some(srtt) => (
+                                srtt - srtt / 8 + sample / 8,
+                                self.rttvar_ns - self.rttvar_ns / 4 + srtt.abs_diff(sample) / 4,
+                            ),
+                        };
+                        self.srtt_ns = Some(srtt);
+                        self.rttvar_ns = rttvar;
+                        self.rto_ns = srtt
+                            .saturating_add(4 * rttvar)
+                            .clamp(SEND_RTO_NS, MAX_SEND_RTO_NS);
                     }
                     self.codec
                         .encode_raw(raw, input)
@@ -475,6 +504,7 @@ impl UdpSession {
                             self.queue.push_back(u.frame.clone());
                             self.retransmits += 1;
                             u.rto_ns = (u.rto_ns * 2).min(MAX_SEND_RTO_NS);
+                            u.first_ns = None;
                             u.due_ns = now_ns.saturating_add(u.rto_ns);
                         }
                         next = next.min(u.due_ns);
@@ -558,4 +588,412 @@ fn skip(buf: &mut &[u8], wire: WireType) -> Option<()> {
     }
     buf.advance(n);
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::udp::{Opened, seal, seal_login_reply, seal_retry};
+
+    const NONCE: u64 = 0xfeed;
+    const SESSION: u64 = 77;
+    const KEY: [u8; 32] = [9; 32];
+    const MS: u64 = 1_000_000;
+
+    fn framed(frames: &[pb::Frame]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for f in frames {
+            FrameCodec::default().encode(f, &mut out).expect("fits");
+        }
+        out
+    }
+
+    fn login() -> pb::Frame {
+        pb::Frame {
+            request_id: 1,
+            body: Some(Body::Login(pb::Login {
+                protocol_version: 1,
+                token: "tok".into(),
+                client_name: "test".into(),
+            })),
+        }
+    }
+
+    fn send(id: u64) -> pb::Frame {
+        pb::Frame {
+            request_id: 0,
+            body: Some(Body::Send(pb::Send {
+                to: Some(pb::Conversation {
+                    r#type: pb::ConversationType::Direct as i32,
+                    id: "peer".into(),
+                }),
+                client_msg_id: id,
+                content_type: 1,
+                body: Bytes::from_static(b"hello"),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn send_ack(id: u64) -> pb::Frame {
+        pb::Frame {
+            request_id: 0,
+            body: Some(Body::SendAck(pb::SendAck {
+                client_msg_id: id,
+                seq: id,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn datagrams(s: &mut UdpSession) -> Vec<Bytes> {
+        std::iter::from_fn(|| s.next_datagram()).collect()
+    }
+
+    /// The `Send` frames of the datagrams waiting (keep-alives aside).
+    fn sends_in(s: &mut UdpSession) -> Vec<pb::Frame> {
+        datagrams(s)
+            .iter()
+            .flat_map(|d| client_frames(d))
+            .filter(|f| matches!(f.body, Some(Body::Send(_))))
+            .collect()
+    }
+
+    fn frames_of(opened: Opened<'_>) -> Vec<pb::Frame> {
+        opened
+            .frames
+            .map(|f| frame::decode(Bytes::copy_from_slice(f)).expect("a frame"))
+            .collect()
+    }
+
+    /// The broker's side of a successful login: the session is open afterwards.
+    fn open_session(s: &mut UdpSession, input: &mut BytesMut) {
+        s.write(&mut framed(&[login()]), 0).expect("login");
+        let first = datagrams(s);
+        assert_eq!(first.len(), 1);
+        let opened = udp::open_login(&first[0]).expect("a LOGIN");
+        assert_eq!(
+            (opened.header.session_id, opened.header.packet_number),
+            (0, NONCE),
+            "a first LOGIN carries cookie 0 and the nonce"
+        );
+        assert_eq!(first[0].len(), MIN_LOGIN_DATAGRAM_BYTES, "padded");
+        let mut retry = BytesMut::new();
+        seal_retry(4242, NONCE, &mut retry).expect("retry");
+        s.receive(&retry, MS, input).expect("a retry is fine");
+        let again = datagrams(s);
+        assert_eq!(again.len(), 1, "the LOGIN goes again at once");
+        let opened = udp::open_login(&again[0]).expect("a LOGIN");
+        assert_eq!(opened.header.session_id, 4242, "with the cookie");
+        let result = pb::Frame {
+            request_id: 1,
+            body: Some(Body::LoginResult(pb::LoginResult {
+                udp_session_id: SESSION,
+                udp_session_key: KEY.to_vec(),
+                heartbeat_interval_ms: 1000,
+                ..Default::default()
+            })),
+        };
+        let mut reply = BytesMut::new();
+        seal_login_reply(SESSION, NONCE, &result, opened.datagram_len, &mut reply).expect("reply");
+        s.receive(&reply, 2 * MS, input).expect("logged in");
+        assert!(s.is_open());
+        let got = FrameCodec::default()
+            .decode_frame(input)
+            .expect("valid")
+            .expect("the login result is handed to the driver");
+        assert!(matches!(got.body, Some(Body::LoginResult(_))));
+    }
+
+    fn server_data(pn: u64, frames: &[pb::Frame]) -> BytesMut {
+        let mut out = BytesMut::new();
+        seal(
+            &SessionKey::new(&KEY),
+            Direction::ServerToClient,
+            SESSION,
+            pn,
+            frames,
+            1200,
+            &mut out,
+        )
+        .expect("sealed");
+        out
+    }
+
+    fn client_frames(d: &[u8]) -> Vec<pb::Frame> {
+        frames_of(udp::open(&SessionKey::new(&KEY), d, Direction::ClientToServer).expect("opens"))
+    }
+
+    #[test]
+    fn the_login_goes_through_retry_then_reply_and_later_frames_are_sealed_with_the_key() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        let mut input = BytesMut::new();
+        open_session(&mut s, &mut input);
+        s.write(&mut framed(&[send(1), send(2)]), 3 * MS)
+            .expect("sends");
+        let out = datagrams(&mut s);
+        assert_eq!(out.len(), 1, "two small frames share one datagram");
+        let frames = client_frames(&out[0]);
+        assert_eq!(frames, vec![send(1), send(2)]);
+    }
+
+    #[test]
+    fn packet_numbers_increase_by_one_per_datagram() {
+        let mut s = UdpSession::new(NONCE, 400, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let mut pns = Vec::new();
+        for i in 1..=3 {
+            s.write(&mut framed(&[send(i)]), 3 * MS).expect("send");
+            for d in datagrams(&mut s) {
+                pns.push(udp::peek_header(&d).expect("header").packet_number);
+            }
+        }
+        assert_eq!(pns, vec![pns[0], pns[0] + 1, pns[0] + 2]);
+    }
+
+    #[test]
+    fn many_frames_fill_datagrams_up_to_the_limit_and_a_big_one_goes_alone() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let many: Vec<pb::Frame> = (1..=100).map(send).collect();
+        s.write(&mut framed(&many), 3 * MS).expect("sends");
+        let out = datagrams(&mut s);
+        assert!(
+            out.len() > 1 && out.iter().all(|d| d.len() <= 1200),
+            "{out:?}"
+        );
+        let back: Vec<pb::Frame> = out.iter().flat_map(|d| client_frames(d)).collect();
+        assert_eq!(back, many, "every frame, in order");
+        let mut big = send(99);
+        if let Some(Body::Send(m)) = &mut big.body {
+            m.body = Bytes::from(vec![7u8; 5000]);
+        }
+        s.write(&mut framed(&[send(98), big.clone()]), 4 * MS)
+            .expect("send");
+        let out = datagrams(&mut s);
+        assert_eq!(out.len(), 2);
+        assert!(out[1].len() > 5000);
+        assert_eq!(client_frames(&out[1]), vec![big]);
+    }
+
+    #[test]
+    fn an_unanswered_login_is_sent_again_then_fails() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        s.write(&mut framed(&[login()]), 0).expect("login");
+        assert_eq!(datagrams(&mut s).len(), 1);
+        s.tick(LOGIN_RESEND_NS - 1).expect("not yet");
+        assert!(datagrams(&mut s).is_empty());
+        let mut now = 0;
+        let mut sent = 1;
+        let failed = loop {
+            now += 100 * MS;
+            match s.tick(now) {
+                Ok(()) => sent += datagrams(&mut s).len() as u32,
+                Err(e) => break e,
+            }
+            assert!(now < 60_000 * MS, "gives up in bounded time");
+        };
+        assert_eq!(sent, LOGIN_ATTEMPTS);
+        assert!(failed.contains("no answer"), "{failed}");
+    }
+
+    #[test]
+    fn a_refused_login_ends_the_session_and_hands_the_error_to_the_driver() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        s.write(&mut framed(&[login()]), 0).expect("login");
+        let login_len = datagrams(&mut s)[0].len();
+        let refusal = pb::Frame {
+            request_id: 1,
+            body: Some(Body::Error(pb::Error {
+                code: pb::ErrorCode::BadToken as i32,
+                message: "no".into(),
+                fatal: true,
+                ..Default::default()
+            })),
+        };
+        let mut reply = BytesMut::new();
+        seal_login_reply(0, NONCE, &refusal, login_len, &mut reply).expect("reply");
+        let mut input = BytesMut::new();
+        let e = s.receive(&reply, MS, &mut input).expect_err("refused");
+        assert!(e.contains("BAD_TOKEN"), "{e}");
+        let got = FrameCodec::default()
+            .decode_frame(&mut input)
+            .expect("valid")
+            .expect("the error frame");
+        assert_eq!(got, refusal);
+    }
+
+    #[test]
+    fn a_reply_to_another_nonce_or_garbage_is_dropped() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        s.write(&mut framed(&[login()]), 0).expect("login");
+        let mut retry = BytesMut::new();
+        seal_retry(5, NONCE + 1, &mut retry).expect("retry");
+        let mut input = BytesMut::new();
+        s.receive(&retry, MS, &mut input).expect("dropped");
+        s.receive(b"\x00garbage", MS, &mut input).expect("dropped");
+        assert_eq!(s.dropped(), 2);
+        assert!(!s.is_open() && input.is_empty());
+    }
+
+    #[test]
+    fn a_send_goes_again_until_its_ack_comes_then_never_again() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let t0 = 10 * MS;
+        s.write(&mut framed(&[send(1), send(2)]), t0).expect("send");
+        datagrams(&mut s);
+        s.tick(t0 + SEND_RTO_NS - MS).expect("tick");
+        assert!(sends_in(&mut s).is_empty(), "not before the timeout");
+        s.tick(t0 + SEND_RTO_NS).expect("tick");
+        assert_eq!(sends_in(&mut s), vec![send(1), send(2)], "the same frames");
+        assert_eq!(s.retransmits(), 2);
+        // Send 1 is acked; 2 goes again after a doubled wait.
+        let mut input = BytesMut::new();
+        s.receive(
+            &server_data(1, &[send_ack(1)]),
+            t0 + SEND_RTO_NS + MS,
+            &mut input,
+        )
+        .expect("ack");
+        assert_eq!(s.unacked(), 1);
+        s.tick(t0 + 2 * SEND_RTO_NS).expect("tick");
+        assert!(
+            sends_in(&mut s).is_empty(),
+            "send 2 waits twice as long now"
+        );
+        s.tick(t0 + 3 * SEND_RTO_NS).expect("tick");
+        assert_eq!(sends_in(&mut s), vec![send(2)]);
+        s.receive(
+            &server_data(2, &[send_ack(2)]),
+            t0 + 3 * SEND_RTO_NS,
+            &mut input,
+        )
+        .expect("ack");
+        assert_eq!(s.unacked(), 0);
+        s.tick(t0 + 100 * SEND_RTO_NS).expect("tick");
+        assert!(
+            sends_in(&mut s).is_empty(),
+            "an acked send never goes again"
+        );
+        let acks = std::iter::from_fn(|| {
+            FrameCodec::default()
+                .decode_frame(&mut input)
+                .ok()
+                .flatten()
+        })
+        .count();
+        assert_eq!(acks, 2, "the acks reach the driver");
+    }
+
+    #[test]
+    fn server_datagrams_are_checked_for_key_direction_and_replay() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let mut input = BytesMut::new();
+        let d = server_data(5, &[send_ack(1)]);
+        s.receive(&d, 3 * MS, &mut input).expect("fine");
+        s.receive(&d, 3 * MS, &mut input)
+            .expect("a replay is dropped");
+        let mut forged = BytesMut::new();
+        seal(
+            &SessionKey::new(&[1; 32]),
+            Direction::ServerToClient,
+            SESSION,
+            6,
+            &[send_ack(2)],
+            1200,
+            &mut forged,
+        )
+        .expect("sealed");
+        s.receive(&forged, 3 * MS, &mut input)
+            .expect("a forgery is dropped");
+        let mut reflected = BytesMut::new();
+        seal(
+            &SessionKey::new(&KEY),
+            Direction::ClientToServer,
+            SESSION,
+            7,
+            &[send_ack(3)],
+            1200,
+            &mut reflected,
+        )
+        .expect("sealed");
+        s.receive(&reflected, 3 * MS, &mut input)
+            .expect("a reflection is dropped");
+        assert_eq!(s.dropped(), 3);
+        let frames = std::iter::from_fn(|| {
+            FrameCodec::default()
+                .decode_frame(&mut input)
+                .ok()
+                .flatten()
+        })
+        .count();
+        assert_eq!(
+            frames, 1,
+            "only the genuine datagram's frame reaches the driver"
+        );
+    }
+
+    #[test]
+    fn a_quiet_session_pings_within_the_heartbeat_interval() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        // Logged in at 2 ms with a 1000 ms interval: a ping goes by 800 ms after the last send.
+        s.tick(500 * MS).expect("tick");
+        assert!(datagrams(&mut s).is_empty());
+        s.tick(900 * MS).expect("tick");
+        let out = datagrams(&mut s);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            client_frames(&out[0])[0].body,
+            Some(Body::Ping(_))
+        ));
+    }
+
+    #[test]
+    fn the_field_numbers_read_by_hand_match_the_schema() {
+        let mut buf = BytesMut::new();
+        frame::encode(&send(300), &mut buf);
+        assert_eq!(body_field(&buf), Some(FRAME_SEND));
+        let inner = field_in(&buf, FRAME_SEND).expect("the send");
+        assert_eq!(varint_in(inner, SEND_CLIENT_MSG_ID), Some(300));
+        let mut buf = BytesMut::new();
+        frame::encode(&send_ack(301), &mut buf);
+        assert_eq!(body_field(&buf), Some(FRAME_SEND_ACK));
+        let inner = field_in(&buf, FRAME_SEND_ACK).expect("the ack");
+        assert_eq!(varint_in(inner, SEND_ACK_CLIENT_MSG_ID), Some(301));
+        assert_eq!(body_field(b"\xff\xff"), None, "garbage is no frame");
+    }
+
+    #[test]
+    fn the_send_timeout_follows_a_slow_brokers_round_trip() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let mut input = BytesMut::new();
+        let slow = 3_000 * MS;
+        // Send 1 is answered after 3 s: it went again once (its ack then times nothing).
+        s.write(&mut framed(&[send(1)]), 0).expect("send");
+        s.tick(SEND_RTO_NS).expect("tick");
+        s.receive(&server_data(1, &[send_ack(1)]), slow, &mut input)
+            .expect("ack");
+        assert_eq!(s.rto_ns, SEND_RTO_NS, "no sample from a send sent twice");
+        // Send 2 goes once and is answered after 0.9 s: the first sample.
+        s.write(&mut framed(&[send(2)]), slow).expect("send");
+        s.receive(&server_data(2, &[send_ack(2)]), slow + 900 * MS, &mut input)
+            .expect("ack");
+        assert_eq!(s.srtt_ns, Some(900 * MS));
+        assert_eq!(s.rto_ns, 900 * MS + 4 * 450 * MS, "srtt + 4 rttvar");
+        // Send 3, sent now, waits that long before it goes again.
+        let t = slow + SEND_RTO_NS;
+        s.write(&mut framed(&[send(3)]), t).expect("send");
+        datagrams(&mut s);
+        s.tick(t + SEND_RTO_NS).expect("tick");
+        assert!(
+            sends_in(&mut s).is_empty(),
+            "not after the least timeout: the broker is slower than that"
+        );
+        s.tick(t + 2_700 * MS).expect("tick");
+        assert_eq!(s.retransmits(), 2, "after srtt + 4 rttvar");
+    }
 }
