@@ -16,9 +16,11 @@
 //!    frames back to the driver in TCP framing;
 //! 4. since UDP may lose datagrams, keeps every `Send` until its `SendAck` comes and sends it again
 //!    (same bytes, same `client_msg_id`: the broker stores it once and answers the same ack)
-//!    after a timeout of at least [`SEND_RTO_NS`], adapted to the acks' round trip as TCP does
-//!    (RFC 6298, timing only sends never sent again), doubling per copy up to
-//!    [`MAX_SEND_RTO_NS`], so a broker that is merely slow is not sent every message twice;
+//!    when it is judged lost: at once when a send sent after it was acked and it is older than
+//!    9/8 of the round trip (QUIC's rule), else after a timeout of at least [`SEND_RTO_NS`],
+//!    adapted to the acks' round trip as TCP does (RFC 6298, timing only sends never sent
+//!    again), doubling per copy up to [`MAX_SEND_RTO_NS`], and only once no ack at all came for
+//!    that long, so a broker that is merely slow is not sent its backlog twice;
 //!    the broker retransmits its
 //!    `Deliver`s until acked, and the driver (in its re-ordering mode) acks only the unbroken
 //!    run of seqs it holds, so a lost delivery is sent again;
@@ -87,6 +89,23 @@ struct Unacked {
     rto_ns: u64,
     /// When it was first sent; `None` once sent again (its ack then times nothing: Karn).
     first_ns: Option<u64>,
+    /// When it was last sent.
+    sent_ns: u64,
+    /// Its place in the order of transmissions (of sends) when last sent.
+    order: u64,
+}
+
+impl Unacked {
+    /// Queues the frame again and backs its timer off.
+    fn resend(&mut self, now_ns: u64, order: &mut u64, queue: &mut VecDeque<Bytes>) {
+        queue.push_back(self.frame.clone());
+        *order += 1;
+        self.order = *order;
+        self.rto_ns = (self.rto_ns * 2).min(MAX_SEND_RTO_NS);
+        self.first_ns = None;
+        self.sent_ns = now_ns;
+        self.due_ns = now_ns.saturating_add(self.rto_ns);
+    }
 }
 
 /// One client's UDP session.
@@ -111,6 +130,15 @@ pub struct UdpSession {
     ping_nonce: u64,
     /// Smoothed round trip of sends and its variation (RFC 6298), once measured.
     srtt_ns: Option<u64>,
+    /// The last round trip measured.
+    latest_rtt_ns: u64,
+    /// Sends transmitted so far (copies included): numbers their order.
+    send_order: u64,
+    /// The latest place in that order of an acked send that went once: unacked sends sent
+    /// before it were overtaken.
+    largest_acked_order: u64,
+    /// When the last `SendAck` came (or a send went with none outstanding).
+    last_ack_ns: u64,
     rttvar_ns: u64,
     /// The timeout of a new send.
     rto_ns: u64,
@@ -145,6 +173,10 @@ impl UdpSession {
             heartbeat_ns: DEFAULT_HEARTBEAT_NS,
             ping_nonce: 0,
             srtt_ns: None,
+            latest_rtt_ns: 0,
+            send_order: 0,
+            largest_acked_order: 0,
+            last_ack_ns: 0,
             rttvar_ns: 0,
             rto_ns: SEND_RTO_NS,
             retransmits: 0,
@@ -224,6 +256,10 @@ impl UdpSession {
                 && let Some(id) =
                     field_in(&raw, FRAME_SEND).and_then(|s| varint_in(s, SEND_CLIENT_MSG_ID))
             {
+                if self.sends.is_empty() {
+                    // Silence is counted from when there is something to answer.
+                    self.last_ack_ns = now_ns;
+                }
                 let due_ns = now_ns.saturating_add(self.rto_ns);
                 self.next_due_ns = self.next_due_ns.min(due_ns);
                 self.sends.insert(
@@ -233,6 +269,11 @@ impl UdpSession {
                         due_ns,
                         rto_ns: self.rto_ns,
                         first_ns: Some(now_ns),
+                        sent_ns: now_ns,
+                        order: {
+                            self.send_order += 1;
+                            self.send_order
+                        },
                     },
                 );
             }
@@ -397,6 +438,7 @@ impl UdpSession {
                             id: r.udp_session_id,
                             key,
                         };
+                        self.last_ack_ns = now_ns;
                         self.codec
                             .encode_raw(&raw, input)
                             .map_err(|e| fatal("the login result", e))?;
@@ -435,21 +477,8 @@ impl UdpSession {
                         && let Some(id) = field_in(raw, FRAME_SEND_ACK)
                             .and_then(|a| varint_in(a, SEND_ACK_CLIENT_MSG_ID))
                         && let Some(u) = self.sends.remove(&id)
-                        && let Some(first) = u.first_ns
                     {
-                        let sample = now_ns.saturating_sub(first);
-                        let (srtt, rttvar) = match self.srtt_ns {
-                            None => (sample, sample / 2),
-                            Some(srtt) => (
-                                srtt - srtt / 8 + sample / 8,
-                                self.rttvar_ns - self.rttvar_ns / 4 + srtt.abs_diff(sample) / 4,
-                            ),
-                        };
-                        self.srtt_ns = Some(srtt);
-                        self.rttvar_ns = rttvar;
-                        self.rto_ns = srtt
-                            .saturating_add(4 * rttvar)
-                            .clamp(SEND_RTO_NS, MAX_SEND_RTO_NS);
+                        self.acked(&u, now_ns);
                     }
                     self.codec
                         .encode_raw(raw, input)
@@ -463,6 +492,27 @@ impl UdpSession {
                 Ok(())
             }
         }
+    }
+
+    /// Send `u` was acked at `now_ns`: its round trip (if it went once) updates the timeout.
+    fn acked(&mut self, u: &Unacked, now_ns: u64) {
+        self.last_ack_ns = now_ns;
+        let Some(first) = u.first_ns else { return };
+        let sample = now_ns.saturating_sub(first);
+        self.latest_rtt_ns = sample;
+        self.largest_acked_order = self.largest_acked_order.max(u.order);
+        let (srtt, rttvar) = match self.srtt_ns {
+            None => (sample, sample / 2),
+            Some(srtt) => (
+                srtt - srtt / 8 + sample / 8,
+                self.rttvar_ns - self.rttvar_ns / 4 + srtt.abs_diff(sample) / 4,
+            ),
+        };
+        self.srtt_ns = Some(srtt);
+        self.rttvar_ns = rttvar;
+        self.rto_ns = srtt
+            .saturating_add(4 * rttvar)
+            .clamp(SEND_RTO_NS, MAX_SEND_RTO_NS);
     }
 
     fn session_id(&self) -> u64 {
@@ -497,15 +547,36 @@ impl UdpSession {
                 self.send_login(now_ns)
             }
             State::Open { .. } => {
-                if now_ns >= self.next_due_ns {
+                // Lost, as QUIC judges it: a send sent later was acked, and this one is older
+                // than 9/8 of the round trip (a little re-ordering is not loss). Sends go in
+                // `client_msg_id` order, so the scan stops at the first one not overtaken.
+                if let Some(srtt) = self.srtt_ns {
+                    let threshold = srtt.max(self.latest_rtt_ns) / 8 * 9;
+                    for u in self.sends.values_mut() {
+                        if u.order >= self.largest_acked_order {
+                            if u.first_ns.is_some() {
+                                break;
+                            }
+                            continue; // sent again lately: later sends may still be older
+                        }
+                        if now_ns.saturating_sub(u.sent_ns) >= threshold {
+                            u.resend(now_ns, &mut self.send_order, &mut self.queue);
+                            self.retransmits += 1;
+                            self.next_due_ns = self.next_due_ns.min(u.due_ns);
+                        }
+                    }
+                }
+                // The timeout, for the last sends (nothing later to overtake them) or a broker
+                // gone quiet: only once no ack at all came for a timeout, so a broker that is
+                // slow but answering is not sent its backlog twice.
+                if now_ns >= self.next_due_ns
+                    && now_ns >= self.last_ack_ns.saturating_add(self.rto_ns)
+                {
                     let mut next = u64::MAX;
                     for u in self.sends.values_mut() {
                         if u.due_ns <= now_ns {
-                            self.queue.push_back(u.frame.clone());
+                            u.resend(now_ns, &mut self.send_order, &mut self.queue);
                             self.retransmits += 1;
-                            u.rto_ns = (u.rto_ns * 2).min(MAX_SEND_RTO_NS);
-                            u.first_ns = None;
-                            u.due_ns = now_ns.saturating_add(u.rto_ns);
                         }
                         next = next.min(u.due_ns);
                     }
@@ -974,7 +1045,12 @@ mod tests {
         let slow = 3_000 * MS;
         // Send 1 is answered after 3 s: it went again once (its ack then times nothing).
         s.write(&mut framed(&[send(1)]), 0).expect("send");
-        s.tick(SEND_RTO_NS).expect("tick");
+        s.tick(1_100 * MS).expect("tick");
+        assert_eq!(
+            s.retransmits(),
+            1,
+            "no ack at all for a timeout: it goes again"
+        );
         s.receive(&server_data(1, &[send_ack(1)]), slow, &mut input)
             .expect("ack");
         assert_eq!(s.rto_ns, SEND_RTO_NS, "no sample from a send sent twice");
@@ -995,5 +1071,56 @@ mod tests {
         );
         s.tick(t + 2_700 * MS).expect("tick");
         assert_eq!(s.retransmits(), 2, "after srtt + 4 rttvar");
+    }
+
+    #[test]
+    fn a_send_overtaken_by_a_later_acked_one_goes_again_before_its_timeout() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let mut input = BytesMut::new();
+        let t = 10 * MS;
+        s.write(&mut framed(&[send(1), send(2), send(3)]), t)
+            .expect("send");
+        datagrams(&mut s);
+        // 2 and 3 are acked after 100 ms; 1's datagram (say) was lost.
+        s.receive(
+            &server_data(1, &[send_ack(2), send_ack(3)]),
+            t + 100 * MS,
+            &mut input,
+        )
+        .expect("acks");
+        s.tick(t + 105 * MS).expect("tick");
+        assert!(
+            sends_in(&mut s).is_empty(),
+            "within 9/8 of the round trip: maybe re-ordered"
+        );
+        s.tick(t + 120 * MS).expect("tick");
+        assert_eq!(sends_in(&mut s), vec![send(1)], "overtaken: lost");
+        s.receive(&server_data(40, &[send_ack(1)]), t + 150 * MS, &mut input)
+            .expect("ack");
+        // A slow broker acks a backlog in order, one every 100 ms: the last sends wait far
+        // past the least timeout, and go again only once the acks stop.
+        let backlog: Vec<pb::Frame> = (4..=33).map(send).collect();
+        let t = t + 200 * MS;
+        s.write(&mut framed(&backlog), t).expect("send");
+        datagrams(&mut s);
+        let before = s.retransmits();
+        for i in 0..29 {
+            let now = t + (i + 1) * 100 * MS;
+            s.receive(&server_data(41 + i, &[send_ack(4 + i)]), now, &mut input)
+                .expect("ack");
+            s.tick(now).expect("tick");
+        }
+        assert_eq!(
+            s.retransmits(),
+            before,
+            "nothing went twice while acks flowed"
+        );
+        assert_eq!(s.unacked(), 1, "send 33");
+        s.tick(t + 2_900 * MS + s.rto_ns).expect("tick");
+        assert!(
+            sends_in(&mut s).contains(&send(33)),
+            "the acks stopped: 33 goes again"
+        );
     }
 }
