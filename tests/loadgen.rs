@@ -191,6 +191,32 @@ fn a_short_pairs_run_over_udp_passes_its_checks() {
 }
 
 #[test]
+fn a_pairs_run_over_udp_losing_datagrams_both_ways_still_loses_nothing() {
+    let broker = Broker::start(&["listen.udp=\"127.0.0.1:0\""]);
+    // 5% of the datagrams loadgen sends and receives vanish (its hidden --udp-loss): lost sends
+    // and acks are resent by loadgen, lost deliveries and delivery acks by the broker.
+    let report = pairs_over(
+        &broker,
+        "udp",
+        broker.udp_addr(),
+        &[
+            "--udp-loss".into(),
+            "0.05".into(),
+            "--drain".into(),
+            "30".into(),
+        ],
+    );
+    report.check(
+        report.u64("udp/resent") > 0,
+        "sends whose datagram or ack was lost went again",
+    );
+    report.check(
+        report.u64("verdict/redelivered") > 0,
+        "deliveries whose datagram or ack was lost came again, de-duplicated by seq",
+    );
+}
+
+#[test]
 fn a_short_fanout_run_against_the_broker_uses_rooms_and_every_subscriber_gets_every_message() {
     const SUBSCRIBERS: u64 = 10;
     let broker = Broker::start(&["shards=2", "storage.durability=never"]);

@@ -155,6 +155,10 @@ pub struct Common {
     /// devcert --out DIR` writes.
     #[arg(long, value_name = "PATH")]
     pub ca: Option<PathBuf>,
+    /// Testing udp: drop this fraction of the datagrams sent and of those received, at
+    /// random (the checks must still pass: the broker and loadgen resend what is lost).
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub udp_loss: f64,
     /// tls / wss: the name the broker's certificate must be valid for (`broker devcert` makes
     /// one for localhost, 127.0.0.1 and ::1).
     #[arg(long, default_value = "localhost")]

@@ -58,6 +58,8 @@ pub enum Wire {
         /// The largest datagram to send, in bytes (a larger frame goes alone, in one of its own
         /// size).
         max_datagram: usize,
+        /// For tests: the fraction of datagrams dropped at random, both ways.
+        loss: f64,
     },
 }
 
@@ -66,7 +68,7 @@ impl std::fmt::Debug for Wire {
         match self {
             Wire::Plain => f.write_str("Plain"),
             Wire::Tls { name, .. } => write!(f, "Tls({name:?})"),
-            Wire::Udp { max_datagram } => write!(f, "Udp({max_datagram})"),
+            Wire::Udp { max_datagram, loss } => write!(f, "Udp({max_datagram}, loss {loss})"),
         }
     }
 }
@@ -87,6 +89,14 @@ struct TlsLink {
 struct UdpLink {
     sock: UdpSocket,
     session: UdpSession,
+    /// For tests: the fraction of datagrams dropped at random, both ways.
+    loss: f64,
+}
+
+impl UdpLink {
+    fn lose(&self) -> bool {
+        self.loss > 0.0 && rand::random::<f64>() < self.loss
+    }
 }
 
 impl std::fmt::Debug for Link {
@@ -280,7 +290,7 @@ impl Engine {
     ) -> io::Result<usize> {
         let id = self.conns.len();
         let mut link = match &self.wire {
-            Wire::Udp { max_datagram } => {
+            Wire::Udp { max_datagram, loss } => {
                 let socket = Socket::new(
                     Domain::for_address(addr),
                     Type::DGRAM.nonblocking(),
@@ -298,6 +308,7 @@ impl Engine {
                 Link::Udp(Box::new(UdpLink {
                     sock: UdpSocket::from_std(socket.into()),
                     session,
+                    loss: *loss,
                 }))
             }
             Wire::Plain | Wire::Tls { .. } => {
@@ -568,6 +579,7 @@ impl Engine {
             let Link::Udp(u) = &mut c.link else { return };
             loop {
                 match u.sock.recv(&mut self.scratch[..]) {
+                    Ok(_) if u.lose() => {}
                     Ok(n) => {
                         total += n.max(1);
                         if let Err(reason) =
@@ -873,6 +885,9 @@ fn write_tls(t: &mut TlsLink, output: &mut BytesMut) -> Result<(), String> {
 fn write_udp(u: &mut UdpLink, output: &mut BytesMut, now_ns: u64) -> Result<(), String> {
     u.session.write(output, now_ns)?;
     while let Some(datagram) = u.session.next_datagram() {
+        if u.lose() {
+            continue;
+        }
         match u.sock.send(&datagram) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

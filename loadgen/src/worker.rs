@@ -172,6 +172,7 @@ fn wire(common: &Common) -> Result<Wire, String> {
         }
         Transport::Udp => Wire::Udp {
             max_datagram: parley_proto::udp::DEFAULT_MAX_DATAGRAM_BYTES,
+            loss: common.udp_loss.clamp(0.0, 0.9),
         },
     })
 }
@@ -480,7 +481,7 @@ impl<'a> Worker<'a> {
                             return None; // a redelivery the protocol allows
                         }
                         let (arrival, excused) = match self.clients[local].stream.as_mut() {
-                            Some(s) => (s.arrive(&body), s.take_excused()),
+                            Some(s) => (s.arrive_at(&body, seq.map(|at| at.seq)), s.take_excused()),
                             None => {
                                 self.tally.verdict.corrupt += 1;
                                 return None;

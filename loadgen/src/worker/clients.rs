@@ -14,7 +14,16 @@ impl<'a> Worker<'a> {
             pending: VecDeque::new(),
             base: 1,
             in_flight: 0,
-            stream: from.map(Stream::new),
+            stream: from.map(|sender| {
+                let stream = Stream::new(sender);
+                // Over UDP a sender's lost-and-resent message is stored after later ones: the
+                // broker's seqs define the order.
+                if self.common.system == System::Parley && self.common.transport == Transport::Udp {
+                    stream.ordered_by_system()
+                } else {
+                    stream
+                }
+            }),
             ready_conns: 0,
             conns: 0,
             synced: false,
