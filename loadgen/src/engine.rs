@@ -417,7 +417,6 @@ impl Engine {
         for conn in std::mem::take(&mut self.more_to_read) {
             ready.push((conn, true, false));
         }
-        self.tick_udp();
         for (conn, readable, writable) in ready {
             if conn >= self.conns.len() {
                 continue;
@@ -437,6 +436,9 @@ impl Engine {
                 self.read(conn);
             }
         }
+        // After reading: answers that waited in the sockets while this process was not
+        // scheduled must count before any timer judges them missing.
+        self.tick_udp();
         Ok(std::mem::take(&mut self.happenings))
     }
 
