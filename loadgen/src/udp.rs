@@ -20,7 +20,9 @@
 //!    9/8 of the round trip (QUIC's rule), else after a timeout of at least [`SEND_RTO_NS`],
 //!    adapted to the acks' round trip as TCP does (RFC 6298, timing only sends never sent
 //!    again), doubling per copy up to [`MAX_SEND_RTO_NS`], and only once no ack at all came for
-//!    that long, so a broker that is merely slow is not sent its backlog twice;
+//!    that long, and then only the [`PROBE_SENDS`] oldest (QUIC's probe: once their acks come,
+//!    the first rule finds the rest), so a broker that is merely slow or stalled for a moment is
+//!    not sent its backlog twice;
 //!    the broker retransmits its
 //!    `Deliver`s until acked, and the driver (in its re-ordering mode) acks only the unbroken
 //!    run of seqs it holds, so a lost delivery is sent again;
@@ -53,6 +55,8 @@ pub const MAX_RETRIES: u32 = 8;
 pub const SEND_RTO_NS: u64 = 1_000_000_000;
 /// Longest wait between two copies of a `Send`.
 pub const MAX_SEND_RTO_NS: u64 = 8_000_000_000;
+/// Sends resent at most per timeout when the broker is quiet (the oldest ones).
+pub const PROBE_SENDS: usize = 2;
 /// The keep-alive interval when the broker names none.
 const DEFAULT_HEARTBEAT_NS: u64 = 15_000_000_000;
 /// Frame field numbers read here (checked against prost in the tests).
@@ -137,8 +141,11 @@ pub struct UdpSession {
     /// The latest place in that order of an acked send that went once: unacked sends sent
     /// before it were overtaken.
     largest_acked_order: u64,
-    /// When the last `SendAck` came (or a send went with none outstanding).
-    last_ack_ns: u64,
+    /// Before this the timeout does not fire: a timeout after the last `SendAck` (or the first
+    /// send with none outstanding), longer after each probe of a quiet broker.
+    quiet_until_ns: u64,
+    /// Probes sent since the last `SendAck` (each doubles the wait for the next).
+    probes: u32,
     rttvar_ns: u64,
     /// The timeout of a new send.
     rto_ns: u64,
@@ -176,7 +183,8 @@ impl UdpSession {
             latest_rtt_ns: 0,
             send_order: 0,
             largest_acked_order: 0,
-            last_ack_ns: 0,
+            quiet_until_ns: 0,
+            probes: 0,
             rttvar_ns: 0,
             rto_ns: SEND_RTO_NS,
             retransmits: 0,
@@ -258,7 +266,8 @@ impl UdpSession {
             {
                 if self.sends.is_empty() {
                     // Silence is counted from when there is something to answer.
-                    self.last_ack_ns = now_ns;
+                    self.quiet_until_ns = now_ns.saturating_add(self.rto_ns);
+                    self.probes = 0;
                 }
                 let due_ns = now_ns.saturating_add(self.rto_ns);
                 self.next_due_ns = self.next_due_ns.min(due_ns);
@@ -438,7 +447,7 @@ impl UdpSession {
                             id: r.udp_session_id,
                             key,
                         };
-                        self.last_ack_ns = now_ns;
+                        self.quiet_until_ns = now_ns;
                         self.codec
                             .encode_raw(&raw, input)
                             .map_err(|e| fatal("the login result", e))?;
@@ -496,7 +505,8 @@ impl UdpSession {
 
     /// Send `u` was acked at `now_ns`: its round trip (if it went once) updates the timeout.
     fn acked(&mut self, u: &Unacked, now_ns: u64) {
-        self.last_ack_ns = now_ns;
+        self.probes = 0;
+        self.quiet_until_ns = now_ns.saturating_add(self.rto_ns);
         let Some(first) = u.first_ns else { return };
         let sample = now_ns.saturating_sub(first);
         self.latest_rtt_ns = sample;
@@ -568,19 +578,25 @@ impl UdpSession {
                 }
                 // The timeout, for the last sends (nothing later to overtake them) or a broker
                 // gone quiet: only once no ack at all came for a timeout, so a broker that is
-                // slow but answering is not sent its backlog twice.
-                if now_ns >= self.next_due_ns
-                    && now_ns >= self.last_ack_ns.saturating_add(self.rto_ns)
-                {
+                // slow but answering is not sent its backlog twice; and then only the
+                // [`PROBE_SENDS`] oldest go (QUIC's probe), the wait doubling per probe: once
+                // their acks come, the loss rule above finds what else was lost.
+                if now_ns >= self.next_due_ns && now_ns >= self.quiet_until_ns {
                     let mut next = u64::MAX;
+                    let mut probed = 0;
                     for u in self.sends.values_mut() {
-                        if u.due_ns <= now_ns {
+                        if u.due_ns <= now_ns && probed < PROBE_SENDS {
                             u.resend(now_ns, &mut self.send_order, &mut self.queue);
                             self.retransmits += 1;
+                            probed += 1;
                         }
                         next = next.min(u.due_ns);
                     }
                     self.next_due_ns = next;
+                    if probed > 0 {
+                        self.probes = (self.probes + 1).min(4);
+                        self.quiet_until_ns = now_ns.saturating_add(self.rto_ns << self.probes);
+                    }
                 }
                 if self.queue.is_empty()
                     && now_ns.saturating_sub(self.last_sent_ns) >= self.heartbeat_ns
@@ -1122,5 +1138,42 @@ mod tests {
             sends_in(&mut s).contains(&send(33)),
             "the acks stopped: 33 goes again"
         );
+    }
+
+    #[test]
+    fn a_quiet_broker_is_probed_with_the_oldest_sends_not_sent_the_whole_window() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        open_session(&mut s, &mut BytesMut::new());
+        let window: Vec<pb::Frame> = (1..=64).map(send).collect();
+        let t = 10 * MS;
+        s.write(&mut framed(&window), t).expect("send");
+        datagrams(&mut s);
+        s.tick(t + SEND_RTO_NS).expect("tick");
+        assert_eq!(
+            sends_in(&mut s),
+            vec![send(1), send(2)],
+            "a probe: the two oldest"
+        );
+        s.tick(t + 2 * SEND_RTO_NS).expect("tick");
+        assert!(
+            sends_in(&mut s).is_empty(),
+            "the next probe waits twice as long"
+        );
+        s.tick(t + 3 * SEND_RTO_NS).expect("tick");
+        assert_eq!(
+            sends_in(&mut s),
+            vec![send(1), send(2)],
+            "the oldest again, not the window"
+        );
+        // The broker comes back and acks everything, in order: nothing else goes again.
+        let mut input = BytesMut::new();
+        let now = t + 3 * SEND_RTO_NS + 10 * MS;
+        for id in 1..=64 {
+            s.receive(&server_data(id, &[send_ack(id)]), now, &mut input)
+                .expect("ack");
+        }
+        s.tick(now + 20 * SEND_RTO_NS).expect("tick");
+        assert!(sends_in(&mut s).is_empty());
+        assert_eq!((s.retransmits(), s.unacked()), (4, 0));
     }
 }
