@@ -397,53 +397,6 @@ fn a_client_sending_only_malformed_frames_is_closed_after_max_errors() {
     assert_pair_still_talks(&mut alice, &mut bob);
 }
 
-/// What a burst of requests of one kind got.
-#[derive(Debug, Default)]
-struct Burst {
-    served: usize,
-    refused: Vec<pb::Error>,
-}
-
-/// Writes `n` requests made by `make` on `client` at once, then reads until each is answered:
-/// served (its final answer: Pong, HistoryPage, the SyncPage with `done`, SendAck) or refused
-/// (an Error with its request_id).
-fn burst(client: &mut parley_tests::Client, n: usize, make: impl Fn() -> Body) -> Burst {
-    let mut outstanding: std::collections::HashSet<u64> =
-        (0..n).map(|_| client.request(make())).collect();
-    let mut result = Burst::default();
-    let deadline = Instant::now() + TIMEOUT;
-    while !outstanding.is_empty() {
-        match client.next(deadline) {
-            parley_tests::transport::Incoming::Frame(frame) => {
-                if !outstanding.contains(&frame.request_id) {
-                    continue;
-                }
-                let finished = match &frame.body {
-                    Some(Body::Error(e)) => {
-                        result.refused.push(e.clone());
-                        true
-                    }
-                    Some(Body::SyncPage(p)) => p.done,
-                    Some(Body::SyncSummary(_)) => false,
-                    Some(_) => true,
-                    None => false,
-                };
-                if finished {
-                    outstanding.remove(&frame.request_id);
-                    if !matches!(frame.body, Some(Body::Error(_))) {
-                        result.served += 1;
-                    }
-                }
-            }
-            other => panic!(
-                "a burst of {n} requests: {} still unanswered: {other:?}",
-                outstanding.len()
-            ),
-        }
-    }
-    result
-}
-
 #[test]
 fn every_request_kind_is_rate_limited_with_a_retry_hint() {
     const RATE: usize = 10;
@@ -498,7 +451,7 @@ fn every_request_kind_is_rate_limited_with_a_retry_hint() {
         if kind == "HistoryRequest" {
             client.send(peer, "something to page through");
         }
-        let got = burst(&mut client, n, make);
+        let got = client.burst(n, make);
         eprintln!(
             "[rate] a burst of {n} {kind}s at {RATE}/s, burst {BURST}: {} served, {} refused \
              (retry_after_ms {:?})",
@@ -537,7 +490,7 @@ fn every_request_kind_is_rate_limited_with_a_retry_hint() {
             .unwrap_or(0)
             .min(5_000);
         thread::sleep(Duration::from_millis(wait + 200));
-        let again = burst(&mut client, 1, make);
+        let again = client.burst(1, make);
         assert_eq!(
             (again.served, again.refused.len()),
             (1, 0),

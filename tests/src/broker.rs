@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::client::{Client, WsClient};
+use crate::client::{Client, UdpClient, WsClient};
 use crate::token;
 use crate::transport::{Tcp, Transport, Ws};
 
@@ -382,6 +382,21 @@ impl Broker {
             .unwrap_or_else(|e| panic!("cannot open a WebSocket with a token: {e}"));
         let mut client = Client::with_conn(conn, self.ws, &self.secret);
         client.assume_logged_in(user, device);
+        client.sync();
+        client
+    }
+
+    /// A UDP client (a socket of its own, no session yet): its first frame must be a `Login`.
+    /// Panics if the broker has no UDP listener.
+    pub fn udp(&self) -> UdpClient {
+        Client::connect(self.udp_addr(), &self.secret)
+    }
+
+    /// A ready UDP client: logged in as `user` on `device` (the LOGIN, RETRY, LOGIN exchange)
+    /// and synced.
+    pub fn connect_udp(&self, user: &str, device: &str) -> UdpClient {
+        let mut client = self.udp();
+        client.login(user, device);
         client.sync();
         client
     }

@@ -28,6 +28,9 @@ pub type TlsClient = Client<crate::transport::Tcp<crate::transport::TlsStream>>;
 /// A client over WebSocket inside TLS (wss).
 pub type WssClient = Client<Ws<crate::transport::TlsStream>>;
 
+/// A client over UDP (the authenticated datagram envelope, see [`crate::transport::Udp`]).
+pub type UdpClient = Client<crate::transport::Udp>;
+
 /// Client message ids are unique across the whole test process, so that no two sends of one
 /// device ever share one by accident (the broker would take the second for a retry).
 static NEXT_CLIENT_MSG_ID: AtomicU64 = AtomicU64::new(1);
@@ -102,6 +105,15 @@ pub struct Pipeline {
     pub unacked: Vec<u64>,
     /// Why the connection closed, if it did.
     pub closed: Option<String>,
+}
+
+/// What a burst of requests got (see [`Client::burst`]).
+#[derive(Debug, Default)]
+pub struct Burst {
+    /// Requests answered with their final answer (not an `Error`).
+    pub served: usize,
+    /// The `Error`s that refused requests.
+    pub refused: Vec<pb::Error>,
 }
 
 /// A client connection to the broker: TCP by default, [`WsClient`] for WebSocket.
@@ -206,6 +218,25 @@ impl<T: Transport> Client<T> {
             body: Some(body),
         });
         request_id
+    }
+
+    /// Writes `bytes` as they are, as one unit of the transport (malformed input on purpose:
+    /// see [`Transport::write_raw`]); panics if the transport cannot.
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.conn.write_raw(bytes) {
+            panic!("{}: cannot write raw bytes: {e}", self.label);
+        }
+    }
+
+    /// The connection underneath (e.g. a UDP session's key and address).
+    pub fn transport(&self) -> &T {
+        &self.conn
+    }
+
+    /// The connection underneath, to write to it beside the client (e.g. datagrams crafted by
+    /// hand); what it then receives is still read through the client.
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.conn
     }
 
     /// Writes a frame; panics if the connection cannot take it.
@@ -857,6 +888,48 @@ impl<T: Transport> Client<T> {
         run
     }
 
+    /// Writes `n` requests made by `make` at once (one after the other, without waiting), then
+    /// reads until each is answered: served (its final answer: `Pong`, `HistoryPage`, the
+    /// `SyncPage` with `done`, `SendAck`, ...) or refused (an `Error` with its request_id).
+    /// Panics if any is still unanswered after [`TIMEOUT`] or the connection closes.
+    pub fn burst(&mut self, n: usize, make: impl Fn() -> Body) -> Burst {
+        let mut outstanding: std::collections::HashSet<u64> =
+            (0..n).map(|_| self.request(make())).collect();
+        let mut result = Burst::default();
+        let deadline = Instant::now() + TIMEOUT;
+        while !outstanding.is_empty() {
+            match self.next(deadline) {
+                Incoming::Frame(frame) => {
+                    if !outstanding.contains(&frame.request_id) {
+                        continue;
+                    }
+                    let finished = match &frame.body {
+                        Some(Body::Error(e)) => {
+                            result.refused.push(e.clone());
+                            true
+                        }
+                        Some(Body::SyncPage(p)) => p.done,
+                        Some(Body::SyncSummary(_)) => false,
+                        Some(_) => true,
+                        None => false,
+                    };
+                    if finished {
+                        outstanding.remove(&frame.request_id);
+                        if !matches!(frame.body, Some(Body::Error(_))) {
+                            result.served += 1;
+                        }
+                    }
+                }
+                other => panic!(
+                    "{}: a burst of {n} requests: {} still unanswered: {other:?}",
+                    self.label,
+                    outstanding.len()
+                ),
+            }
+        }
+        result
+    }
+
     // ---------------------------------------------------------------------------------------
     // Rooms
     // ---------------------------------------------------------------------------------------
@@ -1316,7 +1389,7 @@ impl Client<Ws> {
     }
 }
 
-impl Client<Tcp> {
+impl<S: crate::transport::Socket> Client<Tcp<S>> {
     /// Writes one frame per body, each with a fresh request id, in a single write (so the broker
     /// reads them together); returns the request ids in order.
     pub fn request_together(&mut self, bodies: Vec<Body>) -> Vec<u64> {
@@ -1335,13 +1408,6 @@ impl Client<Tcp> {
             panic!("{}: cannot write {} frames: {e}", self.label, frames.len());
         }
         frames.iter().map(|f| f.request_id).collect()
-    }
-
-    /// Writes `bytes` to the socket as they are (malformed input on purpose).
-    pub fn write_raw(&mut self, bytes: &[u8]) {
-        if let Err(e) = self.conn.write_raw(bytes) {
-            panic!("{}: cannot write raw bytes: {e}", self.label);
-        }
     }
 }
 

@@ -5,8 +5,10 @@
 //!
 //! * [`Broker`]: the child process (start, restart on the same data, SIGKILL, SIGTERM); its
 //!   output is printed when a test fails, and a broker that panicked fails the test.
-//! * [`Client`] (TCP) and [`WsClient`] (WebSocket, through tungstenite): clients that log in,
-//!   sync, ack, de-duplicate and record what they were sent.
+//! * [`Client`] (TCP), [`WsClient`] (WebSocket, through tungstenite), [`TlsClient`],
+//!   [`WssClient`] and [`UdpClient`] (the authenticated datagram envelope): clients that log in,
+//!   sync, ack, de-duplicate and record what they were sent, generic over a
+//!   [`transport::Transport`].
 //! * [`token`]: HS256 tokens minted independently of the broker.
 //! * [`http`]: a minimal HTTP client for the admin listener.
 //! * [`hostile`]: raw sockets for abuse (partial frames, garbage, floods, many connections)
@@ -31,8 +33,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parley_proto::pb;
 
+use crate::transport::Transport;
+
 pub use broker::Broker;
-pub use client::{Arrival, Client, Pipeline, SyncResult, TlsClient, Via, WsClient, WssClient};
+pub use client::{
+    Arrival, Burst, Client, Pipeline, SyncResult, TlsClient, UdpClient, Via, WsClient, WssClient,
+};
 pub use parley_proto::pb::ErrorCode;
 
 /// The default bound of one operation (a login, an ack, a delivery, a close).
@@ -104,7 +110,11 @@ pub fn numbered_body(i: u64, size: usize) -> Bytes {
 
 /// Sends one message from `from` to `to` and waits until `to` has it pushed live; returns how
 /// long that took (send to delivery). Panics if it does not arrive within [`TIMEOUT`].
-pub fn delivery_latency(from: &mut Client, to: &mut Client, body: &str) -> Duration {
+pub fn delivery_latency<A: Transport, B: Transport>(
+    from: &mut Client<A>,
+    to: &mut Client<B>,
+    body: &str,
+) -> Duration {
     let (to_user, from_user) = (to.user().to_owned(), from.user().to_owned());
     let start = Instant::now();
     let ack = from.send(&to_user, body.to_owned());
@@ -120,7 +130,7 @@ pub fn delivery_latency(from: &mut Client, to: &mut Client, body: &str) -> Durat
 
 /// Checks that two logged-in, synced clients can still talk both ways: a message each way is
 /// acked and pushed live within [`TIMEOUT`]. Used after abusing the broker on other connections.
-pub fn assert_pair_still_talks(a: &mut Client, b: &mut Client) {
+pub fn assert_pair_still_talks<A: Transport, B: Transport>(a: &mut Client<A>, b: &mut Client<B>) {
     delivery_latency(a, b, "still there?");
     delivery_latency(b, a, "still here.");
 }

@@ -295,7 +295,7 @@ mod tests {
         let e = parse(&["--no-tcp", "--no-ws"]).load().expect_err("invalid");
         assert!(
             e.to_string()
-                .contains("at least one of tcp, ws, tls and wss"),
+                .contains("at least one of tcp, ws, tls, wss and udp"),
             "{e}"
         );
     }

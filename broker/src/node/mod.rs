@@ -591,14 +591,29 @@ fn bind_udp(
     let bound = first
         .local_addr()
         .map_err(|source| NodeError::Bind { addr, source })?;
-    out.push(udp::Endpoint::new(first, shared.clone()));
+    let mut sockets = vec![first];
     for _ in 1..shards {
         let socket = udp::bind(bound, buffer).map_err(|source| NodeError::Bind {
             addr: bound,
             source,
         })?;
-        out.push(udp::Endpoint::new(socket, shared.clone()));
+        sockets.push(socket);
     }
+    // With the whole group bound (its sockets indexed in shard order), steer by session id.
+    #[cfg(target_os = "linux")]
+    if shards > 1
+        && let Some(first) = sockets.first()
+        && let Err(e) = udp::steer_by_session(first)
+    {
+        tracing::warn!(
+            "cannot steer UDP datagrams to their session's shard ({e}); shards pass them on"
+        );
+    }
+    out.extend(
+        sockets
+            .into_iter()
+            .map(|s| udp::Endpoint::new(s, shared.clone())),
+    );
     Ok(Some(bound))
 }
 

@@ -883,7 +883,8 @@ impl Driver {
                             pipe.write_last(std::mem::take(&mut last));
                             continue;
                         }
-                        if self.close_udp(conn, std::mem::take(&mut last)) {
+                        if self.udp_session(conn).is_some() {
+                            self.close_udp(conn, std::mem::take(&mut last));
                             continue;
                         }
                         if let Some(mut sock) = self.take_sock(conn) {

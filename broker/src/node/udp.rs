@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::BytesMut;
 
 use hmac::{Hmac, KeyInit, Mac};
-use parley_proto::udp::{ReplayWindow, SESSION_KEY_LEN, SessionKey};
+use parley_proto::udp::{self, ReplayWindow, SESSION_KEY_LEN, SessionKey};
 use sha2::Sha256;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -65,6 +65,64 @@ pub(crate) fn bind(addr: SocketAddr, buffer: usize) -> io::Result<mio::net::UdpS
     let _ = socket.set_send_buffer_size(buffer);
     socket.bind(&addr.into())?;
     Ok(mio::net::UdpSocket::from_std(socket.into()))
+}
+
+/// Makes the kernel deliver each data datagram straight to the socket of the shard its session
+/// id names, so no datagram has to be passed between shards: a classic BPF program on the
+/// `SO_REUSEPORT` group (the group's sockets are indexed in bind order, which is shard order)
+/// returns `(session id >> 48) - 1` for CLIENT_DATA. For anything else (a LOGIN, garbage) it
+/// returns an index past the group, and the kernel falls back to its usual hash of the source
+/// address. Linux only; elsewhere, or if the kernel refuses, datagrams are passed between shards
+/// instead ([`SessionId::shard`]).
+///
+/// # Errors
+///
+/// `setsockopt`'s error.
+#[cfg(target_os = "linux")]
+pub(crate) fn steer_by_session(socket: &mio::net::UdpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // The program sees the UDP payload from offset 0. A load past the end ends it with 0
+    // (shard 0, which drops what it cannot open).
+    const LD_B_ABS: u16 = 0x30; // A = payload[k]
+    const LD_H_ABS: u16 = 0x28; // A = u16 big-endian at payload[k]
+    const JEQ_K: u16 = 0x15; // if A == k: skip jt, else skip jf
+    const SUB_K: u16 = 0x14; // A -= k
+    const RET_A: u16 = 0x16;
+    const RET_K: u16 = 0x06;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut program = [
+        op(LD_B_ABS, 0, 0, 1),
+        op(
+            JEQ_K,
+            0,
+            3,
+            u32::from(udp::DatagramType::ClientData.to_byte()),
+        ),
+        op(LD_H_ABS, 0, 0, 2),
+        op(SUB_K, 0, 0, 1),
+        op(RET_A, 0, 0, 0),
+        op(RET_K, 0, 0, u32::MAX),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, a live array of `len` valid instructions, for the
+    // whole call; the kernel copies the program and keeps no pointer to it. The option length is
+    // the size of the `sock_fprog` passed, and the descriptor is the socket's own, open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One shard's UDP side: its socket and sessions, and what the shards share (the cookie
@@ -402,6 +460,13 @@ impl Logins {
             if self.by_key.get(&key).is_some_and(|&(_, e)| e <= now_ms) {
                 self.by_key.remove(&key);
             }
+        }
+        // After a burst of logins, give the memory back.
+        if self.by_key.capacity() > 64 && self.by_key.len() < self.by_key.capacity() / 4 {
+            self.by_key.shrink_to(self.by_key.len() * 2);
+        }
+        if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to(self.order.len() * 2);
         }
     }
 

@@ -522,12 +522,12 @@ impl Driver {
 
     /// The core closed a UDP session: its last words (the tail of what was queued, with the
     /// closing `Error`) go out, and the session is forgotten.
-    pub(super) fn close_udp(&mut self, conn: ConnId, mut last: BytesMut) -> bool {
+    pub(super) fn close_udp(&mut self, conn: ConnId, mut last: BytesMut) {
         let Some(session) = self.take_udp_session(conn) else {
-            return false;
+            return;
         };
         let Some(udp) = self.udp.as_mut() else {
-            return true;
+            return;
         };
         udp.release();
         if let Some(login) = session.login.as_ref().filter(|l| l.reply.is_none()) {
@@ -541,17 +541,17 @@ impl Driver {
                     self.udp_send_now(&out, session.peer);
                 }
             }
-            return true;
+            return;
         }
         if session.id == 0 {
-            return true;
+            return;
         }
         // Only the tail: the closing Error is last; what comes before it is synced later.
         let max = udp.max_datagram;
         let room = LAST_WORDS_DATAGRAMS * (max - HEADER_LEN - TAG_LEN);
         while last.len() > room {
             let Some((prefix, len)) = next_frame(&last) else {
-                return true;
+                return;
             };
             last.advance(prefix + len);
         }
@@ -567,23 +567,17 @@ impl Driver {
             packet += 1;
             self.udp_send_now(&out, session.peer);
         }
-        true
     }
 
     /// The core hands a UDP session in login to its user's home shard.
-    pub(super) fn handover_udp(
-        &mut self,
-        conn: ConnId,
-        to: usize,
-        adoption: Box<Adoption>,
-    ) -> bool {
+    pub(super) fn handover_udp(&mut self, conn: ConnId, to: usize, adoption: Box<Adoption>) {
         let Some(session) = self.take_udp_session(conn) else {
-            return false;
+            return;
         };
         let Some(login) = session.login else {
             // Only a session in login moves; anything else has no way to follow.
             self.udp_release();
-            return true;
+            return;
         };
         if let Some(udp) = self.udp.as_mut() {
             let expires = self.clock.now().ms + udp.login_ms;
@@ -595,7 +589,6 @@ impl Driver {
             login,
         });
         self.post(to, Mail::AdoptUdp(moving, adoption));
-        true
     }
 
     fn udp_release(&mut self) {
