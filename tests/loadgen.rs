@@ -5,6 +5,9 @@
 //! exit code 2. Groups (`groups`, `fanout --conversation group`) pass their per-member window
 //! checks against the real broker with membership churn racing the messages.
 //!
+//! `pairs` passes over every parley transport: tcp, ws, tls and wss (trusting the certificate of
+//! `broker devcert`) and udp.
+//!
 //! Exit codes: 0 = passed, 1 = checks failed, 2 = could not run. Every run is short (a fraction
 //! of a second of warm-up, a second measured) and small (tens of connections).
 
@@ -106,6 +109,111 @@ fn a_short_pairs_run_over_websocket_passes_its_checks() {
     let report = assert_clean_traffic(&run, true);
     report.check_eq(report.str("transport"), "ws", "the transport");
     report.check_eq(report.u64("conns"), 20, "one connection per client");
+}
+
+/// A broker with `tls` and `wss` listeners serving a certificate made by `broker devcert`, whose
+/// temp dir (holding `cert.pem`, for `--ca`) comes back with it.
+fn broker_with_devcert() -> (Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temp dir for the certificate");
+    let status = std::process::Command::new(parley_tests::broker::broker_bin())
+        .arg("devcert")
+        .arg("--out")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run broker devcert");
+    assert!(status.success(), "broker devcert exits with 0");
+    let cert = format!(
+        "tls.cert_path=\"{}\"",
+        dir.path().join("cert.pem").display()
+    );
+    let key = format!("tls.key_path=\"{}\"", dir.path().join("key.pem").display());
+    let broker = Broker::start(&[
+        "listen.tls=\"127.0.0.1:0\"",
+        "listen.wss=\"127.0.0.1:0\"",
+        cert.as_str(),
+        key.as_str(),
+    ]);
+    (broker, dir)
+}
+
+/// A short `pairs` run over `transport` to `addr`, with `extra` arguments.
+fn pairs_over(broker: &Broker, transport: &str, addr: SocketAddr, extra: &[String]) -> Report {
+    let run = Loadgen::new(["pairs", "--json", "--transport", transport])
+        .args(["--secret", broker.secret()])
+        .arg("--addr")
+        .arg(addr.to_string())
+        .args(extra.iter().cloned())
+        .args(SMALL_PAIRS)
+        .args(SHORT)
+        .run();
+    let report = assert_clean_traffic(&run, true);
+    report.check_eq(report.str("transport"), transport, "the transport");
+    report.check_eq(report.u64("conns"), 20, "one connection per client");
+    report
+}
+
+#[test]
+fn a_short_pairs_run_over_tls_passes_its_checks() {
+    let (broker, certs) = broker_with_devcert();
+    let ca = certs.path().join("cert.pem").display().to_string();
+    pairs_over(&broker, "tls", broker.tls_addr(), &["--ca".into(), ca]);
+}
+
+#[test]
+fn a_short_pairs_run_over_wss_passes_its_checks() {
+    let (broker, certs) = broker_with_devcert();
+    let ca = certs.path().join("cert.pem").display().to_string();
+    pairs_over(&broker, "wss", broker.wss_addr(), &["--ca".into(), ca]);
+}
+
+#[test]
+fn a_tls_run_without_a_ca_says_so_and_exits_with_2() {
+    let (broker, _certs) = broker_with_devcert();
+    let run = Loadgen::new(["pairs", "--json", "--transport", "tls"])
+        .args(["--secret", broker.secret()])
+        .arg("--addr")
+        .arg(broker.tls_addr().to_string())
+        .args(["--conns", "2"])
+        .args(SHORT)
+        .run();
+    run.assert_code(2, "a TLS run with nothing to trust could not run");
+    assert!(run.stderr.contains("--ca"), "stderr names --ca\n{run}");
+}
+
+#[test]
+fn a_short_pairs_run_over_udp_passes_its_checks() {
+    let broker = Broker::start(&["listen.udp=\"127.0.0.1:0\""]);
+    let report = pairs_over(&broker, "udp", broker.udp_addr(), &[]);
+    // On loopback at this load nothing should need to go twice; the count is reported.
+    report.u64("udp/resent");
+    report.u64("udp/dropped");
+}
+
+#[test]
+fn a_pairs_run_over_udp_losing_datagrams_both_ways_still_loses_nothing() {
+    let broker = Broker::start(&["listen.udp=\"127.0.0.1:0\""]);
+    // 5% of the datagrams loadgen sends and receives vanish (its hidden --udp-loss): lost sends
+    // and acks are resent by loadgen, lost deliveries and delivery acks by the broker.
+    let report = pairs_over(
+        &broker,
+        "udp",
+        broker.udp_addr(),
+        &[
+            "--udp-loss".into(),
+            "0.05".into(),
+            "--drain".into(),
+            "30".into(),
+        ],
+    );
+    report.check(
+        report.u64("udp/resent") > 0,
+        "sends whose datagram or ack was lost went again",
+    );
+    report.check(
+        report.u64("verdict/redelivered") > 0,
+        "deliveries whose datagram or ack was lost came again, de-duplicated by seq",
+    );
 }
 
 #[test]

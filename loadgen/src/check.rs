@@ -23,6 +23,13 @@
 //! protocol allows it (a retransmit after a late ack) and an acking client drops it, so it is
 //! counted for information and not checked twice.
 //!
+//! Over a transport that may lose datagrams (parley over UDP), a sender's messages can be stored
+//! in another order than it sent them: message k is lost, k+1 is stored, k's retry is stored
+//! after it. Order is then the system's to define, by its seqs: such a stream is checked
+//! [`Stream::ordered_by_system`], where an arrival is *out of order* if its seq in the
+//! conversation is below one that arrived before it (redeliveries aside), and a late body that
+//! fills a hole in the sender's numbering is not (it is still checked for loss and duplicates).
+//!
 //! Groups (parley) are checked per member instead, by seqs and membership windows: see
 //! [`group`].
 
@@ -125,6 +132,10 @@ pub struct Stream {
     dropped: u64,
     /// The seqs the last arrival skipped that a declared drop covered.
     excused: Option<Range<u64>>,
+    /// Order is judged by the system's seqs, not the sender's numbering.
+    by_system: bool,
+    /// The highest system seq arrived so far (with `by_system`).
+    last_system_seq: u64,
 }
 
 /// How one arrival was classified.
@@ -152,7 +163,38 @@ impl Stream {
             credit: 0,
             dropped: 0,
             excused: None,
+            by_system: false,
+            last_system_seq: 0,
         }
+    }
+
+    /// Judges order by the seqs the system gave the messages (see [`Stream::arrive_at`]):
+    /// for transports where the sender's messages may be stored in another order than sent.
+    pub fn ordered_by_system(mut self) -> Self {
+        self.by_system = true;
+        self
+    }
+
+    /// Classifies the arrival of `body`, which the system numbered `system_seq` in its
+    /// conversation (if it numbers messages). With [`Stream::ordered_by_system`], an arrival
+    /// below an earlier one's `system_seq` is out of order, and a late body filling a hole in
+    /// the sender's numbering is not.
+    pub fn arrive_at(&mut self, body: &[u8], system_seq: Option<u64>) -> Arrival {
+        let (Some(at), true) = (system_seq, self.by_system) else {
+            return self.arrive(body);
+        };
+        let out_of_order_before = self.out_of_order;
+        let arrival = self.arrive(body);
+        if arrival == Arrival::Duplicate || arrival == Arrival::Corrupt {
+            return arrival;
+        }
+        // Filling a hole in the sender's numbering is how a resent message shows: not late.
+        self.out_of_order = out_of_order_before;
+        if at < self.last_system_seq {
+            self.out_of_order += 1;
+        }
+        self.last_system_seq = self.last_system_seq.max(at);
+        arrival
     }
 
     /// The system said it dropped `count` messages of this stream (before the next arrival).
@@ -427,5 +469,33 @@ mod tests {
         let mut a = run(&[1, 3], 3);
         a.merge(&run(&[2], 2));
         assert_eq!(a.lost, 2);
+    }
+
+    #[test]
+    fn ordered_by_the_system_a_resent_message_stored_later_is_in_order() {
+        // Sender's 2 was lost and resent: stored at seq 3, after 3 (seq 2).
+        let mut s = Stream::new(1).ordered_by_system();
+        s.arrive_at(&msg(1, 1), Some(1));
+        s.arrive_at(&msg(1, 3), Some(2));
+        s.arrive_at(&msg(1, 2), Some(3));
+        let v = s.verdict(3);
+        assert!(v.passed(), "{v:?}");
+        // The same arrivals judged by the sender's numbering: one out of order.
+        let mut t = Stream::new(1);
+        for q in [1, 3, 2] {
+            t.arrive_at(&msg(1, q), Some(q));
+        }
+        assert_eq!(t.verdict(3).out_of_order, 1);
+    }
+
+    #[test]
+    fn ordered_by_the_system_a_lower_seq_after_a_higher_one_is_out_of_order() {
+        let mut s = Stream::new(1).ordered_by_system();
+        s.arrive_at(&msg(1, 1), Some(1));
+        s.arrive_at(&msg(1, 3), Some(3));
+        s.arrive_at(&msg(1, 2), Some(2));
+        s.arrive_at(&msg(1, 2), Some(2));
+        let v = s.verdict(3);
+        assert_eq!((v.out_of_order, v.duplicated, v.lost), (1, 1, 0), "{v:?}");
     }
 }

@@ -26,6 +26,21 @@ use crate::relay::RelayOptions;
 ///
 ///   loadgen pairs --system mqtt --qos 1 --addr 127.0.0.1:1883
 ///
+/// Parley transports (`--transport`, default tcp; the broker listens where `listen.*` says):
+///
+///   loadgen pairs --transport ws  --addr 127.0.0.1:7401
+///
+///   broker devcert --out certs     (then serve with --set listen.tls=127.0.0.1:7443
+///                                   --set listen.wss=127.0.0.1:7444
+///                                   --set tls.cert_path=certs/cert.pem
+///                                   --set tls.key_path=certs/key.pem)
+///
+///   loadgen pairs --transport tls --addr 127.0.0.1:7443 --ca certs/cert.pem
+///
+///   loadgen pairs --transport wss --addr 127.0.0.1:7444 --ca certs/cert.pem
+///
+///   loadgen pairs --transport udp --addr 127.0.0.1:7403    (serve with --set listen.udp=…)
+///
 /// Parley tokens are minted from the broker's secret: `--secret`, or the file `secret` in
 /// `--data-dir` (default ./data, where `broker serve` writes it).
 #[derive(Debug, Parser)]
@@ -85,6 +100,9 @@ impl System {
         let port = match (self, transport) {
             (System::Parley, Transport::Tcp) => 7400,
             (System::Parley, Transport::Ws) => 7401,
+            (System::Parley, Transport::Udp) => 7403,
+            (System::Parley, Transport::Tls) => 7443,
+            (System::Parley, Transport::Wss) => 7444,
             (System::Mqtt, _) => 1883,
             (System::Redis, _) => 6379,
             (System::Relay, _) => 7500,
@@ -101,6 +119,22 @@ pub enum Transport {
     Tcp,
     /// WebSocket (binary messages).
     Ws,
+    /// Length-delimited frames inside TLS (`listen.tls`; trust the broker's certificate with
+    /// `--ca`).
+    Tls,
+    /// WebSocket inside TLS (`listen.wss`; `--ca` as for `tls`).
+    Wss,
+    /// The broker's UDP sessions (`listen.udp`): the authenticated datagram envelope, several
+    /// frames per datagram; loadgen retries its login and its sends, and re-orders and
+    /// de-duplicates deliveries by seq as any UDP client must (pairs, storm and idle only).
+    Udp,
+}
+
+impl Transport {
+    /// Whether frames travel inside TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
 }
 
 /// Options every scenario shares: what to load and how to report.
@@ -109,13 +143,26 @@ pub struct Common {
     /// The system under test.
     #[arg(long, value_enum, default_value_t = System::Parley)]
     pub system: System,
-    /// Its address [default: parley 127.0.0.1:7400 (ws: 7401), mqtt :1883, redis :6379,
-    /// relay :7500].
+    /// Its address [default: parley 127.0.0.1:7400 (ws: 7401, udp: 7403, tls: 7443, wss:
+    /// 7444), mqtt :1883, redis :6379, relay :7500].
     #[arg(long)]
     pub addr: Option<SocketAddr>,
-    /// Parley transport.
+    /// Parley transport: tcp, ws, tls (TCP framing inside TLS), wss (WebSocket inside TLS) or
+    /// udp (the broker's UDP sessions).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
+    /// tls / wss: a PEM file of the certificate(s) to trust, e.g. the `cert.pem` that `broker
+    /// devcert --out DIR` writes.
+    #[arg(long, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// Testing udp: drop this fraction of the datagrams sent and of those received, at
+    /// random (the checks must still pass: the broker and loadgen resend what is lost).
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub udp_loss: f64,
+    /// tls / wss: the name the broker's certificate must be valid for (`broker devcert` makes
+    /// one for localhost, 127.0.0.1 and ::1).
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
     /// MQTT quality of service for publishes and subscriptions (0 or 1).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,

@@ -5,9 +5,11 @@
 //! connections; `--procs K` spreads the clients over K processes and merges their results.
 //!
 //! The tree follows the architecture:
-//! - [`driver`]: sans-IO client protocols (parley over TCP or WebSocket, MQTT 3.1.1, Redis
-//!   pub/sub, the relay), one per system under test;
+//! - [`driver`]: sans-IO client protocols (parley over TCP or WebSocket, plain or in TLS, or
+//!   over UDP; MQTT 3.1.1, Redis pub/sub, the relay), one per system under test;
 //! - [`ws`]: the client side of RFC 6455, for parley over WebSocket;
+//! - [`udp`]: the client side of parley's UDP sessions (login, envelope, retries);
+//! - [`tls`]: the TLS client configuration of `--transport tls|wss`;
 //! - [`body`]: the self-checking message body;
 //! - [`check`]: the arrival checker (lost, duplicated, out of order, corrupt, seq gaps);
 //! - [`relay`]: the minimal relay server, the ceiling any broker on this machine can reach;
@@ -26,6 +28,8 @@ pub mod procstat;
 pub mod relay;
 pub mod run;
 pub mod stats;
+pub mod tls;
 pub mod token;
+pub mod udp;
 pub mod worker;
 pub mod ws;

@@ -146,6 +146,12 @@ pub struct Tally {
     /// holds which seqs).
     #[serde(default)]
     pub violation_samples: Vec<String>,
+    /// UDP: `Send`s sent again because their ack did not come in time.
+    #[serde(default)]
+    pub udp_resent: u64,
+    /// UDP: datagrams dropped unread (forged, replayed, late answers to a LOGIN sent twice).
+    #[serde(default)]
+    pub udp_dropped: u64,
 }
 
 /// How many error texts are kept.
@@ -183,6 +189,8 @@ impl Tally {
         self.synced_messages += o.synced_messages;
         self.membership_changes += o.membership_changes;
         self.behind += o.behind;
+        self.udp_resent += o.udp_resent;
+        self.udp_dropped += o.udp_dropped;
         for v in &o.violation_samples {
             if self.violation_samples.len() < ERROR_SAMPLES {
                 self.violation_samples.push(v.clone());

@@ -25,7 +25,7 @@ use crate::driver::parley::{Framing, ParleyDriver};
 use crate::driver::redis::RedisDriver;
 use crate::driver::relay::RelayDriver;
 use crate::driver::{ConvSeq, Driver, Endpoint, Event, Names, Role};
-use crate::engine::{Engine, Happening, State};
+use crate::engine::{Engine, Happening, State, Wire};
 use crate::stats::{Hist, Progress, Tally};
 use crate::token::Minter;
 use crate::ws::WsClient;
@@ -151,6 +151,32 @@ pub fn conns_per_client(system: System, sends: bool, receives: bool) -> usize {
     }
 }
 
+/// What carries parley's frames for `common.transport`.
+fn wire(common: &Common) -> Result<Wire, String> {
+    Ok(match common.transport {
+        Transport::Tcp | Transport::Ws => Wire::Plain,
+        Transport::Tls | Transport::Wss => {
+            let Some(ca) = &common.ca else {
+                return Err(format!(
+                    "--transport {} needs --ca: the PEM certificate to trust (e.g. the cert.pem \
+                     of `broker devcert --out DIR`)",
+                    if common.transport == Transport::Tls {
+                        "tls"
+                    } else {
+                        "wss"
+                    }
+                ));
+            };
+            let (config, name) = crate::tls::client_config(ca, &common.server_name)?;
+            Wire::Tls { config, name }
+        }
+        Transport::Udp => Wire::Udp {
+            max_datagram: parley_proto::udp::DEFAULT_MAX_DATAGRAM_BYTES,
+            loss: common.udp_loss.clamp(0.0, 0.9),
+        },
+    })
+}
+
 /// A message in flight from one sender.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -201,7 +227,8 @@ pub fn run(common: &Common, plan: Plan) -> i32 {
     };
     match w.run(&stdout) {
         Ok(()) => {
-            let tally = std::mem::take(&mut w.tally);
+            let mut tally = std::mem::take(&mut w.tally);
+            (tally.udp_resent, tally.udp_dropped) = w.engine.udp_counts();
             emit(&stdout, &Report::Done(Box::new(tally)));
             0
         }
@@ -258,7 +285,10 @@ impl<'a> Worker<'a> {
             }),
             _ => None,
         };
-        let engine = Engine::new(Instant::now()).map_err(|e| format!("poll: {e}"))?;
+        let mut engine = Engine::new(Instant::now()).map_err(|e| format!("poll: {e}"))?;
+        if common.system == System::Parley {
+            engine.set_wire(wire(common)?);
+        }
         let seed = u64::from(plan.clients.start).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed;
         Ok(Self {
             common,
@@ -451,7 +481,7 @@ impl<'a> Worker<'a> {
                             return None; // a redelivery the protocol allows
                         }
                         let (arrival, excused) = match self.clients[local].stream.as_mut() {
-                            Some(s) => (s.arrive(&body), s.take_excused()),
+                            Some(s) => (s.arrive_at(&body, seq.map(|at| at.seq)), s.take_excused()),
                             None => {
                                 self.tally.verdict.corrupt += 1;
                                 return None;

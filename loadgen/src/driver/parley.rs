@@ -22,8 +22,18 @@
 //! SYSTEM messages of membership changes included): every member sees the same seqs, so the
 //! group's [`ConvSeq::conversation`] is one key for all ([`group_key`]), and the scenario's
 //! checker ([`crate::check::group`]) decides what each member should have seen.
+//!
+//! Over UDP ([`ParleyDriver::reordering`]) datagrams may be lost or come late, so the driver does
+//! what any UDP client must: it hands direct messages on in seq order, holding back those that
+//! come after a hole until the hole is filled (by the broker's retransmit), counts the seqs of
+//! its own sends (their `SendAck`s) as held, acks per conversation only the unbroken run of seqs
+//! it holds, and acks again whenever a message arrives (so a lost `DeliverAck` is made good by the
+//! retransmit it causes). A message arriving again below that run is still reported (with its
+//! seq, so the checker counts it as a redelivery, not a duplicate).
 
-use bytes::{BufMut, BytesMut};
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use parley_proto::pb::{self, frame::Body};
 use parley_proto::tcp::FrameCodec;
 use parley_proto::{PROTOCOL_VERSION, frame};
@@ -67,6 +77,8 @@ pub struct ParleyDriver {
     group_requests: Vec<u64>,
     /// [`Event::Ready`] was emitted.
     ready: bool,
+    /// Direct messages are handed on in seq order and acked without holes (UDP).
+    reorder: bool,
 }
 
 /// What the connection holds of one conversation.
@@ -78,8 +90,49 @@ struct Cursor {
     key: u64,
     /// The highest seq delivered.
     seq: u64,
-    /// `seq` moved since the last ack.
+    /// `seq` moved since the last ack (or, re-ordering, a message arrived).
     dirty: bool,
+    /// Re-ordering: seqs above `seq + 1` already held, with the message's body (`None`: one of
+    /// this client's own sends, acked).
+    ahead: BTreeMap<u64, Option<Bytes>>,
+}
+
+impl Cursor {
+    /// Re-ordering: seq `seq` is held (delivered with `body`, or an own send if `None`); pushes
+    /// the deliveries that are now in order. Returns whether `seq` was new.
+    fn hold(&mut self, seq: u64, body: Option<Bytes>, events: &mut Vec<Event>) -> bool {
+        if seq <= self.seq || self.ahead.contains_key(&seq) {
+            return false;
+        }
+        if seq > self.seq + 1 {
+            self.ahead.insert(seq, body);
+            return true;
+        }
+        self.seq = seq;
+        self.dirty = true;
+        let key = self.key;
+        let mut release = |seq: u64, body: Option<Bytes>| {
+            if let Some(body) = body {
+                events.push(Event::Delivered {
+                    body,
+                    seq: Some(ConvSeq {
+                        conversation: key,
+                        seq,
+                    }),
+                });
+            }
+        };
+        release(seq, body);
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() != self.seq + 1 {
+                break;
+            }
+            let body = entry.remove();
+            self.seq += 1;
+            release(self.seq, body);
+        }
+        true
+    }
 }
 
 /// The conversation key of the direct conversation between users `a` and `b`.
@@ -180,7 +233,16 @@ impl ParleyDriver {
             group: None,
             group_requests: Vec::new(),
             ready: false,
+            reorder: false,
         }
+    }
+
+    /// Makes this connection hand direct messages on in seq order and ack only the unbroken run
+    /// of seqs it holds, acking again on every arrival: for transports that may lose or reorder
+    /// (UDP). Rooms and groups are not re-ordered.
+    pub fn reordering(mut self) -> Self {
+        self.reorder = true;
+        self
     }
 
     /// Makes this connection join room `room` right after its login (it is ready once the
@@ -232,6 +294,7 @@ impl ParleyDriver {
                     key,
                     seq: 0,
                     dirty: false,
+                    ahead: BTreeMap::new(),
                 });
                 self.cursors.len() - 1
             }
@@ -317,8 +380,26 @@ impl ParleyDriver {
                 continue; // our own message, echoed by a sync: we hold it already
             }
             let peer = m.conversation.unwrap_or_else(|| direct(&m.from_user));
+            let reorder = self.reorder;
             let cursor = self.cursor(&peer);
             let key = cursor.key;
+            if reorder {
+                // Ack again whatever came: a retransmit means the broker lacks our ack.
+                cursor.dirty = true;
+                if m.seq <= cursor.seq {
+                    // Again, below what we hold: reported, so the checker counts a redelivery.
+                    events.push(Event::Delivered {
+                        body: m.body,
+                        seq: Some(ConvSeq {
+                            conversation: key,
+                            seq: m.seq,
+                        }),
+                    });
+                } else {
+                    cursor.hold(m.seq, Some(m.body), events);
+                }
+                continue;
+            }
             if m.seq > cursor.seq {
                 cursor.seq = m.seq;
                 cursor.dirty = true;
@@ -371,6 +452,10 @@ impl ParleyDriver {
             }
             Some(Body::SendAck(ack)) => {
                 let conv = ack.conversation.unwrap_or_default();
+                if self.reorder && conv.r#type == pb::ConversationType::Direct as i32 {
+                    // Our own message holds its seq: deliveries after it may now go on.
+                    self.cursor(&conv).hold(ack.seq, None, events);
+                }
                 let key = if conv.r#type == pb::ConversationType::Room as i32 {
                     room_key(&conv.id, &self.me)
                 } else if conv.r#type == pb::ConversationType::Group as i32 {
@@ -1097,5 +1182,124 @@ mod tests {
         let mut input = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..]);
         let (mut out, mut events) = (BytesMut::new(), Vec::new());
         assert!(d.receive(&mut input, &mut out, &mut events).is_err());
+    }
+
+    fn delivered_seqs(events: &[Event]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Delivered { seq: Some(at), .. } => Some(at.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acked_cursor(d: &mut ParleyDriver) -> Option<u64> {
+        let mut out = BytesMut::new();
+        d.flush(&mut out);
+        let frame = FrameCodec::default()
+            .decode_frame(&mut out)
+            .expect("valid")?;
+        let Some(Body::DeliverAck(ack)) = frame.body else {
+            panic!("not an ack: {frame:?}");
+        };
+        Some(ack.acks[0].seq)
+    }
+
+    fn deliver(seqs: &[u64]) -> pb::Frame {
+        pb::Frame {
+            request_id: 0,
+            body: Some(Body::Deliver(pb::Deliver {
+                messages: seqs.iter().map(|&s| message("t-c0", s)).collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn reordering_holds_messages_after_a_hole_and_acks_only_the_unbroken_run() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).reordering();
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(
+            &mut server_frames(&[deliver(&[1, 3, 4])]),
+            &mut out,
+            &mut events,
+        )
+        .expect("valid");
+        assert_eq!(delivered_seqs(&events), vec![1], "3 and 4 wait for 2");
+        assert_eq!(
+            acked_cursor(&mut d),
+            Some(1),
+            "the ack does not pass the hole"
+        );
+        events.clear();
+        // The broker sends 2 (and 3) again: everything goes on in order.
+        d.receive(
+            &mut server_frames(&[deliver(&[2, 3])]),
+            &mut out,
+            &mut events,
+        )
+        .expect("valid");
+        assert_eq!(
+            delivered_seqs(&events),
+            vec![2, 3, 4, 3],
+            "2 releases 3 and 4; the second 3 is a redelivery (the checker counts it so)"
+        );
+        assert_eq!(acked_cursor(&mut d), Some(4));
+        events.clear();
+        // A retransmit below the run is reported (a redelivery) and acked again.
+        d.receive(&mut server_frames(&[deliver(&[4])]), &mut out, &mut events)
+            .expect("valid");
+        assert_eq!(delivered_seqs(&events), vec![4]);
+        assert_eq!(acked_cursor(&mut d), Some(4), "a lost ack is made good");
+    }
+
+    #[test]
+    fn reordering_counts_own_acked_sends_as_held() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp).reordering();
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        // Seq 1 is the peer's, 2 our own (its ack comes late), 3 the peer's again.
+        d.receive(
+            &mut server_frames(&[deliver(&[1, 3])]),
+            &mut out,
+            &mut events,
+        )
+        .expect("valid");
+        assert_eq!(delivered_seqs(&events), vec![1]);
+        events.clear();
+        let ack = pb::Frame {
+            request_id: 0,
+            body: Some(Body::SendAck(pb::SendAck {
+                client_msg_id: 1,
+                seq: 2,
+                conversation: Some(direct("t-c0")),
+                ..Default::default()
+            })),
+        };
+        d.receive(&mut server_frames(&[ack]), &mut out, &mut events)
+            .expect("valid");
+        assert_eq!(
+            delivered_seqs(&events),
+            vec![3],
+            "our seq 2 filled the hole"
+        );
+        assert!(matches!(events.last(), Some(Event::Acked { tag: 1, .. })));
+        assert_eq!(acked_cursor(&mut d), Some(3));
+    }
+
+    #[test]
+    fn without_reordering_deliveries_pass_straight_through() {
+        let mut d = ParleyDriver::new(&endpoint(1), "tok".into(), Framing::Tcp);
+        let (mut out, mut events) = (BytesMut::new(), Vec::new());
+        d.receive(
+            &mut server_frames(&[deliver(&[1, 3, 2])]),
+            &mut out,
+            &mut events,
+        )
+        .expect("valid");
+        assert_eq!(
+            delivered_seqs(&events),
+            vec![1, 3, 2],
+            "the checker judges the order"
+        );
     }
 }

@@ -14,7 +14,16 @@ impl<'a> Worker<'a> {
             pending: VecDeque::new(),
             base: 1,
             in_flight: 0,
-            stream: from.map(Stream::new),
+            stream: from.map(|sender| {
+                let stream = Stream::new(sender);
+                // Over UDP a sender's lost-and-resent message is stored after later ones: the
+                // broker's seqs define the order.
+                if self.common.system == System::Parley && self.common.transport == Transport::Udp {
+                    stream.ordered_by_system()
+                } else {
+                    stream
+                }
+            }),
             ready_conns: 0,
             conns: 0,
             synced: false,
@@ -133,14 +142,19 @@ impl<'a> Worker<'a> {
                     _ => None,
                 };
                 let framing = match self.common.transport {
-                    Transport::Tcp => Framing::Tcp,
-                    Transport::Ws => {
+                    Transport::Tcp | Transport::Tls | Transport::Udp => Framing::Tcp,
+                    Transport::Ws | Transport::Wss => {
                         self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
                         let host = self.plan.addr.to_string();
                         Framing::Ws(Box::new(WsClient::new(&host, "/", &[], self.seed)))
                     }
                 };
-                let driver = ParleyDriver::new(&endpoint, token, framing);
+                let mut driver = ParleyDriver::new(&endpoint, token, framing);
+                if self.common.transport == Transport::Udp {
+                    // Datagrams may be lost or come late: deliver in seq order, ack only what
+                    // is held without a hole (the broker sends the rest again).
+                    driver = driver.reordering();
+                }
                 match (room, group) {
                     (Some(room), _) => Box::new(driver.in_room(room)),
                     (None, Some(group)) => Box::new(driver.in_group(group)),
