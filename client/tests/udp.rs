@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{LossyProxy, acked, bodies, bodies_from, client, drain, free_udp_addr, synced, until};
+use common::{LossyProxy, acked, bodies, bodies_from, client, drain, synced, until};
 use parley_client::backoff::BackoffConfig;
 use parley_client::{
     Client, ClientConfig, DisconnectReason, Event, RetryConfig, SessionConfig, UdpConnector,
@@ -212,10 +212,8 @@ fn nothing_is_lost_or_doubled_through_a_proxy_that_drops_and_duplicates_datagram
 
 #[test]
 fn over_udp_the_outbox_survives_a_kill_9_and_nothing_is_doubled() {
-    // A fixed UDP port, so the restarted broker listens where the clients send.
-    let udp = free_udp_addr();
-    let mut broker = start(&udp.to_string());
-    assert_eq!(broker.udp_addr(), udp);
+    let mut broker = start("127.0.0.1:0");
+    let udp = broker.udp_addr();
     let alice = udp_client(&broker, udp, "alice");
     let bob = udp_client(&broker, udp, "bob");
     for c in [&alice, &bob] {
@@ -235,6 +233,7 @@ fn over_udp_the_outbox_survives_a_kill_9_and_nothing_is_doubled() {
         ids.push(alice.send_text("bob", &format!("m{i}")).expect("send"));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // On the same UDP address, where the clients send.
     broker.restart_on_same_ports();
     assert_eq!(broker.udp_addr(), udp);
     // The client notices the silence, logs in again, resends.

@@ -1595,7 +1595,7 @@ mod tests {
         let mut out = BytesMut::new();
         seal_retry(0xc00c1e, 7, &mut out).expect("seals");
         assert_eq!(out.len(), RETRY_LEN);
-        assert!(RETRY_LEN < MIN_LOGIN_DATAGRAM_BYTES);
+        const { assert!(RETRY_LEN < MIN_LOGIN_DATAGRAM_BYTES) };
         assert_eq!(open_retry(&out, 7).expect("opens"), 0xc00c1e);
         assert!(matches!(open_retry(&out, 8), Err(UdpError::NonceMismatch)));
         let mut longer = out.clone();

@@ -90,12 +90,6 @@ pub fn acked(events: &[Event]) -> Vec<u64> {
         .collect()
 }
 
-/// A UDP address on loopback free right now (for a broker that must come back on it).
-pub fn free_udp_addr() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
-    s.local_addr().expect("its address")
-}
-
 /// A UDP proxy on loopback between clients and a broker that drops every `drop_every`-th
 /// datagram and sends every `dup_every`-th twice, each way (0: never). Each client address
 /// gets its own upstream socket. Its threads stop when it is dropped.
