@@ -24,9 +24,19 @@ struct Chat {
 
 impl Chat {
     fn start(broker: &Broker, user: &'static str, to: &str) -> Chat {
+        Self::start_with(
+            broker,
+            user,
+            to,
+            &["--addr", &broker.tcp_addr().to_string()],
+        )
+    }
+
+    /// A chat with these transport arguments (`--addr`, `--udp`, `--ca`).
+    fn start_with(broker: &Broker, user: &'static str, to: &str, transport: &[&str]) -> Chat {
         let mut child = Command::new(broker_bin())
             .arg("chat")
-            .args(["--addr", &broker.tcp_addr().to_string()])
+            .args(transport)
             .args(["--token", &broker.token(user, "cli")])
             .args(["--to", to])
             .stdin(Stdio::piped())
@@ -197,4 +207,45 @@ fn two_chats_survive_a_kill_9_and_restart_with_nothing_lost_or_doubled() {
         bob_out.iter().filter(|l| l.starts_with("(sent #")).count(),
         3
     );
+}
+
+#[test]
+fn a_chat_over_udp_and_a_chat_over_tls_talk_both_ways_once_each_in_order() {
+    let certs = tempfile::tempdir().expect("a temp dir");
+    let made = Command::new(broker_bin())
+        .args(["devcert", "--out"])
+        .arg(certs.path())
+        .output()
+        .expect("run broker devcert");
+    assert!(made.status.success(), "{made:?}");
+    let cert = certs.path().join("cert.pem");
+    let key = certs.path().join("key.pem");
+    let broker = Broker::start(&[
+        "listen.udp=\"127.0.0.1:0\"",
+        "listen.tls=\"127.0.0.1:0\"",
+        &format!("tls.cert_path=\"{}\"", cert.display()),
+        &format!("tls.key_path=\"{}\"", key.display()),
+    ]);
+    let udp = broker.udp_addr().to_string();
+    let tls = broker.tls_addr().to_string();
+    let ca = cert.display().to_string();
+    let mut alice = Chat::start_with(&broker, "alice", "bob", &["--udp", "--addr", &udp]);
+    let mut bob = Chat::start_with(&broker, "bob", "alice", &["--ca", &ca, "--addr", &tls]);
+    for i in 1..=5 {
+        alice.say(&format!("a{i}"));
+        bob.say(&format!("b{i}"));
+    }
+    bob.wait_for(|c| c.received("alice").len() >= 5, "alice's lines");
+    alice.wait_for(|c| c.received("bob").len() >= 5, "bob's lines");
+    thread::sleep(Duration::from_millis(300));
+    for (chat, from, prefix) in [(&bob, "alice", "a"), (&alice, "bob", "b")] {
+        let want: Vec<(u64, String)> = (1..=5).map(|i| (0, format!("{prefix}{i}"))).collect();
+        let got = chat.received(from);
+        assert_eq!(texts(&got), texts(&want), "{}'s view of {from}", chat.name);
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
+    }
+    for chat in [alice, bob] {
+        let out = chat.finish();
+        assert_eq!(out.iter().filter(|l| l.starts_with("(sent #")).count(), 5);
+    }
 }

@@ -503,14 +503,16 @@ impl UdpSession {
         }
     }
 
-    /// Send `u` was acked at `now_ns`: its round trip (if it went once) updates the timeout.
+    /// Send `u` was acked at `now_ns`: every send last sent before it and still unacked may now
+    /// be judged lost (a probe's ack included: that is how a burst lost whole is found), and its
+    /// round trip (if it went once: Karn) updates the timeout.
     fn acked(&mut self, u: &Unacked, now_ns: u64) {
         self.probes = 0;
         self.quiet_until_ns = now_ns.saturating_add(self.rto_ns);
+        self.largest_acked_order = self.largest_acked_order.max(u.order);
         let Some(first) = u.first_ns else { return };
         let sample = now_ns.saturating_sub(first);
         self.latest_rtt_ns = sample;
-        self.largest_acked_order = self.largest_acked_order.max(u.order);
         let (srtt, rttvar) = match self.srtt_ns {
             None => (sample, sample / 2),
             Some(srtt) => (
@@ -1175,5 +1177,33 @@ mod tests {
         s.tick(now + 20 * SEND_RTO_NS).expect("tick");
         assert!(sends_in(&mut s).is_empty());
         assert_eq!((s.retransmits(), s.unacked()), (4, 0));
+    }
+
+    #[test]
+    fn a_window_lost_whole_goes_again_once_the_probe_is_acked() {
+        let mut s = UdpSession::new(NONCE, 0, 1200);
+        let mut input = BytesMut::new();
+        open_session(&mut s, &mut input);
+        // A round trip is known.
+        let t = 10 * MS;
+        s.write(&mut framed(&[send(1)]), t).expect("send");
+        datagrams(&mut s);
+        s.receive(&server_data(1, &[send_ack(1)]), t + 10 * MS, &mut input)
+            .expect("ack");
+        // A whole window is lost.
+        let t = t + 100 * MS;
+        let window: Vec<pb::Frame> = (2..=65).map(send).collect();
+        s.write(&mut framed(&window), t).expect("send");
+        datagrams(&mut s);
+        s.tick(t + SEND_RTO_NS).expect("tick");
+        assert_eq!(sends_in(&mut s), vec![send(2), send(3)], "a probe");
+        // The probe's ack shows the path works: the rest of the window goes at once, not two
+        // by two with the wait doubling.
+        let now = t + SEND_RTO_NS + 10 * MS;
+        s.receive(&server_data(2, &[send_ack(2)]), now, &mut input)
+            .expect("ack");
+        s.tick(now).expect("tick");
+        let again = sends_in(&mut s);
+        assert_eq!(again, (4..=65).map(send).collect::<Vec<_>>());
     }
 }

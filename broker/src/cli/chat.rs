@@ -1,5 +1,5 @@
-//! `broker chat`: a small interactive terminal client over TCP, a thin user of the client
-//! library (`parley-client`).
+//! `broker chat`: a small interactive terminal client over TCP (or TLS with `--ca`, or UDP with
+//! `--udp`), a thin user of the client library (`parley-client`).
 //!
 //! It logs in, syncs (so the conversation's history and anything missed print first), then sends
 //! each line of stdin as a text message to `--to` and prints what arrives:
@@ -33,7 +33,7 @@ use parley_broker::auth::MAX_USER_BYTES;
 use parley_client::backoff::BackoffConfig;
 use parley_client::{
     Client, ClientConfig, Connector, DisconnectReason, Event, SendError, SessionConfig,
-    TcpConnector, TokenProvider, pb,
+    TcpConnector, TlsConnector, TokenProvider, UdpConnector, pb,
 };
 
 use super::token::{DEFAULT_TTL_SECS, check_claims, mint};
@@ -51,9 +51,25 @@ pub(super) struct ChatArgs {
     /// Your device id (for a minted token).
     #[arg(long, value_name = "DEVICE", default_value = "cli")]
     device: String,
-    /// The broker's TCP address [default: listen.tcp of the configuration, 127.0.0.1:7400].
+    /// The broker's address [default: from the configuration: listen.tcp, 127.0.0.1:7400; with
+    /// --ca listen.tls; with --udp listen.udp].
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
+    /// Over TLS (the TCP framing inside TLS, `listen.tls`), trusting the CA certificate in this
+    /// PEM file (e.g. cert.pem of `broker devcert`).
+    #[arg(long, value_name = "PEM", conflicts_with = "udp")]
+    ca: Option<std::path::PathBuf>,
+    /// The name the TLS certificate must carry.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "localhost",
+        requires = "ca"
+    )]
+    server_name: String,
+    /// Over the broker's UDP sessions (`listen.udp`).
+    #[arg(long)]
+    udp: bool,
     /// The token to log in with. Without it, one is minted from the node's secret, read from the
     /// configuration or data dir as `broker token` does (and minted again on every reconnect).
     #[arg(long, value_name = "TOKEN")]
@@ -109,14 +125,24 @@ pub(super) fn run(args: ChatArgs) -> Result<ExitCode, CliError> {
     };
     let addr = match &args.addr {
         Some(addr) => addr.clone(),
-        None => match need_config()?.listen.tcp {
-            Some(a) => connectable(a).to_string(),
-            None => {
-                return Err(CliError::new(
-                    "the configuration has no TCP listener (listen.tcp); pass --addr HOST:PORT",
-                ));
+        None => {
+            let listen = &need_config()?.listen;
+            let (configured, name) = if args.udp {
+                (listen.udp, "UDP listener (listen.udp)")
+            } else if args.ca.is_some() {
+                (listen.tls, "TLS listener (listen.tls)")
+            } else {
+                (listen.tcp, "TCP listener (listen.tcp)")
+            };
+            match configured {
+                Some(a) => connectable(a).to_string(),
+                None => {
+                    return Err(CliError::new(format!(
+                        "the configuration has no {name}; pass --addr HOST:PORT"
+                    )));
+                }
             }
-        },
+        }
     };
     let tokens: TokenProvider = match &args.token {
         Some(token) => {
@@ -137,15 +163,18 @@ pub(super) fn run(args: ChatArgs) -> Result<ExitCode, CliError> {
     };
     let input: Box<dyn BufRead + Send> = Box::new(io::BufReader::new(io::stdin()));
     let output: Output = Arc::new(Mutex::new(Box::new(io::stdout())));
-    session(
-        TcpConnector::new(addr.clone()),
-        &addr,
-        tokens,
-        &args.to,
-        input,
-        output,
-        Timing::default(),
-    )
+    let timing = Timing::default();
+    if args.udp {
+        let connector = UdpConnector::new(addr.clone());
+        return session(connector, &addr, tokens, &args.to, input, output, timing);
+    }
+    if let Some(ca) = &args.ca {
+        let connector = TlsConnector::with_ca_file(addr.clone(), &args.server_name, ca)
+            .map_err(|e| CliError::new(format!("--ca {}: {e}", ca.display())))?;
+        return session(connector, &addr, tokens, &args.to, input, output, timing);
+    }
+    let connector = TcpConnector::new(addr.clone());
+    session(connector, &addr, tokens, &args.to, input, output, timing)
 }
 
 /// The address to connect to for a listening address: a wildcard (0.0.0.0, ::) means this host.
