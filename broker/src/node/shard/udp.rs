@@ -780,4 +780,53 @@ mod tests {
         assert!(pack(&mut out, &huge, 77, 0, 1200, &key).is_err());
         assert!(out.is_empty());
     }
+
+    proptest::proptest! {
+        /// Whatever the frames' sizes and the datagram size, packing sends every frame once, in
+        /// order, whole; every datagram authenticates and stays within the size, except one
+        /// carrying a single frame too large for it; a frame no datagram can carry is refused
+        /// and nothing is consumed.
+        #[test]
+        fn packing_keeps_every_frame_once_in_order_within_the_size(
+            sizes in proptest::collection::vec(
+                proptest::prop_oneof![0usize..200, 200usize..3000, 60_000usize..70_000], 1..40),
+            max in proptest::prop_oneof![
+                proptest::strategy::Just(1200usize), 100usize..2000, 2000usize..65_507],
+        ) {
+            let key = udp::SessionKey::new(&[3; 32]);
+            let frames: Vec<pb::Frame> = sizes.iter().enumerate().map(|(i, &n)| ping(i as u64, n)).collect();
+            let mut q = queue(&frames);
+            let mut got = Vec::new();
+            let mut packet = 0;
+            while !q.is_empty() {
+                let mut out = BytesMut::new();
+                match pack(&mut out, &q, 77, packet, max, &key) {
+                    Ok((consumed, len)) => {
+                        proptest::prop_assert!(consumed > 0);
+                        proptest::prop_assert_eq!(len, out.len());
+                        let opened = udp::open(&key, &out, Direction::ServerToClient)
+                            .map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+                        let n = opened.frames.len();
+                        proptest::prop_assert!(len <= max || n == 1, "{} bytes, {} frames", len, n);
+                        proptest::prop_assert!(len <= MAX_DATAGRAM_BYTES);
+                        for raw in opened.frames {
+                            got.push(frame::decode(Bytes::copy_from_slice(raw)).expect("a frame"));
+                        }
+                        q.advance(consumed);
+                        packet += 1;
+                    }
+                    Err(_) => {
+                        proptest::prop_assert!(out.is_empty());
+                        let (prefix, len) = next_frame(&q).expect("a whole frame");
+                        proptest::prop_assert!(prefix + len + HEADER_LEN + TAG_LEN > MAX_DATAGRAM_BYTES);
+                        // The session ends here in the broker; the frames before it went out.
+                        let sent = got.len();
+                        proptest::prop_assert_eq!(&got[..], &frames[..sent]);
+                        return Ok(());
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(got, frames);
+        }
+    }
 }
