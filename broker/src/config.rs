@@ -1694,16 +1694,29 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.cluster.redis, None);
         assert_eq!(c.cluster.effective_node_id(&c.node), "node-1");
-        assert_eq!((c.cluster.lease_ms, c.cluster.heartbeat_ms), (10_000, 2_000));
+        assert_eq!(
+            (c.cluster.lease_ms, c.cluster.heartbeat_ms),
+            (10_000, 2_000)
+        );
         let c = load(
-            &[("PARLEY_CLUSTER__REDIS", "redis://:hunter2secret@127.0.0.1:6379/0")],
-            &["cluster.node_id=n-2", "cluster.lease_ms=1000", "cluster.heartbeat_ms=200"],
+            &[(
+                "PARLEY_CLUSTER__REDIS",
+                "redis://:hunter2secret@127.0.0.1:6379/0",
+            )],
+            &[
+                "cluster.node_id=n-2",
+                "cluster.lease_ms=1000",
+                "cluster.heartbeat_ms=200",
+            ],
         )
         .expect("valid");
         assert_eq!(c.cluster.effective_node_id(&c.node), "n-2");
         let shown = c.display_redacted();
         assert!(!shown.contains("hunter2secret"), "{shown}");
-        assert!(shown.contains("redis://:<redacted>@127.0.0.1:6379/0"), "{shown}");
+        assert!(
+            shown.contains("redis://:<redacted>@127.0.0.1:6379/0"),
+            "{shown}"
+        );
         for bad in [
             &["cluster.redis=\"http://x\""][..],
             &["cluster.redis=\"redis://h:1\"", "cluster.node_id=\"a b\""],

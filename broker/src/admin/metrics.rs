@@ -754,7 +754,10 @@ mod tests {
     #[test]
     fn cluster_metrics_are_exposed_only_in_a_cluster() {
         let text = encode(&[ShardStats::default()], None, None).expect("encodes");
-        assert!(!text.contains("cluster"), "no cluster metrics without a cluster");
+        assert!(
+            !text.contains("cluster"),
+            "no cluster metrics without a cluster"
+        );
         let member = |id: &str| crate::cluster::Member {
             node_id: id.into(),
             boot_id: "b".into(),

@@ -320,10 +320,14 @@ mod tests {
         assert_eq!(c.cluster.redis.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(c.cluster.node_id.as_deref(), Some("n2"));
         assert_eq!(c.cluster.advertise, None);
-        let c = parse(&["--advertise", "10.0.0.2:7400"]).load().expect("valid");
+        let c = parse(&["--advertise", "10.0.0.2:7400"])
+            .load()
+            .expect("valid");
         assert_eq!(c.cluster.advertise.as_deref(), Some("10.0.0.2:7400"));
         assert_eq!(c.cluster.redis, None);
-        let e = parse(&["--cluster", "http://x"]).load().expect_err("invalid");
+        let e = parse(&["--cluster", "http://x"])
+            .load()
+            .expect_err("invalid");
         assert!(e.to_string().contains("cluster.redis"), "{e}");
     }
 

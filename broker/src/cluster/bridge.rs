@@ -204,11 +204,8 @@ impl Bridge {
         } else {
             self.every
         };
-        loop {
-            match stop.recv_timeout(wait) {
-                Err(RecvTimeoutError::Timeout) => {}
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-            }
+        // Until told to stop (or the node is gone).
+        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
             wait = match self.beat() {
                 Ok(beat) => {
                     self.apply(beat);
@@ -228,16 +225,12 @@ impl Bridge {
 
     /// One heartbeat: connects if needed, runs the script.
     fn beat(&mut self) -> Result<Beat, BeatError> {
-        if self.con.is_none() {
-            let con = self.client.get_connection_with_timeout(self.io_timeout)?;
-            con.set_read_timeout(Some(self.io_timeout))?;
-            con.set_write_timeout(Some(self.io_timeout))?;
-            self.con = Some(con);
-        }
-        let Some(con) = self.con.as_mut() else {
-            unreachable!("connected above")
+        // Taken out while in use, put back only after a good answer: an error drops it.
+        let mut con = match self.con.take() {
+            Some(con) => con,
+            None => self.connect()?,
         };
-        let reply: Result<Vec<String>, _> = self
+        let reply: Vec<String> = self
             .heartbeat
             .key(&self.key)
             .key(&self.index)
@@ -247,9 +240,17 @@ impl Bridge {
             .arg(self.started_ms)
             .arg(self.lease.as_millis() as u64)
             .arg(format!("{}node:", registry::KEY_PREFIX))
-            .invoke(con);
-        let reply = reply.inspect_err(|_| self.con = None)?;
+            .invoke(&mut con)?;
+        self.con = Some(con);
         Ok(registry::parse_beat(&reply)?)
+    }
+
+    /// A new connection, with the I/O timeouts set.
+    fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
+        let con = self.client.get_connection_with_timeout(self.io_timeout)?;
+        con.set_read_timeout(Some(self.io_timeout))?;
+        con.set_write_timeout(Some(self.io_timeout))?;
+        Ok(con)
     }
 
     /// Takes in a heartbeat's answer: the lease, the membership (logging each change).
@@ -362,21 +363,16 @@ impl Bridge {
     /// Clean shutdown: deletes this boot's registration (one try, bounded by the I/O timeout).
     fn depart(&mut self) {
         let result = (|| -> Result<i64, redis::RedisError> {
-            if self.con.is_none() {
-                let con = self.client.get_connection_with_timeout(self.io_timeout)?;
-                con.set_read_timeout(Some(self.io_timeout))?;
-                con.set_write_timeout(Some(self.io_timeout))?;
-                self.con = Some(con);
-            }
-            let Some(con) = self.con.as_mut() else {
-                unreachable!("connected above")
+            let mut con = match self.con.take() {
+                Some(con) => con,
+                None => self.connect()?,
             };
             self.leave
                 .key(&self.key)
                 .key(&self.index)
                 .arg(&self.status.node_id)
                 .arg(&self.status.boot_id)
-                .invoke(con)
+                .invoke(&mut con)
         })();
         self.status.lease_ok.store(false, Ordering::SeqCst);
         match result {

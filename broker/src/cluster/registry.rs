@@ -111,7 +111,10 @@ pub(crate) struct BadReply(pub(crate) String);
 /// Reads the answer of [`HEARTBEAT`].
 pub(crate) fn parse_beat(reply: &[String]) -> Result<Beat, BadReply> {
     let [status, now, holder, holder_renewed, rest @ ..] = reply else {
-        return Err(BadReply(format!("{} strings, expected at least 4", reply.len())));
+        return Err(BadReply(format!(
+            "{} strings, expected at least 4",
+            reply.len()
+        )));
     };
     let held = match status.as_str() {
         "ok" => true,
@@ -171,7 +174,10 @@ pub(crate) enum Change {
 }
 
 /// The changes from `before` to `after`, in node id order (joins and restarts, then leaves).
-pub(crate) fn diff(before: &BTreeMap<String, Member>, after: &BTreeMap<String, Member>) -> Vec<Change> {
+pub(crate) fn diff(
+    before: &BTreeMap<String, Member>,
+    after: &BTreeMap<String, Member>,
+) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, m) in after {
         match before.get(id) {
