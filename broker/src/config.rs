@@ -79,6 +79,116 @@ pub struct Config {
     pub log: Log,
     /// Webhooks: events POSTed to an application's HTTP endpoint.
     pub webhooks: WebhookConfig,
+    /// Several nodes over one Redis: the node registry (off unless `cluster.redis` is set).
+    pub cluster: Cluster,
+}
+
+/// Several nodes over one Redis (in progress: today only the node registry). With `redis` set,
+/// the node registers itself in Redis under a lease renewed by heartbeat and keeps a view of
+/// every live node (`/metrics`: `parley_cluster_*`; the admin API: `GET /v1/cluster`). Without
+/// it nothing changes: one node needs no Redis. Messages do not cross nodes yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// The Redis shared by the nodes, a `redis://HOST:PORT[/DB]` URL. Default: unset, no
+    /// cluster. A password in the URL (`redis://:PASSWORD@HOST:PORT`) is used for `AUTH` and
+    /// shown as `<redacted>` when the configuration is printed.
+    #[serde(serialize_with = "redacted_url")]
+    pub redis: Option<String>,
+    /// This node's id in the registry: letters, digits, `.`, `_`, `-` and `:`, at most 128 bytes.
+    /// Two processes must never share one (a second process with a live node's id refuses to
+    /// start). Default: unset, the node's `node` name.
+    pub node_id: Option<String>,
+    /// The address other nodes will reach this node at (`HOST:PORT`), published in the registry.
+    /// Default: unset (nothing reaches a node from another node yet).
+    pub advertise: Option<String>,
+    /// The lease of the node's registration, in milliseconds: a node that has not renewed it for
+    /// this long is dead to the others (and reports its own lease lost). 100 to 3600000, more
+    /// than twice `heartbeat_ms`. Default 10000.
+    pub lease_ms: u64,
+    /// How often the node renews its lease and reads the membership, in milliseconds (at least
+    /// 20). Default 2000.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            node_id: None,
+            advertise: None,
+            lease_ms: 10_000,
+            heartbeat_ms: 2_000,
+        }
+    }
+}
+
+impl Cluster {
+    /// The node id this node registers under: `node_id`, else the node's name `node`.
+    pub fn effective_node_id<'a>(&'a self, node: &'a str) -> &'a str {
+        self.node_id.as_deref().unwrap_or(node)
+    }
+
+    /// Checks the section (`node` is the node's name, the default id).
+    fn validate(&self, node: &str) -> Result<(), String> {
+        let Some(url) = &self.redis else {
+            return Ok(());
+        };
+        if !url.starts_with("redis://") {
+            return Err(format!(
+                "cluster.redis must be a redis://HOST:PORT URL, not {:?}",
+                redact_url(url)
+            ));
+        }
+        let id = self.effective_node_id(node);
+        if id.is_empty()
+            || id.len() > 128
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+        {
+            return Err(format!(
+                "cluster.node_id (default: node) {id:?} must be 1 to 128 letters, digits, \
+                 '.', '_', '-' or ':'"
+            ));
+        }
+        if self.advertise.as_deref().is_some_and(str::is_empty) {
+            return Err("cluster.advertise must not be empty (leave it unset)".into());
+        }
+        if !(100..=3_600_000).contains(&self.lease_ms)
+            || self.heartbeat_ms < 20
+            || self.heartbeat_ms.saturating_mul(2) >= self.lease_ms
+        {
+            return Err(
+                "cluster.lease_ms must be between 100 and 3600000, cluster.heartbeat_ms at least \
+                 20, and lease_ms more than twice heartbeat_ms"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `url` with the password (if any) replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let slash = if rest.contains('/') { "/" } else { "" };
+    format!("{scheme}://{user}:<redacted>@{host}{slash}{path}")
+}
+
+/// Serializes `cluster.redis` with its password redacted (the configuration is printed).
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact_url(u)),
+        None => s.serialize_none(),
+    }
 }
 
 /// The admin HTTP listener: health and readiness probes, Prometheus metrics and the JSON API
@@ -797,6 +907,7 @@ impl Default for Config {
             admin: Admin::default(),
             log: Log::default(),
             webhooks: WebhookConfig::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -1133,6 +1244,9 @@ impl Config {
             return fail("admin.max_body_bytes must be between 256 and 67108864 (64 MiB)");
         }
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
+        self.cluster
+            .validate(&self.node)
+            .map_err(ConfigError::Invalid)?;
 
         Ok(())
     }
@@ -1573,6 +1687,46 @@ mod tests {
             let e = load(&[], &bad).expect_err(&format!("{bad:?}"));
             assert!(e.to_string().contains(says), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_checked_and_its_password_never_printed() {
+        let c = Config::default();
+        assert_eq!(c.cluster.redis, None);
+        assert_eq!(c.cluster.effective_node_id(&c.node), "node-1");
+        assert_eq!(
+            (c.cluster.lease_ms, c.cluster.heartbeat_ms),
+            (10_000, 2_000)
+        );
+        let c = load(
+            &[(
+                "PARLEY_CLUSTER__REDIS",
+                "redis://:hunter2secret@127.0.0.1:6379/0",
+            )],
+            &[
+                "cluster.node_id=n-2",
+                "cluster.lease_ms=1000",
+                "cluster.heartbeat_ms=200",
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.cluster.effective_node_id(&c.node), "n-2");
+        let shown = c.display_redacted();
+        assert!(!shown.contains("hunter2secret"), "{shown}");
+        assert!(
+            shown.contains("redis://:<redacted>@127.0.0.1:6379/0"),
+            "{shown}"
+        );
+        for bad in [
+            &["cluster.redis=\"http://x\""][..],
+            &["cluster.redis=\"redis://h:1\"", "cluster.node_id=\"a b\""],
+            &["cluster.redis=\"redis://h:1\"", "cluster.heartbeat_ms=5000"],
+            &["cluster.redis=\"redis://h:1\"", "cluster.advertise=\"\""],
+        ] {
+            assert!(load(&[], bad).is_err(), "{bad:?} must be refused");
+        }
+        // Without cluster.redis, the other cluster settings are not checked (no cluster).
+        assert!(load(&[], &["cluster.heartbeat_ms=5000"]).is_ok());
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 mod admin;
 pub mod auth;
+mod cluster;
 pub mod config;
 #[cfg(feature = "sim")]
 pub mod core;

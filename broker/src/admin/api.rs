@@ -16,6 +16,7 @@
 //! | `GET /v1/conversations` | `user`, `limit` (default 50) | the `ConversationList` |
 //! | `GET /v1/conversation` | `type=group&id=G` or `type=direct&users=a,b` | the conversation, or 404 |
 //! | `POST /v1/groups` | `{"as": user, "request": GroupRequest}` | the `GroupResult` |
+//! | `GET /v1/cluster` | nothing | `{"node_id", "boot_id", "lease_ok", "redis_errors", "members": [{"node_id", "boot_id", "advertise", "started_ms", "renewed_ms", "lease_expires_ms"}]}`; 404 outside a cluster |
 //!
 //! Protocol messages (`Conversation`, `GroupRequest`, `SendAck`, `UserPresence`,
 //! `ConversationList`, `GroupResult`) are written in the protocol's JSON mapping, as WebSocket
@@ -78,6 +79,8 @@ enum Endpoint {
     Conversation,
     /// `POST /v1/groups`.
     Groups,
+    /// `GET /v1/cluster`.
+    Cluster,
 }
 
 /// Every endpoint: its path, its method.
@@ -89,6 +92,7 @@ const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("/v1/conversations", "GET", Endpoint::Conversations),
     ("/v1/conversation", "GET", Endpoint::Conversation),
     ("/v1/groups", "POST", Endpoint::Groups),
+    ("/v1/cluster", "GET", Endpoint::Cluster),
 ];
 
 /// Why a request to the API failed, as the client is told.
@@ -333,6 +337,16 @@ fn serve(request: &mut Request<'_>, shared: &Shared) -> Result<Response, ApiErro
             query(&[])?;
             let group: GroupCall = read_json(request, shared.max_body_bytes)?;
             ok(&control.group(&group.as_user, group.request)?)
+        }
+        Endpoint::Cluster => {
+            query(&[])?;
+            match &shared.sources.cluster {
+                Some(status) => ok(&status.snapshot()),
+                None => Err(ApiError::http(
+                    404,
+                    "this node is not in a cluster (cluster.redis is not set)",
+                )),
+            }
         }
     }
 }

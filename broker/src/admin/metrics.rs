@@ -12,7 +12,8 @@
 //! `parley_node_flush_seconds`, each as `_bucket{le="…"}` (cumulative, the buckets of
 //! [`crate::core::histogram`]), `_sum` and `_count` series.
 //! With webhooks on, their node-wide counters follow (`parley_webhook_*`, see
-//! [`register_webhooks`]).
+//! [`register_webhooks`]). In a cluster (`cluster.redis` set), the registry's follow
+//! (`parley_cluster_*`, see [`register_cluster`]); without one there is none of them.
 
 use std::fmt;
 
@@ -23,6 +24,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::cluster::Snapshot as ClusterSnapshot;
 use crate::core::{Counters, Histogram, Latencies, ShardStats};
 use crate::webhook::WebhookCounts;
 
@@ -449,10 +451,12 @@ fn encode_histogram(h: &Histogram, encoder: &mut MetricEncoder<'_>) -> Result<()
 type ShardLabel = [(&'static str, String); 1];
 
 /// The exposition of `shards` (each shard's counters and histograms, in shard order) and their
-/// node totals, and of the webhook counters if webhooks are on.
+/// node totals, of the webhook counters if webhooks are on, and of the cluster registry if the
+/// node is in a cluster.
 pub(crate) fn encode(
     shards: &[ShardStats],
     webhooks: Option<&WebhookCounts>,
+    cluster: Option<&ClusterSnapshot>,
 ) -> Result<String, fmt::Error> {
     let mut total = Counters::default();
     let mut latencies = Latencies::default();
@@ -522,6 +526,9 @@ pub(crate) fn encode(
     if let Some(w) = webhooks {
         register_webhooks(&mut registry, w);
     }
+    if let Some(c) = cluster {
+        register_cluster(&mut registry, c);
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     Ok(out)
@@ -573,6 +580,33 @@ fn register_webhooks(registry: &mut Registry, w: &WebhookCounts) {
     );
 }
 
+/// Registers the cluster registry's metrics: `parley_cluster_nodes` (live nodes in this node's
+/// view, itself included while it holds its lease), `parley_cluster_lease_ok` (1 while this
+/// process holds an unexpired lease, else 0) and `parley_cluster_redis_errors_total`.
+fn register_cluster(registry: &mut Registry, c: &ClusterSnapshot) {
+    let nodes = Gauge::<i64>::default();
+    nodes.set(saturating_i64(c.members.len() as u64));
+    registry.register(
+        "cluster_nodes",
+        "Live nodes in this node's view of the cluster registry (itself included)",
+        nodes,
+    );
+    let lease = Gauge::<i64>::default();
+    lease.set(i64::from(c.lease_ok));
+    registry.register(
+        "cluster_lease_ok",
+        "1 while this node holds an unexpired lease in the cluster registry, else 0",
+        lease,
+    );
+    let errors = Counter::<u64>::default();
+    errors.inc_by(c.redis_errors);
+    registry.register(
+        "cluster_redis_errors",
+        "Failed Redis calls of the cluster bridge (connect, I/O, bad answers)",
+        errors,
+    );
+}
+
 /// `v` as a gauge value (gauges are signed; a count past `i64::MAX` cannot happen in practice).
 fn saturating_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -618,7 +652,7 @@ mod tests {
             counters,
             latencies: Latencies::default(),
         };
-        let text = encode(&[stats(a), stats(b)], None).expect("encodes");
+        let text = encode(&[stats(a), stats(b)], None, None).expect("encodes");
         for line in [
             "# HELP parley_messages_stored Messages stored (appended) by this shard as owner.",
             "# TYPE parley_messages_stored counter",
@@ -654,7 +688,7 @@ mod tests {
             dropped_shutdown: 2,
             queue_len: 2,
         };
-        let text = encode(&[ShardStats::default()], Some(&w)).expect("encodes");
+        let text = encode(&[ShardStats::default()], Some(&w), None).expect("encodes");
         for line in [
             "# TYPE parley_webhook_queued counter",
             "parley_webhook_queued_total 10",
@@ -682,7 +716,7 @@ mod tests {
         a.latencies.flush.record(3_000);
         let mut b = ShardStats::default();
         b.latencies.send_to_deliver.record(100);
-        let text = encode(&[a, b], None).expect("encodes");
+        let text = encode(&[a, b], None, None).expect("encodes");
         for line in [
             "# TYPE parley_send_to_deliver_seconds histogram",
             "# TYPE parley_node_send_to_deliver_seconds histogram",
@@ -715,5 +749,39 @@ mod tests {
             .collect();
         assert_eq!(node.len(), crate::core::histogram::BUCKETS);
         assert!(node.windows(2).all(|w| w[0] <= w[1]), "{node:?}");
+    }
+
+    #[test]
+    fn cluster_metrics_are_exposed_only_in_a_cluster() {
+        let text = encode(&[ShardStats::default()], None, None).expect("encodes");
+        assert!(
+            !text.contains("cluster"),
+            "no cluster metrics without a cluster"
+        );
+        let member = |id: &str| crate::cluster::Member {
+            node_id: id.into(),
+            boot_id: "b".into(),
+            advertise: None,
+            started_ms: 0,
+            renewed_ms: 0,
+            lease_expires_ms: 0,
+        };
+        let c = ClusterSnapshot {
+            node_id: "a".into(),
+            boot_id: "b".into(),
+            lease_ok: true,
+            redis_errors: 3,
+            members: vec![member("a"), member("b")],
+        };
+        let text = encode(&[ShardStats::default()], None, Some(&c)).expect("encodes");
+        for line in [
+            "# TYPE parley_cluster_nodes gauge",
+            "parley_cluster_nodes 2",
+            "parley_cluster_lease_ok 1",
+            "# TYPE parley_cluster_redis_errors counter",
+            "parley_cluster_redis_errors_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
     }
 }

@@ -57,6 +57,9 @@ pub(crate) struct Sources {
     /// Signs the dev tokens of `/dev/token` (`admin.web`): the node's HS256 secret, when the
     /// node verifies tokens with one (not with an application's own verifier).
     pub(crate) minter: Option<crate::auth::Hs256>,
+    /// The cluster bridge's status (`cluster.redis` set): `parley_cluster_*` and
+    /// `GET /v1/cluster`.
+    pub(crate) cluster: Option<Arc<crate::cluster::Status>>,
 }
 
 #[cfg(test)]
@@ -76,6 +79,7 @@ impl Sources {
             stopping,
             ws,
             minter,
+            cluster: None,
         }
     }
 }
@@ -289,7 +293,8 @@ fn route(request: &mut Request<'_>, shared: &Shared) -> Response {
                 .map(|s| s.clone())
                 .unwrap_or_default();
             let webhooks = shared.webhooks.as_ref().map(WebhookStats::snapshot);
-            match metrics::encode(&shards, webhooks.as_ref()) {
+            let cluster = shared.sources.cluster.as_ref().map(|c| c.snapshot());
+            match metrics::encode(&shards, webhooks.as_ref(), cluster.as_ref()) {
                 Ok(body) => Response {
                     status: 200,
                     content_type: metrics::CONTENT_TYPE,

@@ -42,6 +42,18 @@ pub(super) struct ServeArgs {
     /// When a message counts as stored (shorthand for --set storage.durability=...).
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
+    /// Join the cluster on this Redis, e.g. redis://127.0.0.1:6379 (shorthand for --set
+    /// cluster.redis=URL).
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's id in the cluster; default: the node's name (shorthand for --set
+    /// cluster.node_id=ID).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// The address other nodes will reach this node at, HOST:PORT (shorthand for --set
+    /// cluster.advertise=ADDR).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
 }
 
 /// `--tcp` / `--ws`: an address to listen on, or none.
@@ -72,7 +84,7 @@ impl ServeArgs {
             Some(Listener::At(a)) => Some(a),
             _ => None,
         };
-        let settings = super::settings_from_flags(&SettingFlags {
+        let mut settings = super::settings_from_flags(&SettingFlags {
             data_dir: self.config.data_dir.as_deref(),
             tcp: at(self.tcp),
             ws: at(self.ws),
@@ -80,6 +92,16 @@ impl ServeArgs {
             durability: self.durability,
             set: &self.config.set,
         });
+        let quoted = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        for (key, value) in [
+            ("cluster.redis", &self.cluster),
+            ("cluster.node_id", &self.node_id),
+            ("cluster.advertise", &self.advertise),
+        ] {
+            if let Some(v) = value {
+                settings.push(format!("{key}={}", quoted(v)));
+            }
+        }
         let mut config = load_config(self.config.config.as_deref(), &settings)?;
         if self.no_tcp || self.tcp == Some(Listener::Disabled) {
             config.listen.tcp = None;
@@ -288,6 +310,25 @@ mod tests {
         assert_eq!(c.admin.listen, None);
         let c = parse(&["--admin", "127.0.0.1:0"]).load().expect("valid");
         assert_eq!(c.admin.listen, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+    }
+
+    #[test]
+    fn cluster_flags_set_the_cluster_section() {
+        let c = parse(&["--cluster", "redis://127.0.0.1:6379", "--node-id", "n2"])
+            .load()
+            .expect("valid");
+        assert_eq!(c.cluster.redis.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(c.cluster.node_id.as_deref(), Some("n2"));
+        assert_eq!(c.cluster.advertise, None);
+        let c = parse(&["--advertise", "10.0.0.2:7400"])
+            .load()
+            .expect("valid");
+        assert_eq!(c.cluster.advertise.as_deref(), Some("10.0.0.2:7400"));
+        assert_eq!(c.cluster.redis, None);
+        let e = parse(&["--cluster", "http://x"])
+            .load()
+            .expect_err("invalid");
+        assert!(e.to_string().contains("cluster.redis"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use parley_storage::{Log, LogConfig, MmapBackend, Retention, Timestamp};
 
 use crate::admin::{AdminServer, Sources};
 use crate::auth::TokenVerifier;
+use crate::cluster::Cluster;
 use crate::config::{Config, DurabilityPolicy};
 use crate::core::{CoreSetup, ShardCore, ShardStats, TestSwitches};
 use crate::hooks::{Hooks, Tee};
@@ -77,6 +78,9 @@ pub enum NodeError {
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The cluster bridge could not start (e.g. another live process holds this node id).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A running node.
@@ -95,6 +99,8 @@ pub(crate) struct Node {
     report: StartupReport,
     /// The webhook senders, drained at the end (after the shards' last events).
     webhooks: Option<(Arc<Webhooks>, std::time::Duration)>,
+    /// The cluster bridge (`cluster.redis`), stopped (leaving the registry) after the shards.
+    cluster: Option<Cluster>,
 }
 
 /// How a node's start went (the binary prints it; scripts and tests read those lines).
@@ -287,6 +293,9 @@ impl Node {
             }
             None => None,
         };
+        // Registered before any client is served: a live process holding this node id stops
+        // the start here. Dropped (leaving the registry) if the start fails after this.
+        let cluster = Cluster::start(&config).map_err(|e| NodeError::Cluster(e.to_string()))?;
 
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
@@ -356,6 +365,7 @@ impl Node {
                     control: control.clone(),
                     ws,
                     minter,
+                    cluster: cluster.as_ref().map(Cluster::status),
                 };
                 match AdminServer::start_with_webhooks(listener, &config, sources, webhook_stats) {
                     Ok(server) => {
@@ -398,6 +408,7 @@ impl Node {
                 let drain = std::time::Duration::from_millis(config.webhooks.shutdown_drain_ms);
                 (w, drain)
             }),
+            cluster,
         })
     }
 
@@ -462,6 +473,10 @@ impl Node {
         // The shards' last events (the logouts of shutdown) are queued: drain them, bounded.
         if let Some((webhooks, drain)) = &self.webhooks {
             webhooks.shutdown(std::time::Instant::now() + *drain);
+        }
+        // The shards have stopped: leave the registry, so the other nodes see it at once.
+        if let Some(cluster) = self.cluster {
+            cluster.stop();
         }
         // The admin listener answers (`/readyz`: 503) until the shards have stopped.
         if let Some(admin) = self.admin {

@@ -1,0 +1,176 @@
+//! Several nodes over one Redis (`[cluster]`; in progress: today the node registry only).
+//!
+//! With `cluster.redis` set, the node starts a **bridge thread** ([`bridge`]), the only place
+//! that talks to Redis (never a shard thread). It registers the node (node id, a boot id drawn
+//! at start, the advertise address, the start time) under a lease of `cluster.lease_ms`, renews
+//! it every `cluster.heartbeat_ms`, and with the same round trip reads every live node
+//! ([`registry`] has the data model). Joins and leaves are logged, one line per change; the
+//! view is published in [`Status`], which `/metrics` (`parley_cluster_*`) and `GET /v1/cluster`
+//! read.
+//!
+//! Failures:
+//! * Redis unreachable: the node keeps serving; the bridge retries with back-off (from 100 ms,
+//!   doubling up to `heartbeat_ms`), logs the first error and then at most one line per 10 s,
+//!   counts every error (`parley_cluster_redis_errors_total`), and reports its lease lost
+//!   (`parley_cluster_lease_ok 0`, and a log line) once `lease_ms` has passed without a
+//!   renewal. The membership view keeps what was last read.
+//! * Two processes with one node id: the registration is held by a boot id. A process starting
+//!   while another boot holds its id watches that lease for up to `lease_ms` + `heartbeat_ms`: if
+//!   the holder renews it, it is alive and the new process **refuses to start**, naming both boot
+//!   ids; if the lease expires instead (a previous run killed), it takes the id over. A running
+//!   process that finds its id held by another boot (it was paused or cut off past its lease,
+//!   and another process took the id) never writes over it: it logs an error (rate-limited)
+//!   and reports its lease lost until the other one's lease ends.
+//! * Clean shutdown deletes the registration, so the others see the node leave at their next
+//!   heartbeat instead of after its lease.
+
+mod bridge;
+pub(crate) mod registry;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+
+use crate::config::Config;
+pub(crate) use registry::Member;
+
+/// Why the cluster bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClusterError {
+    /// `cluster.redis` is not a URL the Redis client takes.
+    #[error("cluster.redis {url}: {message}")]
+    Url {
+        /// The URL, its password redacted.
+        url: String,
+        /// Why not.
+        message: String,
+    },
+    /// Another live process holds this node id.
+    #[error(
+        "node id {node_id:?} is held by another live process (boot {holder_boot}) that renews its \
+         lease in Redis; this process (boot {boot_id}) refuses to start. Give every node its own \
+         cluster.node_id (default: its `node` name)"
+    )]
+    Duplicate {
+        /// The node id.
+        node_id: String,
+        /// The holder's boot id.
+        holder_boot: String,
+        /// This process's boot id.
+        boot_id: String,
+    },
+    /// The bridge thread could not be started.
+    #[error("cannot start the cluster bridge thread: {0}")]
+    Thread(String),
+}
+
+/// What the bridge publishes for the admin listener.
+#[derive(Debug)]
+pub(crate) struct Status {
+    /// This node's id.
+    pub(crate) node_id: String,
+    /// This process's boot id.
+    pub(crate) boot_id: String,
+    /// Whether this process holds an unexpired lease (renewed within `lease_ms`).
+    lease_ok: AtomicBool,
+    /// Redis errors (connect, I/O, bad answers) since start.
+    errors: AtomicU64,
+    /// The live nodes last read, this one included when it holds its lease.
+    members: Mutex<Vec<Member>>,
+}
+
+/// A copy of [`Status`] at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Snapshot {
+    /// This node's id.
+    pub(crate) node_id: String,
+    /// This process's boot id.
+    pub(crate) boot_id: String,
+    /// Whether this process holds an unexpired lease.
+    pub(crate) lease_ok: bool,
+    /// Redis errors since start.
+    pub(crate) redis_errors: u64,
+    /// The live nodes last read, by node id.
+    pub(crate) members: Vec<Member>,
+}
+
+impl Status {
+    /// A copy of the status now.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id.clone(),
+            lease_ok: self.lease_ok.load(Ordering::SeqCst),
+            redis_errors: self.errors.load(Ordering::Relaxed),
+            members: self.members.lock().map(|m| m.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A running cluster bridge.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    /// What it publishes.
+    status: Arc<Status>,
+    /// Tells the bridge thread to leave and stop.
+    stop: Sender<()>,
+    /// The bridge thread.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Starts the bridge of `config` if `cluster.redis` is set (else `None`: no Redis at all).
+    /// Registers the node first, bounded: a live process holding the same node id is an error;
+    /// an unreachable Redis is not (the bridge keeps trying).
+    pub(crate) fn start(config: &Config) -> Result<Option<Cluster>, ClusterError> {
+        let Some(url) = &config.cluster.redis else {
+            return Ok(None);
+        };
+        let mut bridge = bridge::Bridge::new(config, url)?;
+        bridge.register()?;
+        let status = bridge.status();
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("parley-cluster".into())
+            .spawn(move || bridge.run(&stopped))
+            .map_err(|e| ClusterError::Thread(e.to_string()))?;
+        Ok(Some(Cluster {
+            status,
+            stop,
+            thread: Some(thread),
+        }))
+    }
+
+    /// What the bridge publishes.
+    pub(crate) fn status(&self) -> Arc<Status> {
+        Arc::clone(&self.status)
+    }
+
+    /// Removes the node's registration and stops the bridge thread (as dropping it does).
+    pub(crate) fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A new boot id: 16 hex digits, random.
+fn boot_id() -> String {
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: the time and the pid still tell two boots apart in practice.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (u64::from(std::process::id()) << 32)
+    });
+    format!("{random:016x}")
+}

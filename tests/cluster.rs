@@ -1,0 +1,330 @@
+//! The cluster's node registry (issue 10, first step): nodes on one Redis register under leases,
+//! see each other join and leave, survive Redis restarting empty, refuse a duplicate node id, and
+//! a node without `cluster.redis` never touches Redis. Each test starts its own `redis-server`
+//! (Debian's package; `.ci/run` installs it) on a free loopback port, without persistence, in a
+//! temporary directory, and stops it by PID.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use parley_tests::Broker;
+use parley_tests::http;
+
+/// The admin token the tests configure.
+const TOKEN: &str = "cluster-test-token-0123456789";
+
+/// Short leases, so that the tests are quick.
+const LEASE_MS: u64 = 1500;
+/// The heartbeat of the test nodes.
+const HEARTBEAT_MS: u64 = 200;
+
+/// A `redis-server` of the test's own.
+struct Redis {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one on a free port.
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::Builder::new()
+            .prefix("parley-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut redis = Redis {
+            dir,
+            port,
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts the server (again) on the same port, empty.
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): install it (apt-get install redis-server)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command("PING").as_deref() != Some("+PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// One inline command; its first answer line, or `None` if Redis cannot be reached.
+    fn command(&self, command: &str) -> Option<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_owned())
+    }
+
+    /// Kills the server with SIGKILL, by PID (its data is lost: it has no persistence).
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A cluster node on `redis` with node id `id`.
+fn node(redis: &Redis, id: &str, extra: &[&str]) -> Broker {
+    let mut settings = vec![
+        format!("admin.token=\"{TOKEN}\""),
+        format!("cluster.redis=\"{}\"", redis.url()),
+        format!("cluster.node_id=\"{id}\""),
+        format!("cluster.advertise=\"{id}.example:7400\""),
+        format!("cluster.lease_ms={LEASE_MS}"),
+        format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
+    ];
+    settings.extend(extra.iter().map(|s| (*s).to_owned()));
+    let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+    Broker::start(&refs)
+}
+
+/// `GET /v1/cluster` of `broker`.
+fn cluster(broker: &Broker) -> serde_json::Value {
+    let answer = http::get(broker.admin_addr(), "/v1/cluster", Some(TOKEN));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.json()
+}
+
+/// The node ids `broker` sees live, sorted.
+fn members(broker: &Broker) -> Vec<String> {
+    let mut ids: Vec<String> = cluster(broker)["members"]
+        .as_array()
+        .expect("members is an array")
+        .iter()
+        .map(|m| m["node_id"].as_str().expect("node_id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Waits until `broker` sees exactly `expected`; returns how long it took. Panics after
+/// `within`.
+fn await_members(broker: &Broker, expected: &[&str], within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let seen = members(broker);
+        if seen == expected {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "after {within:?} the node sees {seen:?}, not {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of the unlabelled series `name` in `/metrics`, if present.
+fn metric(broker: &Broker, name: &str) -> Option<f64> {
+    let answer = http::get(broker.admin_addr(), "/metrics", Some(TOKEN));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.body.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Waits until `/metrics` of `broker` shows `name` at `value`.
+fn await_metric(broker: &Broker, name: &str, value: f64, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let v = metric(broker, name);
+        if v == Some(value) {
+            return;
+        }
+        assert!(start.elapsed() < within, "{name} is {v:?}, not {value}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Generous bound of "soon": a few heartbeats.
+fn soon() -> Duration {
+    Duration::from_millis(HEARTBEAT_MS * 10)
+}
+
+#[test]
+fn three_nodes_on_one_redis_each_see_all_three() {
+    let redis = Redis::start();
+    let nodes = [
+        node(&redis, "n1", &[]),
+        node(&redis, "n2", &[]),
+        node(&redis, "n3", &[]),
+    ];
+    for n in &nodes {
+        await_members(n, &["n1", "n2", "n3"], soon());
+        await_metric(n, "parley_cluster_nodes", 3.0, soon());
+        assert_eq!(metric(n, "parley_cluster_lease_ok"), Some(1.0));
+        assert_eq!(metric(n, "parley_cluster_redis_errors_total"), Some(0.0));
+    }
+    let view = cluster(&nodes[0]);
+    assert_eq!(view["node_id"], "n1");
+    assert_eq!(view["lease_ok"], true);
+    let n2 = view["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["node_id"] == "n2"))
+        .expect("n2 listed");
+    assert_eq!(n2["advertise"], "n2.example:7400");
+    assert_eq!(n2["boot_id"].as_str().map(str::len), Some(16));
+    assert!(n2["lease_expires_ms"].as_u64() > n2["renewed_ms"].as_u64());
+    // The first node logged the others' joins, one line each.
+    let out = nodes[0].output();
+    for id in ["n2", "n3"] {
+        let joined = format!("cluster: node {id} joined");
+        assert_eq!(
+            out.matches(&joined).count(),
+            1,
+            "{joined:?} once in:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn a_second_process_with_a_live_node_id_refuses_to_start() {
+    let redis = Redis::start();
+    let first = node(&redis, "dup", &[]);
+    await_members(&first, &["dup"], soon());
+    let second = Broker::start_expecting_failure(&[
+        &format!("cluster.redis=\"{}\"", redis.url()),
+        "cluster.node_id=\"dup\"",
+        &format!("cluster.lease_ms={LEASE_MS}"),
+        &format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
+    ]);
+    let status = second.status.expect("the second process exits");
+    assert!(!status.success());
+    assert!(
+        second.output.contains("held by another live process"),
+        "{}",
+        second.output
+    );
+    // The first one still holds its lease and never saw a second member.
+    assert_eq!(members(&first), ["dup"]);
+    assert_eq!(metric(&first, "parley_cluster_lease_ok"), Some(1.0));
+}
+
+#[test]
+fn a_node_killed_disappears_within_lease_and_heartbeat_and_one_stopped_at_once() {
+    let redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let mut b = node(&redis, "b", &[]);
+    let mut c = node(&redis, "c", &[]);
+    await_members(&a, &["a", "b", "c"], soon());
+    // kill -9: no goodbye; it is dead once its lease expires.
+    c.kill9();
+    let took = await_members(&a, &["a", "b"], Duration::from_secs(5));
+    let bound = Duration::from_millis(LEASE_MS + HEARTBEAT_MS + 300);
+    assert!(
+        took <= bound,
+        "a killed node vanished after {took:?} (> {bound:?})"
+    );
+    assert!(a.output().contains("cluster: node c left"));
+    // A clean stop removes the registration: seen at the next heartbeat, not after the lease.
+    assert!(b.terminate().success());
+    let took = await_members(&a, &["a"], Duration::from_secs(5));
+    assert!(
+        took < Duration::from_millis(LEASE_MS / 2),
+        "a stopped node vanished only after {took:?}"
+    );
+    assert_eq!(metric(&a, "parley_cluster_nodes"), Some(1.0));
+}
+
+#[test]
+fn redis_restarted_empty_the_nodes_register_again() {
+    let mut redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let b = node(&redis, "b", &[]);
+    await_members(&a, &["a", "b"], soon());
+    await_members(&b, &["a", "b"], soon());
+    redis.kill9();
+    // Past the lease without a renewal, each reports its lease lost, and counts errors.
+    for n in [&a, &b] {
+        await_metric(n, "parley_cluster_lease_ok", 0.0, Duration::from_secs(5));
+        assert!(metric(n, "parley_cluster_redis_errors_total").is_some_and(|e| e > 0.0));
+    }
+    redis.spawn();
+    for n in [&a, &b] {
+        await_metric(n, "parley_cluster_lease_ok", 1.0, Duration::from_secs(5));
+        await_members(n, &["a", "b"], Duration::from_secs(5));
+    }
+    let out = a.output();
+    assert!(out.contains("lease lost"), "{out}");
+    assert!(out.contains("answers again"), "{out}");
+    // Rate-limited: a few failures a second for ~2 s, at most a couple of lines.
+    let lines = out.matches("cluster: Redis at").count();
+    assert!((1..=3).contains(&lines), "{lines} error lines:\n{out}");
+}
+
+#[test]
+fn a_node_without_cluster_redis_does_not_touch_redis() {
+    let redis = Redis::start();
+    let before = redis.command("INFO stats").is_some();
+    assert!(before);
+    let connections = |r: &Redis| {
+        // `total_connections_received` counts every client, this test's own included.
+        let addr = SocketAddr::from(([127, 0, 0, 1], r.port));
+        let mut s = TcpStream::connect(addr).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        s.write_all(b"INFO stats\r\n").expect("write");
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("read");
+            if let Some(v) = line.trim().strip_prefix("total_connections_received:") {
+                return v.parse::<u64>().expect("a number");
+            }
+            assert!(!line.is_empty(), "no total_connections_received");
+        }
+    };
+    let at_start = connections(&redis);
+    let plain = Broker::start(&[&format!("admin.token=\"{TOKEN}\"")]);
+    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS * 3));
+    let answer = http::get(plain.admin_addr(), "/metrics", Some(TOKEN));
+    assert_eq!(answer.status, 200);
+    assert!(!answer.body.contains("parley_cluster"), "{}", answer.body);
+    let api = http::get(plain.admin_addr(), "/v1/cluster", Some(TOKEN));
+    assert_eq!(api.status, 404, "{}", api.body);
+    // Only this test's own two INFO connections reached Redis; its keyspace is empty.
+    assert_eq!(connections(&redis), at_start + 1);
+    assert_eq!(redis.command("DBSIZE").as_deref(), Some(":0"));
+}
