@@ -591,7 +591,7 @@ impl Driver {
                             // A TLS listener is bound only with a certificate.
                             continue;
                         };
-                        match rustls::ServerConnection::new(config) {
+                        match rustls::server::UnbufferedServerConnection::new(config) {
                             Ok(session) => Stream::tls(tcp, session),
                             Err(e) => {
                                 self.tls_counts.failures += 1;
