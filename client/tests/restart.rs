@@ -1,11 +1,14 @@
 //! The library against the real broker: a client keeps its outbox across a `kill -9` and a
 //! restart of the broker, resends it with the same ids, and nothing is stored or shown twice.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parley_client::backoff::BackoffConfig;
 use parley_client::{Client, ClientConfig, Event, TcpConnector, direct};
 use parley_tests::broker::Broker;
+
+mod common;
+use common::{acked, bodies, until};
 
 fn client(broker: &Broker, user: &str) -> Client {
     let token = broker.token(user, "lib");
@@ -23,36 +26,6 @@ fn client(broker: &Broker, user: &str) -> Client {
     )
 }
 
-/// Takes events until `done` says so (or panics after a while); returns them.
-fn until(c: &Client, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    while !done(&seen) {
-        assert!(Instant::now() < deadline, "gave up waiting; saw {seen:#?}");
-        if let Some(e) = c.next_event(Duration::from_millis(50)) {
-            seen.push(e);
-        }
-    }
-    seen
-}
-
-fn bodies(events: &[Event]) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some((m.seq, String::from_utf8_lossy(&m.body).into_owned())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn acked(events: &[Event]) -> usize {
-    events
-        .iter()
-        .filter(|e| matches!(e, Event::Acked { .. }))
-        .count()
-}
-
 #[test]
 fn the_outbox_survives_a_kill_9_and_nothing_is_doubled() {
     let mut broker = Broker::start(&[]);
@@ -65,7 +38,7 @@ fn the_outbox_survives_a_kill_9_and_nothing_is_doubled() {
     for i in 0..5 {
         alice.send_text("bob", &format!("m{i}")).expect("send");
     }
-    alice_events.extend(until(&alice, |e| acked(e) == 5));
+    alice_events.extend(until(&alice, |e| acked(e).len() == 5));
 
     broker.kill9();
     alice_events.extend(until(&alice, |e| {
@@ -77,7 +50,7 @@ fn the_outbox_survives_a_kill_9_and_nothing_is_doubled() {
     }
     assert_eq!(alice.unacked().len(), 5);
     broker.restart_on_same_ports();
-    alice_events.extend(until(&alice, |e| acked(e) == 5));
+    alice_events.extend(until(&alice, |e| acked(e).len() == 5));
     assert!(alice.unacked().is_empty());
 
     // Bob sees all ten, once each, in order, with seqs 1..=10.
