@@ -1,14 +1,19 @@
-//! The cluster's node registry (issue 10, first step): nodes on one Redis register under leases,
-//! see each other join and leave, survive Redis restarting empty, refuse a duplicate node id, and
-//! a node without `cluster.redis` never touches Redis. Each test starts its own `redis-server`
-//! (Debian's package; `.ci/run` installs it) on a free loopback port, without persistence, in a
-//! temporary directory, and stops it by PID.
+//! The cluster over Redis. The node registry: nodes on one Redis register under leases, see each
+//! other join and leave, survive Redis restarting empty, refuse a duplicate node id, and a node
+//! without `cluster.redis` never touches Redis. The presence index: a login is answered only
+//! once its route is in Redis, every node sees it, a closed connection's route goes, a dead
+//! node's routes are not served, Redis restarted empty gets every route back, and a login while
+//! Redis is down is refused UNAVAILABLE with a retry hint. Each test starts its own
+//! `redis-server` (Debian's package; `.ci/run` installs it) on a free loopback port, without
+//! persistence, in a temporary directory, and stops it by PID.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use parley_proto::pb;
 use parley_tests::Broker;
 use parley_tests::http;
 
@@ -86,6 +91,54 @@ impl Redis {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).ok()?;
         Some(line.trim_end().to_owned())
+    }
+
+    /// `HGETALL key`: the hash as a map (empty if the key does not exist).
+    fn hgetall(&self, key: &str) -> BTreeMap<String, String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        s.write_all(format!("HGETALL {key}\r\n").as_bytes())
+            .expect("write");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read");
+        let n: usize = line
+            .trim_end()
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not an array: {line:?}"));
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            line.clear();
+            r.read_line(&mut line).expect("read");
+            let len: usize = line
+                .trim_end()
+                .strip_prefix('$')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a bulk string: {line:?}"));
+            let mut buf = vec![0; len + 2];
+            r.read_exact(&mut buf).expect("read");
+            buf.truncate(len);
+            items.push(String::from_utf8(buf).expect("utf-8"));
+        }
+        items
+            .chunks_exact(2)
+            .map(|kv| (kv[0].clone(), kv[1].clone()))
+            .collect()
+    }
+
+    /// The nodes the presence index names for `user`'s devices, read from Redis directly:
+    /// device → node id.
+    fn routes_of(&self, user: &str) -> BTreeMap<String, String> {
+        self.hgetall(&format!("parley:presence:{user}"))
+            .into_iter()
+            .map(|(device, value)| {
+                let node = value.split(' ').next().unwrap_or_default().to_owned();
+                (device, node)
+            })
+            .collect()
     }
 
     /// Kills the server with SIGKILL, by PID (its data is lost: it has no persistence).
@@ -327,4 +380,166 @@ fn a_node_without_cluster_redis_does_not_touch_redis() {
     // Only this test's own two INFO connections reached Redis; its keyspace is empty.
     assert_eq!(connections(&redis), at_start + 1);
     assert_eq!(redis.command("DBSIZE").as_deref(), Some(":0"));
+}
+
+/// `GET /v1/cluster/routes?user=` of `broker`: device → node id.
+fn routes_seen_by(broker: &Broker, user: &str) -> BTreeMap<String, String> {
+    let answer = http::get(
+        broker.admin_addr(),
+        &format!("/v1/cluster/routes?user={user}"),
+        Some(TOKEN),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let v = answer.json();
+    assert_eq!(v["user"], user);
+    v["routes"]
+        .as_array()
+        .expect("routes is an array")
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().expect("device").to_owned(),
+                r["node_id"].as_str().expect("node_id").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `pairs` as a map.
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Waits until `f` holds, polling; panics with `what` after `within`.
+fn await_true(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "after {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_login_is_answered_only_once_its_route_is_in_redis_and_every_node_sees_it() {
+    let redis = Redis::start();
+    let n1 = node(&redis, "n1", &[]);
+    let n2 = node(&redis, "n2", &[]);
+    let n3 = node(&redis, "n3", &[]);
+    await_members(&n3, &["n1", "n2", "n3"], soon());
+    let phone = n1.connect("alice", "phone");
+    // Answered: so the route is in Redis already, with no wait.
+    assert_eq!(redis.routes_of("alice"), map(&[("phone", "n1")]));
+    let laptop = n2.connect("alice", "laptop");
+    assert_eq!(
+        redis.routes_of("alice"),
+        map(&[("laptop", "n2"), ("phone", "n1")])
+    );
+    // A node holding none of her devices sees both.
+    assert_eq!(
+        routes_seen_by(&n3, "alice"),
+        map(&[("laptop", "n2"), ("phone", "n1")])
+    );
+    assert!(routes_seen_by(&n3, "nobody").is_empty());
+    // A connection that ends takes its route with it; the other device's stays.
+    drop(phone);
+    await_true(soon(), "the phone's route withdrawn", || {
+        redis.routes_of("alice") == map(&[("laptop", "n2")])
+    });
+    assert_eq!(routes_seen_by(&n1, "alice"), map(&[("laptop", "n2")]));
+    // The same device logging in on another node moves its route there; the old connection's
+    // end (the laptop on n2 replaced by nothing: it stays open) does not touch the new route.
+    let laptop_again = n3.connect("alice", "laptop");
+    assert_eq!(redis.routes_of("alice"), map(&[("laptop", "n3")]));
+    drop(laptop);
+    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS * 2));
+    assert_eq!(redis.routes_of("alice"), map(&[("laptop", "n3")]));
+    drop(laptop_again);
+    await_metric(&n1, "parley_node_routes_asked_total", 1.0, soon());
+    assert_eq!(metric(&n3, "parley_cluster_route_replays_total"), Some(0.0));
+}
+
+#[test]
+fn a_killed_nodes_routes_are_not_served_once_its_lease_is_gone() {
+    let redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let mut b = node(&redis, "b", &[]);
+    await_members(&a, &["a", "b"], soon());
+    let _bob = b.connect("bob", "phone");
+    assert_eq!(routes_seen_by(&a, "bob"), map(&[("phone", "b")]));
+    b.kill9();
+    await_members(&a, &["a"], Duration::from_secs(5));
+    // The route names a boot that is gone: readers drop it (and delete it from Redis).
+    assert!(routes_seen_by(&a, "bob").is_empty());
+    assert!(redis.routes_of("bob").is_empty());
+    // Restarted with its disk, b is a new boot; bob logs in again and is found there.
+    b.restart();
+    let _bob = b.connect("bob", "phone");
+    assert_eq!(routes_seen_by(&a, "bob"), map(&[("phone", "b")]));
+}
+
+#[test]
+fn redis_restarted_empty_gets_every_route_back_from_the_nodes() {
+    let mut redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let b = node(&redis, "b", &[]);
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        clients.push(n.connect(&format!("u{i}"), "d"));
+    }
+    for i in 0..20 {
+        let expected = if i % 2 == 0 { "a" } else { "b" };
+        assert_eq!(redis.routes_of(&format!("u{i}")), map(&[("d", expected)]));
+    }
+    redis.kill9();
+    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS * 2));
+    redis.spawn();
+    assert!(redis.routes_of("u0").is_empty(), "Redis starts empty");
+    // At the next heartbeat each node finds its digest gone and writes its routes again.
+    await_true(Duration::from_secs(5), "every route back in Redis", || {
+        (0..20).all(|i| {
+            let expected = if i % 2 == 0 { "a" } else { "b" };
+            redis.routes_of(&format!("u{i}")) == map(&[("d", expected)])
+        })
+    });
+    for n in [&a, &b] {
+        assert!(metric(n, "parley_cluster_route_replays_total").is_some_and(|r| r >= 1.0));
+        assert_eq!(metric(n, "parley_cluster_routes"), Some(10.0));
+    }
+    assert!(a.output().contains("writing them again"), "{}", a.output());
+    // And the clients never noticed: still logged in, still answered.
+    for c in &mut clients {
+        c.ping();
+    }
+}
+
+#[test]
+fn a_login_while_redis_is_down_is_refused_unavailable_with_a_retry_hint() {
+    let mut redis = Redis::start();
+    let a = node(&redis, "a", &["cluster.route_timeout_ms=400"]);
+    let _early = a.connect("early", "d");
+    redis.kill9();
+    let mut c = a.tcp();
+    let token = a.token("late", "d");
+    let started = Instant::now();
+    let e = c.try_login(&token).expect_err("no route, no login");
+    assert_eq!(e.code, pb::ErrorCode::Unavailable as i32, "{e:?}");
+    assert!(e.fatal);
+    assert!(e.retry_after_ms > 0, "{e:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "refused after {:?}, before the route timeout",
+        started.elapsed()
+    );
+    await_metric(&a, "parley_node_routes_failed_total", 1.0, soon());
+    // Redis back: the same login goes through, and both routes are there.
+    redis.spawn();
+    let _late = a.connect("late", "d");
+    assert_eq!(redis.routes_of("late"), map(&[("d", "a")]));
+    await_true(Duration::from_secs(5), "the early route replayed", || {
+        redis.routes_of("early") == map(&[("d", "a")])
+    });
 }

@@ -109,6 +109,15 @@ pub struct Cluster {
     /// How often the node renews its lease and reads the membership, in milliseconds (at least
     /// 20). Default 2000.
     pub heartbeat_ms: u64,
+    /// How long a route in the presence index (user, device → node) lives in Redis without
+    /// being refreshed, in milliseconds. The node refreshes its routes' TTLs in a rolling cycle
+    /// of a third of this, so only routes of a node that is gone for good expire (readers
+    /// already ignore a route naming a dead boot). At least 3 × `heartbeat_ms`. Default 300000.
+    pub route_ttl_ms: u64,
+    /// How long a login may wait for its route to be registered in the presence index, in
+    /// milliseconds; past it (Redis unreachable) the login is closed with UNAVAILABLE and a
+    /// retry hint. 100 to 60000. Default 3000.
+    pub route_timeout_ms: u64,
 }
 
 impl Default for Cluster {
@@ -119,6 +128,8 @@ impl Default for Cluster {
             advertise: None,
             lease_ms: 10_000,
             heartbeat_ms: 2_000,
+            route_ttl_ms: 300_000,
+            route_timeout_ms: 3_000,
         }
     }
 }
@@ -164,6 +175,12 @@ impl Cluster {
                  20, and lease_ms more than twice heartbeat_ms"
                     .into(),
             );
+        }
+        if self.route_ttl_ms < self.heartbeat_ms.saturating_mul(3) {
+            return Err("cluster.route_ttl_ms must be at least 3 x cluster.heartbeat_ms".into());
+        }
+        if !(100..=60_000).contains(&self.route_timeout_ms) {
+            return Err("cluster.route_timeout_ms must be between 100 and 60000".into());
         }
         Ok(())
     }

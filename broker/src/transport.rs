@@ -467,7 +467,7 @@ pub fn ws_close_code(code: pb::ErrorCode) -> u16 {
         | E::TooManyErrors => close_code::POLICY_VIOLATION,
         E::FrameTooLarge => close_code::MESSAGE_TOO_BIG,
         E::Internal | E::StorageFailure => close_code::INTERNAL_ERROR,
-        E::TooManyConnections | E::SlowConsumer => close_code::TRY_AGAIN_LATER,
+        E::TooManyConnections | E::SlowConsumer | E::Unavailable => close_code::TRY_AGAIN_LATER,
         E::UnsupportedVersion
         | E::Replaced
         | E::IdleTimeout

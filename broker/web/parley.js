@@ -43,7 +43,7 @@ const MIN_RETRY_MS = 100;
 // Errors after which reconnecting cannot help.
 const FINAL_ERRORS = ["BAD_TOKEN", "TOKEN_EXPIRED", "REPLACED", "UNSUPPORTED_VERSION", "KICKED"];
 // Errors for a send that are passing: it is retried with the same id.
-const PASSING_ERRORS = ["RATE_LIMITED", "STORAGE_FAILURE", "INTERNAL", "SHUTTING_DOWN"];
+const PASSING_ERRORS = ["RATE_LIMITED", "STORAGE_FAILURE", "INTERNAL", "SHUTTING_DOWN", "UNAVAILABLE"];
 const CONVERSATION_TYPES = { 1: "DIRECT", 2: "GROUP", 3: "ROOM" };
 
 /** The direct conversation with `user`. */

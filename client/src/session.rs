@@ -1039,6 +1039,7 @@ impl Session {
                         | pb::ErrorCode::StorageFailure
                         | pb::ErrorCode::Internal
                         | pb::ErrorCode::ShuttingDown
+                        | pb::ErrorCode::Unavailable
                 )
             );
             if passing {

@@ -1,7 +1,7 @@
 //! `parley-sim`: runs the whole-node simulation over many seeds.
 //!
 //! ```text
-//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave] [--trace]
+//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes] [--trace]
 //! ```
 //!
 //! Runs seeds `S..S+N` (default 0..1000) and stops at the first that breaks a promise: it prints
@@ -47,16 +47,17 @@ fn main() -> ExitCode {
             "--plant" => match args.next().as_deref() {
                 Some("release-before-flush") => opts.plant = Plant::ReleaseBeforeFlush,
                 Some("push-after-leave") => opts.plant = Plant::PushAfterLeave,
+                Some("keep-routes") => opts.plant = Plant::KeepRoutes,
                 other => {
                     eprintln!(
-                        "unknown bug to plant: {other:?} (known: release-before-flush, push-after-leave)"
+                        "unknown bug to plant: {other:?} (known: release-before-flush, push-after-leave, keep-routes)"
                     );
                     return ExitCode::from(2);
                 }
             },
             "-h" | "--help" => {
                 println!(
-                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave] [--trace]"
+                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes] [--trace]"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -118,6 +119,10 @@ fn main() -> ExitCode {
         counters.room_deliveries,
         counters.room_drops,
         counters.hooks_parked,
+    );
+    println!(
+        "the presence index: {} logins waited for their route, {} refused UNAVAILABLE, {} routes of logins gone meanwhile withdrawn",
+        counters.routes_asked, counters.routes_failed, counters.routes_orphaned
     );
     ExitCode::SUCCESS
 }

@@ -113,3 +113,27 @@ fn a_planted_push_after_leave_is_caught_and_its_seed_reported() {
     // The same seed without the bug passes.
     assert!(run(out.seed, &Options::default()).failures.is_empty());
 }
+
+#[test]
+fn a_planted_route_never_withdrawn_is_caught_and_its_seed_reported() {
+    let plant = Options {
+        plant: Plant::KeepRoutes,
+        ..Options::default()
+    };
+    let caught = (0..SEEDS)
+        .map(|seed| run(seed, &plant))
+        .find(|o| !o.failures.is_empty());
+    let Some(out) = caught else {
+        panic!(
+            "a closed connection's route left in the presence index went unnoticed over {SEEDS} seeds"
+        );
+    };
+    assert!(
+        out.failures.iter().any(|f| f.contains("presence index")),
+        "seed {} failed for the expected reason: {:?}",
+        out.seed,
+        out.failures
+    );
+    // The same seed without the bug passes.
+    assert!(run(out.seed, &Options::default()).failures.is_empty());
+}

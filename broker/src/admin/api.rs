@@ -16,7 +16,8 @@
 //! | `GET /v1/conversations` | `user`, `limit` (default 50) | the `ConversationList` |
 //! | `GET /v1/conversation` | `type=group&id=G` or `type=direct&users=a,b` | the conversation, or 404 |
 //! | `POST /v1/groups` | `{"as": user, "request": GroupRequest}` | the `GroupResult` |
-//! | `GET /v1/cluster` | nothing | `{"node_id", "boot_id", "lease_ok", "redis_errors", "members": [{"node_id", "boot_id", "advertise", "started_ms", "renewed_ms", "lease_expires_ms"}]}`; 404 outside a cluster |
+//! | `GET /v1/cluster` | nothing | `{"node_id", "boot_id", "lease_ok", "redis_errors", "members": [{"node_id", "boot_id", "advertise", "started_ms", "renewed_ms", "lease_expires_ms"}], "routes", "route_writes", "redis_calls", "route_replays"}`; 404 outside a cluster |
+//! | `GET /v1/cluster/routes` | `user` | `{"user", "routes": [{"device", "node_id", "boot_id"}]}`: the user's live routes in the presence index, whichever node holds them; 404 outside a cluster, 503 when Redis does not answer |
 //!
 //! Protocol messages (`Conversation`, `GroupRequest`, `SendAck`, `UserPresence`,
 //! `ConversationList`, `GroupResult`) are written in the protocol's JSON mapping, as WebSocket
@@ -81,6 +82,8 @@ enum Endpoint {
     Groups,
     /// `GET /v1/cluster`.
     Cluster,
+    /// `GET /v1/cluster/routes`.
+    ClusterRoutes,
 }
 
 /// Every endpoint: its path, its method.
@@ -93,6 +96,7 @@ const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("/v1/conversation", "GET", Endpoint::Conversation),
     ("/v1/groups", "POST", Endpoint::Groups),
     ("/v1/cluster", "GET", Endpoint::Cluster),
+    ("/v1/cluster/routes", "GET", Endpoint::ClusterRoutes),
 ];
 
 /// Why a request to the API failed, as the client is told.
@@ -192,6 +196,7 @@ pub(super) fn status_of(code: pb::ErrorCode) -> u16 {
         | C::Internal
         | C::TooManyErrors
         | C::Kicked => 500,
+        C::Unavailable => 503,
     }
 }
 
@@ -338,6 +343,23 @@ fn serve(request: &mut Request<'_>, shared: &Shared) -> Result<Response, ApiErro
             let group: GroupCall = read_json(request, shared.max_body_bytes)?;
             ok(&control.group(&group.as_user, group.request)?)
         }
+        Endpoint::ClusterRoutes => {
+            let q = query(&["user"])?;
+            let user = q.required("user")?;
+            let Some(status) = &shared.sources.cluster else {
+                return Err(ApiError::http(
+                    404,
+                    "this node is not in a cluster (cluster.redis is not set)",
+                ));
+            };
+            let routes = status
+                .lookup(&user, CLUSTER_LOOKUP_TIMEOUT)
+                .map_err(|e| ApiError::http(503, e))?;
+            ok(&UserRoutes {
+                user: &user,
+                routes: &routes,
+            })
+        }
         Endpoint::Cluster => {
             query(&[])?;
             match &shared.sources.cluster {
@@ -349,6 +371,16 @@ fn serve(request: &mut Request<'_>, shared: &Shared) -> Result<Response, ApiErro
             }
         }
     }
+}
+
+/// How long `GET /v1/cluster/routes` waits for the cluster bridge.
+const CLUSTER_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /v1/cluster/routes`'s answer.
+#[derive(Serialize)]
+struct UserRoutes<'a> {
+    user: &'a str,
+    routes: &'a [crate::cluster::Found],
 }
 
 /// A 200 answer with `value` as JSON.

@@ -325,6 +325,24 @@ const FIELDS: &[Field] = &[
         "In-process connections opened by the application."
     ),
     field!(
+        routes_asked,
+        "routes_asked",
+        Counter,
+        "Routes asked of the Redis presence index (device logins on a node that shares one)."
+    ),
+    field!(
+        routes_failed,
+        "routes_failed",
+        Counter,
+        "Logins closed with UNAVAILABLE because their route could not be registered in time."
+    ),
+    field!(
+        routes_orphaned,
+        "routes_orphaned",
+        Counter,
+        "Routes registered for a login that was gone by then (withdrawn at once)."
+    ),
+    field!(
         tls_connections,
         "tls_connections",
         Gauge,
@@ -580,9 +598,12 @@ fn register_webhooks(registry: &mut Registry, w: &WebhookCounts) {
     );
 }
 
-/// Registers the cluster registry's metrics: `parley_cluster_nodes` (live nodes in this node's
+/// Registers the cluster bridge's metrics: `parley_cluster_nodes` (live nodes in this node's
 /// view, itself included while it holds its lease), `parley_cluster_lease_ok` (1 while this
-/// process holds an unexpired lease, else 0) and `parley_cluster_redis_errors_total`.
+/// process holds an unexpired lease, else 0), `parley_cluster_redis_errors_total`, and the
+/// presence index's `parley_cluster_routes` (routes held),
+/// `parley_cluster_route_writes_total`, `parley_cluster_redis_calls_total` and
+/// `parley_cluster_route_replays_total`.
 fn register_cluster(registry: &mut Registry, c: &ClusterSnapshot) {
     let nodes = Gauge::<i64>::default();
     nodes.set(saturating_i64(c.members.len() as u64));
@@ -605,6 +626,34 @@ fn register_cluster(registry: &mut Registry, c: &ClusterSnapshot) {
         "Failed Redis calls of the cluster bridge (connect, I/O, bad answers)",
         errors,
     );
+    let routes = Gauge::<i64>::default();
+    routes.set(saturating_i64(c.routes));
+    registry.register(
+        "cluster_routes",
+        "Routes (user, device -> this node) this node holds in the presence index",
+        routes,
+    );
+    for (name, help, v) in [
+        (
+            "cluster_route_writes",
+            "Route ops written to the presence index (registrations, withdrawals, replays)",
+            c.route_writes,
+        ),
+        (
+            "cluster_redis_calls",
+            "Redis calls of the cluster bridge (each script run is one command on the wire)",
+            c.redis_calls,
+        ),
+        (
+            "cluster_route_replays",
+            "Times every route was written again because Redis's digest differed",
+            c.route_replays,
+        ),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(v);
+        registry.register(name, help, counter);
+    }
 }
 
 /// `v` as a gauge value (gauges are signed; a count past `i64::MAX` cannot happen in practice).
@@ -772,6 +821,10 @@ mod tests {
             lease_ok: true,
             redis_errors: 3,
             members: vec![member("a"), member("b")],
+            routes: 5,
+            route_writes: 9,
+            redis_calls: 4,
+            route_replays: 1,
         };
         let text = encode(&[ShardStats::default()], None, Some(&c)).expect("encodes");
         for line in [
@@ -780,6 +833,10 @@ mod tests {
             "parley_cluster_lease_ok 1",
             "# TYPE parley_cluster_redis_errors counter",
             "parley_cluster_redis_errors_total 3",
+            "parley_cluster_routes 5",
+            "parley_cluster_route_writes_total 9",
+            "parley_cluster_redis_calls_total 4",
+            "parley_cluster_route_replays_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
         }

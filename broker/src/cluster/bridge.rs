@@ -1,18 +1,56 @@
 //! The bridge thread: the node's only Redis client. One heartbeat per `cluster.heartbeat_ms` is
 //! one script run (renew the lease and read the membership in one round trip, see
-//! [`super::registry`]); errors reconnect with back-off; at stop the registration is deleted.
+//! [`super::registry`]), followed by one route check (the digest, and a slice of the rolling
+//! TTL renewal, see [`super::routes`]); errors reconnect with back-off; at stop the
+//! registration is deleted.
+//!
+//! Route ops come from the shards over one bounded channel ([`BridgeMsg`]). The thread writes
+//! what has queued up as one script run per [`routes::BATCH`] ops, so the busier the node the
+//! bigger the batches; answers go back to each shard's inbox in one mail per shard and batch.
+//! A batch that fails stays queued and is retried with back-off; a login that waited
+//! `cluster.route_timeout_ms` is answered UNAVAILABLE and its route withdrawn.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, Sender};
 use redis::Script;
 
 use super::registry::{self, Beat, Change, Member};
+use super::routes::{self, Found, Mirror};
 use super::{ClusterError, Status};
 use crate::config::{Config, redact_url};
+use crate::core::{RouteOp, Routed};
+use crate::node::shard::{Mail, Peer};
+
+/// Most messages the shards may have queued for the bridge; past it a login is answered
+/// UNAVAILABLE at once (and a withdrawal is left to the digest check).
+pub(crate) const INBOX: usize = 65_536;
+
+/// Most route ops taken from the inbox per turn of the thread.
+const TAKE_PER_TURN: usize = 4 * routes::BATCH;
+
+/// What shards and the admin listener ask of the bridge.
+#[derive(Debug)]
+pub(crate) enum BridgeMsg {
+    /// A change to the presence index from shard `.0`'s core.
+    Route(RouteOp),
+    /// The live routes of `user`, answered on `reply`.
+    Lookup { user: String, reply: LookupReply },
+}
+
+/// Where a lookup's answer goes.
+pub(crate) type LookupReply = Sender<Result<Vec<Found>, String>>;
+
+/// A route op waiting to be written.
+#[derive(Debug)]
+struct Queued {
+    op: RouteOp,
+    /// For a login waiting on it: when it is answered UNAVAILABLE instead.
+    deadline: Option<Instant>,
+}
 
 /// The first delay after a failed heartbeat; it doubles up to `heartbeat_ms`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -29,6 +67,9 @@ enum BeatError {
     /// The script answered something else than the registry's shape.
     #[error("{0}")]
     Reply(#[from] registry::BadReply),
+    /// The route script answered something else than a digest.
+    #[error("{0}")]
+    Digest(#[from] routes::BadDigest),
 }
 
 /// The bridge's state (owned by its thread once started).
@@ -71,6 +112,28 @@ pub(super) struct Bridge {
     failing: u64,
     /// When an error line was last written, and how many were suppressed since.
     error_log: Option<(Instant, u64)>,
+    /// [`routes::ROUTES`].
+    routes_script: Script,
+    /// [`routes::LOOKUP`].
+    lookup_script: Script,
+    /// This node's digest key.
+    digest_key: String,
+    /// `cluster.route_ttl_ms`.
+    route_ttl: Duration,
+    /// `cluster.route_timeout_ms`.
+    route_timeout: Duration,
+    /// What shards and the admin listener ask.
+    inbox: Receiver<BridgeMsg>,
+    /// The shards, for answers.
+    peers: Vec<Peer>,
+    /// Route ops to write, in order.
+    queue: VecDeque<Queued>,
+    /// Lookups to answer.
+    lookups: Vec<(String, LookupReply)>,
+    /// The routes written, and their digest.
+    mirror: Mirror,
+    /// No route write before this (back-off after a failure).
+    routes_retry_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -96,6 +159,7 @@ impl Bridge {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let every = Duration::from_millis(c.heartbeat_ms);
+        let (tx, inbox) = crossbeam_channel::bounded(INBOX);
         Ok(Bridge {
             client,
             url: shown,
@@ -115,6 +179,11 @@ impl Bridge {
                 lease_ok: false.into(),
                 errors: 0.into(),
                 members: std::sync::Mutex::new(Vec::new()),
+                inbox: tx,
+                routes: 0.into(),
+                route_writes: 0.into(),
+                redis_calls: 0.into(),
+                replays: 0.into(),
             }),
             members: BTreeMap::new(),
             renewed: None,
@@ -122,7 +191,23 @@ impl Bridge {
             backoff: BACKOFF_START,
             failing: 0,
             error_log: None,
+            routes_script: Script::new(routes::ROUTES),
+            lookup_script: Script::new(routes::LOOKUP),
+            digest_key: routes::digest_key(c.effective_node_id(&config.node)),
+            route_ttl: Duration::from_millis(c.route_ttl_ms),
+            route_timeout: Duration::from_millis(c.route_timeout_ms),
+            inbox,
+            peers: Vec::new(),
+            queue: VecDeque::new(),
+            lookups: Vec::new(),
+            mirror: Mirror::default(),
+            routes_retry_at: None,
         })
+    }
+
+    /// The shards' inboxes, for answers (set before the thread starts).
+    pub(super) fn set_peers(&mut self, peers: Vec<Peer>) {
+        self.peers = peers;
     }
 
     /// What the bridge publishes.
@@ -196,31 +281,320 @@ impl Bridge {
         }
     }
 
-    /// The thread: a heartbeat every `heartbeat_ms` (or after the back-off, after a failure)
-    /// until `stop` says otherwise, then leaving.
+    /// The thread: a heartbeat every `heartbeat_ms` (or after the back-off, after a failure),
+    /// route writes as they come, until `stop` says otherwise, then leaving.
     pub(super) fn run(mut self, stop: &Receiver<()>) {
-        let mut wait = if self.failing > 0 {
+        let first = if self.failing > 0 {
             self.backoff
         } else {
             self.every
         };
-        // Until told to stop (or the node is gone).
-        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
-            wait = match self.beat() {
-                Ok(beat) => {
-                    self.apply(beat);
-                    self.every
+        let mut next_beat = Instant::now() + first;
+        let inbox = self.inbox.clone();
+        loop {
+            let now = Instant::now();
+            let mut wake = next_beat;
+            if !self.queue.is_empty() {
+                wake = wake.min(self.routes_retry_at.unwrap_or(now));
+                if let Some(d) = self.queue.iter().filter_map(|q| q.deadline).min() {
+                    wake = wake.min(d);
+                }
+            }
+            let wait = wake.saturating_duration_since(now);
+            crossbeam_channel::select! {
+                recv(stop) -> _ => break,
+                recv(inbox) -> msg => match msg {
+                    Ok(msg) => self.take(msg),
+                    Err(_) => break,
+                },
+                default(wait) => {}
+            }
+            for _ in 0..TAKE_PER_TURN {
+                match inbox.try_recv() {
+                    Ok(msg) => self.take(msg),
+                    Err(_) => break,
+                }
+            }
+            if Instant::now() >= next_beat {
+                let wait = match self.beat() {
+                    Ok(beat) => {
+                        self.apply(beat);
+                        self.check_routes();
+                        self.every
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        let wait = self.backoff;
+                        self.backoff = (self.backoff * 2).min(self.every);
+                        wait
+                    }
+                };
+                self.check_lease();
+                next_beat = Instant::now() + wait;
+            }
+            self.expire_logins();
+            if self.routes_retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.write_routes();
+            }
+            self.answer_lookups();
+        }
+        self.depart();
+    }
+
+    /// Takes in one message.
+    fn take(&mut self, msg: BridgeMsg) {
+        match msg {
+            BridgeMsg::Route(op) => {
+                let deadline = match &op {
+                    RouteOp::Up {
+                        ticket: Some(_), ..
+                    } => Some(Instant::now() + self.route_timeout),
+                    _ => None,
+                };
+                self.queue.push_back(Queued { op, deadline });
+            }
+            BridgeMsg::Lookup { user, reply } => self.lookups.push((user, reply)),
+        }
+    }
+
+    /// Answers UNAVAILABLE every login that waited `route_timeout_ms`, and withdraws its route
+    /// (it may have been written by a call whose answer was lost).
+    fn expire_logins(&mut self) {
+        let now = Instant::now();
+        let mut answers = Vec::new();
+        for q in &mut self.queue {
+            if q.deadline.is_some_and(|d| now >= d)
+                && let RouteOp::Up {
+                    ticket: Some(ticket),
+                    user,
+                    device,
+                    tag,
+                } = &q.op
+            {
+                answers.push(Routed {
+                    ticket: *ticket,
+                    user: Arc::clone(user),
+                    device: Arc::clone(device),
+                    tag: *tag,
+                    result: Err(self.every.as_millis().min(u128::from(u32::MAX)) as u32),
+                });
+                q.op = RouteOp::Down {
+                    user: Arc::clone(user),
+                    device: Arc::clone(device),
+                    tag: *tag,
+                };
+                q.deadline = None;
+            }
+        }
+        self.answer(answers);
+    }
+
+    /// Writes the queued route ops, a batch per script run, until none is left or a call
+    /// fails (then they stay queued, retried after the back-off).
+    fn write_routes(&mut self) {
+        while !self.queue.is_empty() {
+            let n = self.queue.len().min(routes::BATCH);
+            let ops: Vec<RouteOp> = self.queue.iter().take(n).map(|q| q.op.clone()).collect();
+            match self.run_routes(&ops, false) {
+                Ok(digest) => {
+                    self.queue.drain(..n);
+                    self.routes_retry_at = None;
+                    let mut answers = Vec::new();
+                    for op in &ops {
+                        self.mirror.apply(op);
+                        if let RouteOp::Up {
+                            ticket: Some(ticket),
+                            user,
+                            device,
+                            tag,
+                        } = op
+                        {
+                            answers.push(Routed {
+                                ticket: *ticket,
+                                user: Arc::clone(user),
+                                device: Arc::clone(device),
+                                tag: *tag,
+                                result: Ok(()),
+                            });
+                        }
+                    }
+                    self.status
+                        .routes
+                        .store(self.mirror.len() as u64, Ordering::Relaxed);
+                    self.answer(answers);
+                    if digest != self.mirror.digest() {
+                        self.replay();
+                    }
                 }
                 Err(e) => {
                     self.failed(&e);
-                    let wait = self.backoff;
+                    self.routes_retry_at = Some(Instant::now() + self.backoff);
                     self.backoff = (self.backoff * 2).min(self.every);
-                    wait
+                    return;
                 }
-            };
-            self.check_lease();
+            }
         }
-        self.depart();
+    }
+
+    /// One run of the route script over `ops` (`reset`: start the digest from zero).
+    fn run_routes(&mut self, ops: &[RouteOp], reset: bool) -> Result<routes::Digest, BeatError> {
+        let mut con = match self.con.take() {
+            Some(con) => con,
+            None => self.connect()?,
+        };
+        let mut call = self.routes_script.key(&self.digest_key);
+        call.arg(&self.status.boot_id)
+            .arg(self.route_ttl.as_millis() as u64)
+            .arg(routes::PRESENCE_PREFIX)
+            .arg(if reset { "1" } else { "0" });
+        for op in ops {
+            let (kind, user, device, tag) = match op {
+                RouteOp::Up {
+                    user, device, tag, ..
+                } => ("U", user, device, *tag),
+                // A withdrawal of a route never written (its login expired) must not count.
+                RouteOp::Down { user, device, tag } if !self.mirror.holds(*tag) => {
+                    ("X", user, device, *tag)
+                }
+                RouteOp::Down { user, device, tag } => ("D", user, device, *tag),
+            };
+            call.arg(kind)
+                .arg(&**user)
+                .arg(&**device)
+                .arg(routes::value(
+                    &self.status.node_id,
+                    &self.status.boot_id,
+                    tag,
+                ))
+                .arg(routes::fingerprint(user, device, tag));
+        }
+        self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let reply: Vec<i64> = call.invoke(&mut con)?;
+        self.con = Some(con);
+        self.status
+            .route_writes
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        Ok(routes::parse_digest(&reply)?)
+    }
+
+    /// At each heartbeat: renews the TTLs of the next slice of routes (each once per third of
+    /// `route_ttl_ms`) and compares the digests, replaying on a difference.
+    fn check_routes(&mut self) {
+        let cycle = (self.route_ttl / 3).max(self.every);
+        let per_beat = (self.mirror.len() as u128 * self.every.as_millis())
+            .div_ceil(cycle.as_millis().max(1)) as usize;
+        let slice = self.mirror.next_to_renew(per_beat.min(routes::BATCH));
+        let script = self.routes_script.clone();
+        let mut call = script.key(&self.digest_key);
+        call.arg(&self.status.boot_id)
+            .arg(self.route_ttl.as_millis() as u64)
+            .arg(routes::PRESENCE_PREFIX)
+            .arg("0");
+        for (tag, r) in &slice {
+            call.arg("R")
+                .arg(&*r.user)
+                .arg(&*r.device)
+                .arg(tag.to_string())
+                .arg(0);
+        }
+        let result = (|| -> Result<routes::Digest, BeatError> {
+            let mut con = match self.con.take() {
+                Some(con) => con,
+                None => self.connect()?,
+            };
+            self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
+            let reply: Vec<i64> = call.invoke(&mut con)?;
+            self.con = Some(con);
+            Ok(routes::parse_digest(&reply)?)
+        })();
+        match result {
+            Ok(digest) if digest != self.mirror.digest() => self.replay(),
+            Ok(_) => {}
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// Writes every route again from a digest of zero: Redis lost some (restarted empty,
+    /// failed over) or holds some twice.
+    fn replay(&mut self) {
+        let all = self.mirror.all();
+        self.status.replays.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            node_id = %self.status.node_id,
+            routes = all.len(),
+            "cluster: the presence index in Redis differs from this node's routes (Redis              restarted or lost writes); writing them again"
+        );
+        let mut first = true;
+        let mut last = None;
+        for chunk in all.chunks(routes::BATCH) {
+            match self.run_routes(chunk, first) {
+                Ok(d) => last = Some(d),
+                Err(e) => {
+                    // The next check sees the difference and tries again.
+                    return self.failed(&e);
+                }
+            }
+            first = false;
+        }
+        if all.is_empty() {
+            match self.run_routes(&[], true) {
+                Ok(d) => last = Some(d),
+                Err(e) => return self.failed(&e),
+            }
+        }
+        if last != Some(self.mirror.digest()) {
+            tracing::error!(
+                node_id = %self.status.node_id,
+                "cluster: after a replay the presence index still differs from this node's                  routes; the next heartbeat checks again"
+            );
+        }
+    }
+
+    /// Sends route answers to their shards, one mail per shard.
+    fn answer(&self, answers: Vec<Routed>) {
+        if answers.is_empty() {
+            return;
+        }
+        let mut per: BTreeMap<usize, Vec<Routed>> = BTreeMap::new();
+        for a in answers {
+            per.entry(a.ticket.shard()).or_default().push(a);
+        }
+        for (shard, done) in per {
+            let Some((tx, waker)) = self.peers.get(shard) else {
+                continue;
+            };
+            // A shard drains its inbox every turn; a full one means it is stopping.
+            if tx
+                .send_timeout(Mail::Routed(done), Duration::from_secs(1))
+                .is_ok()
+            {
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// Answers the lookups asked.
+    fn answer_lookups(&mut self) {
+        for (user, reply) in std::mem::take(&mut self.lookups) {
+            let result = (|| -> Result<Vec<Found>, BeatError> {
+                let mut con = match self.con.take() {
+                    Some(con) => con,
+                    None => self.connect()?,
+                };
+                self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
+                let reply: Vec<String> = self
+                    .lookup_script
+                    .key(format!("{}{user}", routes::PRESENCE_PREFIX))
+                    .arg(format!("{}node:", registry::KEY_PREFIX))
+                    .invoke(&mut con)?;
+                self.con = Some(con);
+                Ok(routes::parse_lookup(&reply)?)
+            })();
+            let _ = reply.send(result.map_err(|e| {
+                self.failed(&e);
+                e.to_string()
+            }));
+        }
     }
 
     /// One heartbeat: connects if needed, runs the script.
@@ -241,6 +615,7 @@ impl Bridge {
             .arg(self.lease.as_millis() as u64)
             .arg(format!("{}node:", registry::KEY_PREFIX))
             .invoke(&mut con)?;
+        self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
         self.con = Some(con);
         Ok(registry::parse_beat(&reply)?)
     }

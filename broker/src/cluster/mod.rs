@@ -1,4 +1,5 @@
-//! Several nodes over one Redis (`[cluster]`; in progress: today the node registry only).
+//! Several nodes over one Redis (`[cluster]`; in progress: the node registry and the presence
+//! index).
 //!
 //! With `cluster.redis` set, the node starts a **bridge thread** ([`bridge`]), the only place
 //! that talks to Redis (never a shard thread). It registers the node (node id, a boot id drawn
@@ -7,6 +8,12 @@
 //! ([`registry`] has the data model). Joins and leaves are logged, one line per change; the
 //! view is published in [`Status`], which `/metrics` (`parley_cluster_*`) and `GET /v1/cluster`
 //! read.
+//!
+//! It also keeps the **presence index** ([`routes`]): shards send it route ops (a device logged
+//! in here, a connection gone) over its inbox, the same kind of bounded channel shards use among
+//! themselves; it writes them in batches and answers each waiting login in the shard's inbox
+//! (the core's side is `crate::core::route`). A digest compared after every batch and at every
+//! heartbeat makes it replay every route when Redis lost them.
 //!
 //! Failures:
 //! * Redis unreachable: the node keeps serving; the bridge retries with back-off (from 100 ms,
@@ -21,11 +28,14 @@
 //!   process that finds its id held by another boot (it was paused or cut off past its lease,
 //!   and another process took the id) never writes over it: it logs an error (rate-limited)
 //!   and reports its lease lost until the other one's lease ends.
+//! * A login waits at most `cluster.route_timeout_ms` for its route, then is closed
+//!   UNAVAILABLE with a retry hint; route ops that failed stay queued and are retried.
 //! * Clean shutdown deletes the registration, so the others see the node leave at their next
 //!   heartbeat instead of after its lease.
 
 mod bridge;
 pub(crate) mod registry;
+pub(crate) mod routes;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +44,10 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 
 use crate::config::Config;
+use crate::node::shard::Peer;
+pub(crate) use bridge::BridgeMsg;
 pub(crate) use registry::Member;
+pub(crate) use routes::Found;
 
 /// Why the cluster bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +92,16 @@ pub(crate) struct Status {
     errors: AtomicU64,
     /// The live nodes last read, this one included when it holds its lease.
     members: Mutex<Vec<Member>>,
+    /// The bridge's inbox (route ops from the shards, lookups).
+    inbox: Sender<BridgeMsg>,
+    /// Routes this node holds in the presence index.
+    routes: AtomicU64,
+    /// Route ops written (registrations, withdrawals, replays).
+    route_writes: AtomicU64,
+    /// Redis calls made (each script run is one command on the wire).
+    redis_calls: AtomicU64,
+    /// Replays of every route after the digest differed.
+    replays: AtomicU64,
 }
 
 /// A copy of [`Status`] at one moment.
@@ -94,6 +117,14 @@ pub(crate) struct Snapshot {
     pub(crate) redis_errors: u64,
     /// The live nodes last read, by node id.
     pub(crate) members: Vec<Member>,
+    /// Routes this node holds in the presence index.
+    pub(crate) routes: u64,
+    /// Route ops written since start.
+    pub(crate) route_writes: u64,
+    /// Redis calls since start.
+    pub(crate) redis_calls: u64,
+    /// Route replays since start.
+    pub(crate) route_replays: u64,
 }
 
 impl Status {
@@ -105,7 +136,35 @@ impl Status {
             lease_ok: self.lease_ok.load(Ordering::SeqCst),
             redis_errors: self.errors.load(Ordering::Relaxed),
             members: self.members.lock().map(|m| m.clone()).unwrap_or_default(),
+            routes: self.routes.load(Ordering::Relaxed),
+            route_writes: self.route_writes.load(Ordering::Relaxed),
+            redis_calls: self.redis_calls.load(Ordering::Relaxed),
+            route_replays: self.replays.load(Ordering::Relaxed),
         }
+    }
+
+    /// The live routes of `user` in the presence index (asks the bridge; waits at most
+    /// `timeout`).
+    pub(crate) fn lookup(
+        &self,
+        user: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Found>, String> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.inbox
+            .try_send(BridgeMsg::Lookup {
+                user: user.to_owned(),
+                reply,
+            })
+            .map_err(|_| "the cluster bridge is busy or stopped".to_owned())?;
+        answer
+            .recv_timeout(timeout)
+            .map_err(|_| "the cluster bridge did not answer in time".to_owned())?
+    }
+
+    /// Where shards send route ops.
+    pub(crate) fn sender(&self) -> Sender<BridgeMsg> {
+        self.inbox.clone()
     }
 }
 
@@ -124,11 +183,15 @@ impl Cluster {
     /// Starts the bridge of `config` if `cluster.redis` is set (else `None`: no Redis at all).
     /// Registers the node first, bounded: a live process holding the same node id is an error;
     /// an unreachable Redis is not (the bridge keeps trying).
-    pub(crate) fn start(config: &Config) -> Result<Option<Cluster>, ClusterError> {
+    pub(crate) fn start(
+        config: &Config,
+        peers: Vec<Peer>,
+    ) -> Result<Option<Cluster>, ClusterError> {
         let Some(url) = &config.cluster.redis else {
             return Ok(None);
         };
         let mut bridge = bridge::Bridge::new(config, url)?;
+        bridge.set_peers(peers);
         bridge.register()?;
         let status = bridge.status();
         let (stop, stopped) = crossbeam_channel::bounded(1);

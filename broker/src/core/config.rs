@@ -69,6 +69,8 @@ pub(crate) struct CoreConfig {
     /// Least ms between two relayed typing frames of one kind, per connection and conversation
     /// (`presence.typing_min_interval_ms`).
     pub(crate) typing_min_interval_ms: u64,
+    /// In a cluster (`cluster.redis` set): logins wait for their route ([`super::route`]).
+    pub(crate) cluster_routes: bool,
 }
 
 impl CoreConfig {
@@ -115,6 +117,7 @@ impl CoreConfig {
             presence_max_subscriptions: c.presence.max_subscriptions_per_connection.max(1) as usize,
             presence_notifications_per_turn: c.presence.max_notifications_per_turn.max(1) as usize,
             typing_min_interval_ms: c.presence.typing_min_interval_ms,
+            cluster_routes: c.cluster.redis.is_some(),
         }
     }
 }

@@ -118,6 +118,8 @@ pub(crate) struct Who {
     /// A service connection (the application acting as a user): not one of the user's
     /// devices, so it is not delivered to, counts for no presence and is observed by no hook.
     pub(crate) service: bool,
+    /// Its route is registered in the cluster's presence index (withdrawn at removal).
+    pub(crate) routed: bool,
 }
 
 /// Most conversations of each kind a connection remembers by the name it used for them.
@@ -148,6 +150,7 @@ impl Who {
             list: None,
             trusted: false,
             service: false,
+            routed: false,
         }
     }
 

@@ -108,6 +108,12 @@ pub struct Counters {
     pub kicked: u64,
     /// In-process connections opened by the application.
     pub local_connections_opened: u64,
+    /// Routes asked of the cluster's presence index (logins in a cluster).
+    pub routes_asked: u64,
+    /// Logins closed with UNAVAILABLE because their route could not be registered in time.
+    pub routes_failed: u64,
+    /// Routes registered for a login that was gone by then (withdrawn at once).
+    pub routes_orphaned: u64,
     /// TLS connections open now (a gauge; counted by the driver, which owns TLS).
     pub tls_connections: u64,
     /// TLS handshakes completed (counted by the driver).
@@ -180,6 +186,9 @@ impl Counters {
         self.hooks_denied += other.hooks_denied;
         self.kicked += other.kicked;
         self.local_connections_opened += other.local_connections_opened;
+        self.routes_asked += other.routes_asked;
+        self.routes_failed += other.routes_failed;
+        self.routes_orphaned += other.routes_orphaned;
         self.tls_connections += other.tls_connections;
         self.tls_handshakes += other.tls_handshakes;
         self.tls_failures += other.tls_failures;

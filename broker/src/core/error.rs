@@ -277,6 +277,12 @@ pub(crate) enum CloseReason {
     /// The application ended the session (admin API or embedding).
     #[error("the session was ended by the server: {0}")]
     Kicked(String),
+    /// The cluster's presence index could not register the login's route in time.
+    #[error("the cluster's presence index (Redis) is unreachable; log in again later")]
+    Unavailable {
+        /// The hint for the client.
+        retry_after_ms: u32,
+    },
 }
 
 impl CloseReason {
@@ -300,12 +306,24 @@ impl CloseReason {
             CloseReason::Garbage(e) => e.code(),
             CloseReason::HookRejected(_) => C::BadToken,
             CloseReason::Kicked(_) => C::Kicked,
+            CloseReason::Unavailable { .. } => C::Unavailable,
         }
     }
 
     /// The fatal `Error` frame (answering `request_id`, or 0).
     pub(crate) fn frame(&self, request_id: u64) -> pb::Frame {
-        error_frame(request_id, self.code(), self.to_string(), true, 0, 0)
+        let retry_after_ms = match self {
+            CloseReason::Unavailable { retry_after_ms } => *retry_after_ms,
+            _ => 0,
+        };
+        error_frame(
+            request_id,
+            self.code(),
+            self.to_string(),
+            true,
+            0,
+            retry_after_ms,
+        )
     }
 }
 

@@ -45,6 +45,12 @@ pub(crate) enum Parked {
         request_id: u64,
         req: pb::GroupRequest,
     },
+    /// A login, accepted, waiting for its route in the cluster's presence index
+    /// ([`super::route`]).
+    Route {
+        request_id: u64,
+        identity: crate::auth::Identity,
+    },
 }
 
 /// The hooks of a core and the requests parked on them.
@@ -96,6 +102,31 @@ impl Gatekeeper {
     /// Forgets what `conn` had parked (it closed).
     pub(crate) fn forget(&mut self, conn: ConnId) {
         self.parked.remove(&conn);
+    }
+
+    /// Parks `request` of `conn` (on shard `shard`) for an answer from outside the hooks (the
+    /// caller stops the connection's input); `None` if `conn` has a parked request already.
+    pub(crate) fn park(&mut self, shard: usize, conn: ConnId, request: Parked) -> Option<Ticket> {
+        if self.parked.contains_key(&conn) {
+            debug_assert!(false, "one parked per conn");
+            return None;
+        }
+        self.serial += 1;
+        self.parked.insert(conn, (self.serial, request));
+        Some(Ticket {
+            shard,
+            slot: conn.slot,
+            generation: conn.generation,
+            serial: self.serial,
+        })
+    }
+
+    /// Takes back what `conn` parked under `serial` (`None`: nothing, or something newer).
+    pub(crate) fn unpark(&mut self, conn: ConnId, serial: u64) -> Option<Parked> {
+        match self.parked.get(&conn) {
+            Some((s, _)) if *s == serial => self.parked.remove(&conn).map(|(_, p)| p),
+            _ => None,
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub(crate) mod owner;
 pub(crate) mod presence;
 pub(crate) mod receipt;
 pub(crate) mod room;
+mod route;
 mod session;
 pub(crate) mod sync;
 pub(crate) mod timers;
@@ -93,6 +94,7 @@ pub use inspect::{ConversationInfo, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 use mail::Origin;
 pub use mail::{Adoption, ShardMsg};
 use owner::Owner;
+pub use route::{RouteOp, RouteTag, Routed};
 use timers::{TimerFor, Timers};
 
 /// The core's hash map: foldhash with a fixed seed, so iteration order depends only on what was
@@ -147,6 +149,9 @@ pub enum Effect<T, S> {
     /// Run this segment housekeeping (create and prefault the next segment, write index files)
     /// off the shard thread and hand the result to [`ShardCore::handle_spare`].
     Spare(S),
+    /// A change to the cluster's presence index ([`route`]): carry it to Redis; answer an
+    /// `Up` with a ticket through [`ShardCore::handle_routed`].
+    Route(RouteOp),
     /// The connection takes input again after [`Intake::Hold`]: read it (and call
     /// [`ShardCore::handle_continue`] if [`ShardCore::intake`] says [`Intake::Pending`]) on a
     /// coming turn, even without a new readiness event.
@@ -164,6 +169,8 @@ pub struct TestSwitches {
     pub release_before_flush: bool,
     /// A member removed from a group keeps being pushed the group's messages.
     pub push_after_leave: bool,
+    /// A closed connection's route is never withdrawn from the presence index.
+    pub keep_routes: bool,
 }
 
 /// What a shard core starts from.
@@ -662,6 +669,10 @@ impl<B: Backend> ShardCore<B> {
         let mut c = self.conns[slot].take()?;
         self.gate.forget(conn);
         let service = c.who.as_ref().is_some_and(|w| w.service);
+        if let Some(who) = c.who.as_ref().filter(|w| w.routed) {
+            let (user, device) = (Arc::clone(&who.device.user), Arc::clone(&who.device.device));
+            self.route_down(conn, user, device);
+        }
         if !service
             && let Some(user) = c.user()
             && self.home.unregister(user, conn)

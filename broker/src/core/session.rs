@@ -407,8 +407,35 @@ impl<B: Backend> ShardCore<B> {
 
     /// Logs `conn` in as `identity`; `trusted`: an in-process connection of the application;
     /// `service`: one that is not among the user's devices (see
-    /// [`ShardCore::handle_open_local`]).
+    /// [`ShardCore::handle_open_local`]). In a cluster, a device's login waits for its route
+    /// ([`super::route`]); a trusted one registers it without waiting.
     pub(super) fn activate_as(
+        &mut self,
+        conn: ConnId,
+        identity: Identity,
+        request_id: u64,
+        trusted: bool,
+        service: bool,
+    ) {
+        if service {
+            return self.activate_now(conn, identity, request_id, trusted, service);
+        }
+        if trusted {
+            let (user, device) = (
+                identity.user.as_str().into(),
+                identity.device.as_str().into(),
+            );
+            self.activate_now(conn, identity, request_id, trusted, service);
+            return self.route_without_waiting(conn, &user, &device);
+        }
+        if self.park_for_route(conn, identity.clone(), request_id) {
+            return;
+        }
+        self.activate_now(conn, identity, request_id, trusted, service);
+    }
+
+    /// Logs `conn` in as `identity` now (see [`ShardCore::activate_as`]).
+    pub(super) fn activate_now(
         &mut self,
         conn: ConnId,
         identity: Identity,

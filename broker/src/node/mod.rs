@@ -295,7 +295,9 @@ impl Node {
         };
         // Registered before any client is served: a live process holding this node id stops
         // the start here. Dropped (leaving the registry) if the start fails after this.
-        let cluster = Cluster::start(&config).map_err(|e| NodeError::Cluster(e.to_string()))?;
+        let cluster = Cluster::start(&config, peers.clone())
+            .map_err(|e| NodeError::Cluster(e.to_string()))?;
+        let bridge = cluster.as_ref().map(|c| c.status().sender());
 
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
@@ -341,6 +343,7 @@ impl Node {
                 clock,
                 stats: Arc::clone(&stats),
                 answers,
+                bridge: bridge.clone(),
             };
             let driver = Driver::new(setup).map_err(|e| NodeError::Thread(e.to_string()))?;
             let thread = std::thread::Builder::new()

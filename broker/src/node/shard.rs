@@ -29,8 +29,10 @@ use super::local::{LocalEnd, LocalPipe};
 use super::socket::{self, CloseStep, Closing};
 use super::stream::{ReadError, ReadOutcome, Stream};
 use crate::auth::Identity;
+use crate::cluster::BridgeMsg;
 use crate::core::{
-    Adoption, ConnId, CoreEffect, Effect, Intake, Now, ShardCore, ShardMsg, ShardStats,
+    Adoption, ConnId, CoreEffect, Effect, Intake, Now, RouteOp, Routed, ShardCore, ShardMsg,
+    ShardStats,
 };
 use crate::hooks::{Answer, Ticket};
 use crate::loglimit::{LogKind, LogLimiter};
@@ -62,6 +64,8 @@ const ACCEPT_RETRY_MS: u64 = 100;
 const MAX_WAIT_MS: u64 = 50;
 /// Inbox mails handled per turn before serving sockets again.
 const INBOX_BUDGET: usize = 256;
+/// The retry hint of a login refused because the cluster bridge's inbox was full, ms.
+const ROUTE_RETRY_MS: u32 = 1_000;
 
 /// What travels between shard threads.
 #[derive(Debug)]
@@ -112,6 +116,8 @@ pub(crate) enum Mail {
     },
     /// A question from the application about this shard's state.
     Query(Query),
+    /// The cluster bridge's answers to route registrations.
+    Routed(Vec<crate::core::Routed>),
 }
 
 /// The application's questions to one shard (answered on the channel each carries).
@@ -214,6 +220,8 @@ pub(crate) struct DriverSetup {
     pub(crate) stats: Arc<Mutex<Vec<ShardStats>>>,
     /// Hooks' late answers for this shard.
     pub(crate) answers: Receiver<(Ticket, Answer)>,
+    /// The cluster bridge's inbox (in a cluster).
+    pub(crate) bridge: Option<Sender<BridgeMsg>>,
 }
 
 /// One shard's driver; [`Driver::run`] is its thread.
@@ -260,6 +268,8 @@ pub(crate) struct Driver {
     stats: Arc<Mutex<Vec<ShardStats>>>,
     stats_at: u64,
     answers: Receiver<(Ticket, Answer)>,
+    /// The cluster bridge's inbox (in a cluster).
+    bridge: Option<Sender<BridgeMsg>>,
     /// In-process connections, by core slot.
     locals: Vec<Option<LocalPipe>>,
     /// In-process connections, by link id.
@@ -333,6 +343,7 @@ impl Driver {
             stats: setup.stats,
             stats_at: 0,
             answers: setup.answers,
+            bridge: setup.bridge,
             locals: Vec::new(),
             local_ids: HashMap::new(),
             udp: setup.udp,
@@ -750,6 +761,10 @@ impl Driver {
                     }
                 }
                 Ok(Mail::Query(q)) => self.answer(q, now),
+                Ok(Mail::Routed(done)) => {
+                    self.core.handle_routed(done, now);
+                    self.apply_effects(now);
+                }
                 Err(_) => break,
             }
         }
@@ -814,6 +829,7 @@ impl Driver {
                         }
                     }
                     Effect::Resume(conn) => self.ready.push(conn),
+                    Effect::Route(op) => self.route(op, now),
                     Effect::Mail { to, batch } => self.post(to, Mail::Batch(batch)),
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
@@ -831,6 +847,40 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands a route op to the cluster bridge; a login whose op cannot be queued (the bridge's
+    /// inbox is full) is answered UNAVAILABLE at once.
+    fn route(&mut self, op: RouteOp, now: Now) {
+        let refused = match &self.bridge {
+            Some(tx) => match tx.try_send(BridgeMsg::Route(op)) {
+                Ok(()) => return,
+                Err(e) => match e.into_inner() {
+                    BridgeMsg::Route(op) => op,
+                    BridgeMsg::Lookup { .. } => return,
+                },
+            },
+            None => op,
+        };
+        // A withdrawal that cannot be queued is left to the bridge's digest check.
+        if let RouteOp::Up {
+            ticket: Some(ticket),
+            user,
+            device,
+            tag,
+        } = refused
+        {
+            self.core.handle_routed(
+                vec![Routed {
+                    ticket,
+                    user,
+                    device,
+                    tag,
+                    result: Err(ROUTE_RETRY_MS),
+                }],
+                now,
+            );
         }
     }
 

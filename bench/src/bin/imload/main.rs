@@ -10,6 +10,8 @@
 //! * `convlist`: 1,000 senders each send one message to one user (`--phase fill`), who then asks
 //!   for the first page of its conversation list (`--phase measure`), timed at the client
 //!   against a `Ping` round trip.
+//! * `routes`: the cluster's presence index (issue 10): a login on node A seen from node B, and
+//!   logins under load with the Redis calls they cost (`bench/cluster.sh`).
 //!
 //! Every figure is printed on a line starting `RESULT` (`key=value` pairs) for the script.
 //! Tokens are minted from the broker's secret (the trimmed text of `<data-dir>/secret`).
@@ -44,6 +46,8 @@ enum Command {
     Presence(PresenceOpts),
     /// The first page of a conversation list of 1,000 direct conversations.
     Convlist(ConvOpts),
+    /// The cluster's presence index: a login seen from another node, logins under load.
+    Routes(routes::RoutesOpts),
 }
 
 /// Where the broker is and how to log in.
@@ -150,6 +154,7 @@ fn main() {
     let deadline = match &cli.command {
         Command::Presence(o) => o.common.deadline_secs,
         Command::Convlist(o) => o.common.deadline_secs,
+        Command::Routes(o) => o.common.deadline_secs,
     };
     // Time-bounded whatever the broker does.
     std::thread::spawn(move || {
@@ -160,6 +165,7 @@ fn main() {
     let r = match cli.command {
         Command::Presence(o) => presence::run(&o),
         Command::Convlist(o) => convlist::run(&o),
+        Command::Routes(o) => routes::run(&o),
     };
     if let Err(e) = r {
         eprintln!("imload: {e}");
@@ -212,3 +218,5 @@ mod net;
 mod presence;
 
 mod convlist;
+
+mod routes;
