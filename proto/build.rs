@@ -1,4 +1,4 @@
-//! Compiles `proto/parley.proto` with protox (a pure-Rust protobuf compiler, so no system `protoc`
+//! Compiles `proto/parley.proto` (and `proto/cluster.proto`, the node-to-node link) with protox (a pure-Rust protobuf compiler, so no system `protoc`
 //! is needed), generates the prost message types and their canonical proto3 JSON mapping (pbjson).
 
 use std::{env, error::Error, fs, path::PathBuf};
@@ -7,10 +7,12 @@ use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let schema = "proto/parley.proto";
+    let cluster = "proto/cluster.proto";
     println!("cargo:rerun-if-changed={schema}");
+    println!("cargo:rerun-if-changed={cluster}");
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
-    let fds = protox::compile([schema], ["proto"])?;
+    let fds = protox::compile([schema, cluster], ["proto"])?;
     let descriptor_bytes = fds.encode_to_vec();
     fs::write(out.join("parley_descriptor.bin"), &descriptor_bytes)?;
 

@@ -543,3 +543,174 @@ fn a_login_while_redis_is_down_is_refused_unavailable_with_a_retry_hint() {
         redis.routes_of("early") == map(&[("d", "a")])
     });
 }
+
+/// The link key the linked test nodes share.
+const LINK_SECRET: &str = "cluster-link-test-secret-0123456789abcdef";
+
+/// A cluster node on `redis` with id `id` that accepts links on a free port (advertised as
+/// bound) and proves `secret`.
+fn linked(redis: &Redis, id: &str, secret: &str) -> Broker {
+    let settings = [
+        format!("admin.token=\"{TOKEN}\""),
+        format!("cluster.redis=\"{}\"", redis.url()),
+        format!("cluster.node_id=\"{id}\""),
+        "cluster.listen=\"127.0.0.1:0\"".to_owned(),
+        format!("cluster.secret=\"{secret}\""),
+        format!("cluster.lease_ms={LEASE_MS}"),
+        format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
+    ];
+    let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+    Broker::start(&refs)
+}
+
+/// The links `broker` has up: node id → (boot id, dialled by `broker`).
+fn links(broker: &Broker) -> BTreeMap<String, (String, bool)> {
+    cluster(broker)["links"]
+        .as_array()
+        .expect("links is an array")
+        .iter()
+        .map(|l| {
+            (
+                l["node_id"].as_str().expect("node_id").to_owned(),
+                (
+                    l["boot_id"].as_str().expect("boot_id").to_owned(),
+                    l["dialled"].as_bool().expect("dialled"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The node ids `broker` has links up to.
+fn linked_to(broker: &Broker) -> Vec<String> {
+    links(broker).into_keys().collect()
+}
+
+#[test]
+fn nodes_that_share_the_link_key_link_up_pairwise_the_first_id_dialling() {
+    let redis = Redis::start();
+    let nodes = [
+        linked(&redis, "n1", LINK_SECRET),
+        linked(&redis, "n2", LINK_SECRET),
+        linked(&redis, "n3", LINK_SECRET),
+    ];
+    let expect = [["n2", "n3"], ["n1", "n3"], ["n1", "n2"]];
+    for (n, others) in nodes.iter().zip(expect) {
+        await_true(Duration::from_secs(5), "two links up", || {
+            linked_to(n) == others
+        });
+        await_metric(n, "parley_cluster_links", 2.0, soon());
+        assert_eq!(
+            metric(n, "parley_cluster_link_handshake_failures_total"),
+            Some(0.0)
+        );
+    }
+    // One link per pair, dialled by the node whose id sorts first; boots as registered.
+    let n1 = links(&nodes[0]);
+    assert!(n1.values().all(|(_, dialled)| *dialled), "{n1:?}");
+    let n3 = links(&nodes[2]);
+    assert!(n3.values().all(|(_, dialled)| !*dialled), "{n3:?}");
+    let n2_boot = cluster(&nodes[1])["boot_id"].as_str().map(str::to_owned);
+    assert_eq!(n1.get("n2").map(|(b, _)| b.clone()), n2_boot);
+    // The advertised address is the bound one: what the others dialled.
+    let view = cluster(&nodes[0]);
+    let advertised = view["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["node_id"] == "n1"))
+        .and_then(|m| m["advertise"].as_str())
+        .expect("n1 advertises");
+    assert!(advertised.starts_with("127.0.0.1:"), "{advertised}");
+    assert!(!advertised.ends_with(":0"), "{advertised}");
+}
+
+#[test]
+fn a_node_with_another_link_key_is_refused_and_the_others_stay_linked() {
+    let redis = Redis::start();
+    let a = linked(&redis, "a", LINK_SECRET);
+    let b = linked(&redis, "b", LINK_SECRET);
+    let c = linked(&redis, "c", "another-link-secret-0123456789abcdefgh");
+    await_true(Duration::from_secs(5), "a and b linked", || {
+        linked_to(&a) == ["b"] && linked_to(&b) == ["a"]
+    });
+    // c dials nobody it can prove itself to, and nobody accepts it: over several rounds of
+    // dialling, no link involving c comes up.
+    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS * 5));
+    assert!(linked_to(&c).is_empty(), "{:?}", links(&c));
+    assert_eq!(linked_to(&a), ["b"]);
+    assert_eq!(linked_to(&b), ["a"]);
+    let failures = |n: &Broker| metric(n, "parley_cluster_link_handshake_failures_total");
+    assert!(failures(&a).is_some_and(|f| f >= 1.0), "{:?}", failures(&a));
+    assert!(failures(&c).is_some_and(|f| f >= 1.0), "{:?}", failures(&c));
+    assert!(
+        a.output().contains("did not prove the link key"),
+        "{}",
+        a.output()
+    );
+    // Rate-limited: one line per peer per 10 s, however often it is dialled.
+    let lines = a.output().matches("link handshake").count();
+    assert!((1..=2).contains(&lines), "{lines} lines:\n{}", a.output());
+}
+
+#[test]
+fn a_killed_node_loses_its_links_and_links_again_as_a_new_boot_after_restart() {
+    let redis = Redis::start();
+    let a = linked(&redis, "a", LINK_SECRET);
+    let mut b = linked(&redis, "b", LINK_SECRET);
+    await_true(Duration::from_secs(5), "a linked to b", || {
+        linked_to(&a) == ["b"]
+    });
+    let first_boot = links(&a)["b"].0.clone();
+    b.kill9();
+    await_true(Duration::from_secs(5), "a's link to b down", || {
+        linked_to(&a).is_empty()
+    });
+    b.restart();
+    await_true(Duration::from_secs(5), "a linked to b's new boot", || {
+        links(&a)
+            .get("b")
+            .is_some_and(|(boot, _)| *boot != first_boot)
+    });
+    assert!(
+        a.output().contains("cluster: link to b down"),
+        "{}",
+        a.output()
+    );
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to `broker`'s process.
+fn signal(broker: &Broker, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(broker.pid().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+#[test]
+fn a_node_paused_past_its_lease_is_not_served_and_serves_its_routes_again_once_resumed() {
+    let redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let b = node(&redis, "b", &[]);
+    await_members(&a, &["a", "b"], soon());
+    let mut bob = b.connect("bob", "phone");
+    assert_eq!(routes_seen_by(&a, "bob"), map(&[("phone", "b")]));
+    signal(&b, "STOP");
+    // Past its lease b is dead to the others, and so are its routes.
+    await_members(&a, &["a"], Duration::from_secs(5));
+    assert!(routes_seen_by(&a, "bob").is_empty());
+    signal(&b, "CONT");
+    // Resumed, b registers again under the same boot; the reader spoiled its digest when it
+    // dropped bob's route, so b finds the difference and writes its routes again.
+    await_members(&a, &["a", "b"], Duration::from_secs(5));
+    await_true(Duration::from_secs(5), "bob's route served again", || {
+        routes_seen_by(&a, "bob") == map(&[("phone", "b")])
+    });
+    assert!(
+        metric(&b, "parley_cluster_route_replays_total").is_some_and(|r| r >= 1.0),
+        "{}",
+        b.output()
+    );
+    // bob never noticed.
+    bob.ping();
+}

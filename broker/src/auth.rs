@@ -118,6 +118,14 @@ impl Hs256 {
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
     }
 
+    /// A 32-byte key derived from the secret for another purpose (HMAC-SHA256 of `label`
+    /// under the secret), so the secret itself is used for tokens only.
+    pub(crate) fn derive_key(&self, label: &[u8]) -> [u8; 32] {
+        let mut mac = self.mac();
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// Mints a token for `user` on `device`, valid until `expires_at` (seconds since the epoch).
     pub fn mint(&self, user: &str, device: &str, expires_at: u64) -> String {
         let claims = Claims {

@@ -99,9 +99,18 @@ pub struct Cluster {
     /// Two processes must never share one (a second process with a live node's id refuses to
     /// start). Default: unset, the node's `node` name.
     pub node_id: Option<String>,
-    /// The address other nodes will reach this node at (`HOST:PORT`), published in the registry.
-    /// Default: unset (nothing reaches a node from another node yet).
+    /// The address other nodes will reach this node's links at (`HOST:PORT`), published in the
+    /// registry. Default: unset, and then the address `listen` is bound to (with `listen` unset,
+    /// nothing is published and no node links to this one).
     pub advertise: Option<String>,
+    /// Where this node accepts links from the other nodes of its cluster (`IP:PORT`, port 0 for
+    /// any). Links are TCP, authenticated by the link key (see `secret`); each pair of nodes keeps
+    /// one. Default: unset, no links.
+    pub listen: Option<SocketAddr>,
+    /// The key nodes prove to each other when they link, at least 32 bytes, the same on every
+    /// node. Default: unset, and then a key derived from the token secret (`auth.secret` or its
+    /// file), which the nodes of a cluster share anyway so that a token is good on every node.
+    pub secret: Option<Secret>,
     /// The lease of the node's registration, in milliseconds: a node that has not renewed it for
     /// this long is dead to the others (and reports its own lease lost). 100 to 3600000, more
     /// than twice `heartbeat_ms`. Default 10000.
@@ -126,6 +135,8 @@ impl Default for Cluster {
             redis: None,
             node_id: None,
             advertise: None,
+            listen: None,
+            secret: None,
             lease_ms: 10_000,
             heartbeat_ms: 2_000,
             route_ttl_ms: 300_000,
@@ -181,6 +192,9 @@ impl Cluster {
         }
         if !(100..=60_000).contains(&self.route_timeout_ms) {
             return Err("cluster.route_timeout_ms must be between 100 and 60000".into());
+        }
+        if self.secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+            return Err("cluster.secret must be at least 32 bytes".into());
         }
         Ok(())
     }

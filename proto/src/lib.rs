@@ -17,6 +17,12 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/parley.v1.serde.rs"));
 }
 
+/// The node-to-node link of a cluster (`proto/cluster.proto`): never seen by clients.
+#[allow(missing_docs, clippy::all, unreachable_pub)]
+pub mod link_pb {
+    include!(concat!(env!("OUT_DIR"), "/parley.cluster.v1.rs"));
+}
+
 pub mod frame;
 pub mod splice;
 pub mod tcp;

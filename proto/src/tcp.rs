@@ -214,6 +214,28 @@ impl FrameCodec {
         }
     }
 
+    /// Appends any protobuf `message`'s length prefix and encoding to `out` (the same framing
+    /// as frames; the cluster's links use it).
+    ///
+    /// # Errors
+    ///
+    /// [`TcpFrameError::TooLarge`] if the encoding is longer than `max_frame_bytes`; nothing is
+    /// written then.
+    pub fn encode_message<M: prost::Message>(
+        &self,
+        message: &M,
+        out: &mut BytesMut,
+    ) -> Result<(), TcpFrameError> {
+        let len = message.encoded_len();
+        let prefix = self.prefix_for(len)?;
+        out.reserve(prefix_len(prefix) + len);
+        put_prefix(prefix, out);
+        message.encode(out).map_err(|_| TcpFrameError::TooLarge {
+            len: len as u64,
+            max: self.max_frame_bytes,
+        })
+    }
+
     /// Appends `frame`'s length prefix and protobuf encoding to `out`.
     ///
     /// # Errors

@@ -16,7 +16,7 @@
 //! | `GET /v1/conversations` | `user`, `limit` (default 50) | the `ConversationList` |
 //! | `GET /v1/conversation` | `type=group&id=G` or `type=direct&users=a,b` | the conversation, or 404 |
 //! | `POST /v1/groups` | `{"as": user, "request": GroupRequest}` | the `GroupResult` |
-//! | `GET /v1/cluster` | nothing | `{"node_id", "boot_id", "lease_ok", "redis_errors", "members": [{"node_id", "boot_id", "advertise", "started_ms", "renewed_ms", "lease_expires_ms"}], "routes", "route_writes", "redis_calls", "route_replays"}`; 404 outside a cluster |
+//! | `GET /v1/cluster` | nothing | `{"node_id", "boot_id", "lease_ok", "redis_errors", "members": [{"node_id", "boot_id", "advertise", "started_ms", "renewed_ms", "lease_expires_ms"}], "routes", "route_writes", "redis_calls", "route_replays", "links": [{"node_id", "boot_id", "dialled", "since_ms"}], "links_opened", "link_handshake_failures"}`; 404 outside a cluster |
 //! | `GET /v1/cluster/routes` | `user` | `{"user", "routes": [{"device", "node_id", "boot_id"}]}`: the user's live routes in the presence index, whichever node holds them; 404 outside a cluster, 503 when Redis does not answer |
 //!
 //! Protocol messages (`Conversation`, `GroupRequest`, `SendAck`, `UserPresence`,

@@ -633,7 +633,24 @@ fn register_cluster(registry: &mut Registry, c: &ClusterSnapshot) {
         "Routes (user, device -> this node) this node holds in the presence index",
         routes,
     );
+    let links = Gauge::<i64>::default();
+    links.set(saturating_i64(c.links.len() as u64));
+    registry.register(
+        "cluster_links",
+        "Links to other nodes up now (with cluster.listen)",
+        links,
+    );
     for (name, help, v) in [
+        (
+            "cluster_links_opened",
+            "Links to other nodes established since start",
+            c.links_opened,
+        ),
+        (
+            "cluster_link_handshake_failures",
+            "Link handshakes that failed (a wrong key, garbage, a timeout)",
+            c.link_handshake_failures,
+        ),
         (
             "cluster_route_writes",
             "Route ops written to the presence index (registrations, withdrawals, replays)",
@@ -825,6 +842,9 @@ mod tests {
             route_writes: 9,
             redis_calls: 4,
             route_replays: 1,
+            links: Vec::new(),
+            links_opened: 2,
+            link_handshake_failures: 1,
         };
         let text = encode(&[ShardStats::default()], None, Some(&c)).expect("encodes");
         for line in [
@@ -837,6 +857,9 @@ mod tests {
             "parley_cluster_route_writes_total 9",
             "parley_cluster_redis_calls_total 4",
             "parley_cluster_route_replays_total 1",
+            "parley_cluster_links 0",
+            "parley_cluster_links_opened_total 2",
+            "parley_cluster_link_handshake_failures_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
         }

@@ -54,6 +54,10 @@ pub(super) struct ServeArgs {
     /// cluster.advertise=ADDR).
     #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,
+    /// Where this node accepts links from the other nodes, IP:PORT (shorthand for --set
+    /// cluster.listen=ADDR).
+    #[arg(long, value_name = "ADDR")]
+    cluster_listen: Option<String>,
 }
 
 /// `--tcp` / `--ws`: an address to listen on, or none.
@@ -97,6 +101,7 @@ impl ServeArgs {
             ("cluster.redis", &self.cluster),
             ("cluster.node_id", &self.node_id),
             ("cluster.advertise", &self.advertise),
+            ("cluster.listen", &self.cluster_listen),
         ] {
             if let Some(v) = value {
                 settings.push(format!("{key}={}", quoted(v)));

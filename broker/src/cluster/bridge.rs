@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use redis::Script;
 
+use super::link::LinkCmd;
 use super::registry::{self, Beat, Change, Member};
 use super::routes::{self, Found, Mirror};
 use super::{ClusterError, Status};
@@ -134,6 +135,8 @@ pub(super) struct Bridge {
     mirror: Mirror,
     /// No route write before this (back-off after a failure).
     routes_retry_at: Option<Instant>,
+    /// The link thread, told the membership at each heartbeat.
+    links: Option<(Sender<LinkCmd>, Arc<mio::Waker>)>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -180,6 +183,7 @@ impl Bridge {
                 errors: 0.into(),
                 members: std::sync::Mutex::new(Vec::new()),
                 inbox: tx,
+                links: std::sync::OnceLock::new(),
                 routes: 0.into(),
                 route_writes: 0.into(),
                 redis_calls: 0.into(),
@@ -202,7 +206,19 @@ impl Bridge {
             lookups: Vec::new(),
             mirror: Mirror::default(),
             routes_retry_at: None,
+            links: None,
         })
+    }
+
+    /// The link thread to tell the membership (set before the thread starts).
+    pub(super) fn set_links(&mut self, links: (Sender<LinkCmd>, Arc<mio::Waker>)) {
+        self.links = Some(links);
+    }
+
+    /// The address published for links (when `cluster.advertise` is unset: where the link
+    /// listener is bound).
+    pub(super) fn set_advertise(&mut self, advertise: String) {
+        self.advertise = advertise;
     }
 
     /// The shards' inboxes, for answers (set before the thread starts).
@@ -586,6 +602,7 @@ impl Bridge {
                     .lookup_script
                     .key(format!("{}{user}", routes::PRESENCE_PREFIX))
                     .arg(format!("{}node:", registry::KEY_PREFIX))
+                    .arg(routes::digest_prefix())
                     .invoke(&mut con)?;
                 self.con = Some(con);
                 Ok(routes::parse_lookup(&reply)?)
@@ -689,6 +706,12 @@ impl Bridge {
         self.members = beat.members;
         if let Ok(mut shown) = self.status.members.lock() {
             *shown = self.members.values().cloned().collect();
+        }
+        if let Some((tx, waker)) = &self.links {
+            let members = self.members.values().cloned().collect();
+            if tx.try_send(LinkCmd::Members(members)).is_ok() {
+                let _ = waker.wake();
+            }
         }
         self.check_lease();
     }

@@ -34,6 +34,7 @@
 //!   heartbeat instead of after its lease.
 
 mod bridge;
+pub(crate) mod link;
 pub(crate) mod registry;
 pub(crate) mod routes;
 
@@ -74,9 +75,23 @@ pub(crate) enum ClusterError {
         /// This process's boot id.
         boot_id: String,
     },
-    /// The bridge thread could not be started.
+    /// The bridge or link thread could not be started.
     #[error("cannot start the cluster bridge thread: {0}")]
     Thread(String),
+    /// `cluster.listen` could not be bound.
+    #[error("cannot listen for cluster links on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why not.
+        source: std::io::Error,
+    },
+    /// Links without a key to prove.
+    #[error(
+        "cluster.listen is set but there is no link key: set cluster.secret (the same on every \
+         node), or use the built-in token secret"
+    )]
+    NoLinkKey,
 }
 
 /// What the bridge publishes for the admin listener.
@@ -102,6 +117,8 @@ pub(crate) struct Status {
     redis_calls: AtomicU64,
     /// Replays of every route after the digest differed.
     replays: AtomicU64,
+    /// The link thread's view, with `cluster.listen` set.
+    links: std::sync::OnceLock<Arc<link::LinkStatus>>,
 }
 
 /// A copy of [`Status`] at one moment.
@@ -125,6 +142,12 @@ pub(crate) struct Snapshot {
     pub(crate) redis_calls: u64,
     /// Route replays since start.
     pub(crate) route_replays: u64,
+    /// The links up now, by node id (empty without `cluster.listen`).
+    pub(crate) links: Vec<link::LinkView>,
+    /// Links established since start.
+    pub(crate) links_opened: u64,
+    /// Link handshakes that failed since start.
+    pub(crate) link_handshake_failures: u64,
 }
 
 impl Status {
@@ -140,6 +163,19 @@ impl Status {
             route_writes: self.route_writes.load(Ordering::Relaxed),
             redis_calls: self.redis_calls.load(Ordering::Relaxed),
             route_replays: self.replays.load(Ordering::Relaxed),
+            links: self
+                .links
+                .get()
+                .and_then(|l| l.up.lock().ok().map(|m| m.values().cloned().collect()))
+                .unwrap_or_default(),
+            links_opened: self
+                .links
+                .get()
+                .map_or(0, |l| l.opened.load(Ordering::Relaxed)),
+            link_handshake_failures: self
+                .links
+                .get()
+                .map_or(0, |l| l.handshake_failures.load(Ordering::Relaxed)),
         }
     }
 
@@ -177,21 +213,57 @@ pub(crate) struct Cluster {
     stop: Sender<()>,
     /// The bridge thread.
     thread: Option<JoinHandle<()>>,
+    /// The link thread (with `cluster.listen`), stopped after the bridge.
+    links: Option<link::Links>,
 }
 
 impl Cluster {
     /// Starts the bridge of `config` if `cluster.redis` is set (else `None`: no Redis at all).
     /// Registers the node first, bounded: a live process holding the same node id is an error;
     /// an unreachable Redis is not (the bridge keeps trying).
+    ///
+    /// With `cluster.listen`, the link thread starts first (its bound address is what is
+    /// advertised unless `cluster.advertise` says otherwise); `link_key` is the key links prove
+    /// (`cluster.secret`'s, or one derived from the token secret).
     pub(crate) fn start(
         config: &Config,
         peers: Vec<Peer>,
+        link_key: Option<[u8; 32]>,
     ) -> Result<Option<Cluster>, ClusterError> {
         let Some(url) = &config.cluster.redis else {
             return Ok(None);
         };
         let mut bridge = bridge::Bridge::new(config, url)?;
         bridge.set_peers(peers);
+        let links = match config.cluster.listen {
+            None => None,
+            Some(addr) => {
+                let key = link_key.ok_or(ClusterError::NoLinkKey)?;
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|source| ClusterError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| ClusterError::Bind { addr, source })?;
+                let status = bridge.status();
+                let links = link::Links::start(
+                    link::LinkIdentity {
+                        node_id: status.node_id.clone(),
+                        boot_id: status.boot_id.clone(),
+                        key,
+                        heartbeat: std::time::Duration::from_millis(config.cluster.heartbeat_ms),
+                    },
+                    listener,
+                )
+                .map_err(|e| ClusterError::Thread(e.to_string()))?;
+                let _ = status.links.set(links.status());
+                if config.cluster.advertise.is_none() {
+                    bridge.set_advertise(bound.to_string());
+                }
+                tracing::info!(listen = %bound, "cluster: accepting links from other nodes");
+                bridge.set_links(links.commands());
+                Some(links)
+            }
+        };
         bridge.register()?;
         let status = bridge.status();
         let (stop, stopped) = crossbeam_channel::bounded(1);
@@ -203,6 +275,7 @@ impl Cluster {
             status,
             stop,
             thread: Some(thread),
+            links,
         }))
     }
 
@@ -223,6 +296,18 @@ impl Drop for Cluster {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // The links after the bridge: it no longer tells them anything.
+        drop(self.links.take());
+    }
+}
+
+/// The link key of `config`: `cluster.secret`'s (HMAC-derived, so any length of secret gives
+/// a 32-byte key), else one derived from the token secret `minter` holds, if any.
+pub(crate) fn link_key(config: &Config, minter: Option<&crate::auth::Hs256>) -> Option<[u8; 32]> {
+    const LABEL: &[u8] = b"parley cluster link key v1";
+    match &config.cluster.secret {
+        Some(s) => Some(crate::auth::Hs256::new(s.expose().as_bytes()).derive_key(LABEL)),
+        None => minter.map(|m| m.derive_key(LABEL)),
     }
 }
 

@@ -18,7 +18,9 @@
 //!
 //! Withdrawing a route deletes it only if it still names the same connection, so a device that
 //! logged in again (here or elsewhere) keeps its newer route. Readers ([`LOOKUP`]) drop routes
-//! that name a node whose registration is gone or held by another boot.
+//! that name a node whose registration is gone or held by another boot; if that boot's digest
+//! is still there (the node was paused or cut off past its lease, not dead), they spoil it, so
+//! that the node, once it renews its lease, finds the difference and writes its routes again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +32,12 @@ pub(crate) const PRESENCE_PREFIX: &str = "parley:presence:";
 
 /// The digest key of node `id`.
 pub(crate) fn digest_key(id: &str) -> String {
-    format!("{}digest:{id}", super::registry::KEY_PREFIX)
+    format!("{}{id}", digest_prefix())
+}
+
+/// The key prefix of digests.
+pub(crate) fn digest_prefix() -> String {
+    format!("{}digest:", super::registry::KEY_PREFIX)
 }
 
 /// Most route ops in one script run.
@@ -75,8 +82,10 @@ return {count, x}
 ";
 
 /// Reads a user's routes. KEYS: the user's presence key. ARGV: the key prefix of node
-/// registrations. Returns 3 strings per live route: device, node id, boot id; a route naming a
-/// node that is not registered under that boot any more is deleted on the way.
+/// registrations, the key prefix of digests. Returns 3 strings per live route: device, node id,
+/// boot id. A route naming a node that is not registered under that boot any more is deleted on
+/// the way, and that boot's digest, if it has one, is spoiled (its count set to -1, which no
+/// node ever holds), so a node that comes back from a pause replays its routes.
 pub(crate) const LOOKUP: &str = r"
 local out = {}
 local all = redis.call('HGETALL', KEYS[1])
@@ -89,6 +98,9 @@ for i = 1, #all, 2 do
     table.insert(out, boot)
   else
     redis.call('HDEL', KEYS[1], dev)
+    if node and redis.call('HGET', ARGV[2] .. node, 'boot') == boot then
+      redis.call('HSET', ARGV[2] .. node, 'count', -1)
+    end
   end
 end
 return out

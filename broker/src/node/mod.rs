@@ -295,7 +295,8 @@ impl Node {
         };
         // Registered before any client is served: a live process holding this node id stops
         // the start here. Dropped (leaving the registry) if the start fails after this.
-        let cluster = Cluster::start(&config, peers.clone())
+        let link_key = crate::cluster::link_key(&config, minter.as_ref());
+        let cluster = Cluster::start(&config, peers.clone(), link_key)
             .map_err(|e| NodeError::Cluster(e.to_string()))?;
         let bridge = cluster.as_ref().map(|c| c.status().sender());
 
