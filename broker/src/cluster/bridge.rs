@@ -10,7 +10,7 @@
 //! A batch that fails stays queued and is retried with back-off; a login that waited
 //! `cluster.route_timeout_ms` is answered UNAVAILABLE and its route withdrawn.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,7 +20,8 @@ use redis::Script;
 
 use super::link::LinkCmd;
 use super::registry::{self, Beat, Change, Member};
-use super::routes::{self, Found, Mirror};
+use super::routes::{self, Found};
+use super::writer::{Outcome, RouteStore, RouteWriter, Write};
 use super::{ClusterError, Status};
 use crate::config::{Config, redact_url};
 use crate::core::{RouteOp, Routed};
@@ -44,14 +45,6 @@ pub(crate) enum BridgeMsg {
 
 /// Where a lookup's answer goes.
 pub(crate) type LookupReply = Sender<Result<Vec<Found>, String>>;
-
-/// A route op waiting to be written.
-#[derive(Debug)]
-struct Queued {
-    op: RouteOp,
-    /// For a login waiting on it: when it is answered UNAVAILABLE instead.
-    deadline: Option<Instant>,
-}
 
 /// The first delay after a failed heartbeat; it doubles up to `heartbeat_ms`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -121,18 +114,14 @@ pub(super) struct Bridge {
     digest_key: String,
     /// `cluster.route_ttl_ms`.
     route_ttl: Duration,
-    /// `cluster.route_timeout_ms`.
-    route_timeout: Duration,
     /// What shards and the admin listener ask.
     inbox: Receiver<BridgeMsg>,
     /// The shards, for answers.
     peers: Vec<Peer>,
-    /// Route ops to write, in order.
-    queue: VecDeque<Queued>,
     /// Lookups to answer.
     lookups: Vec<(String, LookupReply)>,
-    /// The routes written, and their digest.
-    mirror: Mirror,
+    /// The route ops, their batching and the digest check.
+    writer: RouteWriter,
     /// No route write before this (back-off after a failure).
     routes_retry_at: Option<Instant>,
     /// The link thread, told the membership at each heartbeat.
@@ -199,12 +188,13 @@ impl Bridge {
             lookup_script: Script::new(routes::LOOKUP),
             digest_key: routes::digest_key(c.effective_node_id(&config.node)),
             route_ttl: Duration::from_millis(c.route_ttl_ms),
-            route_timeout: Duration::from_millis(c.route_timeout_ms),
             inbox,
             peers: Vec::new(),
-            queue: VecDeque::new(),
             lookups: Vec::new(),
-            mirror: Mirror::default(),
+            writer: RouteWriter::new(
+                Duration::from_millis(c.route_timeout_ms),
+                c.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
+            ),
             routes_retry_at: None,
             links: None,
         })
@@ -310,9 +300,9 @@ impl Bridge {
         loop {
             let now = Instant::now();
             let mut wake = next_beat;
-            if !self.queue.is_empty() {
+            if self.writer.pending() {
                 wake = wake.min(self.routes_retry_at.unwrap_or(now));
-                if let Some(d) = self.queue.iter().filter_map(|q| q.deadline).min() {
+                if let Some(d) = self.writer.next_deadline() {
                     wake = wake.min(d);
                 }
             }
@@ -360,210 +350,72 @@ impl Bridge {
     /// Takes in one message.
     fn take(&mut self, msg: BridgeMsg) {
         match msg {
-            BridgeMsg::Route(op) => {
-                let deadline = match &op {
-                    RouteOp::Up {
-                        ticket: Some(_), ..
-                    } => Some(Instant::now() + self.route_timeout),
-                    _ => None,
-                };
-                self.queue.push_back(Queued { op, deadline });
-            }
+            BridgeMsg::Route(op) => self.writer.push(op, Instant::now()),
             BridgeMsg::Lookup { user, reply } => self.lookups.push((user, reply)),
         }
     }
 
-    /// Answers UNAVAILABLE every login that waited `route_timeout_ms`, and withdraws its route
-    /// (it may have been written by a call whose answer was lost).
+    /// Answers UNAVAILABLE every login that waited `route_timeout_ms` (its route is withdrawn:
+    /// it may have been written by a call whose answer was lost).
     fn expire_logins(&mut self) {
-        let now = Instant::now();
-        let mut answers = Vec::new();
-        for q in &mut self.queue {
-            if q.deadline.is_some_and(|d| now >= d)
-                && let RouteOp::Up {
-                    ticket: Some(ticket),
-                    user,
-                    device,
-                    tag,
-                } = &q.op
-            {
-                answers.push(Routed {
-                    ticket: *ticket,
-                    user: Arc::clone(user),
-                    device: Arc::clone(device),
-                    tag: *tag,
-                    result: Err(self.every.as_millis().min(u128::from(u32::MAX)) as u32),
-                });
-                q.op = RouteOp::Down {
-                    user: Arc::clone(user),
-                    device: Arc::clone(device),
-                    tag: *tag,
-                };
-                q.deadline = None;
-            }
-        }
+        let answers = self.writer.expire(Instant::now());
         self.answer(answers);
     }
 
     /// Writes the queued route ops, a batch per script run, until none is left or a call
     /// fails (then they stay queued, retried after the back-off).
     fn write_routes(&mut self) {
-        while !self.queue.is_empty() {
-            let n = self.queue.len().min(routes::BATCH);
-            let ops: Vec<RouteOp> = self.queue.iter().take(n).map(|q| q.op.clone()).collect();
-            match self.run_routes(&ops, false) {
-                Ok(digest) => {
-                    self.queue.drain(..n);
-                    self.routes_retry_at = None;
-                    let mut answers = Vec::new();
-                    for op in &ops {
-                        self.mirror.apply(op);
-                        if let RouteOp::Up {
-                            ticket: Some(ticket),
-                            user,
-                            device,
-                            tag,
-                        } = op
-                        {
-                            answers.push(Routed {
-                                ticket: *ticket,
-                                user: Arc::clone(user),
-                                device: Arc::clone(device),
-                                tag: *tag,
-                                result: Ok(()),
-                            });
-                        }
-                    }
-                    self.status
-                        .routes
-                        .store(self.mirror.len() as u64, Ordering::Relaxed);
-                    self.answer(answers);
-                    if digest != self.mirror.digest() {
-                        self.replay();
-                    }
-                }
-                Err(e) => {
-                    self.failed(&e);
-                    self.routes_retry_at = Some(Instant::now() + self.backoff);
-                    self.backoff = (self.backoff * 2).min(self.every);
-                    return;
-                }
+        let mut store = RedisStore {
+            con: &mut self.con,
+            client: &self.client,
+            io_timeout: self.io_timeout,
+            script: &self.routes_script,
+            digest_key: &self.digest_key,
+            ttl_ms: self.route_ttl.as_millis() as u64,
+            status: &self.status,
+        };
+        let (answers, outcome, error) = self.writer.flush(&mut store);
+        self.count(outcome);
+        self.answer(answers);
+        match error {
+            None => self.routes_retry_at = None,
+            Some(e) => {
+                self.failed(&e);
+                self.routes_retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(self.every);
             }
         }
-    }
-
-    /// One run of the route script over `ops` (`reset`: start the digest from zero).
-    fn run_routes(&mut self, ops: &[RouteOp], reset: bool) -> Result<routes::Digest, BeatError> {
-        let mut con = match self.con.take() {
-            Some(con) => con,
-            None => self.connect()?,
-        };
-        let mut call = self.routes_script.key(&self.digest_key);
-        call.arg(&self.status.boot_id)
-            .arg(self.route_ttl.as_millis() as u64)
-            .arg(routes::PRESENCE_PREFIX)
-            .arg(if reset { "1" } else { "0" });
-        for op in ops {
-            let (kind, user, device, tag) = match op {
-                RouteOp::Up {
-                    user, device, tag, ..
-                } => ("U", user, device, *tag),
-                // A withdrawal of a route never written (its login expired) must not count.
-                RouteOp::Down { user, device, tag } if !self.mirror.holds(*tag) => {
-                    ("X", user, device, *tag)
-                }
-                RouteOp::Down { user, device, tag } => ("D", user, device, *tag),
-            };
-            call.arg(kind)
-                .arg(&**user)
-                .arg(&**device)
-                .arg(routes::value(
-                    &self.status.node_id,
-                    &self.status.boot_id,
-                    tag,
-                ))
-                .arg(routes::fingerprint(user, device, tag));
-        }
-        self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
-        let reply: Vec<i64> = call.invoke(&mut con)?;
-        self.con = Some(con);
-        self.status
-            .route_writes
-            .fetch_add(ops.len() as u64, Ordering::Relaxed);
-        Ok(routes::parse_digest(&reply)?)
     }
 
     /// At each heartbeat: renews the TTLs of the next slice of routes (each once per third of
     /// `route_ttl_ms`) and compares the digests, replaying on a difference.
     fn check_routes(&mut self) {
         let cycle = (self.route_ttl / 3).max(self.every);
-        let per_beat = (self.mirror.len() as u128 * self.every.as_millis())
+        let renew = (self.writer.routes() as u128 * self.every.as_millis())
             .div_ceil(cycle.as_millis().max(1)) as usize;
-        let slice = self.mirror.next_to_renew(per_beat.min(routes::BATCH));
-        let script = self.routes_script.clone();
-        let mut call = script.key(&self.digest_key);
-        call.arg(&self.status.boot_id)
-            .arg(self.route_ttl.as_millis() as u64)
-            .arg(routes::PRESENCE_PREFIX)
-            .arg("0");
-        for (tag, r) in &slice {
-            call.arg("R")
-                .arg(&*r.user)
-                .arg(&*r.device)
-                .arg(tag.to_string())
-                .arg(0);
-        }
-        let result = (|| -> Result<routes::Digest, BeatError> {
-            let mut con = match self.con.take() {
-                Some(con) => con,
-                None => self.connect()?,
-            };
-            self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
-            let reply: Vec<i64> = call.invoke(&mut con)?;
-            self.con = Some(con);
-            Ok(routes::parse_digest(&reply)?)
-        })();
-        match result {
-            Ok(digest) if digest != self.mirror.digest() => self.replay(),
-            Ok(_) => {}
-            Err(e) => self.failed(&e),
+        let mut store = RedisStore {
+            con: &mut self.con,
+            client: &self.client,
+            io_timeout: self.io_timeout,
+            script: &self.routes_script,
+            digest_key: &self.digest_key,
+            ttl_ms: self.route_ttl.as_millis() as u64,
+            status: &self.status,
+        };
+        let (outcome, result) = self.writer.check(&mut store, renew);
+        self.count(outcome);
+        if let Err(e) = result {
+            self.failed(&e);
         }
     }
 
-    /// Writes every route again from a digest of zero: Redis lost some (restarted empty,
-    /// failed over) or holds some twice.
-    fn replay(&mut self) {
-        let all = self.mirror.all();
-        self.status.replays.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            node_id = %self.status.node_id,
-            routes = all.len(),
-            "cluster: the presence index in Redis differs from this node's routes (Redis              restarted or lost writes); writing them again"
-        );
-        let mut first = true;
-        let mut last = None;
-        for chunk in all.chunks(routes::BATCH) {
-            match self.run_routes(chunk, first) {
-                Ok(d) => last = Some(d),
-                Err(e) => {
-                    // The next check sees the difference and tries again.
-                    return self.failed(&e);
-                }
-            }
-            first = false;
-        }
-        if all.is_empty() {
-            match self.run_routes(&[], true) {
-                Ok(d) => last = Some(d),
-                Err(e) => return self.failed(&e),
-            }
-        }
-        if last != Some(self.mirror.digest()) {
-            tracing::error!(
-                node_id = %self.status.node_id,
-                "cluster: after a replay the presence index still differs from this node's                  routes; the next heartbeat checks again"
-            );
-        }
+    /// Publishes what the writer did.
+    fn count(&self, outcome: Outcome) {
+        let s = &self.status;
+        s.route_writes.fetch_add(outcome.writes, Ordering::Relaxed);
+        s.replays.fetch_add(outcome.replays, Ordering::Relaxed);
+        s.routes
+            .store(self.writer.routes() as u64, Ordering::Relaxed);
     }
 
     /// Sends route answers to their shards, one mail per shard.
@@ -639,10 +491,7 @@ impl Bridge {
 
     /// A new connection, with the I/O timeouts set.
     fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
-        let con = self.client.get_connection_with_timeout(self.io_timeout)?;
-        con.set_read_timeout(Some(self.io_timeout))?;
-        con.set_write_timeout(Some(self.io_timeout))?;
-        Ok(con)
+        connect(&self.client, self.io_timeout)
     }
 
     /// Takes in a heartbeat's answer: the lease, the membership (logging each change).
@@ -788,5 +637,56 @@ impl Bridge {
                  when its lease expires"
             ),
         }
+    }
+}
+
+/// A new connection to `client`'s Redis, with the I/O timeouts set.
+fn connect(
+    client: &redis::Client,
+    io_timeout: Duration,
+) -> Result<redis::Connection, redis::RedisError> {
+    let con = client.get_connection_with_timeout(io_timeout)?;
+    con.set_read_timeout(Some(io_timeout))?;
+    con.set_write_timeout(Some(io_timeout))?;
+    Ok(con)
+}
+
+/// The bridge's Redis as the route writer writes to it: one run of [`routes::ROUTES`] per call.
+struct RedisStore<'a> {
+    con: &'a mut Option<redis::Connection>,
+    client: &'a redis::Client,
+    io_timeout: Duration,
+    script: &'a Script,
+    digest_key: &'a str,
+    ttl_ms: u64,
+    status: &'a Status,
+}
+
+impl RouteStore for RedisStore<'_> {
+    type Error = BeatError;
+
+    fn run(&mut self, writes: &[Write<'_>], reset: bool) -> Result<routes::Digest, BeatError> {
+        // Taken out while in use, put back only after a good answer: an error drops it.
+        let mut con = match self.con.take() {
+            Some(con) => con,
+            None => connect(self.client, self.io_timeout)?,
+        };
+        let (node, boot) = (&self.status.node_id, &self.status.boot_id);
+        let mut call = self.script.key(self.digest_key);
+        call.arg(boot)
+            .arg(self.ttl_ms)
+            .arg(routes::PRESENCE_PREFIX)
+            .arg(if reset { "1" } else { "0" });
+        for w in writes {
+            call.arg(w.kind.letter())
+                .arg(w.user)
+                .arg(w.device)
+                .arg(routes::value(node, boot, w.tag))
+                .arg(routes::fingerprint(w.user, w.device, w.tag));
+        }
+        self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let reply: Vec<i64> = call.invoke(&mut con)?;
+        *self.con = Some(con);
+        Ok(routes::parse_digest(&reply)?)
     }
 }

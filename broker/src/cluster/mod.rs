@@ -37,6 +37,7 @@ mod bridge;
 pub(crate) mod link;
 pub(crate) mod registry;
 pub(crate) mod routes;
+pub(crate) mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -44,18 +44,22 @@ pub(crate) fn digest_prefix() -> String {
 pub(crate) const BATCH: usize = 512;
 
 /// Writes routes. KEYS: the node's digest key. ARGV: boot id, route TTL (ms), the presence key
-/// prefix, `1` to start the digest again from `{0, 0}` (a replay) else `0`, then 5 strings per
-/// op: `U` (register), `D` (withdraw), `X` (withdraw a route the digest does not count), `R`
-/// (renew the TTL only); user, device, value (`<node> <boot> <tag>`), fingerprint (a 32-bit
-/// integer). Returns the digest after the batch: `{count, xor}`. A digest of another boot (or
-/// none) starts again from `{0, 0}` too.
+/// prefix, `1` to start the digest again from `{0, 0}` (the first run of a boot, a replay) else
+/// `0`, then 5 strings per op: `U` (register), `D` (withdraw), `X` (withdraw a route the digest
+/// does not count), `R` (renew the TTL only); user, device, value (`<node> <boot> <tag>`),
+/// fingerprint (a 32-bit integer). Returns the digest after the batch, `{count, xor}`, or
+/// `{-1, xor}` while the digest is **spoiled**: Redis lost it (restarted, failed over: it is
+/// missing or of another boot without a reset) or a reader dropped routes of this boot
+/// ([`LOOKUP`]). Only a reset clears that, so no later drift can make a spoiled digest match.
 pub(crate) const ROUTES: &str = r"
 local d = KEYS[1]
 local boot, ttl, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local h = redis.call('HMGET', d, 'boot', 'count', 'xor')
-local count, x = 0, 0
-if h[1] == boot and ARGV[4] ~= '1' then
-  count, x = tonumber(h[2]) or 0, tonumber(h[3]) or 0
+local h = redis.call('HMGET', d, 'boot', 'count', 'xor', 'spoiled')
+local count, x, spoiled = 0, 0, '1'
+if ARGV[4] == '1' then
+  spoiled = '0'
+elseif h[1] == boot then
+  count, x, spoiled = tonumber(h[2]) or 0, tonumber(h[3]) or 0, h[4] or '0'
 end
 for i = 5, #ARGV, 5 do
   local op, key, dev, val, f = ARGV[i], prefix .. ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
@@ -76,16 +80,19 @@ for i = 5, #ARGV, 5 do
     redis.call('PEXPIRE', key, ttl)
   end
 end
-redis.call('HSET', d, 'boot', boot, 'count', count, 'xor', x)
+redis.call('HSET', d, 'boot', boot, 'count', count, 'xor', x, 'spoiled', spoiled)
 redis.call('PEXPIRE', d, ttl)
+if spoiled == '1' then
+  return {-1, x}
+end
 return {count, x}
 ";
 
 /// Reads a user's routes. KEYS: the user's presence key. ARGV: the key prefix of node
 /// registrations, the key prefix of digests. Returns 3 strings per live route: device, node id,
 /// boot id. A route naming a node that is not registered under that boot any more is deleted on
-/// the way, and that boot's digest, if it has one, is spoiled (its count set to -1, which no
-/// node ever holds), so a node that comes back from a pause replays its routes.
+/// the way, and that boot's digest, if it has one, is spoiled (see [`ROUTES`]), so a node that
+/// comes back from a pause replays its routes.
 pub(crate) const LOOKUP: &str = r"
 local out = {}
 local all = redis.call('HGETALL', KEYS[1])
@@ -99,7 +106,7 @@ for i = 1, #all, 2 do
   else
     redis.call('HDEL', KEYS[1], dev)
     if node and redis.call('HGET', ARGV[2] .. node, 'boot') == boot then
-      redis.call('HSET', ARGV[2] .. node, 'count', -1)
+      redis.call('HSET', ARGV[2] .. node, 'spoiled', '1')
     end
   end
 end
