@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use parley_proto::pb;
 use parley_tests::Broker;
 use parley_tests::http;
+use parley_tests::loadgen::Loadgen;
 
 /// The admin token the tests configure.
 const TOKEN: &str = "cluster-test-token-0123456789";
@@ -713,4 +714,37 @@ fn a_node_paused_past_its_lease_is_not_served_and_serves_its_routes_again_once_r
     );
     // bob never noticed.
     bob.ping();
+}
+
+/// A token secret the nodes of one test share (so that a token is good on every node).
+const SHARED_SECRET: &str = "cluster-shared-token-secret-0123456789abc";
+
+#[test]
+fn loadgen_spreads_pairs_over_the_nodes_of_a_cluster_and_every_message_arrives() {
+    let redis = Redis::start();
+    let shared = format!("auth.secret=\"{SHARED_SECRET}\"");
+    let a = node(&redis, "a", &[&shared]);
+    let b = node(&redis, "b", &[&shared]);
+    await_members(&a, &["a", "b"], soon());
+    let run = Loadgen::new(["pairs", "--json", "--secret", SHARED_SECRET])
+        .arg("--nodes")
+        .arg(format!("{},{}", a.tcp_addr(), b.tcp_addr()))
+        .args(["--conns", "40", "--window", "4"])
+        .args(["--warmup", "0.2", "--duration", "1"])
+        .run();
+    run.assert_code(0, "a clean run over two nodes exits with 0");
+    let report = run.report();
+    report.check(report.bool("passed"), "the report says passed");
+    report.check_eq(report.failures(), (0, 0, 0, 0, 0), "a clean verdict");
+    let sent = report.u64("sent");
+    report.check(sent > 0, "the run sent messages");
+    report.check_eq(
+        report.u64("delivered"),
+        sent,
+        "every message sent was delivered",
+    );
+    // Half the pairs on each node: each registered its 20 clients' routes.
+    for n in [&a, &b] {
+        await_metric(n, "parley_node_routes_asked_total", 20.0, soon());
+    }
 }

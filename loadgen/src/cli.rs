@@ -147,6 +147,16 @@ pub struct Common {
     /// 7444), mqtt :1883, redis :6379, relay :7500].
     #[arg(long)]
     pub addr: Option<SocketAddr>,
+    /// Parley: the nodes of a cluster to spread the clients over, instead of --addr
+    /// (`ADDR,ADDR,...`). Each pair, fan-out (publisher and its subscribers) or group's members
+    /// connect to one node, round robin over the nodes: messages do not cross nodes yet.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "addr",
+        value_name = "ADDR,..."
+    )]
+    pub nodes: Vec<SocketAddr>,
     /// Parley transport: tcp, ws, tls (TCP framing inside TLS), wss (WebSocket inside TLS) or
     /// udp (the broker's UDP sessions).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]

@@ -156,6 +156,7 @@ fn common(cmd: &Command) -> Option<&Common> {
 fn addr(common: &Common) -> SocketAddr {
     common
         .addr
+        .or_else(|| common.nodes.first().copied())
         .unwrap_or_else(|| common.system.default_addr(common.transport))
 }
 
@@ -173,6 +174,9 @@ fn plan(
     run_id: &str,
 ) -> Result<Plan, String> {
     let shape = shape(cmd, common)?;
+    if !common.nodes.is_empty() && common.system != System::Parley {
+        return Err("--nodes spreads clients over the nodes of a parley cluster only".into());
+    }
     let units = shape.clients / shape.group;
     let (lo, hi) = (units * index / count, units * (index + 1) / count);
     let clients = (lo * shape.group) as u32..(hi * shape.group) as u32;
@@ -232,6 +236,7 @@ fn plan(
             prefix: format!("lg{run_id}-"),
         },
         addr: target,
+        nodes: common.nodes.clone(),
     })
 }
 
@@ -530,7 +535,16 @@ fn orchestrate(cmd: &Command, common: &Common, run_id: &str) -> Result<FinalRepo
         "loadgen: {} against {:?} at {}: {} clients, {} connections, {} process(es), run id {run_id}{}",
         shape.name,
         common.system,
-        first.addr,
+        if first.nodes.is_empty() {
+            first.addr.to_string()
+        } else {
+            first
+                .nodes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        },
         shape.clients,
         shape.conns,
         procs,

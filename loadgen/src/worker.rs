@@ -63,6 +63,8 @@ pub struct Plan {
     pub names: Names,
     /// The target address.
     pub addr: SocketAddr,
+    /// The nodes of a cluster the clients are spread over (empty: all go to `addr`).
+    pub nodes: Vec<SocketAddr>,
 }
 
 /// The scenario with its parameters.

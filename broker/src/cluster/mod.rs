@@ -1,5 +1,5 @@
-//! Several nodes over one Redis (`[cluster]`; in progress: the node registry and the presence
-//! index).
+//! Several nodes over one Redis (`[cluster]`; in progress: the node registry, the presence index
+//! and the links between nodes; messages do not cross nodes yet).
 //!
 //! With `cluster.redis` set, the node starts a **bridge thread** ([`bridge`]), the only place
 //! that talks to Redis (never a shard thread). It registers the node (node id, a boot id drawn
@@ -13,7 +13,11 @@
 //! in here, a connection gone) over its inbox, the same kind of bounded channel shards use among
 //! themselves; it writes them in batches and answers each waiting login in the shard's inbox
 //! (the core's side is `crate::core::route`). A digest compared after every batch and at every
-//! heartbeat makes it replay every route when Redis lost them.
+//! heartbeat makes it replay every route when Redis lost them. What to write when is decided by
+//! the sans-IO [`writer`], which a property test runs against a faulty model of Redis.
+//!
+//! With `cluster.listen`, a **link thread** ([`link`]) keeps one authenticated TCP link per pair
+//! of live nodes (the bridge hands it the membership at each heartbeat).
 //!
 //! Failures:
 //! * Redis unreachable: the node keeps serving; the bridge retries with back-off (from 100 ms,
@@ -32,6 +36,24 @@
 //!   UNAVAILABLE with a retry hint; route ops that failed stay queued and are retried.
 //! * Clean shutdown deletes the registration, so the others see the node leave at their next
 //!   heartbeat instead of after its lease.
+//!
+//! ### What comes next: messages across nodes
+//! The plan the next steps follow, so that every part built so far fits it:
+//! * **Placement over nodes.** A cluster is a fixed list of node ids; conversations and user
+//!   homes are placed over the cluster's shards (rendezvous hashing of the node, then the
+//!   node's own shard choice), through the same `Placement` seam that places them over shards
+//!   today. A node's conversations stay its own: a dead owner's conversations answer
+//!   UNAVAILABLE with a retry hint until it returns with its disk, and a node acts as an owner
+//!   only while its lease holds (a local deadline, checked before each seq is assigned), so a
+//!   node paused past its lease assigns nothing until it renewed it.
+//! * **Shard mail over links.** What shards tell each other (`crate::core::mail`) travels
+//!   between nodes on the links, encoded once per batch; a link that breaks fails the requests
+//!   waiting on it (UNAVAILABLE) and every delivery carries (conversation, seq, owner boot), so a
+//!   home that sees a gap or a new boot pulls the missing range from the owner.
+//! * **Sessions anywhere.** A client may connect to any node: its session is carried to its
+//!   home node's core over the link (as in-process connections are fed today), the accepting
+//!   node keeping only the socket and the transport; the presence index says where each device
+//!   is.
 
 mod bridge;
 pub(crate) mod link;

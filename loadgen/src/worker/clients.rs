@@ -68,6 +68,22 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Where client `local` connects: `--addr`, or with `--nodes` the node of its pair,
+    /// fan-out or group (round robin), so that its messages stay on one node.
+    pub(super) fn node_of(&self, local: u32) -> std::net::SocketAddr {
+        let nodes = &self.plan.nodes;
+        if nodes.is_empty() {
+            return self.plan.addr;
+        }
+        let me = self.global(local);
+        let unit = match (self.clients[local as usize].group, &self.plan.scenario) {
+            (Some(group), _) => group,
+            (None, Scenario::Traffic { group, .. }) => me / (*group).max(1),
+            (None, _) => me / 2,
+        };
+        nodes[unit as usize % nodes.len()]
+    }
+
     pub(super) fn global(&self, local: u32) -> u32 {
         self.plan.clients.start + local
     }
@@ -190,9 +206,10 @@ impl<'a> Worker<'a> {
                 Some(self.plan.sources[i])
             };
             self.conns_opened += 1;
+            let addr = self.node_of(local);
             let conn = self
                 .engine
-                .connect(self.plan.addr, source, me, role, driver)
+                .connect(addr, source, me, role, driver)
                 .map_err(|e| format!("cannot open connection {}: {e}", self.conns_opened))?;
             if self.owner.len() <= conn {
                 self.owner.resize(conn + 1, u32::MAX);
