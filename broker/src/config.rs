@@ -127,6 +127,10 @@ pub struct Cluster {
     /// milliseconds; past it (Redis unreachable) the login is closed with UNAVAILABLE and a
     /// retry hint. 100 to 60000. Default 3000.
     pub route_timeout_ms: u64,
+    /// Most route changes a node queues for Redis (while Redis is slow or unreachable); past it
+    /// a new login is closed with UNAVAILABLE at once instead of waiting. Withdrawals always
+    /// queue (at most one per route). At least 1. Default 100000.
+    pub max_pending_routes: usize,
 }
 
 impl Default for Cluster {
@@ -141,6 +145,7 @@ impl Default for Cluster {
             heartbeat_ms: 2_000,
             route_ttl_ms: 300_000,
             route_timeout_ms: 3_000,
+            max_pending_routes: 100_000,
         }
     }
 }
@@ -192,6 +197,9 @@ impl Cluster {
         }
         if !(100..=60_000).contains(&self.route_timeout_ms) {
             return Err("cluster.route_timeout_ms must be between 100 and 60000".into());
+        }
+        if self.max_pending_routes == 0 {
+            return Err("cluster.max_pending_routes must be at least 1".into());
         }
         if self.secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
             return Err("cluster.secret must be at least 32 bytes".into());

@@ -194,6 +194,7 @@ impl Bridge {
             writer: RouteWriter::new(
                 Duration::from_millis(c.route_timeout_ms),
                 c.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
+                c.max_pending_routes,
             ),
             routes_retry_at: None,
             links: None,
@@ -350,7 +351,11 @@ impl Bridge {
     /// Takes in one message.
     fn take(&mut self, msg: BridgeMsg) {
         match msg {
-            BridgeMsg::Route(op) => self.writer.push(op, Instant::now()),
+            BridgeMsg::Route(op) => {
+                if let Some(refused) = self.writer.push(op, Instant::now()) {
+                    self.answer(vec![refused]);
+                }
+            }
             BridgeMsg::Lookup { user, reply } => self.lookups.push((user, reply)),
         }
     }

@@ -5,7 +5,10 @@
 //!
 //! ### Invariants
 //! * Every ticketed `Up` pushed is answered exactly once: `Ok` once a batch holding it was
-//!   written, or `Err` (UNAVAILABLE) when its deadline passes first.
+//!   written, `Err` (UNAVAILABLE) when its deadline passes first, or `Err` at once when the
+//!   queue holds `max_queue` ops already.
+//! * The queue is bounded: ticketed `Up`s enter only below `max_queue`; the other ops are
+//!   withdrawals of routes held (at most one per route) and in-process `Up`s.
 //! * The mirror holds exactly the routes whose `Up` was written and whose `Down` was not; a
 //!   route whose login expired is withdrawn (it may have been written by a run whose answer was
 //!   lost) without counting in the digest.
@@ -90,30 +93,50 @@ pub(crate) struct RouteWriter {
     retry_after_ms: u32,
     /// No run has succeeded yet: runs reset the digest (a new boot starts from zero).
     fresh: bool,
+    /// Most ops queued before a login is refused at once (`cluster.max_pending_routes`).
+    max_queue: usize,
 }
 
 impl RouteWriter {
     /// A writer whose logins wait at most `timeout`, then are told to retry after
-    /// `retry_after_ms`.
-    pub(crate) fn new(timeout: Duration, retry_after_ms: u32) -> Self {
+    /// `retry_after_ms`; past `max_queue` queued ops a login is refused at once.
+    pub(crate) fn new(timeout: Duration, retry_after_ms: u32, max_queue: usize) -> Self {
         RouteWriter {
             queue: VecDeque::new(),
             mirror: Mirror::default(),
             timeout,
             retry_after_ms,
             fresh: true,
+            max_queue: max_queue.max(1),
         }
     }
 
-    /// Queues `op` (a ticketed `Up` waits at most the timeout from `now`).
-    pub(crate) fn push(&mut self, op: RouteOp, now: Instant) {
+    /// Queues `op` (a ticketed `Up` waits at most the timeout from `now`). A login that finds
+    /// the queue full (Redis has not answered for a while) is answered UNAVAILABLE at once:
+    /// that answer is returned.
+    pub(crate) fn push(&mut self, op: RouteOp, now: Instant) -> Option<Routed> {
         let deadline = match &op {
             RouteOp::Up {
-                ticket: Some(_), ..
-            } => Some(now + self.timeout),
+                ticket: Some(ticket),
+                user,
+                device,
+                tag,
+            } => {
+                if self.queue.len() >= self.max_queue {
+                    return Some(Routed {
+                        ticket: *ticket,
+                        user: Arc::clone(user),
+                        device: Arc::clone(device),
+                        tag: *tag,
+                        result: Err(self.retry_after_ms),
+                    });
+                }
+                Some(now + self.timeout)
+            }
             _ => None,
         };
         self.queue.push_back(Queued { op, deadline });
+        None
     }
 
     /// Whether ops wait to be written.

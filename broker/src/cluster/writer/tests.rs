@@ -131,6 +131,9 @@ const NODES: usize = 3;
 /// A login timeout of the writers, ms.
 const TIMEOUT_MS: u64 = 300;
 
+/// The writers' queue bound (small, so scenarios reach it).
+const MAX_QUEUE: usize = 6;
+
 /// One node of the scenario.
 struct Node {
     writer: RouteWriter,
@@ -146,7 +149,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
     let mut now = start;
     let mut nodes: Vec<Node> = (0..NODES)
         .map(|i| Node {
-            writer: RouteWriter::new(Duration::from_millis(TIMEOUT_MS), 100),
+            writer: RouteWriter::new(Duration::from_millis(TIMEOUT_MS), 100, MAX_QUEUE),
             store: Store {
                 redis: Rc::clone(&redis),
                 node: format!("n{i}"),
@@ -186,7 +189,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
                     serial: u64::from(n.next_slot),
                 };
                 answers.entry((node, ticket.serial)).or_default();
-                n.writer.push(
+                let refused = n.writer.push(
                     RouteOp::Up {
                         ticket: Some(ticket),
                         user: format!("u{user}").into(),
@@ -199,6 +202,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
                     },
                     now,
                 );
+                take(node, n, refused.into_iter().collect(), &mut answers);
             }
             Step::Logout { node, which } => {
                 let n = &mut nodes[node];
@@ -211,7 +215,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
                     .nth(which % n.online.len())
                     .expect("in range");
                 let (user, device) = n.online.remove(&tag).expect("online");
-                n.writer.push(
+                let refused = n.writer.push(
                     RouteOp::Down {
                         user: user.into(),
                         device: device.into(),
@@ -219,6 +223,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
                     },
                     now,
                 );
+                prop_assert!(refused.is_none(), "a withdrawal is never refused");
             }
             Step::Flush { node, fault } => {
                 let n = &mut nodes[node];
@@ -298,7 +303,7 @@ fn run_scenario(steps: &[Step]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // The default number of cases (256, or `PROPTEST_CASES` for long runs).
 
     #[test]
     fn redis_ends_up_holding_exactly_the_logged_in_routes_whatever_failed(
@@ -317,7 +322,7 @@ fn a_login_past_its_deadline_is_answered_unavailable_once_and_its_route_withdraw
         boot: "b".into(),
         fault: None,
     };
-    let mut w = RouteWriter::new(Duration::from_millis(100), 7);
+    let mut w = RouteWriter::new(Duration::from_millis(100), 7, 1000);
     let t0 = Instant::now();
     // bob's route, written: the boot's digest starts.
     let bob_tag = RouteTag {
@@ -325,7 +330,7 @@ fn a_login_past_its_deadline_is_answered_unavailable_once_and_its_route_withdraw
         slot: 1,
         generation: 1,
     };
-    w.push(
+    let _ = w.push(
         RouteOp::Up {
             ticket: None,
             user: "bob".into(),
@@ -343,7 +348,7 @@ fn a_login_past_its_deadline_is_answered_unavailable_once_and_its_route_withdraw
         generation: 1,
         serial: 9,
     };
-    w.push(
+    let _ = w.push(
         RouteOp::Up {
             ticket: Some(ticket),
             user: "alice".into(),
@@ -379,4 +384,39 @@ fn a_login_past_its_deadline_is_answered_unavailable_once_and_its_route_withdraw
     let (outcome, r) = w.check(&mut store, 0);
     assert!(r.is_ok());
     assert_eq!(outcome.replays, 0);
+}
+
+#[test]
+fn a_login_finding_the_queue_full_is_refused_at_once_and_withdrawals_still_queue() {
+    let mut w = RouteWriter::new(Duration::from_secs(3), 5, 2);
+    let now = Instant::now();
+    let up = |slot: u32| RouteOp::Up {
+        ticket: Some(Ticket {
+            shard: 0,
+            slot,
+            generation: 1,
+            serial: u64::from(slot),
+        }),
+        user: "u".into(),
+        device: format!("d{slot}").into(),
+        tag: RouteTag {
+            shard: 0,
+            slot,
+            generation: 1,
+        },
+    };
+    assert!(w.push(up(1), now).is_none());
+    assert!(w.push(up(2), now).is_none());
+    let refused = w.push(up(3), now).expect("refused at once");
+    assert_eq!((refused.ticket.serial, refused.result), (3, Err(5)));
+    let down = RouteOp::Down {
+        user: "u".into(),
+        device: "d9".into(),
+        tag: RouteTag {
+            shard: 0,
+            slot: 9,
+            generation: 1,
+        },
+    };
+    assert!(w.push(down, now).is_none());
 }
