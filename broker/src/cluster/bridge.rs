@@ -370,16 +370,8 @@ impl Bridge {
     /// Writes the queued route ops, a batch per script run, until none is left or a call
     /// fails (then they stay queued, retried after the back-off).
     fn write_routes(&mut self) {
-        let mut store = RedisStore {
-            con: &mut self.con,
-            client: &self.client,
-            io_timeout: self.io_timeout,
-            script: &self.routes_script,
-            digest_key: &self.digest_key,
-            ttl_ms: self.route_ttl.as_millis() as u64,
-            status: &self.status,
-        };
-        let (answers, outcome, error) = self.writer.flush(&mut store);
+        let (writer, mut store) = self.writer_and_store();
+        let (answers, outcome, error) = writer.flush(&mut store);
         self.count(outcome);
         self.answer(answers);
         match error {
@@ -398,7 +390,17 @@ impl Bridge {
         let cycle = (self.route_ttl / 3).max(self.every);
         let renew = (self.writer.routes() as u128 * self.every.as_millis())
             .div_ceil(cycle.as_millis().max(1)) as usize;
-        let mut store = RedisStore {
+        let (writer, mut store) = self.writer_and_store();
+        let (outcome, result) = writer.check(&mut store, renew);
+        self.count(outcome);
+        if let Err(e) = result {
+            self.failed(&e);
+        }
+    }
+
+    /// The route writer and the Redis it writes to (borrowing the bridge's connection).
+    fn writer_and_store(&mut self) -> (&mut RouteWriter, RedisStore<'_>) {
+        let store = RedisStore {
             con: &mut self.con,
             client: &self.client,
             io_timeout: self.io_timeout,
@@ -407,11 +409,7 @@ impl Bridge {
             ttl_ms: self.route_ttl.as_millis() as u64,
             status: &self.status,
         };
-        let (outcome, result) = self.writer.check(&mut store, renew);
-        self.count(outcome);
-        if let Err(e) = result {
-            self.failed(&e);
-        }
+        (&mut self.writer, store)
     }
 
     /// Publishes what the writer did.

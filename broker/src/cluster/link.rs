@@ -797,16 +797,28 @@ fn fresh_nonce() -> [u8; 16] {
     n
 }
 
-/// HMAC-SHA256(key, label | nonce | node id | 0 | boot id).
-fn prove(key: &[u8; 32], label: &[u8], nonce: &[u8], node_id: &str, boot_id: &str) -> [u8; 32] {
+/// The HMAC-SHA256 state over label | nonce | node id | 0 | boot id, under `key`.
+fn proof_mac(
+    key: &[u8; 32],
+    label: &[u8],
+    nonce: &[u8],
+    node_id: &str,
+    boot_id: &str,
+) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(label);
-    mac.update(nonce);
-    mac.update(node_id.as_bytes());
-    mac.update(&[0]);
-    mac.update(boot_id.as_bytes());
-    mac.finalize().into_bytes().into()
+    for part in [label, nonce, node_id.as_bytes(), &[0], boot_id.as_bytes()] {
+        mac.update(part);
+    }
+    mac
+}
+
+/// The proof of `node_id`/`boot_id` over `nonce`.
+fn prove(key: &[u8; 32], label: &[u8], nonce: &[u8], node_id: &str, boot_id: &str) -> [u8; 32] {
+    proof_mac(key, label, nonce, node_id, boot_id)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Whether `proof` is [`prove`]'s answer (compared in constant time).
@@ -818,14 +830,9 @@ fn verify(
     boot_id: &str,
     proof: &[u8],
 ) -> bool {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(label);
-    mac.update(nonce);
-    mac.update(node_id.as_bytes());
-    mac.update(&[0]);
-    mac.update(boot_id.as_bytes());
-    mac.verify_slice(proof).is_ok()
+    proof_mac(key, label, nonce, node_id, boot_id)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 fn unix_ms() -> u64 {
