@@ -748,3 +748,17 @@ fn loadgen_spreads_pairs_over_the_nodes_of_a_cluster_and_every_message_arrives()
         await_metric(n, "parley_node_routes_asked_total", 20.0, soon());
     }
 }
+
+#[test]
+fn a_node_stopped_cleanly_leaves_no_route_behind_in_redis() {
+    let redis = Redis::start();
+    let mut a = node(&redis, "a", &[]);
+    let _alice = a.connect("alice", "phone");
+    let _bob = a.connect("bob", "laptop");
+    assert_eq!(redis.routes_of("alice"), map(&[("phone", "a")]));
+    assert!(a.terminate().success());
+    // Withdrawn by the node itself on its way out, not left to readers or the TTL.
+    assert!(redis.routes_of("alice").is_empty());
+    assert!(redis.routes_of("bob").is_empty());
+    assert!(redis.hgetall("parley:cluster:node:a").is_empty());
+}

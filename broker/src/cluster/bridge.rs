@@ -345,6 +345,14 @@ impl Bridge {
             }
             self.answer_lookups();
         }
+        // The shards stopped first: the withdrawals of their last connections are in the
+        // inbox. One try to write them, so a clean stop leaves no route behind.
+        while let Ok(msg) = inbox.try_recv() {
+            self.take(msg);
+        }
+        if self.failing == 0 {
+            self.write_routes();
+        }
         self.depart();
     }
 
