@@ -762,3 +762,41 @@ fn a_node_stopped_cleanly_leaves_no_route_behind_in_redis() {
     assert!(redis.routes_of("bob").is_empty());
     assert!(redis.hgetall("parley:cluster:node:a").is_empty());
 }
+
+#[test]
+fn garbage_on_the_link_port_is_refused_and_links_still_form() {
+    let redis = Redis::start();
+    let a = linked(&redis, "a", LINK_SECRET);
+    let addr: SocketAddr = cluster(&a)["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["node_id"] == "a"))
+        .and_then(|m| m["advertise"].as_str())
+        .and_then(|s| s.parse().ok())
+        .expect("a advertises its link address");
+    // Not a link: a length prefix announcing 1 GiB, then bytes (closed at once); and an HTTP
+    // request, read as a 71-byte frame that never completes (closed at the handshake's 5 s).
+    for junk in [
+        &b"\xff\xff\xff\xff\x03garbage"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(addr).expect("connect to the link port");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(junk);
+        let mut buf = [0u8; 64];
+        // Closed by a; nothing was ever answered to it.
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the link port answered {junk:?} with {other:?}"),
+        }
+    }
+    await_true(soon(), "both counted", || {
+        metric(&a, "parley_cluster_link_handshake_failures_total").is_some_and(|f| f >= 2.0)
+    });
+    // A real node still links.
+    let b = linked(&redis, "b", LINK_SECRET);
+    await_true(Duration::from_secs(5), "a and b linked", || {
+        linked_to(&a) == ["b"] && linked_to(&b) == ["a"]
+    });
+}

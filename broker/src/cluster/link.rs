@@ -12,7 +12,10 @@
 //! * **Liveness.** An established link sends a `Ping` every heartbeat and is closed when nothing
 //!   arrived for three; the dialling side then dials again.
 //! * **Framing** is the clients' (a varint length prefix, [`FrameCodec`]), at most
-//!   [`MAX_LINK_FRAME`] bytes per frame.
+//!   [`MAX_LINK_FRAME`] bytes per frame once the link is up and [`MAX_HANDSHAKE_FRAME`] before:
+//!   an unauthenticated peer is never buffered for more than a Hello, and at most
+//!   [`MAX_UNPROVEN`] accepted connections wait for their handshake at once (more are closed
+//!   at accept).
 //!
 //! The thread is its own `mio::Poll` loop; it never runs on a shard. What the links carry
 //! beyond the handshake and liveness comes with cross-node delivery.
@@ -42,6 +45,12 @@ const VERSION: u32 = 1;
 
 /// The largest link frame, bytes.
 pub(crate) const MAX_LINK_FRAME: usize = 16 * 1024 * 1024;
+
+/// The largest frame before the handshake is over (a Hello is well under 1 KiB).
+pub(crate) const MAX_HANDSHAKE_FRAME: usize = 1024;
+
+/// Most accepted connections waiting for their handshake at once.
+pub(crate) const MAX_UNPROVEN: usize = 64;
 
 /// The first delay before dialling again after a failure.
 const DIAL_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -411,7 +420,24 @@ impl LinkThread {
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, from)) => {
+                    let unproven = self
+                        .conns
+                        .iter()
+                        .flatten()
+                        .filter(|c| !matches!(c.phase, Phase::Up | Phase::Dialled { .. }))
+                        .count();
+                    if unproven >= MAX_UNPROVEN {
+                        // Dropped at once: a flood of connections never reaches the handshake.
+                        self.status
+                            .handshake_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.warn_handshake(
+                            &from.to_string(),
+                            "too many connections waiting for their handshake",
+                        );
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     let now = Instant::now();
                     self.insert(Conn {
@@ -486,6 +512,8 @@ impl LinkThread {
         }
     }
 
+    /// Reads what arrived, a chunk at a time, decoding the frames of each chunk before the
+    /// next is read (so a peer is never buffered for more than one frame and one chunk).
     fn on_readable(&mut self, slot: usize) {
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -498,24 +526,45 @@ impl LinkThread {
                     c.rbuf.extend_from_slice(&buf[..n]);
                     c.last_heard = Instant::now();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return self.drop_conn(slot, Some(e.into())),
             }
+            if !self.decode_frames(slot) {
+                return;
+            }
         }
+    }
+
+    /// Handles every whole frame buffered on `slot`; `false` if the connection is gone.
+    fn decode_frames(&mut self, slot: usize) -> bool {
         loop {
             let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                return;
+                return false;
             };
-            let bytes = match self.codec.decode(&mut c.rbuf) {
+            let limit = if matches!(c.phase, Phase::Up) {
+                MAX_LINK_FRAME
+            } else {
+                MAX_HANDSHAKE_FRAME
+            };
+            let bytes = match FrameCodec::new(limit).decode(&mut c.rbuf) {
                 Ok(Some(b)) => b,
-                Ok(None) => return,
-                Err(e) => return self.fail(slot, format!("bad framing: {e}")),
+                Ok(None) => return true,
+                Err(e) => {
+                    self.fail(slot, format!("bad framing: {e}"));
+                    return false;
+                }
             };
             match lpb::LinkFrame::decode(bytes) {
                 Ok(lpb::LinkFrame { body: Some(body) }) => self.on_frame(slot, body),
-                Ok(_) => return self.fail(slot, "a frame without a body".into()),
-                Err(e) => return self.fail(slot, format!("undecodable frame: {e}")),
+                Ok(_) => {
+                    self.fail(slot, "a frame without a body".into());
+                    return false;
+                }
+                Err(e) => {
+                    self.fail(slot, format!("undecodable frame: {e}"));
+                    return false;
+                }
             }
         }
     }
