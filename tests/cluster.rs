@@ -800,3 +800,26 @@ fn garbage_on_the_link_port_is_refused_and_links_still_form() {
         linked_to(&a) == ["b"] && linked_to(&b) == ["a"]
     });
 }
+
+#[test]
+fn logins_over_websocket_and_udp_wait_for_their_routes_too() {
+    let redis = Redis::start();
+    let a = node(&redis, "a", &["listen.udp=\"127.0.0.1:0\""]);
+    let mut ws = a.connect_ws("carol", "browser");
+    assert_eq!(redis.routes_of("carol"), map(&[("browser", "a")]));
+    let mut udp = a.connect_udp("carol", "game");
+    assert_eq!(
+        redis.routes_of("carol"),
+        map(&[("browser", "a"), ("game", "a")])
+    );
+    // Both sessions work as they do outside a cluster.
+    ws.ping();
+    udp.ping();
+    drop(udp);
+    drop(ws);
+    // A UDP session has no close: its route stays until the broker stops hearing from it (the
+    // idle timeout). The WebSocket's goes at once.
+    await_true(soon(), "the browser's route withdrawn", || {
+        !redis.routes_of("carol").contains_key("browser")
+    });
+}
