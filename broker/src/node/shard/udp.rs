@@ -303,7 +303,12 @@ impl Driver {
             return;
         }
         // Input the core cannot take now is dropped before it counts as received: the client's
-        // retry (a new packet number) gets in later.
+        // retry (a new packet number) gets in later. Input buffered before it (e.g. after a
+        // login that waited for a hook or its route) is decoded first, in order, so a datagram
+        // right behind such a login is taken, not dropped.
+        if self.core.intake(conn) == Some(Intake::Pending) {
+            self.core.handle_continue(conn, now);
+        }
         match self.core.intake(conn) {
             Some(Intake::Read) => {}
             Some(Intake::Pending) => {
