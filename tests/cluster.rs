@@ -823,3 +823,34 @@ fn logins_over_websocket_and_udp_wait_for_their_routes_too() {
         !redis.routes_of("carol").contains_key("browser")
     });
 }
+
+#[test]
+fn a_presence_query_counts_devices_connected_to_other_nodes() {
+    let redis = Redis::start();
+    let n1 = node(&redis, "n1", &[]);
+    let n2 = node(&redis, "n2", &[]);
+    await_members(&n1, &["n1", "n2"], soon());
+    let mut alice = n1.connect("alice", "phone");
+    let _dave = n1.connect("dave", "laptop");
+    let _bob_phone = n2.connect("bob", "phone");
+    let _bob_tablet = n2.connect("bob", "tablet");
+    let answer = alice.presence(pb::PresenceRequest {
+        action: pb::PresenceAction::Query as i32,
+        users: vec!["bob".into(), "carol".into(), "dave".into()],
+        ..Default::default()
+    });
+    let by_user: BTreeMap<String, (i32, Vec<String>)> = answer
+        .users
+        .into_iter()
+        .map(|u| (u.user, (u.status, u.devices)))
+        .collect();
+    let online = pb::PresenceStatus::Online as i32;
+    let offline = pb::PresenceStatus::Offline as i32;
+    // bob's devices are all on n2; alice asks n1.
+    assert_eq!(
+        by_user["bob"],
+        (online, vec!["phone".to_owned(), "tablet".to_owned()])
+    );
+    assert_eq!(by_user["carol"], (offline, Vec::new()));
+    assert_eq!(by_user["dave"], (online, vec!["laptop".to_owned()]));
+}

@@ -178,6 +178,13 @@ enum Ev {
         op: RouteOp,
         fail: bool,
     },
+    /// The presence index answers a presence lookup of shard `shard`.
+    Found {
+        epoch: u64,
+        shard: usize,
+        gather: u64,
+        users: Vec<std::sync::Arc<str>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -645,6 +652,12 @@ impl World {
             Ev::Crash => self.crash(),
             Ev::Answer { epoch, reply } => self.answer(epoch, reply),
             Ev::Route { epoch, op, fail } => self.route(epoch, op, fail),
+            Ev::Found {
+                epoch,
+                shard,
+                gather,
+                users,
+            } => self.found(epoch, shard, gather, &users),
             Ev::Stop => self.stop(),
             Ev::Restart => self.restart(),
             Ev::Quiesce => {
@@ -801,6 +814,7 @@ impl World {
                     }
                     Effect::Mail { to, batch } => self.post(shard, to, Mail::Batch(batch)),
                     Effect::Route(op) => self.queue_route(op),
+                    Effect::Lookup { gather, users } => self.queue_lookup(shard, gather, users),
                     Effect::Resume(conn) => {
                         let host = self.node.as_ref().and_then(|n| {
                             n.hosts[shard]

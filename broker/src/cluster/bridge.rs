@@ -41,6 +41,13 @@ pub(crate) enum BridgeMsg {
     Route(RouteOp),
     /// The live routes of `user`, answered on `reply`.
     Lookup { user: String, reply: LookupReply },
+    /// The live routes of `users`, for presence answer `gather` of shard `shard` (answered in
+    /// the shard's inbox, `Mail::Found`).
+    Presence {
+        shard: usize,
+        gather: u64,
+        users: Vec<Arc<str>>,
+    },
 }
 
 /// Where a lookup's answer goes.
@@ -120,6 +127,8 @@ pub(super) struct Bridge {
     peers: Vec<Peer>,
     /// Lookups to answer.
     lookups: Vec<(String, LookupReply)>,
+    /// Presence answers waiting for routes: (shard, gather, users).
+    presence_lookups: Vec<(usize, u64, Vec<Arc<str>>)>,
     /// The route ops, their batching and the digest check.
     writer: RouteWriter,
     /// No route write before this (back-off after a failure).
@@ -191,6 +200,7 @@ impl Bridge {
             inbox,
             peers: Vec::new(),
             lookups: Vec::new(),
+            presence_lookups: Vec::new(),
             writer: RouteWriter::new(
                 Duration::from_millis(c.route_timeout_ms),
                 c.heartbeat_ms.min(u64::from(u32::MAX)) as u32,
@@ -365,6 +375,11 @@ impl Bridge {
                 }
             }
             BridgeMsg::Lookup { user, reply } => self.lookups.push((user, reply)),
+            BridgeMsg::Presence {
+                shard,
+                gather,
+                users,
+            } => self.presence_lookups.push((shard, gather, users)),
         }
     }
 
@@ -455,26 +470,53 @@ impl Bridge {
     /// Answers the lookups asked.
     fn answer_lookups(&mut self) {
         for (user, reply) in std::mem::take(&mut self.lookups) {
-            let result = (|| -> Result<Vec<Found>, BeatError> {
-                let mut con = match self.con.take() {
-                    Some(con) => con,
-                    None => self.connect()?,
-                };
-                self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
-                let reply: Vec<String> = self
-                    .lookup_script
-                    .key(format!("{}{user}", routes::PRESENCE_PREFIX))
-                    .arg(format!("{}node:", registry::KEY_PREFIX))
-                    .arg(routes::digest_prefix())
-                    .invoke(&mut con)?;
-                self.con = Some(con);
-                Ok(routes::parse_lookup(&reply)?)
-            })();
-            let _ = reply.send(result.map_err(|e| {
+            let result = self.lookup(&user).map_err(|e| {
                 self.failed(&e);
                 e.to_string()
-            }));
+            });
+            let _ = reply.send(result);
         }
+        // Presence answers: one script run per user; a failure answers with what was found so
+        // far (the answer then says what the asking node knows of the rest).
+        for (shard, gather, users) in std::mem::take(&mut self.presence_lookups) {
+            let mut found = Vec::with_capacity(users.len());
+            for user in &users {
+                match self.lookup(user) {
+                    Ok(routes) => found.push((
+                        user.to_string(),
+                        routes.into_iter().map(|r| (r.device, r.node_id)).collect(),
+                    )),
+                    Err(e) => {
+                        self.failed(&e);
+                        break;
+                    }
+                }
+            }
+            if let Some((tx, waker)) = self.peers.get(shard)
+                && tx
+                    .send_timeout(Mail::Found { gather, found }, Duration::from_secs(1))
+                    .is_ok()
+            {
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// The live routes of `user` ([`routes::LOOKUP`]).
+    fn lookup(&mut self, user: &str) -> Result<Vec<Found>, BeatError> {
+        let mut con = match self.con.take() {
+            Some(con) => con,
+            None => self.connect()?,
+        };
+        self.status.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let reply: Vec<String> = self
+            .lookup_script
+            .key(format!("{}{user}", routes::PRESENCE_PREFIX))
+            .arg(format!("{}node:", registry::KEY_PREFIX))
+            .arg(routes::digest_prefix())
+            .invoke(&mut con)?;
+        self.con = Some(con);
+        Ok(routes::parse_lookup(&reply)?)
     }
 
     /// One heartbeat: connects if needed, runs the script.

@@ -1,5 +1,7 @@
 //! The settings the core enforces, taken once from the node's [`Config`].
 
+use std::sync::Arc;
+
 use crate::config::{Config, DurabilityPolicy};
 
 /// The core's view of the node configuration.
@@ -71,6 +73,8 @@ pub(crate) struct CoreConfig {
     pub(crate) typing_min_interval_ms: u64,
     /// In a cluster (`cluster.redis` set): logins wait for their route ([`super::route`]).
     pub(crate) cluster_routes: bool,
+    /// In a cluster: this node's id (routes naming it are this node's own devices).
+    pub(crate) cluster_node: Option<Arc<str>>,
 }
 
 impl CoreConfig {
@@ -118,6 +122,11 @@ impl CoreConfig {
             presence_notifications_per_turn: c.presence.max_notifications_per_turn.max(1) as usize,
             typing_min_interval_ms: c.presence.typing_min_interval_ms,
             cluster_routes: c.cluster.redis.is_some(),
+            cluster_node: c
+                .cluster
+                .redis
+                .as_ref()
+                .map(|_| Arc::from(c.cluster.effective_node_id(&c.node))),
         }
     }
 }

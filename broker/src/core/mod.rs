@@ -152,6 +152,15 @@ pub enum Effect<T, S> {
     /// A change to the cluster's presence index ([`route`]): carry it to Redis; answer an
     /// `Up` with a ticket through [`ShardCore::handle_routed`].
     Route(RouteOp),
+    /// In a cluster: the live routes of `users` in the presence index, for presence answer
+    /// `gather`; answer with [`ShardCore::handle_found`] (with nothing, if the index cannot be
+    /// read: the answer then says what this node knows).
+    Lookup {
+        /// The answer waiting.
+        gather: u64,
+        /// The users asked.
+        users: Vec<Arc<str>>,
+    },
     /// The connection takes input again after [`Intake::Hold`]: read it (and call
     /// [`ShardCore::handle_continue`] if [`ShardCore::intake`] says [`Intake::Pending`]) on a
     /// coming turn, even without a new readiness event.

@@ -118,6 +118,13 @@ pub(crate) enum Mail {
     Query(Query),
     /// The cluster bridge's answers to route registrations.
     Routed(Vec<crate::core::Routed>),
+    /// The presence index's routes for a presence answer: `(user, [(device, node id)])`.
+    Found {
+        /// The answer waiting.
+        gather: u64,
+        /// What the index holds.
+        found: Vec<(String, Vec<(String, String)>)>,
+    },
 }
 
 /// The application's questions to one shard (answered on the channel each carries).
@@ -765,6 +772,10 @@ impl Driver {
                     self.core.handle_routed(done, now);
                     self.apply_effects(now);
                 }
+                Ok(Mail::Found { gather, found }) => {
+                    self.core.handle_found(gather, found, now);
+                    self.apply_effects(now);
+                }
                 Err(_) => break,
             }
         }
@@ -830,6 +841,20 @@ impl Driver {
                     }
                     Effect::Resume(conn) => self.ready.push(conn),
                     Effect::Route(op) => self.route(op, now),
+                    Effect::Lookup { gather, users } => {
+                        let asked = self.bridge.as_ref().is_some_and(|tx| {
+                            tx.try_send(BridgeMsg::Presence {
+                                shard: self.index,
+                                gather,
+                                users,
+                            })
+                            .is_ok()
+                        });
+                        if !asked {
+                            // No index to ask now: the answer says what this node knows.
+                            self.core.handle_found(gather, Vec::new(), now);
+                        }
+                    }
                     Effect::Mail { to, batch } => self.post(to, Mail::Batch(batch)),
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
@@ -858,7 +883,7 @@ impl Driver {
                 Ok(()) => return,
                 Err(e) => match e.into_inner() {
                     BridgeMsg::Route(op) => op,
-                    BridgeMsg::Lookup { .. } => return,
+                    BridgeMsg::Lookup { .. } | BridgeMsg::Presence { .. } => return,
                 },
             },
             None => op,

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use parley_broker::core::{RouteOp, RouteTag, Routed};
 
 use super::{Ev, World};
@@ -161,5 +163,55 @@ impl World {
                 format!("the presence index {index:?} differs from the devices logged in {held:?}"),
             );
         }
+    }
+
+    /// Queues the index's answer to a presence lookup (after a random delay).
+    pub(super) fn queue_lookup(&mut self, shard: usize, gather: u64, users: Vec<Arc<str>>) {
+        let t = self.now + self.rng.range(1, 40);
+        let epoch = self.epoch;
+        self.at(
+            t,
+            Ev::Found {
+                epoch,
+                shard,
+                gather,
+                users,
+            },
+        );
+    }
+
+    /// The index answers a presence lookup: the routes of `users` (all of them this node's,
+    /// the only node simulated).
+    pub(super) fn found(&mut self, epoch: u64, shard: usize, gather: u64, users: &[Arc<str>]) {
+        if epoch != self.epoch {
+            return;
+        }
+        let node = self
+            .config
+            .cluster
+            .effective_node_id(&self.config.node)
+            .to_owned();
+        let found: Vec<(String, Vec<(String, String)>)> = match self.routes.as_ref() {
+            Some(r) => users
+                .iter()
+                .map(|u| {
+                    let devices = r
+                        .index
+                        .keys()
+                        .filter(|(user, _)| **user == **u)
+                        .map(|(_, device)| (device.clone(), node.clone()))
+                        .collect();
+                    (u.to_string(), devices)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let now = self.now();
+        if let Some(n) = self.node.as_mut()
+            && let Some(core) = n.cores.get_mut(shard)
+        {
+            core.handle_found(gather, found, now);
+        }
+        self.apply(shard);
     }
 }

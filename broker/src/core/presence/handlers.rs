@@ -124,6 +124,7 @@ impl<B: Backend> ShardCore<B> {
             Collect::Users {
                 order,
                 got: FastMap::default(),
+                cluster_wide: op == Op::Query && self.cfg.cluster_node.is_some(),
             },
         );
     }
@@ -466,9 +467,65 @@ impl<B: Backend> ShardCore<B> {
         if self.live_conn_mut(g.conn).is_none() {
             return;
         }
+        if let Collect::Users {
+            order,
+            cluster_wide: true,
+            ..
+        } = &g.collect
+        {
+            // In a cluster the user may be online on other nodes too: ask the presence index
+            // before answering.
+            let users = order.clone();
+            self.presence.looking.insert(id, g);
+            self.effects
+                .push(crate::core::Effect::Lookup { gather: id, users });
+            return;
+        }
+        self.answer_gather(g);
+    }
+
+    /// The routes the presence index holds for the users of answer `gather` (parked by
+    /// [`crate::core::Effect::Lookup`]): `(user, [(device, node id)])`. Devices connected to
+    /// other nodes join the answer (a user online only there is ONLINE here too: whether
+    /// those devices set AWAY is not in the index), then it is written. With nothing found
+    /// (or the index unreadable) the answer says what this node knows.
+    pub fn handle_found(
+        &mut self,
+        gather: u64,
+        found: Vec<(String, Vec<(String, String)>)>,
+        now: crate::core::Now,
+    ) {
+        self.now = now;
+        let Some(mut g) = self.presence.looking.remove(&gather) else {
+            return;
+        };
+        if self.live_conn_mut(g.conn).is_none() {
+            return;
+        }
+        if let Collect::Users { got, .. } = &mut g.collect {
+            let me = self.cfg.cluster_node.clone();
+            for (user, routes) in found {
+                let remote: Vec<String> = routes
+                    .into_iter()
+                    .filter(|(_, node)| Some(node.as_str()) != me.as_deref())
+                    .map(|(device, _)| device)
+                    .collect();
+                if let Some(p) = got.get_mut(user.as_str()) {
+                    merge_remote(p, remote);
+                }
+            }
+        }
+        let conn = g.conn;
+        self.answer_gather(g);
+        self.after_io(conn);
+        self.drain_local();
+    }
+
+    /// Writes the answer of a complete gather.
+    fn answer_gather(&mut self, g: Gather) {
         self.unreserve(g.conn, ACK_RESERVE);
         match g.collect {
-            Collect::Users { order, mut got } => {
+            Collect::Users { order, mut got, .. } => {
                 let users = order.iter().filter_map(|u| got.remove(u)).collect();
                 self.write_presence(g.conn, g.request_id, users);
             }
@@ -670,5 +727,50 @@ impl<B: Backend> ShardCore<B> {
                 }
             }
         }
+    }
+}
+
+/// Adds `remote` devices (connected to other nodes) to presence `p`: a user with any is ONLINE.
+fn merge_remote(p: &mut pb::UserPresence, remote: Vec<String>) {
+    if remote.is_empty() {
+        return;
+    }
+    p.devices.extend(remote);
+    p.devices.sort_unstable();
+    p.devices.dedup();
+    p.status = pb::PresenceStatus::Online as i32;
+    p.last_seen = 0;
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn devices_on_other_nodes_make_a_user_online_and_join_its_devices() {
+        let mut p = pb::UserPresence {
+            user: "bob".into(),
+            status: pb::PresenceStatus::Offline as i32,
+            devices: Vec::new(),
+            last_seen: 42,
+        };
+        merge_remote(&mut p, Vec::new());
+        assert_eq!(
+            (p.status, p.last_seen),
+            (pb::PresenceStatus::Offline as i32, 42)
+        );
+        merge_remote(&mut p, vec!["tablet".into(), "phone".into()]);
+        assert_eq!(p.status, pb::PresenceStatus::Online as i32);
+        assert_eq!(p.devices, ["phone", "tablet"]);
+        assert_eq!(p.last_seen, 0);
+        let mut away = pb::UserPresence {
+            user: "carol".into(),
+            status: pb::PresenceStatus::Away as i32,
+            devices: vec!["laptop".into()],
+            last_seen: 0,
+        };
+        merge_remote(&mut away, vec!["laptop".into(), "phone".into()]);
+        assert_eq!(away.status, pb::PresenceStatus::Online as i32);
+        assert_eq!(away.devices, ["laptop", "phone"]);
     }
 }

@@ -405,10 +405,14 @@ impl ConnPresence {
 /// What an answer under way collects.
 #[derive(Debug)]
 enum Collect {
-    /// QUERY or SUBSCRIBE: the users asked, in order, and the presences answered so far.
+    /// QUERY or SUBSCRIBE: the users asked, in order, and the presences answered so far;
+    /// `cluster_wide`: a QUERY in a cluster, completed from the presence index before it is
+    /// answered (a SUBSCRIBE's answer and pushes are this node's: a push must never be
+    /// overtaken by an older answer).
     Users {
         order: Vec<Arc<str>>,
         got: FastMap<Arc<str>, pb::UserPresence>,
+        cluster_wide: bool,
     },
     /// QUERY_GROUP: the group and the online members counted so far.
     GroupCount { group_id: String, count: u64 },
@@ -483,6 +487,8 @@ pub(crate) struct Presence {
     conns: FastMap<ConnId, ConnPresence>,
     gathers: FastMap<u64, Gather>,
     next_gather: u64,
+    /// In a cluster: answers complete on this node, waiting for the presence index's routes.
+    looking: FastMap<u64, Gather>,
 }
 
 /// Bytes a user's entry adds to a `PresenceUpdate` beyond its own encoding (tag and length).
