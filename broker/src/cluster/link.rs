@@ -221,6 +221,24 @@ struct Conn {
     connected: bool,
 }
 
+impl Conn {
+    /// A connection opened now (`connected`: accepted, so already connected).
+    fn new(stream: TcpStream, phase: Phase, peer: Option<String>, connected: bool) -> Conn {
+        let now = Instant::now();
+        Conn {
+            stream,
+            phase,
+            peer,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            opened: now,
+            last_heard: now,
+            last_ping: now,
+            connected,
+        }
+    }
+}
+
 /// Dialling state of one member this node dials.
 #[derive(Debug)]
 struct Dial {
@@ -356,6 +374,17 @@ impl LinkThread {
         }
     }
 
+    /// This node's Hello with `nonce` and `proof`.
+    fn hello(&self, nonce: &[u8], proof: &[u8]) -> Body {
+        Body::Hello(lpb::Hello {
+            version: VERSION,
+            node_id: self.me.node_id.clone(),
+            boot_id: self.me.boot_id.clone(),
+            nonce: nonce.to_vec(),
+            proof: proof.to_vec(),
+        })
+    }
+
     fn has_conn(&self, peer: &str) -> bool {
         self.conns
             .iter()
@@ -384,28 +413,14 @@ impl LinkThread {
         };
         let _ = stream.set_nodelay(true);
         let nonce = fresh_nonce();
-        let slot = self.insert(Conn {
+        let slot = self.insert(Conn::new(
             stream,
-            phase: Phase::Dialled { nonce },
-            peer: Some(id.to_owned()),
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            opened: Instant::now(),
-            last_heard: Instant::now(),
-            last_ping: Instant::now(),
-            connected: false,
-        });
+            Phase::Dialled { nonce },
+            Some(id.to_owned()),
+            false,
+        ));
         if let Some(slot) = slot {
-            self.send(
-                slot,
-                Body::Hello(lpb::Hello {
-                    version: VERSION,
-                    node_id: self.me.node_id.clone(),
-                    boot_id: self.me.boot_id.clone(),
-                    nonce: nonce.to_vec(),
-                    proof: Vec::new(),
-                }),
-            );
+            self.send(slot, self.hello(&nonce, &[]));
         }
     }
 
@@ -439,18 +454,7 @@ impl LinkThread {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let now = Instant::now();
-                    self.insert(Conn {
-                        stream,
-                        phase: Phase::Accepted,
-                        peer: None,
-                        rbuf: BytesMut::new(),
-                        wbuf: BytesMut::new(),
-                        opened: now,
-                        last_heard: now,
-                        last_ping: now,
-                        connected: true,
-                    });
+                    self.insert(Conn::new(stream, Phase::Accepted, None, true));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -632,16 +636,7 @@ impl LinkThread {
                 boot: h.boot_id.clone(),
             };
         }
-        self.send(
-            slot,
-            Body::Hello(lpb::Hello {
-                version: VERSION,
-                node_id: self.me.node_id.clone(),
-                boot_id: self.me.boot_id.clone(),
-                nonce: nonce.to_vec(),
-                proof: proof.to_vec(),
-            }),
-        );
+        self.send(slot, self.hello(&nonce, &proof));
     }
 
     /// Dialler: the acceptor's Hello with its proof. Check it, then prove ourselves.
@@ -676,16 +671,7 @@ impl LinkThread {
             &self.me.node_id,
             &self.me.boot_id,
         );
-        self.send(
-            slot,
-            Body::Hello(lpb::Hello {
-                version: VERSION,
-                node_id: self.me.node_id.clone(),
-                boot_id: self.me.boot_id.clone(),
-                nonce: Vec::new(),
-                proof: proof.to_vec(),
-            }),
-        );
+        self.send(slot, self.hello(&[], &proof));
         self.established(slot, h.node_id, h.boot_id, true);
     }
 
