@@ -49,6 +49,18 @@ pub mod transport;
 mod transport;
 mod webhook;
 
+/// Entry points for the cargo-fuzz targets in `proto/fuzz` (the `fuzz` feature): they take bytes
+/// and return nothing, so no internal type leaves the crate. Not an API.
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub mod fuzz {
+    /// Decodes `bytes` as a batch of inter-node mail (it must not panic); a batch that decodes
+    /// must encode again and decode to the same mail.
+    pub fn mail_batch(bytes: &[u8]) {
+        crate::core::wire::check_round_trip(bytes);
+    }
+}
+
 pub use crate::core::histogram::{self, Histogram, Latencies};
 pub use crate::core::{ConversationInfo, Counters, GroupInfo, INSPECT_MAX_MEMBERS, MemberInfo};
 pub use embed::{Broker, ControlError, Handle, SERVICE_DEVICE};

@@ -6,15 +6,18 @@
 //! [`Refusal::code`] and [`CloseReason::code`] are the whole mapping; nothing else in the core
 //! picks a wire code.
 
+use std::borrow::Cow;
+
 use parley_proto::frame::WireError as _;
 use parley_proto::pb;
 use parley_proto::pb::frame::Body;
 
+use super::wire;
 use crate::auth::AuthError;
 use crate::transport::TransportError;
 
 /// Why one request was refused (the connection stays open).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Refusal {
     /// More requests than `limits.request_rate_per_sec` allows; retry after the hint.
     #[error("requests faster than the rate limit (limits.request_rate_per_sec)")]
@@ -48,7 +51,7 @@ pub(crate) enum Refusal {
     RefreshOtherIdentity,
     /// A fresh Login's token was refused (the session goes on until its old expiry).
     #[error("refresh refused: {0}")]
-    RefreshToken(AuthError),
+    RefreshToken(#[serde(with = "wire::AuthErrorDef")] AuthError),
     /// A fresh Login's token is valid for longer than `auth.max_token_lifetime_secs`.
     #[error("refresh refused: token valid for longer than auth.max_token_lifetime_secs")]
     RefreshTokenLifetime,
@@ -82,18 +85,19 @@ pub(crate) enum Refusal {
     /// A request about a group from a user who is not a member.
     #[error("not a member of this group")]
     NotMember,
-    /// A group request the requester's role does not allow.
+    /// A group request the requester's role does not allow (the text is the core's own; a `Cow`
+    /// so that mail from another node can carry it).
     #[error("{0}")]
-    GroupForbidden(&'static str),
+    GroupForbidden(Cow<'static, str>),
     /// A CREATE of a group id that exists (or existed) with another owner.
     #[error("a group with this id exists (or existed)")]
     GroupExists,
     /// A change past `groups.max_members`.
     #[error("the group would have more members than groups.max_members")]
     GroupFull,
-    /// A malformed group request.
+    /// A malformed group request (the text is the core's own; a `Cow` for mail between nodes).
     #[error("{0}")]
-    BadGroupRequest(&'static str),
+    BadGroupRequest(Cow<'static, str>),
     /// A receipt other than READ (delivery is reported with DeliverAck).
     #[error("clients send READ receipts only; delivery is reported with DeliverAck")]
     BadReceipt,
@@ -124,9 +128,9 @@ pub(crate) enum Refusal {
     /// A SUBSCRIBE past `presence.max_subscriptions_per_connection`.
     #[error("the connection would watch more users than presence.max_subscriptions_per_connection")]
     PresenceTooManySubscriptions,
-    /// A malformed presence request.
+    /// A malformed presence request (the text is the core's own; a `Cow` for mail between nodes).
     #[error("{0}")]
-    BadPresenceRequest(&'static str),
+    BadPresenceRequest(Cow<'static, str>),
     /// A hook of the application denied the request.
     #[error("denied: {0}")]
     Denied(String),
@@ -134,6 +138,7 @@ pub(crate) enum Refusal {
     #[error("{message}")]
     BadFrame {
         /// The transport's code.
+        #[serde(with = "wire::pb_enum")]
         code: pb::ErrorCode,
         /// What was wrong.
         message: String,

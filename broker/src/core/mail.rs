@@ -8,13 +8,14 @@ use parley_proto::pb;
 
 use super::conv::Conv;
 use super::group::Change;
+use super::wire;
 use crate::auth::Identity;
 use crate::transport::Transport;
 
 /// A connection anywhere on the node: its shard, slot and the slot's generation (a reused slot
 /// has a new one, so a late reply for a closed connection is dropped instead of reaching its
 /// successor).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Origin {
     pub(crate) shard: usize,
     pub(crate) slot: u32,
@@ -23,41 +24,45 @@ pub(crate) struct Origin {
 
 /// A logged-in device, as every shard names it: the user and the device, shared strings made
 /// once at login.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Device {
     pub(crate) user: Arc<str>,
     pub(crate) device: Arc<str>,
 }
 
 /// A validated send, for the conversation's owner.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Append {
     pub(crate) origin: Origin,
     pub(crate) request_id: u64,
     pub(crate) sender: Device,
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     /// The send as decoded (its body borrows the read buffer; `to` is the sender's view, echoed
     /// in the ack).
+    #[serde(with = "wire::prost_msg")]
     pub(crate) send: pb::Send,
     /// Wall-clock time at the sender's shard when the send arrived.
     pub(crate) unix_ms: i64,
     /// Monotonic time (µs, [`super::Now::us`]) at the sender's shard when the send was routed to
     /// its owner (after the send gate, if a hook parked it): the start of its send-to-deliver
     /// latency.
+    #[serde(with = "wire::mono")]
     pub(crate) arrived_us: u64,
 }
 
 /// A stored message's acknowledgement, for the sender's connection.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Acked {
     pub(crate) to: Origin,
     pub(crate) request_id: u64,
+    #[serde(with = "wire::prost_msg")]
     pub(crate) ack: pb::SendAck,
 }
 
 /// One recipient user of a delivery; `exclude` is the sending device when the sender is this
 /// user (its other devices receive, the sender does not).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Recipient {
     pub(crate) user: Arc<str>,
     pub(crate) exclude: Option<Arc<str>>,
@@ -65,8 +70,9 @@ pub(crate) struct Recipient {
 
 /// A stored message on its way to its recipients on one home shard: the bytes encoded once by
 /// the owner, shared by every delivery and retransmit.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Delivery {
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     pub(crate) seq: u64,
     pub(crate) stored: Bytes,
@@ -74,6 +80,7 @@ pub(crate) struct Delivery {
     pub(crate) time: i64,
     /// A send's [`Append::arrived_us`] (`None` for a group membership event, not a send): live
     /// pushes record their send-to-deliver latency from it.
+    #[serde(with = "wire::mono_opt")]
     pub(crate) sent_us: Option<u64>,
     /// A direct conversation's recipients (empty for a group).
     pub(crate) recipients: Vec<Recipient>,
@@ -83,39 +90,44 @@ pub(crate) struct Delivery {
 
 /// How a home shard pushes a group's message: to the group's members it holds that are online,
 /// not to the sending device; a membership event also says who starts and stops receiving.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct GroupPush {
     pub(crate) sender: Device,
     pub(crate) change: Option<Arc<Change>>,
 }
 
 /// A read-counts request, for the group's owner.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ReadCountsAsk {
     pub(crate) origin: Origin,
     pub(crate) request_id: u64,
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     pub(crate) user: Arc<str>,
+    #[serde(with = "wire::prost_msg")]
     pub(crate) view: pb::Conversation,
     pub(crate) from: u64,
     pub(crate) count: u32,
 }
 
 /// A group request, for the group's owner.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct GroupOp {
     pub(crate) origin: Origin,
     pub(crate) request_id: u64,
     pub(crate) actor: Device,
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
+    #[serde(with = "wire::prost_msg")]
     pub(crate) req: pb::GroupRequest,
     /// Wall-clock time at the requester's shard.
     pub(crate) unix_ms: i64,
 }
 
 /// At start-up, to a home shard: a group and what its users there may read.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct GroupInbox {
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     pub(crate) last_seq: u64,
     pub(crate) last_time: i64,
@@ -125,7 +137,7 @@ pub(crate) struct GroupInbox {
 }
 
 /// Why a range of a conversation is read.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) enum ReadPurpose {
     /// A page of a running sync.
     Sync,
@@ -134,14 +146,16 @@ pub(crate) enum ReadPurpose {
     /// A history page for this request, in this view.
     History {
         request_id: u64,
+        #[serde(with = "wire::prost_msg")]
         view: pb::Conversation,
     },
 }
 
 /// A read of a conversation's stored messages, for its owner.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Read {
     pub(crate) reply: Origin,
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     /// For a group: the user reading (the owner holds the range to what it may read).
     pub(crate) reader: Option<Arc<str>>,
@@ -154,9 +168,10 @@ pub(crate) struct Read {
 }
 
 /// The answer to a [`Read`]: stored messages in ascending seq order.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ReadDone {
     pub(crate) to: Origin,
+    #[serde(with = "wire::conv")]
     pub(crate) conv: Arc<Conv>,
     pub(crate) purpose: ReadPurpose,
     pub(crate) messages: Vec<(u64, Bytes)>,
@@ -183,7 +198,7 @@ pub struct Adoption {
 }
 
 /// One message between shards (what it carries is the core's business).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[allow(private_interfaces)]
 pub enum ShardMsg {
     /// To a conversation's owner: store this send.
@@ -208,6 +223,7 @@ pub enum ShardMsg {
         /// The user.
         user: Arc<str>,
         /// The conversation.
+        #[serde(with = "wire::conv")]
         conv: Arc<Conv>,
         /// Its latest seq.
         last_seq: u64,
@@ -217,6 +233,7 @@ pub enum ShardMsg {
     /// To a group's owner: a member's read cursor moved (or, at start-up, is).
     GroupRead {
         /// The group.
+        #[serde(with = "wire::conv")]
         conv: Arc<Conv>,
         /// The member.
         user: Arc<str>,
@@ -228,6 +245,7 @@ pub enum ShardMsg {
         /// The user told.
         user: Arc<str>,
         /// The conversation.
+        #[serde(with = "wire::conv")]
         conv: Arc<Conv>,
         /// Who read.
         reader: Arc<str>,
@@ -241,6 +259,7 @@ pub enum ShardMsg {
         /// The sender.
         user: Arc<str>,
         /// The conversation.
+        #[serde(with = "wire::conv")]
         conv: Arc<Conv>,
         /// The seq of its newest message there.
         seq: u64,
@@ -254,6 +273,7 @@ pub enum ShardMsg {
         /// The request.
         request_id: u64,
         /// The counts.
+        #[serde(with = "wire::prost_box")]
         result: Box<pb::ReadCounts>,
     },
     /// To a group's owner: a group request.
@@ -265,6 +285,7 @@ pub enum ShardMsg {
         /// The request.
         request_id: u64,
         /// The answer.
+        #[serde(with = "wire::prost_box")]
         result: Box<pb::GroupResult>,
     },
     /// To a home shard at start-up: a group's users there.

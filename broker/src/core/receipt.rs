@@ -213,7 +213,7 @@ impl<B: Backend> ShardCore<B> {
                     conn,
                     request_id,
                     0,
-                    &Refusal::BadGroupRequest("read counts are kept for groups only"),
+                    &Refusal::BadGroupRequest("read counts are kept for groups only".into()),
                 );
             }
         };

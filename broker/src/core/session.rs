@@ -694,7 +694,7 @@ impl<B: Backend> ShardCore<B> {
                 conn,
                 request_id,
                 0,
-                &Refusal::BadGroupRequest("group_id must be 1..=128 bytes"),
+                &Refusal::BadGroupRequest("group_id must be 1..=128 bytes".into()),
             );
         };
         let actor = who.device.clone();

@@ -92,7 +92,7 @@ pub(crate) struct Member {
 }
 
 /// What a membership change means for the members' homes: who starts and who stops receiving.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Change {
     /// Users who are members from this event's seq on.
     pub(crate) joined: Vec<Arc<str>>,
@@ -152,7 +152,9 @@ fn hist_remove(h: &mut BTreeMap<u64, u32>, key: u64) {
 /// Checks a user id named in a request.
 fn check_user(u: &str) -> Result<(), Refusal> {
     if u.is_empty() || u.len() > MAX_CONV_ID_BYTES {
-        return Err(Refusal::BadGroupRequest("user ids must be 1..=128 bytes"));
+        return Err(Refusal::BadGroupRequest(
+            "user ids must be 1..=128 bytes".into(),
+        ));
     }
     Ok(())
 }
@@ -185,7 +187,9 @@ impl Group {
         max_members: usize,
     ) -> Result<pb::GroupEvent, Refusal> {
         if req.name.len() > MAX_NAME_BYTES {
-            return Err(Refusal::BadGroupRequest("name longer than 256 bytes"));
+            return Err(Refusal::BadGroupRequest(
+                "name longer than 256 bytes".into(),
+            ));
         }
         let users = distinct(&req.members, actor)?;
         if users.len() + 1 > max_members {
@@ -246,10 +250,13 @@ impl Group {
         let at_least = |needed: Role| -> Result<Role, Refusal> {
             match role {
                 Some(r) if r >= needed => Ok(r),
-                Some(_) => Err(Refusal::GroupForbidden(match needed {
-                    Role::Owner => "only the group's owner may do this",
-                    _ => "only the group's owner and admins may do this",
-                })),
+                Some(_) => Err(Refusal::GroupForbidden(
+                    match needed {
+                        Role::Owner => "only the group's owner may do this",
+                        _ => "only the group's owner and admins may do this",
+                    }
+                    .into(),
+                )),
                 None => Err(Refusal::NotMember),
             }
         };
@@ -279,12 +286,12 @@ impl Group {
                     };
                     if u == actor {
                         return Err(Refusal::GroupForbidden(
-                            "to leave a group, use LEAVE, not REMOVE_MEMBERS",
+                            "to leave a group, use LEAVE, not REMOVE_MEMBERS".into(),
                         ));
                     }
                     if m.role >= mine {
                         return Err(Refusal::GroupForbidden(
-                            "admins may remove members only; the owner anyone but itself",
+                            "admins may remove members only; the owner anyone but itself".into(),
                         ));
                     }
                     gone.push(u.to_owned());
@@ -318,7 +325,7 @@ impl Group {
                 }
                 if !self.open {
                     return Err(Refusal::GroupForbidden(
-                        "the group is not open: ask its owner or an admin to add you",
+                        "the group is not open: ask its owner or an admin to add you".into(),
                     ));
                 }
                 if self.members.len() + 1 > max_members {
@@ -329,7 +336,9 @@ impl Group {
             A::Rename => {
                 at_least(Role::Admin)?;
                 if req.name.len() > MAX_NAME_BYTES {
-                    return Err(Refusal::BadGroupRequest("name longer than 256 bytes"));
+                    return Err(Refusal::BadGroupRequest(
+                        "name longer than 256 bytes".into(),
+                    ));
                 }
                 if req.name == self.name {
                     return Ok(Decision::Nothing);
@@ -341,22 +350,25 @@ impl Group {
             A::SetRole => {
                 at_least(Role::Owner)?;
                 let Some(new_role) = Role::from_pb(req.role) else {
-                    return Err(Refusal::BadGroupRequest("SET_ROLE needs a role"));
+                    return Err(Refusal::BadGroupRequest("SET_ROLE needs a role".into()));
                 };
                 let users = distinct(&req.members, "")?;
                 for u in &users {
                     if !self.members.contains_key(*u) {
-                        return Err(Refusal::GroupForbidden("roles are given to members only"));
+                        return Err(Refusal::GroupForbidden(
+                            "roles are given to members only".into(),
+                        ));
                     }
                     if *u == actor {
                         return Err(Refusal::GroupForbidden(
-                            "the owner changes its own role by giving OWNER to another member",
+                            "the owner changes its own role by giving OWNER to another member"
+                                .into(),
                         ));
                     }
                 }
                 if new_role == Role::Owner && users.len() != 1 {
                     return Err(Refusal::BadGroupRequest(
-                        "OWNER is given to exactly one member",
+                        "OWNER is given to exactly one member".into(),
                     ));
                 }
                 let changed: Vec<String> = users
@@ -378,7 +390,7 @@ impl Group {
             }
             A::Create => Err(Refusal::GroupExists),
             A::GetMembers | A::Unspecified => {
-                Err(Refusal::BadGroupRequest("not a change of a group"))
+                Err(Refusal::BadGroupRequest("not a change of a group".into()))
             }
         }
     }
@@ -693,7 +705,7 @@ mod tests {
         assert_eq!(
             g.decide("bob", &req(A::AddMembers, &["eve"]), 100),
             Err(Refusal::GroupForbidden(
-                "only the group's owner and admins may do this"
+                "only the group's owner and admins may do this".into()
             ))
         );
         assert_eq!(

@@ -23,7 +23,7 @@ impl<B: Backend> ShardCore<B> {
                 request_id,
                 0,
                 &Refusal::BadPresenceRequest(
-                    "action must be QUERY, SUBSCRIBE, UNSUBSCRIBE, SET or QUERY_GROUP",
+                    "action must be QUERY, SUBSCRIBE, UNSUBSCRIBE, SET or QUERY_GROUP".into(),
                 ),
             ),
         }
@@ -49,7 +49,7 @@ impl<B: Backend> ShardCore<B> {
                     conn,
                     request_id,
                     0,
-                    &Refusal::BadPresenceRequest("SET takes status ONLINE or AWAY"),
+                    &Refusal::BadPresenceRequest("SET takes status ONLINE or AWAY".into()),
                 );
             }
         };
@@ -76,7 +76,7 @@ impl<B: Backend> ShardCore<B> {
                 conn,
                 request_id,
                 0,
-                &Refusal::BadPresenceRequest("user ids must be 1..=128 bytes"),
+                &Refusal::BadPresenceRequest("user ids must be 1..=128 bytes".into()),
             );
         }
         // Repeats count once; the order asked is the order answered.
@@ -201,7 +201,7 @@ impl<B: Backend> ShardCore<B> {
                 conn,
                 request_id,
                 0,
-                &Refusal::BadPresenceRequest("group_id must be 1..=128 bytes"),
+                &Refusal::BadPresenceRequest("group_id must be 1..=128 bytes".into()),
             );
         };
         let Some(me) = self.presence_who(conn) else {

@@ -60,7 +60,9 @@ mod handlers;
 
 /// A connection watching a user: its shard, slot and the slot's generation (ordered, so a
 /// flush cut short resumes after the last one it notified).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub(crate) struct Watcher {
     shard: usize,
     slot: u32,
@@ -428,7 +430,7 @@ pub(crate) struct Gather {
 }
 
 /// What a request asks of the watched users' homes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Op {
     /// Their presence now.
     Query,
@@ -439,8 +441,9 @@ pub(crate) enum Op {
 }
 
 /// A typing frame on its way to the devices of one shard.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TypingRelay {
+    #[serde(with = "super::wire::conv")]
     conv: Arc<Conv>,
     from: Device,
     typing: bool,
@@ -448,8 +451,26 @@ pub(crate) struct TypingRelay {
     users: Vec<Arc<str>>,
 }
 
+#[cfg(test)]
+impl TypingRelay {
+    /// A relay as [`ShardCore::on_typing`] makes one (for the mail encoding's tests).
+    pub(crate) fn for_test(
+        conv: Arc<Conv>,
+        from: Device,
+        typing: bool,
+        users: Vec<Arc<str>>,
+    ) -> Self {
+        TypingRelay {
+            conv,
+            from,
+            typing,
+            users,
+        }
+    }
+}
+
 /// What shards tell each other about presence and typing.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Mail {
     /// To the users' home: QUERY, SUBSCRIBE or UNSUBSCRIBE of `users` by connection `from`.
     Users {
@@ -462,10 +483,12 @@ pub(crate) enum Mail {
     Answer {
         to: Origin,
         gather: u64,
+        #[serde(with = "super::wire::prost_vec")]
         users: Vec<pb::UserPresence>,
     },
     /// To a watchers' shard: changed users, each with the connections there that watch it.
     Push {
+        #[serde(with = "super::wire::prost_arc_pairs")]
         updates: Vec<(Arc<pb::UserPresence>, Vec<Watcher>)>,
     },
     /// To every shard: count the members of group `conv` homed there that are online.

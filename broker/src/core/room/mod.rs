@@ -362,7 +362,7 @@ impl Rooms {
 // ----- mail ------------------------------------------------------------------------------------------
 
 /// What a [`RoomChange`] does at the owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum RoomOp {
     /// Count a join (unless the room is full); the answer carries the history.
     Join,
@@ -373,7 +373,7 @@ pub(crate) enum RoomOp {
 }
 
 /// To a room's owner: a listener's shard joins, leaves or asks.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RoomChange {
     /// The room.
     pub(crate) room: Arc<str>,
@@ -386,7 +386,7 @@ pub(crate) struct RoomChange {
 }
 
 /// A room's figures, as the owner answers a [`RoomChange`].
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RoomFigures {
     /// Counted listeners across the node.
     pub(crate) audience: u64,
@@ -397,7 +397,7 @@ pub(crate) struct RoomFigures {
 }
 
 /// To a listener's shard: the answer to its [`RoomChange`].
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RoomAnswer {
     /// The requesting connection.
     pub(crate) to: Origin,
@@ -419,7 +419,7 @@ impl RoomAnswer {
 }
 
 /// To a room's owner: a send to the room from a connection in it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RoomPost {
     /// The sending connection (acked, and left out of the fan-out).
     pub(crate) origin: Origin,
@@ -430,13 +430,14 @@ pub(crate) struct RoomPost {
     /// The sending user and device.
     pub(crate) sender: Device,
     /// The send as decoded (`to` is echoed in the ack).
+    #[serde(with = "super::wire::prost_msg")]
     pub(crate) send: pb::Send,
     /// Wall-clock time at the sender's shard when the send arrived.
     pub(crate) unix_ms: i64,
 }
 
 /// To a shard with listeners: one room message for all of them.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RoomCast {
     /// The room.
     pub(crate) room: Arc<str>,
