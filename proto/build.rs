@@ -18,7 +18,11 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let mut config = prost_build::Config::new();
     // Bodies are carried as `bytes::Bytes` so a decoded frame borrows the read buffer (no copy).
-    config.bytes([".parley.v1.Send.body", ".parley.v1.Message.body"]);
+    config.bytes([
+        ".parley.v1.Send.body",
+        ".parley.v1.Message.body",
+        ".parley.cluster.v1.Mail.batch",
+    ]);
     config.compile_fds(fds)?;
 
     pbjson_build::Builder::new()

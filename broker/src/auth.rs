@@ -28,7 +28,7 @@ pub const MAX_USER_BYTES: usize = 128;
 pub const MAX_DEVICE_BYTES: usize = 64;
 
 /// The identity a valid token proves.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// The user id (`sub`).
     pub user: String,

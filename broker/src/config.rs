@@ -131,6 +131,13 @@ pub struct Cluster {
     /// a new login is closed with UNAVAILABLE at once instead of waiting. Withdrawals always
     /// queue (at most one per route). At least 1. Default 100000.
     pub max_pending_routes: usize,
+    /// The cluster's nodes, by node id: the same list on every node, this node among them (at
+    /// most 32). Conversations and users' homes are placed over these nodes (rendezvous
+    /// hashing), and messages cross nodes over the links, so `listen` must be set. The list is
+    /// part of the data: a node refuses to start when it differs from the one its data
+    /// directory was created with. Default: empty, and then each node serves only what its own
+    /// clients send (the registry and the presence index are shared, messages are not).
+    pub nodes: Vec<String>,
 }
 
 impl Default for Cluster {
@@ -146,6 +153,7 @@ impl Default for Cluster {
             route_ttl_ms: 300_000,
             route_timeout_ms: 3_000,
             max_pending_routes: 100_000,
+            nodes: Vec::new(),
         }
     }
 }
@@ -168,12 +176,7 @@ impl Cluster {
             ));
         }
         let id = self.effective_node_id(node);
-        if id.is_empty()
-            || id.len() > 128
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
-        {
+        if !valid_node_id(id) {
             return Err(format!(
                 "cluster.node_id (default: node) {id:?} must be 1 to 128 letters, digits, \
                  '.', '_', '-' or ':'"
@@ -204,8 +207,58 @@ impl Cluster {
         if self.secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
             return Err("cluster.secret must be at least 32 bytes".into());
         }
+        self.validate_nodes(id)
+    }
+
+    /// Checks `nodes` (`me`: this node's id).
+    fn validate_nodes(&self, me: &str) -> Result<(), String> {
+        if self.nodes.is_empty() {
+            return Ok(());
+        }
+        if self.nodes.len() > MAX_CLUSTER_NODES {
+            return Err(format!(
+                "cluster.nodes lists {} nodes; a cluster has at most {MAX_CLUSTER_NODES}",
+                self.nodes.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in &self.nodes {
+            if !valid_node_id(n) {
+                return Err(format!(
+                    "cluster.nodes: {n:?} is not a node id (1 to 128 letters, digits, '.', '_', \
+                     '-' or ':')"
+                ));
+            }
+            if !seen.insert(n.as_str()) {
+                return Err(format!("cluster.nodes lists {n:?} twice"));
+            }
+        }
+        if !seen.contains(me) {
+            return Err(format!(
+                "cluster.nodes must list this node's id {me:?} (cluster.node_id, default: node)"
+            ));
+        }
+        if self.nodes.len() > 1 && self.listen.is_none() {
+            return Err(
+                "cluster.nodes names other nodes, so cluster.listen must be set (messages \
+                        cross nodes over the links)"
+                    .into(),
+            );
+        }
         Ok(())
     }
+}
+
+/// Most nodes `cluster.nodes` may list.
+pub const MAX_CLUSTER_NODES: usize = 32;
+
+/// Whether `id` may be a node id: 1 to 128 letters, digits, `.`, `_`, `-` and `:`.
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
 }
 
 /// `url` with the password (if any) replaced by `<redacted>`.

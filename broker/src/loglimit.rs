@@ -26,10 +26,12 @@ pub enum LogKind {
     Tls,
     /// A UDP session failed (e.g. a frame too large for any datagram).
     Udp,
+    /// Mail from another node of the cluster could not be taken.
+    Cluster,
 }
 
 impl LogKind {
-    const COUNT: usize = 6;
+    const COUNT: usize = 7;
 
     fn index(self) -> usize {
         match self {
@@ -39,6 +41,7 @@ impl LogKind {
             LogKind::Register => 3,
             LogKind::Tls => 4,
             LogKind::Udp => 5,
+            LogKind::Cluster => 6,
         }
     }
 }

@@ -343,6 +343,48 @@ const FIELDS: &[Field] = &[
         "Routes registered for a login that was gone by then (withdrawn at once)."
     ),
     field!(
+        relays_opened,
+        "relays_opened",
+        Counter,
+        "Connections relayed to their session's home on another node."
+    ),
+    field!(
+        fenced,
+        "fenced",
+        Counter,
+        "Sends and group requests refused UNAVAILABLE because the node's lease in Redis had run out."
+    ),
+    field!(
+        remote_mail_out,
+        "remote_mail_out",
+        Counter,
+        "Mail to another node's shards sent on a link between nodes."
+    ),
+    field!(
+        remote_mail_in,
+        "remote_mail_in",
+        Counter,
+        "Mail from another node's shards handled here."
+    ),
+    field!(
+        unreachable_mail,
+        "unreachable_mail",
+        Counter,
+        "Mail for a node without a link now: requests answered UNAVAILABLE, the rest repaired at link-up."
+    ),
+    field!(
+        closed_for_link,
+        "closed_for_link",
+        Counter,
+        "Connections closed UNAVAILABLE because a link went down while they waited for an answer."
+    ),
+    field!(
+        fills,
+        "fills",
+        Counter,
+        "Reads from an owner to push messages a home learned of without their delivery (after a lost link or a crashed owner)."
+    ),
+    field!(
         tls_connections,
         "tls_connections",
         Gauge,

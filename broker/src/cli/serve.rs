@@ -58,6 +58,11 @@ pub(super) struct ServeArgs {
     /// cluster.listen=ADDR).
     #[arg(long, value_name = "ADDR")]
     cluster_listen: Option<String>,
+    /// The cluster's nodes, by node id, comma-separated, the same on every node (shorthand for
+    /// --set cluster.nodes=[...]): conversations and users are placed over them and messages
+    /// cross nodes.
+    #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+    cluster_nodes: Vec<String>,
 }
 
 /// `--tcp` / `--ws`: an address to listen on, or none.
@@ -106,6 +111,10 @@ impl ServeArgs {
             if let Some(v) = value {
                 settings.push(format!("{key}={}", quoted(v)));
             }
+        }
+        if !self.cluster_nodes.is_empty() {
+            let list: Vec<String> = self.cluster_nodes.iter().map(|n| quoted(n)).collect();
+            settings.push(format!("cluster.nodes=[{}]", list.join(",")));
         }
         let mut config = load_config(self.config.config.as_deref(), &settings)?;
         if self.no_tcp || self.tcp == Some(Listener::Disabled) {
@@ -330,6 +339,19 @@ mod tests {
             .expect("valid");
         assert_eq!(c.cluster.advertise.as_deref(), Some("10.0.0.2:7400"));
         assert_eq!(c.cluster.redis, None);
+        let c = parse(&[
+            "--cluster",
+            "redis://127.0.0.1:6379",
+            "--node-id",
+            "n2",
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--cluster-nodes",
+            "n1,n2,n3",
+        ])
+        .load()
+        .expect("nodes");
+        assert_eq!(c.cluster.nodes, ["n1", "n2", "n3"]);
         let e = parse(&["--cluster", "http://x"])
             .load()
             .expect_err("invalid");

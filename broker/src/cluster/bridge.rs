@@ -103,8 +103,10 @@ pub(super) struct Bridge {
     status: Arc<Status>,
     /// The membership last read.
     members: BTreeMap<String, Member>,
-    /// When the lease was last renewed by this process.
+    /// When the lease was last renewed by this process (when the renewal was sent).
     renewed: Option<Instant>,
+    /// When the heartbeat under way was sent.
+    beat_sent: Instant,
     /// The boot id holding this node id when it is not this process.
     usurper: Option<String>,
     /// The next delay after a failure.
@@ -182,6 +184,7 @@ impl Bridge {
                 members: std::sync::Mutex::new(Vec::new()),
                 inbox: tx,
                 links: std::sync::OnceLock::new(),
+                lease: super::Lease::default(),
                 routes: 0.into(),
                 route_writes: 0.into(),
                 redis_calls: 0.into(),
@@ -189,6 +192,7 @@ impl Bridge {
             }),
             members: BTreeMap::new(),
             renewed: None,
+            beat_sent: Instant::now(),
             usurper: None,
             backoff: BACKOFF_START,
             failing: 0,
@@ -454,7 +458,9 @@ impl Bridge {
             per.entry(a.ticket.shard()).or_default().push(a);
         }
         for (shard, done) in per {
-            let Some((tx, waker)) = self.peers.get(shard) else {
+            // Tickets name shards across the cluster (`Placement`): this node's shard `i`
+            // is `node * shards + i`.
+            let Some((tx, waker)) = self.peers.get(shard % self.peers.len().max(1)) else {
                 continue;
             };
             // A shard drains its inbox every turn; a full one means it is stopping.
@@ -521,6 +527,7 @@ impl Bridge {
 
     /// One heartbeat: connects if needed, runs the script.
     fn beat(&mut self) -> Result<Beat, BeatError> {
+        self.beat_sent = Instant::now();
         // Taken out while in use, put back only after a good answer: an error drops it.
         let mut con = match self.con.take() {
             Some(con) => con,
@@ -560,7 +567,8 @@ impl Bridge {
         self.backoff = BACKOFF_START;
         self.error_log = None;
         if beat.held {
-            self.renewed = Some(Instant::now());
+            self.renewed = Some(self.beat_sent);
+            self.status.lease.set(Some(self.beat_sent + self.lease));
             if let Some(other) = self.usurper.take() {
                 tracing::warn!(
                     node_id = %self.status.node_id,
@@ -581,6 +589,7 @@ impl Bridge {
                 self.usurper = Some(holder);
             }
             self.renewed = None;
+            self.status.lease.set(None);
         }
         for change in registry::diff(&self.members, &beat.members) {
             match change {
@@ -675,6 +684,7 @@ impl Bridge {
                 .invoke(&mut con)
         })();
         self.status.lease_ok.store(false, Ordering::SeqCst);
+        self.status.lease.set(None);
         match result {
             Ok(1) => tracing::info!(
                 node_id = %self.status.node_id,

@@ -39,9 +39,15 @@ use prost::Message as _;
 use sha2::Sha256;
 
 use super::Member;
+use super::carrier::{Carrier, LinkSide};
+use crate::node::shard::Mail;
 
 /// The link protocol version.
 const VERSION: u32 = 1;
+
+/// Most bytes waiting to be written on one link; past it the link is closed (the other node
+/// does not keep up).
+const MAX_LINK_BACKLOG: usize = 64 * 1024 * 1024;
 
 /// The largest link frame, bytes.
 pub(crate) const MAX_LINK_FRAME: usize = 16 * 1024 * 1024;
@@ -107,6 +113,8 @@ pub(crate) struct LinkIdentity {
     pub(crate) key: [u8; 32],
     /// The heartbeat (ping period).
     pub(crate) heartbeat: Duration,
+    /// The fingerprint of this node's cluster layout (`super::carrier::layout`).
+    pub(crate) layout: u64,
 }
 
 impl std::fmt::Debug for LinkIdentity {
@@ -126,13 +134,18 @@ pub(crate) struct Links {
     stop: Arc<std::sync::atomic::AtomicBool>,
     status: Arc<LinkStatus>,
     thread: Option<JoinHandle<()>>,
+    /// The shards' way to the other nodes (with `cluster.nodes`).
+    carrier: Option<Carrier>,
 }
 
 impl Links {
-    /// Starts the link thread accepting on `listener`.
+    /// Starts the link thread accepting on `listener`; with `cluster.nodes` in `config`, it
+    /// carries mail between this node's shards (`peers`) and the other nodes'.
     pub(crate) fn start(
         identity: LinkIdentity,
         listener: std::net::TcpListener,
+        config: &crate::config::Config,
+        peers: Vec<crate::node::shard::Peer>,
     ) -> io::Result<Links> {
         listener.set_nonblocking(true)?;
         let poll = Poll::new()?;
@@ -141,6 +154,10 @@ impl Links {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let (cmd, cmds) = crossbeam_channel::bounded(64);
+        let (carrier, side) = match super::carrier::carrier(config, peers, Arc::clone(&waker)) {
+            Some((c, s)) => (Some(c), Some(s)),
+            None => (None, None),
+        };
         let status = Arc::new(LinkStatus::default());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut thread = LinkThread {
@@ -155,6 +172,7 @@ impl Links {
             dial: BTreeMap::new(),
             codec: FrameCodec::new(MAX_LINK_FRAME),
             warned: BTreeMap::new(),
+            side,
         };
         let handle = std::thread::Builder::new()
             .name("parley-links".into())
@@ -165,7 +183,13 @@ impl Links {
             stop,
             status,
             thread: Some(handle),
+            carrier,
         })
+    }
+
+    /// The shards' way to the other nodes (with `cluster.nodes`).
+    pub(crate) fn carrier(&self) -> Option<Carrier> {
+        self.carrier.clone()
     }
 
     /// Where the bridge sends membership, and how it wakes the thread.
@@ -263,6 +287,8 @@ struct LinkThread {
     /// When a handshake warning about each peer was last written, and how many were held back
     /// since.
     warned: BTreeMap<String, (Instant, u64)>,
+    /// Mail between the shards of this node and the others' (with `cluster.nodes`).
+    side: Option<LinkSide>,
 }
 
 /// Why a link connection ends.
@@ -278,6 +304,8 @@ enum LinkError {
     Handshake(String),
     #[error("silent for three heartbeats")]
     Silent,
+    #[error("{0}")]
+    Overloaded(&'static str),
 }
 
 impl LinkThread {
@@ -321,6 +349,7 @@ impl LinkThread {
                     LinkCmd::Members(members) => self.set_members(members),
                 }
             }
+            self.carry_out();
             self.tick();
         }
         for slot in 0..self.conns.len() {
@@ -382,6 +411,7 @@ impl LinkThread {
             boot_id: self.me.boot_id.clone(),
             nonce: nonce.to_vec(),
             proof: proof.to_vec(),
+            layout: self.me.layout,
         })
     }
 
@@ -601,6 +631,7 @@ impl LinkThread {
         match (phase, body) {
             (Phase::Up, Body::Ping(p)) => self.send(slot, Body::Pong(lpb::Pong { nonce: p.nonce })),
             (Phase::Up, Body::Pong(_)) => {}
+            (Phase::Up, Body::Mail(m)) => self.carry_in(slot, m),
             (Phase::Up, Body::Hello(_)) => self.fail(slot, "a Hello on an established link".into()),
             (Phase::Accepted, Body::Hello(h)) => self.dialler_hello(slot, h),
             (Phase::Dialled { nonce }, Body::Hello(h)) => self.acceptor_hello(slot, nonce, h),
@@ -619,6 +650,9 @@ impl LinkThread {
         }
         if h.node_id == self.me.node_id {
             return self.handshake_failed(slot, "a link from this node's own id".into());
+        }
+        if h.layout != self.me.layout {
+            return self.handshake_failed(slot, layout_mismatch(&h.node_id));
         }
         let nonce = fresh_nonce();
         let proof = prove(
@@ -652,6 +686,9 @@ impl LinkThread {
                 slot,
                 format!("dialled {expected_peer:?}, answered by {:?}", h.node_id),
             );
+        }
+        if h.layout != self.me.layout {
+            return self.handshake_failed(slot, layout_mismatch(&h.node_id));
         }
         if !verify(
             &self.me.key,
@@ -731,13 +768,14 @@ impl LinkThread {
             up.insert(
                 peer.clone(),
                 LinkView {
-                    node_id: peer,
+                    node_id: peer.clone(),
                     boot_id: boot,
                     dialled,
                     since_ms: unix_ms(),
                 },
             );
         }
+        self.tell_shards(&peer, true);
     }
 
     fn handshake_failed(&mut self, slot: usize, why: String) {
@@ -764,14 +802,16 @@ impl LinkThread {
         let was_up = matches!(c.phase, Phase::Up);
         let peer = c.peer.clone().unwrap_or_else(|| "?".into());
         if was_up {
-            if let Ok(mut up) = self.status.up.lock() {
-                // Only if the published link is this one (a replacement may be up already).
-                let replaced = self.conns.iter().flatten().any(|o| {
+            // Only if the published link is this one (a replacement may be up already).
+            let replaced =
+                self.conns.iter().flatten().any(|o| {
                     o.peer.as_deref() == Some(peer.as_str()) && matches!(o.phase, Phase::Up)
                 });
-                if !replaced {
+            if !replaced {
+                if let Ok(mut up) = self.status.up.lock() {
                     up.remove(&peer);
                 }
+                self.tell_shards(&peer, false);
             }
             if let Some(d) = self.dial.get_mut(&peer) {
                 d.at = Instant::now();
@@ -797,6 +837,101 @@ impl LinkThread {
         }
     }
 
+    /// Publishes that the link to `peer` is up (or down) and tells every shard, so that they
+    /// send (or stop sending) it mail and do what `crate::core::remote` says.
+    fn tell_shards(&mut self, peer: &str, up: bool) {
+        let Some(side) = &self.side else {
+            return;
+        };
+        let Some(node) = side.position(peer) else {
+            return;
+        };
+        side.set_up(node, up);
+        for (tx, waker) in &side.peers {
+            let mail = if up {
+                Mail::LinkUp { node }
+            } else {
+                Mail::LinkDown { node }
+            };
+            // Blocking: a shard drains its inbox every turn, and this must not be lost.
+            if tx.send(mail).is_ok() {
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// Writes the shards' mail on its links (mail for a node whose link just went down is
+    /// dropped: the shards were told, and a link-up repairs what it held).
+    fn carry_out(&mut self) {
+        let Some(side) = &self.side else {
+            return;
+        };
+        // Bounded: the shards queue at most `OUTBOUND_FRAMES` frames.
+        let frames: Vec<_> = side.rx.try_iter().collect();
+        for o in frames {
+            let Some(peer) = self
+                .side
+                .as_ref()
+                .and_then(|s| s.nodes.get(o.node))
+                .cloned()
+            else {
+                continue;
+            };
+            let Some(slot) = self.conns.iter().position(|c| {
+                c.as_ref().is_some_and(|c| {
+                    matches!(c.phase, Phase::Up) && c.peer.as_deref() == Some(peer.as_str())
+                })
+            }) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.wbuf.len() + o.frame.len() > MAX_LINK_BACKLOG {
+                self.drop_conn(
+                    slot,
+                    Some(LinkError::Overloaded("over 64 MiB waiting to be written")),
+                );
+                continue;
+            }
+            c.wbuf.extend_from_slice(&o.frame);
+            self.on_writable(slot);
+        }
+    }
+
+    /// Mail from the node on `slot` for one of this node's shards.
+    fn carry_in(&mut self, slot: usize, m: lpb::Mail) {
+        let Some(side) = &self.side else {
+            return self.fail(slot, "mail, but this node has no cluster.nodes".into());
+        };
+        let from = self
+            .conns
+            .get(slot)
+            .and_then(Option::as_ref)
+            .and_then(|c| c.peer.as_deref())
+            .and_then(|p| side.position(p));
+        let (Some(from), Some((tx, waker))) = (from, side.peers.get(m.shard as usize)) else {
+            return self.fail(slot, format!("mail for shard {} of no node here", m.shard));
+        };
+        let mail = Mail::Remote {
+            from,
+            bytes: m.batch,
+        };
+        // A shard drains its inbox every turn; one that cannot take mail for a second is
+        // overloaded, and the link is closed (its shards are told, and a link-up repairs).
+        match tx.send_timeout(mail, Duration::from_secs(1)) {
+            Ok(()) => {
+                let _ = waker.wake();
+            }
+            Err(_) => self.drop_conn(
+                slot,
+                Some(LinkError::Overloaded(
+                    "a shard's inbox stayed full for a second",
+                )),
+            ),
+        }
+    }
+
     /// Logs a failed handshake with `peer`, at most one line per peer per [`WARN_EVERY`].
     fn warn_handshake(&mut self, peer: &str, why: &str) {
         let now = Instant::now();
@@ -817,6 +952,14 @@ impl LinkThread {
             }
         }
     }
+}
+
+/// Why a link with `peer` is refused when its layout differs.
+fn layout_mismatch(peer: &str) -> String {
+    format!(
+        "{peer:?} has another cluster layout (cluster.nodes, shard count or release differ); \
+         every node of a cluster must list the same nodes and run the same shard count and release"
+    )
 }
 
 /// 16 fresh random bytes.

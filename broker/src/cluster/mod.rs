@@ -56,6 +56,7 @@
 //!   is.
 
 mod bridge;
+pub(crate) mod carrier;
 pub(crate) mod link;
 pub(crate) mod registry;
 pub(crate) mod routes;
@@ -142,6 +143,30 @@ pub(crate) struct Status {
     replays: AtomicU64,
     /// The link thread's view, with `cluster.listen` set.
     links: std::sync::OnceLock<Arc<link::LinkStatus>>,
+    /// Until when this process holds its lease (see [`Lease`]).
+    lease: Lease,
+}
+
+/// Until when this process holds its lease: the time its last renewal was sent plus
+/// `cluster.lease_ms` (`None`: not held). A node acts as the owner of its conversations only
+/// before this deadline: a process paused past it (and perhaps replaced by another process
+/// with its node id) assigns no seq until it renewed it, which it cannot while another holds
+/// the id.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lease(Arc<Mutex<Option<std::time::Instant>>>);
+
+impl Lease {
+    /// The deadline now.
+    pub(crate) fn until(&self) -> Option<std::time::Instant> {
+        self.0.lock().ok().and_then(|l| *l)
+    }
+
+    /// Sets the deadline.
+    fn set(&self, until: Option<std::time::Instant>) {
+        if let Ok(mut l) = self.0.lock() {
+            *l = until;
+        }
+    }
 }
 
 /// A copy of [`Status`] at one moment.
@@ -252,12 +277,13 @@ impl Cluster {
         config: &Config,
         peers: Vec<Peer>,
         link_key: Option<[u8; 32]>,
+        shards: usize,
     ) -> Result<Option<Cluster>, ClusterError> {
         let Some(url) = &config.cluster.redis else {
             return Ok(None);
         };
         let mut bridge = bridge::Bridge::new(config, url)?;
-        bridge.set_peers(peers);
+        bridge.set_peers(peers.clone());
         let links = match config.cluster.listen {
             None => None,
             Some(addr) => {
@@ -274,8 +300,11 @@ impl Cluster {
                         boot_id: status.boot_id.clone(),
                         key,
                         heartbeat: std::time::Duration::from_millis(config.cluster.heartbeat_ms),
+                        layout: carrier::layout(config, shards),
                     },
                     listener,
+                    config,
+                    peers,
                 )
                 .map_err(|e| ClusterError::Thread(e.to_string()))?;
                 let _ = status.links.set(links.status());
@@ -300,6 +329,16 @@ impl Cluster {
             thread: Some(thread),
             links,
         }))
+    }
+
+    /// Until when this process holds its lease.
+    pub(crate) fn lease(&self) -> Lease {
+        self.status.lease.clone()
+    }
+
+    /// The shards' way to the other nodes (with `cluster.nodes`).
+    pub(crate) fn carrier(&self) -> Option<carrier::Carrier> {
+        self.links.as_ref().and_then(link::Links::carrier)
     }
 
     /// What the bridge publishes.

@@ -38,6 +38,31 @@ impl<B: Backend> ShardCore<B> {
         conn
     }
 
+    /// Opens the session of a login accepted on another node for a user homed on this shard
+    /// (`super::relay`): a connection without a socket, fed by the driver like an in-process
+    /// one, whose login is answered here (after its route, in a cluster) with `request_id`.
+    pub fn handle_open_relayed(
+        &mut self,
+        identity: crate::auth::Identity,
+        request_id: u64,
+        now: Now,
+    ) -> ConnId {
+        self.now = now;
+        let conn = self.insert(
+            Transport::tcp(self.limits),
+            BytesMut::new(),
+            BytesMut::new(),
+        );
+        self.mark_dirty(conn);
+        if self.shutting_down {
+            self.close(conn, request_id, Some(CloseReason::ShuttingDown));
+        } else {
+            self.activate(conn, identity, request_id);
+        }
+        self.drain_local();
+        conn
+    }
+
     /// Ends every connection of `user` (only `device`'s, if given) with KICKED and `reason`;
     /// returns how many. Call it on the user's home shard.
     pub fn kick(&mut self, user: &str, device: Option<&str>, reason: &str, now: Now) -> usize {

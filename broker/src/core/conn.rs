@@ -77,6 +77,9 @@ pub(crate) enum Phase {
     AwaitingLogin,
     /// Logged in on the user's home shard.
     Active,
+    /// Logged in for a user homed on another node: the connection relays to the session
+    /// there ([`super::relay`]).
+    Relaying,
 }
 
 /// Whether the core takes input from a connection now (see the module documentation).
@@ -365,6 +368,8 @@ impl Connection {
             Phase::AwaitingLogin => self.last_heard + cfg.login_ms,
             Phase::Active => (self.last_heard + cfg.idle_ms)
                 .min(self.who.as_ref().map_or(u64::MAX, |w| w.expires_ms)),
+            // The session's deadlines are the home's.
+            Phase::Relaying => u64::MAX,
         };
         if self.stall_since != NOT_STALLED {
             d = d.min(self.stall_since.saturating_add(cfg.write_stall_ms));
@@ -384,7 +389,7 @@ impl Connection {
             Phase::Active if self.who.as_ref().is_some_and(|w| now >= w.expires_ms) => {
                 Some(CloseReason::TokenExpired)
             }
-            Phase::Active => (self.stall_since != NOT_STALLED
+            Phase::Active | Phase::Relaying => (self.stall_since != NOT_STALLED
                 && now >= self.stall_since.saturating_add(cfg.write_stall_ms))
             .then_some(CloseReason::SlowConsumer),
         }

@@ -24,12 +24,7 @@ pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     // SplitMix64 finalizer: FNV alone spreads poorly in its low bits, which pick the shard.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
-    h.max(1)
+    mix(h).max(1)
 }
 
 /// Longest conversation id a client may name (bytes of UTF-8).
@@ -174,35 +169,116 @@ pub(crate) fn key_for(user: &str, view: &pb::Conversation) -> Option<String> {
     }
 }
 
-/// Where conversations and users live: shards of this node today, nodes of a cluster later.
+/// Most nodes a cluster layout spans ([`crate::config::MAX_CLUSTER_NODES`]).
+const MAX_NODES: usize = crate::config::MAX_CLUSTER_NODES;
+
+/// Where conversations and users live: which shard owns a conversation (its seq counter, de-dup
+/// windows and log) and which shard is a user's home (connections, inbox).
+///
+/// Shards are numbered across the cluster: node `n` (its position in the sorted node list)
+/// holds shards `n * shards .. (n + 1) * shards`, every node running `shards` of them (one node
+/// alone: `0 .. shards`). A conversation's node is chosen by rendezvous hashing of its id over
+/// the node ids, and within the node by `id % shards`; a user's home likewise by the hash of
+/// the user id. The layout (node ids and shard count) of a data directory never changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Placement {
     shards: usize,
+    nodes: usize,
+    node: usize,
+    /// Each node's rendezvous salt (the stable hash of its id), by position.
+    salts: [u64; MAX_NODES],
 }
 
 impl Placement {
-    /// Placement over `shards` shards (at least 1). The shard count of a data dir is fixed at
-    /// its first start: conversations are placed by `id % shards`.
+    /// Placement over `shards` shards of one node (at least 1). The shard count of a data dir
+    /// is fixed at its first start: conversations are placed by `id % shards`.
     pub(crate) fn new(shards: usize) -> Self {
         Placement {
             shards: shards.max(1),
+            nodes: 1,
+            node: 0,
+            salts: [0; MAX_NODES],
         }
     }
 
-    /// The number of shards.
+    /// Placement over the cluster `nodes` (node ids, in any order; at most 32), each with
+    /// `shards` shards, seen from node `me`; `None` if `me` is not among them or the list is
+    /// empty or too long.
+    pub(crate) fn cluster(shards: usize, nodes: &[String], me: &str) -> Option<Self> {
+        if nodes.is_empty() || nodes.len() > MAX_NODES {
+            return None;
+        }
+        let mut sorted: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let node = sorted.iter().position(|n| *n == me)?;
+        let mut salts = [0; MAX_NODES];
+        for (salt, id) in salts.iter_mut().zip(&sorted) {
+            *salt = stable_hash(id.as_bytes());
+        }
+        Some(Placement {
+            shards: shards.max(1),
+            nodes: sorted.len(),
+            node,
+            salts,
+        })
+    }
+
+    /// The number of shards of the whole cluster (of the node, alone).
     pub(crate) fn shards(&self) -> usize {
+        self.shards * self.nodes
+    }
+
+    /// The number of shards each node runs.
+    pub(crate) fn shards_per_node(&self) -> usize {
         self.shards
+    }
+
+    /// The node holding shard `shard`.
+    pub(crate) fn node_of(&self, shard: usize) -> usize {
+        shard / self.shards
+    }
+
+    /// The index on this node of shard `shard`, if it is one of this node's.
+    pub(crate) fn local(&self, shard: usize) -> Option<usize> {
+        (self.node_of(shard) == self.node).then_some(shard % self.shards)
+    }
+
+    /// The cluster-wide index of this node's shard `local`.
+    pub(crate) fn global(&self, local: usize) -> usize {
+        self.node * self.shards + local
     }
 
     /// The shard that owns conversation `id`.
     pub(crate) fn owner(&self, id: u64) -> usize {
-        (id % self.shards as u64) as usize
+        self.place(id)
     }
 
     /// The home shard of `user`.
     pub(crate) fn home(&self, user: &str) -> usize {
-        (stable_hash(user.as_bytes()) % self.shards as u64) as usize
+        self.place(stable_hash(user.as_bytes()))
     }
+
+    /// The node of the highest rendezvous weight for `h`, then its shard `h % shards`.
+    fn place(&self, h: u64) -> usize {
+        let mut best = (0, 0);
+        for (i, &salt) in self.salts[..self.nodes].iter().enumerate() {
+            let w = mix(salt ^ h);
+            if i == 0 || w > best.1 {
+                best = (i, w);
+            }
+        }
+        best.0 * self.shards + (h % self.shards as u64) as usize
+    }
+}
+
+/// A SplitMix64 finalizer (the rendezvous weight of a salted hash).
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
@@ -294,5 +370,48 @@ mod tests {
         assert_eq!(p.owner(9), 1);
         assert!(p.home("alice") < 4);
         assert_eq!(Placement::new(0).shards(), 1);
+    }
+
+    #[test]
+    fn a_cluster_places_alike_on_every_node_and_spreads_over_all_of_them() {
+        let nodes: Vec<String> = ["n3", "n1", "n2"].iter().map(|s| s.to_string()).collect();
+        let views: Vec<Placement> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|me| Placement::cluster(2, &nodes, me).expect("a member"))
+            .collect();
+        assert_eq!(
+            views[1].node_of(views[1].global(0)),
+            1,
+            "positions follow the sorted ids"
+        );
+        let mut per_node = [0usize; 3];
+        for i in 0..3000u64 {
+            let owner = views[0].owner(stable_hash(&i.to_le_bytes()));
+            assert!(
+                views
+                    .iter()
+                    .all(|v| v.owner(stable_hash(&i.to_le_bytes())) == owner)
+            );
+            per_node[views[0].node_of(owner)] += 1;
+            let user = format!("user-{i}");
+            assert!(views.iter().all(|v| v.home(&user) == views[0].home(&user)));
+        }
+        assert!(per_node.iter().all(|&n| n > 800), "{per_node:?}");
+        assert_eq!(views[2].local(5), Some(1));
+        assert_eq!(views[2].local(1), None);
+        assert_eq!(views[2].global(1), 5);
+        assert_eq!(Placement::cluster(2, &nodes, "n9"), None);
+    }
+
+    #[test]
+    fn adding_a_node_moves_only_what_the_new_node_takes() {
+        let three: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let four: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let p3 = Placement::cluster(1, &three, "a").expect("member");
+        let p4 = Placement::cluster(1, &four, "a").expect("member");
+        for i in 0..2000u64 {
+            let (o3, o4) = (p3.owner(i), p4.owner(i));
+            assert!(o3 == o4 || o4 == 3, "{i}: {o3} -> {o4}");
+        }
     }
 }

@@ -114,6 +114,23 @@ pub struct Counters {
     pub routes_failed: u64,
     /// Routes registered for a login that was gone by then (withdrawn at once).
     pub routes_orphaned: u64,
+    /// Connections relayed to their session's home on another node.
+    pub relays_opened: u64,
+    /// Requests refused UNAVAILABLE because the node's lease had run out.
+    pub fenced: u64,
+    /// Mail to another node's shards sent on a link (cluster with `cluster.nodes`).
+    pub remote_mail_out: u64,
+    /// Mail from another node's shards handled here.
+    pub remote_mail_in: u64,
+    /// Mail for another node that could not be sent (no link to it): requests answered
+    /// UNAVAILABLE, the rest repaired when the link comes up.
+    pub unreachable_mail: u64,
+    /// Connections closed UNAVAILABLE because a link went down while they waited for an
+    /// answer (their clients resend and sync).
+    pub closed_for_link: u64,
+    /// Messages pulled from an owner for users online after a home learned of messages it
+    /// was not delivered (a lost link, a crashed owner).
+    pub fills: u64,
     /// TLS connections open now (a gauge; counted by the driver, which owns TLS).
     pub tls_connections: u64,
     /// TLS handshakes completed (counted by the driver).
@@ -189,6 +206,13 @@ impl Counters {
         self.routes_asked += other.routes_asked;
         self.routes_failed += other.routes_failed;
         self.routes_orphaned += other.routes_orphaned;
+        self.relays_opened += other.relays_opened;
+        self.fenced += other.fenced;
+        self.remote_mail_out += other.remote_mail_out;
+        self.remote_mail_in += other.remote_mail_in;
+        self.unreachable_mail += other.unreachable_mail;
+        self.closed_for_link += other.closed_for_link;
+        self.fills += other.fills;
         self.tls_connections += other.tls_connections;
         self.tls_handshakes += other.tls_handshakes;
         self.tls_failures += other.tls_failures;

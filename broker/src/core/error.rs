@@ -134,6 +134,13 @@ pub(crate) enum Refusal {
     /// A hook of the application denied the request.
     #[error("denied: {0}")]
     Denied(String),
+    /// In a cluster: the node that owns what the request is about cannot be reached now (it is
+    /// down, or the link to it is); retry after the hint.
+    #[error("the node that owns this is unreachable now; retry")]
+    Unavailable {
+        /// Milliseconds after which a retry may succeed.
+        retry_after_ms: u32,
+    },
     /// An inbound frame could not be decoded (not fatal: the stream is in sync).
     #[error("{message}")]
     BadFrame {
@@ -179,6 +186,7 @@ impl Refusal {
             Refusal::NotSender | Refusal::Denied(_) => C::Forbidden,
             Refusal::IdCollision => C::Internal,
             Refusal::Storage(_) | Refusal::LogFailed => C::StorageFailure,
+            Refusal::Unavailable { .. } => C::Unavailable,
             Refusal::BadFrame { code, .. } => *code,
         }
     }
@@ -193,13 +201,16 @@ impl Refusal {
                 | Refusal::LogFailed
                 | Refusal::RoomFull
                 | Refusal::Denied(_)
+                | Refusal::Unavailable { .. }
         )
     }
 
     /// The `Error` frame answering request `request_id` (of send `client_msg_id`, or 0).
     pub(crate) fn frame(&self, request_id: u64, client_msg_id: u64) -> pb::Frame {
         let retry_after_ms = match self {
-            Refusal::RateLimited { retry_after_ms } => *retry_after_ms,
+            Refusal::RateLimited { retry_after_ms } | Refusal::Unavailable { retry_after_ms } => {
+                *retry_after_ms
+            }
             _ => 0,
         };
         error_frame(

@@ -510,19 +510,37 @@ impl<B: Backend> ShardCore<B> {
     /// Start-up: a group's users homed here and what they may read.
     pub(crate) fn on_group_inbox(&mut self, gi: GroupInbox) {
         let g = self.home.group(&gi.conv);
+        let known = g.last_seq;
         g.last_seq = g.last_seq.max(gi.last_seq);
         g.last_time = g.last_time.max(gi.last_time);
         for (user, from, to) in &gi.users {
             self.home.set_membership(user, &gi.conv, *from, *to);
         }
         self.report_group_reads(&gi);
+        // As for a direct conversation (`on_inbox`): the members online get what they missed.
+        if gi.last_seq > known {
+            let online: Vec<Arc<str>> = self
+                .home
+                .groups
+                .get(&gi.conv.id)
+                .map(|g| g.online.to_vec())
+                .unwrap_or_default();
+            for user in online {
+                let from = gi
+                    .users
+                    .iter()
+                    .find(|(u, _, _)| *u == user)
+                    .map_or(known, |&(_, joined, _)| known.max(joined.saturating_sub(1)));
+                self.fill(&user, &gi.conv, from, gi.last_seq);
+            }
+        }
     }
 
     /// Pushes one live message to one connection, unless it is behind, syncing, or has it;
     /// returns whether it was pushed. A push records the send-to-deliver latency from `sent_us`
     /// (the send's arrival at its sender's shard, [`super::Latencies::send_to_deliver`]);
     /// retransmits and sync pages do not come here and are not recorded.
-    fn push_live(
+    pub(crate) fn push_live(
         &mut self,
         conn: ConnId,
         conv: u64,
@@ -580,8 +598,15 @@ impl<B: Backend> ShardCore<B> {
         last_seq: u64,
         last_time: i64,
     ) {
+        let known = self
+            .home
+            .entry_mut(&user, conv.id)
+            .map_or(0, |e| e.last_seq);
         let e = self.home.note(&user, &conv, last_seq);
         e.last_time = e.last_time.max(last_time);
+        // Told of messages whose delivery never came (a lost link, a crashed owner): the
+        // devices online get them now. At start-up nobody is online: nothing to pull.
+        self.fill(&user, &conv, known, last_seq);
     }
 
     /// Builds the summary entry of a user's conversation `e` (`cursor`: what the client holds).

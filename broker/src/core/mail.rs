@@ -143,6 +143,9 @@ pub(crate) enum ReadPurpose {
     Sync,
     /// The newest message of a conversation, for the conversation list being answered.
     ListFill,
+    /// Messages a home learned of without their delivery, for its user's devices online
+    /// (see `super::remote`).
+    Fill,
     /// A history page for this request, in this view.
     History {
         request_id: u64,
@@ -194,6 +197,18 @@ pub struct Adoption {
     /// Bytes queued and not yet written.
     pub(crate) out: BytesMut,
     pub(crate) identity: Identity,
+    pub(crate) request_id: u64,
+}
+
+/// A login accepted on another node for a user homed here: its session runs here, its socket
+/// stays there (`super::relay`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RelayOpen {
+    /// The accepting connection (the key of every mail of the session).
+    pub(crate) from: Origin,
+    /// Who logged in.
+    pub(crate) identity: crate::auth::Identity,
+    /// The login's request id (its answer comes from here).
     pub(crate) request_id: u64,
 }
 
@@ -304,4 +319,39 @@ pub enum ShardMsg {
     RoomCast(Box<super::room::RoomCast>),
     /// Presence and typing (see [`super::presence::Mail`]).
     Presence(Box<super::presence::Mail>),
+    /// To a user's home on another node: open the session of a relayed connection.
+    RelayOpen(Box<RelayOpen>),
+    /// To a relayed session's home: frames from its client (TCP framing).
+    RelayIn {
+        /// The accepting connection.
+        from: Origin,
+        /// The frames.
+        bytes: Bytes,
+    },
+    /// To a relayed connection: frames for its client (TCP framing).
+    RelayOut {
+        /// The accepting connection.
+        to: Origin,
+        /// The frames.
+        bytes: Bytes,
+    },
+    /// Window credit of a relayed session: `bytes` of the other side's were taken.
+    RelayAck {
+        /// The accepting connection.
+        key: Origin,
+        /// To the home (its output was taken), or to the accepting shard (its input was).
+        to_home: bool,
+        /// How many.
+        bytes: u32,
+    },
+    /// A relayed session ended: at the home (with its last words for the client), or at the
+    /// accepting shard (the client is gone).
+    RelayClose {
+        /// The accepting connection.
+        key: Origin,
+        /// To the home, or to the accepting shard.
+        to_home: bool,
+        /// The home's last frames (TCP framing); empty to the home.
+        last: Bytes,
+    },
 }

@@ -60,6 +60,8 @@ mod outbound;
 pub(crate) mod owner;
 pub(crate) mod presence;
 pub(crate) mod receipt;
+pub(crate) mod relay;
+pub(crate) mod remote;
 pub(crate) mod room;
 mod route;
 mod session;
@@ -218,6 +220,16 @@ impl<B: Backend> fmt::Debug for CoreSetup<B> {
     }
 }
 
+/// The placement over `config`'s cluster (`cluster.nodes`, with `cluster.redis` set), each
+/// node running `shards` shards; `None` without one.
+pub(crate) fn cluster_placement(config: &Config, shards: usize) -> Option<Placement> {
+    let c = &config.cluster;
+    if c.redis.is_none() || c.nodes.is_empty() {
+        return None;
+    }
+    Placement::cluster(shards, &c.nodes, c.effective_node_id(&config.node))
+}
+
 /// Hands every core's start-up mail (what each user's home must know of the conversations the
 /// other shards own) to its target, until none is left. Run it before any client is served.
 pub fn exchange_startup_mail<B: Backend>(cores: &mut [ShardCore<B>], now: Now) {
@@ -236,7 +248,10 @@ pub fn exchange_startup_mail<B: Backend>(cores: &mut [ShardCore<B>], now: Now) {
             return;
         }
         for (to, batch) in mails {
-            if let Some(core) = cores.get_mut(to) {
+            // Mail for another node's shards is not sent at start-up: each node tells the
+            // homes of another what they must know when the link between them comes up.
+            let local = cores.first().and_then(|c| c.placement.local(to));
+            if let Some(core) = local.and_then(|i| cores.get_mut(i)) {
                 core.handle_mail(batch, now);
             }
         }
@@ -281,6 +296,11 @@ pub struct ShardCore<B: Backend> {
     presence: presence::Presence,
     /// The application's hooks and the requests parked on them.
     gate: gate::Gatekeeper,
+    /// In a cluster with `cluster.nodes`: until when the node's lease holds (monotonic ms),
+    /// see `remote`.
+    lease_until: Option<u64>,
+    /// Connections relayed to their session's home on another node, and their windows.
+    relays: HashMap<ConnId, relay::Relaying>,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -297,11 +317,13 @@ impl<B: Backend> ShardCore<B> {
     /// and queues, as [`Effect::Mail`], what each user's home must know.
     pub fn new(setup: CoreSetup<B>) -> Self {
         let cfg = config::CoreConfig::from_config(&setup.config);
-        let placement = Placement::new(setup.shards);
+        let placement = cluster_placement(&setup.config, setup.shards)
+            .unwrap_or_else(|| Placement::new(setup.shards));
+        let index = placement.global(setup.index);
         let mut timers = Timers::new(setup.now.ms);
         timers.insert(setup.now.ms + cfg.maintenance_ms, TimerFor::Maintenance);
         let mut core = ShardCore {
-            index: setup.index,
+            index,
             placement,
             limits: TransportLimits::from(&setup.config.limits),
             cfg: Arc::new(cfg),
@@ -311,7 +333,7 @@ impl<B: Backend> ShardCore<B> {
             free: Vec::new(),
             freed: Vec::new(),
             timers,
-            owner: Owner::new(setup.log, setup.index),
+            owner: Owner::new(setup.log, index),
             home: Home::default(),
             rooms: room::Rooms::default(),
             outgoing: (0..placement.shards()).map(|_| Vec::new()).collect(),
@@ -331,6 +353,8 @@ impl<B: Backend> ShardCore<B> {
             test_switches: setup.switches,
             presence: presence::Presence::default(),
             gate: gate::Gatekeeper::new(setup.hooks, setup.completions),
+            lease_until: None,
+            relays: HashMap::new(),
         };
         core.rebuild();
         core.drain_local();
@@ -448,6 +472,7 @@ impl<B: Backend> ShardCore<B> {
         self.pump_sync(conn);
         self.pump_rooms(conn);
         self.maybe_resume(conn);
+        self.relay_credit(conn);
         self.arm(conn);
         self.drain_local();
     }
@@ -484,6 +509,11 @@ impl<B: Backend> ShardCore<B> {
         }
         self.drain_local();
         conn
+    }
+
+    /// Where conversations and users live, as this core places them.
+    pub(crate) fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// A flush the core asked for ([`Effect::Flush`]) finished. `ran_us`: how long the flush
@@ -680,6 +710,9 @@ impl<B: Backend> ShardCore<B> {
         }
         let mut c = self.conns[slot].take()?;
         self.gate.forget(conn);
+        if let Some(r) = self.relays.remove(&conn) {
+            self.relay_gone(self.origin(conn), &r);
+        }
         let service = c.who.as_ref().is_some_and(|w| w.service);
         if let Some(who) = c.who.as_ref().filter(|w| w.routed) {
             let (user, device) = (Arc::clone(&who.device.user), Arc::clone(&who.device.device));
@@ -968,6 +1001,24 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::RoomPost(p) => self.on_room_post(*p),
             ShardMsg::RoomCast(c) => self.on_room_cast(*c),
             ShardMsg::Presence(m) => self.on_presence_mail(*m),
+            ShardMsg::RelayOut { to, bytes } => self.on_relay_out(to, &bytes),
+            ShardMsg::RelayAck {
+                key,
+                to_home: false,
+                bytes,
+            } => self.on_relay_ack(key, bytes),
+            ShardMsg::RelayClose {
+                key,
+                to_home: false,
+                last,
+            } => self.on_relay_close(key, &last),
+            // The home's side of a relayed session is the driver's (`node::shard::relay`).
+            ShardMsg::RelayOpen(_)
+            | ShardMsg::RelayIn { .. }
+            | ShardMsg::RelayAck { to_home: true, .. }
+            | ShardMsg::RelayClose { to_home: true, .. } => {
+                debug_assert!(false, "a relayed session's home mail reached the core");
+            }
         }
     }
 

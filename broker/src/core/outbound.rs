@@ -108,6 +108,9 @@ impl<B: Backend> ShardCore<B> {
 
     /// A connection held at its budget is under it again: it takes input once more.
     pub(super) fn maybe_resume(&mut self, conn: ConnId) {
+        if self.relay_full(conn) {
+            return;
+        }
         let cfg = &self.cfg;
         let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
             return;

@@ -93,6 +93,11 @@ impl DedupRing {
         self.slots.len()
     }
 
+    /// The highest seq remembered (the sender's newest message, as far as the window goes).
+    pub(crate) fn max_seq(&self) -> Option<u64> {
+        self.slots.iter().map(|(_, r)| r.seq).max()
+    }
+
     /// The `n` newest remembered ids, oldest first.
     pub(crate) fn newest(&self, n: usize) -> Vec<(u64, Remembered)> {
         // Oldest first is slots[next..] then slots[..next] (before the ring is full, next is 0).
@@ -234,6 +239,9 @@ impl<B: Backend> ShardCore<B> {
                 },
             );
         };
+        if let Some(refusal) = self.fenced() {
+            return refuse(self, refusal);
+        }
         let id = conv.id;
         let window = self.cfg.dedup_window;
         let wait = self.cfg.wait_for_flush;
@@ -685,11 +693,28 @@ impl<B: Backend> ShardCore<B> {
                 window,
             );
         }
-        let mut own_reads: Vec<((u64, Device), u64)> = own_reads.into_iter().collect();
+        let own_reads: Vec<((u64, Device), u64)> = own_reads.into_iter().collect();
+        self.tell_homes(own_reads, None);
+    }
+
+    /// Tells the homes (only those on node `only`, if given) what they must know of this
+    /// shard's conversations: each member's conversation and its last seq, each group's users
+    /// and what they may read, and each sender's newest message (`own_reads`: (conversation
+    /// id, sender) → seq), which its sender has read.
+    pub(crate) fn tell_homes(
+        &mut self,
+        mut own_reads: Vec<((u64, Device), u64)>,
+        only: Option<usize>,
+    ) {
+        let placement = self.placement;
+        let wanted = |home: usize| only.is_none_or(|n| placement.node_of(home) == n);
         own_reads.sort_by(|a, b| (a.0.0, &a.0.1.user).cmp(&(b.0.0, &b.0.1.user)));
         for ((id, sender), seq) in own_reads {
             if let Some(st) = self.owner.convs.get(&id) {
                 let home = self.placement.home(&sender.user);
+                if !wanted(home) {
+                    continue;
+                }
                 let msg = ShardMsg::OwnRead {
                     user: sender.user,
                     conv: Arc::clone(&st.conv),
@@ -728,7 +753,7 @@ impl<B: Backend> ShardCore<B> {
                 per_home[self.placement.home(user)].push((Arc::clone(user), from, to));
             }
             for (home, users) in per_home.into_iter().enumerate() {
-                if !users.is_empty() {
+                if !users.is_empty() && wanted(home) {
                     group_mail.push((
                         home,
                         ShardMsg::GroupInbox(Box::new(GroupInbox {
@@ -748,6 +773,9 @@ impl<B: Backend> ShardCore<B> {
         news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
         for (user, conv, last_seq, last_time) in news {
             let home = self.placement.home(&user);
+            if !wanted(home) {
+                continue;
+            }
             self.route(
                 home,
                 ShardMsg::Inbox {
@@ -758,6 +786,20 @@ impl<B: Backend> ShardCore<B> {
                 },
             );
         }
+    }
+
+    /// Each sender's newest message in each conversation this shard owns, as its de-dup window
+    /// remembers it (what [`ShardCore::tell_homes`] reports as read by its sender).
+    pub(crate) fn own_reads(&self) -> Vec<((u64, Device), u64)> {
+        let mut reads = Vec::new();
+        for (&id, st) in &self.owner.convs {
+            for (sender, ring) in &st.dedup {
+                if let Some(seq) = ring.max_seq() {
+                    reads.push(((id, sender.clone()), seq));
+                }
+            }
+        }
+        reads
     }
 }
 

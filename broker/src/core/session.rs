@@ -33,6 +33,7 @@ impl<B: Backend> ShardCore<B> {
         let mut items = 0;
         loop {
             let now = self.now.ms;
+            let relay_full = self.relay_full(conn);
             let (cfg, counters) = (&self.cfg, &mut self.counters);
             let Some(Some(c)) = self.conns.get_mut(conn.slot as usize) else {
                 return;
@@ -41,7 +42,7 @@ impl<B: Backend> ShardCore<B> {
                 // A parked request holds everything behind it until its hook answers.
                 return;
             }
-            if c.over_budget(cfg) {
+            if c.over_budget(cfg) || relay_full {
                 if c.input != conn::Input::Held {
                     counters.holds += 1;
                 }
@@ -171,6 +172,9 @@ impl<B: Backend> ShardCore<B> {
         };
         let request_id = frame.request_id;
         let phase = c.phase;
+        if phase == Phase::Relaying {
+            return self.relay_frame(conn, &frame);
+        }
         // A logged-in connection pays for every request first (matched by reference: the
         // frame's body is moved only once, into its handler).
         if phase == Phase::Active
@@ -198,6 +202,8 @@ impl<B: Backend> ShardCore<B> {
             }
             (Phase::Active, None) => return self.refuse(conn, request_id, 0, &Refusal::NoBody),
             (Phase::Active, Some(body)) => body,
+            // Passed on before this (`relay_frame`).
+            (Phase::Relaying, _) => return,
         };
         match body {
             Body::Ping(ping) => self.write_frame(
@@ -305,6 +311,9 @@ impl<B: Backend> ShardCore<B> {
         let home = self.placement.home(&identity.user);
         if home == self.index {
             return self.activate(conn, identity, request_id);
+        }
+        if self.placement.local(home).is_none() {
+            return self.start_relay(conn, identity, request_id, home);
         }
         if let Some(mut c) = self.remove(conn) {
             let adoption = Box::new(Adoption {

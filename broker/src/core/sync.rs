@@ -50,6 +50,13 @@ pub(crate) struct SyncRun {
     in_flight: bool,
 }
 
+impl SyncRun {
+    /// Whether a page was asked of an owner and has not come back.
+    pub(crate) fn waiting(&self) -> bool {
+        self.in_flight
+    }
+}
+
 impl<B: Backend> ShardCore<B> {
     /// A `SyncRequest` from `conn`: the summary now, then pages. One sync runs at a time on a
     /// connection: a further request while one runs is refused ([`Refusal::SyncRunning`]) and
@@ -373,6 +380,10 @@ impl<B: Backend> ShardCore<B> {
                 self.scratch = out;
                 return self.on_list_fill(conn, &d);
             }
+            ReadPurpose::Fill => {
+                self.scratch = out;
+                return self.on_fill(conn, &d);
+            }
             ReadPurpose::History { request_id, .. } if d.refused.is_some() => {
                 self.unreserve(conn, self.history_reserve());
                 if let Some(r) = &d.refused {
@@ -416,7 +427,11 @@ impl<B: Backend> ShardCore<B> {
                 run.in_flight = false;
                 let range = run.ranges.pop_front();
                 let last = d.messages.last().map(|m| m.0);
-                if let Some((k, _, want)) = range {
+                if d.refused.is_some() {
+                    // The owner is unreachable (another node, down): the range is skipped, not
+                    // marked synced; when the owner is back, its link-up tells this home, which
+                    // pushes what the devices online miss.
+                } else if let Some((k, _, want)) = range {
                     let end = want.min(d.to_seq);
                     match last {
                         Some(last) if d.more && last < end => {

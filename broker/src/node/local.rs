@@ -27,6 +27,16 @@ pub(crate) struct LocalEnd {
     pub(crate) queued: Arc<AtomicUsize>,
 }
 
+/// Where a pipe's output goes: an in-process client, or the socket of a session relayed from
+/// another node (`super::shard::relay`).
+#[derive(Debug)]
+pub(crate) enum PipeEnd {
+    /// An in-process client.
+    Local(LocalEnd),
+    /// A connection on another node.
+    Remote(super::shard::relay::RemoteEnd),
+}
+
 /// A local connection in the driver's table.
 #[derive(Debug)]
 pub(crate) struct LocalPipe {
@@ -34,7 +44,7 @@ pub(crate) struct LocalPipe {
     pub(crate) generation: u32,
     /// The link's id (how the client's mails name it).
     pub(crate) id: u64,
-    pub(crate) end: LocalEnd,
+    pub(crate) end: PipeEnd,
     /// Input from the client the core has not taken yet.
     pub(crate) input: VecDeque<Bytes>,
 }
@@ -42,30 +52,41 @@ pub(crate) struct LocalPipe {
 impl LocalPipe {
     /// Room for this many more bytes towards the client.
     pub(crate) fn room(&self) -> usize {
-        LOCAL_WINDOW.saturating_sub(self.end.queued.load(Ordering::Acquire))
+        let queued = match &self.end {
+            PipeEnd::Local(end) => end.queued.load(Ordering::Acquire),
+            PipeEnd::Remote(end) => end.queued,
+        };
+        LOCAL_WINDOW.saturating_sub(queued)
     }
 
     /// Hands all of `last` to the client (its last words: past the window, since nothing
     /// follows them).
-    pub(crate) fn write_last(&self, last: BytesMut) {
-        if !last.is_empty() {
-            self.end.queued.fetch_add(last.len(), Ordering::AcqRel);
-            let _ = self.end.to_client.send(last.freeze());
+    pub(crate) fn write_last(&mut self, last: BytesMut) {
+        match &mut self.end {
+            PipeEnd::Local(end) => {
+                if !last.is_empty() {
+                    end.queued.fetch_add(last.len(), Ordering::AcqRel);
+                    let _ = end.to_client.send(last.freeze());
+                }
+            }
+            PipeEnd::Remote(end) => end.close(last.freeze()),
         }
     }
 
     /// Hands up to [`LocalPipe::room`] bytes of `out` to the client; returns how many went
     /// (`None`: the client is gone).
-    pub(crate) fn write(&self, out: &mut BytesMut) -> Option<usize> {
+    pub(crate) fn write(&mut self, out: &mut BytesMut) -> Option<usize> {
         let n = out.len().min(self.room());
         if n == 0 {
             return Some(0);
         }
         let chunk = out.split_to(n).freeze();
-        self.end.queued.fetch_add(n, Ordering::AcqRel);
-        match self.end.to_client.send(chunk) {
-            Ok(()) => Some(n),
-            Err(_) => None,
+        match &mut self.end {
+            PipeEnd::Local(end) => {
+                end.queued.fetch_add(n, Ordering::AcqRel);
+                end.to_client.send(chunk).ok().map(|()| n)
+            }
+            PipeEnd::Remote(end) => end.send(chunk).then_some(n),
         }
     }
 }

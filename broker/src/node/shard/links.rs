@@ -3,6 +3,7 @@
 
 use super::{Driver, Intake, LocalPipe, Query};
 use crate::core::{ConnId, Now};
+use crate::node::local::PipeEnd;
 
 impl Driver {
     /// The local pipe of `conn`, if it is an in-process connection.
@@ -24,6 +25,9 @@ impl Driver {
         self.local(conn)?;
         let pipe = self.locals.get_mut(conn.slot as usize)?.take()?;
         self.local_ids.remove(&pipe.id);
+        if let PipeEnd::Remote(end) = &pipe.end {
+            self.relay_ids.remove(&end.key);
+        }
         Some(pipe)
     }
 
@@ -48,6 +52,13 @@ impl Driver {
                         return;
                     };
                     total += chunk.len();
+                    if let Some(LocalPipe {
+                        end: PipeEnd::Remote(end),
+                        ..
+                    }) = self.local(conn)
+                    {
+                        end.credit(chunk.len());
+                    }
                     self.core.handle_bytes(conn, &chunk, now);
                     handled = true;
                 }
@@ -59,8 +70,8 @@ impl Driver {
     pub(super) fn transmit_local(&mut self, conn: ConnId, now: Now) {
         let Some(pipe) = self
             .locals
-            .get(conn.slot as usize)
-            .and_then(Option::as_ref)
+            .get_mut(conn.slot as usize)
+            .and_then(Option::as_mut)
             .filter(|p| p.generation == conn.generation)
         else {
             return;

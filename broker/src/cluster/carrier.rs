@@ -1,0 +1,175 @@
+//! Shard mail between nodes (with `cluster.nodes`): the shards' side of the links.
+//!
+//! Shards are numbered across the cluster (`crate::core::conv::Placement`). A shard's driver
+//! sends mail for another node's shard with its [`Carrier`]: the batch is encoded on the
+//! shard's thread (`crate::core::wire`), framed as a link `Mail` and handed to the link
+//! thread, which writes it on the link to that node, in order. The receiving link thread
+//! passes the encoded batch to its shard's inbox (`Mail::Remote`), where it is decoded, on
+//! the shard's thread again. Mail for a node without a link now is not queued: the driver
+//! hands it back to its core ([`crate::core::ShardCore::handle_unreachable`]), which answers
+//! the requests in it UNAVAILABLE.
+//!
+//! The link thread tells every shard when a link comes up or goes down (`Mail::LinkUp`,
+//! `Mail::LinkDown`): what a shard does then is `crate::core::remote`'s business.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender};
+use mio::Waker;
+use parley_proto::link_pb as lpb;
+use parley_proto::tcp::FrameCodec;
+
+use crate::config::Config;
+use crate::core::ShardMsg;
+use crate::node::shard::Peer;
+
+/// Encoded link frames the shards may queue for the link thread, at most.
+const OUTBOUND_FRAMES: usize = 65_536;
+
+/// An encoded link frame for a node.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    /// The node's position in the sorted node list.
+    pub(crate) node: usize,
+    /// The frame, length prefix included.
+    pub(crate) frame: BytesMut,
+}
+
+/// A shard's way to the other nodes' shards.
+#[derive(Debug, Clone)]
+pub(crate) struct Carrier {
+    tx: Sender<Outbound>,
+    waker: Arc<Waker>,
+    /// Which nodes have a link up now, one bit per position.
+    up: Arc<AtomicU64>,
+    /// The retry hint of a request refused because its node is unreachable, ms.
+    pub(crate) retry_after_ms: u32,
+}
+
+impl Carrier {
+    /// Whether node `node` has a link up now.
+    pub(crate) fn is_up(&self, node: usize) -> bool {
+        node < 64 && self.up.load(Ordering::Acquire) & (1 << node) != 0
+    }
+
+    /// Sends `batch` to shard `shard` (its index on its node) of node `node`; gives the
+    /// batch back if it cannot be sent now (no link, or the link thread's queue is full).
+    pub(crate) fn send(
+        &self,
+        node: usize,
+        shard: usize,
+        batch: Vec<ShardMsg>,
+    ) -> Result<(), Vec<ShardMsg>> {
+        if !self.is_up(node) {
+            return Err(batch);
+        }
+        let mut encoded = Vec::new();
+        if let Err(e) = crate::core::wire::encode_batch(&batch, &mut encoded) {
+            tracing::error!("cluster: mail for node {node} could not be encoded: {e}");
+            return Err(batch);
+        }
+        let frame = lpb::LinkFrame {
+            body: Some(lpb::link_frame::Body::Mail(lpb::Mail {
+                shard: shard as u32,
+                batch: encoded.into(),
+            })),
+        };
+        let mut out = BytesMut::new();
+        if FrameCodec::new(super::link::MAX_LINK_FRAME)
+            .encode_message(&frame, &mut out)
+            .is_err()
+        {
+            tracing::error!("cluster: a batch of mail for node {node} is over the frame limit");
+            return Err(batch);
+        }
+        match self.tx.try_send(Outbound { node, frame: out }) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(_) => Err(batch),
+        }
+    }
+}
+
+/// The link thread's side of the carrier.
+#[derive(Debug)]
+pub(crate) struct LinkSide {
+    /// Frames from the shards.
+    pub(crate) rx: Receiver<Outbound>,
+    /// This node's shards.
+    pub(crate) peers: Vec<Peer>,
+    /// The cluster's node ids, sorted (a node's position is its index here).
+    pub(crate) nodes: Vec<String>,
+    /// The links up, one bit per position (published to the shards).
+    pub(crate) up: Arc<AtomicU64>,
+}
+
+impl LinkSide {
+    /// The position of node `id`, if it is one of the cluster's.
+    pub(crate) fn position(&self, id: &str) -> Option<usize> {
+        self.nodes.binary_search_by(|n| n.as_str().cmp(id)).ok()
+    }
+
+    /// Marks node `pos`'s link up or down.
+    pub(crate) fn set_up(&self, pos: usize, up: bool) {
+        if pos < 64 {
+            if up {
+                self.up.fetch_or(1 << pos, Ordering::AcqRel);
+            } else {
+                self.up.fetch_and(!(1 << pos), Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The two sides of the carrier of `config` (`None` without `cluster.nodes`); `waker` wakes
+/// the link thread.
+pub(crate) fn carrier(
+    config: &Config,
+    peers: Vec<Peer>,
+    waker: Arc<Waker>,
+) -> Option<(Carrier, LinkSide)> {
+    if config.cluster.nodes.is_empty() {
+        return None;
+    }
+    let mut nodes = config.cluster.nodes.clone();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let (tx, rx) = crossbeam_channel::bounded(OUTBOUND_FRAMES);
+    let up = Arc::new(AtomicU64::new(0));
+    let carrier = Carrier {
+        tx,
+        waker,
+        up: Arc::clone(&up),
+        retry_after_ms: u32::try_from(config.cluster.heartbeat_ms).unwrap_or(u32::MAX),
+    };
+    Some((
+        carrier,
+        LinkSide {
+            rx,
+            peers,
+            nodes,
+            up,
+        },
+    ))
+}
+
+/// The fingerprint of `config`'s cluster layout with `shards` shards per node (0 without
+/// `cluster.nodes`): nodes whose layouts differ refuse to link.
+pub(crate) fn layout(config: &Config, shards: usize) -> u64 {
+    if config.cluster.nodes.is_empty() {
+        return 0;
+    }
+    let mut nodes = config.cluster.nodes.clone();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let text = format!(
+        "{}|{shards}|{}",
+        nodes.join(","),
+        crate::core::wire::WIRE_VERSION
+    );
+    crate::core::conv::stable_hash(text.as_bytes())
+}

@@ -1,0 +1,273 @@
+//! Mail to and from the other nodes of a cluster (with `cluster.nodes`): what a shard does when
+//! a node cannot be reached, when a link to one goes down and when it comes up.
+//!
+//! Shards are numbered across the cluster ([`super::conv::Placement`]), so most of the core
+//! does not know whether a conversation's owner or a user's home is on this node: its mail
+//! goes out as [`super::Effect::Mail`] either way and the driver carries it, over a link for
+//! another node. What the links cannot promise is dealt with here:
+//!
+//! * **A node that cannot be reached** (no link to it now): the driver hands the mail back
+//!   ([`ShardCore::handle_unreachable`]). A request is answered UNAVAILABLE with a retry hint,
+//!   at once; anything else (a delivery, an inbox update, an answer to a connection there) is
+//!   dropped: the next link-up repairs it (below), and that node's connections are closed.
+//! * **A link that went down** ([`ShardCore::handle_link_down`]) may have lost mail in
+//!   flight. A request lost that way would never be answered, so every connection of this
+//!   shard that waits for an answer (bytes reserved for a reply, or a sync page asked) is
+//!   closed UNAVAILABLE: its client logs in again, resends with the same ids (which the owners
+//!   de-duplicate) and syncs.
+//! * **A link that came up** ([`ShardCore::handle_link_up`]), the first time or again: each
+//!   shard tells the homes on that node what it tells its own node's homes at start-up (each
+//!   member's conversations and their last seq, each group's readers, each sender's newest
+//!   message); the homes answer with their users' group read cursors. A home that learns of
+//!   messages it was not told about (their delivery was lost with a link, or their owner
+//!   crashed between storing and delivering) pulls them from the owner and pushes them to its
+//!   users' devices online ([`ReadPurpose::Fill`]).
+
+use std::sync::Arc;
+
+use parley_storage::Backend;
+
+use super::ShardCore;
+use super::conv::Conv;
+use super::error::{CloseReason, Refusal};
+use super::mail::{Read, ReadDone, ReadPurpose, ShardMsg};
+use super::presence::Mail as PresenceMail;
+use super::room::RoomAnswer;
+use crate::core::{ConnId, Now};
+
+/// The retry hint of a request refused while this node holds no lease, ms.
+const FENCED_RETRY_MS: u32 = 1_000;
+
+impl<B: Backend> ShardCore<B> {
+    /// Mail this shard sent to a node it cannot reach now (see the module documentation):
+    /// requests are answered UNAVAILABLE with `retry_after_ms`, the rest is dropped.
+    pub fn handle_unreachable(
+        &mut self,
+        batch: Vec<super::ShardMsg>,
+        retry_after_ms: u32,
+        now: Now,
+    ) {
+        self.now = now;
+        let refusal = Refusal::Unavailable { retry_after_ms };
+        for msg in batch {
+            self.counters.unreachable_mail += 1;
+            self.bounce(msg, &refusal);
+        }
+        self.drain_local();
+    }
+
+    /// One piece of mail that could not be sent: the answer its sender waits for, if any.
+    fn bounce(&mut self, msg: ShardMsg, refusal: &Refusal) {
+        let refused = |to, request_id, client_msg_id| ShardMsg::Refused {
+            to,
+            request_id,
+            client_msg_id,
+            refusal: refusal.clone(),
+        };
+        let answer = match msg {
+            ShardMsg::Append(a) => refused(a.origin, a.request_id, a.send.client_msg_id),
+            ShardMsg::Group(g) => refused(g.origin, g.request_id, 0),
+            ShardMsg::ReadCountsAsk(r) => refused(r.origin, r.request_id, 0),
+            ShardMsg::RoomPost(p) => refused(p.origin, p.request_id, p.send.client_msg_id),
+            ShardMsg::RoomChange(c) => match c.reply {
+                Some((to, request_id)) => ShardMsg::RoomAnswer(Box::new(RoomAnswer {
+                    to,
+                    request_id,
+                    room: c.room,
+                    op: c.op,
+                    result: Err(refusal.clone()),
+                })),
+                None => return,
+            },
+            ShardMsg::Read(r) => ShardMsg::ReadDone(Box::new(ReadDone {
+                to: r.reply,
+                conv: r.conv,
+                purpose: r.purpose,
+                messages: Vec::new(),
+                more: false,
+                first_seq: 0,
+                last_seq: 0,
+                to_seq: r.to,
+                refused: Some(refusal.clone()),
+            })),
+            ShardMsg::Presence(p) => match *p {
+                // The users homed there are not online anywhere (their home is unreachable).
+                PresenceMail::Users { from, gather, .. } => {
+                    ShardMsg::Presence(Box::new(PresenceMail::Answer {
+                        to: from,
+                        gather,
+                        users: Vec::new(),
+                    }))
+                }
+                PresenceMail::CountGroup { from, gather, .. } => {
+                    ShardMsg::Presence(Box::new(PresenceMail::Counted {
+                        to: from,
+                        gather,
+                        count: 0,
+                    }))
+                }
+                _ => return,
+            },
+            // A relayed connection whose home cannot be reached: its client logs in again.
+            ShardMsg::RelayOpen(o) => return self.close_relayed(o.from, refusal),
+            ShardMsg::RelayIn { from, .. } => return self.close_relayed(from, refusal),
+            // Answers to connections there, deliveries and inbox updates: repaired at link-up.
+            _ => return,
+        };
+        let to = answer_target(&answer);
+        debug_assert_eq!(
+            to,
+            Some(self.index),
+            "requests go out from their asker's shard"
+        );
+        if let Some(to) = to {
+            self.route(to, answer);
+        }
+    }
+
+    /// Closes relayed connection `key` UNAVAILABLE (its session's home cannot be reached).
+    fn close_relayed(&mut self, key: super::mail::Origin, refusal: &Refusal) {
+        let Refusal::Unavailable { retry_after_ms } = *refusal else {
+            return;
+        };
+        if let Some(conn) = self.conn_of(key) {
+            // Nothing to tell a home that never heard of it.
+            self.relays.remove(&conn);
+            self.close(conn, 0, Some(CloseReason::Unavailable { retry_after_ms }));
+        }
+    }
+
+    /// The link to node `node` (its position in the cluster's node list) went down: mail in
+    /// flight on it may be lost, so every connection here waiting for an answer is closed
+    /// UNAVAILABLE (its client resends and syncs after logging in again), and so is every
+    /// connection relayed to a session there.
+    pub fn handle_link_down(&mut self, node: usize, retry_after_ms: u32, now: Now) {
+        self.now = now;
+        let placement = self.placement;
+        let relays = &self.relays;
+        let waiting: Vec<ConnId> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| {
+                c.reserved > 0
+                    || c.sync.as_ref().is_some_and(|s| s.waiting())
+                    || relays
+                        .get(&c.id)
+                        .is_some_and(|r| placement.node_of(r.home) == node)
+            })
+            .map(|c| c.id)
+            .collect();
+        for conn in waiting {
+            self.counters.closed_for_link += 1;
+            self.close(conn, 0, Some(CloseReason::Unavailable { retry_after_ms }));
+        }
+        self.drain_local();
+    }
+
+    /// The node's lease holds until `until` (monotonic ms; 0: not held). Called by the
+    /// driver every turn in a cluster with `cluster.nodes`; from the first call on, this shard
+    /// assigns seqs only before the deadline ([`ShardCore::fenced`]).
+    pub fn set_lease(&mut self, until: u64) {
+        self.lease_until = Some(until);
+    }
+
+    /// Why this shard must not assign a seq now, if it must not: in a cluster, a node whose
+    /// lease has run out (paused, or cut off from Redis, past `cluster.lease_ms`) may have
+    /// been replaced by another process with its id, and answers UNAVAILABLE until it renewed
+    /// its lease.
+    pub(crate) fn fenced(&mut self) -> Option<Refusal> {
+        let until = self.lease_until?;
+        if self.now.ms < until {
+            return None;
+        }
+        self.counters.fenced += 1;
+        Some(Refusal::Unavailable {
+            retry_after_ms: FENCED_RETRY_MS,
+        })
+    }
+
+    /// The link to node `node` came up: tell its homes what this shard's conversations hold
+    /// (see the module documentation).
+    pub fn handle_link_up(&mut self, node: usize, now: Now) {
+        self.now = now;
+        let reads = self.own_reads();
+        self.tell_homes(reads, Some(node));
+        self.drain_local();
+    }
+
+    /// A home learned that `user`'s conversation `conv` holds messages up to `last_seq`, of
+    /// which it knew up to `known`: if the user has devices online, the messages in between
+    /// are read from the owner and pushed to them.
+    pub(crate) fn fill(&mut self, user: &Arc<str>, conv: &Arc<Conv>, known: u64, last_seq: u64) {
+        if last_seq <= known {
+            return;
+        }
+        let Some(&(_, conn)) = self.home.users.get(user).and_then(|u| u.devices.first()) else {
+            return;
+        };
+        self.counters.fills += 1;
+        let reply = self.origin(conn);
+        let owner = self.placement.owner(conv.id);
+        let reader = conv.group_id().is_some().then(|| Arc::clone(user));
+        self.route(
+            owner,
+            ShardMsg::Read(Box::new(Read {
+                reply,
+                conv: Arc::clone(conv),
+                reader,
+                from: known + 1,
+                to: last_seq,
+                limit: self.cfg.max_page,
+                newest_first: false,
+                purpose: ReadPurpose::Fill,
+            })),
+        );
+    }
+
+    /// The owner's answer to [`ShardCore::fill`]: pushed to every device of the user online
+    /// (a device that has a message already is not sent it again), then the rest asked for.
+    pub(crate) fn on_fill(&mut self, conn: ConnId, d: &ReadDone) {
+        if d.refused.is_some() {
+            return;
+        }
+        let Some(user) = self.conns[conn.slot as usize]
+            .as_ref()
+            .and_then(|c| c.user())
+            .cloned()
+        else {
+            return;
+        };
+        let view = self.view_for(&user, &d.conv);
+        let conns: Vec<ConnId> = self
+            .home
+            .users
+            .get(&user)
+            .map(|u| u.devices.iter().map(|&(_, c)| c).collect())
+            .unwrap_or_default();
+        for &c in &conns {
+            for (seq, stored) in &d.messages {
+                self.push_live(c, d.conv.id, &view, *seq, stored, None);
+            }
+        }
+        if d.more
+            && let Some(&(last, _)) = d.messages.last()
+        {
+            self.fill(&user, &d.conv, last, d.to_seq);
+        }
+    }
+}
+
+/// The shard an answer made by [`ShardCore::bounce`] goes to.
+fn answer_target(msg: &ShardMsg) -> Option<usize> {
+    match msg {
+        ShardMsg::Refused { to, .. } => Some(to.shard),
+        ShardMsg::RoomAnswer(a) => Some(a.to.shard),
+        ShardMsg::ReadDone(d) => Some(d.to.shard),
+        ShardMsg::Presence(p) => match &**p {
+            PresenceMail::Answer { to, .. } | PresenceMail::Counted { to, .. } => Some(to.shard),
+            _ => None,
+        },
+        _ => None,
+    }
+}
