@@ -554,6 +554,80 @@ impl<T: Transport> Client<T> {
         self.send_acks[&client_msg_id].clone()
     }
 
+    /// Waits for the ack of the send with `client_msg_id` like [`Client::wait_send_ack`], but
+    /// returns why not instead of panicking: an `Error` that refused it, the connection
+    /// closing, or `timeout` passing.
+    pub fn try_send_ack(
+        &mut self,
+        client_msg_id: u64,
+        timeout: Duration,
+    ) -> Result<pb::SendAck, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ack) = self.send_acks.get(&client_msg_id) {
+                return Ok(ack.clone());
+            }
+            if let Some(e) = self.send_errors.get(&client_msg_id) {
+                return Err(format!("refused: {} ({})", code_name(e.code), e.message));
+            }
+            match self.next(deadline) {
+                Incoming::Frame(_) => {}
+                Incoming::Closed(why) => return Err(format!("closed: {why}")),
+                Incoming::TimedOut => return Err(format!("no ack within {timeout:?}")),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
+    /// Opens a new connection to `addr` in place of this one and logs in again as the same
+    /// user and device, like [`Client::reconnect_to`] without the sync; returns why not instead
+    /// of panicking (no connection, a refused login, a close).
+    pub fn try_reconnect_to(&mut self, addr: SocketAddr) -> Result<(), String> {
+        let (user, device) = self
+            .identity
+            .clone()
+            .unwrap_or_else(|| panic!("{}: reconnect needs a logged-in client", self.label));
+        self.conn = T::open(addr, None).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        self.addr = addr;
+        self.closed = None;
+        self.pending_sends.clear();
+        for held in self.held.values_mut() {
+            held.acked = 0;
+        }
+        let token = token::mint_valid(self.secret.as_bytes(), &user, &device);
+        let request_id = self.request(Body::Login(pb::Login {
+            protocol_version: PROTOCOL_VERSION,
+            token,
+            client_name: "parley-tests".into(),
+        }));
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.next(deadline) {
+                Incoming::Frame(pb::Frame {
+                    body: Some(Body::LoginResult(result)),
+                    ..
+                }) => {
+                    self.logged_in(&result);
+                    return Ok(());
+                }
+                Incoming::Frame(pb::Frame {
+                    body: Some(Body::Error(e)),
+                    request_id: r,
+                }) if r == request_id || r == 0 => {
+                    return Err(format!(
+                        "login refused: {} ({})",
+                        code_name(e.code),
+                        e.message
+                    ));
+                }
+                Incoming::Frame(_) => {}
+                Incoming::Closed(why) => return Err(format!("closed: {why}")),
+                Incoming::TimedOut => return Err("no login answer".into()),
+                Incoming::Garbage(_) => unreachable!("next() panics on garbage"),
+            }
+        }
+    }
+
     /// Sends `body` to `conversation` (e.g. a group) and waits for the `SendAck`.
     pub fn send_to(
         &mut self,

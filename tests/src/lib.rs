@@ -11,6 +11,7 @@
 //!   [`transport::Transport`].
 //! * [`token`]: HS256 tokens minted independently of the broker.
 //! * [`http`]: a minimal HTTP client for the admin listener.
+//! * [`redis`]: a `redis-server` of a test's own, for the cluster tests.
 //! * [`hostile`]: raw sockets for abuse (partial frames, garbage, floods, many connections)
 //!   and a healthy pair that measures delivery latency beside them.
 //!
@@ -25,6 +26,7 @@ pub mod client;
 pub mod hostile;
 pub mod http;
 pub mod loadgen;
+pub mod redis;
 pub mod token;
 pub mod transport;
 

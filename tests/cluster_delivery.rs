@@ -1,0 +1,355 @@
+//! Messages across the nodes of a cluster (`cluster.nodes`): three nodes on one Redis, each
+//! conversation owned by one node and each user homed on one, clients connected anywhere. A
+//! message between users on different nodes is stored once by its owner and delivered to both
+//! sides; a user may log in on any node (its session runs at its home, the socket stays where
+//! it connected) and sees the same conversations from each; a group spans the nodes; and a node
+//! killed with SIGKILL under load loses nothing acked: its clients log in elsewhere, resend and
+//! sync, and every conversation ends gapless with every acked message exactly once. Each test
+//! starts its own `redis-server` (see `parley_tests::redis`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parley_proto::pb;
+use parley_tests::redis::Redis;
+use parley_tests::{Broker, Client, direct, group, group_request, http};
+
+/// The admin token the tests configure.
+const TOKEN: &str = "cluster-test-token-0123456789";
+/// A token secret the nodes share (a token is good on every node).
+const SECRET: &str = "cluster-shared-token-secret-0123456789abc";
+/// Short leases, so that the tests are quick.
+const LEASE_MS: u64 = 1500;
+/// The heartbeat of the test nodes.
+const HEARTBEAT_MS: u64 = 200;
+/// The node ids of the test cluster.
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+/// Node `id` of the three-node cluster on `redis`.
+fn member(redis: &Redis, id: &str) -> Broker {
+    let settings = [
+        format!("admin.token=\"{TOKEN}\""),
+        format!("auth.secret=\"{SECRET}\""),
+        format!("cluster.redis=\"{}\"", redis.url()),
+        format!("cluster.node_id=\"{id}\""),
+        "cluster.listen=\"127.0.0.1:0\"".to_owned(),
+        "cluster.nodes=[\"n1\",\"n2\",\"n3\"]".to_owned(),
+        format!("cluster.lease_ms={LEASE_MS}"),
+        format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
+        "shards=2".to_owned(),
+    ];
+    let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+    Broker::start(&refs)
+}
+
+/// The three nodes, each linked to the other two.
+fn cluster(redis: &Redis) -> Vec<Broker> {
+    let nodes: Vec<Broker> = NODES.iter().map(|id| member(redis, id)).collect();
+    for n in &nodes {
+        await_links(n, 2);
+    }
+    nodes
+}
+
+/// Waits until `node` has `count` links up.
+fn await_links(node: &Broker, count: usize) {
+    let start = Instant::now();
+    loop {
+        let answer = http::get(node.admin_addr(), "/v1/cluster", Some(TOKEN));
+        let up = answer.json()["links"].as_array().map_or(0, Vec::len);
+        if up == count {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "links up: {up}, not {count}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client of `node` logged in as `user/device` (with the cluster's shared secret).
+fn login(node: &Broker, user: &str, device: &str) -> Client {
+    let mut c = Client::connect(node.tcp_addr(), SECRET);
+    c.login(user, device);
+    c
+}
+
+/// The value of the unlabelled series `name` in `node`'s `/metrics`.
+fn metric(node: &Broker, name: &str) -> f64 {
+    let answer = http::get(node.admin_addr(), "/metrics", Some(TOKEN));
+    answer
+        .body
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_message_between_users_on_different_nodes_is_stored_once_and_reaches_the_other_side() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    let mut alice = login(&nodes[0], "alice", "phone");
+    let mut bob = login(&nodes[1], "bob", "phone");
+    let mut seqs = Vec::new();
+    for i in 0..20 {
+        let ack = alice.send("bob", format!("hello {i}"));
+        seqs.push(ack.seq);
+    }
+    assert_eq!(
+        seqs,
+        (1..=20).collect::<Vec<_>>(),
+        "gapless seqs from the owner"
+    );
+    bob.wait_for_cursor(&direct("alice"), 20, PATIENCE);
+    for seq in 1..=20 {
+        let m = bob.message(&direct("alice"), seq).expect("held");
+        assert_eq!(m.body, Bytes::from(format!("hello {}", seq - 1)));
+        assert_eq!(m.from_user, "alice");
+    }
+    // The other way, answered on the same conversation.
+    let ack = bob.send("alice", "back");
+    assert_eq!(ack.seq, 21);
+    alice.expect_delivery(&direct("bob"), 21, PATIENCE);
+    bob.assert_no_duplicates();
+    alice.assert_no_duplicates();
+    // Mail crossed the links (the users' homes and the owner are not all on one node).
+    let crossed: f64 = nodes
+        .iter()
+        .map(|n| metric(n, "parley_node_remote_mail_in_total"))
+        .sum();
+    assert!(crossed > 0.0, "no mail crossed a link");
+}
+
+#[test]
+fn a_user_may_log_in_on_any_node_and_every_device_gets_the_same_conversation() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    // carol's three devices, one on each node: two of them are relayed to her home.
+    let mut devices: Vec<Client> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| login(n, "carol", &format!("dev{i}")))
+        .collect();
+    let mut dave = login(&nodes[2], "dave", "laptop");
+    for i in 0..5 {
+        dave.send("carol", format!("m{i}"));
+    }
+    for d in &mut devices {
+        d.wait_for_cursor(&direct("dave"), 5, PATIENCE);
+        d.assert_no_duplicates();
+    }
+    // A device sends from a relayed connection; the others and dave see it.
+    devices[0].send("dave", "from dev0");
+    dave.expect_delivery(&direct("carol"), 6, PATIENCE);
+    devices[1].expect_delivery(&direct("dave"), 6, PATIENCE);
+    devices[2].expect_delivery(&direct("dave"), 6, PATIENCE);
+    // History and sync from a relayed connection come from the owner.
+    let page = devices[1].history(&direct("dave"), 0, None, 50);
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    let relayed: f64 = nodes
+        .iter()
+        .map(|n| metric(n, "parley_node_relays_opened_total"))
+        .sum();
+    assert!(relayed >= 2.0, "{relayed} relayed connections");
+    // A fresh device on another node syncs everything.
+    let mut late = login(&nodes[1], "carol", "late");
+    let synced = late.sync();
+    assert_eq!(synced.seqs(&direct("dave")), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_group_spans_the_nodes() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    let members = ["gina", "hank", "ivy", "jack"];
+    let mut clients: Vec<Client> = members
+        .iter()
+        .enumerate()
+        .map(|(i, u)| login(&nodes[i % 3], u, "phone"))
+        .collect();
+    clients[0].group(group_request(
+        pb::GroupAction::Create,
+        "crew",
+        &members[1..],
+    ));
+    let team = group("crew");
+    let mut sent = 0;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_to(&team, format!("from {i}"));
+        sent += 1;
+    }
+    // The creation event is seq 1; each send one more. A sender's own message is not pushed
+    // to it: the others' are, and a sync brings the rest.
+    let last = 1 + sent;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let others: Vec<u64> = (2..=last).filter(|&s| s != 2 + i as u64).collect();
+        for &seq in &others {
+            if !c.held_seqs(&team).contains(&seq) {
+                c.expect_delivery(&team, seq, PATIENCE);
+            }
+        }
+        eprintln!("{i}: arrivals {:?}", c.arrivals());
+        c.assert_no_duplicates();
+        c.sync();
+        assert_eq!(c.held_seqs(&team), (1..=last).collect::<Vec<_>>());
+    }
+    let page = clients[3].history(&team, 0, None, 50);
+    assert_eq!(page.messages.len() as u64, last);
+}
+
+/// One user of the load test: sends to its peer through whatever node answers, resending each
+/// message (same client message id) until it is acked.
+struct Sender {
+    client: Client,
+    peer: String,
+    /// The node it is connected to (an index into the address list).
+    at: usize,
+    /// Acked client message ids → seq.
+    acked: BTreeMap<u64, u64>,
+}
+
+impl Sender {
+    /// Sends message `n` until acked, moving to the next node when its node fails it;
+    /// `waiting` runs whenever it waits (the test restarts the killed node from there).
+    fn send(&mut self, n: u64, addrs: &[SocketAddr], waiting: &mut dyn FnMut()) {
+        let client_msg_id = 1_000_000 + n;
+        let body = Bytes::from(format!("{} #{n}", self.client.user()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "message {n} never acked");
+            self.client
+                .start_send_with_id(direct(&self.peer), client_msg_id, body.clone());
+            match self
+                .client
+                .try_send_ack(client_msg_id, Duration::from_secs(3))
+            {
+                Ok(ack) => {
+                    self.acked.insert(client_msg_id, ack.seq);
+                    return;
+                }
+                Err(why) => {
+                    if why.starts_with("refused") {
+                        // UNAVAILABLE: the owner is down; wait a little and retry there.
+                        waiting();
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    // Closed or silent: log in again on the next node that takes us.
+                    loop {
+                        assert!(Instant::now() < deadline, "no node takes {}", self.peer);
+                        self.at = (self.at + 1) % addrs.len();
+                        if self.client.try_reconnect_to(addrs[self.at]).is_ok() {
+                            break;
+                        }
+                        waiting();
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_killed_under_load_loses_nothing_acked_and_seqs_stay_gapless() {
+    let redis = Redis::start();
+    let mut nodes = cluster(&redis);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Broker::tcp_addr).collect();
+    const PAIRS: usize = 6;
+    const MESSAGES: u64 = 40;
+    let mut senders: Vec<Sender> = (0..PAIRS * 2)
+        .map(|i| {
+            let (me, peer) = (format!("u{i}"), format!("u{}", i ^ 1));
+            let at = i % 3;
+            Sender {
+                client: login(&nodes[at], &me, "d"),
+                peer,
+                at,
+                acked: BTreeMap::new(),
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let mut killed_at: Option<Instant> = None;
+    let mut back_at: Option<Instant> = None;
+    for n in 0..MESSAGES {
+        if n == MESSAGES / 3 {
+            nodes[1].kill9();
+            killed_at = Some(Instant::now());
+        }
+        // Restarted a second after the kill, from whichever sender is waiting then (or once
+        // every message of this round went through the other nodes).
+        let mut restart = || {
+            if back_at.is_none() && killed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+            {
+                nodes[1].restart_on_same_ports();
+                back_at = Some(Instant::now());
+            }
+        };
+        for s in &mut senders {
+            s.send(n, &addrs, &mut restart);
+        }
+        restart();
+    }
+    let (killed, back) = (killed_at.expect("killed"), back_at.expect("restarted"));
+    eprintln!(
+        "killed, restarted after {:?}; everything acked {:?} after the restart",
+        back - killed,
+        back.elapsed()
+    );
+    eprintln!(
+        "{} messages acked in {:?}",
+        PAIRS as u64 * 2 * MESSAGES,
+        started.elapsed()
+    );
+    // Every conversation: gapless seqs, each acked message exactly once, nothing else.
+    for pair in 0..PAIRS {
+        let (a, b) = (pair * 2, pair * 2 + 1);
+        let mut want: BTreeMap<u64, String> = BTreeMap::new();
+        for i in [a, b] {
+            for (&cmid, &seq) in &senders[i].acked {
+                let body = format!("u{i} #{}", cmid - 1_000_000);
+                assert!(
+                    want.insert(seq, body).is_none(),
+                    "two acked messages share seq {seq}"
+                );
+            }
+        }
+        assert_eq!(
+            want.keys().copied().collect::<Vec<_>>(),
+            (1..=2 * MESSAGES).collect::<Vec<_>>(),
+            "acked seqs of pair {pair} are gapless and one per message"
+        );
+        let mut reader = login(&nodes[(pair + 1) % 3], &format!("u{a}"), "reader");
+        let peer = direct(&format!("u{b}"));
+        let mut got: BTreeMap<u64, String> = BTreeMap::new();
+        let mut before = 0;
+        loop {
+            let page = reader.history(&peer, before, None, 100);
+            for m in &page.messages {
+                got.insert(m.seq, String::from_utf8_lossy(&m.body).into_owned());
+            }
+            match page.messages.first() {
+                Some(first) if page.more => before = first.seq,
+                _ => break,
+            }
+        }
+        assert_eq!(
+            got, want,
+            "pair {pair}: the stored conversation is what was acked"
+        );
+        let distinct: BTreeSet<&String> = got.values().collect();
+        assert_eq!(distinct.len(), got.len(), "no message stored twice");
+    }
+}
