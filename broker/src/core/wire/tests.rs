@@ -884,9 +884,8 @@ fn a_key_that_names_no_conversation_is_refused() {
 #[test]
 fn a_protocol_message_that_is_not_protobuf_is_refused() {
     // The Send's body is a length-delimited field: a length past its end breaks the message.
-    let mut batch = [room_post(0)];
     let body = b"hi room";
-    let mut bytes = encode(&batch);
+    let mut bytes = encode(&[room_post(0)]);
     let at = bytes
         .windows(body.len())
         .position(|w| w == body)
@@ -898,8 +897,6 @@ fn a_protocol_message_that_is_not_protobuf_is_refused() {
         Err(WireError::BadProtocolMessage(_)) => {}
         other => panic!("a bad protocol message: {other:?}"),
     }
-    batch[0] = room_cast(0);
-    assert!(decode_batch(&encode(&batch), NOW_US).is_ok());
 }
 
 #[test]
