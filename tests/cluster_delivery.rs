@@ -2,10 +2,11 @@
 //! conversation owned by one node and each user homed on one, clients connected anywhere. A
 //! message between users on different nodes is stored once by its owner and delivered to both
 //! sides; a user may log in on any node (its session runs at its home, the socket stays where
-//! it connected) and sees the same conversations from each; a group spans the nodes; and a node
-//! killed with SIGKILL under load loses nothing acked: its clients log in elsewhere, resend and
-//! sync, and every conversation ends gapless with every acked message exactly once. Each test
-//! starts its own `redis-server` (see `parley_tests::redis`).
+//! it connected), over TCP, WebSocket or UDP, and sees the same conversations from each; a group
+//! spans the nodes; a node killed with SIGKILL under load loses nothing acked: its clients log in
+//! elsewhere, resend and sync, and every conversation ends gapless with every acked message
+//! exactly once; and a node whose lease ran out stores nothing until it holds it again. Each
+//! test starts its own `redis-server` (see `parley_tests::redis`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parley_proto::pb;
 use parley_tests::redis::Redis;
-use parley_tests::{Broker, Client, direct, group, group_request, http};
+use parley_tests::{Broker, Client, UdpClient, WsClient, direct, group, group_request, http};
 
 /// The admin token the tests configure.
 const TOKEN: &str = "cluster-test-token-0123456789";
@@ -30,6 +31,7 @@ const NODES: [&str; 3] = ["n1", "n2", "n3"];
 /// Node `id` of the three-node cluster on `redis`.
 fn member(redis: &Redis, id: &str) -> Broker {
     let settings = [
+        "listen.udp=\"127.0.0.1:0\"".to_owned(),
         format!("admin.token=\"{TOKEN}\""),
         format!("auth.secret=\"{SECRET}\""),
         format!("cluster.redis=\"{}\"", redis.url()),
@@ -166,6 +168,40 @@ fn a_user_may_log_in_on_any_node_and_every_device_gets_the_same_conversation() {
     let mut late = login(&nodes[1], "carol", "late");
     let synced = late.sync();
     assert_eq!(synced.seqs(&direct("dave")), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn websocket_and_udp_sessions_are_relayed_to_their_home_like_tcp() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    // erin on every node over WebSocket and over UDP: at least four of the six are relayed.
+    let mut ws: Vec<WsClient> = Vec::new();
+    let mut udp: Vec<UdpClient> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut w = WsClient::connect(n.ws_addr(), SECRET);
+        w.login("erin", &format!("ws{i}"));
+        ws.push(w);
+        let mut u = UdpClient::connect(n.udp_addr(), SECRET);
+        u.login("erin", &format!("udp{i}"));
+        udp.push(u);
+    }
+    let mut frank = login(&nodes[0], "frank", "laptop");
+    for i in 0..10 {
+        frank.send("erin", format!("m{i}"));
+    }
+    for w in &mut ws {
+        w.wait_for_cursor(&direct("frank"), 10, PATIENCE);
+        w.assert_no_duplicates();
+    }
+    for u in &mut udp {
+        u.wait_for_cursor(&direct("frank"), 10, PATIENCE);
+        u.assert_no_duplicates();
+    }
+    // And back, from a relayed WebSocket and a relayed UDP session.
+    ws[1].send("frank", "ws reply");
+    udp[2].send("frank", "udp reply");
+    frank.expect_delivery(&direct("erin"), 11, PATIENCE);
+    frank.expect_delivery(&direct("erin"), 12, PATIENCE);
 }
 
 #[test]
@@ -351,5 +387,58 @@ fn a_node_killed_under_load_loses_nothing_acked_and_seqs_stay_gapless() {
         );
         let distinct: BTreeSet<&String> = got.values().collect();
         assert_eq!(distinct.len(), got.len(), "no message stored twice");
+    }
+}
+
+#[test]
+fn a_node_whose_lease_ran_out_stores_nothing_until_it_holds_it_again() {
+    let mut redis = Redis::start();
+    // A cluster of one node: its conversations are its own, its lease still fences them.
+    let settings = [
+        format!("admin.token=\"{TOKEN}\""),
+        format!("auth.secret=\"{SECRET}\""),
+        format!("cluster.redis=\"{}\"", redis.url()),
+        "cluster.node_id=\"n1\"".to_owned(),
+        "cluster.nodes=[\"n1\"]".to_owned(),
+        format!("cluster.lease_ms={LEASE_MS}"),
+        format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
+    ];
+    let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let node = Broker::start(&refs);
+    let mut alice = login(&node, "alice", "phone");
+    assert_eq!(alice.send("bob", "before").seq, 1);
+    // Redis gone: the lease cannot be renewed, and once it has run out the node stores nothing.
+    redis.kill9();
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 2 * HEARTBEAT_MS));
+    let refused = alice.send_refused(&direct("bob"), "while fenced");
+    assert_eq!(
+        refused.code,
+        pb::ErrorCode::Unavailable as i32,
+        "{refused:?}"
+    );
+    assert!(refused.retry_after_ms > 0);
+    // Counters are published every 100 ms or so.
+    let start = Instant::now();
+    while metric(&node, "parley_node_fenced_total") < 1.0 {
+        assert!(start.elapsed() < PATIENCE, "the refusal was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Redis back (empty): the node registers again, holds its lease, and stores again, the
+    // next seq after the last one stored.
+    redis.spawn();
+    let start = Instant::now();
+    loop {
+        let id = parley_tests::client::fresh_client_msg_id();
+        alice.start_send_with_id(direct("bob"), id, Bytes::from_static(b"after"));
+        match alice.try_send_ack(id, PATIENCE) {
+            Ok(ack) => {
+                assert_eq!(ack.seq, 2, "nothing was stored while fenced");
+                break;
+            }
+            Err(why) => {
+                assert!(start.elapsed() < PATIENCE, "still refused: {why}");
+                std::thread::sleep(Duration::from_millis(HEARTBEAT_MS));
+            }
+        }
     }
 }

@@ -83,10 +83,11 @@ pub struct Config {
     pub cluster: Cluster,
 }
 
-/// Several nodes over one Redis (in progress: today only the node registry). With `redis` set,
-/// the node registers itself in Redis under a lease renewed by heartbeat and keeps a view of
-/// every live node (`/metrics`: `parley_cluster_*`; the admin API: `GET /v1/cluster`). Without
-/// it nothing changes: one node needs no Redis. Messages do not cross nodes yet.
+/// Several nodes over one Redis. With `redis` set, the node registers itself in Redis under a
+/// lease renewed by heartbeat, keeps a view of every live node (`/metrics`: `parley_cluster_*`;
+/// the admin API: `GET /v1/cluster`) and writes its devices' routes to the presence index; with
+/// `nodes` (and `listen`), conversations and users are placed over the listed nodes and messages
+/// cross nodes over the links. Without `redis` nothing changes: one node needs no Redis.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cluster {

@@ -149,7 +149,7 @@ pub struct Common {
     pub addr: Option<SocketAddr>,
     /// Parley: the nodes of a cluster to spread the clients over, instead of --addr
     /// (`ADDR,ADDR,...`). Each pair, fan-out (publisher and its subscribers) or group's members
-    /// connect to one node, round robin over the nodes: messages do not cross nodes yet.
+    /// connect to one node, round robin over the nodes (with --split, to different nodes).
     #[arg(
         long,
         value_delimiter = ',',
@@ -157,6 +157,10 @@ pub struct Common {
         value_name = "ADDR,..."
     )]
     pub nodes: Vec<SocketAddr>,
+    /// With --nodes: the members of each pair or fan-out connect to different nodes
+    /// (member i of unit u to node u + i, round robin), so that every message crosses nodes.
+    #[arg(long, requires = "nodes")]
+    pub split: bool,
     /// Parley transport: tcp, ws, tls (TCP framing inside TLS), wss (WebSocket inside TLS) or
     /// udp (the broker's UDP sessions).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]

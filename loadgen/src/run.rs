@@ -237,6 +237,7 @@ fn plan(
         },
         addr: target,
         nodes: common.nodes.clone(),
+        split: common.split,
     })
 }
 

@@ -65,6 +65,8 @@ pub struct Plan {
     pub addr: SocketAddr,
     /// The nodes of a cluster the clients are spread over (empty: all go to `addr`).
     pub nodes: Vec<SocketAddr>,
+    /// Members of one unit on different nodes (`--split`).
+    pub split: bool,
 }
 
 /// The scenario with its parameters.

@@ -13,7 +13,7 @@
 //! `Mail::LinkDown`): what a shard does then is `crate::core::remote`'s business.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
@@ -44,6 +44,8 @@ pub(crate) struct Carrier {
     waker: Arc<Waker>,
     /// Which nodes have a link up now, one bit per position.
     up: Arc<AtomicU64>,
+    /// The link thread was woken and has not drained the queue since: no need to wake it.
+    notified: Arc<AtomicBool>,
     /// The retry hint of a request refused because its node is unreachable, ms.
     pub(crate) retry_after_ms: u32,
 }
@@ -86,7 +88,9 @@ impl Carrier {
         }
         match self.tx.try_send(Outbound { node, frame: out }) {
             Ok(()) => {
-                let _ = self.waker.wake();
+                if !self.notified.swap(true, Ordering::SeqCst) {
+                    let _ = self.waker.wake();
+                }
                 Ok(())
             }
             Err(_) => Err(batch),
@@ -105,6 +109,10 @@ pub(crate) struct LinkSide {
     pub(crate) nodes: Vec<String>,
     /// The links up, one bit per position (published to the shards).
     pub(crate) up: Arc<AtomicU64>,
+    /// Cleared before each drain of `rx` (see [`Carrier`]).
+    pub(crate) notified: Arc<AtomicBool>,
+    /// Shards handed mail since they were last woken.
+    pub(crate) to_wake: Vec<bool>,
 }
 
 impl LinkSide {
@@ -140,19 +148,23 @@ pub(crate) fn carrier(
     nodes.dedup();
     let (tx, rx) = crossbeam_channel::bounded(OUTBOUND_FRAMES);
     let up = Arc::new(AtomicU64::new(0));
+    let notified = Arc::new(AtomicBool::new(false));
     let carrier = Carrier {
         tx,
         waker,
         up: Arc::clone(&up),
+        notified: Arc::clone(&notified),
         retry_after_ms: u32::try_from(config.cluster.heartbeat_ms).unwrap_or(u32::MAX),
     };
     Some((
         carrier,
         LinkSide {
             rx,
+            to_wake: vec![false; peers.len()],
             peers,
             nodes,
             up,
+            notified,
         },
     ))
 }

@@ -350,6 +350,7 @@ impl LinkThread {
                 }
             }
             self.carry_out();
+            self.wake_shards();
             self.tick();
         }
         for slot in 0..self.conns.len() {
@@ -866,8 +867,12 @@ impl LinkThread {
         let Some(side) = &self.side else {
             return;
         };
+        // Before draining: a frame queued from now on wakes the thread again.
+        side.notified.store(false, Ordering::SeqCst);
         // Bounded: the shards queue at most `OUTBOUND_FRAMES` frames.
         let frames: Vec<_> = side.rx.try_iter().collect();
+        // Each link written once, after every frame for it was queued.
+        let mut touched: Vec<usize> = Vec::new();
         for o in frames {
             let Some(peer) = self
                 .side
@@ -895,7 +900,27 @@ impl LinkThread {
                 continue;
             }
             c.wbuf.extend_from_slice(&o.frame);
+            if !touched.contains(&slot) {
+                touched.push(slot);
+            }
+        }
+        for slot in touched {
             self.on_writable(slot);
+        }
+    }
+
+    /// Wakes the shards that were handed mail since the last call (once each, however many
+    /// frames each got).
+    fn wake_shards(&mut self) {
+        let Some(side) = &mut self.side else {
+            return;
+        };
+        for (shard, woken) in side.to_wake.iter_mut().enumerate() {
+            if std::mem::take(woken)
+                && let Some((_, waker)) = side.peers.get(shard)
+            {
+                let _ = waker.wake();
+            }
         }
     }
 
@@ -910,7 +935,8 @@ impl LinkThread {
             .and_then(Option::as_ref)
             .and_then(|c| c.peer.as_deref())
             .and_then(|p| side.position(p));
-        let (Some(from), Some((tx, waker))) = (from, side.peers.get(m.shard as usize)) else {
+        let shard = m.shard as usize;
+        let (Some(from), Some((tx, waker))) = (from, side.peers.get(shard)) else {
             return self.fail(slot, format!("mail for shard {} of no node here", m.shard));
         };
         let mail = Mail::Remote {
@@ -919,6 +945,17 @@ impl LinkThread {
         };
         // A shard drains its inbox every turn; one that cannot take mail for a second is
         // overloaded, and the link is closed (its shards are told, and a link-up repairs).
+        let mail = match tx.try_send(mail) {
+            Ok(()) => {
+                if let Some(w) = self.side.as_mut().and_then(|s| s.to_wake.get_mut(shard)) {
+                    *w = true;
+                }
+                return;
+            }
+            Err(e) => e.into_inner(),
+        };
+        // Full: wake it now and wait for room, a second at most.
+        let _ = waker.wake();
         match tx.send_timeout(mail, Duration::from_secs(1)) {
             Ok(()) => {
                 let _ = waker.wake();

@@ -1,5 +1,5 @@
-//! Several nodes over one Redis (`[cluster]`; in progress: the node registry, the presence index
-//! and the links between nodes; messages do not cross nodes yet).
+//! Several nodes over one Redis (`[cluster]`): the node registry, the presence index, the links
+//! between nodes and the mail that crosses them.
 //!
 //! With `cluster.redis` set, the node starts a **bridge thread** ([`bridge`]), the only place
 //! that talks to Redis (never a shard thread). It registers the node (node id, a boot id drawn
@@ -7,7 +7,8 @@
 //! it every `cluster.heartbeat_ms`, and with the same round trip reads every live node
 //! ([`registry`] has the data model). Joins and leaves are logged, one line per change; the
 //! view is published in [`Status`], which `/metrics` (`parley_cluster_*`) and `GET /v1/cluster`
-//! read.
+//! read. The lease's deadline (the time the last renewal was sent plus `lease_ms`) is published
+//! as a [`Lease`]: with `cluster.nodes`, a shard assigns seqs only before it.
 //!
 //! It also keeps the **presence index** ([`routes`]): shards send it route ops (a device logged
 //! in here, a connection gone) over its inbox, the same kind of bounded channel shards use among
@@ -17,14 +18,21 @@
 //! the sans-IO [`writer`], which a property test runs against a faulty model of Redis.
 //!
 //! With `cluster.listen`, a **link thread** ([`link`]) keeps one authenticated TCP link per pair
-//! of live nodes (the bridge hands it the membership at each heartbeat).
+//! of live nodes (the bridge hands it the membership at each heartbeat). With `cluster.nodes`,
+//! the links carry the shards' mail ([`carrier`]): conversations and users' homes are placed
+//! over the listed nodes (`crate::core::conv::Placement`), so a shard's mail for another node's
+//! shard goes on the link to that node, encoded once per batch (`crate::core::wire`). What a
+//! shard does when a node cannot be reached, a link goes down or comes up is
+//! `crate::core::remote`; how a client connected to a node that is not its user's home is
+//! relayed to its session there is `crate::core::relay`.
 //!
 //! Failures:
 //! * Redis unreachable: the node keeps serving; the bridge retries with back-off (from 100 ms,
 //!   doubling up to `heartbeat_ms`), logs the first error and then at most one line per 10 s,
 //!   counts every error (`parley_cluster_redis_errors_total`), and reports its lease lost
 //!   (`parley_cluster_lease_ok 0`, and a log line) once `lease_ms` has passed without a
-//!   renewal. The membership view keeps what was last read.
+//!   renewal; with `cluster.nodes` its shards then store nothing (UNAVAILABLE) until it renewed.
+//!   The membership view keeps what was last read.
 //! * Two processes with one node id: the registration is held by a boot id. A process starting
 //!   while another boot holds its id watches that lease for up to `lease_ms` + `heartbeat_ms`: if
 //!   the holder renews it, it is alive and the new process **refuses to start**, naming both boot
@@ -34,26 +42,14 @@
 //!   and reports its lease lost until the other one's lease ends.
 //! * A login waits at most `cluster.route_timeout_ms` for its route, then is closed
 //!   UNAVAILABLE with a retry hint; route ops that failed stay queued and are retried.
+//! * A node down: its conversations and its users' homes answer UNAVAILABLE until it returns
+//!   with its disk (nothing is handed over, so nothing acked can be lost or numbered twice).
 //! * Clean shutdown deletes the registration, so the others see the node leave at their next
 //!   heartbeat instead of after its lease.
 //!
-//! ### What comes next: messages across nodes
-//! The plan the next steps follow, so that every part built so far fits it:
-//! * **Placement over nodes.** A cluster is a fixed list of node ids; conversations and user
-//!   homes are placed over the cluster's shards (rendezvous hashing of the node, then the
-//!   node's own shard choice), through the same `Placement` seam that places them over shards
-//!   today. A node's conversations stay its own: a dead owner's conversations answer
-//!   UNAVAILABLE with a retry hint until it returns with its disk, and a node acts as an owner
-//!   only while its lease holds (a local deadline, checked before each seq is assigned), so a
-//!   node paused past its lease assigns nothing until it renewed it.
-//! * **Shard mail over links.** What shards tell each other (`crate::core::mail`) travels
-//!   between nodes on the links, encoded once per batch; a link that breaks fails the requests
-//!   waiting on it (UNAVAILABLE) and every delivery carries (conversation, seq, owner boot), so a
-//!   home that sees a gap or a new boot pulls the missing range from the owner.
-//! * **Sessions anywhere.** A client may connect to any node: its session is carried to its
-//!   home node's core over the link (as in-process connections are fed today), the accepting
-//!   node keeping only the socket and the transport; the presence index says where each device
-//!   is.
+//! ### What is not built yet
+//! * Growing or shrinking `cluster.nodes` (moving conversations and homes to other nodes).
+//! * A simulation of several nodes (the simulation runs one node, with a simulated index).
 
 mod bridge;
 pub(crate) mod carrier;

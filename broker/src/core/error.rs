@@ -299,6 +299,13 @@ pub(crate) enum CloseReason {
         /// The hint for the client.
         retry_after_ms: u32,
     },
+    /// In a cluster: a node this connection depends on cannot be reached (its session's home,
+    /// or an owner whose answer it waits for, behind a link that went down).
+    #[error("a node of the cluster this connection depends on is unreachable; log in again")]
+    NodeUnreachable {
+        /// The hint for the client.
+        retry_after_ms: u32,
+    },
 }
 
 impl CloseReason {
@@ -322,14 +329,15 @@ impl CloseReason {
             CloseReason::Garbage(e) => e.code(),
             CloseReason::HookRejected(_) => C::BadToken,
             CloseReason::Kicked(_) => C::Kicked,
-            CloseReason::Unavailable { .. } => C::Unavailable,
+            CloseReason::Unavailable { .. } | CloseReason::NodeUnreachable { .. } => C::Unavailable,
         }
     }
 
     /// The fatal `Error` frame (answering `request_id`, or 0).
     pub(crate) fn frame(&self, request_id: u64) -> pb::Frame {
         let retry_after_ms = match self {
-            CloseReason::Unavailable { retry_after_ms } => *retry_after_ms,
+            CloseReason::Unavailable { retry_after_ms }
+            | CloseReason::NodeUnreachable { retry_after_ms } => *retry_after_ms,
             _ => 0,
         };
         error_frame(

@@ -68,8 +68,6 @@ mod session;
 pub(crate) mod sync;
 pub(crate) mod timers;
 pub(crate) mod wheel;
-// Nothing sends mail between nodes yet: the cluster link will, with `wire::{encode,decode}_batch`.
-#[allow(dead_code)]
 pub(crate) mod wire;
 
 use std::collections::{HashMap, VecDeque};

@@ -133,7 +133,11 @@ impl<B: Backend> ShardCore<B> {
         if let Some(conn) = self.conn_of(key) {
             // Nothing to tell a home that never heard of it.
             self.relays.remove(&conn);
-            self.close(conn, 0, Some(CloseReason::Unavailable { retry_after_ms }));
+            self.close(
+                conn,
+                0,
+                Some(CloseReason::NodeUnreachable { retry_after_ms }),
+            );
         }
     }
 
@@ -160,7 +164,11 @@ impl<B: Backend> ShardCore<B> {
             .collect();
         for conn in waiting {
             self.counters.closed_for_link += 1;
-            self.close(conn, 0, Some(CloseReason::Unavailable { retry_after_ms }));
+            self.close(
+                conn,
+                0,
+                Some(CloseReason::NodeUnreachable { retry_after_ms }),
+            );
         }
         self.drain_local();
     }

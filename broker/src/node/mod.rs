@@ -349,7 +349,11 @@ impl Node {
                 answers,
                 bridge: bridge.clone(),
                 carrier: carrier.clone(),
-                lease: cluster.as_ref().map(Cluster::lease),
+                // With `cluster.nodes` a node owns its conversations only under its lease.
+                lease: cluster
+                    .as_ref()
+                    .filter(|_| !config.cluster.nodes.is_empty())
+                    .map(Cluster::lease),
             };
             let driver = Driver::new(setup).map_err(|e| NodeError::Thread(e.to_string()))?;
             let thread = std::thread::Builder::new()

@@ -392,7 +392,7 @@ impl Driver {
             stats_at: 0,
             answers: setup.answers,
             bridge: setup.bridge,
-            lease: setup.lease.filter(|_| setup.carrier.is_some()),
+            lease: setup.lease,
             carrier: setup.carrier,
             placement,
             remote_counts: (0, 0),

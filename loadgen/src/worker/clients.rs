@@ -69,19 +69,25 @@ impl<'a> Worker<'a> {
     }
 
     /// Where client `local` connects: `--addr`, or with `--nodes` the node of its pair,
-    /// fan-out or group (round robin), so that its messages stay on one node.
+    /// fan-out or group (round robin), so that its messages stay on one node; with `--split`,
+    /// member i of unit u on node u + i, so that every message crosses nodes.
     pub(super) fn node_of(&self, local: u32) -> std::net::SocketAddr {
         let nodes = &self.plan.nodes;
         if nodes.is_empty() {
             return self.plan.addr;
         }
         let me = self.global(local);
-        let unit = match (self.clients[local as usize].group, &self.plan.scenario) {
-            (Some(group), _) => group,
-            (None, Scenario::Traffic { group, .. }) => me / (*group).max(1),
-            (None, _) => me / 2,
+        let (unit, size) = match (self.clients[local as usize].group, &self.plan.scenario) {
+            (Some(group), _) => (group, 0),
+            (None, Scenario::Traffic { group, .. }) => (me / (*group).max(1), (*group).max(1)),
+            (None, _) => (me / 2, 2),
         };
-        nodes[unit as usize % nodes.len()]
+        let member = if self.plan.split && size > 0 {
+            me % size
+        } else {
+            0
+        };
+        nodes[(unit + member) as usize % nodes.len()]
     }
 
     pub(super) fn global(&self, local: u32) -> u32 {

@@ -124,7 +124,11 @@ impl<B: Backend> ShardCore<B> {
             Collect::Users {
                 order,
                 got: FastMap::default(),
-                cluster_wide: op == Op::Query && self.cfg.cluster_node.is_some(),
+                // With `cluster.nodes`, every device of a user has its session at the user's
+                // home, which answered: the index has nothing to add.
+                cluster_wide: op == Op::Query
+                    && self.cfg.cluster_node.is_some()
+                    && self.placement.shards_per_node() == self.placement.shards(),
             },
         );
     }
