@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Messages across nodes (issue 10): 1:1 pairs with every pair split over two nodes of a cluster
-# (`loadgen pairs --nodes A,B --split`: each user of a pair on its own node, so every message is
-# forwarded to its owner and delivered to the other user's home over a link) against the same
-# load on one node without a cluster. Both sides run the same number of shard threads (one node
+# against the same load on one node without a cluster. Two cluster scenarios:
+#   split-pairs:   `loadgen pairs --nodes A,B --split --node-ids a,b`: the two users of a pair are
+#                  homed on different nodes and each connects to its home, so every message
+#                  crosses nodes (forwarded to its owner, or delivered to the other user's home);
+#   split-relayed: `--split` alone: each user connects to a node chosen by position while its
+#                  home is wherever placement puts it, so about half the clients are relayed to
+#                  their home on the other node (what clients behind a plain load balancer do). Both sides run the same number of shard threads (one node
 # of SHARDS*2 shards, or two nodes of SHARDS), `storage.durability=never`, loopback only.
 # Measured: delivered messages per second, and per second of broker CPU (utime + stime of the
 # broker processes, from /proc, over the loadgen run; Redis's CPU is reported apart), and Redis
@@ -100,10 +104,14 @@ for run in $(seq "$RUNS"); do
   done
   for _ in $(seq 100); do grep -q "link to" "$TMP/a.log" && break; sleep 0.1; done
   sleep 1
-  t0=$(ticks "${PIDS[1]}" "${PIDS[2]}"); r0=$(ticks "${PIDS[0]}"); c0=$(calls)
-  json=$(load --nodes "127.0.0.1:$A,127.0.0.1:$B" --split)
-  t1=$(ticks "${PIDS[1]}" "${PIDS[2]}"); r1=$(ticks "${PIDS[0]}"); c1=$(calls)
-  result split-pairs "$json" $((t1 - t0)) $((r1 - r0)) $((c1 - c0)) "$HZ" | tee -a "$OUT"
+  for scen in split-pairs split-relayed; do
+    ids=(--node-ids a,b)
+    [ $scen = split-relayed ] && ids=()
+    t0=$(ticks "${PIDS[1]}" "${PIDS[2]}"); r0=$(ticks "${PIDS[0]}"); c0=$(calls)
+    json=$(load --nodes "127.0.0.1:$A,127.0.0.1:$B" --split "${ids[@]}")
+    t1=$(ticks "${PIDS[1]}" "${PIDS[2]}"); r1=$(ticks "${PIDS[0]}"); c1=$(calls)
+    result $scen "$json" $((t1 - t0)) $((r1 - r0)) $((c1 - c0)) "$HZ" | tee -a "$OUT"
+  done
   grep -ci "panick" "$TMP"/*.log >/dev/null && echo "a node's log mentions a panic" >&2
   stop_all
 done
@@ -121,8 +129,10 @@ for line in open(sys.argv[1]):
 for scen, kv in groups.items():
     parts = [f"{k}={statistics.median(vs):g} [{'/'.join(f'{v:g}' for v in vs)}]" for k, vs in kv.items()]
     print(scen, " ".join(parts))
-one, split = groups.get("one-node", {}), groups.get("split-pairs", {})
-if one and split:
-    r = statistics.median(split["msgs_per_cpu_s"]) / statistics.median(one["msgs_per_cpu_s"])
-    print(f"split pairs / one node, msgs per broker CPU-s: {r:.2f}")
+one = groups.get("one-node", {})
+for scen in ("split-pairs", "split-relayed"):
+    split = groups.get(scen, {})
+    if one and split:
+        r = statistics.median(split["msgs_per_cpu_s"]) / statistics.median(one["msgs_per_cpu_s"])
+        print(f"{scen} / one node, msgs per broker CPU-s: {r:.2f}")
 PY

@@ -161,6 +161,12 @@ pub struct Common {
     /// (member i of unit u to node u + i, round robin), so that every message crosses nodes.
     #[arg(long, requires = "nodes")]
     pub split: bool,
+    /// With --split: the node id of each address of --nodes, in the same order
+    /// (`ID,ID,...`), so that each user id is chosen to be homed on the node its client
+    /// connects to (the cluster places users by rendezvous hashing of their id over the node
+    /// ids). Without it, about half the clients of two nodes are relayed to their home.
+    #[arg(long, value_delimiter = ',', requires = "split", value_name = "ID,...")]
+    pub node_ids: Vec<String>,
     /// Parley transport: tcp, ws, tls (TCP framing inside TLS), wss (WebSocket inside TLS) or
     /// udp (the broker's UDP sessions).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]

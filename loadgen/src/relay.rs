@@ -1212,6 +1212,7 @@ mod tests {
         let relay = Relay::start(None);
         let names = Names {
             prefix: "lg-".into(),
+            homes: None,
         };
         let endpoint = |client, listen| Endpoint {
             names: names.clone(),

@@ -177,6 +177,9 @@ fn plan(
     if !common.nodes.is_empty() && common.system != System::Parley {
         return Err("--nodes spreads clients over the nodes of a parley cluster only".into());
     }
+    if !common.node_ids.is_empty() && common.node_ids.len() != common.nodes.len() {
+        return Err("--node-ids names each address of --nodes, in the same order".into());
+    }
     let units = shape.clients / shape.group;
     let (lo, hi) = (units * index / count, units * (index + 1) / count);
     let clients = (lo * shape.group) as u32..(hi * shape.group) as u32;
@@ -227,6 +230,15 @@ fn plan(
         },
         Command::Relay(_) => return Err("relay is not a load scenario".into()),
     };
+    let homes = match &scenario {
+        Scenario::Traffic { group, .. } if common.split && !common.node_ids.is_empty() => {
+            Some(std::sync::Arc::new(crate::driver::Homes {
+                nodes: common.node_ids.clone(),
+                group: *group,
+            }))
+        }
+        _ => None,
+    };
     Ok(Plan {
         scenario,
         first_conn: (clients.start as f64 * per_client) as usize,
@@ -234,6 +246,9 @@ fn plan(
         sources,
         names: Names {
             prefix: format!("lg{run_id}-"),
+            // With --split and --node-ids, each user is homed on the node its client connects
+            // to (pairs and fan-outs: the unit's size is the scenario's group).
+            homes,
         },
         addr: target,
         nodes: common.nodes.clone(),

@@ -5,6 +5,7 @@
 //! * [`tcp`]: the TCP stream framing (varint length prefix, bounded, incremental).
 //! * [`ws`]: the server side of WebSocket (RFC 6455): upgrade handshake, frames, messages, close.
 //! * [`udp`]: the authenticated UDP datagram envelope.
+//! * [`placement`]: where a cluster places users and conversations (every node alike).
 //!
 //! Every decoder takes untrusted bytes and returns a typed error instead of panicking; each one has
 //! a property test and a fuzz target (`proto/fuzz`).
@@ -24,6 +25,7 @@ pub mod link_pb {
 }
 
 pub mod frame;
+pub mod placement;
 pub mod splice;
 pub mod tcp;
 pub mod udp;

@@ -16,16 +16,7 @@ use std::sync::Arc;
 
 use parley_proto::pb;
 
-/// Stable 64-bit hash of `bytes` (never 0).
-pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // SplitMix64 finalizer: FNV alone spreads poorly in its low bits, which pick the shard.
-    mix(h).max(1)
-}
+pub(crate) use parley_proto::placement::stable_hash;
 
 /// Longest conversation id a client may name (bytes of UTF-8).
 pub(crate) const MAX_CONV_ID_BYTES: usize = 128;
@@ -261,24 +252,9 @@ impl Placement {
 
     /// The node of the highest rendezvous weight for `h`, then its shard `h % shards`.
     fn place(&self, h: u64) -> usize {
-        let mut best = (0, 0);
-        for (i, &salt) in self.salts[..self.nodes].iter().enumerate() {
-            let w = mix(salt ^ h);
-            if i == 0 || w > best.1 {
-                best = (i, w);
-            }
-        }
-        best.0 * self.shards + (h % self.shards as u64) as usize
+        let node = parley_proto::placement::rendezvous_of_salts(&self.salts[..self.nodes], h);
+        node * self.shards + (h % self.shards as u64) as usize
     }
-}
-
-/// A SplitMix64 finalizer (the rendezvous weight of a salted hash).
-fn mix(mut h: u64) -> u64 {
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 #[cfg(test)]

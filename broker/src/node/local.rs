@@ -86,7 +86,10 @@ impl LocalPipe {
                 end.queued.fetch_add(n, Ordering::AcqRel);
                 end.to_client.send(chunk).ok().map(|()| n)
             }
-            PipeEnd::Remote(end) => end.send(chunk).then_some(n),
+            PipeEnd::Remote(end) => {
+                end.send(chunk);
+                Some(n)
+            }
         }
     }
 }

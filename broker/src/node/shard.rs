@@ -313,6 +313,8 @@ pub(crate) struct Driver {
     placement: Placement,
     /// Mail sent to and taken from other nodes (published with the core's counters).
     remote_counts: (u64, u64),
+    /// This turn's mail for other nodes' shards, by shard (see `queue_remote`).
+    remote_out: Vec<(usize, Vec<ShardMsg>)>,
     /// In-process connections, by core slot.
     locals: Vec<Option<LocalPipe>>,
     /// In-process connections and relayed sessions, by link id.
@@ -396,6 +398,7 @@ impl Driver {
             carrier: setup.carrier,
             placement,
             remote_counts: (0, 0),
+            remote_out: Vec::new(),
             locals: Vec::new(),
             local_ids: HashMap::new(),
             relay_ids: HashMap::new(),
@@ -527,6 +530,7 @@ impl Driver {
                 self.transmit(conn, now);
             }
             self.apply_effects(now);
+            self.flush_remote(now);
             self.send_backlog();
             self.step_closings(now);
             if now.ms >= self.stats_at {
@@ -876,6 +880,10 @@ impl Driver {
                         if let Some(mut pipe) = self.take_local(conn) {
                             // Its last words, then the channel closes with the pipe.
                             pipe.write_last(std::mem::take(&mut last));
+                            if let super::local::PipeEnd::Remote(end) = &mut pipe.end {
+                                let to = end.key.shard;
+                                self.queue_remote(to, std::mem::take(&mut end.pending));
+                            }
                             continue;
                         }
                         if self.udp_session(conn).is_some() {
@@ -927,7 +935,7 @@ impl Driver {
                     }
                     Effect::Mail { to, batch } => match self.placement.local(to) {
                         Some(local) => self.post(local, Mail::Batch(batch)),
-                        None => self.send_remote(to, batch, now),
+                        None => self.queue_remote(to, batch),
                     },
                     Effect::Flush(ticket) => {
                         // The core has at most one flush in flight, so this never waits.
@@ -979,6 +987,32 @@ impl Driver {
                 }],
                 now,
             );
+        }
+    }
+
+    /// Queues `batch` for shard `to` of another node: the turn's mail for each such shard goes
+    /// out together, as one frame ([`Driver::flush_remote`]).
+    pub(super) fn queue_remote(&mut self, to: usize, mut batch: Vec<ShardMsg>) {
+        if batch.is_empty() {
+            return;
+        }
+        match self.remote_out.iter_mut().find(|(t, _)| *t == to) {
+            Some((_, queued)) => queued.append(&mut batch),
+            None => self.remote_out.push((to, batch)),
+        }
+    }
+
+    /// Sends the turn's mail for other nodes (what the core answers to mail it gets back, if a
+    /// node cannot be reached, goes out in the same way, a few rounds at most).
+    fn flush_remote(&mut self, now: Now) {
+        for _ in 0..4 {
+            if self.remote_out.is_empty() {
+                return;
+            }
+            for (to, batch) in std::mem::take(&mut self.remote_out) {
+                self.send_remote(to, batch, now);
+            }
+            self.apply_effects(now);
         }
     }
 

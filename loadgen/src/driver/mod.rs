@@ -34,20 +34,60 @@ pub enum Role {
 pub struct Names {
     /// Prepended to every user id, topic and channel of this run, e.g. `lg7f3a-`.
     pub prefix: String,
+    /// A parley cluster's node ids (`--node-ids`, in `--nodes` order) with `--split`: each user
+    /// id is chosen so that the user's home is the node its client connects to.
+    pub homes: Option<std::sync::Arc<Homes>>,
+}
+
+/// Which node each client's user is homed on (see [`Names::homes`]).
+#[derive(Debug)]
+pub struct Homes {
+    /// The node ids, in the order of the addresses.
+    pub nodes: Vec<String>,
+    /// Clients per pair or fan-out: member `i` of unit `u` is homed on node `u + i`.
+    pub group: u32,
+}
+
+impl Homes {
+    /// The node (an index into `nodes`) of client `client`.
+    pub fn node_of(&self, client: u32) -> usize {
+        let group = self.group.max(1);
+        ((client / group + client % group) as usize) % self.nodes.len().max(1)
+    }
 }
 
 impl Names {
-    /// The user id / topic suffix / channel name of client `client`: `<prefix>c<client>`.
+    /// Names with `prefix` and no placement.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Names {
+            prefix: prefix.into(),
+            homes: None,
+        }
+    }
+
+    /// The user id / topic suffix / channel name of client `client`: `<prefix>c<client>`, or
+    /// with [`Names::homes`] `<prefix>c<client>.<k>` for the smallest `k` that homes the user on
+    /// the client's node (`k` = 0 is left out).
     pub fn of(&self, client: u32) -> String {
-        format!("{}c{client}", self.prefix)
+        let base = format!("{}c{client}", self.prefix);
+        let Some(homes) = &self.homes else {
+            return base;
+        };
+        let want = homes.node_of(client);
+        if parley_proto::placement::home_node(&homes.nodes, &base) == want {
+            return base;
+        }
+        (1u32..)
+            .map(|k| format!("{base}.{k}"))
+            .find(|name| parley_proto::placement::home_node(&homes.nodes, name) == want)
+            .unwrap_or(base)
     }
 
     /// The client a user id of this run names (the inverse of [`Names::of`]), if it is one.
     pub fn client(&self, user: &str) -> Option<u32> {
-        user.strip_prefix(self.prefix.as_str())?
-            .strip_prefix('c')?
-            .parse()
-            .ok()
+        let rest = user.strip_prefix(self.prefix.as_str())?.strip_prefix('c')?;
+        let digits = rest.split_once('.').map_or(rest, |(d, _)| d);
+        digits.parse().ok()
     }
 
     /// The id of parley group number `group`: `<prefix>g<group>`.
@@ -257,10 +297,30 @@ mod tests {
     fn a_clients_user_id_names_it_back_and_other_ids_name_no_client() {
         let names = Names {
             prefix: "lg1-".into(),
+            homes: None,
         };
         assert_eq!(names.client(&names.of(42)), Some(42));
         assert_eq!(names.client("lg2-c42"), None, "another run");
         assert_eq!(names.client(&names.group(3)), None, "a group");
         assert_eq!(names.client("lg1-cx"), None);
+    }
+
+    #[test]
+    fn with_homes_each_user_is_homed_on_its_clients_node_and_names_back() {
+        let mut names = Names::new("lg1-");
+        names.homes = Some(std::sync::Arc::new(Homes {
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            group: 2,
+        }));
+        let homes = names.homes.clone().expect("set");
+        for client in 0..200 {
+            let user = names.of(client);
+            assert_eq!(names.client(&user), Some(client), "{user}");
+            assert_eq!(
+                parley_proto::placement::home_node(&homes.nodes, &user),
+                homes.node_of(client)
+            );
+        }
+        assert_ne!(homes.node_of(0), homes.node_of(1), "a pair is split");
     }
 }

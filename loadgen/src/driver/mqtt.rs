@@ -540,6 +540,7 @@ mod tests {
         Endpoint {
             names: Names {
                 prefix: "lgt-".into(),
+                homes: None,
             },
             client,
             listen,
@@ -626,6 +627,7 @@ mod tests {
     fn names_match_names_of() {
         let names = Names {
             prefix: "run-x-".into(),
+            homes: None,
         };
         let mut buf = Vec::new();
         for client in [0, 1, 9, 10, 99, 12345, u32::MAX] {
@@ -1090,6 +1092,7 @@ mod tests {
         for qos in [0u8, 1] {
             let names = Names {
                 prefix: format!("lgtest-{}-{qos}-", std::process::id()),
+                homes: None,
             };
             let ep = |client, listen, role| Endpoint {
                 names: names.clone(),

@@ -706,6 +706,7 @@ mod tests {
         Endpoint {
             names: Names {
                 prefix: "t-".into(),
+                homes: None,
             },
             client,
             listen: Some(client),

@@ -614,6 +614,7 @@ mod tests {
         Endpoint {
             names: Names {
                 prefix: "lgt-".into(),
+                homes: None,
             },
             client,
             listen,
@@ -997,6 +998,7 @@ mod tests {
     fn names_match_names_of() {
         let names = Names {
             prefix: "run-x-".into(),
+            homes: None,
         };
         let mut buf = Vec::new();
         for client in [0, 1, 9, 10, 99, 12345, u32::MAX] {
@@ -1132,6 +1134,7 @@ mod tests {
 
         let names = Names {
             prefix: format!("lgtest-{}-", std::process::id()),
+            homes: None,
         };
         let ep = |client, listen, role| Endpoint {
             names: names.clone(),

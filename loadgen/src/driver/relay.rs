@@ -134,6 +134,7 @@ mod tests {
         Endpoint {
             names: Names {
                 prefix: "lgtest-".into(),
+                homes: None,
             },
             client: 3,
             listen,

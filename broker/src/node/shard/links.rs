@@ -55,9 +55,10 @@ impl Driver {
                     if let Some(LocalPipe {
                         end: PipeEnd::Remote(end),
                         ..
-                    }) = self.local(conn)
+                    }) = self.local_mut(conn)
                     {
                         end.credit(chunk.len());
+                        self.take_pipe_mail(conn);
                     }
                     self.core.handle_bytes(conn, &chunk, now);
                     handled = true;
@@ -82,7 +83,9 @@ impl Driver {
         if buf.is_empty() {
             return;
         }
-        match pipe.write(buf) {
+        let written = pipe.write(buf);
+        self.take_pipe_mail(conn);
+        match written {
             Some(n) => self.core.handle_written(conn, n > 0, now),
             None => {
                 // The client is gone.

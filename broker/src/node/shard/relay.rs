@@ -12,41 +12,35 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use super::{Driver, LocalPipe};
-use crate::cluster::carrier::Carrier;
 use crate::core::mail::{Origin, RelayOpen};
 use crate::core::{ConnId, Now, ShardMsg};
 use crate::node::local::PipeEnd;
 
-/// Where a relayed session's output goes: the accepting connection on another node.
+/// Where a relayed session's output goes: the accepting connection on another node. What it
+/// says waits in `pending` until the driver sends the turn's mail ([`Driver::queue_remote`]).
 #[derive(Debug)]
 pub(crate) struct RemoteEnd {
     /// The accepting connection (the key of the session's mail).
     pub(crate) key: Origin,
-    carrier: Carrier,
-    /// The accepting node's position and the accepting shard's index there.
-    node: usize,
-    shard: usize,
     /// Bytes sent and not yet credited.
     pub(crate) queued: usize,
+    /// Mail for the accepting shard, not yet handed to the driver.
+    pub(crate) pending: Vec<ShardMsg>,
 }
 
 impl RemoteEnd {
-    fn mail(&self, msg: ShardMsg) -> bool {
-        self.carrier.send(self.node, self.shard, vec![msg]).is_ok()
-    }
-
-    /// Sends output; `false` if the accepting node cannot be reached.
-    pub(crate) fn send(&mut self, bytes: Bytes) -> bool {
+    /// Sends output.
+    pub(crate) fn send(&mut self, bytes: Bytes) {
         self.queued += bytes.len();
-        self.mail(ShardMsg::RelayOut {
+        self.pending.push(ShardMsg::RelayOut {
             to: self.key,
             bytes,
-        })
+        });
     }
 
     /// Ends the session there, with its last words.
     pub(crate) fn close(&mut self, last: Bytes) {
-        self.mail(ShardMsg::RelayClose {
+        self.pending.push(ShardMsg::RelayClose {
             key: self.key,
             to_home: false,
             last,
@@ -54,8 +48,8 @@ impl RemoteEnd {
     }
 
     /// Credits the accepting node with `bytes` of its client's input taken here.
-    pub(crate) fn credit(&self, bytes: usize) {
-        self.mail(ShardMsg::RelayAck {
+    pub(crate) fn credit(&mut self, bytes: usize) {
+        self.pending.push(ShardMsg::RelayAck {
             key: self.key,
             to_home: false,
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
@@ -99,6 +93,19 @@ impl Driver {
         rest
     }
 
+    /// Queues what relayed session `conn`'s end said (if it is one) for this turn's mail.
+    pub(super) fn take_pipe_mail(&mut self, conn: ConnId) {
+        if let Some(LocalPipe {
+            end: PipeEnd::Remote(end),
+            ..
+        }) = self.local_mut(conn)
+        {
+            let to = end.key.shard;
+            let mail = std::mem::take(&mut end.pending);
+            self.queue_remote(to, mail);
+        }
+    }
+
     /// The session of relayed connection `key`, if it lives here.
     fn relay_conn(&self, key: Origin) -> Option<ConnId> {
         self.relay_ids
@@ -109,16 +116,14 @@ impl Driver {
 
     /// Opens the session of a login accepted on another node.
     fn relay_open(&mut self, open: RelayOpen, now: Now) {
-        let Some(carrier) = self.carrier.clone() else {
+        if self.carrier.is_none() {
             return;
-        };
+        }
         let key = open.from;
         let end = RemoteEnd {
             key,
-            carrier,
-            node: self.placement.node_of(key.shard),
-            shard: key.shard % self.placement.shards_per_node(),
             queued: 0,
+            pending: Vec::new(),
         };
         if let Some(old) = self.relay_conn(key) {
             // The same key again (cannot happen: a key's connection is gone before its slot
