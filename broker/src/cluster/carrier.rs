@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
-use parley_proto::link_pb as lpb;
-use parley_proto::tcp::FrameCodec;
 
 use crate::config::Config;
 use crate::core::ShardMsg;
@@ -58,34 +56,27 @@ impl Carrier {
 
     /// Sends `batch` to shard `shard` (its index on its node) of node `node`; gives the
     /// batch back if it cannot be sent now (no link, or the link thread's queue is full).
+    /// `scratch` is the caller's buffer for the encoding (kept between calls, so that it
+    /// does not grow again for every batch).
     pub(crate) fn send(
         &self,
         node: usize,
         shard: usize,
         batch: Vec<ShardMsg>,
+        scratch: &mut Vec<u8>,
     ) -> Result<(), Vec<ShardMsg>> {
         if !self.is_up(node) {
             return Err(batch);
         }
-        let mut encoded = Vec::new();
-        if let Err(e) = crate::core::wire::encode_batch(&batch, &mut encoded) {
+        scratch.clear();
+        if let Err(e) = crate::core::wire::encode_batch(&batch, scratch) {
             tracing::error!("cluster: mail for node {node} could not be encoded: {e}");
             return Err(batch);
         }
-        let frame = lpb::LinkFrame {
-            body: Some(lpb::link_frame::Body::Mail(lpb::Mail {
-                shard: shard as u32,
-                batch: encoded.into(),
-            })),
-        };
-        let mut out = BytesMut::new();
-        if FrameCodec::new(super::link::MAX_LINK_FRAME)
-            .encode_message(&frame, &mut out)
-            .is_err()
-        {
+        let Some(out) = mail_frame(shard as u32, scratch) else {
             tracing::error!("cluster: a batch of mail for node {node} is over the frame limit");
             return Err(batch);
-        }
+        };
         match self.tx.try_send(Outbound { node, frame: out }) {
             Ok(()) => {
                 if !self.notified.swap(true, Ordering::SeqCst) {
@@ -96,6 +87,45 @@ impl Carrier {
             Err(_) => Err(batch),
         }
     }
+}
+
+/// The link frame carrying `batch` to shard `shard`, length prefix included, as prost would
+/// encode `LinkFrame{mail: Mail{shard, batch}}`, with the batch copied once; `None` past
+/// [`super::link::MAX_LINK_FRAME`].
+fn mail_frame(shard: u32, batch: &[u8]) -> Option<BytesMut> {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    const MAIL_SHARD: u8 = 1 << 3; // field 1, varint
+    const MAIL_BATCH: u8 = (2 << 3) | 2; // field 2, length-delimited
+    const FRAME_MAIL: u8 = (4 << 3) | 2; // LinkFrame field 4, length-delimited
+    let shard_len = if shard == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(u64::from(shard))
+    };
+    let batch_len = if batch.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(batch.len() as u64) + batch.len()
+    };
+    let mail_len = shard_len + batch_len;
+    let frame_len = 1 + encoded_len_varint(mail_len as u64) + mail_len;
+    if frame_len > super::link::MAX_LINK_FRAME {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(encoded_len_varint(frame_len as u64) + frame_len);
+    encode_varint(frame_len as u64, &mut out);
+    out.extend_from_slice(&[FRAME_MAIL]);
+    encode_varint(mail_len as u64, &mut out);
+    if shard != 0 {
+        out.extend_from_slice(&[MAIL_SHARD]);
+        encode_varint(u64::from(shard), &mut out);
+    }
+    if !batch.is_empty() {
+        out.extend_from_slice(&[MAIL_BATCH]);
+        encode_varint(batch.len() as u64, &mut out);
+        out.extend_from_slice(batch);
+    }
+    Some(out)
 }
 
 /// The link thread's side of the carrier.
@@ -184,4 +214,30 @@ pub(crate) fn layout(config: &Config, shards: usize) -> u64 {
         crate::core::wire::WIRE_VERSION
     );
     crate::core::conv::stable_hash(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::link_pb as lpb;
+    use parley_proto::tcp::FrameCodec;
+
+    #[test]
+    fn a_mail_frame_is_what_prost_makes_of_it() {
+        for (shard, len) in [(0u32, 0usize), (0, 5), (3, 0), (7, 200), (300, 70_000)] {
+            let batch: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mine = mail_frame(shard, &batch).expect("fits");
+            let frame = lpb::LinkFrame {
+                body: Some(lpb::link_frame::Body::Mail(lpb::Mail {
+                    shard,
+                    batch: batch.clone().into(),
+                })),
+            };
+            let mut theirs = BytesMut::new();
+            FrameCodec::new(super::super::link::MAX_LINK_FRAME)
+                .encode_message(&frame, &mut theirs)
+                .expect("encodes");
+            assert_eq!(mine, theirs, "shard {shard}, {len} bytes");
+        }
+    }
 }

@@ -26,7 +26,9 @@ pub(crate) struct Origin {
 /// once at login.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Device {
+    #[serde(with = "wire::shared_str")]
     pub(crate) user: Arc<str>,
+    #[serde(with = "wire::shared_str")]
     pub(crate) device: Arc<str>,
 }
 
@@ -64,7 +66,9 @@ pub(crate) struct Acked {
 /// user (its other devices receive, the sender does not).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Recipient {
+    #[serde(with = "wire::shared_str")]
     pub(crate) user: Arc<str>,
+    #[serde(with = "wire::shared_str_opt")]
     pub(crate) exclude: Option<Arc<str>>,
 }
 
@@ -326,6 +330,7 @@ pub enum ShardMsg {
         /// The accepting connection.
         from: Origin,
         /// The frames.
+        #[serde(with = "super::wire::shared_bytes")]
         bytes: Bytes,
     },
     /// To a relayed connection: frames for its client (TCP framing).
@@ -333,6 +338,7 @@ pub enum ShardMsg {
         /// The accepting connection.
         to: Origin,
         /// The frames.
+        #[serde(with = "super::wire::shared_bytes")]
         bytes: Bytes,
     },
     /// Window credit of a relayed session: `bytes` of the other side's were taken.
@@ -352,6 +358,7 @@ pub enum ShardMsg {
         /// To the home, or to the accepting shard.
         to_home: bool,
         /// The home's last frames (TCP framing); empty to the home.
+        #[serde(with = "super::wire::shared_bytes")]
         last: Bytes,
     },
 }

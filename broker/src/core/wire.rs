@@ -12,6 +12,9 @@
 //! * **Conversations** (`Arc<Conv>`) are carried by their canonical key ([`conv`]) and rebuilt
 //!   with [`Conv::from_key`] on arrival; a key that names no conversation fails the batch
 //!   ([`WireError::BadConversation`]). Rooms are named by their room id (a string) already.
+//! * **Shared strings.** A decoding thread keeps the conversations ([`conv`]) and the user and
+//!   device ids ([`shared_str`]) it read last in a bounded cache, so that the mail of a busy
+//!   conversation does not rebuild them for every message (a cache that fills is emptied).
 //! * **Monotonic times** (measured on the sender's clock, meaningless on another node) are not
 //!   sent at all ([`mono`], [`mono_opt`]): the receiver reads them as its own arrival time,
 //!   `now_us` of [`decode_batch`].
@@ -76,15 +79,26 @@ pub(crate) fn encode_batch(batch: &[ShardMsg], out: &mut Vec<u8>) -> Result<(), 
 /// [`Delivery::sent_us`](super::mail::Delivery::sent_us) when `Some`, and any other field measured
 /// on the sender's monotonic clock) are meaningless on another node: they are replaced by `now_us`
 /// (the arrival time here).
+#[cfg(any(test, feature = "fuzz"))]
 pub(crate) fn decode_batch(bytes: &[u8], now_us: u64) -> Result<Vec<ShardMsg>, WireError> {
+    decode_shared(&bytes::Bytes::copy_from_slice(bytes), now_us)
+}
+
+/// [`decode_batch`] of a shared buffer: the message bodies in the mail ([`shared_bytes`], and
+/// the byte fields of protocol messages) are slices of `bytes`, not copies.
+pub(crate) fn decode_shared(bytes: &bytes::Bytes, now_us: u64) -> Result<Vec<ShardMsg>, WireError> {
     DECODING.with_borrow_mut(|d| {
         *d = Decoding {
             now_us,
             detail: None,
+            input: bytes.clone(),
         }
     });
     let decoded = postcard::take_from_bytes::<Vec<ShardMsg>>(bytes);
-    let detail = DECODING.with_borrow_mut(|d| d.detail.take());
+    let detail = DECODING.with_borrow_mut(|d| {
+        d.input = bytes::Bytes::new();
+        d.detail.take()
+    });
     match decoded {
         Ok((batch, [])) => Ok(batch),
         Ok((_, rest)) => Err(WireError::TrailingBytes(rest.len())),
@@ -122,6 +136,25 @@ struct Decoding {
     now_us: u64,
     /// Why a helper refused its input.
     detail: Option<WireError>,
+    /// The batch being decoded (byte strings inside it are sliced from it: [`slice_of_input`]).
+    input: bytes::Bytes,
+}
+
+/// `v`, a byte string borrowed from the batch being decoded, as a slice of the batch's buffer
+/// (no copy); a copy if it is not one.
+fn slice_of_input(v: &[u8]) -> bytes::Bytes {
+    DECODING.with_borrow(|d| {
+        let (start, end) = (
+            d.input.as_ptr() as usize,
+            d.input.as_ptr() as usize + d.input.len(),
+        );
+        let (p, q) = (v.as_ptr() as usize, v.as_ptr() as usize + v.len());
+        if !v.is_empty() && start <= p && q <= end {
+            d.input.slice(p - start..q - start)
+        } else {
+            bytes::Bytes::copy_from_slice(v)
+        }
+    })
 }
 
 thread_local! {
@@ -163,7 +196,9 @@ impl<'de, M: prost::Message + Default> Deserialize<'de> for FromProst<M> {
             }
 
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<M, E> {
-                M::decode(v).map_err(|e| refuse(WireError::BadProtocolMessage(e.to_string())))
+                // From a slice of the batch, so that its `bytes` fields are slices too.
+                M::decode(slice_of_input(v))
+                    .map_err(|e| refuse(WireError::BadProtocolMessage(e.to_string())))
             }
         }
 
@@ -306,14 +341,133 @@ pub(crate) mod conv {
             }
 
             fn visit_str<E: de::Error>(self, key: &str) -> Result<Arc<Conv>, E> {
+                if let Some(c) = CONVS.with_borrow(|m| m.get(key).cloned()) {
+                    return Ok(c);
+                }
                 match Conv::from_key(key) {
-                    Some(c) => Ok(Arc::new(c)),
+                    Some(c) => {
+                        let c = Arc::new(c);
+                        CONVS.with_borrow_mut(|m| {
+                            if m.len() >= CACHE_ENTRIES {
+                                m.clear();
+                            }
+                            m.insert(Box::from(key), Arc::clone(&c));
+                        });
+                        Ok(c)
+                    }
                     None => Err(refuse(WireError::BadConversation(key.to_owned()))),
                 }
             }
         }
 
         d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Entries a decoding thread's caches hold at most (each is emptied when it fills).
+const CACHE_ENTRIES: usize = 16_384;
+
+thread_local! {
+    /// Conversations decoded on this thread, by key.
+    static CONVS: RefCell<std::collections::HashMap<Box<str>, Arc<Conv>>> =
+        RefCell::new(std::collections::HashMap::new());
+    /// User and device ids decoded on this thread.
+    static STRS: RefCell<std::collections::HashSet<Arc<str>>> =
+        RefCell::new(std::collections::HashSet::new());
+}
+
+/// The shared string `s`: the one this thread decoded before, or a new one (kept for next
+/// time).
+fn shared(s: &str) -> Arc<str> {
+    if let Some(a) = STRS.with_borrow(|m| m.get(s).cloned()) {
+        return a;
+    }
+    let a: Arc<str> = Arc::from(s);
+    STRS.with_borrow_mut(|m| {
+        if m.len() >= CACHE_ENTRIES {
+            m.clear();
+        }
+        m.insert(Arc::clone(&a));
+    });
+    a
+}
+
+/// `#[serde(with)]` for a user or device id: a string, shared on arrival (see [`shared`]).
+pub(crate) mod shared_str {
+    use super::*;
+
+    /// Writes the string.
+    pub(crate) fn serialize<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    /// Reads a string, shared.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        /// Shares the string as it comes.
+        struct StrVisitor;
+
+        impl Visitor<'_> for StrVisitor {
+            type Value = Arc<str>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Arc<str>, E> {
+                Ok(shared(v))
+            }
+        }
+
+        d.deserialize_str(StrVisitor)
+    }
+}
+
+/// `#[serde(with)]` for bytes that are passed on at once (a relayed session's frames): a byte
+/// string, sliced from the batch on arrival (see [`decode_shared`]). Not for bytes a shard keeps
+/// (a stored message): a slice holds the whole buffer it came in.
+pub(crate) mod shared_bytes {
+    use super::*;
+
+    /// Writes the bytes.
+    pub(crate) fn serialize<S: Serializer>(v: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    /// Reads a byte string, sliced from the batch.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        /// Slices the byte string as it comes.
+        struct BytesVisitor;
+
+        impl Visitor<'_> for BytesVisitor {
+            type Value = bytes::Bytes;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<bytes::Bytes, E> {
+                Ok(slice_of_input(v))
+            }
+        }
+
+        d.deserialize_bytes(BytesVisitor)
+    }
+}
+
+/// `#[serde(with)]` for an optional user or device id (see [`shared_str`]).
+pub(crate) mod shared_str_opt {
+    use super::*;
+
+    /// Writes the string, if any.
+    pub(crate) fn serialize<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().serialize(s)
+    }
+
+    /// Reads an optional string, shared.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Arc<str>>, D::Error> {
+        Ok(<Option<&str>>::deserialize(d)?.map(shared))
     }
 }
 

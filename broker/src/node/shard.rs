@@ -315,6 +315,8 @@ pub(crate) struct Driver {
     remote_counts: (u64, u64),
     /// This turn's mail for other nodes' shards, by shard (see `queue_remote`).
     remote_out: Vec<(usize, Vec<ShardMsg>)>,
+    /// The buffer mail for other nodes is encoded in.
+    remote_scratch: Vec<u8>,
     /// In-process connections, by core slot.
     locals: Vec<Option<LocalPipe>>,
     /// In-process connections and relayed sessions, by link id.
@@ -399,6 +401,7 @@ impl Driver {
             placement,
             remote_counts: (0, 0),
             remote_out: Vec::new(),
+            remote_scratch: Vec::new(),
             locals: Vec::new(),
             local_ids: HashMap::new(),
             relay_ids: HashMap::new(),
@@ -1025,7 +1028,9 @@ impl Driver {
         );
         let n = batch.len() as u64;
         let bounced = match &self.carrier {
-            Some(carrier) => carrier.send(node, shard, batch).err(),
+            Some(carrier) => carrier
+                .send(node, shard, batch, &mut self.remote_scratch)
+                .err(),
             None => Some(batch),
         };
         match bounced {
@@ -1038,8 +1043,8 @@ impl Driver {
     }
 
     /// Mail from node `from`'s shards.
-    fn remote_mail(&mut self, from: usize, bytes: &[u8], now: Now) {
-        match crate::core::wire::decode_batch(bytes, now.us) {
+    fn remote_mail(&mut self, from: usize, bytes: &Bytes, now: Now) {
+        match crate::core::wire::decode_shared(bytes, now.us) {
             Ok(batch) => {
                 self.remote_counts.1 += batch.len() as u64;
                 let batch = self.relay_mail(batch, now);
