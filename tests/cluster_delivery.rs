@@ -5,8 +5,9 @@
 //! it connected), over TCP, WebSocket or UDP, and sees the same conversations from each; a group
 //! spans the nodes; a node killed with SIGKILL under load loses nothing acked: its clients log in
 //! elsewhere, resend and sync, and every conversation ends gapless with every acked message
-//! exactly once; and a node whose lease ran out stores nothing until it holds it again. Each
-//! test starts its own `redis-server` (see `parley_tests::redis`).
+//! exactly once; a presence subscription follows a user on every node; and a node whose lease
+//! ran out stores nothing until it holds it again. Each test starts its own `redis-server` (see
+//! `parley_tests::redis`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -94,6 +95,23 @@ fn metric(node: &Broker, name: &str) -> f64 {
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Waits until the sum of `name` over `nodes` is at least `least` (counters are published every
+/// 100 ms or so); panics after [`PATIENCE`].
+fn await_sum_at_least(nodes: &[Broker], name: &str, least: f64) {
+    let start = Instant::now();
+    loop {
+        let sum: f64 = nodes.iter().map(|n| metric(n, name)).sum();
+        if sum >= least {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{name} is {sum}, not {least} or more"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_message_between_users_on_different_nodes_is_stored_once_and_reaches_the_other_side() {
     let redis = Redis::start();
@@ -123,11 +141,7 @@ fn a_message_between_users_on_different_nodes_is_stored_once_and_reaches_the_oth
     bob.assert_no_duplicates();
     alice.assert_no_duplicates();
     // Mail crossed the links (the users' homes and the owner are not all on one node).
-    let crossed: f64 = nodes
-        .iter()
-        .map(|n| metric(n, "parley_node_remote_mail_in_total"))
-        .sum();
-    assert!(crossed > 0.0, "no mail crossed a link");
+    await_sum_at_least(&nodes, "parley_node_remote_mail_in_total", 1.0);
 }
 
 #[test]
@@ -159,11 +173,7 @@ fn a_user_may_log_in_on_any_node_and_every_device_gets_the_same_conversation() {
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (1..=6).collect::<Vec<_>>()
     );
-    let relayed: f64 = nodes
-        .iter()
-        .map(|n| metric(n, "parley_node_relays_opened_total"))
-        .sum();
-    assert!(relayed >= 2.0, "{relayed} relayed connections");
+    await_sum_at_least(&nodes, "parley_node_relays_opened_total", 2.0);
     // A fresh device on another node syncs everything.
     let mut late = login(&nodes[1], "carol", "late");
     let synced = late.sync();
@@ -417,12 +427,7 @@ fn a_node_whose_lease_ran_out_stores_nothing_until_it_holds_it_again() {
         "{refused:?}"
     );
     assert!(refused.retry_after_ms > 0);
-    // Counters are published every 100 ms or so.
-    let start = Instant::now();
-    while metric(&node, "parley_node_fenced_total") < 1.0 {
-        assert!(start.elapsed() < PATIENCE, "the refusal was not counted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    await_sum_at_least(std::slice::from_ref(&node), "parley_node_fenced_total", 1.0);
     // Redis back (empty): the node registers again, holds its lease, and stores again, the
     // next seq after the last one stored.
     redis.spawn();
@@ -441,4 +446,40 @@ fn a_node_whose_lease_ran_out_stores_nothing_until_it_holds_it_again() {
             }
         }
     }
+}
+
+#[test]
+fn presence_subscriptions_follow_users_on_every_node() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    let mut alice = login(&nodes[0], "alice", "phone");
+    let answer = alice.presence(pb::PresenceRequest {
+        action: pb::PresenceAction::Subscribe as i32,
+        users: vec!["bob".into()],
+        ..Default::default()
+    });
+    assert_eq!(answer.users[0].status, pb::PresenceStatus::Offline as i32);
+    // bob connects to the other two nodes, one after the other.
+    let online = pb::PresenceStatus::Online as i32;
+    let bob = login(&nodes[1], "bob", "phone");
+    alice.wait_until(PATIENCE, "bob is pushed ONLINE", |c| {
+        c.presence_pushes()
+            .iter()
+            .flat_map(|p| &p.users)
+            .any(|u| u.user == "bob" && u.status == online && u.devices == ["phone"])
+    });
+    let _tablet = login(&nodes[2], "bob", "tablet");
+    alice.wait_until(PATIENCE, "bob's second device is pushed", |c| {
+        c.presence_pushes()
+            .iter()
+            .flat_map(|p| &p.users)
+            .any(|u| u.user == "bob" && u.devices.len() == 2)
+    });
+    drop(bob);
+    alice.wait_until(PATIENCE, "bob's phone leaves", |c| {
+        c.presence_pushes()
+            .last()
+            .and_then(|p| p.users.iter().find(|u| u.user == "bob"))
+            .is_some_and(|u| u.devices == ["tablet"])
+    });
 }

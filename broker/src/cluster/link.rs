@@ -943,8 +943,8 @@ impl LinkThread {
             from,
             bytes: m.batch,
         };
-        // A shard drains its inbox every turn; one that cannot take mail for a second is
-        // overloaded, and the link is closed (its shards are told, and a link-up repairs).
+        // A shard drains its inbox every turn; one that cannot take mail for half a heartbeat
+        // is overloaded, and the link is closed (its shards are told, and a link-up repairs).
         let mail = match tx.try_send(mail) {
             Ok(()) => {
                 if let Some(w) = self.side.as_mut().and_then(|s| s.to_wake.get_mut(shard)) {
@@ -954,16 +954,17 @@ impl LinkThread {
             }
             Err(e) => e.into_inner(),
         };
-        // Full: wake it now and wait for room, a second at most.
+        // Full: wake it now and wait for room, half a heartbeat at most (longer would starve
+        // the other links' pings).
         let _ = waker.wake();
-        match tx.send_timeout(mail, Duration::from_secs(1)) {
+        match tx.send_timeout(mail, self.me.heartbeat / 2) {
             Ok(()) => {
                 let _ = waker.wake();
             }
             Err(_) => self.drop_conn(
                 slot,
                 Some(LinkError::Overloaded(
-                    "a shard's inbox stayed full for a second",
+                    "a shard's inbox stayed full for half a heartbeat",
                 )),
             ),
         }

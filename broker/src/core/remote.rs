@@ -206,11 +206,14 @@ impl<B: Backend> ShardCore<B> {
 
     /// A home learned that `user`'s conversation `conv` holds messages up to `last_seq`, of
     /// which it knew up to `known`: if the user has devices online, the messages in between
-    /// are read from the owner and pushed to them.
+    /// are read from the owner and pushed to them, the newest `max_page` at most (a device
+    /// that misses older ones sees the gap below them and syncs, as after any lost delivery).
     pub(crate) fn fill(&mut self, user: &Arc<str>, conv: &Arc<Conv>, known: u64, last_seq: u64) {
         if last_seq <= known {
             return;
         }
+        let newest = last_seq.saturating_sub(u64::from(self.cfg.max_page)) + 1;
+        let known = known.max(newest - 1);
         let Some(&(_, conn)) = self.home.users.get(user).and_then(|u| u.devices.first()) else {
             return;
         };
