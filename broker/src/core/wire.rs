@@ -176,8 +176,21 @@ struct AsProst<'a, M>(&'a M);
 
 impl<M: prost::Message> Serialize for AsProst<'_, M> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0.encode_to_vec())
+        // Encoded in the thread's kept buffer (no allocation per message once it has grown).
+        PROST_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                self.0.encode_raw(&mut *buf);
+                s.serialize_bytes(&buf)
+            }
+            Err(_) => s.serialize_bytes(&self.0.encode_to_vec()),
+        })
     }
+}
+
+thread_local! {
+    /// The buffer protocol messages are encoded in before they are written ([`AsProst`]).
+    static PROST_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A protocol message, deserialized from its protobuf encoding.
@@ -369,11 +382,11 @@ const CACHE_ENTRIES: usize = 16_384;
 
 thread_local! {
     /// Conversations decoded on this thread, by key.
-    static CONVS: RefCell<std::collections::HashMap<Box<str>, Arc<Conv>>> =
-        RefCell::new(std::collections::HashMap::new());
+    static CONVS: RefCell<super::FastMap<Box<str>, Arc<Conv>>> =
+        RefCell::new(super::FastMap::default());
     /// User and device ids decoded on this thread.
-    static STRS: RefCell<std::collections::HashSet<Arc<str>>> =
-        RefCell::new(std::collections::HashSet::new());
+    static STRS: RefCell<std::collections::HashSet<Arc<str>, foldhash::fast::FixedState>> =
+        RefCell::new(std::collections::HashSet::default());
 }
 
 /// The shared string `s`: the one this thread decoded before, or a new one (kept for next
