@@ -218,43 +218,8 @@ impl<B: Backend> fmt::Debug for CoreSetup<B> {
     }
 }
 
-/// The placement over `config`'s cluster (`cluster.nodes`, with `cluster.redis` set), each
-/// node running `shards` shards; `None` without one.
-pub(crate) fn cluster_placement(config: &Config, shards: usize) -> Option<Placement> {
-    let c = &config.cluster;
-    if c.redis.is_none() || c.nodes.is_empty() {
-        return None;
-    }
-    Placement::cluster(shards, &c.nodes, c.effective_node_id(&config.node))
-}
-
-/// Hands every core's start-up mail (what each user's home must know of the conversations the
-/// other shards own) to its target, until none is left. Run it before any client is served.
-pub fn exchange_startup_mail<B: Backend>(cores: &mut [ShardCore<B>], now: Now) {
-    let mut effects = Vec::new();
-    loop {
-        let mut mails = Vec::new();
-        for core in cores.iter_mut() {
-            core.take_effects(&mut effects);
-            for e in effects.drain(..) {
-                if let Effect::Mail { to, batch } = e {
-                    mails.push((to, batch));
-                }
-            }
-        }
-        if mails.is_empty() {
-            return;
-        }
-        for (to, batch) in mails {
-            // Mail for another node's shards is not sent at start-up: each node tells the
-            // homes of another what they must know when the link between them comes up.
-            let local = cores.first().and_then(|c| c.placement.local(to));
-            if let Some(core) = local.and_then(|i| cores.get_mut(i)) {
-                core.handle_mail(batch, now);
-            }
-        }
-    }
-}
+pub(crate) use remote::cluster_placement;
+pub use remote::exchange_startup_mail;
 
 /// One shard's state and decisions (see the module documentation).
 pub struct ShardCore<B: Backend> {
@@ -999,24 +964,11 @@ impl<B: Backend> ShardCore<B> {
             ShardMsg::RoomPost(p) => self.on_room_post(*p),
             ShardMsg::RoomCast(c) => self.on_room_cast(*c),
             ShardMsg::Presence(m) => self.on_presence_mail(*m),
-            ShardMsg::RelayOut { to, bytes } => self.on_relay_out(to, &bytes),
-            ShardMsg::RelayAck {
-                key,
-                to_home: false,
-                bytes,
-            } => self.on_relay_ack(key, bytes),
-            ShardMsg::RelayClose {
-                key,
-                to_home: false,
-                last,
-            } => self.on_relay_close(key, &last),
-            // The home's side of a relayed session is the driver's (`node::shard::relay`).
-            ShardMsg::RelayOpen(_)
+            m @ (ShardMsg::RelayOpen(_)
             | ShardMsg::RelayIn { .. }
-            | ShardMsg::RelayAck { to_home: true, .. }
-            | ShardMsg::RelayClose { to_home: true, .. } => {
-                debug_assert!(false, "a relayed session's home mail reached the core");
-            }
+            | ShardMsg::RelayOut { .. }
+            | ShardMsg::RelayAck { .. }
+            | ShardMsg::RelayClose { .. }) => self.on_relay_mail(m),
         }
     }
 

@@ -24,9 +24,7 @@ use super::conv::{Conv, ConvKind};
 use super::error::Refusal;
 use super::group::{Change, Group, Role};
 use super::ids::MsgIdGen;
-use super::mail::{
-    Acked, Append, Delivery, Device, GroupInbox, GroupPush, Origin, Recipient, ShardMsg,
-};
+use super::mail::{Acked, Append, Delivery, Device, GroupPush, Origin, Recipient, ShardMsg};
 use super::{Effect, ShardCore};
 use crate::loglimit::LogKind;
 
@@ -695,111 +693,6 @@ impl<B: Backend> ShardCore<B> {
         }
         let own_reads: Vec<((u64, Device), u64)> = own_reads.into_iter().collect();
         self.tell_homes(own_reads, None);
-    }
-
-    /// Tells the homes (only those on node `only`, if given) what they must know of this
-    /// shard's conversations: each member's conversation and its last seq, each group's users
-    /// and what they may read, and each sender's newest message (`own_reads`: (conversation
-    /// id, sender) → seq), which its sender has read.
-    pub(crate) fn tell_homes(
-        &mut self,
-        mut own_reads: Vec<((u64, Device), u64)>,
-        only: Option<usize>,
-    ) {
-        let placement = self.placement;
-        let wanted = |home: usize| only.is_none_or(|n| placement.node_of(home) == n);
-        own_reads.sort_by(|a, b| (a.0.0, &a.0.1.user).cmp(&(b.0.0, &b.0.1.user)));
-        for ((id, sender), seq) in own_reads {
-            if let Some(st) = self.owner.convs.get(&id) {
-                let home = self.placement.home(&sender.user);
-                if !wanted(home) {
-                    continue;
-                }
-                let msg = ShardMsg::OwnRead {
-                    user: sender.user,
-                    conv: Arc::clone(&st.conv),
-                    seq,
-                };
-                self.route(home, msg);
-            }
-        }
-        let mut news = Vec::new();
-        let mut groups = Vec::new();
-        for st in self.owner.convs.values() {
-            for user in &st.conv.members {
-                news.push((
-                    Arc::clone(user),
-                    Arc::clone(&st.conv),
-                    st.last_seq,
-                    st.last_time,
-                ));
-            }
-            if let Some(g) = st.group.as_deref() {
-                groups.push((Arc::clone(&st.conv), st.last_seq, st.last_time, g));
-            }
-        }
-        // Each home learns, per group, which of its users may read what.
-        groups.sort_by_key(|g| g.0.id);
-        let mut group_mail = Vec::new();
-        for (conv, last_seq, last_time, g) in groups {
-            let mut per_home: Vec<Vec<(Arc<str>, u64, u64)>> =
-                vec![Vec::new(); self.placement.shards()];
-            for (user, m) in &g.members {
-                per_home[self.placement.home(user)].push((Arc::clone(user), m.joined, u64::MAX));
-            }
-            let mut former: Vec<_> = g.former.iter().collect();
-            former.sort_by(|a, b| a.0.cmp(b.0));
-            for (user, &(from, to)) in former {
-                per_home[self.placement.home(user)].push((Arc::clone(user), from, to));
-            }
-            for (home, users) in per_home.into_iter().enumerate() {
-                if !users.is_empty() && wanted(home) {
-                    group_mail.push((
-                        home,
-                        ShardMsg::GroupInbox(Box::new(GroupInbox {
-                            conv: Arc::clone(&conv),
-                            last_seq,
-                            last_time,
-                            users,
-                        })),
-                    ));
-                }
-            }
-        }
-        for (home, msg) in group_mail {
-            self.route(home, msg);
-        }
-        // Deterministic order, whatever the map's.
-        news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
-        for (user, conv, last_seq, last_time) in news {
-            let home = self.placement.home(&user);
-            if !wanted(home) {
-                continue;
-            }
-            self.route(
-                home,
-                ShardMsg::Inbox {
-                    user,
-                    conv,
-                    last_seq,
-                    last_time,
-                },
-            );
-        }
-    }
-
-    /// Each sender's newest message in each conversation this shard owns, as its de-dup window
-    /// remembers it (what [`ShardCore::tell_homes`] reports as read by its sender).
-    pub(crate) fn own_reads(&self) -> Vec<((u64, Device), u64)> {
-        let mut reads = Vec::new();
-        for (&id, st) in &self.owner.convs {
-            for (sender, ring) in &st.dedup {
-                if let Some(seq) = ring.max_seq() {
-                    reads.push(((id, sender.clone()), seq));
-                }
-            }
-        }
-        reads
     }
 }
 

@@ -108,6 +108,25 @@ impl<B: Backend> ShardCore<B> {
         );
     }
 
+    /// Mail of a relayed session, for the accepting side.
+    pub(super) fn on_relay_mail(&mut self, m: ShardMsg) {
+        match m {
+            ShardMsg::RelayOut { to, bytes } => self.on_relay_out(to, &bytes),
+            ShardMsg::RelayAck {
+                key,
+                to_home: false,
+                bytes,
+            } => self.on_relay_ack(key, bytes),
+            ShardMsg::RelayClose {
+                key,
+                to_home: false,
+                last,
+            } => self.on_relay_close(key, &last),
+            // The home's side of a relayed session is the driver's (`node::shard::relay`).
+            _ => debug_assert!(false, "a relayed session's home mail reached the core"),
+        }
+    }
+
     /// Frames the home wrote for the client of relayed connection `to` (TCP framing).
     pub(super) fn on_relay_out(&mut self, to: Origin, bytes: &Bytes) {
         let Some(conn) = self.conn_of(to) else {

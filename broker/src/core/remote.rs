@@ -27,13 +27,53 @@ use std::sync::Arc;
 
 use parley_storage::Backend;
 
+use super::Effect;
 use super::ShardCore;
-use super::conv::Conv;
+use super::conv::{Conv, Placement};
 use super::error::{CloseReason, Refusal};
-use super::mail::{Read, ReadDone, ReadPurpose, ShardMsg};
+use super::mail::{Device, GroupInbox, Read, ReadDone, ReadPurpose, ShardMsg};
 use super::presence::Mail as PresenceMail;
 use super::room::RoomAnswer;
+use crate::config::Config;
 use crate::core::{ConnId, Now};
+
+/// The placement over `config`'s cluster (`cluster.nodes`, with `cluster.redis` set), each
+/// node running `shards` shards; `None` without one.
+pub(crate) fn cluster_placement(config: &Config, shards: usize) -> Option<Placement> {
+    let c = &config.cluster;
+    if c.redis.is_none() || c.nodes.is_empty() {
+        return None;
+    }
+    Placement::cluster(shards, &c.nodes, c.effective_node_id(&config.node))
+}
+
+/// Hands every core's start-up mail (what each user's home must know of the conversations the
+/// other shards own) to its target, until none is left. Run it before any client is served.
+pub fn exchange_startup_mail<B: Backend>(cores: &mut [ShardCore<B>], now: Now) {
+    let mut effects = Vec::new();
+    loop {
+        let mut mails = Vec::new();
+        for core in cores.iter_mut() {
+            core.take_effects(&mut effects);
+            for e in effects.drain(..) {
+                if let Effect::Mail { to, batch } = e {
+                    mails.push((to, batch));
+                }
+            }
+        }
+        if mails.is_empty() {
+            return;
+        }
+        for (to, batch) in mails {
+            // Mail for another node's shards is not sent at start-up: each node tells the
+            // homes of another what they must know when the link between them comes up.
+            let local = cores.first().and_then(|c| c.placement.local(to));
+            if let Some(core) = local.and_then(|i| cores.get_mut(i)) {
+                core.handle_mail(batch, now);
+            }
+        }
+    }
+}
 
 /// The retry hint of a request refused while this node holds no lease, ms.
 const FENCED_RETRY_MS: u32 = 1_000;
@@ -266,6 +306,111 @@ impl<B: Backend> ShardCore<B> {
         {
             self.fill(&user, &d.conv, last, d.to_seq);
         }
+    }
+
+    /// Tells the homes (only those on node `only`, if given) what they must know of this
+    /// shard's conversations: each member's conversation and its last seq, each group's users
+    /// and what they may read, and each sender's newest message (`own_reads`: (conversation
+    /// id, sender) → seq), which its sender has read.
+    pub(crate) fn tell_homes(
+        &mut self,
+        mut own_reads: Vec<((u64, Device), u64)>,
+        only: Option<usize>,
+    ) {
+        let placement = self.placement;
+        let wanted = |home: usize| only.is_none_or(|n| placement.node_of(home) == n);
+        own_reads.sort_by(|a, b| (a.0.0, &a.0.1.user).cmp(&(b.0.0, &b.0.1.user)));
+        for ((id, sender), seq) in own_reads {
+            if let Some(st) = self.owner.convs.get(&id) {
+                let home = self.placement.home(&sender.user);
+                if !wanted(home) {
+                    continue;
+                }
+                let msg = ShardMsg::OwnRead {
+                    user: sender.user,
+                    conv: Arc::clone(&st.conv),
+                    seq,
+                };
+                self.route(home, msg);
+            }
+        }
+        let mut news = Vec::new();
+        let mut groups = Vec::new();
+        for st in self.owner.convs.values() {
+            for user in &st.conv.members {
+                news.push((
+                    Arc::clone(user),
+                    Arc::clone(&st.conv),
+                    st.last_seq,
+                    st.last_time,
+                ));
+            }
+            if let Some(g) = st.group.as_deref() {
+                groups.push((Arc::clone(&st.conv), st.last_seq, st.last_time, g));
+            }
+        }
+        // Each home learns, per group, which of its users may read what.
+        groups.sort_by_key(|g| g.0.id);
+        let mut group_mail = Vec::new();
+        for (conv, last_seq, last_time, g) in groups {
+            let mut per_home: Vec<Vec<(Arc<str>, u64, u64)>> =
+                vec![Vec::new(); self.placement.shards()];
+            for (user, m) in &g.members {
+                per_home[self.placement.home(user)].push((Arc::clone(user), m.joined, u64::MAX));
+            }
+            let mut former: Vec<_> = g.former.iter().collect();
+            former.sort_by(|a, b| a.0.cmp(b.0));
+            for (user, &(from, to)) in former {
+                per_home[self.placement.home(user)].push((Arc::clone(user), from, to));
+            }
+            for (home, users) in per_home.into_iter().enumerate() {
+                if !users.is_empty() && wanted(home) {
+                    group_mail.push((
+                        home,
+                        ShardMsg::GroupInbox(Box::new(GroupInbox {
+                            conv: Arc::clone(&conv),
+                            last_seq,
+                            last_time,
+                            users,
+                        })),
+                    ));
+                }
+            }
+        }
+        for (home, msg) in group_mail {
+            self.route(home, msg);
+        }
+        // Deterministic order, whatever the map's.
+        news.sort_by(|a, b| (a.1.id, &a.0).cmp(&(b.1.id, &b.0)));
+        for (user, conv, last_seq, last_time) in news {
+            let home = self.placement.home(&user);
+            if !wanted(home) {
+                continue;
+            }
+            self.route(
+                home,
+                ShardMsg::Inbox {
+                    user,
+                    conv,
+                    last_seq,
+                    last_time,
+                },
+            );
+        }
+    }
+
+    /// Each sender's newest message in each conversation this shard owns, as its de-dup window
+    /// remembers it (what [`ShardCore::tell_homes`] reports as read by its sender).
+    pub(crate) fn own_reads(&self) -> Vec<((u64, Device), u64)> {
+        let mut reads = Vec::new();
+        for (&id, st) in &self.owner.convs {
+            for (sender, ring) in &st.dedup {
+                if let Some(seq) = ring.max_seq() {
+                    reads.push(((id, sender.clone()), seq));
+                }
+            }
+        }
+        reads
     }
 }
 
