@@ -565,10 +565,11 @@ impl<B: Backend> ShardCore<B> {
         out.append(&mut self.effects);
         for (to, batch) in self.outgoing.iter_mut().enumerate() {
             if !batch.is_empty() {
-                out.push(Effect::Mail {
-                    to,
-                    batch: std::mem::take(batch),
-                });
+                // One allocation of the exact size; the shard's own vector keeps its capacity
+                // for the next turn (instead of growing again from nothing, copy by copy).
+                let mut mail = Vec::with_capacity(batch.len());
+                mail.append(batch);
+                out.push(Effect::Mail { to, batch: mail });
             }
         }
         for conn in self.dirty.drain(..) {
