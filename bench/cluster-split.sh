@@ -103,7 +103,8 @@ for run in $(seq "$RUNS"); do
       --cluster-listen "127.0.0.1:$link" --cluster-nodes a,b
   done
   for _ in $(seq 100); do grep -q "link to" "$TMP/a.log" && break; sleep 0.1; done
-  sleep 1
+  # Logins are taken once a node has been linked to the others for a heartbeat (2 s).
+  sleep 3
   for scen in split-pairs split-relayed; do
     ids=(--node-ids a,b)
     [ $scen = split-relayed ] && ids=()

@@ -5,8 +5,9 @@
 //! it connected), over TCP, WebSocket or UDP, and sees the same conversations from each; a group
 //! spans the nodes; a node killed with SIGKILL under load loses nothing acked: its clients log in
 //! elsewhere, resend and sync, and every conversation ends gapless with every acked message
-//! exactly once; a presence subscription follows a user on every node; and a node whose lease
-//! ran out stores nothing until it holds it again. Each test starts its own `redis-server` (see
+//! exactly once; a restarted node learns its users' conversations from the other nodes, and a
+//! node takes logins only once it heard from them (or gave up waiting); a presence subscription follows a user on every node;
+//! and a node whose lease ran out stores nothing until it holds it again. Each test starts its own `redis-server` (see
 //! `parley_tests::redis`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,7 +32,12 @@ const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 /// Node `id` of the three-node cluster on `redis`.
 fn member(redis: &Redis, id: &str) -> Broker {
-    let settings = [
+    member_with(redis, id, &[])
+}
+
+/// Node `id` of the three-node cluster on `redis`, with `extra` settings.
+fn member_with(redis: &Redis, id: &str, extra: &[&str]) -> Broker {
+    let mut settings = vec![
         "listen.udp=\"127.0.0.1:0\"".to_owned(),
         format!("admin.token=\"{TOKEN}\""),
         format!("auth.secret=\"{SECRET}\""),
@@ -43,31 +49,33 @@ fn member(redis: &Redis, id: &str) -> Broker {
         format!("cluster.heartbeat_ms={HEARTBEAT_MS}"),
         "shards=2".to_owned(),
     ];
+    settings.extend(extra.iter().map(|s| (*s).to_owned()));
     let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
     Broker::start(&refs)
 }
 
-/// The three nodes, each linked to the other two.
+/// The three nodes, each linked to the other two and taking logins.
 fn cluster(redis: &Redis) -> Vec<Broker> {
     let nodes: Vec<Broker> = NODES.iter().map(|id| member(redis, id)).collect();
     for n in &nodes {
-        await_links(n, 2);
+        await_settled(n, 2);
     }
     nodes
 }
 
-/// Waits until `node` has `count` links up.
-fn await_links(node: &Broker, count: usize) {
+/// Waits until `node` has `count` links up and takes logins (it heard from the others).
+fn await_settled(node: &Broker, count: usize) {
     let start = Instant::now();
     loop {
         let answer = http::get(node.admin_addr(), "/v1/cluster", Some(TOKEN));
-        let up = answer.json()["links"].as_array().map_or(0, Vec::len);
-        if up == count {
+        let json = answer.json();
+        let up = json["links"].as_array().map_or(0, Vec::len);
+        if up == count && json["settled"] == true {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(15),
-            "links up: {up}, not {count}"
+            "links up: {up}, not {count}; {json}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -482,4 +490,87 @@ fn presence_subscriptions_follow_users_on_every_node() {
             .and_then(|p| p.users.iter().find(|u| u.user == "bob"))
             .is_some_and(|u| u.devices == ["tablet"])
     });
+}
+
+#[test]
+fn a_restarted_node_learns_its_users_conversations_from_the_other_nodes() {
+    let redis = Redis::start();
+    let mut nodes = cluster(&redis);
+    // Ten conversations started on n1: most of them are owned by the other two nodes.
+    for i in 0..10 {
+        let mut r = login(&nodes[0], &format!("r{i}"), "d");
+        r.send(&format!("q{i}"), format!("to q{i}"));
+    }
+    nodes[0].kill9();
+    // Restarted once its lease has run out, so that it registers at once and listens before
+    // its links are up.
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 2 * HEARTBEAT_MS));
+    nodes[0].restart_on_same_ports();
+    // Logged in as soon as n1 takes logins (it may refuse them UNAVAILABLE until it heard from
+    // the others): the first sync lists every conversation, whichever node owns it.
+    let mut refused = 0;
+    for i in 0..10 {
+        let user = format!("r{i}");
+        let token = parley_tests::token::mint_valid(SECRET.as_bytes(), &user, "d");
+        let start = Instant::now();
+        let mut r = loop {
+            let mut r: Client = Client::connect(nodes[0].tcp_addr(), SECRET);
+            match r.try_login(&token) {
+                Ok(_) => break r,
+                Err(e) => {
+                    assert_eq!(e.code, pb::ErrorCode::Unavailable as i32, "{e:?}");
+                    assert!(e.retry_after_ms > 0);
+                    assert!(start.elapsed() < PATIENCE, "n1 never took the login");
+                    refused += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let synced = r.sync();
+        assert_eq!(
+            synced.seqs(&direct(&format!("q{i}"))),
+            vec![1],
+            "{user}'s first sync after the restart"
+        );
+    }
+    eprintln!("{refused} logins refused while n1 was starting");
+}
+
+#[test]
+fn a_node_that_has_not_heard_from_the_others_refuses_logins_until_it_gives_up_waiting() {
+    let redis = Redis::start();
+    let _n2 = member(&redis, "n2");
+    let _n3 = member(&redis, "n3");
+    // n1 proves another link key: the others never link with it, so it never hears from them.
+    let n1 = member_with(
+        &redis,
+        "n1",
+        &["cluster.secret=\"another-link-secret-0123456789abcdefgh\""],
+    );
+    // A user homed on n1 (placement is the cluster's, computed here as any client may).
+    let user = (0..)
+        .map(|i| format!("nina{i}"))
+        .find(|u| parley_proto::placement::home_node(&NODES, u) == 0)
+        .expect("some user is homed on n1");
+    let token = parley_tests::token::mint_valid(SECRET.as_bytes(), &user, "d");
+    let mut early: Client = Client::connect(n1.tcp_addr(), SECRET);
+    let refused = early
+        .try_login(&token)
+        .expect_err("a login before n1 heard from the others");
+    assert_eq!(
+        refused.code,
+        pb::ErrorCode::Unavailable as i32,
+        "{refused:?}"
+    );
+    assert!(refused.message.contains("just started"), "{refused:?}");
+    // Five heartbeats after it read the membership it serves logins anyway.
+    let start = Instant::now();
+    loop {
+        let mut c: Client = Client::connect(n1.tcp_addr(), SECRET);
+        if c.try_login(&token).is_ok() {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "n1 never took logins");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

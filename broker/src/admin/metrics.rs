@@ -887,6 +887,7 @@ mod tests {
             links: Vec::new(),
             links_opened: 2,
             link_handshake_failures: 1,
+            settled: true,
         };
         let text = encode(&[ShardStats::default()], None, Some(&c)).expect("encodes");
         for line in [

@@ -46,9 +46,16 @@ pub(crate) struct Carrier {
     notified: Arc<AtomicBool>,
     /// The retry hint of a request refused because its node is unreachable, ms.
     pub(crate) retry_after_ms: u32,
+    /// Whether the node has heard from the other nodes since it started ([`LinkSide::settled`]).
+    settled: Arc<AtomicBool>,
 }
 
 impl Carrier {
+    /// Whether the node has heard from the other live nodes since it started.
+    pub(crate) fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
     /// Whether node `node` has a link up now.
     pub(crate) fn is_up(&self, node: usize) -> bool {
         node < 64 && self.up.load(Ordering::Acquire) & (1 << node) != 0
@@ -143,12 +150,21 @@ pub(crate) struct LinkSide {
     pub(crate) notified: Arc<AtomicBool>,
     /// Shards handed mail since they were last woken.
     pub(crate) to_wake: Vec<bool>,
+    /// Set once the node has had a link up to every live node of the cluster for a heartbeat
+    /// (their link-up summaries have arrived), or five heartbeats after the start at the
+    /// latest; until then its homes refuse logins.
+    pub(crate) settled: Arc<AtomicBool>,
 }
 
 impl LinkSide {
     /// The position of node `id`, if it is one of the cluster's.
     pub(crate) fn position(&self, id: &str) -> Option<usize> {
         self.nodes.binary_search_by(|n| n.as_str().cmp(id)).ok()
+    }
+
+    /// Whether node `pos` has a link up now.
+    pub(crate) fn is_up(&self, pos: usize) -> bool {
+        pos < 64 && self.up.load(Ordering::Acquire) & (1 << pos) != 0
     }
 
     /// Marks node `pos`'s link up or down.
@@ -179,7 +195,9 @@ pub(crate) fn carrier(
     let (tx, rx) = crossbeam_channel::bounded(OUTBOUND_FRAMES);
     let up = Arc::new(AtomicU64::new(0));
     let notified = Arc::new(AtomicBool::new(false));
+    let settled = Arc::new(AtomicBool::new(false));
     let carrier = Carrier {
+        settled: Arc::clone(&settled),
         tx,
         waker,
         up: Arc::clone(&up),
@@ -195,6 +213,7 @@ pub(crate) fn carrier(
             nodes,
             up,
             notified,
+            settled,
         },
     ))
 }

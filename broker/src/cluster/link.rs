@@ -101,6 +101,9 @@ pub(crate) struct LinkStatus {
     pub(crate) opened: AtomicU64,
     /// Handshakes that failed (a wrong proof, garbage, a timeout).
     pub(crate) handshake_failures: AtomicU64,
+    /// With `cluster.nodes`: whether the node has heard from the other nodes since it started
+    /// (see `super::carrier::LinkSide::settled`).
+    pub(crate) settled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Who a node is on the links.
@@ -159,7 +162,10 @@ impl Links {
             Some((c, s)) => (Some(c), Some(s)),
             None => (None, None),
         };
-        let status = Arc::new(LinkStatus::default());
+        let status = Arc::new(LinkStatus {
+            settled: side.as_ref().map(|s| Arc::clone(&s.settled)),
+            ..LinkStatus::default()
+        });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut thread = LinkThread {
             me: identity,
@@ -174,6 +180,9 @@ impl Links {
             codec: FrameCodec::new(MAX_LINK_FRAME),
             warned: BTreeMap::new(),
             side,
+            started: Instant::now(),
+            members_known: None,
+            all_linked_since: None,
         };
         let handle = std::thread::Builder::new()
             .name("parley-links".into())
@@ -290,6 +299,11 @@ struct LinkThread {
     warned: BTreeMap<String, (Instant, u64)>,
     /// Mail between the shards of this node and the others' (with `cluster.nodes`).
     side: Option<LinkSide>,
+    /// When the thread started, when the membership was first read, and since when every
+    /// live node of the cluster has had a link up (see [`LinkSide::settled`]).
+    started: Instant,
+    members_known: Option<Instant>,
+    all_linked_since: Option<Instant>,
 }
 
 /// Why a link connection ends.
@@ -361,6 +375,7 @@ impl LinkThread {
 
     /// Takes in the live members: dials new ones this node dials.
     fn set_members(&mut self, members: Vec<Member>) {
+        self.members_known.get_or_insert_with(Instant::now);
         self.members = members
             .into_iter()
             .filter(|m| m.node_id != self.me.node_id)
@@ -379,6 +394,7 @@ impl LinkThread {
     /// Dials what is due, pings, and closes silent or stuck connections.
     fn tick(&mut self) {
         let now = Instant::now();
+        self.settle(now);
         let due: Vec<String> = self
             .dial
             .iter()

@@ -192,6 +192,9 @@ pub(crate) struct Snapshot {
     pub(crate) links_opened: u64,
     /// Link handshakes that failed since start.
     pub(crate) link_handshake_failures: u64,
+    /// Whether the node takes logins: with `cluster.nodes`, once it has heard from the other
+    /// live nodes since it started (always true without).
+    pub(crate) settled: bool,
 }
 
 impl Status {
@@ -220,6 +223,11 @@ impl Status {
                 .links
                 .get()
                 .map_or(0, |l| l.handshake_failures.load(Ordering::Relaxed)),
+            settled: self
+                .links
+                .get()
+                .and_then(|l| l.settled.as_ref())
+                .is_none_or(|s| s.load(Ordering::Acquire)),
         }
     }
 

@@ -306,6 +306,13 @@ pub(crate) enum CloseReason {
         /// The hint for the client.
         retry_after_ms: u32,
     },
+    /// In a cluster: the node has just started and has not yet heard from the other nodes
+    /// what its users' conversations hold.
+    #[error("this node has just started and is still hearing from the other nodes; log in again")]
+    Starting {
+        /// The hint for the client.
+        retry_after_ms: u32,
+    },
 }
 
 impl CloseReason {
@@ -329,7 +336,9 @@ impl CloseReason {
             CloseReason::Garbage(e) => e.code(),
             CloseReason::HookRejected(_) => C::BadToken,
             CloseReason::Kicked(_) => C::Kicked,
-            CloseReason::Unavailable { .. } | CloseReason::NodeUnreachable { .. } => C::Unavailable,
+            CloseReason::Unavailable { .. }
+            | CloseReason::NodeUnreachable { .. }
+            | CloseReason::Starting { .. } => C::Unavailable,
         }
     }
 
@@ -337,7 +346,8 @@ impl CloseReason {
     pub(crate) fn frame(&self, request_id: u64) -> pb::Frame {
         let retry_after_ms = match self {
             CloseReason::Unavailable { retry_after_ms }
-            | CloseReason::NodeUnreachable { retry_after_ms } => *retry_after_ms,
+            | CloseReason::NodeUnreachable { retry_after_ms }
+            | CloseReason::Starting { retry_after_ms } => *retry_after_ms,
             _ => 0,
         };
         error_frame(

@@ -264,6 +264,9 @@ pub struct ShardCore<B: Backend> {
     lease_until: Option<u64>,
     /// Connections relayed to their session's home on another node, and their windows.
     relays: HashMap<ConnId, relay::Relaying>,
+    /// Whether the node has heard from the other nodes since it started (see `remote`):
+    /// until then its homes refuse logins.
+    settled: bool,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -318,6 +321,7 @@ impl<B: Backend> ShardCore<B> {
             gate: gate::Gatekeeper::new(setup.hooks, setup.completions),
             lease_until: None,
             relays: HashMap::new(),
+            settled: true,
         };
         core.rebuild();
         core.drain_local();

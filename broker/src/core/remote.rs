@@ -75,6 +75,9 @@ pub fn exchange_startup_mail<B: Backend>(cores: &mut [ShardCore<B>], now: Now) {
     }
 }
 
+/// The retry hint of a login refused while the node is still hearing from the others, ms.
+pub(crate) const STARTING_RETRY_MS: u32 = 500;
+
 /// The retry hint of a request refused while this node holds no lease, ms.
 const FENCED_RETRY_MS: u32 = 1_000;
 
@@ -233,6 +236,14 @@ impl<B: Backend> ShardCore<B> {
         Some(Refusal::Unavailable {
             retry_after_ms: FENCED_RETRY_MS,
         })
+    }
+
+    /// Whether the node has heard from the other nodes since it started: until it has, its
+    /// homes refuse logins UNAVAILABLE (a session would sync from an inbox that the other
+    /// nodes' owners have not filled in yet). Called by the driver every turn in a cluster
+    /// with `cluster.nodes`; the link thread decides (`crate::cluster::link`).
+    pub fn set_settled(&mut self, settled: bool) {
+        self.settled = settled;
     }
 
     /// The link to node `node` came up: tell its homes what this shard's conversations hold

@@ -437,6 +437,14 @@ impl<B: Backend> ShardCore<B> {
             self.activate_now(conn, identity, request_id, trusted, service);
             return self.route_without_waiting(conn, &user, &device);
         }
+        if !self.settled {
+            // Its home would answer from an inbox the other nodes have not filled in yet.
+            self.counters.logins_refused += 1;
+            let reason = CloseReason::Starting {
+                retry_after_ms: super::remote::STARTING_RETRY_MS,
+            };
+            return self.close(conn, request_id, Some(reason));
+        }
         if self.park_for_route(conn, identity.clone(), request_id) {
             return;
         }

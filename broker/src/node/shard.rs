@@ -444,6 +444,9 @@ impl Driver {
                 let until = lease.until().map_or(0, |t| self.clock.ms_at(t));
                 self.core.set_lease(until);
             }
+            if let Some(carrier) = &self.carrier {
+                self.core.set_settled(carrier.settled());
+            }
             let busy = self.core.has_work()
                 || self.udp.as_ref().is_some_and(|u| u.more)
                 || !self.ready.is_empty()

@@ -81,6 +81,46 @@ impl LinkThread {
         }
     }
 
+    /// Decides whether the node has heard from the other nodes since it started (see
+    /// [`LinkSide::settled`]): every live node of the cluster linked for a heartbeat (its
+    /// link-up summaries came with it), or five heartbeats after the membership was first read
+    /// (after the start, if Redis never answered) whatever the links.
+    pub(super) fn settle(&mut self, now: std::time::Instant) {
+        let Some(side) = &self.side else {
+            return;
+        };
+        if side.settled.load(Ordering::Acquire) {
+            return;
+        }
+        let heartbeat = self.me.heartbeat;
+        let all_linked = self.members_known.is_some()
+            && self
+                .members
+                .keys()
+                .filter_map(|id| side.position(id))
+                .all(|pos| side.is_up(pos));
+        if !all_linked {
+            self.all_linked_since = None;
+        }
+        let since = *self.all_linked_since.get_or_insert(now);
+        let linked = all_linked && now.duration_since(since) >= heartbeat;
+        let from = self.members_known.unwrap_or(self.started);
+        let late = now.duration_since(from) >= heartbeat * 5;
+        if linked || late {
+            if !linked {
+                tracing::warn!(
+                    "cluster: not linked to every live node five heartbeats after joining; \
+                     serving logins anyway (conversations owned by unlinked nodes may be missing \
+                     from syncs until their links come up)"
+                );
+            }
+            side.settled.store(true, Ordering::Release);
+            for (_, waker) in &side.peers {
+                let _ = waker.wake();
+            }
+        }
+    }
+
     /// Wakes the shards that were handed mail since the last call (once each, however many
     /// frames each got).
     pub(super) fn wake_shards(&mut self) {
