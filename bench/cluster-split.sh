@@ -117,23 +117,4 @@ for run in $(seq "$RUNS"); do
   stop_all
 done
 echo "--- medians over $RUNS runs"
-python3 - "$OUT" <<'PY'
-import sys, statistics
-groups = {}
-for line in open(sys.argv[1]):
-    if not line.startswith("RESULT "):
-        continue
-    kv = dict(f.split("=", 1) for f in line.split()[1:])
-    scen = kv.pop("scenario", "")
-    for k, v in kv.items():
-        groups.setdefault(scen, {}).setdefault(k, []).append(float(v))
-for scen, kv in groups.items():
-    parts = [f"{k}={statistics.median(vs):g} [{'/'.join(f'{v:g}' for v in vs)}]" for k, vs in kv.items()]
-    print(scen, " ".join(parts))
-one = groups.get("one-node", {})
-for scen in ("split-pairs", "split-relayed"):
-    split = groups.get(scen, {})
-    if one and split:
-        r = statistics.median(split["msgs_per_cpu_s"]) / statistics.median(one["msgs_per_cpu_s"])
-        print(f"{scen} / one node, msgs per broker CPU-s: {r:.2f}")
-PY
+python3 bench/medians.py "$OUT" --ratio msgs_per_cpu_s one-node split-pairs split-relayed

@@ -61,17 +61,4 @@ for run in $(seq "$RUNS"); do
   stop_all
 done
 echo "--- medians over $RUNS runs"
-python3 - "$OUT" <<'EOF'
-import sys, statistics
-groups = {}
-for line in open(sys.argv[1]):
-    if not line.startswith("RESULT "):
-        continue
-    kv = dict(f.split("=", 1) for f in line.split()[1:])
-    scen = kv.pop("scenario", "")
-    for k, v in kv.items():
-        groups.setdefault(scen, {}).setdefault(k, []).append(float(v))
-for scen, kv in groups.items():
-    parts = [f"{k}={statistics.median(vs):g} [{'/'.join(f'{v:g}' for v in vs)}]" for k, vs in kv.items()]
-    print(scen, " ".join(parts))
-EOF
+python3 bench/medians.py "$OUT"

@@ -21,21 +21,8 @@ impl<B: Backend> ShardCore<B> {
         service: bool,
         now: Now,
     ) -> ConnId {
-        self.now = now;
-        let conn = self.insert(
-            Transport::tcp(self.limits),
-            BytesMut::new(),
-            BytesMut::new(),
-        );
         self.counters.local_connections_opened += 1;
-        self.mark_dirty(conn);
-        if self.shutting_down {
-            self.close(conn, 0, Some(CloseReason::ShuttingDown));
-        } else {
-            self.activate_as(conn, identity, 0, true, service);
-        }
-        self.drain_local();
-        conn
+        self.open_socketless(identity, 0, true, service, now)
     }
 
     /// Opens the session of a login accepted on another node for a user homed on this shard
@@ -45,6 +32,19 @@ impl<B: Backend> ShardCore<B> {
         &mut self,
         identity: crate::auth::Identity,
         request_id: u64,
+        now: Now,
+    ) -> ConnId {
+        self.open_socketless(identity, request_id, false, false, now)
+    }
+
+    /// A connection without a socket (TCP framing, fed by the driver), logged in as
+    /// `identity` (see [`ShardCore::activate_as`]), or closed at once while shutting down.
+    fn open_socketless(
+        &mut self,
+        identity: crate::auth::Identity,
+        request_id: u64,
+        trusted: bool,
+        service: bool,
         now: Now,
     ) -> ConnId {
         self.now = now;
@@ -57,7 +57,7 @@ impl<B: Backend> ShardCore<B> {
         if self.shutting_down {
             self.close(conn, request_id, Some(CloseReason::ShuttingDown));
         } else {
-            self.activate(conn, identity, request_id);
+            self.activate_as(conn, identity, request_id, trusted, service);
         }
         self.drain_local();
         conn
