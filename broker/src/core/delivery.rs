@@ -265,14 +265,18 @@ impl Delivery {
         self.behind = false;
     }
 
-    /// Whether a sync page should carry `seq` of `conv` (not already pushed live); records it as
-    /// sent by the sync.
+    /// Whether a sync page should carry `seq` of `conv` (not already pushed live and acked);
+    /// records it as sent by the sync. A seq pushed live and not acked yet is carried again:
+    /// the push may have been lost (a datagram), and a client takes a sync page for seq `s` as
+    /// the server saying that nothing it lacks below `s` is still coming; it drops the copy it
+    /// already holds.
     pub(crate) fn sync_takes(&mut self, conv: u64, view: &Bytes, seq: u64) -> bool {
         let lane = self
             .lanes
             .entry(conv)
             .or_insert_with(|| Lane::new(view.clone()));
-        if lane.live.is_some_and(|(lo, hi)| seq >= lo && seq <= hi) {
+        let pushed = lane.live.is_some_and(|(lo, hi)| seq >= lo && seq <= hi);
+        if pushed && lane.unacked.binary_search_by_key(&seq, |u| u.0).is_err() {
             return false;
         }
         lane.synced = lane.synced.max(seq);
@@ -485,15 +489,17 @@ mod tests {
     }
 
     #[test]
-    fn sync_skips_what_was_pushed_live_and_live_skips_what_sync_sent() {
+    fn sync_skips_what_was_pushed_live_and_acked_and_live_skips_what_sync_sent() {
         let mut d = Delivery::default();
         let mut t = Timers::new(0);
         push(&mut d, &mut t, 5, 0);
         push(&mut d, &mut t, 6, 0);
+        d.ack(7, 5, 10, &cfg(), &mut t, CONN);
         let taken: Vec<u64> = (1..=7)
             .filter(|&s| d.sync_takes(7, &Bytes::new(), s))
             .collect();
-        assert_eq!(taken, vec![1, 2, 3, 4, 7]);
+        // 6 was pushed but not acked: its push may be lost, so the sync carries it again.
+        assert_eq!(taken, vec![1, 2, 3, 4, 6, 7]);
         assert!(!push(&mut d, &mut t, 7, 0), "seq 7 came with the sync");
         assert!(push(&mut d, &mut t, 8, 0));
     }
@@ -510,8 +516,8 @@ mod tests {
             .collect();
         assert_eq!(
             taken,
-            vec![1, 2, 3],
-            "2 and 3 come with the sync; 1 again is harmless"
+            vec![1, 2, 3, 4],
+            "2 and 3 come with the sync; 1 and 4, pushed and not acked, again"
         );
     }
 
