@@ -1,5 +1,6 @@
 //! What shards say to each other: [`ShardMsg`]s, always in batches (one `Vec` per target shard
-//! per turn) over a bounded channel plus a wake-up, which the driver carries.
+//! per turn) over a bounded channel plus a wake-up, which the driver carries (over a link, to
+//! another node's shard); and where each kind of mail goes in the core that receives it.
 
 use std::sync::Arc;
 
@@ -361,4 +362,114 @@ pub enum ShardMsg {
         #[serde(with = "super::wire::shared_bytes")]
         last: Bytes,
     },
+}
+
+impl<B: parley_storage::Backend> super::ShardCore<B> {
+    /// Sends `msg` to shard `target` (this one: handled before the turn ends).
+    pub(super) fn route(&mut self, target: usize, msg: ShardMsg) {
+        if target == self.index {
+            self.local.push_back(msg);
+        } else if let Some(q) = self.outgoing.get_mut(target) {
+            q.push(msg);
+        }
+    }
+
+    /// Handles the mail this shard sent itself.
+    pub(super) fn drain_local(&mut self) {
+        while let Some(msg) = self.local.pop_front() {
+            self.on_mail(msg);
+        }
+    }
+
+    /// Hands one piece of mail to the part of the core it is for.
+    pub(super) fn on_mail(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Append(a) => self.on_append(*a),
+            ShardMsg::Acked(a) => {
+                if let Some(conn) = self.conn_of(a.to) {
+                    self.unreserve(conn, super::session::ACK_RESERVE);
+                    self.write_spliced(conn, |out| {
+                        parley_proto::splice::encode_send_ack(a.request_id, &a.ack, out);
+                    });
+                }
+            }
+            ShardMsg::Refused {
+                to,
+                request_id,
+                client_msg_id,
+                refusal,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, super::session::ACK_RESERVE);
+                    self.refuse(conn, request_id, client_msg_id, &refusal);
+                }
+            }
+            ShardMsg::Deliver(d) => self.on_deliver(*d),
+            ShardMsg::Inbox {
+                user,
+                conv,
+                last_seq,
+                last_time,
+            } => self.on_inbox(user, conv, last_seq, last_time),
+            ShardMsg::GroupRead { conv, user, read } => self.on_group_read(&conv, &user, read),
+            ShardMsg::PeerRead {
+                user,
+                conv,
+                reader,
+                seq,
+                time,
+            } => self.on_peer_read(&user, &conv, &reader, seq, time),
+            ShardMsg::OwnRead { user, conv, seq } => {
+                let e = self.home.note(&user, &conv, 0);
+                e.cursors.read = e.cursors.read.max(seq);
+            }
+            ShardMsg::ReadCountsAsk(ask) => self.on_read_counts_ask(*ask),
+            ShardMsg::ReadCountsDone {
+                to,
+                request_id,
+                result,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, super::receipt::READ_COUNTS_RESERVE);
+                    self.write_frame(
+                        conn,
+                        &pb::Frame {
+                            request_id,
+                            body: Some(pb::frame::Body::ReadCounts(*result)),
+                        },
+                    );
+                }
+            }
+            ShardMsg::Group(op) => self.on_group_op(*op),
+            ShardMsg::GroupDone {
+                to,
+                request_id,
+                result,
+            } => {
+                if let Some(conn) = self.conn_of(to) {
+                    self.unreserve(conn, super::session::ACK_RESERVE);
+                    self.write_frame(
+                        conn,
+                        &pb::Frame {
+                            request_id,
+                            body: Some(pb::frame::Body::GroupResult(*result)),
+                        },
+                    );
+                }
+            }
+            ShardMsg::GroupInbox(gi) => self.on_group_inbox(*gi),
+            ShardMsg::Read(r) => self.on_read(*r),
+            ShardMsg::ReadDone(d) => self.on_read_done(*d),
+            ShardMsg::RoomChange(c) => self.on_room_change(*c),
+            ShardMsg::RoomAnswer(a) => self.on_room_answer(*a),
+            ShardMsg::RoomPost(p) => self.on_room_post(*p),
+            ShardMsg::RoomCast(c) => self.on_room_cast(*c),
+            ShardMsg::Presence(m) => self.on_presence_mail(*m),
+            m @ (ShardMsg::RelayOpen(_)
+            | ShardMsg::RelayIn { .. }
+            | ShardMsg::RelayOut { .. }
+            | ShardMsg::RelayAck { .. }
+            | ShardMsg::RelayClose { .. }) => self.on_relay_mail(m),
+        }
+    }
 }

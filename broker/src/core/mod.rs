@@ -76,8 +76,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use parley_proto::frame::WireError as _;
-use parley_proto::pb;
-use parley_proto::pb::frame::Body;
 use parley_storage::{Backend, Log, Lsn, SpareDone, SpareTicketOf, SyncOf, SyncTicket, Timestamp};
 
 use crate::auth::TokenVerifier;
@@ -264,6 +262,8 @@ pub struct ShardCore<B: Backend> {
     lease_until: Option<u64>,
     /// Connections relayed to their session's home on another node, and their windows.
     relays: HashMap<ConnId, relay::Relaying>,
+    /// Sessions homed here whose clients are on other nodes.
+    relayed: relay::Homes,
     /// Whether the node has heard from the other nodes since it started (see `remote`):
     /// until then its homes refuse logins.
     settled: bool,
@@ -321,6 +321,7 @@ impl<B: Backend> ShardCore<B> {
             gate: gate::Gatekeeper::new(setup.hooks, setup.completions),
             lease_until: None,
             relays: HashMap::new(),
+            relayed: relay::Homes::default(),
             settled: true,
         };
         core.rebuild();
@@ -681,6 +682,7 @@ impl<B: Backend> ShardCore<B> {
         if let Some(r) = self.relays.remove(&conn) {
             self.relay_gone(self.origin(conn), &r);
         }
+        self.end_relayed(conn);
         let service = c.who.as_ref().is_some_and(|w| w.service);
         if let Some(who) = c.who.as_ref().filter(|w| w.routed) {
             let (user, device) = (Arc::clone(&who.device.user), Arc::clone(&who.device.device));
@@ -729,13 +731,17 @@ impl<B: Backend> ShardCore<B> {
                 c.transport.close(reason.code(), &message, &mut c.out);
             }
         }
+        // A relayed session's last words go to its client's node; there is no socket here.
+        let relayed = self.relayed_last_words(conn);
         if let Some(mut c) = self.remove(conn) {
             let why = reason
                 .as_ref()
                 .map_or("closed by the peer", |r| r.code().as_str_name());
             log_closed(self.index, conn, &c, why);
-            let last = std::mem::take(&mut c.out);
-            self.effects.push(Effect::Close { conn, last });
+            if !relayed {
+                let last = std::mem::take(&mut c.out);
+                self.effects.push(Effect::Close { conn, last });
+            }
         }
     }
 
@@ -868,113 +874,6 @@ impl<B: Backend> ShardCore<B> {
         }
         self.timers
             .insert(now.ms + self.cfg.maintenance_ms, TimerFor::Maintenance);
-    }
-
-    // ----- mail --------------------------------------------------------------------------------
-
-    fn route(&mut self, target: usize, msg: ShardMsg) {
-        if target == self.index {
-            self.local.push_back(msg);
-        } else if let Some(q) = self.outgoing.get_mut(target) {
-            q.push(msg);
-        }
-    }
-
-    fn drain_local(&mut self) {
-        while let Some(msg) = self.local.pop_front() {
-            self.on_mail(msg);
-        }
-    }
-
-    fn on_mail(&mut self, msg: ShardMsg) {
-        match msg {
-            ShardMsg::Append(a) => self.on_append(*a),
-            ShardMsg::Acked(a) => {
-                if let Some(conn) = self.conn_of(a.to) {
-                    self.unreserve(conn, session::ACK_RESERVE);
-                    self.write_spliced(conn, |out| {
-                        parley_proto::splice::encode_send_ack(a.request_id, &a.ack, out);
-                    });
-                }
-            }
-            ShardMsg::Refused {
-                to,
-                request_id,
-                client_msg_id,
-                refusal,
-            } => {
-                if let Some(conn) = self.conn_of(to) {
-                    self.unreserve(conn, session::ACK_RESERVE);
-                    self.refuse(conn, request_id, client_msg_id, &refusal);
-                }
-            }
-            ShardMsg::Deliver(d) => self.on_deliver(*d),
-            ShardMsg::Inbox {
-                user,
-                conv,
-                last_seq,
-                last_time,
-            } => self.on_inbox(user, conv, last_seq, last_time),
-            ShardMsg::GroupRead { conv, user, read } => self.on_group_read(&conv, &user, read),
-            ShardMsg::PeerRead {
-                user,
-                conv,
-                reader,
-                seq,
-                time,
-            } => self.on_peer_read(&user, &conv, &reader, seq, time),
-            ShardMsg::OwnRead { user, conv, seq } => {
-                let e = self.home.note(&user, &conv, 0);
-                e.cursors.read = e.cursors.read.max(seq);
-            }
-            ShardMsg::ReadCountsAsk(ask) => self.on_read_counts_ask(*ask),
-            ShardMsg::ReadCountsDone {
-                to,
-                request_id,
-                result,
-            } => {
-                if let Some(conn) = self.conn_of(to) {
-                    self.unreserve(conn, receipt::READ_COUNTS_RESERVE);
-                    self.write_frame(
-                        conn,
-                        &pb::Frame {
-                            request_id,
-                            body: Some(Body::ReadCounts(*result)),
-                        },
-                    );
-                }
-            }
-            ShardMsg::Group(op) => self.on_group_op(*op),
-            ShardMsg::GroupDone {
-                to,
-                request_id,
-                result,
-            } => {
-                if let Some(conn) = self.conn_of(to) {
-                    self.unreserve(conn, session::ACK_RESERVE);
-                    self.write_frame(
-                        conn,
-                        &pb::Frame {
-                            request_id,
-                            body: Some(Body::GroupResult(*result)),
-                        },
-                    );
-                }
-            }
-            ShardMsg::GroupInbox(gi) => self.on_group_inbox(*gi),
-            ShardMsg::Read(r) => self.on_read(*r),
-            ShardMsg::ReadDone(d) => self.on_read_done(*d),
-            ShardMsg::RoomChange(c) => self.on_room_change(*c),
-            ShardMsg::RoomAnswer(a) => self.on_room_answer(*a),
-            ShardMsg::RoomPost(p) => self.on_room_post(*p),
-            ShardMsg::RoomCast(c) => self.on_room_cast(*c),
-            ShardMsg::Presence(m) => self.on_presence_mail(*m),
-            m @ (ShardMsg::RelayOpen(_)
-            | ShardMsg::RelayIn { .. }
-            | ShardMsg::RelayOut { .. }
-            | ShardMsg::RelayAck { .. }
-            | ShardMsg::RelayClose { .. }) => self.on_relay_mail(m),
-        }
     }
 
     /// Writes a log line of `kind`, unless one of that kind went out within the last second

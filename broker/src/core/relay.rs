@@ -8,8 +8,7 @@
 //!   forwarded to the home in the TCP framing ([`ShardMsg::RelayIn`]); every frame the home
 //!   writes ([`ShardMsg::RelayOut`]) is written to the client in its transport's form. The
 //!   login's answer, deliveries, syncs, everything the session says, come from the home.
-//! * **The home** runs the session as a connection of its own, fed like an in-process one
-//!   (the driver's `node::shard::relay`).
+//! * **The home** runs the session as a connection of its own, without a socket ([`home`]).
 //! * **Flow control** both ways, a window of [`RELAY_WINDOW`] bytes: the accepting shard stops
 //!   reading the client (the connection is held) while that much of its input is not taken
 //!   by the home, and credits the home's output ([`ShardMsg::RelayAck`]) only once its own
@@ -32,6 +31,9 @@ use super::ShardCore;
 use super::conn::{ConnId, Phase};
 use super::mail::{Origin, RelayOpen, ShardMsg};
 use crate::auth::Identity;
+
+mod home;
+pub(crate) use home::Homes;
 
 /// Bytes in flight each way on one relayed session, at most.
 pub(crate) const RELAY_WINDOW: usize = 1 << 20;
@@ -122,8 +124,7 @@ impl<B: Backend> ShardCore<B> {
                 to_home: false,
                 last,
             } => self.on_relay_close(key, &last),
-            // The home's side of a relayed session is the driver's (`node::shard::relay`).
-            _ => debug_assert!(false, "a relayed session's home mail reached the core"),
+            home => self.on_relay_home_mail(home),
         }
     }
 

@@ -187,9 +187,10 @@ impl<B: Backend> ShardCore<B> {
     /// The link to node `node` (its position in the cluster's node list) went down: mail in
     /// flight on it may be lost, so every connection here waiting for an answer is closed
     /// UNAVAILABLE (its client resends and syncs after logging in again), and so is every
-    /// connection relayed to a session there.
+    /// connection relayed to a session there; every session relayed from there ends.
     pub fn handle_link_down(&mut self, node: usize, retry_after_ms: u32, now: Now) {
         self.now = now;
+        self.drop_relayed_from(node);
         let placement = self.placement;
         let relays = &self.relays;
         let waiting: Vec<ConnId> = self

@@ -27,16 +27,6 @@ pub(crate) struct LocalEnd {
     pub(crate) queued: Arc<AtomicUsize>,
 }
 
-/// Where a pipe's output goes: an in-process client, or the socket of a session relayed from
-/// another node (`super::shard::relay`).
-#[derive(Debug)]
-pub(crate) enum PipeEnd {
-    /// An in-process client.
-    Local(LocalEnd),
-    /// A connection on another node.
-    Remote(super::shard::relay::RemoteEnd),
-}
-
 /// A local connection in the driver's table.
 #[derive(Debug)]
 pub(crate) struct LocalPipe {
@@ -44,7 +34,7 @@ pub(crate) struct LocalPipe {
     pub(crate) generation: u32,
     /// The link's id (how the client's mails name it).
     pub(crate) id: u64,
-    pub(crate) end: PipeEnd,
+    pub(crate) end: LocalEnd,
     /// Input from the client the core has not taken yet.
     pub(crate) input: VecDeque<Bytes>,
 }
@@ -52,24 +42,15 @@ pub(crate) struct LocalPipe {
 impl LocalPipe {
     /// Room for this many more bytes towards the client.
     pub(crate) fn room(&self) -> usize {
-        let queued = match &self.end {
-            PipeEnd::Local(end) => end.queued.load(Ordering::Acquire),
-            PipeEnd::Remote(end) => end.queued,
-        };
-        LOCAL_WINDOW.saturating_sub(queued)
+        LOCAL_WINDOW.saturating_sub(self.end.queued.load(Ordering::Acquire))
     }
 
     /// Hands all of `last` to the client (its last words: past the window, since nothing
     /// follows them).
     pub(crate) fn write_last(&mut self, last: BytesMut) {
-        match &mut self.end {
-            PipeEnd::Local(end) => {
-                if !last.is_empty() {
-                    end.queued.fetch_add(last.len(), Ordering::AcqRel);
-                    let _ = end.to_client.send(last.freeze());
-                }
-            }
-            PipeEnd::Remote(end) => end.close(last.freeze()),
+        if !last.is_empty() {
+            self.end.queued.fetch_add(last.len(), Ordering::AcqRel);
+            let _ = self.end.to_client.send(last.freeze());
         }
     }
 
@@ -81,15 +62,7 @@ impl LocalPipe {
             return Some(0);
         }
         let chunk = out.split_to(n).freeze();
-        match &mut self.end {
-            PipeEnd::Local(end) => {
-                end.queued.fetch_add(n, Ordering::AcqRel);
-                end.to_client.send(chunk).ok().map(|()| n)
-            }
-            PipeEnd::Remote(end) => {
-                end.send(chunk);
-                Some(n)
-            }
-        }
+        self.end.queued.fetch_add(n, Ordering::AcqRel);
+        self.end.to_client.send(chunk).ok().map(|()| n)
     }
 }

@@ -42,7 +42,6 @@ mod accept;
 mod closing;
 mod cluster;
 mod links;
-pub(crate) mod relay;
 mod udp;
 
 use accept::{Listener, TlsCounts};
@@ -319,12 +318,8 @@ pub(crate) struct Driver {
     remote_scratch: Vec<u8>,
     /// In-process connections, by core slot.
     locals: Vec<Option<LocalPipe>>,
-    /// In-process connections and relayed sessions, by link id.
+    /// In-process connections, by link id.
     local_ids: HashMap<u64, ConnId>,
-    /// Relayed sessions: the link id of each, by its accepting connection.
-    relay_ids: HashMap<crate::core::mail::Origin, u64>,
-    /// The last relayed session's id (see `relay::RELAY_IDS`).
-    next_relay_id: u64,
     /// UDP sessions and their socket.
     udp: Option<super::udp::Endpoint>,
 }
@@ -404,8 +399,6 @@ impl Driver {
             remote_scratch: Vec::new(),
             locals: Vec::new(),
             local_ids: HashMap::new(),
-            relay_ids: HashMap::new(),
-            next_relay_id: 0,
             udp: setup.udp,
         })
     }
@@ -660,6 +653,12 @@ impl Driver {
         if self.local(conn).is_some() {
             return self.service_local(conn, now);
         }
+        if self.core.is_relayed(conn) {
+            if self.core.service_relayed(conn, self.read_budget, now) {
+                self.ready.push(conn);
+            }
+            return;
+        }
         if self.udp_session(conn).is_some() {
             return self.service_udp(conn, now);
         }
@@ -742,6 +741,9 @@ impl Driver {
         if self.local(conn).is_some() {
             return self.transmit_local(conn, now);
         }
+        if self.core.is_relayed(conn) {
+            return self.core.transmit_relayed(conn, now);
+        }
         if self.udp_session(conn).is_some() {
             return self.transmit_udp(conn, now);
         }
@@ -805,7 +807,7 @@ impl Driver {
                     self.locals[slot] = Some(LocalPipe {
                         generation: conn.generation,
                         id,
-                        end: super::local::PipeEnd::Local(end),
+                        end,
                         input: VecDeque::new(),
                     });
                     self.local_ids.insert(id, conn);
@@ -846,7 +848,6 @@ impl Driver {
                 }
                 Ok(Mail::LinkDown { node }) => {
                     let retry = self.carrier.as_ref().map_or(1_000, |c| c.retry_after_ms);
-                    self.relay_link_down(node, now);
                     self.core.handle_link_down(node, retry, now);
                     self.apply_effects(now);
                 }
@@ -886,10 +887,6 @@ impl Driver {
                         if let Some(mut pipe) = self.take_local(conn) {
                             // Its last words, then the channel closes with the pipe.
                             pipe.write_last(std::mem::take(&mut last));
-                            if let super::local::PipeEnd::Remote(end) = &mut pipe.end {
-                                let to = end.key.shard;
-                                self.queue_remote(to, std::mem::take(&mut end.pending));
-                            }
                             continue;
                         }
                         if self.udp_session(conn).is_some() {

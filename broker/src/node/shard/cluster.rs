@@ -98,7 +98,6 @@ impl Driver {
         match crate::core::wire::decode_shared(bytes, now.us) {
             Ok(batch) => {
                 self.remote_counts.1 += batch.len() as u64;
-                let batch = self.relay_mail(batch, now);
                 self.core.handle_mail(batch, now);
                 self.apply_effects(now);
             }

@@ -3,7 +3,6 @@
 
 use super::{Driver, Intake, LocalPipe, Query};
 use crate::core::{ConnId, Now};
-use crate::node::local::PipeEnd;
 
 impl Driver {
     /// The local pipe of `conn`, if it is an in-process connection.
@@ -25,9 +24,6 @@ impl Driver {
         self.local(conn)?;
         let pipe = self.locals.get_mut(conn.slot as usize)?.take()?;
         self.local_ids.remove(&pipe.id);
-        if let PipeEnd::Remote(end) = &pipe.end {
-            self.relay_ids.remove(&end.key);
-        }
         Some(pipe)
     }
 
@@ -52,14 +48,6 @@ impl Driver {
                         return;
                     };
                     total += chunk.len();
-                    if let Some(LocalPipe {
-                        end: PipeEnd::Remote(end),
-                        ..
-                    }) = self.local_mut(conn)
-                    {
-                        end.credit(chunk.len());
-                        self.take_pipe_mail(conn);
-                    }
                     self.core.handle_bytes(conn, &chunk, now);
                     handled = true;
                 }
@@ -83,9 +71,7 @@ impl Driver {
         if buf.is_empty() {
             return;
         }
-        let written = pipe.write(buf);
-        self.take_pipe_mail(conn);
-        match written {
+        match pipe.write(buf) {
             Some(n) => self.core.handle_written(conn, n > 0, now),
             None => {
                 // The client is gone.
