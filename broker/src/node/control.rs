@@ -316,7 +316,10 @@ pub(crate) type AnswerPeer = (Sender<(Ticket, Answer)>, Arc<mio::Waker>);
 
 impl Completions for Completer {
     fn complete(&self, ticket: Ticket, answer: Answer) {
-        if let Some((tx, waker)) = self.answers.get(ticket.shard)
+        // Tickets name shards across the cluster (`Placement`): this node's shard `i` is
+        // `node * shards + i`.
+        let shard = ticket.shard % self.answers.len().max(1);
+        if let Some((tx, waker)) = self.answers.get(shard)
             && tx.send((ticket, answer)).is_ok()
         {
             let _ = waker.wake();
@@ -353,4 +356,32 @@ fn check_id(what: &str, id: &str, max: usize) -> Result<(), ControlError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::SendVerdict;
+
+    #[test]
+    fn a_late_answer_reaches_the_shard_that_parked_it_when_tickets_name_shards_across_the_cluster()
+    {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let completer = Completer {
+            answers: vec![(tx0, Arc::clone(&waker)), (tx1, waker)],
+        };
+        // Node 1 of a cluster of two-shard nodes: its shard 1 is shard 3 of the cluster.
+        let ticket = Ticket {
+            shard: 3,
+            slot: 7,
+            generation: 1,
+            serial: 1,
+        };
+        completer.complete(ticket, Answer::Send(SendVerdict::Allow));
+        assert_eq!(rx1.try_recv().map(|(t, _)| t).ok(), Some(ticket));
+        assert!(rx0.try_recv().is_err());
+    }
 }
