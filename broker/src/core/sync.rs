@@ -48,6 +48,9 @@ pub(crate) struct SyncRun {
     /// Ranges still to read: conversation, first and last seq.
     ranges: VecDeque<(Arc<Conv>, u64, u64)>,
     in_flight: bool,
+    /// Conversations whose owner could not be reached during this run (on another node, its
+    /// link down): skipped for the rest of the run, not asked again and again.
+    unreachable: Vec<u64>,
 }
 
 impl SyncRun {
@@ -116,6 +119,7 @@ impl<B: Backend> ShardCore<B> {
                 cursors,
                 ranges,
                 in_flight: false,
+                unreachable: Vec::new(),
             }));
         }
         self.counters.syncs += 1;
@@ -158,6 +162,9 @@ impl<B: Backend> ShardCore<B> {
             // Anything stored since the summary that this connection was not sent?
             let mut newer: Vec<(Arc<Conv>, u64, u64)> = Vec::new();
             for e in u.inbox.values() {
+                if run.unreachable.contains(&e.conv.id) {
+                    continue;
+                }
                 let (floor, last) = self.home.visible(e);
                 let held = run
                     .cursors
@@ -428,9 +435,10 @@ impl<B: Backend> ShardCore<B> {
                 let range = run.ranges.pop_front();
                 let last = d.messages.last().map(|m| m.0);
                 if d.refused.is_some() {
-                    // The owner is unreachable (another node, down): the range is skipped, not
-                    // marked synced; when the owner is back, its link-up tells this home, which
-                    // pushes what the devices online miss.
+                    // The owner is unreachable (another node, down): the range is skipped for
+                    // this run, not marked synced; when the owner is back, its link-up tells
+                    // this home, which pushes what the devices online miss.
+                    run.unreachable.push(d.conv.id);
                 } else if let Some((k, _, want)) = range {
                     let end = want.min(d.to_seq);
                     match last {
