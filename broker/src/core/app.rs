@@ -22,29 +22,20 @@ impl<B: Backend> ShardCore<B> {
         now: Now,
     ) -> ConnId {
         self.counters.local_connections_opened += 1;
-        self.open_socketless(identity, 0, true, service, now)
-    }
-
-    /// Opens the session of a login accepted on another node for a user homed on this shard
-    /// (`super::relay`): a connection without a socket, fed by the driver like an in-process
-    /// one, whose login is answered here (after its route, in a cluster) with `request_id`.
-    pub fn handle_open_relayed(
-        &mut self,
-        identity: crate::auth::Identity,
-        request_id: u64,
-        now: Now,
-    ) -> ConnId {
-        self.open_socketless(identity, request_id, false, false, now)
+        self.open_socketless(identity, 0, true, service, None, now)
     }
 
     /// A connection without a socket (TCP framing, fed by the driver), logged in as
-    /// `identity` (see [`ShardCore::activate_as`]), or closed at once while shutting down.
-    fn open_socketless(
+    /// `identity` (see [`ShardCore::activate_as`]), or closed at once while shutting down. A
+    /// session relayed from connection `relayed_from` of another node is in the relay table
+    /// before its login is answered, so that even a refusal goes back there.
+    pub(super) fn open_socketless(
         &mut self,
         identity: crate::auth::Identity,
         request_id: u64,
         trusted: bool,
         service: bool,
+        relayed_from: Option<super::mail::Origin>,
         now: Now,
     ) -> ConnId {
         self.now = now;
@@ -53,6 +44,9 @@ impl<B: Backend> ShardCore<B> {
             BytesMut::new(),
             BytesMut::new(),
         );
+        if let Some(key) = relayed_from {
+            self.relayed.add(conn, key);
+        }
         self.mark_dirty(conn);
         if self.shutting_down {
             self.close(conn, request_id, Some(CloseReason::ShuttingDown));

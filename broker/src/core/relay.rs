@@ -9,12 +9,15 @@
 //!   writes ([`ShardMsg::RelayOut`]) is written to the client in its transport's form. The
 //!   login's answer, deliveries, syncs, everything the session says, come from the home.
 //! * **The home** runs the session as a connection of its own, without a socket ([`home`]).
-//! * **Flow control** both ways, a window of [`RELAY_WINDOW`] bytes: the accepting shard stops
-//!   reading the client (the connection is held) while that much of its input is not taken
-//!   by the home, and credits the home's output ([`ShardMsg::RelayAck`]) only once its own
-//!   queue to the client is below the window, so a slow client backs up into the home's
-//!   queue, where the session's own limits (`Behind`, slow consumer) act as they do on any
-//!   connection.
+//! * **Flow control** both ways, a window of `limits.max_outbound_bytes` (the bound of one
+//!   connection's queue): the accepting shard stops reading the client (the connection is
+//!   held) while that much of its input is not taken by the home, and credits the home's
+//!   output ([`ShardMsg::RelayAck`]) only once its own queue to the client is empty. So the
+//!   accepting connection holds at most one window of output, within the same bound as any
+//!   connection, and a slow client backs up into the home's queue, where the session's own
+//!   limits (`Behind`, slow consumer) act as they do on any connection.
+//! * **Frames** may be split across [`ShardMsg::RelayOut`]s (the home sends what the window
+//!   takes): the accepting side reassembles them before writing each in its transport's form.
 //! * **Endings.** The home ends the session with [`ShardMsg::RelayClose`] carrying its last
 //!   words, which are written before the socket closes. A client gone here (closed, reset,
 //!   timed out) ends the session at the home the same way. A link to the home that goes
@@ -35,11 +38,8 @@ use crate::auth::Identity;
 mod home;
 pub(crate) use home::Homes;
 
-/// Bytes in flight each way on one relayed session, at most.
-pub(crate) const RELAY_WINDOW: usize = 1 << 20;
-
 /// The accepting side of a relayed session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Relaying {
     /// The user's home shard (on another node).
     pub(crate) home: usize,
@@ -47,6 +47,8 @@ pub(crate) struct Relaying {
     pub(crate) unacked_in: usize,
     /// Bytes of the home's output taken here and not yet credited back.
     pub(crate) owed_ack: usize,
+    /// The start of a frame of the home's whose rest is still on its way.
+    pub(crate) partial: BytesMut,
 }
 
 impl<B: Backend> ShardCore<B> {
@@ -73,6 +75,7 @@ impl<B: Backend> ShardCore<B> {
                 home,
                 unacked_in: 0,
                 owed_ack: 0,
+                partial: BytesMut::new(),
             },
         );
         self.counters.relays_opened += 1;
@@ -128,24 +131,39 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
-    /// Frames the home wrote for the client of relayed connection `to` (TCP framing).
+    /// Bytes the home wrote for the client of relayed connection `to` (TCP framing; a frame
+    /// may continue in the next): each whole frame is written in the connection's transport.
     pub(super) fn on_relay_out(&mut self, to: Origin, bytes: &Bytes) {
         let Some(conn) = self.conn_of(to) else {
             return;
         };
-        let mut rest = BytesMut::from(&bytes[..]);
+        let Some(r) = self.relays.get_mut(&conn) else {
+            return;
+        };
+        r.owed_ack += bytes.len();
+        let mut rest = std::mem::take(&mut r.partial);
+        rest.extend_from_slice(bytes);
         let mut codec = FrameCodec::new(usize::MAX);
-        while let Ok(Some(frame)) = codec.decode(&mut rest) {
-            self.write_encoded(conn, &frame);
+        loop {
+            match codec.decode(&mut rest) {
+                Ok(Some(frame)) => self.write_encoded(conn, &frame),
+                Ok(None) => break,
+                Err(_) => {
+                    // The home writes only frames it encoded: nothing to resync on.
+                    debug_assert!(false, "a relayed session's output is not frames");
+                    rest.clear();
+                    break;
+                }
+            }
         }
         if let Some(r) = self.relays.get_mut(&conn) {
-            r.owed_ack += bytes.len();
+            r.partial = rest;
         }
         self.relay_credit(conn);
     }
 
     /// Credits the home with what it wrote, once this connection's queue to its client is
-    /// below the window (called again as the queue drains).
+    /// empty (called again as the queue drains).
     pub(super) fn relay_credit(&mut self, conn: ConnId) {
         let from = self.origin(conn);
         let Some(queued) = self.live_conn_mut(conn).map(|c| c.out.len()) else {
@@ -154,7 +172,7 @@ impl<B: Backend> ShardCore<B> {
         let Some(r) = self.relays.get_mut(&conn) else {
             return;
         };
-        if r.owed_ack == 0 || queued >= RELAY_WINDOW {
+        if r.owed_ack == 0 || queued > 0 {
             return;
         }
         let bytes = u32::try_from(std::mem::take(&mut r.owed_ack)).unwrap_or(u32::MAX);
@@ -196,7 +214,13 @@ impl<B: Backend> ShardCore<B> {
     pub(super) fn relay_full(&self, conn: ConnId) -> bool {
         self.relays
             .get(&conn)
-            .is_some_and(|r| r.unacked_in >= RELAY_WINDOW)
+            .is_some_and(|r| r.unacked_in >= self.relay_window())
+    }
+
+    /// Bytes in flight each way on one relayed session, at most: the bound of one
+    /// connection's queue (`limits.max_outbound_bytes`).
+    pub(super) fn relay_window(&self) -> usize {
+        self.cfg.max_outbound_bytes
     }
 
     /// A relayed connection is gone here: the session ends at its home.

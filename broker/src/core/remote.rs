@@ -185,14 +185,20 @@ impl<B: Backend> ShardCore<B> {
     }
 
     /// The link to node `node` (its position in the cluster's node list) went down: mail in
-    /// flight on it may be lost, so every connection here waiting for an answer is closed
-    /// UNAVAILABLE (its client resends and syncs after logging in again), and so is every
-    /// connection relayed to a session there; every session relayed from there ends.
+    /// flight on it may be lost, and what the other side holds for this one may be gone (it
+    /// may have crashed). So every connection here that depends on that node is closed
+    /// UNAVAILABLE (its client resends, rejoins and syncs after logging in again, anywhere):
+    /// one waiting for an answer, one relayed to a session there, one in a room owned there,
+    /// one watching the presence of a user homed there. Every session relayed from there ends,
+    /// and that node's listeners and watchers are forgotten here.
     pub fn handle_link_down(&mut self, node: usize, retry_after_ms: u32, now: Now) {
         self.now = now;
         self.drop_relayed_from(node);
         let placement = self.placement;
-        let relays = &self.relays;
+        let there = |shard: usize| placement.node_of(shard) == node;
+        self.rooms.forget_shards(there, self.cfg.room_max_idle);
+        self.presence.forget_watchers(there);
+        let (relays, presence) = (&self.relays, &self.presence);
         let waiting: Vec<ConnId> = self
             .conns
             .iter()
@@ -200,9 +206,11 @@ impl<B: Backend> ShardCore<B> {
             .filter(|c| {
                 c.reserved > 0
                     || c.sync.as_ref().is_some_and(|s| s.waiting())
-                    || relays
-                        .get(&c.id)
-                        .is_some_and(|r| placement.node_of(r.home) == node)
+                    || relays.get(&c.id).is_some_and(|r| there(r.home))
+                    || c.rooms
+                        .as_ref()
+                        .is_some_and(|r| super::room::Rooms::any_owned(r, &placement, there))
+                    || presence.watches_any(c.id, |user| there(placement.home(user)))
             })
             .map(|c| c.id)
             .collect();
@@ -251,6 +259,9 @@ impl<B: Backend> ShardCore<B> {
     /// (see the module documentation).
     pub fn handle_link_up(&mut self, node: usize, now: Now) {
         self.now = now;
+        if self.test_switches.mute_link_up {
+            return;
+        }
         let reads = self.own_reads();
         self.tell_homes(reads, Some(node));
         self.drain_local();

@@ -259,6 +259,16 @@ impl Board {
         (answer, arm)
     }
 
+    /// Forgets every watcher on a shard for which `gone` holds (the link to their node went
+    /// down, and those connections are closed there).
+    pub(crate) fn forget_watchers(&mut self, gone: impl Fn(usize) -> bool) {
+        self.users.retain(|_, e| {
+            e.watchers.retain(|w| !gone(w.shard));
+            e.catchup.retain(|w| !gone(w.shard));
+            !e.watchers.is_empty() || e.dirty
+        });
+    }
+
     /// `watcher` no longer watches `user`.
     pub(crate) fn unsubscribe(&mut self, user: &str, watcher: Watcher) {
         let Some(e) = self.users.get_mut(user) else {
@@ -512,6 +522,20 @@ pub(crate) struct Presence {
     next_gather: u64,
     /// In a cluster: answers complete on this node, waiting for the presence index's routes.
     looking: FastMap<u64, Gather>,
+}
+
+impl Presence {
+    /// Whether connection `conn` watches a user for whom `watched` holds.
+    pub(crate) fn watches_any(&self, conn: ConnId, watched: impl Fn(&str) -> bool) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|p| p.watching.iter().any(|u| watched(u)))
+    }
+
+    /// Forgets the watchers on a shard for which `gone` holds (see [`Board::forget_watchers`]).
+    pub(crate) fn forget_watchers(&mut self, gone: impl Fn(usize) -> bool) {
+        self.board.forget_watchers(gone);
+    }
 }
 
 /// Bytes a user's entry adds to a `PresenceUpdate` beyond its own encoding (tag and length).

@@ -8,8 +8,8 @@
 //!   reads its client only as fast as the session here takes its input.
 //! * **Output.** The driver's transmit ([`Effect::Transmit`]) goes to
 //!   [`ShardCore::transmit_relayed`], which sends the connection's queued bytes as
-//!   [`ShardMsg::RelayOut`], at most [`RELAY_WINDOW`] bytes ahead of what the accepting node
-//!   has credited. Past that, output stays queued here under the session's own budgets and
+//!   [`ShardMsg::RelayOut`], at most a window (`limits.max_outbound_bytes`) ahead of what the
+//!   accepting node has credited (a frame may be split between two). Past that, output stays queued here under the session's own budgets and
 //!   `Behind` rules, as a slow socket's does.
 //! * **Endings.** A session closed here sends its last words and a [`ShardMsg::RelayClose`];
 //!   one ended there (`RelayClose` to the home) or relayed from a node whose link went down is
@@ -23,7 +23,6 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use parley_storage::Backend;
 
-use super::RELAY_WINDOW;
 use crate::core::conn::ConnId;
 use crate::core::mail::{Origin, RelayOpen, ShardMsg};
 use crate::core::{Effect, Intake, Now, ShardCore};
@@ -48,6 +47,19 @@ pub(crate) struct Homes {
 }
 
 impl Homes {
+    /// Adds the session of connection `conn`, relayed from `key`.
+    pub(in crate::core) fn add(&mut self, conn: ConnId, key: Origin) {
+        self.keys.insert(key, conn);
+        self.sessions.insert(
+            conn,
+            Session {
+                key,
+                input: VecDeque::new(),
+                queued: 0,
+            },
+        );
+    }
+
     /// Takes `conn`'s session out of the table (the connection is going).
     fn take(&mut self, conn: ConnId) -> Option<Session> {
         let s = self.sessions.remove(&conn)?;
@@ -111,7 +123,7 @@ impl<B: Backend> ShardCore<B> {
         let Some(s) = self.relayed.sessions.get_mut(&conn) else {
             return;
         };
-        let room = RELAY_WINDOW.saturating_sub(s.queued);
+        let room = self.cfg.max_outbound_bytes.saturating_sub(s.queued);
         let key = s.key;
         let Some(c) = self.live_conn_mut(conn) else {
             return;
@@ -171,20 +183,9 @@ impl<B: Backend> ShardCore<B> {
             self.relayed.take(old);
             self.handle_reset(old, now);
         }
-        let conn = self.handle_open_relayed(open.identity, open.request_id, now);
-        if self.live_conn_mut(conn).is_none() {
-            // Closed at once (shutting down): its last words go back as it is taken out.
-            return;
-        }
-        self.relayed.keys.insert(key, conn);
-        self.relayed.sessions.insert(
-            conn,
-            Session {
-                key,
-                input: VecDeque::new(),
-                queued: 0,
-            },
-        );
+        // Its login is answered here (after its route, in a cluster) with the request id the
+        // client gave it there.
+        self.open_socketless(open.identity, open.request_id, false, false, Some(key), now);
     }
 
     /// Connection `conn` is closing here: if it is a relayed session, its queued output (its

@@ -269,6 +269,39 @@ impl Rooms {
         self.settle(room, max_idle);
     }
 
+    /// Forgets the listeners of every shard for which `gone` holds (the link to their node went
+    /// down, and those connections are closed there), then settles the rooms left without any.
+    pub(crate) fn forget_shards(&mut self, gone: impl Fn(usize) -> bool, max_idle: usize) {
+        let mut emptied = Vec::new();
+        for (key, r) in &mut self.owned {
+            for (s, n) in r.per_shard.iter_mut().enumerate() {
+                if *n > 0 && gone(s) {
+                    r.audience -= *n;
+                    *n = 0;
+                }
+            }
+            debug_assert_eq!(r.audience, r.per_shard.iter().sum::<u64>());
+            if r.audience == 0 {
+                emptied.push(Arc::clone(key));
+            }
+        }
+        for room in emptied {
+            self.settle(&room, max_idle);
+        }
+    }
+
+    /// Whether connection rooms `rooms` include one whose owner shard `far` holds.
+    pub(crate) fn any_owned(
+        rooms: &ConnRooms,
+        placement: &Placement,
+        far: impl Fn(usize) -> bool,
+    ) -> bool {
+        rooms
+            .joined
+            .iter()
+            .any(|j| far(owner_of(placement, &j.room)))
+    }
+
     /// A room with no listener is forgotten if it keeps no history; else it is kept idle for its
     /// history, at most `max_idle` of them (the one idle longest is forgotten first).
     pub(crate) fn settle(&mut self, room: &str, max_idle: usize) {
