@@ -294,7 +294,11 @@ impl Client {
             }
             Some(Body::Error(e)) => {
                 if frame.request_id == GROUP_OP_REQUEST {
-                    self.ops.pop_front();
+                    // Refused for now (its owner's node is unreachable, or fenced): again
+                    // later; refused for good: the next one.
+                    if e.code != pb::ErrorCode::Unavailable as i32 {
+                        self.ops.pop_front();
+                    }
                     self.op_sent = false;
                 } else if !e.fatal
                     && e.client_msg_id != 0

@@ -1,7 +1,7 @@
 //! `parley-sim`: runs the whole-node simulation over many seeds.
 //!
 //! ```text
-//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes] [--trace]
+//! parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes|mute-link-up] [--trace]
 //! ```
 //!
 //! Runs seeds `S..S+N` (default 0..1000) and stops at the first that breaks a promise: it prints
@@ -48,16 +48,17 @@ fn main() -> ExitCode {
                 Some("release-before-flush") => opts.plant = Plant::ReleaseBeforeFlush,
                 Some("push-after-leave") => opts.plant = Plant::PushAfterLeave,
                 Some("keep-routes") => opts.plant = Plant::KeepRoutes,
+                Some("mute-link-up") => opts.plant = Plant::MuteLinkUp,
                 other => {
                     eprintln!(
-                        "unknown bug to plant: {other:?} (known: release-before-flush, push-after-leave, keep-routes)"
+                        "unknown bug to plant: {other:?} (known: release-before-flush, push-after-leave, keep-routes, mute-link-up)"
                     );
                     return ExitCode::from(2);
                 }
             },
             "-h" | "--help" => {
                 println!(
-                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes] [--trace]"
+                    "parley-sim [--seeds N] [--from S] [--seed S] [--plant release-before-flush|push-after-leave|keep-routes|mute-link-up] [--trace]"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -78,8 +79,8 @@ fn main() -> ExitCode {
         counters.add(&out.counters);
         if !out.failures.is_empty() {
             println!(
-                "seed {seed} FAILED ({} shards, {} devices, {} crashes, {} acked, {} ms virtual):",
-                out.shards, out.clients, out.crashes, out.acked, out.virtual_ms
+                "seed {seed} FAILED ({} nodes of {} shards, {} devices, {} crashes, {} acked, {} ms virtual):",
+                out.nodes, out.shards, out.clients, out.crashes, out.acked, out.virtual_ms
             );
             for f in &out.failures {
                 println!("  {f}");
@@ -95,6 +96,12 @@ fn main() -> ExitCode {
             }
             println!("reproduce: cargo run -p parley-sim --release -- --seed {seed} --trace");
             return ExitCode::from(1);
+        }
+        if seeds == 1 {
+            // One seed asked for, with --trace: its whole trace even though it passed.
+            for line in &out.trace {
+                println!("  | {line}");
+            }
         }
     }
     println!(
@@ -123,6 +130,16 @@ fn main() -> ExitCode {
     println!(
         "the presence index: {} logins waited for their route, {} refused UNAVAILABLE, {} routes of logins gone meanwhile withdrawn",
         counters.routes_asked, counters.routes_failed, counters.routes_orphaned
+    );
+    println!(
+        "the cluster: {} sessions relayed to their home, {} mails out and {} in, {} handed back for want of a link, {} connections closed for a lost link, {} fills of missed messages, {} requests refused past the lease",
+        counters.relays_opened,
+        counters.remote_mail_out,
+        counters.remote_mail_in,
+        counters.unreachable_mail,
+        counters.closed_for_link,
+        counters.fills,
+        counters.fenced,
     );
     ExitCode::SUCCESS
 }

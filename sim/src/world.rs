@@ -1,24 +1,23 @@
-//! The simulated world: the node's shard cores, the disks, the network, the clients and the
-//! scheduler that orders everything by (virtual time, arrival order).
+//! The simulated world: the nodes' shard cores, the disks, the network (sockets to clients,
+//! links between nodes), Redis, the clients and the scheduler that orders everything by
+//! (virtual time, arrival order).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use parley_broker::core::{
-    Adoption, ConnId, CoreEffect, CoreSetup, Counters, Effect, Intake, Now, RouteOp, ShardCore,
-    ShardMsg, TestSwitches,
+    Adoption, ConnId, Counters, Now, RouteOp, ShardCore, ShardMsg, TestSwitches,
 };
 use parley_proto::tcp::FrameCodec;
 use parley_storage::{
-    Durability, Log, LogConfig, MemoryBackend, Retention, SpareTicketOf, SyncOf, SyncTicket,
-    Timestamp,
+    Durability, LogConfig, MemoryBackend, Retention, SpareTicketOf, SyncOf, SyncTicket,
 };
 
 use crate::check::{ConnView, GROUP_MARK, History, ROOM_MARK};
 use crate::client::{Behaviour, Client, Final};
 use crate::rng::Rng;
-use crate::setup::{SimVerifier, sim_config};
+use crate::setup::sim_config;
 use parley_broker::config::Config;
 use parley_broker::hooks::{
     Answer, Completions, Gates, Hooks, Reply, SendAttempt, SendVerdict, Ticket as HookTicket,
@@ -64,7 +63,10 @@ impl Completions for SimAnswers {
 }
 
 mod clients;
+mod cluster;
+mod node;
 mod routes;
+use cluster::Cluster;
 use routes::SimIndex;
 
 type Core = ShardCore<MemoryBackend>;
@@ -96,6 +98,9 @@ pub enum Plant {
     PushAfterLeave,
     /// A closed connection's route is never withdrawn from the presence index.
     KeepRoutes,
+    /// A link that comes up does not make the owners tell the homes there what their
+    /// conversations hold.
+    MuteLinkUp,
 }
 
 /// How to run a seed.
@@ -120,13 +125,15 @@ pub struct Outcome {
     pub trace: Vec<String>,
     /// Messages acked to their senders.
     pub acked: usize,
-    /// Crashes of the node.
+    /// Crashes and clean stops of nodes.
     pub crashes: u32,
     /// Events processed.
     pub events: u64,
     /// Virtual time at the end, ms.
     pub virtual_ms: u64,
-    /// Shards of the node.
+    /// Nodes of the cluster (1: a node alone).
+    pub nodes: usize,
+    /// Shards of each node.
     pub shards: usize,
     /// Simulated devices.
     pub clients: usize,
@@ -145,10 +152,25 @@ enum Ev {
     ClientRead(usize, Vec<u8>),
     ClientDrain(usize),
     ClientEof(usize),
+    /// Mail between two shards of one node.
     Mail {
         epoch: u64,
         to: usize,
         mail: Mail,
+    },
+    /// Mail from node `from` to shard `to` of another node, in the links' wire form, sent on
+    /// the link's incarnation `link` (lost if the link broke meanwhile).
+    Remote {
+        link: u64,
+        from: usize,
+        to: usize,
+        bytes: Bytes,
+    },
+    /// A session relayed from another node has input to take (its shard serves it).
+    Serve {
+        epoch: u64,
+        shard: usize,
+        conn: ConnId,
     },
     Flushed {
         epoch: u64,
@@ -162,18 +184,20 @@ enum Ev {
         shard: usize,
         ticket: SpareTicketOf<MemoryBackend>,
     },
-    Crash,
-    Stop,
-    Restart,
+    Crash(usize),
+    Stop(usize),
+    Restart(usize),
     Quiesce,
-    /// The gate answers a parked send.
+    /// The gate of node `node` answers a parked send.
     Answer {
+        node: usize,
         epoch: u64,
         reply: Reply<SendVerdict>,
     },
-    /// The presence index applies a route op (and answers a registration); `fail`: the
-    /// registration does not get through in time.
+    /// The presence index applies a route op of node `node` (and answers a registration);
+    /// `fail`: the registration does not get through in time.
     Route {
+        node: usize,
         epoch: u64,
         op: RouteOp,
         fail: bool,
@@ -185,12 +209,56 @@ enum Ev {
         gather: u64,
         users: Vec<std::sync::Arc<str>>,
     },
+    /// The link between nodes `a` and `b` comes up (if both run and it is down).
+    Connect {
+        a: usize,
+        b: usize,
+    },
+    /// Node `node` notices that its link to `peer` (incarnation `link`) is gone.
+    LinkLost {
+        node: usize,
+        peer: usize,
+        link: u64,
+    },
+    /// Shard `to` hears that its node's link to `peer` came up or went down (in order with the
+    /// mail from `peer`, as the link thread tells it).
+    News {
+        epoch: u64,
+        to: usize,
+        peer: usize,
+        up: bool,
+    },
+    /// A fault: the link between `a` and `b` breaks (mail on it is lost).
+    Cut {
+        a: usize,
+        b: usize,
+    },
+    /// Node `node` renews its lease in Redis (when Redis takes the write).
+    Beat {
+        node: usize,
+        epoch: u64,
+    },
+    /// A fault: Redis takes no writes until `until`.
+    RedisDown {
+        until: u64,
+    },
+    /// Node `node`'s start-up gate opens (if it is still the same boot).
+    Settle {
+        node: usize,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Host {
-    Server { shard: usize, conn: ConnId },
-    Transit,
+    Server {
+        shard: usize,
+        conn: ConnId,
+    },
+    /// Being handed between two shards of node `node`.
+    Transit {
+        node: usize,
+    },
     Gone,
 }
 
@@ -211,7 +279,9 @@ struct Sock {
     closed: bool,
 }
 
+/// A running node.
 struct Node {
+    /// Its shards' cores, by local index.
     cores: Vec<Core>,
     /// Per shard: which socket each connection slot holds.
     hosts: Vec<BTreeMap<u32, (u32, usize)>>,
@@ -222,10 +292,15 @@ struct World {
     now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Ev>,
-    node: Option<Node>,
-    epoch: u64,
+    /// The nodes, by position in the cluster's node list (`None`: down).
+    nodes: Vec<Option<Node>>,
+    /// Each node's boot count: events of an earlier boot are dropped.
+    epochs: Vec<u64>,
+    /// The disks of every shard, by global shard index (node × shards + shard).
     disks: Vec<MemoryBackend>,
+    /// Shards of each node.
     shards: usize,
+    /// The settings every node shares (each node's id is set at its start).
     config: Config,
     log_config: LogConfig,
     switches: TestSwitches,
@@ -243,11 +318,15 @@ struct World {
     bound: usize,
     /// Most bytes a server read takes from a socket (`limits.read_budget_bytes`).
     read_budget: usize,
-    /// The send gate, in half the seeds.
-    gate: Option<Arc<SimGate>>,
-    answers: Arc<SimAnswers>,
-    /// The presence index, in a third of the seeds (the node then runs as a cluster member).
+    /// The send gate of each node, in half the seeds.
+    gates: Vec<Arc<SimGate>>,
+    /// Where each node's gate answers land.
+    answers: Vec<Arc<SimAnswers>>,
+    /// The presence index, in a third of the single-node seeds (the node then runs as a
+    /// cluster member) and in every seed of several nodes.
     routes: Option<SimIndex>,
+    /// The links between nodes, the lease and the start-up gate (several nodes).
+    cluster: Option<Cluster>,
 }
 
 /// Runs one seed.
@@ -299,7 +378,9 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     let now = w.now;
     w.history.final_check(now, &w.clients);
     w.check_routes();
-    w.count_cores();
+    for node in 0..w.nodes.len() {
+        w.count_cores(node);
+    }
     Outcome {
         seed,
         failures: std::mem::take(&mut w.history.failures),
@@ -309,6 +390,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         crashes: w.crashes,
         events: w.events_run,
         virtual_ms: w.now,
+        nodes: w.nodes.len(),
         shards: w.shards,
         clients: w.clients.len(),
         counters: w.counters,
@@ -318,14 +400,26 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
 impl World {
     fn new(seed: u64, opts: &Options) -> Self {
         let mut rng = Rng::new(seed);
-        let shards = rng.range(1, 3) as usize;
-        let gate = rng.chance(500).then(|| Arc::new(SimGate::default()));
+        // Four seeds in ten run a cluster of two or three nodes; of the rest, a third run a
+        // node alone as a cluster member (with the presence index), the others without one.
+        let nodes = if rng.chance(400) {
+            rng.range(2, 3) as usize
+        } else {
+            1
+        };
+        let shards = if nodes > 1 {
+            rng.range(1, 2) as usize
+        } else {
+            rng.range(1, 3) as usize
+        };
+        let gated = rng.chance(500);
         let mut config = sim_config();
-        let routes = rng.chance(333).then(SimIndex::default);
+        let routes = (nodes > 1 || rng.chance(333)).then(|| SimIndex::new(nodes));
         if routes.is_some() {
             // Never contacted: the simulation stands in for the bridge and Redis.
             config.cluster.redis = Some("redis://simulated.invalid:1".into());
         }
+        let cluster = (nodes > 1).then(|| Cluster::new(nodes, shards, &mut config, &mut rng));
         let read_budget = config.limits.read_budget_bytes;
         // The budget, overshot by at most one frame written past it, plus one read's input.
         let bound = config.limits.max_outbound_bytes
@@ -341,15 +435,17 @@ impl World {
             release_before_flush: opts.plant == Plant::ReleaseBeforeFlush,
             push_after_leave: opts.plant == Plant::PushAfterLeave,
             keep_routes: opts.plant == Plant::KeepRoutes,
+            mute_link_up: opts.plant == Plant::MuteLinkUp,
         };
+        let total = nodes * shards;
         World {
             rng,
             now: 0,
             seq: 0,
             events: BTreeMap::new(),
-            node: None,
-            epoch: 0,
-            disks: (0..shards).map(|_| MemoryBackend::new()).collect(),
+            nodes: (0..nodes).map(|_| None).collect(),
+            epochs: vec![0; nodes],
+            disks: (0..total).map(|_| MemoryBackend::new()).collect(),
             shards,
             codec: FrameCodec::new(config.limits.max_frame_bytes as usize),
             config,
@@ -358,7 +454,7 @@ impl World {
             clients: Vec::new(),
             socks: Vec::new(),
             history: History::default(),
-            mail_at: vec![vec![0; shards]; shards],
+            mail_at: vec![vec![0; total]; total],
             quiescing: false,
             crashes: 0,
             events_run: 0,
@@ -367,60 +463,117 @@ impl World {
             counters: Counters::default(),
             bound,
             read_budget,
-            gate,
-            answers: Arc::new(SimAnswers::default()),
+            gates: if gated {
+                (0..nodes).map(|_| Arc::new(SimGate::default())).collect()
+            } else {
+                Vec::new()
+            },
+            answers: (0..nodes)
+                .map(|_| Arc::new(SimAnswers::default()))
+                .collect(),
             routes,
+            cluster,
         }
     }
 
-    /// Schedules the answers of the sends the gate parked (at a random later time).
+    /// The node of global shard `g`.
+    fn node_of(&self, g: usize) -> usize {
+        g / self.shards
+    }
+
+    /// The core of global shard `g`, if its node runs.
+    fn core_mut(&mut self, g: usize) -> Option<&mut Core> {
+        let shards = self.shards;
+        self.nodes
+            .get_mut(g / shards)?
+            .as_mut()?
+            .cores
+            .get_mut(g % shards)
+    }
+
+    /// The core of global shard `g`, if its node runs.
+    fn core(&self, g: usize) -> Option<&Core> {
+        self.nodes
+            .get(g / self.shards)?
+            .as_ref()?
+            .cores
+            .get(g % self.shards)
+    }
+
+    /// Which socket each connection slot of global shard `g` holds, if its node runs.
+    fn hosts_mut(&mut self, g: usize) -> Option<&mut BTreeMap<u32, (u32, usize)>> {
+        let shards = self.shards;
+        self.nodes
+            .get_mut(g / shards)?
+            .as_mut()?
+            .hosts
+            .get_mut(g % shards)
+    }
+
+    /// The boot of global shard `g`'s node.
+    fn epoch_of(&self, g: usize) -> u64 {
+        self.epochs[self.node_of(g)]
+    }
+
+    /// Every global shard index.
+    fn all_shards(&self) -> std::ops::Range<usize> {
+        0..self.nodes.len() * self.shards
+    }
+
+    /// Schedules the answers of the sends the gates parked (at a random later time).
     fn schedule_answers(&mut self) {
-        let held: Vec<Reply<SendVerdict>> = match self.gate.as_ref() {
-            Some(g) => g
+        for node in 0..self.gates.len() {
+            let held: Vec<Reply<SendVerdict>> = self.gates[node]
                 .held
                 .lock()
                 .map(|mut h| h.drain(..).collect())
-                .unwrap_or_default(),
-            None => return,
-        };
-        for reply in held {
-            let t = self.now + self.rng.range(1, 60);
-            let epoch = self.epoch;
-            self.at(t, Ev::Answer { epoch, reply });
+                .unwrap_or_default();
+            for reply in held {
+                let t = self.now + self.rng.range(1, 60);
+                let epoch = self.epochs[node];
+                self.at(t, Ev::Answer { node, epoch, reply });
+            }
         }
     }
 
-    /// The gate answers a parked send: the answer goes to its shard's core.
-    fn answer(&mut self, epoch: u64, reply: Reply<SendVerdict>) {
-        if epoch != self.epoch {
+    /// Node `node`'s gate answers a parked send: the answer goes to its shard's core.
+    fn answer(&mut self, node: usize, epoch: u64, reply: Reply<SendVerdict>) {
+        if epoch != self.epochs[node] {
             // Its node died: dropping the reply answers nobody.
             drop(reply);
-            self.forget_answers();
+            self.forget_answers(node);
             return;
         }
-        self.note(17, epoch, 0, || "the send gate answers".into());
+        self.note(17, epoch, node as u64, || {
+            format!("node {node}: the send gate answers")
+        });
         reply.send(SendVerdict::Allow);
-        let answers: Vec<(HookTicket, Answer)> = self
-            .answers
+        let answers: Vec<(HookTicket, Answer)> = self.answers[node]
             .0
             .lock()
             .map(|mut q| q.drain(..).collect())
             .unwrap_or_default();
         let now = self.now();
         for (ticket, answer) in answers {
+            // Tickets name shards across the cluster.
             let shard = ticket.shard();
-            if let Some(n) = self.node.as_mut()
-                && let Some(core) = n.cores.get_mut(shard)
-            {
+            if self.node_of(shard) != node {
+                self.history.fail(
+                    self.now,
+                    format!("node {node}'s gate answered a ticket of shard {shard}"),
+                );
+                continue;
+            }
+            if let Some(core) = self.core_mut(shard) {
                 core.handle_hook_answer(ticket, answer, now);
             }
             self.apply(shard);
         }
     }
 
-    /// The node died: what its gate held and the answers on their way are gone with it.
-    fn forget_answers(&mut self) {
-        if let Some(g) = self.gate.as_ref() {
+    /// Node `node` died: what its gate held and the answers on their way are gone with it.
+    fn forget_answers(&mut self, node: usize) {
+        if let Some(g) = self.gates.get(node) {
             let held: Vec<Reply<SendVerdict>> = g
                 .held
                 .lock()
@@ -428,13 +581,16 @@ impl World {
                 .unwrap_or_default();
             drop(held);
         }
-        if let Ok(mut q) = self.answers.0.lock() {
+        if let Some(a) = self.answers.get(node)
+            && let Ok(mut q) = a.0.lock()
+        {
             q.clear();
         }
     }
 
-    fn count_cores(&mut self) {
-        if let Some(n) = self.node.as_ref() {
+    /// Adds the counters of node `node`'s cores (before they go, and at the end).
+    fn count_cores(&mut self, node: usize) {
+        if let Some(n) = self.nodes.get(node).and_then(Option::as_ref) {
             for c in &n.cores {
                 self.counters.add(&c.counters());
             }
@@ -529,7 +685,9 @@ impl World {
                 owner.ops.push_back(op(action, vec![names[u].clone()]));
             }
         }
-        self.restart();
+        for node in 0..self.nodes.len() {
+            self.restart(node);
+        }
         for i in 0..self.clients.len() {
             let t = self.rng.range(0, 50);
             self.at(t, Ev::Wake(i));
@@ -537,13 +695,15 @@ impl World {
         let crashes = self.rng.range(0, 2);
         for _ in 0..crashes {
             let t = self.rng.range(100, QUIESCE_AT - 1_000);
+            let node = self.rng.below(self.nodes.len() as u64) as usize;
             let ev = if self.rng.chance(250) {
-                Ev::Stop
+                Ev::Stop(node)
             } else {
-                Ev::Crash
+                Ev::Crash(node)
             };
             self.at(t, ev);
         }
+        self.schedule_cluster_faults();
         self.at(QUIESCE_AT, Ev::Quiesce);
     }
 
@@ -551,9 +711,11 @@ impl World {
     fn step(&mut self) -> bool {
         let next_event = self.events.keys().next().map(|k| k.0);
         let next_timer = self
-            .node
-            .as_ref()
-            .and_then(|n| n.cores.iter().filter_map(|c| c.next_deadline()).min());
+            .nodes
+            .iter()
+            .flatten()
+            .flat_map(|n| n.cores.iter().filter_map(|c| c.next_deadline()))
+            .min();
         let timer_first = match (next_event, next_timer) {
             (None, None) => return false,
             (Some(e), Some(t)) => t <= e,
@@ -565,17 +727,15 @@ impl World {
             let t = next_timer.unwrap_or(self.now);
             self.now = self.now.max(t);
             let now = self.now();
-            for shard in 0..self.shards {
+            for shard in self.all_shards() {
                 let due = self
-                    .node
-                    .as_ref()
-                    .and_then(|n| n.cores.get(shard))
+                    .core(shard)
                     .and_then(|c| c.next_deadline())
                     .is_some_and(|d| d <= now.ms);
                 if due {
                     self.note(1, shard as u64, 0, || format!("deadlines of shard {shard}"));
-                    if let Some(n) = self.node.as_mut() {
-                        n.cores[shard].handle_timeout(now);
+                    if let Some(core) = self.core_mut(shard) {
+                        core.handle_timeout(now);
                     }
                     self.apply(shard);
                 }
@@ -610,8 +770,19 @@ impl World {
                 self.client_read(s);
             }
             Ev::Mail { epoch, to, mail } => {
-                if epoch == self.epoch {
+                if epoch == self.epoch_of(to) {
                     self.mail(to, mail);
+                }
+            }
+            Ev::Remote {
+                link,
+                from,
+                to,
+                bytes,
+            } => self.remote(link, from, to, &bytes),
+            Ev::Serve { epoch, shard, conn } => {
+                if epoch == self.epoch_of(shard) {
+                    self.serve_relayed(shard, conn);
                 }
             }
             Ev::Flushed {
@@ -620,14 +791,14 @@ impl World {
                 ticket,
                 took_ms,
             } => {
-                if epoch == self.epoch {
+                if epoch == self.epoch_of(shard) {
                     self.note(7, shard as u64, ticket.lsn().0, || {
                         format!("shard {shard}: flush to {:?} done", ticket.lsn())
                     });
                     let result = ticket.run();
                     let now = self.now();
-                    if let Some(n) = self.node.as_mut() {
-                        n.cores[shard].handle_flushed(result, Some(took_ms * 1000), now);
+                    if let Some(core) = self.core_mut(shard) {
+                        core.handle_flushed(result, Some(took_ms * 1000), now);
                     }
                     self.apply(shard);
                 }
@@ -637,29 +808,46 @@ impl World {
                 shard,
                 ticket,
             } => {
-                if epoch == self.epoch {
+                if epoch == self.epoch_of(shard) {
                     self.note(17, shard as u64, 0, || {
                         format!("shard {shard}: segment housekeeping done")
                     });
                     let done = ticket.run();
                     let now = self.now();
-                    if let Some(n) = self.node.as_mut() {
-                        n.cores[shard].handle_spare(done, now);
+                    if let Some(core) = self.core_mut(shard) {
+                        core.handle_spare(done, now);
                     }
                     self.apply(shard);
                 }
             }
-            Ev::Crash => self.crash(),
-            Ev::Answer { epoch, reply } => self.answer(epoch, reply),
-            Ev::Route { epoch, op, fail } => self.route(epoch, op, fail),
+            Ev::Crash(node) => self.crash(node),
+            Ev::Answer { node, epoch, reply } => self.answer(node, epoch, reply),
+            Ev::Route {
+                node,
+                epoch,
+                op,
+                fail,
+            } => self.route(node, epoch, op, fail),
             Ev::Found {
                 epoch,
                 shard,
                 gather,
                 users,
             } => self.found(epoch, shard, gather, &users),
-            Ev::Stop => self.stop(),
-            Ev::Restart => self.restart(),
+            Ev::Stop(node) => self.stop(node),
+            Ev::Restart(node) => self.restart(node),
+            Ev::Connect { a, b } => self.connect_link(a, b),
+            Ev::LinkLost { node, peer, link } => self.link_lost(node, peer, link),
+            Ev::News {
+                epoch,
+                to,
+                peer,
+                up,
+            } => self.news(epoch, to, peer, up),
+            Ev::Cut { a, b } => self.cut(a, b),
+            Ev::Beat { node, epoch } => self.beat(node, epoch),
+            Ev::RedisDown { until } => self.redis_down(until),
+            Ev::Settle { node, epoch } => self.settle(node, epoch),
             Ev::Quiesce => {
                 self.note(10, 0, 0, || "faults stop; clients settle".into());
                 self.quiescing = true;
@@ -668,362 +856,6 @@ impl World {
                     c.stalled_until = 0;
                 }
             }
-        }
-    }
-
-    // ----- the node --------------------------------------------------------------------------
-
-    fn crash(&mut self) {
-        if self.node.is_none() {
-            return;
-        }
-        self.crashes += 1;
-        self.note(8, self.crashes as u64, 0, || {
-            "CRASH: the node dies; unflushed bytes are lost".into()
-        });
-        self.count_cores();
-        self.node = None;
-        self.forget_answers();
-        let rng = &mut self.rng;
-        for disk in &mut self.disks {
-            *disk = disk.crash_image_with(|_, _| rng.chance(300));
-        }
-        self.epoch += 1;
-        for s in 0..self.socks.len() {
-            if !self.socks[s].closed {
-                self.client_lost(s);
-            }
-        }
-        let t = self.now + self.rng.range(20, 400);
-        self.at(t, Ev::Restart);
-    }
-
-    /// A clean stop: every shard flushes, checkpoints and says goodbye; the node restarts from
-    /// its disks as they are.
-    fn stop(&mut self) {
-        if self.node.is_none() {
-            return;
-        }
-        self.note(16, 0, 0, || "STOP: the node shuts down cleanly".into());
-        let now = self.now();
-        for shard in 0..self.shards {
-            if let Some(n) = self.node.as_mut() {
-                n.cores[shard].handle_shutdown(now);
-            }
-            self.apply(shard);
-        }
-        self.count_cores();
-        self.node = None;
-        self.forget_answers();
-        self.epoch += 1;
-        for s in 0..self.socks.len() {
-            if !self.socks[s].closed && self.socks[s].host != Host::Gone {
-                self.client_lost(s);
-            }
-        }
-        let t = self.now + self.rng.range(20, 400);
-        self.at(t, Ev::Restart);
-    }
-
-    fn restart(&mut self) {
-        self.note(9, self.epoch, 0, || "the node starts from its disks".into());
-        if let Some(r) = self.routes.as_mut() {
-            // A new boot: the old one's routes name a dead boot, which readers ignore.
-            r.index.clear();
-            r.last_at = self.now;
-        }
-        let now = self.now();
-        let ts = Timestamp::from_micros(now.unix_ms * 1000);
-        let mut cores = Vec::new();
-        for (index, disk) in self.disks.iter().enumerate() {
-            let log = match Log::open(disk.clone(), self.log_config, ts) {
-                Ok((log, _report)) => log,
-                Err(e) => {
-                    let what = format!("shard {index}: the log did not open after a crash: {e}");
-                    self.history.fail(self.now, what);
-                    return;
-                }
-            };
-            cores.push(ShardCore::new(CoreSetup {
-                index,
-                shards: self.shards,
-                config: self.config.clone(),
-                verifier: Arc::new(SimVerifier),
-                log,
-                now,
-                quiet: true,
-                switches: self.switches,
-                hooks: self.gate.clone().map(|g| g as Arc<dyn Hooks>),
-                completions: Some(Arc::clone(&self.answers) as Arc<dyn Completions>),
-            }));
-        }
-        // What each user's home must know, before any client is served (as the driver does).
-        parley_broker::core::exchange_startup_mail(&mut cores, now);
-        self.node = Some(Node {
-            cores,
-            hosts: vec![BTreeMap::new(); self.shards],
-        });
-        for row in &mut self.mail_at {
-            row.fill(self.now);
-        }
-    }
-
-    /// Carries out a shard's effects until it has none.
-    fn apply(&mut self, shard: usize) {
-        self.schedule_answers();
-        let mut effects: Vec<CoreEffect<MemoryBackend>> = Vec::new();
-        for _ in 0..64 {
-            let Some(n) = self.node.as_mut() else {
-                return;
-            };
-            n.cores[shard].take_effects(&mut effects);
-            if effects.is_empty() {
-                return;
-            }
-            for e in effects.drain(..) {
-                match e {
-                    Effect::Transmit(conn) => self.server_write(shard, conn),
-                    Effect::Close { conn, last } => {
-                        let Some(s) = self.unhost(shard, conn) else {
-                            continue;
-                        };
-                        self.note(11, s as u64, last.len() as u64, || {
-                            format!(
-                                "sock {s}: closed by shard {shard} ({} last bytes)",
-                                last.len()
-                            )
-                        });
-                        self.socks[s].host = Host::Gone;
-                        if !self.socks[s].closed {
-                            if !last.is_empty() {
-                                self.send_to_client(s, last.to_vec());
-                            }
-                            let t = self.socks[s].deliver_at;
-                            self.at(t, Ev::ClientEof(s));
-                        }
-                    }
-                    Effect::Handover { conn, to, adoption } => {
-                        let Some(s) = self.unhost(shard, conn) else {
-                            continue;
-                        };
-                        self.note(12, s as u64, to as u64, || {
-                            format!("sock {s}: handed from shard {shard} to shard {to}")
-                        });
-                        self.socks[s].host = Host::Transit;
-                        self.post(shard, to, Mail::Adopt(s, adoption));
-                    }
-                    Effect::Mail { to, batch } => self.post(shard, to, Mail::Batch(batch)),
-                    Effect::Route(op) => self.queue_route(op),
-                    Effect::Lookup { gather, users } => self.queue_lookup(shard, gather, users),
-                    Effect::Resume(conn) => {
-                        let host = self.node.as_ref().and_then(|n| {
-                            n.hosts[shard]
-                                .get(&conn.slot)
-                                .filter(|(g, _)| *g == conn.generation)
-                                .map(|&(_, s)| s)
-                        });
-                        if let Some(s) = host {
-                            self.note(16, s as u64, 0, || {
-                                format!("sock {s}: shard {shard} takes input again")
-                            });
-                            self.schedule_read(s);
-                        }
-                    }
-                    Effect::Spare(ticket) => {
-                        let t = self.now + self.rng.range(1, 30);
-                        let epoch = self.epoch;
-                        self.at(
-                            t,
-                            Ev::Spared {
-                                epoch,
-                                shard,
-                                ticket,
-                            },
-                        );
-                    }
-                    Effect::Flush(ticket) => {
-                        // A flush takes what an fsync takes: a few to tens of milliseconds.
-                        let took_ms = self.rng.range(1, 40);
-                        let epoch = self.epoch;
-                        self.at(
-                            self.now + took_ms,
-                            Ev::Flushed {
-                                epoch,
-                                shard,
-                                ticket,
-                                took_ms,
-                            },
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn post(&mut self, from: usize, to: usize, mail: Mail) {
-        // Shard-to-shard channels are FIFO.
-        let t = (self.now + self.rng.range(0, 2)).max(self.mail_at[from][to]);
-        self.mail_at[from][to] = t;
-        let epoch = self.epoch;
-        self.at(t, Ev::Mail { epoch, to, mail });
-    }
-
-    fn mail(&mut self, to: usize, mail: Mail) {
-        let now = self.now();
-        match mail {
-            Mail::Batch(batch) => {
-                self.note(13, to as u64, batch.len() as u64, || {
-                    format!("shard {to}: a batch of {}", batch.len())
-                });
-                if let Some(n) = self.node.as_mut() {
-                    n.cores[to].handle_mail(batch, now);
-                }
-            }
-            Mail::Adopt(s, adoption) => {
-                let Some(n) = self.node.as_mut() else {
-                    return;
-                };
-                let conn = n.cores[to].handle_adopt(*adoption, now);
-                n.hosts[to].insert(conn.slot, (conn.generation, s));
-                self.note(14, s as u64, to as u64, || {
-                    format!("sock {s}: adopted by shard {to}")
-                });
-                self.socks[s].host = Host::Server { shard: to, conn };
-                if self.socks[s].closed {
-                    self.server_reset(to, conn);
-                } else {
-                    // Frames behind the login may wait in the core or the socket.
-                    self.schedule_read(s);
-                }
-            }
-        }
-        self.apply(to);
-    }
-
-    fn unhost(&mut self, shard: usize, conn: ConnId) -> Option<usize> {
-        let n = self.node.as_mut()?;
-        match n.hosts[shard].get(&conn.slot) {
-            Some(&(g, s)) if g == conn.generation => {
-                n.hosts[shard].remove(&conn.slot);
-                Some(s)
-            }
-            _ => None,
-        }
-    }
-
-    /// The client's side of `conn` is gone: the server's next write fails and it drops it.
-    fn server_reset(&mut self, shard: usize, conn: ConnId) {
-        let now = self.now();
-        self.unhost(shard, conn);
-        if let Some(n) = self.node.as_mut() {
-            n.cores[shard].handle_reset(conn, now);
-        }
-    }
-
-    /// The server writes what the connection's window takes.
-    fn server_write(&mut self, shard: usize, conn: ConnId) {
-        let now = self.now();
-        let Some(n) = self.node.as_mut() else {
-            return;
-        };
-        let Some(&(g, s)) = n.hosts[shard].get(&conn.slot) else {
-            return;
-        };
-        if g != conn.generation {
-            return;
-        }
-        if self.socks[s].closed {
-            return self.server_reset(shard, conn);
-        }
-        let window = if self.clients[self.socks[s].client].behaviour == Behaviour::Staller {
-            SMALL_WINDOW
-        } else {
-            WINDOW
-        };
-        let room = window.saturating_sub(self.socks[s].inflight);
-        let core = &mut n.cores[shard];
-        if let Some(q) = core.queued_bytes(conn)
-            && q > self.bound
-        {
-            let what = format!(
-                "sock {s} holds {q} bytes on shard {shard}, over its bound of {}",
-                self.bound
-            );
-            self.history.fail(self.now, what);
-        }
-        let Some(buf) = core.outbound(conn) else {
-            return;
-        };
-        let n_bytes = room.min(buf.len());
-        if n_bytes == 0 {
-            return;
-        }
-        let bytes = buf.split_to(n_bytes).to_vec();
-        core.handle_written(conn, true, now);
-        self.socks[s].inflight += n_bytes;
-        self.send_to_client(s, bytes);
-    }
-
-    fn send_to_client(&mut self, s: usize, bytes: Vec<u8>) {
-        let t = (self.now + self.rng.range(1, 5)).max(self.socks[s].deliver_at);
-        self.socks[s].deliver_at = t;
-        self.at(t, Ev::ClientRead(s, bytes));
-    }
-
-    fn schedule_read(&mut self, s: usize) {
-        if !self.socks[s].read_scheduled {
-            self.socks[s].read_scheduled = true;
-            let t = self.now + self.rng.range(1, 5);
-            self.at(t, Ev::ServerRead(s));
-        }
-    }
-
-    /// The server side of a socket reads, as the driver does: what the core has buffered
-    /// first, then at most `limits.read_budget_bytes`, and nothing while the core holds input.
-    fn server_read(&mut self, s: usize) {
-        self.socks[s].read_scheduled = false;
-        if self.socks[s].closed {
-            return;
-        }
-        let Host::Server { shard, conn } = self.socks[s].host else {
-            return;
-        };
-        let now = self.now();
-        let budget = self.read_budget;
-        let Some(n) = self.node.as_mut() else {
-            return;
-        };
-        match n.cores[shard].intake(conn) {
-            None | Some(Intake::Hold) => {}
-            Some(Intake::Pending) => n.cores[shard].handle_continue(conn, now),
-            Some(Intake::Read) => {
-                let take = budget.min(self.socks[s].to_server.len());
-                let bytes: Vec<u8> = self.socks[s].to_server.drain(..take).collect();
-                n.cores[shard].handle_bytes(conn, &bytes, now);
-                self.note(3, s as u64, bytes.len() as u64, || {
-                    format!("sock {s}: shard {shard} reads {} bytes", bytes.len())
-                });
-            }
-        }
-        self.apply(shard);
-        self.read_again(s);
-    }
-
-    /// Schedules another read of socket `s` if its core takes input and there is some.
-    fn read_again(&mut self, s: usize) {
-        let Host::Server { shard, conn } = self.socks[s].host else {
-            return;
-        };
-        let Some(n) = self.node.as_ref() else {
-            return;
-        };
-        let again = match n.cores[shard].intake(conn) {
-            Some(Intake::Pending) => true,
-            Some(Intake::Read) => !self.socks[s].to_server.is_empty(),
-            Some(Intake::Hold) | None => false,
-        };
-        if again {
-            self.schedule_read(s);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The simulation as a test: many seeds, each a whole node with crashes, slow and silent clients
-//! and dropped connections, checked against the broker's promises.
+//! The simulation as a test: many seeds, each a whole node or a cluster of two or three, with
+//! crashes, broken links, a lossy Redis, slow and silent clients and dropped connections,
+//! checked against the broker's promises.
 
 use parley_sim::{Options, Plant, run};
 
@@ -21,6 +22,8 @@ fn report(out: &parley_sim::Outcome) -> String {
 fn every_promise_holds_over_a_thousand_seeds_of_crashes_and_misbehaving_clients() {
     let mut acked = 0;
     let mut crashes = 0;
+    let mut clusters = 0;
+    let mut counters = parley_broker::Counters::default();
     for seed in 0..SEEDS {
         let out = run(seed, &Options::default());
         if !out.failures.is_empty() {
@@ -36,6 +39,8 @@ fn every_promise_holds_over_a_thousand_seeds_of_crashes_and_misbehaving_clients(
         }
         acked += out.acked;
         crashes += out.crashes;
+        clusters += usize::from(out.nodes > 1);
+        counters.add(&out.counters);
     }
     assert!(
         acked > 10_000,
@@ -45,11 +50,25 @@ fn every_promise_holds_over_a_thousand_seeds_of_crashes_and_misbehaving_clients(
         crashes > 500,
         "the seeds crash the node ({crashes} crashes)"
     );
+    // The seeds of several nodes do what a cluster does, faults included.
+    assert!(clusters > 300, "{clusters} seeds ran a cluster");
+    let c = &counters;
+    for (what, n) in [
+        ("sessions relayed to their home", c.relays_opened),
+        ("mails carried between nodes", c.remote_mail_in),
+        ("mails handed back for want of a link", c.unreachable_mail),
+        ("connections closed for a lost link", c.closed_for_link),
+        ("fills of messages a home missed", c.fills),
+        ("requests refused past the lease", c.fenced),
+    ] {
+        assert!(n > 0, "the seeds had no {what}");
+    }
 }
 
 #[test]
 fn the_same_seed_gives_the_same_history() {
-    for seed in [0, 1, 7, 42, 99] {
+    // Seeds 3 and 10 run clusters of three nodes.
+    for seed in [0, 1, 3, 7, 10, 42, 99] {
         let a = run(seed, &Options::default());
         let b = run(seed, &Options::default());
         assert_eq!(
@@ -130,6 +149,29 @@ fn a_planted_route_never_withdrawn_is_caught_and_its_seed_reported() {
     };
     assert!(
         out.failures.iter().any(|f| f.contains("presence index")),
+        "seed {} failed for the expected reason: {:?}",
+        out.seed,
+        out.failures
+    );
+    // The same seed without the bug passes.
+    assert!(run(out.seed, &Options::default()).failures.is_empty());
+}
+
+#[test]
+fn a_planted_link_up_that_tells_the_homes_nothing_is_caught_and_its_seed_reported() {
+    let plant = Options {
+        plant: Plant::MuteLinkUp,
+        ..Options::default()
+    };
+    let caught = (0..SEEDS)
+        .map(|seed| run(seed, &plant))
+        .find(|o| !o.failures.is_empty());
+    let Some(out) = caught else {
+        panic!("homes left without what a lost link carried went unnoticed over {SEEDS} seeds");
+    };
+    assert!(out.nodes > 1, "seed {} runs a cluster", out.seed);
+    assert!(
+        out.failures.iter().any(|f| f.contains("sync")),
         "seed {} failed for the expected reason: {:?}",
         out.seed,
         out.failures

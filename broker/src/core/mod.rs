@@ -97,6 +97,7 @@ pub use mail::{Adoption, ShardMsg};
 use owner::Owner;
 pub use route::{RouteOp, RouteTag, Routed};
 use timers::{TimerFor, Timers};
+pub use wire::{mail_from_bytes, mail_to_bytes};
 
 /// The core's hash map: foldhash with a fixed seed, so iteration order depends only on what was
 /// inserted (the core never lets it reach its output unsorted anyway).
@@ -181,6 +182,9 @@ pub struct TestSwitches {
     pub push_after_leave: bool,
     /// A closed connection's route is never withdrawn from the presence index.
     pub keep_routes: bool,
+    /// A link that comes up does not make the shard tell the homes there what its
+    /// conversations hold (what was lost with the link stays lost).
+    pub mute_link_up: bool,
 }
 
 /// What a shard core starts from.

@@ -84,6 +84,20 @@ pub(crate) fn decode_batch(bytes: &[u8], now_us: u64) -> Result<Vec<ShardMsg>, W
     decode_shared(&bytes::Bytes::copy_from_slice(bytes), now_us)
 }
 
+/// A batch of mail in the form the links carry it to a shard of another node. The simulation
+/// carries mail between its nodes this way, so what it checks went through the wire format.
+pub fn mail_to_bytes(batch: &[ShardMsg]) -> Result<bytes::Bytes, String> {
+    let mut out = Vec::new();
+    encode_batch(batch, &mut out).map_err(|e| e.to_string())?;
+    Ok(out.into())
+}
+
+/// The mail of [`mail_to_bytes`]'s bytes, decoded as the receiving node's shard decodes it
+/// (at `now`, which stands in for the times the wire leaves out).
+pub fn mail_from_bytes(bytes: &bytes::Bytes, now: super::Now) -> Result<Vec<ShardMsg>, String> {
+    decode_shared(bytes, now.us).map_err(|e| e.to_string())
+}
+
 /// [`decode_batch`] of a shared buffer: the message bodies in the mail ([`shared_bytes`], and
 /// the byte fields of protocol messages) are slices of `bytes`, not copies.
 pub(crate) fn decode_shared(bytes: &bytes::Bytes, now_us: u64) -> Result<Vec<ShardMsg>, WireError> {

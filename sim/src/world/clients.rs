@@ -85,19 +85,30 @@ impl World {
         }
     }
 
+    /// Client `ci` connects to a shard of a running node (any node: a user homed elsewhere is
+    /// relayed to its home).
     pub(super) fn connect(&mut self, ci: usize) {
-        let Some(n) = self.node.as_mut() else {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].is_some())
+            .collect();
+        if running.is_empty() {
             return;
-        };
-        let shard = self.rng.below(self.shards as u64) as usize;
+        }
+        let node = running[self.rng.below(running.len() as u64) as usize];
+        let shard = node * self.shards + self.rng.below(self.shards as u64) as usize;
         let now = Now {
             ms: self.now,
             us: self.now * 1000,
             unix_ms: UNIX_BASE_MS + self.now as i64,
         };
-        let conn = n.cores[shard].handle_open(false, None, now);
+        let Some(core) = self.core_mut(shard) else {
+            return;
+        };
+        let conn = core.handle_open(false, None, now);
         let s = self.socks.len();
-        n.hosts[shard].insert(conn.slot, (conn.generation, s));
+        if let Some(h) = self.hosts_mut(shard) {
+            h.insert(conn.slot, (conn.generation, s));
+        }
         self.socks.push(Sock {
             client: ci,
             host: Host::Server { shard, conn },
@@ -147,8 +158,8 @@ impl World {
             let now = self.now();
             if reset {
                 self.server_reset(shard, conn);
-            } else if let Some(n) = self.node.as_mut() {
-                n.cores[shard].handle_eof(conn, now);
+            } else if let Some(core) = self.core_mut(shard) {
+                core.handle_eof(conn, now);
             }
             self.apply(shard);
         }
@@ -189,10 +200,17 @@ impl World {
         self.socks[s].rx.extend_from_slice(&bytes);
         let mut replies = Vec::new();
         loop {
-            let sock = &mut self.socks[s];
-            match self.codec.decode_frame(&mut sock.rx) {
+            match self.codec.decode_frame(&mut self.socks[s].rx) {
                 Ok(Some(frame)) => {
+                    if let Some(pb::frame::Body::Error(e)) = &frame.body {
+                        let (code, fatal) = (e.code, e.fatal);
+                        let message = e.message.clone();
+                        self.note(30, s as u64, code as u64, || {
+                            format!("sock {s}: error {code} (fatal: {fatal}): {message}")
+                        });
+                    }
                     let now = self.now;
+                    let sock = &mut self.socks[s];
                     let c = &mut self.clients[ci];
                     replies.extend(c.on_frame(frame, now, &mut self.history, &mut sock.view));
                 }

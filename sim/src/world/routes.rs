@@ -1,5 +1,6 @@
-//! The simulated cluster's presence index: Redis's side of the route ops a node in a cluster
-//! sends (in a third of the seeds), and the check that it names exactly the devices logged in.
+//! The simulated cluster's presence index: Redis's side of the route ops the nodes of a cluster
+//! send (in every seed of several nodes, and a third of those of one), and the check that it
+//! names exactly the devices logged in.
 
 use std::collections::BTreeMap;
 
@@ -9,42 +10,67 @@ use parley_broker::core::{RouteOp, RouteTag, Routed};
 
 use super::{Ev, World};
 
-/// The presence index of a simulated cluster (in a third of the seeds): Redis's side of the
-/// route ops, applied in order (as the bridge writes them) after a random delay, with one
-/// registration in ten not getting through in time (the login is closed UNAVAILABLE).
-#[derive(Debug, Default)]
+/// The presence index of a simulated cluster: Redis's side of the route ops, applied in order
+/// per node (as its bridge writes them) after a random delay, with one registration in
+/// ten not getting through in time, and none during a Redis outage (the login is closed
+/// UNAVAILABLE).
+#[derive(Debug)]
 pub(super) struct SimIndex {
     /// (user, device) → the connection its route names.
     pub(super) index: BTreeMap<(String, String), RouteTag>,
-    /// When the last op queued applies (ops apply in order).
-    pub(super) last_at: u64,
+    /// Per node: when the last op queued applies (a node's ops apply in order).
+    pub(super) last_at: Vec<u64>,
+}
+
+impl SimIndex {
+    /// The index of a cluster of `nodes` nodes.
+    pub(super) fn new(nodes: usize) -> Self {
+        SimIndex {
+            index: BTreeMap::new(),
+            last_at: vec![0; nodes],
+        }
+    }
 }
 
 impl World {
-    /// Queues a route op for the simulated index (in order, after a random delay).
-    pub(super) fn queue_route(&mut self, op: RouteOp) {
+    /// Queues a route op of global shard `shard` for the simulated index (in order, after a
+    /// random delay).
+    pub(super) fn queue_route(&mut self, shard: usize, op: RouteOp) {
+        let node = self.node_of(shard);
         let delay = self.rng.range(1, 80);
+        let redis_down = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| self.now < c.redis_down_until);
         let fail = matches!(
             op,
             RouteOp::Up {
                 ticket: Some(_),
                 ..
             }
-        ) && self.rng.chance(100);
+        ) && (redis_down || self.rng.chance(100));
         let Some(r) = self.routes.as_mut() else {
             self.history
                 .fail(self.now, format!("a route op without a cluster: {op:?}"));
             return;
         };
-        let t = (self.now + delay).max(r.last_at);
-        r.last_at = t;
-        let epoch = self.epoch;
-        self.at(t, Ev::Route { epoch, op, fail });
+        let t = (self.now + delay).max(r.last_at[node]);
+        r.last_at[node] = t;
+        let epoch = self.epochs[node];
+        self.at(
+            t,
+            Ev::Route {
+                node,
+                epoch,
+                op,
+                fail,
+            },
+        );
     }
 
-    /// The simulated index applies `op` and answers its registration.
-    pub(super) fn route(&mut self, epoch: u64, op: RouteOp, fail: bool) {
-        if epoch != self.epoch {
+    /// The simulated index applies node `node`'s `op` and answers its registration.
+    pub(super) fn route(&mut self, node: usize, epoch: u64, op: RouteOp, fail: bool) {
+        if epoch != self.epochs[node] {
             // The node that asked is gone (its routes with it: a new boot starts empty).
             return;
         }
@@ -86,9 +112,7 @@ impl World {
         if let Some(done) = answer {
             let shard = done.ticket.shard();
             let now = self.now();
-            if let Some(n) = self.node.as_mut()
-                && let Some(core) = n.cores.get_mut(shard)
-            {
+            if let Some(core) = self.core_mut(shard) {
                 core.handle_routed(vec![done], now);
             }
             self.apply(shard);
@@ -127,9 +151,15 @@ impl World {
             let Some(key) = next else {
                 return;
             };
-            if let Some(Ev::Route { epoch, op, fail }) = self.events.remove(&key) {
+            if let Some(Ev::Route {
+                node,
+                epoch,
+                op,
+                fail,
+            }) = self.events.remove(&key)
+            {
                 self.now = self.now.max(key.0);
-                self.route(epoch, op, fail);
+                self.route(node, epoch, op, fail);
             }
         }
         self.history
@@ -139,7 +169,7 @@ impl World {
     /// The index names exactly the devices the cores hold as routed.
     fn compare_routes(&mut self) {
         let mut held: BTreeMap<(String, String), RouteTag> = BTreeMap::new();
-        if let Some(n) = self.node.as_ref() {
+        for n in self.nodes.iter().flatten() {
             for core in &n.cores {
                 for (user, device, tag) in core.routes() {
                     let key = (user.to_string(), device.to_string());
@@ -168,7 +198,7 @@ impl World {
     /// Queues the index's answer to a presence lookup (after a random delay).
     pub(super) fn queue_lookup(&mut self, shard: usize, gather: u64, users: Vec<Arc<str>>) {
         let t = self.now + self.rng.range(1, 40);
-        let epoch = self.epoch;
+        let epoch = self.epoch_of(shard);
         self.at(
             t,
             Ev::Found {
@@ -180,26 +210,25 @@ impl World {
         );
     }
 
-    /// The index answers a presence lookup: the routes of `users` (all of them this node's,
-    /// the only node simulated).
+    /// The index answers a presence lookup: the routes of `users`, each with its node's name.
     pub(super) fn found(&mut self, epoch: u64, shard: usize, gather: u64, users: &[Arc<str>]) {
-        if epoch != self.epoch {
+        if epoch != self.epoch_of(shard) {
             return;
         }
-        let node = self
-            .config
-            .cluster
-            .effective_node_id(&self.config.node)
-            .to_owned();
         let found: Vec<(String, Vec<(String, String)>)> = match self.routes.as_ref() {
             Some(r) => users
                 .iter()
                 .map(|u| {
                     let devices = r
                         .index
-                        .keys()
-                        .filter(|(user, _)| **user == **u)
-                        .map(|(_, device)| (device.clone(), node.clone()))
+                        .iter()
+                        .filter(|((user, _), _)| **user == **u)
+                        .map(|((_, device), tag)| {
+                            (
+                                device.clone(),
+                                self.node_name(tag.shard as usize / self.shards),
+                            )
+                        })
                         .collect();
                     (u.to_string(), devices)
                 })
@@ -207,9 +236,7 @@ impl World {
             None => Vec::new(),
         };
         let now = self.now();
-        if let Some(n) = self.node.as_mut()
-            && let Some(core) = n.cores.get_mut(shard)
-        {
+        if let Some(core) = self.core_mut(shard) {
             core.handle_found(gather, found, now);
         }
         self.apply(shard);
