@@ -886,6 +886,7 @@ pub struct Limits {
     /// sync pages) and reserved for replies it is owed. Past it, live push pauses (the client is
     /// told it is Behind and catches up by sync) and the node stops reading the connection's
     /// requests until its queue drains (they wait in the kernel, not in the node's memory).
+    /// In a cluster it is also the window of a session relayed between nodes, each way.
     /// Default 1 MiB.
     pub max_outbound_bytes: usize,
     /// Most live deliveries one connection may have awaiting its `DeliverAck` (each is held for
