@@ -75,6 +75,9 @@ pub(crate) struct CoreConfig {
     pub(crate) cluster_routes: bool,
     /// In a cluster: this node's id (routes naming it are this node's own devices).
     pub(crate) cluster_node: Option<Arc<str>>,
+    /// The retry hint of a request for a node this shard has no link to, ms (a heartbeat, as
+    /// the carrier's).
+    pub(crate) link_retry_ms: u32,
 }
 
 impl CoreConfig {
@@ -127,6 +130,7 @@ impl CoreConfig {
                 .redis
                 .as_ref()
                 .map(|_| Arc::from(c.cluster.effective_node_id(&c.node))),
+            link_retry_ms: u32::try_from(c.cluster.heartbeat_ms).unwrap_or(u32::MAX),
         }
     }
 }

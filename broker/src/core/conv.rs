@@ -230,6 +230,11 @@ impl Placement {
         shard / self.shards
     }
 
+    /// This node's position in the cluster's node list (0 without a cluster).
+    pub(crate) fn this_node(&self) -> usize {
+        self.node
+    }
+
     /// The index on this node of shard `shard`, if it is one of this node's.
     pub(crate) fn local(&self, shard: usize) -> Option<usize> {
         (self.node_of(shard) == self.node).then_some(shard % self.shards)

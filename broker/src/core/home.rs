@@ -433,6 +433,16 @@ impl<B: Backend> ShardCore<B> {
             let Some(u) = self.home.users.get(user) else {
                 continue;
             };
+            // Only what the user's membership covers: a summary after a lost link may have
+            // told this home of a membership (a re-add) newer than this message.
+            let covered = u
+                .inbox
+                .get(&d.conv.id)
+                .and_then(|e| e.window)
+                .is_none_or(|(from, to)| (from..=to).contains(&d.seq));
+            if !covered {
+                continue;
+            }
             let own = **user == *push.sender.user;
             targets.extend(
                 u.devices

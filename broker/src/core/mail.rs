@@ -365,10 +365,13 @@ pub enum ShardMsg {
 }
 
 impl<B: parley_storage::Backend> super::ShardCore<B> {
-    /// Sends `msg` to shard `target` (this one: handled before the turn ends).
+    /// Sends `msg` to shard `target` (this one: handled before the turn ends). Mail for a node
+    /// this shard has not heard is reachable goes back at once (`super::remote`).
     pub(super) fn route(&mut self, target: usize, msg: ShardMsg) {
         if target == self.index {
             self.local.push_back(msg);
+        } else if self.reachable & (1 << self.placement.node_of(target)) == 0 {
+            self.unreachable(msg);
         } else if let Some(q) = self.outgoing.get_mut(target) {
             q.push(msg);
         }

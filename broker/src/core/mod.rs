@@ -271,6 +271,9 @@ pub struct ShardCore<B: Backend> {
     /// Whether the node has heard from the other nodes since it started (see `remote`):
     /// until then its homes refuse logins.
     settled: bool,
+    /// The nodes this shard may send mail to, one bit per position in the node list: its own,
+    /// and those whose link it heard come up and not go down since (see `remote`).
+    reachable: u32,
 }
 
 impl<B: Backend> fmt::Debug for ShardCore<B> {
@@ -327,6 +330,7 @@ impl<B: Backend> ShardCore<B> {
             relays: HashMap::new(),
             relayed: relay::Homes::default(),
             settled: true,
+            reachable: 1 << placement.this_node(),
         };
         core.rebuild();
         core.drain_local();

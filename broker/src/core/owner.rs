@@ -191,6 +191,17 @@ impl<B: Backend> Owner<B> {
         }
     }
 
+    /// The last seq of conversation `id` whose message was released (acked and delivered:
+    /// durable), given its last stored seq `last_seq`. What has not been released is not
+    /// shown to anyone: not by a read, not in what homes are told at a link-up.
+    pub(crate) fn released_seq(&self, id: u64, last_seq: u64) -> u64 {
+        self.pending
+            .iter()
+            .filter_map(|p| p.deliver.as_deref())
+            .find(|d| d.conv.id == id)
+            .map_or(last_seq, |d| d.seq.saturating_sub(1))
+    }
+
     /// Whether stored messages wait for durability or a flush is in flight.
     pub(crate) fn is_busy(&self) -> bool {
         !self.pending.is_empty() || self.flushing.is_some()
@@ -602,6 +613,7 @@ impl<B: Backend> ShardCore<B> {
             .log
             .checkpoint()
             .and_then(|(lsn, bytes)| Checkpoint::decode(bytes).map(|cp| (lsn, cp)));
+        let from_checkpoint = restored.is_some();
         let start = match restored {
             Some((lsn, cp)) => {
                 self.owner.ids.observe(cp.max_msg_id);
@@ -690,6 +702,13 @@ impl<B: Backend> ShardCore<B> {
                 },
                 window,
             );
+        }
+        if from_checkpoint {
+            // The checkpoint may hold what a crash took back (sends remembered with the LSN of
+            // a record that is gone, dropped above as at or past the recovered end). Appends
+            // from now on reuse those LSNs, so the next start could no longer tell: the state
+            // just rebuilt, all of it durable, replaces that checkpoint before any append.
+            self.write_checkpoint();
         }
         let own_reads: Vec<((u64, Device), u64)> = own_reads.into_iter().collect();
         self.tell_homes(own_reads, None);

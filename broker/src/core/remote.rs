@@ -99,6 +99,19 @@ impl<B: Backend> ShardCore<B> {
         self.drain_local();
     }
 
+    /// Mail for a node whose link this shard has not heard come up (since it last went down):
+    /// it goes back as if the carrier had handed it back. So nothing reaches a node before
+    /// this shard's [`ShardCore::handle_link_up`] told its homes what they missed: a delivery
+    /// that overtook that summary could reach a home that still holds a stale view (a group
+    /// member removed while the link was down would be pushed the group's next message).
+    pub(super) fn unreachable(&mut self, msg: ShardMsg) {
+        self.counters.unreachable_mail += 1;
+        let refusal = Refusal::Unavailable {
+            retry_after_ms: self.cfg.link_retry_ms,
+        };
+        self.bounce(msg, &refusal);
+    }
+
     /// One piece of mail that could not be sent: the answer its sender waits for, if any.
     fn bounce(&mut self, msg: ShardMsg, refusal: &Refusal) {
         let refused = |to, request_id, client_msg_id| ShardMsg::Refused {
@@ -193,6 +206,9 @@ impl<B: Backend> ShardCore<B> {
     /// and that node's listeners and watchers are forgotten here.
     pub fn handle_link_down(&mut self, node: usize, retry_after_ms: u32, now: Now) {
         self.now = now;
+        if node != self.placement.this_node() {
+            self.reachable &= !(1u32 << (node % 32));
+        }
         self.drop_relayed_from(node);
         let placement = self.placement;
         let there = |shard: usize| placement.node_of(shard) == node;
@@ -259,6 +275,7 @@ impl<B: Backend> ShardCore<B> {
     /// (see the module documentation).
     pub fn handle_link_up(&mut self, node: usize, now: Now) {
         self.now = now;
+        self.reachable |= 1u32 << (node % 32);
         if self.test_switches.mute_link_up {
             return;
         }
@@ -320,7 +337,15 @@ impl<B: Backend> ShardCore<B> {
             .map(|u| u.devices.iter().map(|&(_, c)| c).collect())
             .unwrap_or_default();
         for &c in &conns {
-            for (seq, stored) in &d.messages {
+            // Live pushes of a conversation go out in seq order: what a connection was pushed
+            // (or synced) past is not filled in below it; the device sees the gap and syncs.
+            let upto = self
+                .conns
+                .get(c.slot as usize)
+                .and_then(Option::as_ref)
+                .filter(|x| x.id == c)
+                .map_or(0, |x| x.delivery.sent_upto(d.conv.id));
+            for (seq, stored) in d.messages.iter().filter(|(seq, _)| *seq > upto) {
                 self.push_live(c, d.conv.id, &view, *seq, stored, None);
             }
         }
@@ -360,16 +385,19 @@ impl<B: Backend> ShardCore<B> {
         let mut news = Vec::new();
         let mut groups = Vec::new();
         for st in self.owner.convs.values() {
+            // Only what was released: a home must not fill its devices with a message that is
+            // not durable yet (nor ahead of its own delivery, still on its way).
+            let last_seq = self.owner.released_seq(st.conv.id, st.last_seq);
             for user in &st.conv.members {
                 news.push((
                     Arc::clone(user),
                     Arc::clone(&st.conv),
-                    st.last_seq,
+                    last_seq,
                     st.last_time,
                 ));
             }
             if let Some(g) = st.group.as_deref() {
-                groups.push((Arc::clone(&st.conv), st.last_seq, st.last_time, g));
+                groups.push((Arc::clone(&st.conv), last_seq, st.last_time, g));
             }
         }
         // Each home learns, per group, which of its users may read what.
@@ -448,5 +476,91 @@ fn answer_target(msg: &ShardMsg) -> Option<usize> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::mail::Origin;
+    use crate::core::{CoreSetup, Effect, TestSwitches};
+    use parley_storage::{Durability, Log, LogConfig, MemoryBackend, Retention, Timestamp};
+
+    const NOW: Now = Now {
+        ms: 1,
+        us: 1_000,
+        unix_ms: 1_767_225_600_000,
+    };
+
+    /// The only shard of node `a` in a cluster of nodes `a` and `b` (shard 1 is `b`'s).
+    fn shard_of_a() -> ShardCore<MemoryBackend> {
+        let mut config = Config::default();
+        config.cluster.redis = Some("redis://127.0.0.1:1".into());
+        config.cluster.nodes = vec!["a".into(), "b".into()];
+        config.cluster.node_id = Some("a".into());
+        let log_config = LogConfig {
+            segment_size: 64 * 1024,
+            durability: Durability::Always,
+            retention: Retention::default(),
+            prefault: false,
+        };
+        let ts = Timestamp::from_micros(NOW.unix_ms * 1000);
+        let (log, _) = Log::open(MemoryBackend::new(), log_config, ts).expect("log");
+        ShardCore::new(CoreSetup {
+            index: 0,
+            shards: 1,
+            config,
+            verifier: Arc::new(crate::auth::Hs256::new(
+                b"0123456789abcdef0123456789abcdef".to_vec(),
+            )),
+            log,
+            now: NOW,
+            quiet: true,
+            switches: TestSwitches::default(),
+            hooks: None,
+            completions: None,
+        })
+    }
+
+    /// Sends one piece of mail to node `b`'s shard; returns how many went out as mail to it.
+    fn send_to_b(core: &mut ShardCore<MemoryBackend>) -> usize {
+        let key = Origin {
+            shard: 1,
+            slot: 0,
+            generation: 1,
+        };
+        core.route(
+            1,
+            ShardMsg::RelayAck {
+                key,
+                to_home: true,
+                bytes: 1,
+            },
+        );
+        let mut effects = Vec::new();
+        core.take_effects(&mut effects);
+        effects
+            .iter()
+            .map(|e| match e {
+                Effect::Mail { to: 1, batch } => batch.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn mail_for_a_node_waits_for_this_shards_link_up_and_stops_at_its_link_down() {
+        let mut core = shard_of_a();
+        // Before the link came up (at start, or the carrier's bit already set but this shard
+        // not told yet): handed back, as the carrier would.
+        assert_eq!(send_to_b(&mut core), 0);
+        assert_eq!(core.counters().unreachable_mail, 1);
+        core.handle_link_up(1, NOW);
+        let mut summaries = Vec::new();
+        core.take_effects(&mut summaries);
+        assert_eq!(send_to_b(&mut core), 1, "sent once the link is up here");
+        core.handle_link_down(1, 100, NOW);
+        assert_eq!(send_to_b(&mut core), 0);
+        assert_eq!(core.counters().unreachable_mail, 2);
     }
 }

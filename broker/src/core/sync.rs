@@ -306,9 +306,11 @@ impl<B: Backend> ShardCore<B> {
         let known = state.is_some() && window.is_some();
         let (lo, hi) = window.unwrap_or((0, 0));
         let (first_seq, last_seq) = if known {
+            // Nothing that was not released (durable) is read out.
+            let latest = log.latest_seq(id).unwrap_or(0);
             (
                 log.first_seq(id).unwrap_or(0).max(lo),
-                log.latest_seq(id).unwrap_or(0).min(hi),
+                self.owner.released_seq(id, latest).min(hi),
             )
         } else {
             (0, 0)
