@@ -83,99 +83,64 @@ fn the_same_seed_gives_the_same_history() {
     );
 }
 
-#[test]
-fn a_planted_release_before_flush_is_caught_and_its_seed_reported() {
-    let plant = Options {
-        plant: Plant::ReleaseBeforeFlush,
+/// Runs seeds with `plant` until one fails; checks that it failed for a reason `expected`
+/// accepts and that the same seed passes without the bug; returns that run. `bug` says what went
+/// unnoticed if no seed fails.
+fn caught(plant: Plant, bug: &str, expected: impl Fn(&str) -> bool) -> parley_sim::Outcome {
+    let planted = Options {
+        plant,
         ..Options::default()
     };
-    let caught = (0..SEEDS)
-        .map(|seed| run(seed, &plant))
-        .find(|o| !o.failures.is_empty());
-    let Some(out) = caught else {
-        panic!("acks released before the flush went unnoticed over {SEEDS} seeds");
+    let Some(out) = (0..SEEDS)
+        .map(|seed| run(seed, &planted))
+        .find(|o| !o.failures.is_empty())
+    else {
+        panic!("{bug} went unnoticed over {SEEDS} seeds");
     };
     assert!(
-        out.failures
-            .iter()
-            .any(|f| f.contains("missing") || f.contains("holds two messages")),
+        out.failures.iter().any(|f| expected(f)),
         "seed {} failed for the expected reason: {:?}",
         out.seed,
         out.failures
     );
     // The same seed without the bug passes.
     assert!(run(out.seed, &Options::default()).failures.is_empty());
+    out
+}
+
+#[test]
+fn a_planted_release_before_flush_is_caught_and_its_seed_reported() {
+    caught(
+        Plant::ReleaseBeforeFlush,
+        "acks released before the flush",
+        |f| f.contains("missing") || f.contains("holds two messages"),
+    );
 }
 
 #[test]
 fn a_planted_push_after_leave_is_caught_and_its_seed_reported() {
-    let plant = Options {
-        plant: Plant::PushAfterLeave,
-        ..Options::default()
-    };
-    let caught = (0..SEEDS)
-        .map(|seed| run(seed, &plant))
-        .find(|o| !o.failures.is_empty());
-    let Some(out) = caught else {
-        panic!(
-            "a removed member pushed the group's later messages went unnoticed over {SEEDS} seeds"
-        );
-    };
-    assert!(
-        out.failures
-            .iter()
-            .any(|f| f.contains("outside its memberships")),
-        "seed {} failed for the expected reason: {:?}",
-        out.seed,
-        out.failures
+    caught(
+        Plant::PushAfterLeave,
+        "a removed member pushed the group's later messages",
+        |f| f.contains("outside its memberships"),
     );
-    // The same seed without the bug passes.
-    assert!(run(out.seed, &Options::default()).failures.is_empty());
 }
 
 #[test]
 fn a_planted_route_never_withdrawn_is_caught_and_its_seed_reported() {
-    let plant = Options {
-        plant: Plant::KeepRoutes,
-        ..Options::default()
-    };
-    let caught = (0..SEEDS)
-        .map(|seed| run(seed, &plant))
-        .find(|o| !o.failures.is_empty());
-    let Some(out) = caught else {
-        panic!(
-            "a closed connection's route left in the presence index went unnoticed over {SEEDS} seeds"
-        );
-    };
-    assert!(
-        out.failures.iter().any(|f| f.contains("presence index")),
-        "seed {} failed for the expected reason: {:?}",
-        out.seed,
-        out.failures
+    caught(
+        Plant::KeepRoutes,
+        "a closed connection's route left in the presence index",
+        |f| f.contains("presence index"),
     );
-    // The same seed without the bug passes.
-    assert!(run(out.seed, &Options::default()).failures.is_empty());
 }
 
 #[test]
 fn a_planted_link_up_that_tells_the_homes_nothing_is_caught_and_its_seed_reported() {
-    let plant = Options {
-        plant: Plant::MuteLinkUp,
-        ..Options::default()
-    };
-    let caught = (0..SEEDS)
-        .map(|seed| run(seed, &plant))
-        .find(|o| !o.failures.is_empty());
-    let Some(out) = caught else {
-        panic!("homes left without what a lost link carried went unnoticed over {SEEDS} seeds");
-    };
-    assert!(out.nodes > 1, "seed {} runs a cluster", out.seed);
-    assert!(
-        out.failures.iter().any(|f| f.contains("sync")),
-        "seed {} failed for the expected reason: {:?}",
-        out.seed,
-        out.failures
+    let out = caught(
+        Plant::MuteLinkUp,
+        "homes left without what a lost link carried",
+        |f| f.contains("sync"),
     );
-    // The same seed without the bug passes.
-    assert!(run(out.seed, &Options::default()).failures.is_empty());
+    assert!(out.nodes > 1, "seed {} runs a cluster", out.seed);
 }

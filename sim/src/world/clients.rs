@@ -123,8 +123,9 @@ impl World {
             view: ConnView::default(),
             closed: false,
         });
+        let who = format!("{}/{}", self.clients[ci].user, self.clients[ci].device);
         self.note(4, ci as u64, s as u64, || {
-            format!("client {ci} connects as sock {s} to shard {shard}")
+            format!("client {ci} ({who}) connects as sock {s} to shard {shard}")
         });
         self.clients[ci].sock = Some(s);
         let login = pb::Frame {
@@ -202,6 +203,33 @@ impl World {
         loop {
             match self.codec.decode_frame(&mut self.socks[s].rx) {
                 Ok(Some(frame)) => {
+                    let got = match &frame.body {
+                        Some(pb::frame::Body::Deliver(d)) => Some(("live", &d.messages)),
+                        Some(pb::frame::Body::SyncPage(p)) => Some(("sync", &p.messages)),
+                        _ => None,
+                    };
+                    if let Some((how, messages)) = got
+                        && self.trace.is_some()
+                    {
+                        let seqs: Vec<String> = messages
+                            .iter()
+                            .map(|m| {
+                                let id = m.conversation.as_ref().map_or("?", |c| c.id.as_str());
+                                format!("{id}#{}", m.seq)
+                            })
+                            .collect();
+                        let what = format!("sock {s}: client {ci} gets {how} {}", seqs.join(" "));
+                        self.note(31, s as u64, messages.len() as u64, || what);
+                    }
+                    if let Some(pb::frame::Body::SendAck(a)) = &frame.body
+                        && self.trace.is_some()
+                    {
+                        let what = format!(
+                            "sock {s}: client {ci} acked {} at seq {} (id {})",
+                            a.client_msg_id, a.seq, a.msg_id
+                        );
+                        self.note(32, s as u64, a.seq, || what);
+                    }
                     if let Some(pb::frame::Body::Error(e)) = &frame.body {
                         let (code, fatal) = (e.code, e.fatal);
                         let message = e.message.clone();

@@ -76,6 +76,21 @@ impl Cluster {
     }
 }
 
+/// The kinds of the mail in `batch`, for the trace.
+fn kinds(batch: &[ShardMsg]) -> String {
+    let kinds: Vec<String> = batch
+        .iter()
+        .map(|m| {
+            let d = format!("{m:?}");
+            d.split(['(', ' ', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    kinds.join(", ")
+}
+
 /// The id of node `n` in the cluster's node list.
 fn node_id(n: usize) -> String {
     format!("n{n}")
@@ -314,19 +329,9 @@ impl World {
         if !c.view[a * c.nodes + b] {
             let now = self.now();
             self.note(25, from as u64, to as u64, || {
-                let kinds: Vec<String> = batch
-                    .iter()
-                    .map(|m| {
-                        let d = format!("{m:?}");
-                        d.split(['(', ' ', '{'])
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned()
-                    })
-                    .collect();
                 format!(
                     "shard {from}: no link for mail to shard {to}, handed back: {}",
-                    kinds.join(", ")
+                    kinds(&batch)
                 )
             });
             if let Some(core) = self.core_mut(from) {
@@ -391,7 +396,11 @@ impl World {
             }
         };
         self.note(13, to as u64, batch.len() as u64, || {
-            format!("shard {to}: a batch of {} from node {from}", batch.len())
+            format!(
+                "shard {to}: a batch of {} from node {from}: {}",
+                batch.len(),
+                kinds(&batch)
+            )
         });
         self.counters.remote_mail_in += batch.len() as u64;
         if let Some(core) = self.core_mut(to) {
