@@ -148,10 +148,7 @@ impl<B: Backend> ShardCore<B> {
                 }
             }
             None => {
-                let user = self.conns[conn.slot as usize]
-                    .as_ref()
-                    .and_then(|c| c.user())
-                    .cloned();
+                let user = self.user_of(conn);
                 if let Some(e) = user.and_then(|u| self.home.entry_mut(&u, d.conv.id))
                     && e.last_seq == seq
                 {

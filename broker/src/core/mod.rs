@@ -753,6 +753,18 @@ impl<B: Backend> ShardCore<B> {
         }
     }
 
+    fn live_conn(&self, conn: ConnId) -> Option<&Connection> {
+        match self.conns.get(conn.slot as usize) {
+            Some(Some(c)) if c.id == conn => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The user `conn` is logged in as, if it is open and logged in.
+    fn user_of(&self, conn: ConnId) -> Option<Arc<str>> {
+        self.live_conn(conn).and_then(|c| c.user()).cloned()
+    }
+
     fn live_conn_mut(&mut self, conn: ConnId) -> Option<&mut Connection> {
         match self.conns.get_mut(conn.slot as usize) {
             Some(Some(c)) if c.id == conn => Some(c),

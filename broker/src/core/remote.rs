@@ -322,11 +322,7 @@ impl<B: Backend> ShardCore<B> {
         if d.refused.is_some() {
             return;
         }
-        let Some(user) = self.conns[conn.slot as usize]
-            .as_ref()
-            .and_then(|c| c.user())
-            .cloned()
-        else {
+        let Some(user) = self.user_of(conn) else {
             return;
         };
         let view = self.view_for(&user, &d.conv);
@@ -340,10 +336,7 @@ impl<B: Backend> ShardCore<B> {
             // Live pushes of a conversation go out in seq order: what a connection was pushed
             // (or synced) past is not filled in below it; the device sees the gap and syncs.
             let upto = self
-                .conns
-                .get(c.slot as usize)
-                .and_then(Option::as_ref)
-                .filter(|x| x.id == c)
+                .live_conn(c)
                 .map_or(0, |x| x.delivery.sent_upto(d.conv.id));
             for (seq, stored) in d.messages.iter().filter(|(seq, _)| *seq > upto) {
                 self.push_live(c, d.conv.id, &view, *seq, stored, None);

@@ -375,11 +375,7 @@ impl<B: Backend> ShardCore<B> {
         let Some(conn) = self.conn_of(d.to) else {
             return;
         };
-        let Some(user) = self.conns[conn.slot as usize]
-            .as_ref()
-            .and_then(|c| c.user())
-            .cloned()
-        else {
+        let Some(user) = self.user_of(conn) else {
             return;
         };
         let mut out = std::mem::take(&mut self.scratch);
